@@ -1,0 +1,371 @@
+"""Typed configs: dataclasses, YAML files and `key.sub=value` overrides.
+
+Every stage declares one dataclass. A field is declared with `opt(default, "help")`, so
+`temper STAGE --help` can list its type, default and description. Loading goes
+YAML file -> dotted command-line overrides -> `from_dict`, which checks every key and
+coerces every value to the declared type. A mistake is one `TemperError` line that names
+the key (and the YAML file) and suggests the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from temper.errors import TemperError
+
+__all__ = [
+    "opt",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "config_help",
+    "parse_overrides",
+    "OptimConfig",
+    "ScheduleConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "PeftConfig",
+]
+
+
+def opt(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
+    """Declare a config field with its one-line description."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help})
+    if is_dataclass(default):
+        cls = type(default)
+        return field(default_factory=cls, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------- shared sections
+# One schema for what every training stage shares; each training recipe embeds these.
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = opt("adamw", "optimiser")
+    lr: float = opt(3e-4, "peak learning rate")
+    weight_decay: float = opt(0.1, "decoupled weight decay, applied to matrices only (dim >= 2)")
+    betas: list[float] = opt([0.9, 0.95], "AdamW (beta1, beta2)")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    fused: bool = opt(True, "use the fused / foreach AdamW kernels where available")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int = opt(-1, "linear warmup steps (-1: warmup_ratio of max_steps)")
+    warmup_ratio: float = opt(0.02, "warmup as a fraction of max_steps when warmup_steps is -1")
+    min_lr_ratio: float = opt(0.1, "floor of the decay as a fraction of the peak lr")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(0, "save a checkpoint every N optimiser steps (0: only at the end)")
+    keep_last: int = opt(2, "keep the newest K checkpoints")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = opt(10, "log training metrics every N steps")
+    eval_every: int = opt(0, "evaluate on the validation split every N steps (0: only at the end)")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["none", "lora", "dora", "qlora", "adapter", "prefix", "prompt"] = opt(
+        "none", "parameter-efficient method (none: full fine-tuning)"
+    )
+    r: int = opt(8, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha (scaling alpha/r)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names, a regex, or all-linear")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Raw(str):
+    """A value typed on the command line: parsed as YAML unless the field is a string."""
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> nested dict of raw strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise TemperError(f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise TemperError(f"empty key in {item!r}")
+        _set_dotted(out, key.split("."), _Raw(value))
+    return out
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    for p in parts[:-1]:
+        node = tree.get(p)
+        if not isinstance(node, dict):
+            node = tree[p] = {}
+        tree = node
+    tree[parts[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TemperError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise TemperError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TemperError(f"{p}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(cls: type, config_file: str | Path | None = None, overrides: list[str] | None = None):
+    """Build `cls` from an optional YAML file and `key=value` overrides (the latter win)."""
+    data: dict = {}
+    source = "command line"
+    if config_file is not None:
+        data = load_yaml(config_file)
+        source = str(config_file)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return from_dict(cls, data, source=source)
+
+
+def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config", root: type | None = None):
+    """Check keys and coerce values of `data` into dataclass `cls`."""
+    root = root or cls
+    if not isinstance(data, dict):
+        raise TemperError(f"{source}: '{prefix.rstrip('.') or cls.__name__}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise TemperError(_unknown_key(root, prefix + str(key), source))
+        kwargs[key] = _coerce(value, hints[key], prefix + key, source, root)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs]
+        if missing:
+            raise TemperError(f"{source}: missing required key '{prefix}{missing[0]}'") from None
+        raise
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        keys.append(prefix + f.name)
+        if is_dataclass(t):
+            keys.extend(_all_keys(t, prefix + f.name + "."))
+    return keys
+
+
+def _unknown_key(root: type, key: str, source: str) -> str:
+    candidates = _all_keys(root)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:  # try the last part alone: `lrr` -> `optim.lr`
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        m = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[m[0]]] if m else []
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{source}: unknown key '{key}'{hint}"
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(t)) + "}"
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return " | ".join(_type_name(a) for a in args) + (" | null" if len(args) < len(typing.get_args(t)) else "")
+    if origin in (list, tuple):
+        args = typing.get_args(t)
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return "dict"
+    if is_dataclass(t):
+        return "section"
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value: Any, t: Any, key: str, source: str, root: type | None = None) -> Any:
+    def fail(expected: str) -> TemperError:
+        shown = str(value) if isinstance(value, _Raw) else repr(value)
+        return TemperError(f"{source}: key '{key}' expects {expected}, got {shown}")
+
+    origin = typing.get_origin(t)
+    if t is Any:
+        return _parse_raw(value)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(t)
+        if type(None) in args and (value is None or (isinstance(value, _Raw) and value.strip().lower() in ("null", "none", "~", ""))):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source, root)
+            except TemperError:
+                pass
+        raise fail(_type_name(t))
+    if is_dataclass(t):
+        if isinstance(value, _Raw):
+            raise fail(f"a section (set its keys as {key}.NAME=VALUE)")
+        return from_dict(t, value, prefix=key + ".", source=source, root=root)
+    if origin is Literal:
+        choices = typing.get_args(t)
+        v = str(value) if isinstance(value, _Raw) else value
+        if v not in choices:
+            raise TemperError(f"{source}: key '{key}' must be one of {', '.join(map(str, choices))}; got {v!r}")
+        return v
+    if origin in (list, tuple):
+        (item_t,) = typing.get_args(t)[:1] or (Any,)
+        if isinstance(value, _Raw):
+            s = value.strip()
+            if s.startswith("["):
+                value = _parse_raw(value)
+            elif s == "":
+                value = []
+            else:
+                value = [_Raw(x.strip()) for x in s.split(",")]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item_t, f"{key}[{i}]", source, root) for i, v in enumerate(value)]
+    if origin is dict or t is dict:
+        value = _parse_raw(value)
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return value
+    if t is str:
+        if isinstance(value, (dict, list)):
+            raise fail("a string")
+        return str(value)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            s = value.strip().lower()
+            if s in ("true", "yes", "on", "1"):
+                return True
+            if s in ("false", "no", "off", "0"):
+                return False
+        raise fail("true or false")
+    if t is int:
+        if isinstance(value, bool):
+            raise fail("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise fail("an integer") from None
+            if f.is_integer():
+                return int(f)
+        raise fail("an integer")
+    if t is float:
+        if isinstance(value, bool):
+            raise fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise fail("a number") from None
+        raise fail("a number")
+    if t is Path:
+        return Path(str(value))
+    raise AssertionError(f"config type {t!r} of '{key}' is not supported")
+
+
+def _parse_raw(value: Any) -> Any:
+    if isinstance(value, _Raw):
+        try:
+            return yaml.safe_load(str(value))
+        except yaml.YAMLError:
+            return str(value)
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """A config as plain data (for `config.yaml` beside a run's outputs)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows of (key, type, default, help) for every field, sections flattened with dots."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            rows.extend(config_help(t, prefix + f.name + "."))
+            continue
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else str(default))
+        rows.append((prefix + f.name, _type_name(t), shown, f.metadata.get("help", "")))
+    return rows
+
+
+def replace(obj, **changes):
+    """`dataclasses.replace` re-exported for configs."""
+    return dataclasses.replace(obj, **changes)

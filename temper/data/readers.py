@@ -1,0 +1,158 @@
+"""Streaming readers for text data: `.txt`, `.jsonl`, `.json`, `.parquet`, directories and globs.
+
+Every record comes with where it came from (file and line), so a bad row is reported as
+`file:line: what was wrong`. Nothing is read whole into memory except a `.json` array.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from temper.errors import TemperError, TemperFileNotFoundError
+
+TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Record:
+    data: dict[str, Any]
+    source: str  # "file:line" (line is 1-based; for parquet, the row number)
+
+
+def expand_paths(spec: str | Path | list, what: str = "data") -> list[Path]:
+    """Files named by a path, a directory (its supported files, sorted), a glob or a list of these."""
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    files: list[Path] = []
+    for s in specs:
+        s = str(s)
+        if any(ch in s for ch in "*?["):
+            matched = sorted(Path(p) for p in glob.glob(s, recursive=True))
+            if not matched:
+                raise TemperFileNotFoundError(f"{what}: the pattern {s!r} matches no file")
+            files.extend(p for p in matched if p.is_file())
+            continue
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise TemperFileNotFoundError(f"{what} not found: {p}")
+        if p.is_dir():
+            inside = sorted(q for q in p.rglob("*") if q.is_file() and _suffix(q) in SUPPORTED_SUFFIXES)
+            if not inside:
+                raise TemperError(f"{what}: directory {p} holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+            files.extend(inside)
+        else:
+            files.append(p)
+    for f in files:
+        if _suffix(f) not in SUPPORTED_SUFFIXES:
+            raise TemperError(f"{f}: unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    return files
+
+
+def _suffix(p: Path) -> str:
+    return p.suffix.lower()
+
+
+def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise TemperError(
+            f"{path}: not UTF-8 at byte offset {offset + e.start} "
+            "(set encoding_errors=replace to decode with replacement characters)"
+        ) from None
+
+
+def iter_lines(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without newline), decoded strictly unless told otherwise."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, _decode(raw, path, offset, encoding_errors).rstrip("\r\n")
+            offset += len(raw)
+
+
+def iter_records(spec: str | Path | list, *, encoding_errors: str = "strict",
+                 text_mode: str = "paragraph") -> Iterator[Record]:
+    """Records from every file. Text files become `{"text": ...}` records: one per paragraph
+    (blank-line separated, the default), one per line, or one per file (`text_mode`)."""
+    for path in expand_paths(spec):
+        suffix = _suffix(path)
+        if suffix in TEXT_SUFFIXES:
+            yield from _text_records(path, encoding_errors, text_mode)
+        elif suffix == ".jsonl":
+            for lineno, line in iter_lines(path, encoding_errors):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TemperError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise TemperError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield Record(obj, f"{path}:{lineno}")
+        elif suffix == ".json":
+            try:
+                obj = json.loads(_decode(path.read_bytes(), path, 0, encoding_errors))
+            except json.JSONDecodeError as e:
+                raise TemperError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            rows = obj if isinstance(obj, list) else [obj]
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise TemperError(f"{path}: item {i} is not a JSON object")
+                yield Record(row, f"{path}:item {i}")
+        elif suffix == ".parquet":
+            yield from _parquet_records(path)
+
+
+def _text_records(path: Path, encoding_errors: str, text_mode: str) -> Iterator[Record]:
+    if text_mode not in ("paragraph", "line", "file"):
+        raise TemperError(f"text_mode must be paragraph, line or file; got {text_mode!r}")
+    if text_mode == "file":
+        yield Record({"text": _decode(path.read_bytes(), path, 0, encoding_errors)}, f"{path}:1")
+        return
+    buffer: list[str] = []
+    start = 1
+    for lineno, line in iter_lines(path, encoding_errors):
+        if text_mode == "line":
+            if line.strip():
+                yield Record({"text": line}, f"{path}:{lineno}")
+            continue
+        if line.strip():
+            if not buffer:
+                start = lineno
+            buffer.append(line)
+        elif buffer:
+            yield Record({"text": "\n".join(buffer)}, f"{path}:{start}")
+            buffer = []
+    if buffer:
+        yield Record({"text": "\n".join(buffer)}, f"{path}:{start}")
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TemperError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            row += 1
+            yield Record(obj, f"{path}:row {row}")
+
+
+def iter_texts(spec: str | Path | list, *, field: str = "text", encoding_errors: str = "strict",
+               text_mode: str = "paragraph") -> Iterator[str]:
+    """The `field` string of every record; a record without it is an error naming file and line."""
+    for rec in iter_records(spec, encoding_errors=encoding_errors, text_mode=text_mode):
+        value = rec.data.get(field)
+        if not isinstance(value, str):
+            keys = ", ".join(rec.data) or "none"
+            what = "is missing" if value is None else f"is {type(value).__name__}, not a string"
+            raise TemperError(f"{rec.source}: field '{field}' {what} (keys: {keys})")
+        yield value

@@ -1,0 +1,179 @@
+"""Byte-level BPE tokenizers through Hugging Face `tokenizers`.
+
+`train_tokenizer` learns a byte-level BPE vocabulary (GPT-2 style: every byte is a
+token, so any text encodes, and no automatic BOS/EOS is added). `Tokenizer` wraps any
+`tokenizer.json` plus its `tokenizer_config.json` (special tokens, chat template) and
+saves both so that `transformers.AutoTokenizer.from_pretrained(dir)` encodes the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from temper.errors import TemperError, TemperFileNotFoundError
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Special tokens of a temper-trained tokenizer: BOS/EOS/PAD, ChatML's turn markers and
+# the chat roles (so role names are one token each and cannot be split by BPE).
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
+
+# ChatML, the default template of a temper-trained tokenizer; issue-level chat template
+# handling (built-ins, rendering parity) lives in temper/data/chat.py later.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the special tokens and chat template of its model."""
+
+    def __init__(self, backend: HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 model_max_length: int | None = None, extra_config: dict[str, Any] | None = None) -> None:
+        self.backend = backend
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        self.extra_config = extra_config or {}
+        for tok in (bos_token, eos_token, pad_token):
+            if tok is not None and backend.token_to_id(tok) is None:
+                raise TemperError(f"special token {tok!r} is not in the tokenizer's vocabulary")
+
+    # -- ids
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding id; falls back to EOS, as most causal LMs do."""
+        pad = self.token_id(self.pad_token)
+        return pad if pad is not None else self.eos_id
+
+    # -- text
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if add_eos and self.eos_id is not None:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- files
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        tok_file = path / "tokenizer.json" if path.is_dir() else path
+        if not tok_file.is_file():
+            raise TemperFileNotFoundError(
+                f"{path}: no tokenizer.json (train one with `temper tokenizer`, or copy the model's)"
+            )
+        try:
+            backend = HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises plain Exceptions
+            raise TemperError(f"{tok_file}: not a valid tokenizer.json ({e})") from None
+        cfg: dict[str, Any] = {}
+        cfg_file = tok_file.parent / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TemperError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+        def token(key: str) -> str | None:
+            value = cfg.get(key)
+            return value.get("content") if isinstance(value, dict) else value
+
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        known = {"bos_token", "eos_token", "pad_token", "chat_template", "model_max_length"}
+        return cls(backend, bos_token=token("bos_token"), eos_token=token("eos_token"),
+                   pad_token=token("pad_token"), chat_template=template,
+                   model_max_length=cfg.get("model_max_length"),
+                   extra_config={k: v for k, v in cfg.items() if k not in known})
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "tokenizer.json.tmp"
+        self.backend.save(str(tmp))
+        os.replace(tmp, out / "tokenizer.json")
+        cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.extra_config}
+        cfg.update(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
+                   clean_up_tokenization_spaces=False)
+        if self.model_max_length:
+            cfg["model_max_length"] = self.model_max_length
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        tmp = out / "tokenizer_config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out / "tokenizer_config.json")
+        sp = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(self, k)}
+        (out / "special_tokens_map.json").write_text(json.dumps(sp, indent=2) + "\n", encoding="utf-8")
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
+                    special_tokens: Sequence[str] = SPECIAL_TOKENS, model_max_length: int | None = None,
+                    show_progress: bool = False) -> Tokenizer:
+    """Learn a byte-level BPE vocabulary of `vocab_size` tokens (specials included)."""
+    if vocab_size < 256 + len(special_tokens):
+        raise TemperError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 256 bytes "
+            f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}"
+        )
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )
+    seen = 0
+
+    def counted() -> Iterable[str]:
+        nonlocal seen
+        for t in texts:
+            seen += 1
+            yield t
+
+    backend.train_from_iterator(counted(), trainer=trainer)
+    if seen == 0:
+        raise TemperError("no text to train the tokenizer on: the data is empty")
+    specials = set(special_tokens)
+    return Tokenizer(
+        backend,
+        bos_token=BOS if BOS in specials else None,
+        eos_token=EOS if EOS in specials else None,
+        pad_token=PAD if PAD in specials else None,
+        chat_template=CHATML_TEMPLATE if {IM_START, IM_END} <= specials else None,
+        model_max_length=model_max_length,
+    )

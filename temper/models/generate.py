@@ -1,0 +1,203 @@
+"""Text generation: a preallocated KV cache, batched prompts with left padding, greedy and
+sampled decoding (temperature, top-k, top-p, repetition penalty), EOS and stop strings.
+
+The order of the logit transforms follows `transformers` (repetition penalty, then
+temperature, top-k, top-p), so a seeded run means the same thing in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from temper.models.common import DecoderBase, KVCache, build_attention_mask, positions_from_valid
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the sequence
+    eos_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = field(default_factory=tuple)  # stop strings (need a tokenizer)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to (B, V) fp32 logits."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if cfg.temperature == 0:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (the first always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderBase,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    *,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (EOS included when it ended the sequence).
+
+    `should_stop(row, new_tokens)` may end a row early (stop strings); `on_token(row, token)`
+    is called for every token as it is chosen (streaming).
+    """
+    cfg.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    prompt_len = max(lengths)
+    total = prompt_len + cfg.max_new_tokens
+    if total > model.config.max_seq_len and model.config.family == "gpt2":
+        raise ValueError(
+            f"prompt ({prompt_len}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+            f"{model.config.max_seq_len} positions"
+        )
+    padded = any(n != prompt_len for n in lengths)
+    ids = torch.full((B, total), pad_id, dtype=torch.long, device=device)
+    key_valid = torch.zeros((B, total), dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, prompt_len - len(p):prompt_len] = torch.tensor(list(p), dtype=torch.long)
+        key_valid[b, prompt_len - len(p):] = True  # generated slots are valid too
+    eos = torch.tensor(sorted(set(cfg.eos_token_ids)), dtype=torch.long, device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids[:, :prompt_len], key_valid[:, :prompt_len])
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    rows = torch.arange(B, device=device)  # original index of each active row
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    cache = model.new_cache(B, total) if use_cache else None
+    positions = positions_from_valid(key_valid[:, :prompt_len]) if padded else None
+    next_position = key_valid[:, :prompt_len].sum(-1, keepdim=True)  # (B, 1): left padding does not count
+    mask = build_attention_mask(key_valid, prompt_len, prompt_len) if padded else None
+    logits = model(ids[:, :prompt_len], positions=positions, mask=mask, cache=cache)[:, -1].float()
+
+    for step in range(cfg.max_new_tokens):
+        S = prompt_len + step  # tokens so far
+        next_tokens = choose_next(process_logits(logits, cfg, seen), cfg, generator)  # (B_active,)
+        ids[:, S] = next_tokens
+        if seen is not None:
+            seen.scatter_(1, next_tokens[:, None], True)
+        finished = torch.isin(next_tokens, eos) if eos.numel() else torch.zeros_like(next_tokens, dtype=torch.bool)
+        tokens = next_tokens.tolist()
+        done = finished.tolist()
+        for i, (r, t) in enumerate(zip(rows.tolist(), tokens)):
+            outputs[r].append(t)
+            if on_token is not None:
+                on_token(r, t)
+            if not done[i] and should_stop is not None and should_stop(r, outputs[r]):
+                done[i] = True
+        if step == cfg.max_new_tokens - 1 or all(done):
+            break
+        if any(done):  # finished rows leave the batch
+            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
+            rows, ids, key_valid, next_position = rows[keep], ids[keep], key_valid[keep], next_position[keep]
+            if seen is not None:
+                seen = seen[keep]
+            if cache is not None:
+                cache.select(keep)
+        if cache is not None:
+            step_ids = ids[:, S:S + 1]
+            positions = next_position if padded else None
+            next_position = next_position + 1
+            mask = key_valid[:, None, None, :S + 1] if padded else None
+            logits = model(step_ids, positions=positions, mask=mask, cache=cache)[:, -1].float()
+        else:
+            positions = positions_from_valid(key_valid[:, :S + 1]) if padded else None
+            mask = build_attention_mask(key_valid, S + 1, S + 1) if padded else None
+            logits = model(ids[:, :S + 1], positions=positions, mask=mask)[:, -1].float()
+    return outputs
+
+
+def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, *,
+                  batch_size: int = 8, use_cache: bool = True,
+                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Completions of `prompts` (prompt not included), cut at the first stop string or EOS."""
+    eos = list(cfg.eos_token_ids) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    cfg = SamplingConfig(**{**cfg.__dict__, "eos_token_ids": eos})
+    stops = [s for s in cfg.stop if s]
+    results: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        encoded = [tokenizer.encode(p) for p in chunk]
+        for i, e in enumerate(encoded):
+            if not e:
+                raise ValueError(f"prompt {start + i} encodes to no tokens (is it empty?)")
+        should_stop = None
+        if stops:
+            def should_stop(row: int, new: list[int]) -> bool:
+                text = tokenizer.decode(new[-64:])  # a window is enough for short stop strings
+                return any(s in text for s in stops)
+        sent: dict[int, tuple[list[int], str]] = {}
+
+        def stream(row: int, token: int, start: int = start) -> None:
+            # emit the new text once it decodes cleanly (a character may span several tokens)
+            tokens, shown = sent.get(row, ([], ""))
+            if token in eos:
+                return
+            tokens.append(token)
+            text = tokenizer.decode(tokens)
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                on_text(start + row, text[len(shown):])
+                shown = text
+            sent[row] = (tokens, shown)
+
+        new_tokens = generate(model, encoded, cfg, pad_id=tokenizer.pad_id or 0, use_cache=use_cache,
+                              should_stop=should_stop, on_token=stream if on_text else None)
+        for tokens in new_tokens:
+            if tokens and tokens[-1] in eos:
+                tokens = tokens[:-1]
+            text = tokenizer.decode(tokens, skip_special_tokens=False)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            results.append(text[:cut] if cut >= 0 else text)
+    return results
+
+
+__all__ = ["SamplingConfig", "generate", "generate_text", "process_logits", "KVCache"]

@@ -1,0 +1,93 @@
+"""The Llama family: Llama 2/3, Mistral and Qwen2 through config flags.
+
+RoPE (configurable theta and scaling), RMSNorm, SwiGLU MLP, grouped-query attention,
+optional q/k/v bias (Qwen2), optional tied embeddings, optional sliding window (Mistral).
+Leaf module names match Hugging Face's (q_proj, gate_proj, ...) so the `target_modules`
+users know from PEFT work unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.models.common import DecoderBase, KVCache, RMSNorm, RotaryEmbedding, apply_rotary, attend
+from temper.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attn_out_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, causal: bool, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hs)
+        y = attend(q, k, v, mask, causal)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.attn = Attention(c, layer)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, causal, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(DecoderBase):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.family == "llama"
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        positions, mask, causal = self._attention_inputs(input_ids, positions, mask, cache,
+                                                         self.config.sliding_window)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rope(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, causal, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)  # (B, T, V)
