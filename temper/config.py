@@ -180,7 +180,7 @@ def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config"
         kwargs[key] = _coerce(value, hints[key], prefix + key, source, root)
     try:
         obj = cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except TypeError:  # a required field is missing
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs]
         if missing:
             raise TemperError(f"{source}: missing required key '{prefix}{missing[0]}'") from None

@@ -163,7 +163,8 @@ class DecoderBase(nn.Module):
     """What both families expose to generation, training and the HF converters.
 
     forward(input_ids (B,T), positions (B,T) | None, mask (B|1,1,T,S) bool | None,
-            cache KVCache | None, return_hidden) -> logits (B,T,V) or final hidden states.
+            cache KVCache | None, return_hidden, last_only) -> logits (B,T,V) or final hidden
+    states (B,T,C); with last_only=True, only the last position (T=1).
     With a cache, the T new tokens follow the `cache.length` tokens already in it.
     """
 

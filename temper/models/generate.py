@@ -117,7 +117,7 @@ def generate(
     positions = positions_from_valid(key_valid[:, :prompt_len]) if padded else None
     next_position = key_valid[:, :prompt_len].sum(-1, keepdim=True)  # (B, 1): left padding does not count
     mask = build_attention_mask(key_valid, prompt_len, prompt_len) if padded else None
-    logits = model(ids[:, :prompt_len], positions=positions, mask=mask, cache=cache)[:, -1].float()
+    logits = model(ids[:, :prompt_len], positions=positions, mask=mask, cache=cache, last_only=True)[:, -1].float()
 
     for step in range(cfg.max_new_tokens):
         S = prompt_len + step  # tokens so far
@@ -152,52 +152,68 @@ def generate(
         else:
             positions = positions_from_valid(key_valid[:, :S + 1]) if padded else None
             mask = build_attention_mask(key_valid, S + 1, S + 1) if padded else None
-            logits = model(ids[:, :S + 1], positions=positions, mask=mask)[:, -1].float()
+            logits = model(ids[:, :S + 1], positions=positions, mask=mask, last_only=True)[:, -1].float()
     return outputs
 
 
 def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, *,
                   batch_size: int = 8, use_cache: bool = True,
                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """Completions of `prompts` (prompt not included), cut at the first stop string or EOS."""
+    """Completions of `prompts` (prompt not included), cut at the first stop string or EOS.
+
+    `on_text(prompt_index, text)` receives the completion piece by piece as it is generated.
+    """
     eos = list(cfg.eos_token_ids) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     cfg = SamplingConfig(**{**cfg.__dict__, "eos_token_ids": eos})
-    stops = [s for s in cfg.stop if s]
     results: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        encoded = [tokenizer.encode(p) for p in chunk]
-        for i, e in enumerate(encoded):
-            if not e:
-                raise ValueError(f"prompt {start + i} encodes to no tokens (is it empty?)")
-        should_stop = None
-        if stops:
-            def should_stop(row: int, new: list[int]) -> bool:
-                text = tokenizer.decode(new[-64:])  # a window is enough for short stop strings
-                return any(s in text for s in stops)
-        sent: dict[int, tuple[list[int], str]] = {}
-
-        def stream(row: int, token: int, start: int = start) -> None:
-            # emit the new text once it decodes cleanly (a character may span several tokens)
-            tokens, shown = sent.get(row, ([], ""))
-            if token in eos:
-                return
-            tokens.append(token)
-            text = tokenizer.decode(tokens)
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                on_text(start + row, text[len(shown):])
-                shown = text
-            sent[row] = (tokens, shown)
-
-        new_tokens = generate(model, encoded, cfg, pad_id=tokenizer.pad_id or 0, use_cache=use_cache,
-                              should_stop=should_stop, on_token=stream if on_text else None)
-        for tokens in new_tokens:
-            if tokens and tokens[-1] in eos:
-                tokens = tokens[:-1]
-            text = tokenizer.decode(tokens, skip_special_tokens=False)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            results.append(text[:cut] if cut >= 0 else text)
+        results.extend(_generate_text_batch(model, tokenizer, prompts[start:start + batch_size], start,
+                                            cfg, use_cache, on_text))
     return results
+
+
+def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_text) -> list[str]:
+    eos = set(cfg.eos_token_ids)
+    stops = [s for s in cfg.stop if s]
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for i, e in enumerate(encoded):
+        if not e:
+            raise ValueError(f"prompt {offset + i} encodes to no tokens (is it empty?)")
+
+    def should_stop(row: int, new: list[int]) -> bool:
+        text = tokenizer.decode(new[-64:])  # a window is enough for short stop strings
+        return any(s in text for s in stops)
+
+    shown: dict[int, str] = {}
+
+    def stream(row: int, token: int) -> None:
+        # emit new text once it decodes cleanly (one character may span several tokens)
+        if token in eos:
+            return
+        text = tokenizer.decode(streamed[row])
+        if not text.endswith("\ufffd") and len(text) > len(shown.get(row, "")):
+            on_text(offset + row, text[len(shown.get(row, "")):])
+            shown[row] = text
+
+    streamed: list[list[int]] = [[] for _ in prompts]
+
+    def on_token(row: int, token: int) -> None:
+        streamed[row].append(token)
+        stream(row, token)
+
+    new_tokens = generate(model, encoded, cfg, pad_id=tokenizer.pad_id or 0, use_cache=use_cache,
+                          should_stop=should_stop if stops else None,
+                          on_token=on_token if on_text is not None else None)
+    texts = []
+    for row, tokens in enumerate(new_tokens):
+        if tokens and tokens[-1] in eos:
+            tokens = tokens[:-1]
+        text = tokenizer.decode(tokens)
+        if on_text is not None and len(text) > len(shown.get(row, "")):  # what was held back
+            on_text(offset + row, text[len(shown.get(row, "")):])
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        texts.append(text[:cut] if cut >= 0 else text)
+    return texts
 
 
 __all__ = ["SamplingConfig", "generate", "generate_text", "process_logits", "KVCache"]

@@ -70,7 +70,7 @@ class GPT2(DecoderBase):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
         positions, mask, causal = self._attention_inputs(input_ids, positions, mask, cache)
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(
@@ -81,5 +81,7 @@ class GPT2(DecoderBase):
             x = block(x, mask, causal, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
+        if last_only:  # generation needs the next-token logits of the last position alone
+            x = x[:, -1:]
         x = self.ln_f(x)
         return x if return_hidden else self.lm_head(x)

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.models.common import DecoderBase, KVCache, RMSNorm, RotaryEmbedding, apply_rotary, attend
+from temper.models.common import (
+    DecoderBase,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    attend,
+)
 from temper.models.config import ModelConfig
 
 
@@ -79,7 +86,7 @@ class Llama(DecoderBase):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
         positions, mask, causal = self._attention_inputs(input_ids, positions, mask, cache,
                                                          self.config.sliding_window)
         x = self.embed_tokens(input_ids)  # (B, T, C)
@@ -89,5 +96,7 @@ class Llama(DecoderBase):
             x = block(x, cos, sin, mask, causal, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
+        if last_only:  # generation needs the next-token logits of the last position alone
+            x = x[:, -1:]
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)

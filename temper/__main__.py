@@ -1,0 +1,5 @@
+import sys
+
+from temper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""The `temper` command: `temper STAGE [--config FILE.yaml] [key=value ...]`.
+
+Each stage is a module with a `Config` dataclass and a `run(config)` function. Stages are
+imported only when used, so `temper --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import textwrap
+
+import yaml
+
+from temper import __version__
+from temper.config import config_help, load_config, to_dict
+
+# name -> (module, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
+    "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
+}
+
+USAGE = "usage: temper STAGE [--config FILE.yaml] [key=value ...]   (temper STAGE --help for its options)"
+
+
+def _stage_module(name: str):
+    return importlib.import_module(STAGES[name][0])
+
+
+def print_main_help() -> None:
+    print(f"temper {__version__}: the training lifecycle of a language model, one stage at a time.\n")
+    print(USAGE + "\n")
+    print("stages:")
+    width = max(map(len, STAGES))
+    for name, (_, desc) in STAGES.items():
+        print(f"  {name.ljust(width)}  {desc}")
+    print("\noptions:\n  --help, -h     show this help\n  --version      print the version")
+    print("\nSet TEMPER_DEBUG=1 to see a traceback with an error.")
+
+
+def print_stage_help(name: str) -> None:
+    module = _stage_module(name)
+    print(f"usage: temper {name} [--config FILE.yaml] [--print-config] [key=value ...]\n")
+    doc = (module.__doc__ or STAGES[name][1]).strip()
+    print(textwrap.fill(doc.splitlines()[0], 88) + "\n")
+    rows = config_help(module.Config)
+    key_w = min(max(len(r[0]) for r in rows), 30)
+    type_w = min(max(len(r[1]) for r in rows), 24)
+    term = shutil.get_terminal_size((120, 24)).columns
+    print("options (key=value; nested keys with dots):")
+    for key, typ, default, help_text in rows:
+        head = f"  {key.ljust(key_w)}  {typ.ljust(type_w)}  "
+        body = f"{help_text} [default: {default}]"
+        wrapped = textwrap.wrap(body, max(40, term - len(head))) or [""]
+        print(head + wrapped[0])
+        for line in wrapped[1:]:
+            print(" " * len(head) + line)
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
+    flags = {"help": False, "config": None, "print_config": False}
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            flags["help"] = True
+        elif arg == "--print-config":
+            flags["print_config"] = True
+        elif arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file name")
+            flags["config"] = argv[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            flags["config"] = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "=" in arg:  # tolerate --key=value
+            overrides.append(arg[2:])
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ValueError(f"unexpected argument {arg!r}; options are key=value")
+        i += 1
+    return None, overrides, flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_main_help()
+        return 0
+    if argv[0] == "--version":
+        print(f"temper {__version__}")
+        return 0
+    stage = argv[0]
+    if stage not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(stage, list(STAGES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"temper: error: unknown stage '{stage}'{hint}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    try:
+        _, overrides, flags = parse_args(argv[1:])
+        if flags["help"]:
+            print_stage_help(stage)
+            return 0
+        module = _stage_module(stage)
+        config = load_config(module.Config, flags["config"], overrides)
+        if flags["print_config"]:
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        module.run(config)
+        return 0
+    except (ValueError, FileNotFoundError) as e:  # TemperError is a ValueError
+        if os.environ.get("TEMPER_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"temper {stage}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"temper {stage}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Train a byte-level BPE tokenizer on text files or JSONL and save it as a model directory's
+tokenizer (`tokenizer.json` + `tokenizer_config.json`, loadable by `transformers.AutoTokenizer`).
+
+    temper tokenizer data=corpus.txt vocab_size=8192 output_dir=runs/tokenizer
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+from temper.config import opt
+from temper.errors import TemperError
+
+
+@dataclass
+class Config:
+    data: list[str] = opt([], "input files, directories or globs (.txt, .jsonl, .json, .parquet)")
+    output_dir: str = opt("runs/tokenizer", "where tokenizer.json and tokenizer_config.json are written")
+    vocab_size: int = opt(8192, "vocabulary size, special tokens included")
+    min_frequency: int = opt(2, "a pair must occur this often to be merged")
+    text_field: str = opt("text", "the JSONL/parquet field that holds the text")
+    text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
+    encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
+    max_documents: int = opt(0, "train on at most this many documents (0: all)")
+    model_max_length: int = opt(2048, "the context length recorded in tokenizer_config.json")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise TemperError("data= is required: text files, JSONL files, directories or globs")
+
+
+def run(cfg: Config) -> None:
+    from temper.data.readers import iter_texts
+    from temper.data.tokenizer import train_tokenizer
+
+    texts = iter_texts(cfg.data, field=cfg.text_field, encoding_errors=cfg.encoding_errors,
+                       text_mode=cfg.text_mode)
+    if cfg.max_documents > 0:
+        texts = itertools.islice(texts, cfg.max_documents)
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+                                model_max_length=cfg.model_max_length)
+    tokenizer.save(cfg.output_dir)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens -> {cfg.output_dir}")

@@ -1,0 +1,106 @@
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from temper.config import (
+    CheckpointConfig,
+    OptimConfig,
+    config_help,
+    from_dict,
+    load_config,
+    opt,
+    to_dict,
+)
+from temper.errors import TemperError
+
+
+@dataclass
+class Inner:
+    lr: float = opt(3e-4, "learning rate")
+    betas: list[float] = opt([0.9, 0.95], "betas")
+
+
+@dataclass
+class Demo:
+    model: str = opt("", "model")
+    max_steps: int = opt(100, "steps")
+    flag: bool = opt(False, "a flag")
+    prompt: str | None = opt(None, "prompt")
+    mode: Literal["a", "b"] = opt("a", "mode")
+    names: list[str] = opt([], "names")
+    optim: Inner = opt(Inner(), "optimiser")
+
+
+def test_overrides_coerce_to_declared_types():
+    c = load_config(Demo, None, ["max_steps=1e3", "flag=true", "optim.lr=1e-3", "names=q_proj,v_proj",
+                                 "optim.betas=[0.8, 0.9]", "prompt=a: b", "mode=b"])
+    assert c.max_steps == 1000 and c.flag is True
+    assert c.optim.lr == pytest.approx(1e-3) and c.optim.betas == [0.8, 0.9]
+    assert c.names == ["q_proj", "v_proj"]
+    assert c.prompt == "a: b"  # a string field keeps the raw text, even if it looks like YAML
+    assert c.mode == "b"
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_steps: 5\noptim:\n  lr: 0.01\n")
+    c = load_config(Demo, f, ["optim.lr=0.02"])
+    assert c.max_steps == 5 and c.optim.lr == 0.02 and c.optim.betas == [0.9, 0.95]
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(TemperError, match=r"unknown key 'max_step' \(did you mean 'max_steps'\?\)"):
+        load_config(Demo, None, ["max_step=3"])
+    with pytest.raises(TemperError, match=r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_config(Demo, None, ["optim.lrr=3"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  betass: [1, 2]\n")
+    with pytest.raises(TemperError, match=r"bad.yaml: unknown key 'optim.betass' \(did you mean 'optim.betas'\?\)"):
+        load_config(Demo, f)
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("max_steps=ten", "key 'max_steps' expects an integer, got ten"),
+    ("max_steps=1.5", "key 'max_steps' expects an integer"),
+    ("flag=maybe", "key 'flag' expects true or false"),
+    ("optim.lr=fast", "key 'optim.lr' expects a number"),
+    ("mode=c", "key 'mode' must be one of a, b"),
+    ("optim=3", "key 'optim' expects a section"),
+])
+def test_wrong_types_are_one_line_errors(item, expected):
+    with pytest.raises(TemperError) as e:
+        load_config(Demo, None, [item])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_yaml_reports_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("a: 1\nb: [unclosed\n")
+    with pytest.raises(TemperError, match=r"broken.yaml:\d+: not valid YAML"):
+        load_config(Demo, f)
+
+
+def test_null_for_optional():
+    assert load_config(Demo, None, ["prompt=null"]).prompt is None
+
+
+def test_help_rows_cover_every_field_with_type_and_default():
+    rows = {r[0]: r for r in config_help(Demo)}
+    assert set(rows) == {"model", "max_steps", "flag", "prompt", "mode", "names", "optim.lr", "optim.betas"}
+    assert rows["max_steps"][1:3] == ("int", "100")
+    assert rows["optim.lr"][1] == "float" and rows["mode"][1] == "{a,b}"
+    assert rows["prompt"][1] == "str | null"
+
+
+def test_round_trip_through_dict():
+    c = load_config(Demo, None, ["optim.lr=0.5", "names=[x]"])
+    assert from_dict(Demo, to_dict(c)) == c
+
+
+def test_shared_sections_have_help():
+    for section in (OptimConfig, CheckpointConfig):
+        assert all(r[3] for r in config_help(section))

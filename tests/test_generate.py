@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from temper.models import build_model, load_model, preset
+from temper.models.generate import SamplingConfig, generate, generate_text, process_logits
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [3, 4, 5, 6, 7, 8, 9]]  # ragged: left padding
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
+def test_cached_equals_uncached(kind, hf_model_dir):
+    path, _ = hf_model_dir(kind)
+    model = load_model(path).eval()
+    cfg = SamplingConfig(max_new_tokens=16)
+    assert generate(model, PROMPTS, cfg) == generate(model, PROMPTS, cfg, use_cache=False)
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=5)
+    assert generate(model, PROMPTS, sampled) == generate(model, PROMPTS, sampled, use_cache=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_greedy_equals_transformers_generate(kind, hf_model_dir):
+    path, hf_model = hf_model_dir(kind)
+    model = load_model(path).eval()
+    ours = generate(model, PROMPTS, SamplingConfig(max_new_tokens=20), pad_id=0)
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    out = hf_model.generate(input_ids=ids, attention_mask=attention, do_sample=False, max_new_tokens=20,
+                            min_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    assert ours == [row[width:].tolist() for row in out]
+    # one prompt, no padding at all
+    single = generate(model, [PROMPTS[0]], SamplingConfig(max_new_tokens=20))
+    out = hf_model.generate(input_ids=torch.tensor([PROMPTS[0]]), do_sample=False, max_new_tokens=20,
+                            min_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    assert single == [out[0, len(PROMPTS[0]):].tolist()]
+
+
+def test_batched_equals_one_by_one():
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    cfg = SamplingConfig(max_new_tokens=10)
+    batched = generate(model, PROMPTS, cfg)
+    assert batched == [generate(model, [p], cfg)[0] for p in PROMPTS]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters():
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    cfg = dict(max_new_tokens=24, temperature=1.5, top_k=40, top_p=0.95, repetition_penalty=1.2)
+    a = generate(model, PROMPTS, SamplingConfig(**cfg, seed=1))
+    b = generate(model, PROMPTS, SamplingConfig(**cfg, seed=1))
+    c = generate(model, PROMPTS, SamplingConfig(**cfg, seed=2))
+    assert a == b and a != c
+
+
+def test_top_k_one_is_greedy():
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    greedy = generate(model, PROMPTS, SamplingConfig(max_new_tokens=10))
+    assert generate(model, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=1, seed=3)) == greedy
+
+
+def test_eos_ends_each_row_separately():
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    free = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12))
+    eos = free[0][3]  # a token the first row produces at step 4
+    stopped = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, eos_token_ids=[eos]))
+    for full, cut in zip(free, stopped):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert cut == full[:end]
+
+
+def test_repetition_penalty_formula_on_hand_tensor():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = process_logits(logits, SamplingConfig(repetition_penalty=2.0), seen)
+    torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
+
+
+def test_top_p_and_top_k_masks_on_hand_tensor():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = process_logits(logits, SamplingConfig(temperature=1.0, top_p=0.8), None).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
+    kept = process_logits(logits, SamplingConfig(temperature=1.0, top_p=0.81), None).isfinite()
+    assert kept.tolist() == [[True, True, True, False]]
+    kept = process_logits(logits, SamplingConfig(temperature=1.0, top_k=3), None).isfinite()
+    assert kept.tolist() == [[True, True, True, False]]
+    scaled = process_logits(logits, SamplingConfig(temperature=0.5), None)
+    torch.testing.assert_close(scaled, logits / 0.5)
+
+
+def test_stop_strings_and_streaming(tiny_model_dir, tiny_tokenizer):
+    model = load_model(tiny_model_dir).eval()
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, seed=0)
+    free = generate_text(model, tiny_tokenizer, ["Alice lives in"], cfg)[0]
+    assert len(free) > 4
+    stop = free[2:4]
+    cut = generate_text(model, tiny_tokenizer, ["Alice lives in"], SamplingConfig(**{**cfg.__dict__, "stop": (stop,)}))[0]
+    assert cut == free[: free.find(stop)]
+    pieces: list[str] = []
+    streamed = generate_text(model, tiny_tokenizer, ["Alice lives in"], cfg, on_text=lambda r, t: pieces.append(t))
+    assert "".join(pieces) == streamed[0] == free
+
+
+def test_bad_sampling_settings():
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate(model, PROMPTS, SamplingConfig(top_p=0.0))
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        generate(model, [[1], []], SamplingConfig())
