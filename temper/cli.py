@@ -19,7 +19,9 @@ from temper.config import config_help, load_config, to_dict
 
 # name -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
+    "world": ("temper.stages.world", "write the built-in synthetic world (corpus, instructions, preferences, RL prompts) as JSONL"),
     "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
+    "pretrain": ("temper.recipes.pretrain", "pretrain a decoder with the causal LM objective (default: the built-in world)"),
     "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
 }
 

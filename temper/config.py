@@ -9,6 +9,7 @@ the key (and the YAML file) and suggests the nearest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -44,8 +45,8 @@ def opt(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> An
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": help})
     if is_dataclass(default):
-        cls = type(default)
-        return field(default_factory=cls, metadata={"help": help})
+        value = default
+        return field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -172,11 +173,18 @@ def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config"
     if not isinstance(data, dict):
         raise TemperError(f"{source}: '{prefix.rstrip('.') or cls.__name__}' must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.init]
+    by_name = {f.name: f for f in fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
+        if key not in by_name:
             raise TemperError(_unknown_key(root, prefix + str(key), source))
+        f = by_name[key]
+        if is_dataclass(hints[key]) and isinstance(value, dict) and f.default_factory is not MISSING:
+            # a section keeps the stage's own defaults for the keys not given
+            section = from_dict(hints[key], value, prefix=prefix + key + ".", source=source, root=root)
+            given = {k: getattr(section, k) for k in value}
+            kwargs[key] = dataclasses.replace(f.default_factory(), **given)
+            continue
         kwargs[key] = _coerce(value, hints[key], prefix + key, source, root)
     try:
         obj = cls(**kwargs)
@@ -280,7 +288,7 @@ def _coerce(value: Any, t: Any, key: str, source: str, root: type | None = None)
         value = _parse_raw(value)
         if not isinstance(value, dict):
             raise fail("a mapping")
-        return value
+        return {k: _parse_raw(v) for k, v in value.items()}
     if t is str:
         if isinstance(value, (dict, list)):
             raise fail("a string")

@@ -104,3 +104,14 @@ def test_round_trip_through_dict():
 def test_shared_sections_have_help():
     for section in (OptimConfig, CheckpointConfig):
         assert all(r[3] for r in config_help(section))
+
+
+@dataclass
+class Stage:
+    optim: Inner = opt(Inner(lr=0.5), "a section whose default differs from the class default")
+
+
+def test_section_keeps_stage_defaults_for_keys_not_given():
+    c = load_config(Stage, None, ["optim.betas=[0.1, 0.2]"])
+    assert c.optim.lr == 0.5 and c.optim.betas == [0.1, 0.2]
+    assert load_config(Stage, None, []).optim.lr == 0.5

@@ -35,6 +35,19 @@ CHATML_TEMPLATE = (
 )
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the special tokens and chat template of its model."""
 
@@ -86,6 +99,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each token stands for (0 for special tokens): for bits per byte."""
+        byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        lengths = []
+        for i in range(self.vocab_size):
+            piece = self.backend.id_to_token(i)
+            if piece is None or piece in special:
+                lengths.append(0)
+            elif all(ch in byte_of for ch in piece):  # byte-level BPE: one symbol per byte
+                lengths.append(len(piece))
+            else:
+                lengths.append(len(self.backend.decode([i]).encode("utf-8")))
+        return lengths
 
     # -- files
     @classmethod

@@ -1,0 +1,125 @@
+"""Training throughput and peak memory: temper vs transformers' LlamaForCausalLM, same shape.
+
+    python benchmarks/bench_pretrain.py [--preset llama-14m --batch 8 --seq-len 256 --steps 8]
+
+One command: it measures the dense fp32 matmul peak of this machine, then runs each side
+in its own subprocess (so peak memory is that side's alone) on the same shape, batch,
+sequence length and optimiser (AdamW; temper: fused kernels and the chunked output-layer
+cross-entropy; transformers: SDPA attention, `labels=` loss, torch's default AdamW), and
+prints tokens/s, MFU and peak RSS for both with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def side(args) -> dict:
+    from temper.models import build_model, preset
+    from temper.train.engine import flops_per_token
+
+    torch.manual_seed(0)
+    config = preset(args.preset, max_seq_len=max(args.seq_len, 512))
+    temper_model = build_model(config)
+    flops = flops_per_token(temper_model, args.seq_len)
+    params = temper_model.num_parameters()
+    data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, args.batch, args.seq_len + 1))
+
+    if args.only == "temper":
+        from temper.config import OptimConfig
+        from temper.losses import causal_lm_loss
+        from temper.train.optim import build_optimizer
+
+        model = temper_model.train()
+        if args.compile:
+            model.compile()
+        opt = build_optimizer(model, OptimConfig(lr=1e-4, fused=True))
+
+        def step(batch):
+            loss_sum, n = causal_lm_loss(model, batch[:, :-1], batch[:, 1:])
+            (loss_sum / n).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        import transformers
+
+        from temper.models.hf import config_to_hf
+
+        del temper_model
+        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items()
+                                             if k not in ("architectures", "model_type")})
+        model = transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(batch):
+            out = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone())
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        step(data[i])
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    tokens_per_second = args.batch * args.seq_len / median
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"side": args.only, "tokens_per_second": tokens_per_second, "flops_per_token": flops,
+            "params": params, "peak_rss_mb": peak_rss_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-14m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile temper's model")
+    ap.add_argument("--only", choices=["temper", "transformers"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.only:
+        print(json.dumps(side(args)))
+        return
+
+    from temper.train.engine import measure_matmul_peak
+
+    peak = measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=2.0, size=1024)
+    results = {}
+    for name in ("temper", "transformers"):
+        cmd = [sys.executable, __file__, "--only", name, "--preset", args.preset, "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        if args.compile:
+            cmd.append("--compile")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if proc.returncode:
+            sys.exit(f"{name} failed:\n{proc.stderr}")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    t, h = results["temper"], results["transformers"]
+    import transformers
+
+    print(f"shape: {args.preset} ({t['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq_len}, fp32, "
+          f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    for name, r in results.items():
+        mfu = r["tokens_per_second"] * r["flops_per_token"] / peak
+        print(f"{name:13s} {r['tokens_per_second']:9.0f} tokens/s   MFU {mfu:6.1%}   peak RSS {r['peak_rss_mb']:7.0f} MB")
+    print(f"ratio temper/transformers: speed {t['tokens_per_second'] / h['tokens_per_second']:.2f}x, "
+          f"peak memory {t['peak_rss_mb'] / h['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

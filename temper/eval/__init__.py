@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte (more metrics and tasks live here)."""

@@ -1,0 +1,345 @@
+"""Pretrain a decoder from scratch with the causal language-modelling objective,
+L = -sum_i log P(x_i | x_<i), on your text or (by default) temper's built-in world.
+
+    temper pretrain                                   # the built-in world, a ~2M-parameter Llama
+    temper pretrain data=corpus.txt model=llama-14m max_steps=2000 seq_len=512
+    temper pretrain resume=auto                       # continue after an interruption
+
+Writes `output_dir` as a Hugging Face model directory (config.json, model.safetensors,
+tokenizer with chat template) plus metrics.jsonl, config.yaml, samples.jsonl and
+checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, opt
+from temper.errors import TemperError
+
+
+@dataclass
+class Config:
+    model: str = opt("llama-3m", "a preset name (random init) or a model directory (continued pretraining)")
+    model_config: dict = opt({}, "override preset fields, e.g. model_config.num_layers=6")
+    data: list[str] = opt([], "training text: .txt/.jsonl/.parquet files, directories or globs (empty: the built-in world)")
+    val_data: list[str] = opt([], "validation text (empty: val_fraction of data, or the world's val split)")
+    val_fraction: float = opt(0.05, "share of documents held out for validation when val_data is empty")
+    text_field: str = opt("text", "the JSONL/parquet field that holds the text")
+    text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
+    encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
+    world: dict = opt({}, "settings of the built-in world when data is empty, e.g. world.num_people=40")
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the model's, else train one on the data)")
+    vocab_size: int = opt(2048, "vocabulary size when a tokenizer is trained")
+    output_dir: str = opt("runs/pretrain", "where the model directory, metrics and checkpoints go")
+    seq_len: int = opt(256, "tokens per training sequence")
+    batch_size: int = opt(16, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    max_steps: int = opt(800, "optimiser steps")
+    seed: int = opt(0, "seed for initialisation, data order and sampling")
+    resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
+    compile: bool = opt(False, "torch.compile the model")
+    activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
+    loss_chunk: int = opt(1024, "tokens per chunk of the fused output-layer cross-entropy")
+    eval_batches: int = opt(0, "validation batches per evaluation (0: the whole split)")
+    samples: int = opt(4, "greedy samples written at the end")
+    sample_tokens: int = opt(40, "tokens per sample")
+    peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU (0: measure a matmul now)")
+    optim: OptimConfig = opt(OptimConfig(lr=3e-3, weight_decay=0.1), "optimiser")
+    schedule: ScheduleConfig = opt(ScheduleConfig(), "learning-rate schedule")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(every=200), "checkpointing")
+    logging: LoggingConfig = opt(LoggingConfig(every=20, eval_every=200), "logging and evaluation")
+
+    def validate(self) -> None:
+        for key in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+            if getattr(self, key) < 1:
+                raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.val_fraction < 1:
+            raise TemperError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+# ----------------------------------------------------------------------------- data and tokenizer
+
+
+def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, str, dict | None]:
+    """(train files, val files or None, text field, world facts or None)."""
+    if cfg.data:
+        return cfg.data, cfg.val_data or None, cfg.text_field, None
+    from temper.data.world import WorldConfig, build_world, write_world
+
+    known = {f.name for f in fields(WorldConfig)}
+    for key in cfg.world:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise TemperError(f"unknown key 'world.{key}'" + (f" (did you mean 'world.{close[0]}'?)" if close else ""))
+    world_cfg = WorldConfig(**{"seed": cfg.seed, **cfg.world})
+    world_dir = out / "world"
+    paths = write_world(build_world(world_cfg), world_dir)
+    facts = json.loads(Path(paths["facts"]).read_text(encoding="utf-8"))
+    return [str(paths["pretrain/train"])], [str(paths["pretrain/val"])], "text", facts
+
+
+def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
+    from temper.data.readers import expand_paths, iter_texts
+    from temper.data.shards import files_fingerprint, fingerprint
+    from temper.data.tokenizer import Tokenizer, train_tokenizer
+
+    if cfg.tokenizer:
+        return Tokenizer.from_dir(cfg.tokenizer)
+    if Path(cfg.model).is_dir() and (Path(cfg.model) / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(cfg.model)
+    tok_dir = out / "tokenizer"
+    key = fingerprint([files_fingerprint(expand_paths(train_files)), cfg.vocab_size, cfg.text_field, cfg.text_mode])
+    stamp = tok_dir / "fingerprint.txt"
+    if stamp.is_file() and stamp.read_text() == key:  # resume: the very same tokenizer
+        return Tokenizer.from_dir(tok_dir)
+    texts = iter_texts(train_files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, model_max_length=cfg.seq_len)
+    tokenizer.save(tok_dir)
+    stamp.write_text(key)
+    return tokenizer
+
+
+def prepare_shards(cfg: Config, out: Path, tokenizer, train_files: list[str], val_files: list[str] | None) -> Path:
+    from temper.data.readers import expand_paths, iter_texts
+    from temper.data.shards import build_shards, files_fingerprint, fingerprint
+
+    def texts(files):
+        return iter_texts(files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
+
+    files = expand_paths(train_files) + (expand_paths(val_files) if val_files else [])
+    key = fingerprint([files_fingerprint(files), tokenizer.backend.to_str(), cfg.val_fraction, cfg.seed,
+                       cfg.text_field, cfg.text_mode, val_files is not None])
+    return build_shards(texts(train_files), tokenizer, out / "data",
+                        val_documents=texts(val_files) if val_files else None,
+                        val_fraction=0.0 if val_files else cfg.val_fraction, seed=cfg.seed, fingerprint_id=key)
+
+
+def prepare_model(cfg: Config, tokenizer, device, dtype):
+    from temper.models import build_model, load_model, preset
+    from temper.models.config import ModelConfig
+
+    if Path(cfg.model).is_dir():
+        model = load_model(cfg.model, device=device, dtype=dtype)
+        if cfg.model_config:
+            warnings.warn("model_config is ignored when model is a directory", stacklevel=2)
+    else:
+        known = {f.name for f in fields(ModelConfig)}
+        for key in cfg.model_config:
+            if key not in known:
+                import difflib
+
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                raise TemperError(f"unknown key 'model_config.{key}'" + (f" (did you mean 'model_config.{close[0]}'?)" if close else ""))
+        vocab = 64 * math.ceil(tokenizer.vocab_size / 64)  # a multiple of 64 keeps the matmuls fast
+        config = preset(cfg.model, vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                        pad_token_id=tokenizer.pad_id, **cfg.model_config)
+        model = build_model(config, device=device, dtype=dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TemperError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} embeddings")
+    if cfg.seq_len > model.config.max_seq_len:
+        raise TemperError(
+            f"seq_len {cfg.seq_len} is larger than the model's context of {model.config.max_seq_len} positions "
+            "(lower seq_len, or for a preset raise model_config.max_seq_len)"
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: Config) -> dict:
+    import torch
+    import yaml
+    from tqdm import tqdm
+
+    from temper.config import to_dict
+    from temper.data.shards import TokenLoader
+    from temper.eval.perplexity import evaluate_batches
+    from temper.losses import causal_lm_loss
+    from temper.models import save_model
+    from temper.runtime import resolve_device, seed_everything
+    from temper.train import checkpoint as ckpt
+    from temper.train import engine
+    from temper.train.optim import build_optimizer, lr_at, set_lr
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    precision = engine.resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # data -> tokenizer -> shards -> model
+    train_files, val_files, cfg.text_field, world_facts = prepare_data(cfg, out)
+    tokenizer = prepare_tokenizer(cfg, out, train_files)
+    shard_dir = prepare_shards(cfg, out, tokenizer, train_files, val_files)
+    seed_everything(cfg.seed)  # the model's init does not depend on how data preparation went
+    model = prepare_model(cfg, tokenizer, device, torch.float32)  # fp32 master weights
+    model.train()
+    if cfg.activation_checkpointing:
+        engine.apply_activation_checkpointing(model)
+    if cfg.compile:
+        engine.compile_model(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    autocast = engine.precision_context(precision, device)
+    scaler = engine.grad_scaler(precision, device)
+    loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    has_val = _has_split(shard_dir, "val")
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
+
+    # resume
+    checkpoints = out / "checkpoints"
+    start_step = 0
+    resume_from = ckpt.resolve_resume(cfg.resume, checkpoints)
+    if resume_from is None and not cfg.resume and ckpt.list_checkpoints(checkpoints):
+        print(f"note: {checkpoints} holds checkpoints; starting fresh (resume=auto continues)", file=sys.stderr)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
+        loader.load_state_dict(state["loader"])
+        start_step = state["step"]
+        print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    metrics = engine.MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None,
+                                tensorboard_dir=out / "tensorboard" if cfg.logging.tensorboard else None)
+
+    n_params = model.num_parameters()
+    flops_token = engine.flops_per_token(model, cfg.seq_len)
+    peak = cfg.peak_flops or engine.measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    print(f"model {n_params / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
+          f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps | {device} {precision}", file=sys.stderr)
+
+    def evaluate(step: int) -> dict:
+        if not has_val:
+            return {}
+        val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False)
+        result = evaluate_batches(model, val, device=device, autocast=autocast, token_bytes=token_bytes,
+                                  max_batches=cfg.eval_batches)
+        metrics.log({"step": step, **result})
+        return result
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, keep_last=cfg.checkpoint.keep_last,
+                             state={"loader": loader.state_dict(), "config": to_dict(cfg)})
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr,
+               disable=not cfg.logging.progress, dynamic_ncols=True)
+    window: list[dict] = []
+    last_val: dict = {}
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.max_steps)
+        set_lr(optimizer, lr)
+        micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        result = engine.accumulate(
+            micro,
+            count_targets=lambda b: b[1].numel(),
+            loss_sum_fn=lambda b: (causal_lm_loss(model, b[0].to(device), b[1].to(device), chunk_size=cfg.loss_chunk)[0], {}),
+            autocast=autocast, scaler=scaler,
+        )
+        grad_norm = engine.optimizer_step(model, optimizer, grad_clip=cfg.optim.grad_clip, scaler=scaler)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        window.append({"loss": result["loss"], "grad_norm": grad_norm, "time": elapsed})
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{lr:.2e}")
+        if done % cfg.logging.every == 0 or done == cfg.max_steps:
+            seconds = sum(w["time"] for w in window)
+            tokens_per_second = tokens_per_step * len(window) / seconds
+            metrics.log({
+                "step": done, "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_token / peak,
+                "memory_mb": engine.peak_memory_mb(device), "epoch": loader.epoch,
+            })
+            window = []
+        if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 and done != cfg.max_steps:
+            last_val = evaluate(done)
+            bar.write(f"step {done}: val_loss {last_val.get('val_loss', float('nan')):.4f} "
+                      f"ppl {last_val.get('val_ppl', float('nan')):.2f}")
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.max_steps:
+            save(done)
+    bar.close()
+
+    # the end: evaluate, checkpoint, write the model directory and samples
+    last_val = evaluate(cfg.max_steps)
+    save(cfg.max_steps)
+    save_model(model, out, tokenizer=tokenizer)
+    summary = {"step": cfg.max_steps, "params": n_params, **last_val}
+    summary.update(write_samples(model, tokenizer, out, cfg, world_facts))
+    if has_val:
+        summary["unigram_val_ppl"] = unigram_perplexity(shard_dir)
+    metrics.log({"step": cfg.max_steps, **{k: v for k, v in summary.items() if k not in ("step", "params")}})
+    metrics.close()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _has_split(shard_dir: Path, split: str) -> bool:
+    from temper.data.shards import read_index
+
+    return read_index(shard_dir)["splits"].get(split, {}).get("num_tokens", 0) > 0
+
+
+def unigram_perplexity(shard_dir: Path) -> float:
+    """exp(cross-entropy of val tokens under train unigram frequencies, add-one smoothed): the
+    baseline a model that ignores context reaches."""
+    import numpy as np
+
+    from temper.data.shards import read_index
+
+    index = read_index(shard_dir)
+    dtype = np.dtype(index["dtype"])
+    vocab = index["vocab_size"]
+
+    def counts(split: str) -> np.ndarray:
+        total = np.zeros(vocab, dtype=np.float64)
+        for s in index["splits"][split]["shards"]:
+            total += np.bincount(np.fromfile(Path(shard_dir) / s["file"], dtype=dtype), minlength=vocab)[:vocab]
+        return total
+
+    train, val = counts("train"), counts("val")
+    p = (train + 1) / (train.sum() + vocab)
+    return float(np.exp(-(val * np.log(p)).sum() / val.sum()))
+
+
+def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | None) -> dict:
+    """Greedy samples (and, on the built-in world, how many facts they state correctly)."""
+    from temper.models.generate import SamplingConfig, generate_text
+
+    model.eval()
+    greedy = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.0)
+    result: dict = {}
+    rows = []
+    if world_facts is not None:
+        from temper.data.world import fact_probes
+
+        probes = fact_probes(world_facts)
+        completions = generate_text(model, tokenizer, [p["prompt"] for p in probes], greedy, batch_size=32)
+        correct = [c.strip().lower().startswith(p["answer"].lower()) for p, c in zip(probes, completions)]
+        result["fact_accuracy"] = sum(correct) / len(correct)
+        result["fact_probes"] = len(probes)
+        rows = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"], "correct": ok}
+                for p, c, ok in zip(probes, completions, correct)]
+    prompts = [r["prompt"] for r in rows[:cfg.samples]] if rows else ["The", "Once", "A", "In"][:cfg.samples]
+    if not rows:
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, generate_text(model, tokenizer, prompts, greedy))]
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    for r in rows[:cfg.samples]:
+        print(f"sample> {r['prompt']!r} -> {r['completion']!r}", file=sys.stderr)
+    return result

@@ -1,0 +1,59 @@
+"""Write the built-in synthetic world (corpus, instructions, preferences, RL prompts) as JSONL.
+
+A pretraining corpus with labelled planted noise, instruction rows, preference pairs and RL
+prompts with verifiable answers, all generated from one seed.
+
+    temper world output_dir=runs/world seed=0 num_people=60
+
+Same seed, same bytes. See temper/data/world.py for what the world holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from temper.config import opt
+
+
+@dataclass
+class Config:
+    output_dir: str = opt("runs/world", "where the JSONL files, facts.json and README.md are written")
+    seed: int = opt(0, "random seed; the same seed writes byte-identical files")
+    num_people: int = opt(60, "invented people, each with job, town, pet, colour, age and a friend")
+    num_towns: int = opt(12, "invented towns (at most 16), each with a country and a river")
+    docs_per_person: int = opt(18, "pretraining train documents about each person")
+    docs_per_town: int = opt(6, "pretraining train documents about each town")
+    num_arithmetic_docs: int = opt(500, "pretraining documents of arithmetic statements")
+    num_dialogue_docs: int = opt(500, "pretraining documents of short Q/A dialogues")
+    val_docs_per_person: int = opt(2, "pretraining val documents about each person (val also gets a tenth of the other kinds)")
+    noise_fraction: float = opt(0.1, "fraction of pretraining train documents that are planted noise")
+    heldout_fraction: float = opt(0.15, "fraction of question identities held out for the test splits")
+    num_sft_train: int = opt(2000, "instruction rows in sft/train.jsonl")
+    num_sft_test: int = opt(200, "instruction rows in sft/test.jsonl")
+    num_pref_train: int = opt(1000, "preference pairs in preference/train.jsonl")
+    num_pref_test: int = opt(100, "preference pairs in preference/test.jsonl")
+    num_rl_train: int = opt(1000, "RL prompts in rl/train.jsonl")
+    num_rl_test: int = opt(100, "RL prompts in rl/test.jsonl")
+
+    def world_config(self):
+        from temper.data.world import WorldConfig
+
+        names = {f.name for f in fields(WorldConfig)}
+        return WorldConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
+
+    def validate(self) -> None:
+        self.world_config().validate()
+
+
+def run(cfg: Config) -> None:
+    from temper.data.world import build_world, write_world
+
+    world = build_world(cfg.world_config())
+    paths = write_world(world, cfg.output_dir)
+    for name, path in paths.items():
+        if name in world.splits:
+            print(f"{name}: {len(world.splits[name])} rows -> {path}")
+        elif name == "facts":
+            print(f"facts: {len(world.people)} people, {len(world.towns)} towns -> {path}")
+        else:
+            print(f"readme -> {path}")

@@ -1,0 +1,202 @@
+"""Checkpoints that are atomic and hold everything needed to continue bit for bit.
+
+A checkpoint is a directory `checkpoints/step_00000100/` with
+  model.safetensors      every model tensor (temper names; tied tensors stored once)
+  optimizer.safetensors  every optimiser state tensor, and `state.json` its groups
+  rng.safetensors        torch (CPU and CUDA) generator states
+  state.json             step, data position, Python and NumPy RNG states, the resolved config
+It is written to a temporary directory and renamed into place, so a crash or a full disk
+never leaves a half-written checkpoint that `resume=auto` could pick up. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from temper.errors import TemperError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ----------------------------------------------------------------------------- tensors without pickle
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors with shared tensors (tied weights) stored once and their aliases in metadata."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple, str] = {}
+    for name, t in tensors.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in by_storage:
+            aliases[name] = by_storage[key]
+            continue
+        by_storage[key] = name
+        unique[name] = t.detach().contiguous().cpu()
+    save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path), device=str(device))
+    for name, target in aliases.items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+# ----------------------------------------------------------------------------- optimiser and RNG state
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------- save / find / load
+
+
+def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write `root/step_{step}` atomically; then drop all but the newest `keep_last`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_tensors(model.state_dict(), tmp / "model.safetensors")
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_meta = rng_state()
+        save_tensors(rng_tensors, tmp / "rng.safetensors")
+        payload = {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta}
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-running over an old run: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"; the previous checkpoint {previous.name} stays valid" if previous else ""
+        raise TemperError(f"could not write the checkpoint of step {step} in {root} ({e.strerror or e}){kept}") from None
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _is_valid(path: Path) -> bool:
+    needed = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    if not all((path / n).is_file() for n in needed):
+        return False
+    try:
+        json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint that is complete and readable (a damaged one is skipped, with a warning)."""
+    for path in reversed(list_checkpoints(root)):
+        if _is_valid(path):
+            return path
+        warnings.warn(f"skipping damaged checkpoint {path}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    device: torch.device | str = "cpu", restore_rng: bool = True) -> dict[str, Any]:
+    """Restore model, optimiser and RNG from `path`; return its state.json payload."""
+    path = Path(path)
+    if not _is_valid(path):
+        raise TemperError(f"{path}: not a complete checkpoint")
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    weights = load_tensors(path / "model.safetensors", device)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise TemperError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if optimizer is not None:
+        optimizer_from_files(optimizer, load_tensors(path / "optimizer.safetensors", device), state["optimizer"])
+    if restore_rng:
+        set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+    return state
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """`resume`: '' (start fresh), 'auto' (newest valid checkpoint, if any) or a checkpoint path."""
+    if not resume or resume in ("false", "none", "no"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if not path.is_dir():
+        raise TemperError(f"resume: checkpoint directory not found: {path}")
+    return path

@@ -1,0 +1,124 @@
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_TEXT
+
+from temper.config import OptimConfig
+from temper.data.shards import TokenLoader, build_shards, read_index, token_dtype
+from temper.errors import TemperError
+from temper.losses import causal_lm_loss
+from temper.models import build_model, preset
+from temper.train import checkpoint as ckpt
+from temper.train.optim import build_optimizer
+
+DOCS = [p for p in SAMPLE_TEXT.split("\n\n") if p.strip()]
+
+
+def _trained_pair():
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64))
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    x = torch.randint(0, 64, (2, 8))
+    causal_lm_loss(model, x, x)[0].backward()
+    opt.step()
+    return model, opt
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    model, opt = _trained_pair()
+    torch.manual_seed(123)
+    path = ckpt.save_checkpoint(tmp_path, 7, model=model, optimizer=opt, state={"loader": {"epoch": 1, "position": 3}})
+    expected_draw = torch.rand(3)
+    fresh = build_model(preset("llama-tiny", vocab_size=64))
+    fresh_opt = build_optimizer(fresh, OptimConfig(lr=1e-2))
+    torch.manual_seed(999)
+    state = ckpt.load_checkpoint(path, model=fresh, optimizer=fresh_opt)
+    assert state["step"] == 7 and state["loader"] == {"epoch": 1, "position": 3}
+    torch.testing.assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)  # RNG restored
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert fresh.lm_head.weight is fresh.embed_tokens.weight
+    sa, sb = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[k][name], sb[k][name])
+
+
+def test_keep_last_and_latest(tmp_path):
+    model, opt = _trained_pair()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt, state={}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    (tmp_path / "step_00000003" / "state.json").write_text("{broken")
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model, opt = _trained_pair()
+    ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, state={})
+    real = ckpt.save_tensors
+    calls = {"n": 0}
+
+    def failing(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the optimizer file of the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_tensors", failing)
+    with pytest.raises(TemperError, match=r"No space left on device.*previous checkpoint step_00000001 stays valid"):
+        ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=opt, state={})
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no half-written directory
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_shards_hold_every_document_with_eos(tmp_path, tiny_tokenizer):
+    out = build_shards(DOCS, tiny_tokenizer, tmp_path / "s", val_fraction=0.2, seed=1, shard_tokens=500)
+    index = read_index(out)
+    assert index["dtype"] == "uint16"
+    train, val = index["splits"]["train"], index["splits"]["val"]
+    assert train["num_docs"] + val["num_docs"] == len(DOCS) and val["num_docs"] > 0
+    assert len(train["shards"]) > 1
+    tokens = np.concatenate([np.fromfile(out / s["file"], dtype=np.uint16) for s in train["shards"]])
+    assert (tokens == tiny_tokenizer.eos_id).sum() == train["num_docs"]
+    ends = np.load(out / train["shards"][0]["docs"], allow_pickle=False)
+    first = np.fromfile(out / train["shards"][0]["file"], dtype=np.uint16)
+    assert all(first[e - 1] == tiny_tokenizer.eos_id for e in ends)
+    assert token_dtype(70000) == np.uint32
+
+
+def test_loader_is_deterministic_resumable_and_sharded(tmp_path, tiny_tokenizer):
+    out = build_shards(DOCS * 3, tiny_tokenizer, tmp_path / "s")
+    a = TokenLoader(out, "train", seq_len=16, batch_size=2, seed=3)
+    b = TokenLoader(out, "train", seq_len=16, batch_size=2, seed=3)
+    first = [a.next_batch() for _ in range(a.batches_per_epoch + 2)]  # crosses an epoch
+    again = [b.next_batch() for _ in range(b.batches_per_epoch + 2)]
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(first, again))
+    x, y = first[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    # resume in the middle
+    c = TokenLoader(out, "train", seq_len=16, batch_size=2, seed=3)
+    for _ in range(3):
+        c.next_batch()
+    d = TokenLoader(out, "train", seq_len=16, batch_size=2, seed=3)
+    d.load_state_dict(c.state_dict())
+    assert torch.equal(c.next_batch()[0], d.next_batch()[0])
+    # ranks see disjoint windows
+    r0 = TokenLoader(out, "train", seq_len=16, batch_size=1, seed=3, rank=0, world_size=2)
+    r1 = TokenLoader(out, "train", seq_len=16, batch_size=1, seed=3, rank=1, world_size=2)
+    assert set(r0._epoch_order().tolist()).isdisjoint(r1._epoch_order().tolist())
+    assert TokenLoader(out, "train", seq_len=16, batch_size=2, seed=4).next_batch()[0].tolist() != x.tolist()
+
+
+def test_shard_errors(tmp_path, tiny_tokenizer):
+    with pytest.raises(TemperError, match="the training data is empty"):
+        build_shards(["", ""], tiny_tokenizer, tmp_path / "empty")
+    out = build_shards(["tiny"], tiny_tokenizer, tmp_path / "small")
+    with pytest.raises(TemperError, match="lower seq_len or batch_size"):
+        TokenLoader(out, "train", seq_len=64, batch_size=8)
+    assert json.loads((out / "index.json").read_text())["splits"]["val"]["num_tokens"] == 0

@@ -1,0 +1,123 @@
+"""The shared training numerics: schedules, parameter groups, accumulation, the fused loss."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from temper.config import OptimConfig, ScheduleConfig
+from temper.losses import IGNORE_INDEX, causal_lm_loss, fused_linear_cross_entropy
+from temper.models import build_model, preset
+from temper.train import engine
+from temper.train.optim import build_optimizer, lr_at, parameter_groups
+
+
+def test_cosine_schedule_shape():
+    cfg = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 1.0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: the mean of peak and floor
+    assert lr_at(110, 1.0, cfg, 110) == pytest.approx(0.1)
+    assert all(lr_at(s, 1.0, cfg, 110) >= lr_at(s + 1, 1.0, cfg, 110) for s in range(10, 109))
+
+
+def test_linear_constant_and_warmup_ratio():
+    lin = ScheduleConfig(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(50, 2.0, lin, 100) == pytest.approx(1.0)
+    const = ScheduleConfig(name="constant", warmup_steps=-1, warmup_ratio=0.1)
+    assert lr_at(4, 1.0, const, 100) == pytest.approx(0.5)  # 10 warmup steps from the ratio
+    assert lr_at(99, 1.0, const, 100) == 1.0
+
+
+def test_decay_only_on_matrices_and_tied_weights_once():
+    model = build_model(preset("llama-tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_fused_cross_entropy_matches_formula(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :4] = IGNORE_INDEX
+    logits = hidden @ weight.t()
+    expected = F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX)
+    # by hand: -sum log softmax at the target, over non-ignored positions
+    logp = logits.log_softmax(-1).reshape(-1, 50)
+    flat = targets.reshape(-1)
+    by_hand = -sum(logp[i, flat[i]] for i in range(flat.numel()) if flat[i] != IGNORE_INDEX)
+    torch.testing.assert_close(expected, by_hand)
+    (expected * 0.5).backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)
+    (got * 0.5).backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad, gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, gw, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_normalises_by_all_target_tokens():
+    """Two micro-batches with different numbers of target tokens give the gradient of one batch."""
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64))
+    inputs = torch.randint(0, 64, (4, 12))
+    targets = torch.randint(0, 64, (4, 12))
+    targets[:2, :9] = IGNORE_INDEX  # the first micro-batch has far fewer targets
+
+    def loss_sum(batch):
+        return causal_lm_loss(model, batch[0], batch[1])[0], {}
+
+    count = lambda b: (b[1] != IGNORE_INDEX).sum()  # noqa: E731
+    whole = engine.accumulate([(inputs, targets)], count, loss_sum, autocast=engine.contextlib.nullcontext)
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    split = engine.accumulate([(inputs[:2], targets[:2]), (inputs[2:], targets[2:])], count, loss_sum,
+                              autocast=engine.contextlib.nullcontext)
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for p, g in zip(model.parameters(), full_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    # the per-micro-batch mean (the common mistake) gives a different gradient
+    model.zero_grad()
+    for batch in [(inputs[:2], targets[:2]), (inputs[2:], targets[2:])]:
+        s, n = causal_lm_loss(model, *batch)
+        (s / n / 2).backward()
+    assert not all(torch.allclose(p.grad, g, rtol=1e-3) for p, g in zip(model.parameters(), full_grads))
+
+
+def test_clipping_reports_norm_and_clips():
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    expected = math.sqrt(9.0 * 20)
+    norm = engine.optimizer_step(model, opt, grad_clip=1.0)
+    assert norm == pytest.approx(expected)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    a = build_model(preset("llama-tiny", vocab_size=64))
+    b = build_model(preset("llama-tiny", vocab_size=64))
+    b.load_state_dict(a.state_dict())
+    engine.apply_activation_checkpointing(b)
+    x, y = torch.randint(0, 64, (2, 10)), torch.randint(0, 64, (2, 10))
+    causal_lm_loss(a, x, y)[0].backward()
+    causal_lm_loss(b, x, y)[0].backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+    assert set(a.state_dict()) == set(b.state_dict())
+
+
+def test_flops_per_token_counts_matmuls():
+    model = build_model(preset("llama-tiny"))
+    c = model.config
+    expected = 6 * model.num_parameters() + 12 * c.num_layers * c.num_heads * c.head_dim * 128
+    assert engine.flops_per_token(model, 128) == expected  # tied: the embedding is the output matmul
