@@ -4,7 +4,7 @@
 
 Builds a random Llama of the given shape with transformers, loads the same weights into
 temper through the HF converter, checks the greedy tokens agree, then times both (best
-of --repeats runs after a warm-up) and prints tokens/s and the ratio.
+of --repeats runs, alternating the two, after a warm-up) and prints tokens/s and the ratio.
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ import time
 import torch
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -36,7 +32,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -71,8 +67,12 @@ def main() -> None:
                                pad_token_id=0, eos_token_id=None)
 
     same = run_temper() == run_hf()[:, args.prompt_len:].tolist()
-    t_temper = best_time(run_temper, args.repeats)
-    t_hf = best_time(run_hf, args.repeats)
+    # interleave the two sides so that drifts of a shared, noisy machine hit both alike
+    t_temper, t_hf = [], []
+    for _ in range(args.repeats):
+        t_temper.append(timed(run_temper))
+        t_hf.append(timed(run_hf))
+    t_temper, t_hf = min(t_temper), min(t_hf)
     n = args.batch * args.new_tokens
     params = sum(p.numel() for p in hf.parameters())
     print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "

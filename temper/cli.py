@@ -47,7 +47,7 @@ def print_stage_help(name: str) -> None:
     module = _stage_module(name)
     print(f"usage: temper {name} [--config FILE.yaml] [--print-config] [key=value ...]\n")
     doc = (module.__doc__ or STAGES[name][1]).strip()
-    print(textwrap.fill(doc.splitlines()[0], 88) + "\n")
+    print(textwrap.fill(" ".join(doc.split("\n\n")[0].split()), 88) + "\n")  # the first paragraph
     rows = config_help(module.Config)
     key_w = min(max(len(r[0]) for r in rows), 30)
     type_w = min(max(len(r[1]) for r in rows), 24)

@@ -54,3 +54,14 @@ def test_real_jsonl_reads():
     gsm = shared_file("gsm8k", "test.jsonl")
     questions = list(iter_texts(gsm, field="question"))
     assert len(questions) == 1319 and all(q.strip() for q in questions)
+
+
+def test_parquet_rows_and_missing_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["first doc", "second doc"], "id": [1, 2]}), path)
+    assert list(iter_texts(path)) == ["first doc", "second doc"]
+    with pytest.raises(TemperError, match=r"d.parquet:row 1: field 'body' is missing"):
+        list(iter_texts(path, field="body"))

@@ -306,7 +306,7 @@ def test_sft_rows_shape(world_dir):
 
 def test_default_corpus_size(world_dir):
     size = sum(len(d["text"].encode()) for d in load(world_dir, "pretrain/train"))
-    assert 200_000 < size < 1_000_000
+    assert 500_000 < size < 1_500_000  # enough to learn the facts, small enough for 2 CPU cores
 
 
 def test_stage_config_mirrors_world_config():
@@ -329,3 +329,23 @@ def test_cli_writes_every_file(tmp_path, capsys):
     assert len(json.loads((out / "facts.json").read_text())["people"]) == 10
     assert main(["world", f"output_dir={out}", "num_people=2"]) == 2
     assert "num_people" in capsys.readouterr().err
+
+
+def test_fact_probes_are_prefixes_of_corpus_statements(tmp_path):
+    from temper.data.world import fact_probes
+
+    world = build_world(WorldConfig(num_people=8))
+    paths = write_world(world, tmp_path)
+    facts = json.loads(paths["facts"].read_text())
+    corpus = paths["pretrain/train"].read_text()
+    probes = fact_probes(facts)
+    assert len(probes) == 8 * 4
+    stated = 0
+    for p in probes:
+        person = next(x for x in facts["people"] if p["prompt"].startswith(x["name"]))
+        assert p["answer"] == str(person[p["fact"]])
+        # wherever the corpus uses the probe's form, it goes on with the probe's answer
+        continuations = re.findall(re.escape(p["prompt"]) + r" ([\w]+)", corpus)
+        assert all(c == p["answer"] for c in continuations), (p, continuations)
+        stated += bool(continuations)
+    assert stated >= len(probes) // 2

@@ -159,7 +159,7 @@ class WorldConfig:
     seed: int = 0
     num_people: int = 60
     num_towns: int = 12
-    docs_per_person: int = 18
+    docs_per_person: int = 50
     docs_per_town: int = 6
     num_arithmetic_docs: int = 500
     num_dialogue_docs: int = 500
@@ -565,17 +565,19 @@ def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-PROBE_FACTS = ("job", "town", "colour", "age")
+# Completion probes: a statement template cut just before the value, chosen so the prefix
+# can only go on with that fact ("X is" could go on with a job or an age; "X's age:" cannot).
+PROBE_TEMPLATES = {"job": STATEMENTS["job"][0], "town": STATEMENTS["town"][0],
+                   "colour": STATEMENTS["colour"][0], "age": STATEMENTS["age"][2]}
 
 
-def fact_probes(facts: dict, keys: tuple[str, ...] = PROBE_FACTS) -> list[dict[str, str]]:
-    """Completion probes of what a pretrained model knows: the first statement template of a
-    fact cut just before the value ("Wula Rembard works as a" -> "tailor"), one per person
-    and fact. `facts` is the content of facts.json."""
+def fact_probes(facts: dict, keys: tuple[str, ...] = tuple(PROBE_TEMPLATES)) -> list[dict[str, str]]:
+    """What a pretrained model knows, as completions ("Wula Rembard works as a" -> "tailor"):
+    one probe per person and fact. `facts` is the content of facts.json."""
     probes = []
     for person in facts["people"]:
         for key in keys:
-            template = STATEMENTS[key][0]
+            template = PROBE_TEMPLATES[key]
             prefix = template[:template.index("{" + key + "}")].rstrip()
             probes.append({"prompt": prefix.format(name=person["name"]), "answer": str(person[key]), "fact": key})
     return probes

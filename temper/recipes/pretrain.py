@@ -17,7 +17,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -42,7 +42,7 @@ class Config:
     seq_len: int = opt(256, "tokens per training sequence")
     batch_size: int = opt(16, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
-    max_steps: int = opt(800, "optimiser steps")
+    max_steps: int = opt(500, "optimiser steps")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -52,6 +52,7 @@ class Config:
     loss_chunk: int = opt(1024, "tokens per chunk of the fused output-layer cross-entropy")
     eval_batches: int = opt(0, "validation batches per evaluation (0: the whole split)")
     samples: int = opt(4, "greedy samples written at the end")
+    sample_prompts: list[str] = opt([], "prompts for the samples (default: the opening tokens of validation documents)")
     sample_tokens: int = opt(40, "tokens per sample")
     peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU (0: measure a matmul now)")
     optim: OptimConfig = opt(OptimConfig(lr=3e-3, weight_decay=0.1), "optimiser")
@@ -84,10 +85,16 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
             close = difflib.get_close_matches(key, sorted(known), n=1)
             raise TemperError(f"unknown key 'world.{key}'" + (f" (did you mean 'world.{close[0]}'?)" if close else ""))
     world_cfg = WorldConfig(**{"seed": cfg.seed, **cfg.world})
+    world_cfg.validate()
     world_dir = out / "world"
-    paths = write_world(build_world(world_cfg), world_dir)
-    facts = json.loads(Path(paths["facts"]).read_text(encoding="utf-8"))
-    return [str(paths["pretrain/train"])], [str(paths["pretrain/val"])], "text", facts
+    stamp = world_dir / "world_config.json"
+    wanted = json.dumps(asdict(world_cfg), sort_keys=True)
+    if not (stamp.is_file() and stamp.read_text() == wanted):  # unchanged files keep the shard cache valid
+        write_world(build_world(world_cfg), world_dir)
+        stamp.write_text(wanted)
+    facts = json.loads((world_dir / "facts.json").read_text(encoding="utf-8"))
+    pretrain_dir = world_dir / "pretrain"
+    return [str(pretrain_dir / "train.jsonl")], [str(pretrain_dir / "val.jsonl")], "text", facts
 
 
 def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
@@ -233,8 +240,9 @@ def run(cfg: Config) -> dict:
         ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, keep_last=cfg.checkpoint.keep_last,
                              state={"loader": loader.state_dict(), "config": to_dict(cfg)})
 
+    interactive = cfg.logging.progress and sys.stderr.isatty()  # a log file gets plain lines instead
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr,
-               disable=not cfg.logging.progress, dynamic_ncols=True)
+               disable=not interactive, dynamic_ncols=True)
     window: list[dict] = []
     last_val: dict = {}
     for step in range(start_step, cfg.max_steps):
@@ -259,11 +267,13 @@ def run(cfg: Config) -> dict:
         if done % cfg.logging.every == 0 or done == cfg.max_steps:
             seconds = sum(w["time"] for w in window)
             tokens_per_second = tokens_per_step * len(window) / seconds
-            metrics.log({
-                "step": done, "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_token / peak,
-                "memory_mb": engine.peak_memory_mb(device), "epoch": loader.epoch,
-            })
+            row = {"step": done, "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_token / peak,
+                   "memory_mb": engine.peak_memory_mb(device), "epoch": loader.epoch}
+            metrics.log(row)
+            if cfg.logging.progress and not interactive:
+                print(f"step {done}/{cfg.max_steps} loss {row['loss']:.4f} lr {lr:.2e} "
+                      f"{tokens_per_second:,.0f} tok/s mfu {row['mfu']:.1%}", file=sys.stderr)
             window = []
         if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 and done != cfg.max_steps:
             last_val = evaluate(done)
@@ -278,7 +288,7 @@ def run(cfg: Config) -> dict:
     save(cfg.max_steps)
     save_model(model, out, tokenizer=tokenizer)
     summary = {"step": cfg.max_steps, "params": n_params, **last_val}
-    summary.update(write_samples(model, tokenizer, out, cfg, world_facts))
+    summary.update(write_samples(model, tokenizer, out, cfg, world_facts, shard_dir))
     if has_val:
         summary["unigram_val_ppl"] = unigram_perplexity(shard_dir)
     metrics.log({"step": cfg.max_steps, **{k: v for k, v in summary.items() if k not in ("step", "params")}})
@@ -316,7 +326,22 @@ def unigram_perplexity(shard_dir: Path) -> float:
     return float(np.exp(-(val * np.log(p)).sum() / val.sum()))
 
 
-def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | None) -> dict:
+def opening_prompts(shard_dir: Path, tokenizer, count: int, tokens: int = 6) -> list[str]:
+    """The first tokens of the first validation (else training) documents."""
+    import numpy as np
+
+    from temper.data.shards import read_index
+
+    index = read_index(shard_dir)
+    split = "val" if index["splits"]["val"]["num_tokens"] else "train"
+    shard = index["splits"][split]["shards"][0]
+    ids = np.fromfile(shard_dir / shard["file"], dtype=np.dtype(index["dtype"]))
+    starts = [0, *np.load(shard_dir / shard["docs"], allow_pickle=False)[:-1].tolist()]
+    prompts = [tokenizer.decode(ids[s:s + tokens].tolist()) for s in starts[:count]]
+    return [p for p in prompts if p.strip()] or ["The"]
+
+
+def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | None, shard_dir: Path) -> dict:
     """Greedy samples (and, on the built-in world, how many facts they state correctly)."""
     from temper.models.generate import SamplingConfig, generate_text
 
@@ -332,10 +357,10 @@ def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | 
         correct = [c.strip().lower().startswith(p["answer"].lower()) for p, c in zip(probes, completions)]
         result["fact_accuracy"] = sum(correct) / len(correct)
         result["fact_probes"] = len(probes)
-        rows = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"], "correct": ok}
+        rows = [{"prompt": p["prompt"], "completion": c, "fact": p["fact"], "answer": p["answer"], "correct": ok}
                 for p, c, ok in zip(probes, completions, correct)]
-    prompts = [r["prompt"] for r in rows[:cfg.samples]] if rows else ["The", "Once", "A", "In"][:cfg.samples]
     if not rows:
+        prompts = cfg.sample_prompts or opening_prompts(shard_dir, tokenizer, cfg.samples)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, generate_text(model, tokenizer, prompts, greedy))]
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for r in rows:

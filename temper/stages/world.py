@@ -21,7 +21,7 @@ class Config:
     seed: int = opt(0, "random seed; the same seed writes byte-identical files")
     num_people: int = opt(60, "invented people, each with job, town, pet, colour, age and a friend")
     num_towns: int = opt(12, "invented towns (at most 16), each with a country and a river")
-    docs_per_person: int = opt(18, "pretraining train documents about each person")
+    docs_per_person: int = opt(50, "pretraining train documents about each person")
     docs_per_town: int = opt(6, "pretraining train documents about each town")
     num_arithmetic_docs: int = opt(500, "pretraining documents of arithmetic statements")
     num_dialogue_docs: int = opt(500, "pretraining documents of short Q/A dialogues")
