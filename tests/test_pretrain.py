@@ -107,3 +107,15 @@ def test_bad_input(tmp_path, corpus, capsys):
         run(tmp_path, corpus, "max_steps=1", "model_config.num_layer=3")
     code = main(["pretrain", f"data={tmp_path / 'missing.txt'}", f"output_dir={tmp_path / 'x'}"])
     assert code == 2 and "data not found" in capsys.readouterr().err
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
+    summary = run(tmp_path, corpus, "max_steps=3", "precision=bf16", "val_fraction=0.2", out="bf16")
+    rows = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in rows if "loss" in r)  # finite, sane
+    assert summary["val_loss"] < 10
+
+
+def test_fp16_is_refused_on_cpu(tmp_path, corpus):
+    with pytest.raises(TemperError, match="precision=fp16 needs a GPU"):
+        run(tmp_path, corpus, "max_steps=1", "precision=fp16", "device=cpu")

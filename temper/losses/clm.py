@@ -14,7 +14,6 @@ batch (across micro-batches and ranks), not by a per-micro-batch mean.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -29,18 +28,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        has_ignored = bool((targets == ignore_index).any())  # one check per call, not per chunk
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
+            valid = t != ignore_index
+            safe_t = t.clamp(min=0)[:, None]
             logits = (h @ w.t()).float()  # (n, V): one chunk of fp32 logits at a time
-            total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+            # CE = log(sum exp(z - max)) + max - z_target, with a single exp pass done in place
+            target_logit = logits.gather(1, safe_t).squeeze(1)
+            row_max = logits.amax(-1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            row_sum = exp.sum(-1, keepdim=True)
+            row_loss = row_sum.log().squeeze(1) + row_max.squeeze(1) - target_logit
+            total += row_loss.masked_fill(~valid, 0.0).sum() if has_ignored else row_loss.sum()
             if not needs_grad:
                 continue
             # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-            grad_logits = logits.softmax(-1)
-            valid = t != ignore_index
-            grad_logits[valid, t[valid]] -= 1.0
-            grad_logits[~valid] = 0.0
+            grad_logits = exp.div_(row_sum)
+            grad_logits.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0)[:, None])
+            if has_ignored:
+                grad_logits.masked_fill_(~valid[:, None], 0.0)
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[start:start + chunk_size] = grad_logits @ w
             grad_weight += (grad_logits.t() @ h).float()
