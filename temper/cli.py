@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import textwrap
+import warnings
 
 import yaml
 
@@ -22,7 +23,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "world": ("temper.stages.world", "write the built-in synthetic world (corpus, instructions, preferences, RL prompts) as JSONL"),
     "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
     "pretrain": ("temper.recipes.pretrain", "pretrain a decoder with the causal LM objective (default: the built-in world)"),
+    "sft": ("temper.recipes.sft", "supervised fine-tuning / instruction tuning with chat templates"),
     "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
+    "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
 }
 
 USAGE = "usage: temper STAGE [--config FILE.yaml] [key=value ...]   (temper STAGE --help for its options)"
@@ -89,8 +92,13 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     return None, overrides, flags
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _format_warning  # one plain line, not a source location
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_main_help()
         return 0

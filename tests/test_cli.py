@@ -31,7 +31,7 @@ def test_stage_help_lists_every_option_with_type_and_default(capsys, stage):
     code, out, _ = run_cli(capsys, stage, "--help")
     assert code == 0
     for key, typ, _default, _help in config_help(importlib.import_module(STAGES[stage][0]).Config):
-        line = next((ln for ln in out.splitlines() if ln.strip().startswith(key + " ")), None)
+        line = next((ln for ln in out.splitlines() if ln.startswith("  " + key + " ")), None)
         assert line is not None, f"{key} missing from help"
         assert typ in line
     flat = " ".join(out.split())  # help text wraps; compare with whitespace collapsed

@@ -164,7 +164,7 @@ class TokenLoader:
     """Batches (inputs, targets) of shape (batch_size, seq_len) from one split of a shard directory."""
 
     def __init__(self, shard_dir: str | Path, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = True) -> None:
         index = read_index(shard_dir)
         info = index["splits"].get(split)
         if info is None or info["num_tokens"] == 0:
@@ -180,7 +180,8 @@ class TokenLoader:
         self._offsets = np.cumsum([0] + [s.num_windows for s in self.shards])
         self.num_windows = int(self._offsets[-1])
         per_rank = self.num_windows // world_size
-        self.batches_per_epoch = per_rank // batch_size
+        # training drops a last partial batch; evaluation (drop_last=False) keeps it
+        self.batches_per_epoch = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
         if self.batches_per_epoch == 0:
             raise TemperError(
                 f"{shard_dir}: the {split} split has {self.num_tokens} tokens, {self.num_windows} windows of "

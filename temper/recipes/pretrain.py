@@ -230,7 +230,8 @@ def run(cfg: Config) -> dict:
     def evaluate(step: int) -> dict:
         if not has_val:
             return {}
-        val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False)
+        val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False,
+                          drop_last=False)
         result = evaluate_batches(model, val, device=device, autocast=autocast, token_bytes=token_bytes,
                                   max_batches=cfg.eval_batches)
         metrics.log({"step": step, **result})
@@ -287,6 +288,11 @@ def run(cfg: Config) -> dict:
     last_val = evaluate(cfg.max_steps)
     save(cfg.max_steps)
     save_model(model, out, tokenizer=tokenizer)
+    from temper.lineage import write_lineage
+
+    write_lineage(out, {"stage": "pretrain", "parent": cfg.model, "pretrain_shards": str(shard_dir.resolve()),
+                        "world_dir": str((out / "world").resolve()) if world_facts is not None else None,
+                        "chat_template_trained": None})
     summary = {"step": cfg.max_steps, "params": n_params, **last_val}
     summary.update(write_samples(model, tokenizer, out, cfg, world_facts, shard_dir))
     if has_val:

@@ -5,13 +5,23 @@
 
 A single prompt streams its completion to the terminal. A prompts file is JSONL with a
 `prompt` field per line; each result is written as {"prompt", "completion"}.
+
+Chat models: `chat=true` wraps each prompt as a user message (after `system=`, if given)
+and renders it with the chat template (the model's own, or `template=`), with the
+generation prompt, and stops at the template's end-of-turn marker. A prompts-file row
+that holds a conversation, as a `messages` list or as a `prompt` list of messages (TRL's
+conversational prompt format), is rendered the same way, chat=true or not.
+
+    temper generate model=runs/sft chat=true prompt="Where does Alice live?"
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from temper.config import opt
 from temper.errors import TemperError
@@ -33,6 +43,9 @@ class Config:
     seed: int = opt(0, "random seed; the same seed gives the same samples")
     batch_size: int = opt(8, "prompts generated together (left-padded)")
     stream: bool = opt(True, "stream the completion of a single prompt as it is generated")
+    chat: bool = opt(False, "wrap each prompt as a user message and render it with the model's chat template")
+    template: str | None = opt(None, "chat template: chatml, llama3, plain, a .jinja file, or the model's (default)")
+    system: str | None = opt(None, "system prompt of chat prompts (those without a system message of their own)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16")
 
@@ -47,18 +60,37 @@ class Config:
             raise TemperError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
-def read_prompts(path: str, field: str) -> list[str]:
+Prompt = str | list[dict[str, Any]]  # text, or a conversation to answer
+
+
+def read_prompts(path: str, field: str) -> list[Prompt]:
+    """The prompts of a JSONL file: strings, or conversations (a list under `field` or `messages`)."""
+    from temper.data.chat import check_messages
     from temper.data.readers import iter_records
 
-    prompts = []
+    prompts: list[Prompt] = []
     for rec in iter_records(path):
         value = rec.data.get(field)
-        if not isinstance(value, str) or not value:
-            raise TemperError(f"{rec.source}: expected a non-empty string field '{field}'")
+        if value is None and isinstance(rec.data.get("messages"), list):
+            value = rec.data["messages"]
+        if isinstance(value, list):
+            check_messages(value, rec.source, prompt=True)
+        elif not isinstance(value, str) or not value:
+            raise TemperError(
+                f"{rec.source}: expected a non-empty string field '{field}' (or a 'messages' list)"
+            )
         prompts.append(value)
     if not prompts:
         raise TemperError(f"{path}: no prompts (the file is empty)")
     return prompts
+
+
+def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
+    """A prompt as a conversation: a string becomes one user message; `system` leads unless it has one."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def run(cfg: Config) -> None:
@@ -70,7 +102,10 @@ def run(cfg: Config) -> None:
     from temper.models.generate import SamplingConfig, generate_text
     from temper.runtime import resolve_device
 
-    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file, cfg.prompt_field)
+    prompts: list[Prompt] = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file, cfg.prompt_field)
+    use_chat = cfg.chat or any(isinstance(p, list) for p in prompts)
+    if not use_chat and (cfg.template or cfg.system):
+        raise TemperError("template= and system= are for chat prompts: add chat=true")
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype).eval()
     tokenizer = Tokenizer.from_dir(cfg.model)
@@ -79,9 +114,25 @@ def run(cfg: Config) -> None:
             f"{cfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.vocab_size} embeddings"
         )
+    if not use_chat:
+        from temper.lineage import read_lineage
+
+        if read_lineage(cfg.model).get("chat_template_trained"):
+            warnings.warn(f"{cfg.model} was fine-tuned with a chat template; a raw prompt bypasses it "
+                          "and the model will look worse than it is: add chat=true", stacklevel=2)
+    stops, eos_ids = list(cfg.stop), []
+    texts: list[str] = [p for p in prompts if isinstance(p, str)]
+    if use_chat:  # what the model reads: each conversation rendered with its generation prompt
+        from temper.data.chat import render
+        from temper.stages.chat import chat_template_for, render_kwargs, stop_settings
+
+        template = chat_template_for(cfg.model, tokenizer, cfg.template)
+        texts = [render(template, chat_messages(p, cfg.system), add_generation_prompt=True,
+                        **render_kwargs(tokenizer)) for p in prompts]
+        stops, eos_ids = stop_settings(tokenizer, template, cfg.stop)
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty, stop=tuple(cfg.stop), seed=cfg.seed,
+        repetition_penalty=cfg.repetition_penalty, eos_token_ids=tuple(eos_ids), stop=tuple(stops), seed=cfg.seed,
     )
     try:
         sampling.validate()
@@ -90,15 +141,18 @@ def run(cfg: Config) -> None:
     torch.manual_seed(cfg.seed)
 
     if cfg.prompt is not None:
-        if cfg.stream and sys.stdout.isatty() and not cfg.stop:
-            def show(_row: int, text: str) -> None:
+        if cfg.stream and sys.stdout.isatty():
+            from temper.stages.chat import StopWriter
+
+            def show(text: str) -> None:
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-            generate_text(model, tokenizer, prompts, sampling, on_text=show)
+            writer = StopWriter(sampling.stop, show)  # never prints a stop string
+            writer.finish(generate_text(model, tokenizer, texts, sampling, on_text=writer)[0])
             sys.stdout.write("\n")
         else:
-            print(generate_text(model, tokenizer, prompts, sampling)[0])
+            print(generate_text(model, tokenizer, texts, sampling)[0])
         return
 
     out = open(cfg.output_file, "w", encoding="utf-8") if cfg.output_file else sys.stdout
@@ -107,8 +161,9 @@ def run(cfg: Config) -> None:
                    disable=not sys.stderr.isatty())
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[start:start + cfg.batch_size]
-            for prompt, completion in zip(chunk, generate_text(model, tokenizer, chunk, sampling,
-                                                               batch_size=cfg.batch_size)):
+            completions = generate_text(model, tokenizer, texts[start:start + cfg.batch_size], sampling,
+                                        batch_size=cfg.batch_size)
+            for prompt, completion in zip(chunk, completions):
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
             out.flush()
             bar.update(len(chunk))

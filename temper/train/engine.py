@@ -74,10 +74,12 @@ def accumulate(
     *,
     autocast: Callable[[], contextlib.AbstractContextManager],
     scaler: torch.amp.GradScaler | None = None,
+    weight: float = 1.0,
 ) -> dict[str, float]:
     """Forward and backward every micro-batch; the loss is sum(token losses) / (all target tokens).
 
     `loss_sum_fn(batch)` returns (summed loss over the batch's target tokens, extra metrics).
+    `weight` scales this objective's gradient when several are mixed in one step (replay).
     """
     device_total = sum(count_targets(b) for b in micro_batches)
     total = all_reduce_sum(torch.as_tensor(device_total, dtype=torch.float64)).item()
@@ -88,7 +90,7 @@ def accumulate(
     for batch in micro_batches:
         with autocast():
             loss_sum, metrics = loss_sum_fn(batch)
-        loss = loss_sum / total
+        loss = loss_sum * (weight / total)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss_sum.detach().item()
         for k, v in metrics.items():

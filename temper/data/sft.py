@@ -1,0 +1,322 @@
+"""Supervised fine-tuning data: the dataset formats TRL users have, loss masks, packing.
+
+Rows become conversations (lists of {role, content}):
+  messages                        conversational, multi-turn, system/user/assistant
+  prompt + completion             strings (one user turn, one assistant turn) or message lists
+  instruction [+ input] + output  Alpaca
+  instruction + instances         self-instruct (one example per instance)
+  text                            plain language modelling (every token trained, no template)
+Column names can be remapped (`columns={"prompt": "question", "completion": "answer"}`).
+
+A conversation is rendered with the chat template, tokenised with character offsets, and
+each token is trained when it falls inside an assistant span (the reply and the template's
+end-of-turn marker). EOS is appended and always trained, so the model learns to stop even
+where pad == eos. Examples are shifted into (inputs, targets) *before* packing, so a packed
+row never asks one example to predict the next.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from temper.errors import TemperError
+from temper.losses import IGNORE_INDEX
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "self_instruct", "text")
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]] | None  # None for plain text rows
+    text: str | None
+    source: str
+    answer: str | None = None  # a canonical short answer, when the row has one (eval)
+    task: str | None = None  # the row's task label, when it has one (eval reports per task)
+
+
+def _remap(row: dict, columns: dict[str, str]) -> dict:
+    if not columns:
+        return row
+    out = dict(row)
+    for ours, theirs in columns.items():
+        if theirs in row:
+            out[ours] = row[theirs]
+    return out
+
+
+def detect_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "instances" in row:
+        return "self_instruct"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _as_messages(value: Any, role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise TypeError
+
+
+def row_to_conversations(row: dict, source: str, columns: dict[str, str] | None = None) -> list[Conversation]:
+    """One row -> conversations (self-instruct rows give one per instance)."""
+    from temper.data.chat import check_messages
+
+    row = _remap(row, columns or {})
+    kind = detect_format(row)
+    answer = row.get("answer") if isinstance(row.get("answer"), str) else None
+    task = row.get("task") if isinstance(row.get("task"), str) else None
+    if kind is None:
+        keys = ", ".join(map(str, row)) or "none"
+        raise TemperError(
+            f"{source}: no SFT columns found (keys: {keys}); expected messages, prompt+completion, "
+            "instruction+output, instruction+instances or text (remap with columns.prompt=... etc.)"
+        )
+    if kind == "text":
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise TemperError(f"{source}: field 'text' must be a non-empty string")
+        return [Conversation(None, row["text"], source)]
+    if kind == "messages":
+        messages = row["messages"]
+    elif kind == "prompt_completion":
+        try:
+            messages = _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
+        except TypeError:
+            raise TemperError(f"{source}: prompt and completion must be strings or lists of messages") from None
+    elif kind == "alpaca":
+        instruction, extra = str(row["instruction"]), str(row.get("input") or "")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(row["output"])}]
+    else:  # self_instruct
+        instances = row["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise TemperError(f"{source}: 'instances' must be a non-empty list")
+        conversations = []
+        for i, inst in enumerate(instances):
+            alpaca = {"instruction": row["instruction"], "input": inst.get("input", ""), "output": inst.get("output", "")}
+            conversations += row_to_conversations(alpaca, f"{source} instance {i}")
+        return conversations
+    if row.get("system") and isinstance(row["system"], str) and messages and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": row["system"]}, *messages]
+    check_messages(messages, source)
+    return [Conversation(messages, None, source, answer, task)]
+
+
+def read_conversations(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = False,
+                       limit: int = 0) -> tuple[list[Conversation], int]:
+    """All conversations of the data files, and how many bad rows were skipped."""
+    from temper.data.readers import iter_records
+
+    conversations: list[Conversation] = []
+    skipped = 0
+    for rec in iter_records(spec):
+        try:
+            conversations += row_to_conversations(rec.data, rec.source, columns)
+        except TemperError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+        if limit and len(conversations) >= limit:
+            conversations = conversations[:limit]
+            break
+    if not conversations:
+        raise TemperError(f"{spec}: no usable rows")
+    return conversations, skipped
+
+
+# ----------------------------------------------------------------------------- tokenising with masks
+
+
+@dataclass
+class Example:
+    inputs: list[int]
+    targets: list[int]  # IGNORE_INDEX where no loss
+
+    @property
+    def num_targets(self) -> int:
+        return sum(t != IGNORE_INDEX for t in self.targets)
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0  # response partly cut off
+    dropped: int = 0  # response entirely cut off: not trained on
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.examples} examples; {self.truncated} truncated (response partly cut); "
+                f"{self.dropped} dropped (response entirely beyond max_seq_len)")
+
+
+def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, loss_on: str = "completion",
+                        max_len: int, stats: EncodeStats | None = None) -> Example | None:
+    """Token ids and next-token targets for one conversation (None when nothing is left to train)."""
+    from temper.data.chat import assistant_spans
+
+    stats = stats if stats is not None else EncodeStats()
+    if conv.messages is None:  # plain text: every token is a target
+        text, spans = conv.text, [(0, len(conv.text))]
+    else:
+        if template is None:
+            raise TemperError(
+                f"{conv.source}: conversational data needs a chat template, and the model has none: "
+                "pass template=chatml (or llama3, plain, a .jinja file)"
+            )
+        text, spans = assistant_spans(template, conv.messages, bos_token=tokenizer.bos_token or "",
+                                      eos_token=tokenizer.eos_token or "")
+        if loss_on == "completion":
+            spans = spans[-1:]
+        elif loss_on == "all":
+            spans = [(0, len(text))]
+    enc = tokenizer.backend.encode(text, add_special_tokens=False)
+    ids, offsets = list(enc.ids), enc.offsets
+    trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
+    if tokenizer.eos_id is not None and (not ids or ids[-1] != tokenizer.eos_id):
+        ids.append(tokenizer.eos_id)
+        trained.append(True)  # always learn to stop
+    elif ids:
+        trained[-1] = True
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+    if len(ids) > max_len + 1:
+        kept = labels[:max_len + 1]
+        if all(x == IGNORE_INDEX for x in kept[1:]):
+            stats.dropped += 1
+            return None
+        stats.truncated += 1
+        ids, labels = ids[:max_len + 1], kept
+    stats.examples += 1
+    example = Example(ids[:-1], labels[1:])
+    return example if example.num_targets else None
+
+
+def encode_all(conversations: Iterable[Conversation], tokenizer, template, *, loss_on: str, max_len: int
+               ) -> tuple[list[Example], EncodeStats]:
+    stats = EncodeStats()
+    out = [e for c in conversations if (e := encode_conversation(c, tokenizer, template, loss_on=loss_on,
+                                                                  max_len=max_len, stats=stats)) is not None]
+    if not out:
+        raise TemperError(f"no trainable examples: {stats.summary()}")
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T)
+    positions: torch.Tensor | None = None  # (B, T) reset per packed example
+    segments: torch.Tensor | None = None  # (B, T) which example each slot belongs to (-1: padding)
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.segments))
+
+    def attention_mask(self) -> torch.Tensor | None:
+        from temper.models.common import build_attention_mask
+
+        if self.segments is None:
+            return None  # right padding: causal attention never looks at later padding
+        T = self.inputs.shape[1]
+        return build_attention_mask(None, T, T, segment_ids=self.segments)
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> Batch:
+    T = max(len(e.inputs) for e in examples)
+    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        inputs[i, :len(e.inputs)] = torch.tensor(e.inputs)
+        targets[i, :len(e.targets)] = torch.tensor(e.targets)
+    return Batch(inputs, targets)
+
+
+def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
+    """Greedy packing in order: start a new row when the next example does not fit."""
+    rows: list[list[Example]] = [[]]
+    used = 0
+    for e in examples:
+        if used + len(e.inputs) > seq_len and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(e)
+        used += len(e.inputs)
+    return rows
+
+
+def packed_batch(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batch:
+    B = len(rows)
+    inputs = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((B, seq_len), dtype=torch.long)
+    segments = torch.full((B, seq_len), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for s, e in enumerate(row):
+            n = len(e.inputs)
+            inputs[b, at:at + n] = torch.tensor(e.inputs)
+            targets[b, at:at + n] = torch.tensor(e.targets)
+            positions[b, at:at + n] = torch.arange(n)
+            segments[b, at:at + n] = s
+            at += n
+    return Batch(inputs, targets, positions, segments)
+
+
+class SFTLoader:
+    """Shuffled (seed, epoch) batches of examples, padded or packed; position is resumable."""
+
+    def __init__(self, examples: list[Example], *, batch_size: int, seq_len: int, pad_id: int, seed: int,
+                 packing: bool, shuffle: bool = True) -> None:
+        self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
+        self.seed, self.packing, self.shuffle = seed, packing, shuffle
+        self.epoch, self.position = 0, 0
+        self._batches: list[list] | None = None
+
+    def _epoch_batches(self) -> list[list]:
+        if self._batches is None:
+            order = list(range(len(self.examples)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            items: list = [self.examples[i] for i in order]
+            if self.packing:
+                items = pack(items, self.seq_len)
+            self._batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        return self._batches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch_batches())
+
+    def next_batch(self) -> Batch:
+        if self.position >= len(self._epoch_batches()):
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        chunk = self._epoch_batches()[self.position]
+        self.position += 1
+        if self.packing:
+            return packed_batch(chunk, self.seq_len, self.pad_id)
+        return pad_batch(chunk, self.pad_id)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.position < len(self._epoch_batches()):
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None

@@ -1,0 +1,264 @@
+"""Chat with a model directory in the terminal, using its chat template.
+
+    temper chat model=runs/sft
+    temper chat model=DIR template=chatml system="You are terse." temperature=0.7
+
+Each turn renders the whole conversation with the chat template (the model's own unless
+`template=` names another: chatml, llama3, plain, or a .jinja file), streams the reply,
+and stops at EOS or the template's end-of-turn marker. Commands: /reset clears the
+conversation (the system prompt stays), /system TEXT sets the system prompt and resets,
+/exit (or end of input) quits. Lines are read from standard input, so a conversation can
+be piped in.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from temper.config import opt
+from temper.errors import TemperError
+
+PROMPT = "you> "
+REPLY_PREFIX = "model> "
+_KEEP = object()  # Session.reset: keep the system prompt
+HELP = "commands: /reset (clear the conversation), /system TEXT (new system prompt), /exit"
+
+
+@dataclass
+class Config:
+    model: str = opt("", "model directory (Hugging Face format: config.json, model.safetensors, tokenizer.json)")
+    template: str | None = opt(None, "chat template: chatml, llama3, plain, a .jinja file, or the model's (default)")
+    system: str | None = opt(None, "system prompt (change it in the chat with /system TEXT)")
+    max_new_tokens: int = opt(256, "the most tokens per reply")
+    temperature: float = opt(0.7, "sampling temperature; 0 is greedy decoding")
+    top_k: int = opt(50, "sample from the k most likely tokens (0: off)")
+    top_p: float = opt(1.0, "nucleus sampling: the smallest set of tokens with this much probability (1: off)")
+    repetition_penalty: float = opt(1.0, "divide the logits of tokens already present by this (1: off)")
+    seed: int = opt(0, "random seed; the same seed and conversation give the same replies")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise TemperError("model= is required: a model directory")
+
+
+# ----------------------------------------------------------------------------- shared with `generate`
+
+
+def chat_template_for(model_dir: str | Path, tokenizer: Any, spec: str | None) -> str:
+    """The template named by `spec`, else the model's own; a one-line error when there is none."""
+    from temper.data.chat import model_chat_template, resolve_template
+
+    template = resolve_template(spec, tokenizer) if spec else model_chat_template(model_dir, tokenizer)
+    if template is None:
+        raise TemperError(
+            f"{model_dir}: the model has no chat template; pass template=chatml|llama3|plain (or a .jinja file)"
+        )
+    from temper.lineage import check_template
+
+    check_template(model_dir, template)  # warns when it is not the template the model was tuned with
+    return template
+
+
+def render_kwargs(tokenizer: Any) -> dict[str, str]:
+    """The special tokens a template sees (as in SFT, so training and inference render alike)."""
+    return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+
+
+def stop_settings(tokenizer: Any, template: str, extra: Sequence[str] = ()) -> tuple[list[str], list[int]]:
+    """Stop strings (`extra` and the template's end-of-turn strings) and the ids that end a reply.
+
+    The ids are EOS and every end-of-turn string that is one token of the vocabulary, so
+    that generation ends on it at once and it is never streamed.
+    """
+    from temper.data.chat import end_of_turn_strings
+
+    turn_ends = end_of_turn_strings(template)
+    stops = list(dict.fromkeys([*extra, *turn_ends]))
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for s in turn_ends:
+        token = tokenizer.token_id(s)
+        if token is not None and token not in ids:
+            ids.append(token)
+    return stops, ids
+
+
+class StopWriter:
+    """An `on_text` callback that writes streamed text but never a stop string.
+
+    Text that may be the beginning of a stop string is held back until it is clearly
+    not; once a stop string appears, nothing more is written. `finish(reply)` writes what
+    is left of the final (already cut) reply.
+    """
+
+    def __init__(self, stops: Sequence[str], write: Callable[[str], Any]) -> None:
+        self.stops = [s for s in stops if s]
+        self.write = write
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def __call__(self, _row: int, piece: str) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._emit(cut)
+            return
+        safe = len(self.text)
+        for s in self.stops:  # hold back a tail that a stop string starts with
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        self._emit(safe)
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.shown:
+            self.write(self.text[self.shown:upto])
+            self.shown = upto
+
+    def finish(self, reply: str) -> None:
+        done = self.text[:self.shown]
+        if reply.startswith(done) and len(reply) > len(done):
+            self.write(reply[len(done):])
+
+
+# ----------------------------------------------------------------------------- the chat loop
+
+
+class Session:
+    """A conversation with a model: the messages so far and how to render and answer them."""
+
+    def __init__(self, model, tokenizer, template: str, sampling, *, system: str | None = None) -> None:
+        self.model, self.tokenizer, self.template, self.sampling = model, tokenizer, template, sampling
+        self.system = system or None
+        self.history: list[dict[str, str]] = []  # user/assistant messages, oldest first
+        self.turns = 0
+
+    def messages(self, history: list[dict[str, str]]) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + history
+
+    def reset(self, *, system: str | None | object = _KEEP) -> None:
+        """Clear the conversation; a new system prompt when one is given (None clears it)."""
+        if system is not _KEEP:
+            self.system = system or None
+        self.history = []
+
+    def prompt_for(self, user: str) -> tuple[str, list[dict[str, str]]]:
+        """The rendered prompt for a new user message, dropping the oldest exchanges that do not fit."""
+        from temper.data.chat import render
+
+        history = [*self.history, {"role": "user", "content": user}]
+        limit = self.model.config.max_seq_len - self.sampling.max_new_tokens
+        while True:
+            prompt = render(self.template, self.messages(history), add_generation_prompt=True,
+                            **render_kwargs(self.tokenizer))
+            if len(history) <= 1 or len(self.tokenizer.encode(prompt)) <= limit:
+                break
+            history = history[2:]  # the oldest user message and its reply
+            print("(the oldest exchange was dropped to fit the context)", file=sys.stderr)
+        return prompt, history
+
+    def reply(self, user: str, write: Callable[[str], Any]) -> str:
+        """Answer `user`, streaming the reply through `write`; the exchange joins the history."""
+        from dataclasses import replace
+
+        from temper.models.generate import generate_text
+
+        prompt, history = self.prompt_for(user)
+        sampling = replace(self.sampling, seed=None if self.sampling.seed is None else self.sampling.seed + self.turns)
+        writer = StopWriter(sampling.stop, write)
+        text = generate_text(self.model, self.tokenizer, [prompt], sampling, on_text=writer)[0]
+        writer.finish(text)
+        self.turns += 1
+        self.history = [*history, {"role": "assistant", "content": text.strip()}]
+        return text
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_loop(session: Session, read: Callable[[str], str] = input) -> None:
+    """Read lines until /exit or end of input; answer each one that is not a command."""
+    while True:
+        try:
+            line = read(PROMPT)
+        except EOFError:
+            _write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=sys.stderr)
+            elif command == "/system":
+                session.reset(system=arg.strip() or None)
+                print(f"(system prompt {'set' if session.system else 'cleared'}; conversation cleared)",
+                      file=sys.stderr)
+            else:
+                print(f"(unknown command {command}) {HELP}", file=sys.stderr)
+            continue
+        _write(REPLY_PREFIX)
+        try:
+            session.reply(text, _write)
+        except KeyboardInterrupt:  # stop this reply, keep chatting
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        _write("\n")
+
+
+def run(cfg: Config) -> None:
+    import torch
+
+    from temper.data.chat import render
+    from temper.data.tokenizer import Tokenizer
+    from temper.models import load_model
+    from temper.models.generate import SamplingConfig
+    from temper.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device, dtype=cfg.dtype).eval()
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TemperError(
+            f"{cfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size} embeddings"
+        )
+    template = chat_template_for(cfg.model, tokenizer, cfg.template)
+    probe = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": "hi"}]
+    render(template, probe, add_generation_prompt=True, **render_kwargs(tokenizer))  # fail now, not mid-chat
+    stops, eos_ids = stop_settings(tokenizer, template)
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty, eos_token_ids=tuple(eos_ids), stop=tuple(stops),
+        seed=cfg.seed,
+    )
+    try:
+        sampling.validate()
+    except ValueError as e:
+        raise TemperError(str(e)) from None
+    torch.manual_seed(cfg.seed)
+
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"chatting with {cfg.model}; {HELP}", file=sys.stderr)
+    chat_loop(Session(model, tokenizer, template, sampling, system=cfg.system))

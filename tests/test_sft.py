@@ -1,0 +1,249 @@
+"""SFT data: formats, loss masks, EOS, truncation, packing; and the `temper sft` recipe."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import shared_file
+
+from temper.data.sft import (
+    EncodeStats,
+    SFTLoader,
+    encode_all,
+    encode_conversation,
+    pack,
+    packed_batch,
+    pad_batch,
+    read_conversations,
+    row_to_conversations,
+)
+from temper.errors import TemperError
+from temper.losses import IGNORE_INDEX
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "2 plus 3 is 5."}]
+
+
+def trained_text(example, tokenizer) -> str:
+    return tokenizer.decode([t for t in example.targets if t != IGNORE_INDEX])
+
+
+def test_formats_become_conversations():
+    conv = row_to_conversations({"messages": CHAT}, "f:1")[0]
+    assert conv.messages == CHAT
+    pc = row_to_conversations({"prompt": "Q?", "completion": "A."}, "f:2")[0]
+    assert pc.messages == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    pc_list = row_to_conversations({"prompt": [{"role": "user", "content": "Q?"}],
+                                    "completion": [{"role": "assistant", "content": "A."}]}, "f:3")[0]
+    assert pc_list.messages == pc.messages
+    alpaca = row_to_conversations({"instruction": "Sum", "input": "2 3", "output": "5"}, "f:4")[0]
+    assert alpaca.messages[0]["content"] == "Sum\n\n2 3" and alpaca.messages[1]["content"] == "5"
+    si = row_to_conversations({"instruction": "Rev", "instances": [{"input": "ab", "output": "ba"},
+                                                                   {"input": "cd", "output": "dc"}]}, "f:5")
+    assert [c.messages[1]["content"] for c in si] == ["ba", "dc"]
+    text = row_to_conversations({"text": "plain words"}, "f:6")[0]
+    assert text.messages is None and text.text == "plain words"
+    mapped = row_to_conversations({"question": "Q?", "answer": "A."}, "f:7",
+                                  {"prompt": "question", "completion": "answer"})[0]
+    assert mapped.messages == pc.messages
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"foo": 1}, r"f.jsonl:3: no SFT columns found \(keys: foo\)"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, r"f.jsonl:3: .*alternat"),
+    ({"messages": [{"role": "user", "content": "a"}]}, r"f.jsonl:3: .*assistant"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}, r"f.jsonl:3: .*empty"),
+])
+def test_bad_rows_name_file_and_line(row, match):
+    with pytest.raises(TemperError, match=match):
+        row_to_conversations(row, "f.jsonl:3")
+
+
+def test_skip_bad_rows_counts(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"bad": 1}) + "\n")
+    with pytest.raises(TemperError, match="d.jsonl:2"):
+        read_conversations(f)
+    convs, skipped = read_conversations(f, skip_bad_rows=True)
+    assert len(convs) == 1 and skipped == 1
+
+
+def test_loss_masks(tiny_tokenizer):
+    from temper.data.chat import BUILTIN_TEMPLATES
+
+    tpl = BUILTIN_TEMPLATES["chatml"]
+    conv = row_to_conversations({"messages": CHAT}, "x")[0]
+    eos = tiny_tokenizer.eos_token
+    completion = encode_conversation(conv, tiny_tokenizer, tpl, loss_on="completion", max_len=512)
+    assert trained_text(completion, tiny_tokenizer) == "2 plus 3 is 5.<|im_end|>\n" + eos
+    assistant = encode_conversation(conv, tiny_tokenizer, tpl, loss_on="assistant", max_len=512)
+    assert trained_text(assistant, tiny_tokenizer) == "Hello!<|im_end|>\n2 plus 3 is 5.<|im_end|>\n" + eos
+    everything = encode_conversation(conv, tiny_tokenizer, tpl, loss_on="all", max_len=512)
+    assert everything.num_targets == len(everything.targets)
+    # targets are the inputs shifted by one
+    assert everything.targets[:-1] == everything.inputs[1:]
+
+
+def test_eos_is_trained_even_when_pad_is_eos(tiny_tokenizer):
+    from temper.data.chat import BUILTIN_TEMPLATES
+
+    tok = type(tiny_tokenizer)(tiny_tokenizer.backend, bos_token=None, eos_token=tiny_tokenizer.eos_token,
+                               pad_token=tiny_tokenizer.eos_token, chat_template=tiny_tokenizer.chat_template)
+    conv = row_to_conversations({"prompt": "Q?", "completion": "A."}, "x")[0]
+    ex = encode_conversation(conv, tok, BUILTIN_TEMPLATES["chatml"], max_len=64)
+    assert ex.targets[-1] == tok.eos_id == tok.pad_id
+    batch = pad_batch([ex, encode_conversation(row_to_conversations({"prompt": "Longer question here?",
+                                                                     "completion": "B."}, "y")[0],
+                                               tok, BUILTIN_TEMPLATES["chatml"], max_len=64)], tok.pad_id)
+    assert (batch.targets == tok.eos_id).sum() == 2  # padding is never a target, EOS always is
+
+
+def test_truncation_is_counted_never_silent(tiny_tokenizer):
+    from temper.data.chat import BUILTIN_TEMPLATES
+
+    tpl = BUILTIN_TEMPLATES["chatml"]
+    long_prompt = row_to_conversations({"prompt": "word " * 200, "completion": "short"}, "x")[0]
+    long_reply = row_to_conversations({"prompt": "Q", "completion": "answer " * 200}, "y")[0]
+    stats = EncodeStats()
+    assert encode_conversation(long_prompt, tiny_tokenizer, tpl, max_len=32, stats=stats) is None
+    kept = encode_conversation(long_reply, tiny_tokenizer, tpl, max_len=32, stats=stats)
+    assert len(kept.inputs) == 32 and kept.num_targets > 0
+    assert (stats.dropped, stats.truncated) == (1, 1)
+
+
+def test_packed_batch_gives_the_same_per_example_loss(tiny_tokenizer):
+    from temper.data.chat import BUILTIN_TEMPLATES
+    from temper.models import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=tiny_tokenizer.vocab_size)).eval()
+    rows = [{"prompt": f"Question number {i}?" + " more" * i, "completion": f"Answer {i}."} for i in range(6)]
+    convs = [c for r in rows for c in row_to_conversations(r, "x")]
+    examples, _ = encode_all(convs, tiny_tokenizer, BUILTIN_TEMPLATES["chatml"], loss_on="all", max_len=128)
+    packed_rows = pack(examples, 160)
+    assert len(packed_rows) < len(examples)  # several examples share a row
+    batch = packed_batch(packed_rows, 160, tiny_tokenizer.pad_id)
+    with torch.no_grad():
+        logits = model(batch.inputs, positions=batch.positions, mask=batch.attention_mask())
+        token_loss = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none", ignore_index=IGNORE_INDEX)
+        i = 0
+        for b, row in enumerate(packed_rows):
+            for s, ex in enumerate(row):
+                alone = model(torch.tensor([ex.inputs]))
+                expected = F.cross_entropy(alone[0], torch.tensor(ex.targets), reduction="sum")
+                got = token_loss[b][batch.segments[b] == s].sum()
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                i += 1
+    assert i == len(examples)
+
+
+def test_loader_is_deterministic_and_resumable(tiny_tokenizer):
+    from temper.data.chat import BUILTIN_TEMPLATES
+
+    convs = [c for i in range(20) for c in row_to_conversations({"prompt": f"q{i}", "completion": f"a{i}"}, "x")]
+    examples, _ = encode_all(convs, tiny_tokenizer, BUILTIN_TEMPLATES["chatml"], loss_on="completion", max_len=64)
+    a = SFTLoader(examples, batch_size=3, seq_len=64, pad_id=0, seed=1, packing=False)
+    first = [a.next_batch().inputs for _ in range(4)]
+    b = SFTLoader(examples, batch_size=3, seq_len=64, pad_id=0, seed=1, packing=False)
+    b.load_state_dict({"epoch": 0, "position": 2})
+    assert torch.equal(b.next_batch().inputs, first[2])
+
+
+def test_real_data_formats_read():
+    si = shared_file("self-instruct", "seed_tasks.jsonl")
+    convs, skipped = read_conversations(si)
+    assert len(convs) >= 175 and skipped == 0
+    gsm = shared_file("gsm8k", "test.jsonl")
+    convs, _ = read_conversations(gsm, columns={"prompt": "question", "completion": "answer"})
+    assert len(convs) == 1319 and "####" in convs[0].messages[1]["content"]
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+@pytest.fixture()
+def sft_data(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}], "answer": str(i + 1), "task": "arithmetic"}
+            for i in range(40)]
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(f"Paragraph {i} of plain general text about numbers." for i in range(200)))
+    return train, test, general
+
+
+def run_sft(tmp_path, model_dir, *extra, out="sft"):
+    from temper.config import load_config
+    from temper.recipes import sft
+
+    cfg = load_config(sft.Config, None, [f"model={model_dir}", f"output_dir={tmp_path / out}", "batch_size=8",
+                                         "logging.progress=false", "eval_max_new_tokens=4", *extra])
+    return sft.run(cfg)
+
+
+def test_sft_end_to_end_with_replay_and_packing(tmp_path, tiny_model_dir, sft_data):
+    import transformers
+
+    from temper.lineage import read_lineage
+    from temper.train.engine import read_metrics
+
+    train, test, general = sft_data
+    summary = run_sft(tmp_path, tiny_model_dir, f"data={train}", f"eval_data={test}", f"general_data={general}",
+                      "max_steps=30", "optim.lr=3e-3", "logging.every=10", "logging.eval_every=15",
+                      "replay_weight=0.2", "packing=true", "max_seq_len=128")
+    out = tmp_path / "sft"
+    rows = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert all("replay_loss" in r for r in train_rows)
+    evals = [r for r in rows if "exact_match" in r]
+    assert [r["step"] for r in evals] == [0, 15, 30]  # before, during, after
+    assert all("general_ppl" in r and "answer_accuracy/arithmetic" in r for r in evals)
+    assert summary["before"]["eval_examples"] == 8
+    lineage = read_lineage(out)
+    assert lineage["stage"] == "sft" and lineage["chat_template_trained"]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == lineage["chat_template_trained"]  # the template travels with the model
+
+
+def test_sft_bad_input_is_one_line(tmp_path, tiny_model_dir, sft_data, capsys):
+    from temper.cli import main
+
+    train, _, _ = sft_data
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    code = main(["sft", f"model={tiny_model_dir}", f"data={bad}", f"output_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "bad.jsonl:1" in err[0] and "assistant" in err[0]
+    code = main(["sft", f"model={tiny_model_dir}", f"data={train}", "loss_on=answers"])
+    assert code == 2 and "must be one of completion, assistant, all" in capsys.readouterr().err
+
+
+def test_model_without_template_is_refused(tmp_path, tiny_model_dir, sft_data):
+    import shutil
+
+    train, _, _ = sft_data
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TemperError, match="no chat template; pass template=chatml"):
+        run_sft(tmp_path, bare, f"data={train}", "max_steps=1")
+    summary = run_sft(tmp_path, bare, f"data={train}", "max_steps=2", "template=plain", out="plain")
+    assert summary["steps"] == 2
+
+
+def test_template_mismatch_warns(tmp_path):
+    from temper.data.chat import BUILTIN_TEMPLATES
+    from temper.lineage import check_template, write_lineage
+
+    write_lineage(tmp_path, {"chat_template_trained": BUILTIN_TEMPLATES["chatml"]})
+    assert check_template(tmp_path, BUILTIN_TEMPLATES["chatml"])
+    with pytest.warns(UserWarning, match="differs from the one the model was fine-tuned with"):
+        assert not check_template(tmp_path, BUILTIN_TEMPLATES["plain"])
