@@ -93,9 +93,18 @@ class PeftConfig:
         "none", "parameter-efficient method (none: full fine-tuning)"
     )
     r: int = opt(8, "LoRA rank")
-    alpha: float = opt(16.0, "LoRA alpha (scaling alpha/r)")
-    dropout: float = opt(0.0, "LoRA dropout")
-    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names, a regex, or all-linear")
+    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names, a regex (re:...), or all-linear")
+    rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
+    modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter (e.g. lm_head)")
+    adapter_dim: int = opt(16, "bottleneck adapter width")
+    num_virtual_tokens: int = opt(16, "prefix / prompt tuning: learned virtual tokens")
+    prefix_projection: bool = opt(False, "prefix tuning: reparameterise the prefixes through an MLP")
+    prefix_hidden: int = opt(128, "prefix tuning: hidden width of the reparameterisation MLP")
+    prompt_init_text: str | None = opt(None, "prompt tuning: initialise the soft prompt from this text's embeddings")
+    quant_block_size: int = opt(64, "QLoRA: NF4 block size")
+    double_quant: bool = opt(True, "QLoRA: quantise the block scales too (8-bit, blocks of 256)")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning, applied to a model from outside."""

@@ -1,0 +1,1 @@
+"""Quantisation of model weights."""
