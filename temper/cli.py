@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
     "pretrain": ("temper.recipes.pretrain", "pretrain a decoder with the causal LM objective (default: the built-in world)"),
     "sft": ("temper.recipes.sft", "supervised fine-tuning / instruction tuning with chat templates"),
+    "merge": ("temper.stages.merge", "fold a LoRA/DoRA adapter into its base model (zero inference overhead)"),
     "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
     "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
 }

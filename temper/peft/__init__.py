@@ -1,1 +1,154 @@
-"""Parameter-efficient fine-tuning, applied to a model from outside."""
+"""Parameter-efficient fine-tuning, applied to a model from outside.
+
+`apply_peft(model, cfg, tokenizer)` freezes the base and adds the trainable parameters of
+one method: LoRA / DoRA (`temper/peft/lora.py`), QLoRA (the base quantised to NF4 by
+`temper/quant/nf4.py`, LoRA on top), bottleneck adapters, prefix tuning and prompt tuning
+(`temper/peft/adapters.py`). `save_peft` writes only what was trained: LoRA-family adapters
+in the PEFT format (`adapter_config.json` + `adapter_model.safetensors`, loadable by
+`peft.PeftModel.from_pretrained` on the Hugging Face export of the base); the other
+methods in the same two files with temper's parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from temper.config import PeftConfig, to_dict
+from temper.errors import TemperError
+
+LORA_FAMILY = ("lora", "dora", "qlora")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) unique parameters; quantised buffers count by their element count."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[str, Any]:
+    """Freeze the base, add the method's parameters; returns counts and what was done."""
+    info: dict[str, Any] = {"method": cfg.method}
+    if cfg.method == "none":
+        info["trainable"], info["total"] = count_parameters(model)
+        return info
+    _, base_total = count_parameters(model)
+    if cfg.method in LORA_FAMILY:
+        from temper.peft.lora import inject_lora, mark_trainable
+
+        if cfg.method == "qlora":
+            from temper.quant.nf4 import quantize_model
+
+            info["quantized_linears"] = quantize_model(model, block_size=cfg.quant_block_size,
+                                                       double_quant=cfg.double_quant)
+        info["modules"] = inject_lora(model, cfg)
+        mark_trainable(model)
+    else:
+        from temper.peft import adapters
+
+        base_ids = set()
+        for p in model.parameters():
+            p.requires_grad_(False)
+            base_ids.add(id(p))
+        if cfg.method == "adapter":
+            adapters.inject_bottleneck_adapters(model, cfg.adapter_dim)
+        elif cfg.method == "prefix":
+            adapters.inject_prefix_tuning(model, cfg.num_virtual_tokens, projection=cfg.prefix_projection,
+                                          hidden=cfg.prefix_hidden)
+        else:  # prompt
+            init_ids = None
+            if cfg.prompt_init_text:
+                if tokenizer is None:
+                    raise TemperError("peft.prompt_init_text needs the model's tokenizer")
+                init_ids = tokenizer.encode(cfg.prompt_init_text)
+                if not init_ids:
+                    raise TemperError("peft.prompt_init_text encodes to no tokens")
+            adapters.inject_prompt_tuning(model, cfg.num_virtual_tokens, init_ids=init_ids)
+        for p in model.parameters():  # what the injection added is what trains
+            if id(p) not in base_ids:
+                p.requires_grad_(True)
+    info["trainable"], info["total"] = count_parameters(model)
+    info["base_parameters"] = base_total
+    if info["trainable"] == 0:
+        raise TemperError(f"peft.method={cfg.method} left nothing to train")
+    return info
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_peft(model: torch.nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base_model: str) -> Path:
+    """Write the trained parameters only (the base stays where it is)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.method in LORA_FAMILY:
+        from temper.peft.io import save_adapter
+
+        save_adapter(model, out, cfg, base_model_name_or_path=str(base_model))
+        config = json.loads((out / "adapter_config.json").read_text())
+    else:
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
+        tmp = out / "adapter_model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / "adapter_model.safetensors")
+        config = {"peft_type": {"adapter": "BOTTLENECK_ADAPTER", "prefix": "PREFIX_TUNING",
+                                "prompt": "PROMPT_TUNING"}[cfg.method],
+                  "base_model_name_or_path": str(base_model)}
+    config["temper"] = to_dict(cfg)  # everything needed to rebuild the same injection
+    tmp = out / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out / "adapter_config.json")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise TemperError(f"{adapter_dir}: no adapter_config.json; not an adapter directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TemperError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def load_peft(model: torch.nn.Module, adapter_dir: str | Path, *, tokenizer=None, quantize: bool | None = None,
+              adapter_name: str = "default") -> PeftConfig:
+    """Put a saved adapter onto `model` (a LoRA from peft or temper; or temper's other methods).
+
+    `quantize=None` quantises the base to NF4 exactly when the adapter was trained on a 4-bit base."""
+    from temper.config import from_dict
+
+    config = read_adapter_config(adapter_dir)
+    cfg = from_dict(PeftConfig, config["temper"]) if "temper" in config else None
+    method = cfg.method if cfg else ("dora" if config.get("use_dora") else "lora")
+    if method in LORA_FAMILY:
+        if quantize if quantize is not None else method == "qlora":
+            from temper.quant.nf4 import quantize_model
+
+            quantize_model(model, block_size=cfg.quant_block_size if cfg else 64,
+                           double_quant=cfg.double_quant if cfg else True)
+        from temper.peft.io import load_adapter
+
+        return load_adapter(model, adapter_dir, adapter_name=adapter_name)
+    from safetensors.torch import load_file
+
+    apply_peft(model, cfg, tokenizer)
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    missing = [n for n in trainable_state_dict(model) if n not in weights]
+    if missing:
+        raise TemperError(f"{adapter_dir}: adapter lacks {missing[0]} for this model")
+    model.load_state_dict(weights, strict=False)
+    return cfg

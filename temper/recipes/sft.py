@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, opt
+from temper.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimConfig,
+    PeftConfig,
+    ScheduleConfig,
+    opt,
+)
 from temper.errors import TemperError
 
 
@@ -52,6 +59,7 @@ class Config:
     eval_samples: int = opt(100, "held-out instructions generated at each evaluation")
     eval_max_new_tokens: int = opt(40, "longest generated reply during evaluation")
     general_eval_batches: int = opt(8, "batches of general text for the forgetting perplexity (0: all)")
+    peft: PeftConfig = opt(PeftConfig(), "parameter-efficient fine-tuning (peft.method=lora|dora|qlora|adapter|prefix|prompt)")
     optim: OptimConfig = opt(OptimConfig(lr=3e-4, weight_decay=0.0), "optimiser")
     schedule: ScheduleConfig = opt(ScheduleConfig(warmup_ratio=0.05), "learning-rate schedule")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(every=0), "checkpointing")
@@ -150,6 +158,12 @@ def run(cfg: Config) -> dict:
         replay = TokenLoader(general, "train", seq_len=min(cfg.max_seq_len, 256), batch_size=cfg.replay_batch_size,
                              seed=cfg.seed)
 
+    from temper.peft import apply_peft, save_peft
+
+    peft_info = apply_peft(model, cfg.peft, tokenizer)
+    share = peft_info["trainable"] / peft_info["total"]
+    print(f"trainable parameters: {peft_info['trainable']:,} of {peft_info['total']:,} ({share:.2%}); "
+          f"peft.method={cfg.peft.method}", file=sys.stderr)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     autocast = engine.precision_context(precision, device)
@@ -194,7 +208,7 @@ def run(cfg: Config) -> dict:
     interactive = cfg.logging.progress and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="sft", unit="step", file=sys.stderr,
                disable=not interactive, dynamic_ncols=True)
-    window_tokens, window_time = 0, 0.0
+    window_tokens, window_time, train_seconds = 0, 0.0, 0.0
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.max_steps)
@@ -212,12 +226,14 @@ def run(cfg: Config) -> dict:
         row["grad_norm"] = engine.optimizer_step(model, optimizer, grad_clip=cfg.optim.grad_clip, scaler=scaler)
         window_tokens += sum(b.inputs.numel() for b in micro)
         window_time += time.perf_counter() - t0
+        train_seconds += time.perf_counter() - t0
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{result['loss']:.3f}")
         if done % cfg.logging.every == 0 or done == cfg.max_steps:
             row["tokens_per_second"] = window_tokens / window_time
             row["target_tokens"] = result["target_tokens"]
+            row["memory_mb"] = engine.peak_memory_mb(device)
             metrics.log(row)
             if cfg.logging.progress and not interactive:
                 print(f"step {done}/{cfg.max_steps} loss {row['loss']:.4f} lr {lr:.2e}", file=sys.stderr)
@@ -231,9 +247,16 @@ def run(cfg: Config) -> dict:
     bar.close()
 
     after = evaluate(cfg.max_steps)
-    save_model(model, out, tokenizer=tokenizer)
-    write_lineage(out, {**lineage, "stage": "sft", "parent": cfg.model, "chat_template_trained": template})
-    summary = {"steps": cfg.max_steps, "examples": stats.examples, "truncated": stats.truncated,
+    if cfg.peft.method == "none":
+        save_model(model, out, tokenizer=tokenizer)
+    else:  # only what was trained; `temper merge` folds a LoRA into the base
+        save_peft(model, out, cfg.peft, base_model=str(Path(cfg.model).resolve()))
+        tokenizer.save(out)
+    write_lineage(out, {**lineage, "stage": "sft", "parent": cfg.model, "chat_template_trained": template,
+                        "peft": cfg.peft.method})
+    summary = {"steps": cfg.max_steps, "peft": cfg.peft.method, "trainable_parameters": peft_info["trainable"],
+               "total_parameters": peft_info["total"], "train_seconds": train_seconds,
+               "peak_memory_mb": engine.peak_memory_mb(device), "examples": stats.examples, "truncated": stats.truncated,
                "dropped": stats.dropped, "skipped_rows": skipped,
                "before": {k: v for k, v in before.items() if k not in ("samples", "step")},
                "after": {k: v for k, v in after.items() if k not in ("samples", "step")},
