@@ -22,6 +22,7 @@ from temper.config import PeftConfig, to_dict
 from temper.errors import TemperError
 
 LORA_FAMILY = ("lora", "dora", "qlora")
+TEMPER_PEFT_FILE = "temper_peft.json"
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -96,7 +97,6 @@ def save_peft(model: torch.nn.Module, out_dir: str | Path, cfg: PeftConfig, *, b
         from temper.peft.io import save_adapter
 
         save_adapter(model, out, cfg, base_model_name_or_path=str(base_model))
-        config = json.loads((out / "adapter_config.json").read_text())
     else:
         from safetensors.torch import save_file
 
@@ -107,11 +107,24 @@ def save_peft(model: torch.nn.Module, out_dir: str | Path, cfg: PeftConfig, *, b
         config = {"peft_type": {"adapter": "BOTTLENECK_ADAPTER", "prefix": "PREFIX_TUNING",
                                 "prompt": "PROMPT_TUNING"}[cfg.method],
                   "base_model_name_or_path": str(base_model)}
-    config["temper"] = to_dict(cfg)  # everything needed to rebuild the same injection
-    tmp = out / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / "adapter_config.json")
+        tmp = out / "adapter_config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, out / "adapter_config.json")
+    # temper's own record of the method (beside PEFT's config, which must stay PEFT's)
+    tmp = out / TEMPER_PEFT_FILE
+    tmp.with_suffix(".tmp").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp.with_suffix(".tmp"), tmp)
     return out
+
+
+def read_temper_peft(adapter_dir: str | Path) -> PeftConfig | None:
+    """The PeftConfig temper trained with, if the adapter was written by temper."""
+    from temper.config import from_dict
+
+    path = Path(adapter_dir) / TEMPER_PEFT_FILE
+    if not path.is_file():
+        return None
+    return from_dict(PeftConfig, json.loads(path.read_text()), source=str(path))
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
@@ -129,10 +142,8 @@ def load_peft(model: torch.nn.Module, adapter_dir: str | Path, *, tokenizer=None
     """Put a saved adapter onto `model` (a LoRA from peft or temper; or temper's other methods).
 
     `quantize=None` quantises the base to NF4 exactly when the adapter was trained on a 4-bit base."""
-    from temper.config import from_dict
-
     config = read_adapter_config(adapter_dir)
-    cfg = from_dict(PeftConfig, config["temper"]) if "temper" in config else None
+    cfg = read_temper_peft(adapter_dir)
     method = cfg.method if cfg else ("dora" if config.get("use_dora") else "lora")
     if method in LORA_FAMILY:
         if quantize if quantize is not None else method == "qlora":

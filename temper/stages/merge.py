@@ -36,11 +36,12 @@ def run(cfg: Config) -> None:
     from temper.data.tokenizer import Tokenizer
     from temper.lineage import read_lineage, write_lineage
     from temper.models import load_model, save_model
-    from temper.peft import LORA_FAMILY, load_peft, read_adapter_config
+    from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
     from temper.peft.lora import merge_lora
 
     adapter_cfg = read_adapter_config(cfg.adapter)
-    method = adapter_cfg.get("temper", {}).get("method", "lora")
+    trained = read_temper_peft(cfg.adapter)
+    method = trained.method if trained else ("dora" if adapter_cfg.get("use_dora") else "lora")
     if method not in LORA_FAMILY:
         raise TemperError(f"{cfg.adapter}: a {method} adapter adds layers or tokens and cannot be merged into weights")
     base = cfg.model or adapter_cfg.get("base_model_name_or_path") or ""
@@ -51,6 +52,10 @@ def run(cfg: Config) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = merge_lora(model)
+        from temper.quant.nf4 import dequantize_model
+
+        if dequantize_model(merged):  # the 4-bit layers LoRA did not touch
+            warnings.warn("the NF4 base layers without LoRA are dequantised to full precision too", stacklevel=1)
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     tok_dir = Path(cfg.adapter) if (Path(cfg.adapter) / "tokenizer.json").is_file() else Path(base)

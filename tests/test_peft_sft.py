@@ -1,0 +1,111 @@
+"""PEFT through the SFT recipe: every method trains, saves only what it trained, resumes
+exactly; LoRA adapters merge with `temper merge` and load in `peft`."""
+
+import json
+
+import pytest
+import torch
+
+from temper.train.engine import read_metrics
+
+
+@pytest.fixture()
+def sft_rows(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}], "answer": str(i + 1)} for i in range(24)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_sft(tmp_path, model_dir, data, *extra, out="run"):
+    from temper.config import load_config
+    from temper.recipes import sft
+
+    cfg = load_config(sft.Config, None, [f"model={model_dir}", f"data={data}", f"output_dir={tmp_path / out}",
+                                         "batch_size=4", "logging.progress=false", "eval_samples=4",
+                                         "eval_max_new_tokens=3", "logging.eval_every=0", *extra])
+    return sft.run(cfg)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", ["peft.target_modules=all-linear"]), ("dora", []), ("qlora", []),
+    ("adapter", ["peft.adapter_dim=8"]), ("prefix", ["peft.num_virtual_tokens=4"]),
+    ("prompt", ["peft.num_virtual_tokens=4", "peft.prompt_init_text=What is"]),
+])
+def test_every_method_trains_and_saves_only_what_it_trained(tmp_path, tiny_model_dir, sft_rows, method, extra):
+    from safetensors.torch import load_file
+
+    summary = run_sft(tmp_path, tiny_model_dir, sft_rows, f"peft.method={method}", "max_steps=6", "optim.lr=1e-2",
+                      "logging.every=1", *extra)
+    out = tmp_path / "run"
+    assert 0 < summary["trainable_parameters"] < 0.5 * summary["total_parameters"]
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < losses[0]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert 0 < sum(t.numel() for t in saved.values()) <= summary["trainable_parameters"] * 1.01
+    assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "temper_peft.json").read_text())["method"] == method
+
+
+def test_lora_run_resumes_bitwise(tmp_path, tiny_model_dir, sft_rows, monkeypatch):
+    from temper.data.sft import SFTLoader
+
+    common = ["peft.method=lora", "max_steps=6", "logging.every=1", "checkpoint.every=3", "optim.lr=5e-3"]
+    run_sft(tmp_path, tiny_model_dir, sft_rows, *common, out="straight")
+    real = SFTLoader.next_batch
+    calls = {"n": 0}
+
+    def crash(self):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(SFTLoader, "next_batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(tmp_path, tiny_model_dir, sft_rows, *common, out="resumed")
+    monkeypatch.setattr(SFTLoader, "next_batch", real)
+    run_sft(tmp_path, tiny_model_dir, sft_rows, *common, "resume=auto", out="resumed")
+    rows = lambda p: [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(p / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+
+
+def test_merge_and_peft_library_agree(tmp_path, tiny_model_dir, sft_rows, capsys):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from temper.cli import main
+    from temper.models import load_model
+    from temper.peft import load_peft
+
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "max_steps=4", "optim.lr=1e-2", out="lora")
+    x = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        ours = load_model(tiny_model_dir).eval()
+        load_peft(ours, tmp_path / "lora")
+        expected = ours(x)
+        assert main(["merge", f"model={tiny_model_dir}", f"adapter={tmp_path / 'lora'}",
+                     f"output_dir={tmp_path / 'merged'}"]) == 0
+        merged = load_model(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=0)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "lora").eval()
+        torch.testing.assert_close(with_adapter(x).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_qlora_merge_says_it_dequantises(tmp_path, tiny_model_dir, sft_rows, capsys):
+    from temper.cli import main
+
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=qlora", "max_steps=2", out="q")
+    capsys.readouterr()
+    assert main(["merge", f"model={tiny_model_dir}", f"adapter={tmp_path / 'q'}", f"output_dir={tmp_path / 'm'}"]) == 0
+    assert "dequantis" in capsys.readouterr().err.lower()
+
+
+def test_prefix_adapter_cannot_merge(tmp_path, tiny_model_dir, sft_rows, capsys):
+    from temper.cli import main
+
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=prefix", "peft.num_virtual_tokens=2", "max_steps=1", out="p")
+    assert main(["merge", f"model={tiny_model_dir}", f"adapter={tmp_path / 'p'}", f"output_dir={tmp_path / 'm'}"]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
