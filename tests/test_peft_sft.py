@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from temper.errors import TemperError
 from temper.train.engine import read_metrics
 
 
@@ -109,3 +110,30 @@ def test_prefix_adapter_cannot_merge(tmp_path, tiny_model_dir, sft_rows, capsys)
     run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=prefix", "peft.num_virtual_tokens=2", "max_steps=1", out="p")
     assert main(["merge", f"model={tiny_model_dir}", f"adapter={tmp_path / 'p'}", f"output_dir={tmp_path / 'm'}"]) == 2
     assert "cannot be merged" in capsys.readouterr().err
+
+
+def test_generate_from_an_adapter_directory(tmp_path, tiny_model_dir, sft_rows, capsys, monkeypatch):
+    import json as _json
+
+    import temper.models.generate as gen
+    from temper.cli import main
+    from temper.peft import load_model_or_adapter
+    from temper.peft.lora import LoRALinear
+
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "max_steps=2", out="lora")
+    seen = {}
+    real = gen.generate_text
+
+    def spy(model, *args, **kwargs):
+        seen["lora"] = sum(isinstance(m, LoRALinear) for m in model.modules())
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_text", spy)
+    code = main(["generate", f"model={tmp_path / 'lora'}", "chat=true", "prompt=What is 3 plus 1?",
+                 "max_new_tokens=4", "temperature=0"])
+    assert code == 0 and seen["lora"] == 2 * 2  # q_proj and v_proj of both layers carry the adapter
+    cfg = _json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (tmp_path / "lora" / "adapter_config.json").write_text(_json.dumps(cfg))
+    with pytest.raises(TemperError, match="not a directory here"):
+        load_model_or_adapter(tmp_path / "lora")

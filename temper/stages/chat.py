@@ -228,12 +228,12 @@ def run(cfg: Config) -> None:
 
     from temper.data.chat import render
     from temper.data.tokenizer import Tokenizer
-    from temper.models import load_model
     from temper.models.generate import SamplingConfig
+    from temper.peft import load_model_or_adapter
     from temper.runtime import resolve_device
 
     device = resolve_device(cfg.device)
-    model = load_model(cfg.model, device=device, dtype=cfg.dtype).eval()
+    model = load_model_or_adapter(cfg.model, device=device, dtype=cfg.dtype).eval()
     tokenizer = Tokenizer.from_dir(cfg.model)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TemperError(

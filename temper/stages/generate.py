@@ -98,8 +98,8 @@ def run(cfg: Config) -> None:
     from tqdm import tqdm
 
     from temper.data.tokenizer import Tokenizer
-    from temper.models import load_model
     from temper.models.generate import SamplingConfig, generate_text
+    from temper.peft import load_model_or_adapter
     from temper.runtime import resolve_device
 
     prompts: list[Prompt] = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file, cfg.prompt_field)
@@ -107,7 +107,7 @@ def run(cfg: Config) -> None:
     if not use_chat and (cfg.template or cfg.system):
         raise TemperError("template= and system= are for chat prompts: add chat=true")
     device = resolve_device(cfg.device)
-    model = load_model(cfg.model, device=device, dtype=cfg.dtype).eval()
+    model = load_model_or_adapter(cfg.model, device=device, dtype=cfg.dtype).eval()
     tokenizer = Tokenizer.from_dir(cfg.model)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TemperError(
