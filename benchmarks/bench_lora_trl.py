@@ -34,7 +34,7 @@ def run_trl(args) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                           learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=10_000,
+                           learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=2, logging_steps=10_000,
                            save_strategy="no", report_to=[], use_cpu=True, max_length=512, packing=False,
                            dataloader_num_workers=0, seed=0, disable_tqdm=True)
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")

@@ -388,3 +388,16 @@ def test_real_nf4_base_when_available():
         with pytest.warns(UserWarning, match="dequantised"):
             merge_lora(model)
         torch.testing.assert_close(model(x), before, atol=ATOL, rtol=0)
+
+
+def test_lora_share_on_a_real_shape_counted_on_meta():
+    """LoRA r=8 on q,v of Llama-3-8B: 32 x 8 x ((4096+4096) + (4096+1024)) = 3,407,872 = 0.042%."""
+    from temper.config import PeftConfig
+    from temper.models import build_model, preset
+    from temper.peft.lora import inject_lora, mark_trainable
+
+    model = build_model(preset("llama-3-8b"), device="meta")
+    inject_lora(model, PeftConfig(method="lora", r=8, target_modules=["q_proj", "v_proj"]))
+    trainable, total = mark_trainable(model)
+    assert trainable == 32 * 8 * ((4096 + 4096) + (4096 + 1024)) == 3_407_872
+    assert 0.0004 < trainable / total < 0.0005

@@ -44,6 +44,7 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[
         info["trainable"], info["total"] = count_parameters(model)
         return info
     _, base_total = count_parameters(model)
+    base_ids = {id(p) for p in model.parameters()}
     if cfg.method in LORA_FAMILY:
         from temper.peft.lora import inject_lora, mark_trainable
 
@@ -57,10 +58,8 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[
     else:
         from temper.peft import adapters
 
-        base_ids = set()
         for p in model.parameters():
             p.requires_grad_(False)
-            base_ids.add(id(p))
         if cfg.method == "adapter":
             adapters.inject_bottleneck_adapters(model, cfg.adapter_dim)
         elif cfg.method == "prefix":
@@ -78,7 +77,10 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[
         for p in model.parameters():  # what the injection added is what trains
             if id(p) not in base_ids:
                 p.requires_grad_(True)
-    info["trainable"], info["total"] = count_parameters(model)
+    info["trainable"], _ = count_parameters(model)
+    # the base as it was (a 4-bit base holds its weights in buffers) plus what was added
+    added = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in base_ids)
+    info["total"] = base_total + added
     info["base_parameters"] = base_total
     if info["trainable"] == 0:
         raise TemperError(f"peft.method={cfg.method} left nothing to train")
