@@ -186,3 +186,15 @@ def load_model_or_adapter(path: str | Path, *, device="cpu", dtype=None) -> torc
         load_peft(model, path, tokenizer=tokenizer)
         return model.to(device)
     return load_model(path, device=device, dtype=dtype)
+
+
+def load_for_inference(path: str | Path, *, device="cpu", dtype=None):
+    """(model in eval mode, its tokenizer) from a model or adapter directory, checked to fit."""
+    from temper.data.tokenizer import Tokenizer
+
+    model = load_model_or_adapter(path, device=device, dtype=dtype).eval()
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TemperError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                          f"{model.config.vocab_size} embeddings")
+    return model, tokenizer

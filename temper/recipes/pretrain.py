@@ -168,7 +168,6 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 
 def run(cfg: Config) -> dict:
     import torch
-    import yaml
     from tqdm import tqdm
 
     from temper.config import to_dict
@@ -176,17 +175,12 @@ def run(cfg: Config) -> dict:
     from temper.eval.perplexity import evaluate_batches
     from temper.losses import causal_lm_loss
     from temper.models import save_model
-    from temper.runtime import resolve_device, seed_everything
+    from temper.runtime import seed_everything
     from temper.train import checkpoint as ckpt
     from temper.train import engine
     from temper.train.optim import build_optimizer, lr_at, set_lr
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    precision = engine.resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
 
     # data -> tokenizer -> shards -> model
     train_files, val_files, cfg.text_field, world_facts = prepare_data(cfg, out)

@@ -103,7 +103,6 @@ def resolve_data(cfg: Config, lineage: dict):
 
 def run(cfg: Config) -> dict:
     import torch
-    import yaml
     from tqdm import tqdm
 
     from temper.config import to_dict
@@ -116,17 +115,11 @@ def run(cfg: Config) -> dict:
     from temper.lineage import read_lineage, write_lineage
     from temper.losses import IGNORE_INDEX, causal_lm_loss
     from temper.models import load_model, save_model
-    from temper.runtime import resolve_device, seed_everything
     from temper.train import checkpoint as ckpt
     from temper.train import engine
     from temper.train.optim import build_optimizer, lr_at, set_lr
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    precision = engine.resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
 
     # model, tokenizer, template
     model = load_model(cfg.model, device=device, dtype=torch.float32)

@@ -227,19 +227,12 @@ def run(cfg: Config) -> None:
     import torch
 
     from temper.data.chat import render
-    from temper.data.tokenizer import Tokenizer
     from temper.models.generate import SamplingConfig
-    from temper.peft import load_model_or_adapter
+    from temper.peft import load_for_inference
     from temper.runtime import resolve_device
 
     device = resolve_device(cfg.device)
-    model = load_model_or_adapter(cfg.model, device=device, dtype=cfg.dtype).eval()
-    tokenizer = Tokenizer.from_dir(cfg.model)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TemperError(
-            f"{cfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size} embeddings"
-        )
+    model, tokenizer = load_for_inference(cfg.model, device=device, dtype=cfg.dtype)
     template = chat_template_for(cfg.model, tokenizer, cfg.template)
     probe = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": "hi"}]
     render(template, probe, add_generation_prompt=True, **render_kwargs(tokenizer))  # fail now, not mid-chat

@@ -97,9 +97,8 @@ def run(cfg: Config) -> None:
     import torch
     from tqdm import tqdm
 
-    from temper.data.tokenizer import Tokenizer
     from temper.models.generate import SamplingConfig, generate_text
-    from temper.peft import load_model_or_adapter
+    from temper.peft import load_for_inference
     from temper.runtime import resolve_device
 
     prompts: list[Prompt] = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file, cfg.prompt_field)
@@ -107,13 +106,7 @@ def run(cfg: Config) -> None:
     if not use_chat and (cfg.template or cfg.system):
         raise TemperError("template= and system= are for chat prompts: add chat=true")
     device = resolve_device(cfg.device)
-    model = load_model_or_adapter(cfg.model, device=device, dtype=cfg.dtype).eval()
-    tokenizer = Tokenizer.from_dir(cfg.model)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TemperError(
-            f"{cfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size} embeddings"
-        )
+    model, tokenizer = load_for_inference(cfg.model, device=device, dtype=cfg.dtype)
     if not use_chat:
         from temper.lineage import read_lineage
 

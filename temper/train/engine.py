@@ -30,6 +30,26 @@ import torch.utils.checkpoint
 
 from temper.errors import TemperError
 
+# ----------------------------------------------------------------------------- a run's directory
+
+
+def start_run(cfg: Any, output_dir: str | Path, device_spec: str, precision_spec: str, seed: int):
+    """Create the output directory, record the resolved config, seed everything; returns
+    (output dir, device, precision)."""
+    import yaml
+
+    from temper.config import to_dict
+    from temper.runtime import resolve_device, seed_everything
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device_spec)
+    precision = resolve_precision(precision_spec, device)
+    seed_everything(seed)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out, device, precision
+
+
 # ----------------------------------------------------------------------------- precision
 
 
