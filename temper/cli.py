@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
     "pretrain": ("temper.recipes.pretrain", "pretrain a decoder with the causal LM objective (default: the built-in world)"),
     "sft": ("temper.recipes.sft", "supervised fine-tuning / instruction tuning with chat templates"),
+    "eval": ("temper.stages.eval", "evaluate models on tasks, perplexity, judges and contamination; write a table"),
+    "eval contamination": ("temper.stages.contamination", "n-gram overlap between training data and eval sets"),
     "merge": ("temper.stages.merge", "fold a LoRA/DoRA adapter into its base model (zero inference overhead)"),
     "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
     "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"temper {__version__}")
         return 0
     stage = argv[0]
+    if len(argv) > 1 and f"{stage} {argv[1]}" in STAGES:  # a sub-stage: `temper eval contamination`
+        stage, argv = f"{stage} {argv[1]}", [f"{stage} {argv[1]}", *argv[2:]]
     if stage not in STAGES:
         import difflib
 

@@ -1,0 +1,117 @@
+"""Train/eval contamination: word n-gram overlap between a training corpus and eval sets.
+
+Words are the lower-cased `\\w+` runs of a text, so case and punctuation do not matter.
+The training side is streamed once and only 8-byte blake2b hashes of its n-grams are kept
+(stable across processes, about 8 bytes of payload per distinct n-gram; a set costs more
+per entry, so budget ~70 bytes each). An eval row is contaminated when any of its n-grams
+occurs in the training corpus. A row shorter than `n` words is checked on its whole word
+sequence when that has at least `MIN_SHORT_WORDS` words, and is skipped (counted) otherwise.
+The default n=13 is the GPT-3 / lm-eval decontamination convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["words", "ngrams", "build_index", "contamination_report", "MIN_SHORT_WORDS"]
+
+MIN_SHORT_WORDS = 8
+MAX_EXAMPLES = 5
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (runs of letters, digits and underscore)."""
+    return _WORD.findall(text.lower())
+
+
+def _ngram_list(tokens: Sequence[str], n: int) -> Iterator[tuple[str, ...]]:
+    for i in range(len(tokens) - n + 1):
+        yield tuple(tokens[i:i + n])
+
+
+def ngrams(text: str, n: int = 13) -> list[tuple[str, ...]]:
+    """The word n-grams of `text`, in order (empty when it has fewer than n words)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return list(_ngram_list(words(text), n))
+
+
+def _hash(gram: Sequence[str]) -> int:
+    digest = hashlib.blake2b(" ".join(gram).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _texts(train: Iterable[str] | str | Path) -> Iterable[str]:
+    if isinstance(train, (str, Path)):  # a data spec: files, a glob, a directory
+        from temper.data.readers import iter_texts
+
+        return iter_texts(train)
+    return train
+
+
+def build_index(texts: Iterable[str] | str | Path, n: int = 13) -> set[int]:
+    """Hashes of every word n-gram of `texts` (an iterable of strings, or a data path for
+    `temper.data.readers.iter_texts`), streamed: the texts themselves are not kept."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    index: set[int] = set()
+    for text in _texts(texts):
+        index.update(_hash(g) for g in _ngram_list(words(text), n))
+    return index
+
+
+def contamination_report(train_texts: Iterable[str] | str | Path,
+                         eval_rows_texts: Mapping[str, Sequence[str]] | Sequence[str],
+                         n: int = 13) -> dict[str, dict]:
+    """Overlap of each eval set with the training texts (streamed once).
+
+    `eval_rows_texts`: {set name: row texts}, or one list of row texts (named "eval").
+    Returns {set name: {rows, checked, contaminated, fraction, skipped_short, examples}},
+    where `fraction` = contaminated / checked (0.0 when nothing was checked) and `examples`
+    holds up to 5 {index, ngram} of contaminated rows (ngram: the first overlapping one).
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    sets = dict(eval_rows_texts) if isinstance(eval_rows_texts, Mapping) else {"eval": list(eval_rows_texts)}
+    tokenized = {name: [words(t) for t in rows] for name, rows in sets.items()}
+    # short rows: their whole word sequence is looked for among the training k-grams
+    short: dict[int, set[int]] = {}
+    for rows in tokenized.values():
+        for toks in rows:
+            if MIN_SHORT_WORDS <= len(toks) < n:
+                short.setdefault(len(toks), set()).add(_hash(toks))
+    index: set[int] = set()
+    found_short: set[int] = set()
+    for text in _texts(train_texts):
+        toks = words(text)
+        index.update(_hash(g) for g in _ngram_list(toks, n))
+        for k, wanted in short.items():
+            for g in _ngram_list(toks, k):
+                h = _hash(g)
+                if h in wanted:
+                    found_short.add(h)
+
+    report: dict[str, dict] = {}
+    for name, rows in tokenized.items():
+        contaminated, skipped, examples = 0, 0, []
+        for i, toks in enumerate(rows):
+            if len(toks) < n:
+                if len(toks) < MIN_SHORT_WORDS:
+                    skipped += 1
+                    continue
+                hit = tuple(toks) if _hash(toks) in found_short else None
+            else:
+                hit = next((g for g in _ngram_list(toks, n) if _hash(g) in index), None)
+            if hit is not None:
+                contaminated += 1
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append({"index": i, "ngram": " ".join(hit)})
+        checked = len(rows) - skipped
+        report[name] = {"rows": len(rows), "checked": checked, "contaminated": contaminated,
+                        "fraction": contaminated / checked if checked else 0.0,
+                        "skipped_short": skipped, "examples": examples}
+    return report

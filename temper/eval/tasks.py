@@ -1,0 +1,333 @@
+"""Evaluation tasks defined in YAML: multiple choice (log-likelihood) and generation.
+
+```yaml
+name: world_facts_mc
+type: multiple_choice            # or: generation
+data: "{world}/eval/facts_mc.jsonl"  # relative to the YAML file, absolute, or under {world}
+prompt: "Question: {question}\\nAnswer:"   # Python format fields of the row
+choices: choices                 # row field with the list of choices (multiple_choice)
+gold: gold                       # row field with the gold index (multiple_choice)
+target: answer                   # row field with the reference (generation)
+metrics: [acc, acc_norm]         # generation: exact_match, answer_accuracy, f1, bleu, chrf, rouge
+few_shot: 0                      # examples from few_shot_data, or the first rows of data (not scored)
+answer_pattern: null             # generation: regex extracting the answer (group 1 if any)
+generation: {max_new_tokens: 32, stop: ["\\n"]}
+```
+
+Every mistake is a `TemperError` naming the task (and the row): a missing or unknown key,
+a row without a field, a gold index out of range, an empty data file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from temper.config import from_dict, load_yaml, opt
+from temper.data.readers import iter_records
+from temper.errors import TemperError, TemperFileNotFoundError
+
+MC_METRICS = ("acc", "acc_norm")
+GEN_METRICS = ("exact_match", "answer_accuracy", "f1", "bleu", "chrf", "rouge")
+REQUIRED = ("name", "type", "data", "prompt")
+
+
+@dataclass
+class TaskGeneration:
+    max_new_tokens: int = opt(32, "greedy tokens generated per example")
+    stop: list[str] = opt(["\n"], "stop strings: the reply is cut at the first")
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt(help="task name (in metrics and errors)")
+    type: Literal["multiple_choice", "generation"] = opt(help="how the task is scored")
+    data: str = opt(help="JSONL/JSON/parquet rows: relative to the YAML file, absolute, or '{world}/...'")
+    prompt: str = opt(help="Python format string over the row's fields (e.g. {question}, {messages[0][content]})")
+    choices: str = opt("choices", "multiple_choice: the row field holding the list of choices")
+    gold: str = opt("gold", "multiple_choice: the row field with the gold choice's index")
+    target: str = opt("answer", "generation: the row field with the reference answer")
+    answer_template: str = opt(" {answer}", "how a choice / few-shot answer follows the prompt")
+    metrics: list[str] = opt([], "metrics to report (empty: acc, acc_norm / exact_match, answer_accuracy)")
+    few_shot: int = opt(0, "few-shot examples put before every prompt")
+    few_shot_data: str | None = opt(None, "rows for the few-shot examples (null: the first rows of data)")
+    few_shot_separator: str = opt("\n\n", "between the few-shot examples and before the prompt")
+    answer_pattern: str | None = opt(None, "generation: regex that extracts the answer (group 1 if present)")
+    limit: int | None = opt(None, "score at most this many rows")
+    chat: bool = opt(False, "generation: send the prompt as a user message through the model's chat template")
+    generation: TaskGeneration = opt(TaskGeneration(), "generation settings")
+    base_dir: str | None = field(default=None, init=False, repr=False)  # the YAML's folder
+
+    def validate(self) -> None:
+        allowed = MC_METRICS if self.type == "multiple_choice" else GEN_METRICS
+        if not self.metrics:
+            self.metrics = list(MC_METRICS if self.type == "multiple_choice" else ("exact_match", "answer_accuracy"))
+        for m in self.metrics:
+            if m not in allowed:
+                raise TemperError(f"task {self.name}: metric {m!r} is not available for {self.type} "
+                                  f"(choose from {', '.join(allowed)})")
+        if self.few_shot < 0:
+            raise TemperError(f"task {self.name}: few_shot must be >= 0, got {self.few_shot}")
+        if self.limit is not None and self.limit < 1:
+            raise TemperError(f"task {self.name}: limit must be >= 1, got {self.limit}")
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as e:
+                raise TemperError(f"task {self.name}: answer_pattern is not a valid regex ({e})") from None
+
+
+def load_task(path: str | Path) -> TaskConfig:
+    """A task from its YAML file; every key is checked (unknown keys get a suggestion)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TemperFileNotFoundError(f"task file not found: {p}")
+    data = load_yaml(p)
+    return task_from_dict(data, base_dir=p.parent, source=str(p))
+
+
+def task_from_dict(data: dict, *, base_dir: str | Path | None = None, source: str | None = None) -> TaskConfig:
+    name = data.get("name") or (Path(source).stem if source else "?")
+    where = f" ({source})" if source else ""
+    for key in REQUIRED:
+        if key not in data or data[key] is None:
+            raise TemperError(f"task {name}: missing key '{key}'{where}")
+    task = from_dict(TaskConfig, data, source=f"task {name}{where}")
+    task.base_dir = str(base_dir) if base_dir is not None else None
+    return task
+
+
+def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None) -> Path:
+    if "{world}" in spec:
+        if world_dir is None:
+            raise TemperError(f"task {task.name}: data {spec!r} needs a world directory (world_dir=...)")
+        spec = spec.replace("{world}", str(world_dir))
+    p = Path(spec).expanduser()
+    if not p.is_absolute() and task.base_dir is not None:
+        p = Path(task.base_dir) / p
+    if world_dir is not None and not p.exists() and p == Path(world_dir) / "eval" / "facts_mc.jsonl":
+        build_world_mc(world_dir)  # derived from facts.json on first use
+    if not p.exists():
+        raise TemperFileNotFoundError(f"task {task.name}: data not found: {p}")
+    return p
+
+
+@dataclass
+class TaskRow:
+    index: int  # 1-based row number in its data file
+    context: str  # the formatted prompt (without few-shot examples)
+    choices: list[str] | None = None
+    gold: int | None = None
+    target: str | None = None
+    row: dict = field(default_factory=dict)
+
+
+def _prepare(task: TaskConfig, index: int, row: dict) -> TaskRow:
+    where = f"task {task.name} row {index}"
+    try:
+        context = task.prompt.format(**row)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        keys = ", ".join(row) or "none"
+        raise TemperError(f"{where}: the prompt needs field {e.args[0]!r}, which the row lacks (keys: {keys})") from None
+    if task.type == "multiple_choice":
+        if task.choices not in row:
+            raise TemperError(f"{where}: missing field '{task.choices}' (the choices)")
+        choices = row[task.choices]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, (str, int, float)) for c in choices):
+            raise TemperError(f"{where}: field '{task.choices}' must be a non-empty list of strings")
+        if task.gold not in row:
+            raise TemperError(f"{where}: missing field '{task.gold}' (the gold index)")
+        gold = row[task.gold]
+        if isinstance(gold, bool) or not isinstance(gold, int):
+            raise TemperError(f"{where}: gold index must be an integer, got {gold!r}")
+        if not 0 <= gold < len(choices):
+            raise TemperError(f"{where}: gold index {gold} is out of range for {len(choices)} choices")
+        return TaskRow(index, context, choices=[str(c) for c in choices], gold=gold, row=row)
+    if task.target not in row or row[task.target] is None:
+        raise TemperError(f"{where}: missing field '{task.target}' (the reference)")
+    return TaskRow(index, context, target=str(row[task.target]), row=row)
+
+
+def _read_rows(task: TaskConfig, path: Path) -> Iterator[TaskRow]:
+    empty = True
+    for i, rec in enumerate(iter_records(path), 1):
+        empty = False
+        yield _prepare(task, i, rec.data)
+    if empty:
+        raise TemperError(f"task {task.name}: the data file {path} holds no rows")
+
+
+def _answer_text(task: TaskConfig, r: TaskRow) -> str:
+    return r.choices[r.gold] if task.type == "multiple_choice" else r.target
+
+
+def few_shot_prefix(task: TaskConfig, rows: list[TaskRow]) -> str:
+    """The few-shot examples (prompt + answer), each followed by the separator."""
+    return "".join(r.context + task.answer_template.format(answer=_answer_text(task, r)) + task.few_shot_separator
+                   for r in rows)
+
+
+def iter_task_rows(task: TaskConfig, *, world_dir: str | Path | None = None) -> Iterator[TaskRow]:
+    """The scored rows (validated; few-shot rows taken from the data are left out; `limit` applies)."""
+    rows = _read_rows(task, resolve_data(task, task.data, world_dir))
+    if task.few_shot and task.few_shot_data is None:
+        for _ in range(task.few_shot):
+            next(rows, None)
+    n = 0
+    for r in rows:
+        if task.limit is not None and n >= task.limit:
+            return
+        n += 1
+        yield r
+    if n == 0:
+        raise TemperError(f"task {task.name}: no rows left to score after {task.few_shot} few-shot examples")
+
+
+def task_few_shot(task: TaskConfig, *, world_dir: str | Path | None = None) -> str:
+    if not task.few_shot:
+        return ""
+    spec = task.few_shot_data or task.data
+    shots = []
+    for r in _read_rows(task, resolve_data(task, spec, world_dir)):
+        shots.append(r)
+        if len(shots) == task.few_shot:
+            break
+    if len(shots) < task.few_shot:
+        raise TemperError(f"task {task.name}: few_shot is {task.few_shot} but {spec} holds only {len(shots)} rows")
+    return few_shot_prefix(task, shots)
+
+
+def extract_answer(task: TaskConfig, text: str) -> str:
+    if task.answer_pattern is None:
+        return text.strip()
+    m = re.search(task.answer_pattern, text)
+    if m is None:
+        return ""
+    return (m.group(1) if m.groups() else m.group(0)).strip()
+
+
+def _external_metrics(task: TaskConfig, name: str, predictions: list[str], references: list[str]) -> dict:
+    """f1 / bleu / chrf / rouge from temper.eval.metrics, imported only when asked for.
+
+    f1: mean SQuAD token F1 (0-1); bleu, chrf: sacrebleu corpus scores (0-100) plus their
+    signature; rouge: ROUGE-L F (0-1) plus rouge1/rouge2/rougeL."""
+    import importlib
+
+    try:
+        mod = importlib.import_module("temper.eval.metrics")
+    except ImportError as e:
+        raise TemperError(f"task {task.name}: metric {name!r} needs temper.eval.metrics, which is "
+                          f"not available ({e})") from None
+    if name == "f1":
+        return {"f1": sum(mod.token_f1(p, r) for p, r in zip(predictions, references)) / len(predictions)}
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise TemperError(f"task {task.name}: metric {name!r} is not provided by temper.eval.metrics")
+    value = fn(predictions, references)
+    if isinstance(value, dict):
+        return {name: float(value.get("rougeL", next(iter(value.values())))), **{k: float(v) for k, v in value.items()}}
+    if isinstance(value, tuple):
+        return {name: float(value[0]), f"{name}_signature": value[1]}
+    return {name: float(value)}
+
+
+def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None = None,
+             batch_size: int = 16, use_cache: bool = True) -> dict:
+    """Score `task`; returns its metrics plus examples and examples_per_second."""
+    from temper.eval.generation import contains_answer, normalize
+
+    prefix = task_few_shot(task, world_dir=world_dir)
+    rows = list(iter_task_rows(task, world_dir=world_dir))
+    if task.type == "multiple_choice":
+        from temper.eval.multiple_choice import evaluate_multiple_choice
+
+        items = [{"context": r.context, "gold": r.gold,
+                  "choices": [task.answer_template.format(answer=c) for c in r.choices]} for r in rows]
+        result = evaluate_multiple_choice(model, tokenizer, items, few_shot_prefix=prefix, use_cache=use_cache)
+        out = {m: result[m] for m in task.metrics}
+        out.update(examples=result["examples"], examples_per_second=result["examples_per_second"])
+        return out
+
+    from temper.models.generate import SamplingConfig, generate_text
+
+    cfg = SamplingConfig(max_new_tokens=task.generation.max_new_tokens, stop=tuple(task.generation.stop))
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        prompts = [prefix + r.context for r in rows]
+        if task.chat:  # an instruction-tuned model reads its own template (a mismatch looks like a broken model)
+            from temper.data.chat import end_of_turn_strings, render
+
+            if not tokenizer.chat_template:
+                raise TemperError(f"task {task.name}: chat=true but the model has no chat template")
+            prompts = [render(tokenizer.chat_template, [{"role": "user", "content": p}], add_generation_prompt=True,
+                              bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+                       for p in prompts]
+            cfg = SamplingConfig(**{**cfg.__dict__, "stop": tuple(cfg.stop) + tuple(end_of_turn_strings(tokenizer.chat_template))})
+        replies = generate_text(model, tokenizer, prompts, cfg, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    predictions = [extract_answer(task, t) for t in replies]
+    references = [r.target for r in rows]
+    out: dict = {}
+    for m in task.metrics:
+        if m == "exact_match":
+            out[m] = sum(normalize(p) == normalize(t) for p, t in zip(predictions, references)) / len(rows)
+        elif m == "answer_accuracy":
+            out[m] = sum(contains_answer(p, t) for p, t in zip(predictions, references)) / len(rows)
+        else:
+            out.update(_external_metrics(task, m, predictions, references))
+    out.update(examples=len(rows), examples_per_second=len(rows) / seconds if seconds > 0 else float("inf"))
+    out["outputs"] = [{"context": r.context, "prediction": p, "reference": t}
+                      for r, p, t in zip(rows, predictions, references)]  # for judges and inspection
+    return out
+
+
+# ----------------------------------------------------------------------------- the built-in world
+
+MC_FACTS = {"job": "What is {name}'s job?", "town": "In which town does {name} live?",
+            "colour": "What is {name}'s favourite colour?"}
+
+
+def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4) -> Path:
+    """Write `world_dir/eval/facts_mc.jsonl` from facts.json: one question per person and fact
+    (job, town, colour) with the right value and `num_choices - 1` other values of that fact
+    seen in the world; the gold position is random but seeded. Returns the file's path."""
+    world_dir = Path(world_dir)
+    facts_file = world_dir / "facts.json"
+    if not facts_file.is_file():
+        raise TemperFileNotFoundError(f"{facts_file} not found (write a world with `temper world` first)")
+    facts = json.loads(facts_file.read_text(encoding="utf-8"))
+    people = facts.get("people") or []
+    rng = random.Random(seed)
+    rows = []
+    for key, question in MC_FACTS.items():
+        values = sorted({str(p[key]) for p in people})
+        if len(values) < num_choices:
+            raise TemperError(f"{facts_file}: only {len(values)} distinct values of {key!r}; need {num_choices}")
+        for p in people:
+            right = str(p[key])
+            wrong = rng.sample([v for v in values if v != right], num_choices - 1)
+            gold = rng.randrange(num_choices)
+            choices = wrong[:gold] + [right] + wrong[gold:]
+            rows.append({"question": question.format(name=p["name"]), "choices": choices, "gold": gold,
+                         "answer": right, "meta": {"person": p["name"], "key": key}})
+    rng.shuffle(rows)
+    out = world_dir / "eval" / "facts_mc.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+__all__ = ["TaskConfig", "TaskRow", "load_task", "task_from_dict", "iter_task_rows", "run_task",
+           "build_world_mc", "extract_answer", "few_shot_prefix"]

@@ -1,0 +1,56 @@
+"""N-gram overlap between training data and evaluation sets (`temper eval contamination`).
+
+    temper eval contamination train=corpus.jsonl eval=test.jsonl,other.jsonl n=13
+
+Reports, per eval file, how many rows share at least one n-gram (13 words by default) with
+the training data, with examples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from temper.config import opt
+from temper.errors import TemperError
+
+
+@dataclass
+class Config:
+    train: list[str] = opt([], "training data (.txt/.jsonl/.parquet files, dirs, globs)")
+    eval: list[str] = opt([], "evaluation files, each reported separately")
+    text_field: str = opt("text", "the field of training rows that holds the text")
+    eval_fields: list[str] = opt([], "fields of eval rows to check (default: every string field, and message contents)")
+    n: int = opt(13, "n-gram length in words")
+    output: str | None = opt(None, "also write the report as JSON here")
+
+    def validate(self) -> None:
+        if not self.train or not self.eval:
+            raise TemperError("train= and eval= are required")
+
+
+def row_text(row: dict, fields: list[str]) -> str:
+    parts = []
+    for key, value in row.items():
+        if fields and key not in fields:
+            continue
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            parts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return " ".join(parts)
+
+
+def run(cfg: Config) -> dict:
+    from temper.data.readers import iter_records, iter_texts
+    from temper.eval.contamination import contamination_report
+
+    eval_sets = {str(p): [row_text(r.data, cfg.eval_fields) for r in iter_records(p)] for p in cfg.eval}
+    report = contamination_report(iter_texts(cfg.train, field=cfg.text_field), eval_sets, n=cfg.n)
+    for name, rep in report.items():
+        print(f"{name}: {rep['contaminated']}/{rep['checked']} rows share a {cfg.n}-gram with the training data "
+              f"({rep['fraction']:.1%}); {rep['skipped_short']} rows too short to check")
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")
+    return report

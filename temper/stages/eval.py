@@ -1,0 +1,149 @@
+"""Evaluate one model, or several side by side, and write a JSON result and a table.
+
+    temper eval model=runs/sft tasks=world_facts_mc,world_qa
+    temper eval models=[runs/pretrain,runs/sft] tasks=world_facts_mc,world_qa data=valid.txt
+    temper eval models=[runs/sft,runs/sft-lora] tasks=world_qa judge=rule        # or judge=JUDGE_DIR
+    temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
+
+Tasks are YAML files (or the names of the shipped ones in configs/tasks: world_facts_mc,
+world_qa). `data=` adds sliding-window perplexity (token, word, bits per byte) on text.
+`contamination=` checks every task's rows against training data (13-grams).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from temper.config import opt
+from temper.errors import TemperError
+
+SHIPPED_TASKS = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+
+
+@dataclass
+class Config:
+    model: str = opt("", "the model directory to evaluate")
+    models: list[str] = opt([], "several model directories, compared side by side")
+    tasks: list[str] = opt([], "task YAML files, or shipped task names (world_facts_mc, world_qa)")
+    data: list[str] = opt([], "text for sliding-window perplexity (.txt/.jsonl files, dirs, globs)")
+    text_field: str = opt("text", "the JSONL field that holds the text for perplexity")
+    window: int = opt(256, "perplexity window in tokens")
+    stride: int = opt(128, "perplexity stride in tokens (tokens before the stride give context)")
+    world: str | None = opt(None, "the built-in world directory for {world} tasks (default: the model's lineage)")
+    judge: str | None = opt(None, "with two models: 'rule' (checkable answers) or a judge model directory")
+    contamination: list[str] = opt([], "training data whose 13-gram overlap with each task is reported")
+    ngram: int = opt(13, "n-gram length for the contamination check")
+    output_dir: str = opt("runs/eval", "where results.json and results.md are written")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
+
+    def validate(self) -> None:
+        if not self.model and not self.models:
+            raise TemperError("model= or models=[...] is required")
+        if not self.tasks and not self.data:
+            raise TemperError("nothing to evaluate: give tasks=... and/or data=...")
+
+
+def resolve_task(spec: str) -> Path:
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_TASKS / f"{spec}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in SHIPPED_TASKS.glob("*.yaml")) if SHIPPED_TASKS.is_dir() else []
+    raise TemperError(f"task {spec!r}: no such file, and not a shipped task ({', '.join(names) or 'none found'})")
+
+
+def run(cfg: Config) -> dict:
+    from temper.data.readers import iter_texts
+    from temper.eval.sliding import sliding_window_perplexity
+    from temper.eval.tasks import iter_task_rows, load_task, run_task
+    from temper.lineage import read_lineage
+    from temper.peft import load_for_inference
+    from temper.runtime import resolve_device
+
+    model_dirs = cfg.models or [cfg.model]
+    tasks = [load_task(resolve_task(t)) for t in cfg.tasks]
+    texts = list(iter_texts(cfg.data, field=cfg.text_field)) if cfg.data else []
+    device = resolve_device(cfg.device)
+    results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {}}
+    for model_dir in model_dirs:
+        model, tokenizer = load_for_inference(model_dir, device=device, dtype=cfg.dtype)
+        world = cfg.world or read_lineage(model_dir).get("world_dir")
+        scores: dict = {}
+        for task in tasks:
+            print(f"{model_dir}: {task.name} ...", file=sys.stderr)
+            scores[task.name] = run_task(model, tokenizer, task, world_dir=world)
+        if texts:
+            scores["perplexity"] = sliding_window_perplexity(model, tokenizer, texts, window=cfg.window,
+                                                             stride=cfg.stride, device=device)
+        results["per_model"][model_dir] = scores
+        del model
+    if cfg.judge:
+        results["judge"] = judge_models(cfg, model_dirs, tasks, results, device)
+    if cfg.contamination:
+        from temper.eval.contamination import contamination_report
+
+        world = cfg.world or read_lineage(model_dirs[0]).get("world_dir")
+        eval_sets = {t.name: [f"{r.context} {r.target or ''}".strip() for r in iter_task_rows(t, world_dir=world)]
+                     for t in tasks}
+        results["contamination_n"] = cfg.ngram
+        results["contamination"] = contamination_report(iter_texts(cfg.contamination, field=cfg.text_field),
+                                                        eval_sets, n=cfg.ngram)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    table = results_table(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, device) -> dict:
+    if len(model_dirs) != 2:
+        raise TemperError(f"judge= compares exactly two models; got {len(model_dirs)}")
+    from temper.eval.judge import pairwise, rule_pairwise
+
+    reports = {}
+    for task in tasks:
+        outs = [results["per_model"][m][task.name].get("outputs") for m in model_dirs]
+        if outs[0] is None:
+            continue  # multiple choice: nothing generated to judge
+        questions = [o["context"] for o in outs[0]]
+        answers = [[o["prediction"] for o in out] for out in outs]
+        if cfg.judge == "rule":
+            reports[task.name] = rule_pairwise([o["reference"] for o in outs[0]], answers[0], answers[1])
+        else:
+            from temper.peft import load_for_inference
+
+            judge_model, judge_tok = load_for_inference(cfg.judge, device=device)
+            reports[task.name] = pairwise(judge_model, judge_tok, questions, answers[0], answers[1])
+        reports[task.name].pop("verdicts", None)
+    return reports
+
+
+def results_table(results: dict) -> str:
+    """Markdown: one row per model, one column per task metric."""
+    columns: list[tuple[str, str]] = []
+    for scores in results["per_model"].values():
+        for task, metrics in scores.items():
+            for name, value in metrics.items():
+                if isinstance(value, float) and name != "examples_per_second" and (task, name) not in columns:
+                    columns.append((task, name))
+    head = "| model | " + " | ".join(f"{t}: {m}" for t, m in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for model, scores in results["per_model"].items():
+        cells = [f"{scores.get(t, {}).get(m, float('nan')):.4g}" for t, m in columns]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    for task, rep in (results.get("judge") or {}).items():
+        lo, hi = rep["ci_95"]
+        lines.append(f"\njudge on {task}: model 1 win rate {rep['win_rate_1']:.3f} (95% CI {lo:.3f}-{hi:.3f}); "
+                     f"wins {rep['wins_1']} / {rep['wins_2']}, ties {rep['ties']}")
+    for task, rep in (results.get("contamination") or {}).items():
+        lines.append(f"\ncontamination of {task}: {rep['contaminated']}/{rep['checked']} rows share a "
+                     f"{results.get('contamination_n', 13)}-gram with the training data ({rep['fraction']:.1%})")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Multiple-choice scoring with a shared-context KV cache, YAML tasks and the world tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from temper.errors import TemperError
+from temper.eval.multiple_choice import evaluate_multiple_choice, score_choices
+from temper.eval.tasks import build_world_mc, iter_task_rows, load_task, run_task, task_from_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    from temper.models import build_model, preset
+
+    torch.manual_seed(0)
+    return build_model(preset("llama-tiny", vocab_size=tiny_tokenizer.vocab_size)).eval()
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    from temper.data.world import WorldConfig, build_world, write_world
+
+    out = tmp_path_factory.mktemp("world")
+    cfg = WorldConfig(num_people=8, num_towns=4, docs_per_person=2, docs_per_town=1, num_arithmetic_docs=5,
+                      num_dialogue_docs=5, num_sft_train=10, num_sft_test=12, num_pref_train=2, num_pref_test=2,
+                      num_rl_train=5, num_rl_test=10)
+    write_world(build_world(cfg), out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
+def test_cached_batch_equals_scoring_from_scratch(tiny_tokenizer, family):
+    from temper.models import build_model, preset
+
+    torch.manual_seed(1)
+    m = build_model(preset(family, vocab_size=tiny_tokenizer.vocab_size)).eval()
+    context = "Alice lives in Paris. Question: where does Bob live?\nAnswer:"
+    choices = [" Rome", " Paris, the town of Alice", " a", " Ünïcödé 😀 far away"]
+    cached = score_choices(m, tiny_tokenizer, context, choices)
+    naive = score_choices(m, tiny_tokenizer, context, choices, use_cache=False)
+    assert [b for _, b in cached] == [len(c.encode()) for c in choices]
+    for (a, _), (b, _) in zip(cached, naive):
+        assert math.isfinite(a) and a < 0
+        assert a == pytest.approx(b, abs=1e-4)
+    # by hand: the sum of the choice's token log-probabilities after the context tokens
+    ctx, cont = tiny_tokenizer.encode(context), tiny_tokenizer.encode(choices[1])
+    with torch.no_grad():
+        logp = torch.log_softmax(m(torch.tensor([ctx + cont]))[0].float(), -1)
+    manual = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert cached[1][0] == pytest.approx(manual, abs=1e-4)
+
+
+def test_acc_and_acc_norm(model, tiny_tokenizer, monkeypatch):
+    import temper.eval.multiple_choice as mc
+
+    # in "x" the sum favours the short gold choice, per byte the long wrong one wins
+    fake = {"x": [(-4.0, 40), (-3.0, 1)], "y": [(-1.0, 5), (-9.0, 5)]}
+    monkeypatch.setattr(mc, "score_choices", lambda m, t, ctx, ch, use_cache=True: fake[ctx[-1]])
+    rows = [{"context": "x", "choices": ["a", "b"], "gold": 1}, {"context": "y", "choices": ["a", "b"], "gold": 0}]
+    out = mc.evaluate_multiple_choice(model, tiny_tokenizer, rows)
+    assert out["acc"] == 1.0 and out["acc_norm"] == 0.5 and out["examples"] == 2
+    assert out["examples_per_second"] > 0
+
+
+def test_evaluate_multiple_choice_real_model(model, tiny_tokenizer):
+    rows = [{"context": "The sum of 3 and 4 is", "choices": [" 7", " 15", " ten"], "gold": 0}] * 3
+    out = evaluate_multiple_choice(model, tiny_tokenizer, rows, few_shot_prefix="Hello, world!\n\n")
+    assert 0.0 <= out["acc"] <= 1.0 and 0.0 <= out["acc_norm"] <= 1.0
+
+
+def mc_task(tmp_path: Path, rows: list[dict], **extra) -> dict:
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    return {"name": "toy", "type": "multiple_choice", "data": "rows.jsonl", "prompt": "Q: {question}\nA:", **extra}
+
+
+def test_load_task_and_errors(tmp_path):
+    import yaml
+
+    rows = [{"question": f"q{i}", "choices": ["a", "b", "c"], "gold": i % 3} for i in range(5)]
+    spec = mc_task(tmp_path, rows)
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(spec))
+    task = load_task(tmp_path / "toy.yaml")
+    assert task.metrics == ["acc", "acc_norm"]
+    got = list(iter_task_rows(task))
+    assert [r.gold for r in got] == [0, 1, 2, 0, 1] and got[0].context == "Q: q0\nA:" and got[0].index == 1
+
+    bad = {k: v for k, v in spec.items() if k != "prompt"}
+    with pytest.raises(TemperError, match=r"task toy: missing key 'prompt'"):
+        task_from_dict(bad, base_dir=tmp_path)
+    with pytest.raises(TemperError, match=r"unknown key 'promt' \(did you mean 'prompt'\?\)"):
+        task_from_dict({**spec, "promt": "x"}, base_dir=tmp_path)
+    with pytest.raises(TemperError, match=r"metric 'bleu' is not available for multiple_choice"):
+        task_from_dict({**spec, "metrics": ["bleu"]}, base_dir=tmp_path)
+
+    def rows_error(bad_rows: list[dict], **extra) -> str:
+        task = task_from_dict(mc_task(tmp_path, bad_rows, **extra), base_dir=tmp_path)
+        with pytest.raises(TemperError) as e:
+            list(iter_task_rows(task))
+        return str(e.value)
+
+    assert "task toy row 2: gold index 4 is out of range for 3 choices" in rows_error(
+        [rows[0], {**rows[0], "gold": 4}])
+    assert "task toy row 1: missing field 'choices'" in rows_error([{"question": "q", "gold": 0}])
+    assert "task toy row 1:" in rows_error([{"choices": ["a"], "gold": 0}]) and "'question'" in rows_error(
+        [{"choices": ["a"], "gold": 0}])
+    assert "task toy: the data file" in rows_error([]) and "holds no rows" in rows_error([])
+    with pytest.raises(TemperError, match="task toy: data not found"):
+        list(iter_task_rows(task_from_dict({**spec, "data": "nope.jsonl"}, base_dir=tmp_path)))
+
+
+def test_few_shot_from_data_and_separate_file(tmp_path, model, tiny_tokenizer):
+    from temper.eval.tasks import task_few_shot
+
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(5)]
+    task = task_from_dict(mc_task(tmp_path, rows, few_shot=2), base_dir=tmp_path)
+    assert task_few_shot(task) == "Q: q0\nA: a\n\nQ: q1\nA: b\n\n"
+    assert [r.context for r in iter_task_rows(task)] == ["Q: q2\nA:", "Q: q3\nA:", "Q: q4\nA:"]
+    write_jsonl(tmp_path / "shots.jsonl", [{"question": "s", "choices": ["x", "y"], "gold": 1}])
+    task = task_from_dict(mc_task(tmp_path, rows, few_shot=1, few_shot_data="shots.jsonl"), base_dir=tmp_path)
+    assert task_few_shot(task) == "Q: s\nA: y\n\n"
+    assert len(list(iter_task_rows(task))) == 5
+    out = run_task(model, tiny_tokenizer, task)
+    assert out["examples"] == 5 and 0 <= out["acc"] <= 1
+
+
+def test_generation_task_and_metrics(tmp_path, model, tiny_tokenizer, monkeypatch):
+    import temper.models.generate as gen
+
+    rows = [{"q": "capital?", "answer": "Paris"}, {"q": "sum?", "answer": "7"}]
+    write_jsonl(tmp_path / "g.jsonl", rows)
+    spec = {"name": "gen", "type": "generation", "data": "g.jsonl", "prompt": "{q}",
+            "answer_pattern": r"answer is (\w+)", "metrics": ["exact_match", "answer_accuracy"]}
+    task = task_from_dict(spec, base_dir=tmp_path)
+    replies = {"capital?": "I think the answer is Paris.", "sum?": "the answer is 8 or 7"}
+    monkeypatch.setattr(gen, "generate_text", lambda m, t, prompts, cfg, batch_size=16: [replies[p] for p in prompts])
+    out = run_task(model, tiny_tokenizer, task)
+    assert out["exact_match"] == 0.5 and out["answer_accuracy"] == 0.5 and out["examples"] == 2
+
+    import sys
+
+    task = task_from_dict({**spec, "metrics": ["f1"]}, base_dir=tmp_path)
+    assert run_task(model, tiny_tokenizer, task)["f1"] == pytest.approx(0.5)  # "Paris" vs "Paris"; "8" vs "7"
+    monkeypatch.setitem(sys.modules, "temper.eval.metrics", None)  # as if the module were absent
+    task = task_from_dict({**spec, "metrics": ["f1"]}, base_dir=tmp_path)
+    with pytest.raises(TemperError, match="metric 'f1' needs temper.eval.metrics"):
+        run_task(model, tiny_tokenizer, task)
+
+
+def test_build_world_mc(world_dir):
+    path = build_world_mc(world_dir)
+    assert path == world_dir / "eval" / "facts_mc.jsonl"
+    facts = json.loads((world_dir / "facts.json").read_text())
+    truth = {p["name"]: p for p in facts["people"]}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 3 * len(truth)
+    for r in rows:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+        assert r["choices"][r["gold"]] == str(truth[r["meta"]["person"]][r["meta"]["key"]]) == r["answer"]
+    assert len({r["gold"] for r in rows}) > 1
+    first = path.read_bytes()
+    build_world_mc(world_dir)
+    assert path.read_bytes() == first  # seeded
+
+
+@pytest.mark.parametrize("name", ["world_facts_mc", "world_qa"])
+def test_shipped_world_tasks_end_to_end(name, world_dir, model, tiny_tokenizer):
+    task = load_task(CONFIGS / f"{name}.yaml")
+    with pytest.raises(TemperError, match="needs a world directory"):
+        run_task(model, tiny_tokenizer, task)
+    if name == "world_qa":
+        task.generation.max_new_tokens = 4
+    out = run_task(model, tiny_tokenizer, task, world_dir=world_dir)
+    assert out["examples"] > 0
+    for m in task.metrics:
+        assert math.isfinite(out[m]) and 0.0 <= out[m] <= 1.0, (m, out)
