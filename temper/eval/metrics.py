@@ -71,22 +71,21 @@ def _ref_streams(refs: list[list[str]]) -> list[list[str]]:
     return [list(s) for s in zip(*refs)]
 
 
-def bleu(preds: Sequence[str], refs: Sequence) -> tuple[float, str]:
-    """sacrebleu corpus BLEU (0-100) and its signature, e.g. 'nrefs:1|case:mixed|eff:no|tok:13a|...'."""
+def _sacrebleu(metric_name: str, preds: Sequence[str], refs: Sequence) -> tuple[float, str]:
     preds, refs = _pairs(preds, refs)
-    metrics = _require("sacrebleu.metrics")
-    metric = metrics.BLEU()
+    metric = getattr(_require("sacrebleu.metrics"), metric_name)()
     score = metric.corpus_score(preds, _ref_streams(refs))
     return float(score.score), str(metric.get_signature())
+
+
+def bleu(preds: Sequence[str], refs: Sequence) -> tuple[float, str]:
+    """sacrebleu corpus BLEU (0-100) and its signature, e.g. 'nrefs:1|case:mixed|eff:no|tok:13a|...'."""
+    return _sacrebleu("BLEU", preds, refs)
 
 
 def chrf(preds: Sequence[str], refs: Sequence) -> tuple[float, str]:
     """sacrebleu corpus chrF (0-100) and its signature."""
-    preds, refs = _pairs(preds, refs)
-    metrics = _require("sacrebleu.metrics")
-    metric = metrics.CHRF()
-    score = metric.corpus_score(preds, _ref_streams(refs))
-    return float(score.score), str(metric.get_signature())
+    return _sacrebleu("CHRF", preds, refs)
 
 
 def rouge(preds: Sequence[str], refs: Sequence) -> dict[str, float]:
