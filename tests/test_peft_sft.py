@@ -137,3 +137,30 @@ def test_generate_from_an_adapter_directory(tmp_path, tiny_model_dir, sft_rows, 
     (tmp_path / "lora" / "adapter_config.json").write_text(_json.dumps(cfg))
     with pytest.raises(TemperError, match="not a directory here"):
         load_model_or_adapter(tmp_path / "lora")
+
+
+def test_two_adapters_loaded_at_once_switch_by_name(tmp_path, tiny_model_dir, sft_rows):
+    from temper.models import load_model
+    from temper.peft import load_peft
+    from temper.peft.lora import disable_adapters, set_adapter
+
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "max_steps=3", "optim.lr=2e-2", "seed=1", out="a")
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "max_steps=3", "optim.lr=2e-2", "seed=2", out="b")
+    x = torch.randint(0, 200, (1, 10))
+    with torch.no_grad():
+        base = load_model(tiny_model_dir).eval()
+        expected_base = base(x)
+        singles = {}
+        for name in ("a", "b"):
+            alone = load_model(tiny_model_dir).eval()
+            load_peft(alone, tmp_path / name)
+            singles[name] = alone(x)
+        both = load_model(tiny_model_dir).eval()
+        load_peft(both, tmp_path / "a", adapter_name="a")
+        load_peft(both, tmp_path / "b", adapter_name="b")
+        for name in ("a", "b"):
+            set_adapter(both, name)
+            torch.testing.assert_close(both(x), singles[name], atol=1e-6, rtol=0)
+        assert not torch.allclose(singles["a"], singles["b"])
+        with disable_adapters(both):
+            torch.testing.assert_close(both(x), expected_base, atol=1e-6, rtol=0)
