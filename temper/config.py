@@ -208,6 +208,16 @@ def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config"
     return obj
 
 
+def check_keys(given: dict, dataclass_type: type, prefix: str) -> None:
+    """A free-form mapping of overrides (e.g. `model_config.*`) must name fields of `dataclass_type`."""
+    known = sorted(f.name for f in fields(dataclass_type))
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else ""
+            raise TemperError(f"unknown key '{prefix}.{key}'{hint}")
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)

@@ -17,11 +17,18 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, opt
+from temper.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimConfig,
+    ScheduleConfig,
+    check_keys,
+    opt,
+)
 from temper.errors import TemperError
 
 
@@ -77,13 +84,7 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
         return cfg.data, cfg.val_data or None, cfg.text_field, None
     from temper.data.world import WorldConfig, build_world, write_world
 
-    known = {f.name for f in fields(WorldConfig)}
-    for key in cfg.world:
-        if key not in known:
-            import difflib
-
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            raise TemperError(f"unknown key 'world.{key}'" + (f" (did you mean 'world.{close[0]}'?)" if close else ""))
+    check_keys(cfg.world, WorldConfig, "world")
     world_cfg = WorldConfig(**{"seed": cfg.seed, **cfg.world})
     world_cfg.validate()
     world_dir = out / "world"
@@ -142,13 +143,7 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
         if cfg.model_config:
             warnings.warn("model_config is ignored when model is a directory", stacklevel=2)
     else:
-        known = {f.name for f in fields(ModelConfig)}
-        for key in cfg.model_config:
-            if key not in known:
-                import difflib
-
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                raise TemperError(f"unknown key 'model_config.{key}'" + (f" (did you mean 'model_config.{close[0]}'?)" if close else ""))
+        check_keys(cfg.model_config, ModelConfig, "model_config")
         vocab = 64 * math.ceil(tokenizer.vocab_size / 64)  # a multiple of 64 keeps the matmuls fast
         config = preset(cfg.model, vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                         pad_token_id=tokenizer.pad_id, **cfg.model_config)
