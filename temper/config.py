@@ -83,6 +83,7 @@ class CheckpointConfig:
 class LoggingConfig:
     every: int = opt(10, "log training metrics every N steps")
     eval_every: int = opt(0, "evaluate on the validation split every N steps (0: only at the end)")
+    eval_at_start: bool = opt(False, "also evaluate before the first step (the 'before' numbers)")
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
 
@@ -229,7 +230,15 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that were renamed so that every recipe uses one name per setting: old -> new.
+RENAMED_KEYS = {"val_data": "eval_data", "val_fraction": "eval_fraction", "max_seq_len": "seq_len",
+                "general_eval_batches": "eval_batches"}
+
+
 def _unknown_key(root: type, key: str, source: str) -> str:
+    new = RENAMED_KEYS.get(key)
+    if new is not None and new in {f.name for f in fields(root)}:
+        return f"{source}: key '{key}' is now called '{new}' (one name in every recipe)"
     candidates = _all_keys(root)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # try the last part alone: `lrr` -> `optim.lr`

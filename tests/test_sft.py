@@ -195,7 +195,7 @@ def test_sft_end_to_end_with_replay_and_packing(tmp_path, tiny_model_dir, sft_da
     train, test, general = sft_data
     summary = run_sft(tmp_path, tiny_model_dir, f"data={train}", f"eval_data={test}", f"general_data={general}",
                       "max_steps=30", "optim.lr=3e-3", "logging.every=10", "logging.eval_every=15",
-                      "replay_weight=0.2", "packing=true", "max_seq_len=128")
+                      "replay_weight=0.2", "packing=true", "seq_len=128")
     out = tmp_path / "sft"
     rows = read_metrics(out / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]

@@ -64,6 +64,10 @@ def test_fused_cross_entropy_matches_formula(chunk):
     torch.testing.assert_close(weight.grad, gw, rtol=1e-4, atol=1e-5)
 
 
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
 def test_accumulation_normalises_by_all_target_tokens():
     """Two micro-batches with different numbers of target tokens give the gradient of one batch."""
     torch.manual_seed(0)
@@ -72,15 +76,22 @@ def test_accumulation_normalises_by_all_target_tokens():
     targets = torch.randint(0, 64, (4, 12))
     targets[:2, :9] = IGNORE_INDEX  # the first micro-batch has far fewer targets
 
-    def loss_sum(batch):
-        return causal_lm_loss(model, batch[0], batch[1])[0], {}
+    def loss_fn(batch):  # what the loss counts (target tokens) comes back with the sum
+        return causal_lm_loss(model, batch[0], batch[1])
 
-    count = lambda b: (b[1] != IGNORE_INDEX).sum()  # noqa: E731
-    whole = engine.accumulate([(inputs, targets)], count, loss_sum, autocast=engine.contextlib.nullcontext)
-    full_grads = [p.grad.clone() for p in model.parameters()]
+    nullcontext = engine.contextlib.nullcontext
+    whole = engine.accumulate(model, [(inputs, targets)], loss_fn, autocast=nullcontext)
+    full_grads = _grads(model)
+    # by the definition: the mean token NLL of the whole batch, differentiated directly
     model.zero_grad()
-    split = engine.accumulate([(inputs[:2], targets[:2]), (inputs[2:], targets[2:])], count, loss_sum,
-                              autocast=engine.contextlib.nullcontext)
+    s, n = causal_lm_loss(model, inputs, targets)
+    (s / n).backward()
+    for p, g in zip(model.parameters(), full_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert whole["loss"] == pytest.approx(float(s / n), rel=1e-6) and whole["count"] == int(n)
+    model.zero_grad()
+    split = engine.accumulate(model, [(inputs[:2], targets[:2]), (inputs[2:], targets[2:])], loss_fn,
+                              autocast=nullcontext)
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     for p, g in zip(model.parameters(), full_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
@@ -92,14 +103,68 @@ def test_accumulation_normalises_by_all_target_tokens():
     assert not all(torch.allclose(p.grad, g, rtol=1e-3) for p, g in zip(model.parameters(), full_grads))
 
 
-def test_clipping_reports_norm_and_clips():
+def test_accumulation_counts_the_unit_the_loss_counts():
+    """A pair loss (DPO-like) is averaged over pairs, whatever the micro-batch sizes; extra metrics sum."""
+    torch.manual_seed(0)
+    w = torch.nn.Linear(3, 1, bias=False)
+    x = torch.randn(5, 3)
+
+    def pair_loss(rows):  # one unit per pair; -log sigmoid of a score
+        score = w(rows).squeeze(-1)
+        return -F.logsigmoid(score).sum(), rows.shape[0], {"pairs": rows.shape[0]}
+
+    out = engine.accumulate(w, [x[:1], x[1:]], pair_loss, autocast=engine.contextlib.nullcontext)
+    got = w.weight.grad.clone()
+    w.zero_grad()
+    (-F.logsigmoid(w(x).squeeze(-1)).mean()).backward()
+    torch.testing.assert_close(got, w.weight.grad)
+    assert out["count"] == 5 and out["pairs"] == 5
+    assert out["loss"] == pytest.approx(float(-F.logsigmoid(w(x).squeeze(-1)).mean()), rel=1e-6)
+
+
+def test_two_objectives_in_one_step_are_each_normalised_by_their_own_count():
+    """Replay: (1 - w) * mean over objective A's units + w * mean over B's, whatever their counts."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1, bias=False)
+    a, b = torch.randn(6, 4), torch.randn(2, 4)
+
+    def square(rows):
+        return (lin(rows) ** 2).sum(), rows.shape[0]
+
+    nullcontext = engine.contextlib.nullcontext
+    engine.accumulate(lin, [a[:4], a[4:]], square, autocast=nullcontext, weight=0.7)
+    engine.accumulate(lin, [b], square, autocast=nullcontext, weight=0.3)
+    got = lin.weight.grad.clone()
+    lin.zero_grad()
+    (0.7 * (lin(a) ** 2).mean() + 0.3 * (lin(b) ** 2).mean()).backward()
+    torch.testing.assert_close(got, lin.weight.grad)
+
+
+def test_accumulation_refuses_a_batch_with_nothing_to_learn():
+    lin = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="every target is masked"):
+        engine.accumulate(lin, [torch.zeros(1, 2)], lambda r: (lin(r).sum() * 0, 0),
+                          autocast=engine.contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0, 100.0])
+def test_clipping_reports_norm_and_clips(clip):
     model = torch.nn.Linear(4, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 3.0)
-    expected = math.sqrt(9.0 * 20)
-    norm = engine.optimizer_step(model, opt, grad_clip=1.0)
-    assert norm == pytest.approx(expected)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is then exactly the (clipped) gradient
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) * 3 for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    expected = math.sqrt(sum(float((g ** 2).sum()) for g in grads))
+    norm = engine.optimizer_step(model, opt, grad_clip=clip)
+    assert norm == pytest.approx(expected, rel=1e-6)  # the norm before clipping
+    applied = [b - p.detach() for b, p in zip(before, model.parameters())]
+    scale = min(1.0, clip / expected) if clip > 0 else 1.0
+    for step, g in zip(applied, grads):
+        torch.testing.assert_close(step, g * scale, rtol=1e-5, atol=1e-6)
+    applied_norm = math.sqrt(sum(float((s ** 2).sum()) for s in applied))
+    assert applied_norm == pytest.approx(min(expected, clip) if clip > 0 else expected, rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
 
 
 def test_activation_checkpointing_gives_same_gradients():
@@ -116,8 +181,18 @@ def test_activation_checkpointing_gives_same_gradients():
     assert set(a.state_dict()) == set(b.state_dict())
 
 
-def test_flops_per_token_counts_matmuls():
-    model = build_model(preset("llama-tiny"))
-    c = model.config
-    expected = 6 * model.num_parameters() + 12 * c.num_layers * c.num_heads * c.head_dim * 128
-    assert engine.flops_per_token(model, 128) == expected  # tied: the embedding is the output matmul
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_flops_per_token_equals_counted_flops(name):
+    """The formula against PyTorch's FLOP counter on one real training step (SDPA's math path,
+    whose two (T x T) products the counter sees as bmm): matmuls of the forward, the backward
+    and the fused loss, with lookups (embeddings, GPT-2 positions) and norms not counted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model(preset(name, vocab_size=64))
+    B, T = 2, 16
+    x, y = torch.randint(0, 64, (B, T)), torch.randint(0, 64, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        causal_lm_loss(model, x, y)[0].backward()
+    assert engine.flops_per_token(model, T) * B * T == counter.get_total_flops()

@@ -159,7 +159,7 @@ class EncodeStats:
 
     def summary(self) -> str:
         return (f"{self.examples} examples; {self.truncated} truncated (response partly cut); "
-                f"{self.dropped} dropped (response entirely beyond max_seq_len)")
+                f"{self.dropped} dropped (response entirely beyond seq_len)")
 
 
 def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, loss_on: str = "completion",

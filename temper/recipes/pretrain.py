@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,8 +36,8 @@ class Config:
     model: str = opt("llama-3m", "a preset name (random init) or a model directory (continued pretraining)")
     model_config: dict = opt({}, "override preset fields, e.g. model_config.num_layers=6")
     data: list[str] = opt([], "training text: .txt/.jsonl/.parquet files, directories or globs (empty: the built-in world)")
-    val_data: list[str] = opt([], "validation text (empty: val_fraction of data, or the world's val split)")
-    val_fraction: float = opt(0.05, "share of documents held out for validation when val_data is empty")
+    eval_data: list[str] = opt([], "validation text (empty: eval_fraction of data, or the world's val split)")
+    eval_fraction: float = opt(0.05, "share of documents held out for validation when eval_data is empty")
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
     encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
@@ -71,8 +70,8 @@ class Config:
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, key) < 1:
                 raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not 0 <= self.val_fraction < 1:
-            raise TemperError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TemperError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
@@ -81,7 +80,7 @@ class Config:
 def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, str, dict | None]:
     """(train files, val files or None, text field, world facts or None)."""
     if cfg.data:
-        return cfg.data, cfg.val_data or None, cfg.text_field, None
+        return cfg.data, cfg.eval_data or None, cfg.text_field, None
     from temper.data.world import WorldConfig, build_world, write_world
 
     check_keys(cfg.world, WorldConfig, "world")
@@ -127,11 +126,11 @@ def prepare_shards(cfg: Config, out: Path, tokenizer, train_files: list[str], va
         return iter_texts(files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
 
     files = expand_paths(train_files) + (expand_paths(val_files) if val_files else [])
-    key = fingerprint([files_fingerprint(files), tokenizer.backend.to_str(), cfg.val_fraction, cfg.seed,
+    key = fingerprint([files_fingerprint(files), tokenizer.backend.to_str(), cfg.eval_fraction, cfg.seed,
                        cfg.text_field, cfg.text_mode, val_files is not None])
     return build_shards(texts(train_files), tokenizer, out / "data",
                         val_documents=texts(val_files) if val_files else None,
-                        val_fraction=0.0 if val_files else cfg.val_fraction, seed=cfg.seed, fingerprint_id=key)
+                        val_fraction=0.0 if val_files else cfg.eval_fraction, seed=cfg.seed, fingerprint_id=key)
 
 
 def prepare_model(cfg: Config, tokenizer, device, dtype):
@@ -163,17 +162,16 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 
 def run(cfg: Config) -> dict:
     import torch
-    from tqdm import tqdm
 
-    from temper.config import to_dict
     from temper.data.shards import TokenLoader
     from temper.eval.perplexity import evaluate_batches
+    from temper.lineage import write_lineage
     from temper.losses import causal_lm_loss
     from temper.models import save_model
     from temper.runtime import seed_everything
-    from temper.train import checkpoint as ckpt
     from temper.train import engine
-    from temper.train.optim import build_optimizer, lr_at, set_lr
+    from temper.train.loop import TrainLoop
+    from temper.train.optim import build_optimizer
 
     out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
 
@@ -189,108 +187,42 @@ def run(cfg: Config) -> dict:
     if cfg.compile:
         engine.compile_model(model)
     optimizer = build_optimizer(model, cfg.optim)
-    autocast = engine.precision_context(precision, device)
-    scaler = engine.grad_scaler(precision, device)
     loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     has_val = _has_split(shard_dir, "val")
     token_bytes = torch.tensor(tokenizer.token_byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
-
-    # resume
-    checkpoints = out / "checkpoints"
-    start_step = 0
-    resume_from = ckpt.resolve_resume(cfg.resume, checkpoints)
-    if resume_from is None and not cfg.resume and ckpt.list_checkpoints(checkpoints):
-        print(f"note: {checkpoints} holds checkpoints; starting fresh (resume=auto continues)", file=sys.stderr)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
-        loader.load_state_dict(state["loader"])
-        start_step = state["step"]
-        print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
-    metrics = engine.MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None,
-                                tensorboard_dir=out / "tensorboard" if cfg.logging.tensorboard else None)
-
-    n_params = model.num_parameters()
-    flops_token = engine.flops_per_token(model, cfg.seq_len)
-    peak = cfg.peak_flops or engine.measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    print(f"model {n_params / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
-          f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps | {device} {precision}", file=sys.stderr)
 
     def evaluate(step: int) -> dict:
         if not has_val:
             return {}
         val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False,
                           drop_last=False)
-        result = evaluate_batches(model, val, device=device, autocast=autocast, token_bytes=token_bytes,
-                                  max_batches=cfg.eval_batches)
-        metrics.log({"step": step, **result})
-        return result
+        return evaluate_batches(model, val, device=device, autocast=loop.autocast, token_bytes=token_bytes,
+                                max_batches=cfg.eval_batches)
 
-    def save(step: int) -> None:
-        ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, keep_last=cfg.checkpoint.keep_last,
-                             state={"loader": loader.state_dict(), "config": to_dict(cfg)})
+    def lm_loss(batch):  # (summed next-token NLL, number of target tokens)
+        inputs, targets = batch
+        return causal_lm_loss(model, inputs.to(device), targets.to(device), chunk_size=cfg.loss_chunk)
 
-    interactive = cfg.logging.progress and sys.stderr.isatty()  # a log file gets plain lines instead
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr,
-               disable=not interactive, dynamic_ncols=True)
-    window: list[dict] = []
-    last_val: dict = {}
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.max_steps)
-        set_lr(optimizer, lr)
+    loop = TrainLoop(cfg, "pretrain", out, model, optimizer, device, precision, state={"loader": loader},
+                     evaluate=evaluate, flops_per_token=engine.flops_per_token(model, cfg.seq_len))
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    print(f"model {model.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
+          f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps | {device} {precision}", file=sys.stderr)
+    for _ in loop:
         micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
-        result = engine.accumulate(
-            micro,
-            count_targets=lambda b: b[1].numel(),
-            loss_sum_fn=lambda b: (causal_lm_loss(model, b[0].to(device), b[1].to(device), chunk_size=cfg.loss_chunk)[0], {}),
-            autocast=autocast, scaler=scaler,
-        )
-        grad_norm = engine.optimizer_step(model, optimizer, grad_clip=cfg.optim.grad_clip, scaler=scaler)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        window.append({"loss": result["loss"], "grad_norm": grad_norm, "time": elapsed})
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{lr:.2e}")
-        if done % cfg.logging.every == 0 or done == cfg.max_steps:
-            seconds = sum(w["time"] for w in window)
-            tokens_per_second = tokens_per_step * len(window) / seconds
-            row = {"step": done, "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_token / peak,
-                   "memory_mb": engine.peak_memory_mb(device), "epoch": loader.epoch}
-            metrics.log(row)
-            if cfg.logging.progress and not interactive:
-                print(f"step {done}/{cfg.max_steps} loss {row['loss']:.4f} lr {lr:.2e} "
-                      f"{tokens_per_second:,.0f} tok/s mfu {row['mfu']:.1%}", file=sys.stderr)
-            window = []
-        if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 and done != cfg.max_steps:
-            last_val = evaluate(done)
-            bar.write(f"step {done}: val_loss {last_val.get('val_loss', float('nan')):.4f} "
-                      f"ppl {last_val.get('val_ppl', float('nan')):.2f}")
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.max_steps:
-            save(done)
-    bar.close()
+        result = loop.accumulate(micro, lm_loss)
+        loop.optimizer_step({"loss": result["loss"], "epoch": loader.epoch}, tokens=tokens_per_step)
 
-    # the end: evaluate, checkpoint, write the model directory and samples
-    last_val = evaluate(cfg.max_steps)
-    save(cfg.max_steps)
+    # the model directory, its lineage and samples
     save_model(model, out, tokenizer=tokenizer)
-    from temper.lineage import write_lineage
-
     write_lineage(out, {"stage": "pretrain", "parent": cfg.model, "pretrain_shards": str(shard_dir.resolve()),
                         "world_dir": str((out / "world").resolve()) if world_facts is not None else None,
                         "chat_template_trained": None})
-    summary = {"step": cfg.max_steps, "params": n_params, **last_val}
+    summary = {"params": model.num_parameters()}
     summary.update(write_samples(model, tokenizer, out, cfg, world_facts, shard_dir))
     if has_val:
         summary["unigram_val_ppl"] = unigram_perplexity(shard_dir)
-    metrics.log({"step": cfg.max_steps, **{k: v for k, v in summary.items() if k not in ("step", "params")}})
-    metrics.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return summary
+    return loop.finish(summary)
 
 
 def _has_split(shard_dir: Path, split: str) -> bool:

@@ -88,36 +88,49 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate(
+    model: torch.nn.Module,
     micro_batches: list[Any],
-    count_targets: Callable[[Any], torch.Tensor],
-    loss_sum_fn: Callable[[Any], tuple[torch.Tensor, dict]],
+    loss_fn: Callable[[Any], tuple],
     *,
     autocast: Callable[[], contextlib.AbstractContextManager],
     scaler: torch.amp.GradScaler | None = None,
     weight: float = 1.0,
 ) -> dict[str, float]:
-    """Forward and backward every micro-batch; the loss is sum(token losses) / (all target tokens).
+    """Forward and backward every micro-batch; the gradient is that of
+    weight * sum(unit losses) / (number of units in the whole accumulated batch, on every rank).
 
-    `loss_sum_fn(batch)` returns (summed loss over the batch's target tokens, extra metrics).
-    `weight` scales this objective's gradient when several are mixed in one step (replay).
+    `loss_fn(batch)` returns `(loss_sum, count)` or `(loss_sum, count, metrics)`: the summed loss
+    over the batch's units and how many units it summed, in whatever unit the loss counts
+    (target tokens for language modelling, pairs for DPO, sequences for a reward model).
+    Each micro-batch is backpropagated unnormalised, and the gradients are divided by the
+    global count once it is known, so micro-batches of different sizes weigh exactly as in
+    one big batch. Gradients already present (another objective of the same step, e.g.
+    replay) are set aside and added back, so each objective is normalised by its own count.
+    Metrics are summed over micro-batches.
     """
-    device_total = sum(count_targets(b) for b in micro_batches)
-    total = all_reduce_sum(torch.as_tensor(device_total, dtype=torch.float64)).item()
-    if total == 0:
-        raise TemperError("a batch has no target tokens: every label is masked")
-    loss_total = 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    earlier = {p: p.grad for p in params if p.grad is not None}
+    for p in earlier:
+        p.grad = None
+    loss_total, count_total = 0.0, 0.0
     extras: dict[str, float] = {}
     for batch in micro_batches:
         with autocast():
-            loss_sum, metrics = loss_sum_fn(batch)
-        loss = loss_sum * (weight / total)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_total += loss_sum.detach().item()
-        for k, v in metrics.items():
+            loss_sum, count, *rest = loss_fn(batch)
+        (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
+        loss_total += float(loss_sum.detach())
+        count_total += float(count)
+        for k, v in (rest[0] if rest else {}).items():
             extras[k] = extras.get(k, 0.0) + float(v)
-    # the mean over every rank's tokens (sum over ranks / global count)
-    loss_mean = all_reduce_sum(torch.tensor(loss_total, dtype=torch.float64)).item() / total
-    return {"loss": loss_mean, "target_tokens": total, **extras}
+    total = all_reduce_sum(torch.tensor([loss_total, count_total], dtype=torch.float64)).tolist()
+    if total[1] == 0:
+        raise TemperError("a batch has nothing to learn from: every target is masked")
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, weight / total[1])
+    for p, g in earlier.items():
+        p.grad = g if p.grad is None else p.grad.add_(g)
+    return {"loss": total[0] / total[1], "count": total[1], **extras}
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float,
@@ -169,14 +182,25 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters in matmuls) + 12 x layers x heads x head_dim x seq_len."""
+    """Training FLOPs per token, PaLM's count (Chowdhery et al. 2022, appendix B):
+    6 x (weights of the matrix multiplies) + 12 x layers x heads x head_dim x seq_len.
+
+    The matmul weights are every linear layer's (a tied output layer once; a 4-bit linear by
+    its shape); embedding and learned-position lookups, norms and biases are not matmuls. The
+    second term is attention's two (T x T) products, forward and backward, not halved for the
+    causal mask (as PaLM and nanoGPT count).
+    """
+    seen: set[int] = set()
+    matmul_weights = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            if id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                matmul_weights += module.weight.numel()
+        elif hasattr(module, "in_features") and not any(isinstance(c, torch.nn.Linear) for c in module.children()):
+            matmul_weights += module.in_features * module.out_features  # quantised: weights are buffers
     c = model.config
-    n = model.num_parameters()
-    if not c.tie_embeddings:  # an untied input embedding is a lookup, not a matmul
-        n -= c.vocab_size * c.hidden_size
-    if c.family == "gpt2":  # learned positions: a lookup
-        n -= c.max_seq_len * c.hidden_size
-    return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+    return 6 * matmul_weights + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5,

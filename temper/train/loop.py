@@ -1,0 +1,202 @@
+"""The loop every training recipe shares, so recipes cannot drift apart.
+
+A recipe builds its data, its model and its loss, then writes its loop as a plain `for`:
+
+    loop = TrainLoop(cfg, "pretrain", out, model, optimizer, device, precision,
+                     state={"loader": loader}, evaluate=evaluate, flops_per_token=flops)
+    for step in loop:                                    # resumes; sets the lr; times the step
+        micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        result = loop.accumulate(micro, loss_fn)          # loss_fn(batch) -> (sum, count[, metrics])
+        loop.optimizer_step(result, tokens=...)           # clip, step; log/eval/checkpoint cadence
+    save_model(...)                                       # the recipe's own output
+    loop.finish({...})                                    # summary.json
+
+What the loop owns, the same for every recipe: resume (`resume=auto` or a path, the
+"checkpoints exist" note, restoring every stateful object named in `state`), the learning
+rate of each step, step timing (synchronised on CUDA), the logging, evaluation and
+checkpoint cadence of the shared `logging` and `checkpoint` sections, `metrics.jsonl` (one
+row per logged step, evaluation results merged into it; TensorBoard when asked), the
+progress bar (plain lines when stderr is not a terminal), the final evaluation and
+checkpoint, and the summary. What stays in the recipe: its data, its model setup, its loss.
+
+The settings it reads are the ones every training recipe's config declares under the same
+names (`SHARED_KEYS`, checked by a test): max_steps, resume, peak_flops and the sections
+optim, schedule, checkpoint and logging.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from temper.train import checkpoint as ckpt
+from temper.train import engine
+from temper.train.optim import lr_at, set_lr
+
+# Every training recipe's Config has these keys, with the same meaning (tests/test_loop.py).
+SHARED_KEYS = (
+    "model", "data", "eval_data", "output_dir", "seq_len", "batch_size", "grad_accum", "max_steps", "seed",
+    "resume", "device", "precision", "compile", "activation_checkpointing", "eval_batches", "peak_flops",
+    "optim", "schedule", "checkpoint", "logging",
+)
+
+
+class TrainLoop:
+    """Iterate over the optimiser steps of a run; see the module docstring."""
+
+    def __init__(self, cfg: Any, name: str, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, precision: str, *, state: dict[str, Any] | None = None,
+                 evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None) -> None:
+        from tqdm import tqdm
+
+        self.cfg, self.name, self.out, self.model, self.optimizer = cfg, name, Path(out), model, optimizer
+        self.device, self.precision = device, precision
+        self.stateful = {k: v for k, v in (state or {}).items() if v is not None}
+        self._evaluate, self.flops_per_token = evaluate, flops_per_token
+        self.autocast = engine.precision_context(precision, device)
+        self.scaler = engine.grad_scaler(precision, device)
+        self.max_steps = cfg.max_steps
+        # measured before anything is restored: the measurement draws random numbers
+        self.peak_flops = None
+        if flops_per_token:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            self.peak_flops = cfg.peak_flops or engine.measure_matmul_peak(device, dtype)
+
+        self.checkpoints = self.out / "checkpoints"
+        self.start_step = 0
+        resume_from = ckpt.resolve_resume(cfg.resume, self.checkpoints)
+        if resume_from is None and not cfg.resume and ckpt.list_checkpoints(self.checkpoints):
+            print(f"note: {self.checkpoints} holds checkpoints; starting fresh (resume=auto continues)",
+                  file=sys.stderr)
+        if resume_from is not None:
+            saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
+            for key, obj in self.stateful.items():
+                obj.load_state_dict(saved[key])
+            self.start_step = saved["step"]
+            print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
+        self.metrics = engine.MetricsLog(
+            self.out / "metrics.jsonl", resume_step=self.start_step if resume_from else None,
+            tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+
+        self.interactive = cfg.logging.progress and sys.stderr.isatty()  # a log file gets plain lines
+        self.bar = tqdm(total=self.max_steps, initial=self.start_step, desc=name, unit="step", file=sys.stderr,
+                        disable=not self.interactive, dynamic_ncols=True)
+        self.lr = 0.0
+        self.first_eval: dict = {}  # logging.eval_at_start: the numbers before training
+        self.last_eval: dict = {}
+        self.train_seconds = 0.0
+        self.train_tokens = 0
+        self._window: list[tuple[float, int]] = []  # (seconds, tokens) of the steps since the last row
+        self._row: dict | None = None
+
+    # ------------------------------------------------------------------------- the steps
+
+    def __iter__(self) -> Iterator[int]:
+        """Yield the 0-based index of each remaining step; after the body, run the cadence."""
+        if self.start_step == 0 and self.cfg.logging.eval_at_start and self._evaluate is not None:
+            self.first_eval = self.evaluate(0)
+            self._log({"step": 0, **self.first_eval})
+        for step in range(self.start_step, self.max_steps):
+            self.lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.max_steps)
+            set_lr(self.optimizer, self.lr)
+            self._row = None
+            start = time.perf_counter()
+            yield step
+            assert self._row is not None, "a step ended without loop.optimizer_step()"
+            if self.device.type == "cuda":  # the step's kernels, not their launches
+                torch.cuda.synchronize(self.device)
+            self._end_step(step + 1, time.perf_counter() - start)
+        self.bar.close()
+        if self.start_step >= self.max_steps and self._evaluate is not None:  # resumed a finished run
+            self.evaluate(self.max_steps)
+
+    def accumulate(self, micro_batches: list, loss_fn: Callable, *, weight: float = 1.0) -> dict[str, float]:
+        """`engine.accumulate` with this run's model, precision and gradient scaler."""
+        return engine.accumulate(self.model, micro_batches, loss_fn, autocast=self.autocast, scaler=self.scaler,
+                                 weight=weight)
+
+    def optimizer_step(self, metrics: dict[str, float], *, tokens: int) -> dict[str, float]:
+        """Clip and step; `metrics` (loss and the recipe's extras) and `tokens` (processed this step,
+        padding included, for tokens/s and MFU) go into this step's row."""
+        grad_norm = engine.optimizer_step(self.model, self.optimizer, grad_clip=self.cfg.optim.grad_clip,
+                                          scaler=self.scaler)
+        self._row = {**metrics, "lr": self.lr, "grad_norm": grad_norm}
+        self._tokens = tokens
+        return self._row
+
+    def _end_step(self, done: int, seconds: float) -> None:
+        cfg, row = self.cfg, self._row
+        self.train_seconds += seconds
+        self.train_tokens += self._tokens
+        self._window.append((seconds, self._tokens))
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{self.lr:.2e}")
+        last = done == self.max_steps
+        log_now = done % cfg.logging.every == 0 or last
+        eval_now = last or (cfg.logging.eval_every and done % cfg.logging.eval_every == 0)
+        if log_now or eval_now:
+            window_seconds = sum(s for s, _ in self._window)
+            tokens_per_second = sum(n for _, n in self._window) / window_seconds
+            full = {"step": done, **row, "tokens_per_second": tokens_per_second}
+            if self.peak_flops:
+                full["mfu"] = tokens_per_second * self.flops_per_token / self.peak_flops
+            full["memory_mb"] = engine.peak_memory_mb(self.device)
+            self._window = []
+            if cfg.logging.progress and not self.interactive:
+                mfu = f" mfu {full['mfu']:.1%}" if "mfu" in full else ""
+                print(f"step {done}/{self.max_steps} loss {row['loss']:.4f} lr {self.lr:.2e} "
+                      f"{tokens_per_second:,.0f} tok/s{mfu}", file=sys.stderr)
+            if eval_now and self._evaluate is not None:
+                full.update(self.evaluate(done))
+            self._log(full)
+        if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            self.save_checkpoint(done)
+
+    # ------------------------------------------------------------------------- evaluation, checkpoints, files
+
+    def evaluate(self, step: int) -> dict:
+        """Run the recipe's evaluation; print its numbers; remember them for the summary."""
+        if self._evaluate is None:
+            return {}
+        result = self._evaluate(step)
+        self.last_eval = result
+        shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+        self.bar.write(f"eval step {step}: {shown}", file=sys.stderr)
+        return result
+
+    def save_checkpoint(self, step: int) -> Path:
+        from temper.config import to_dict
+
+        state = {k: obj.state_dict() for k, obj in self.stateful.items()}
+        return ckpt.save_checkpoint(self.checkpoints, step, model=self.model, optimizer=self.optimizer,
+                                    keep_last=self.cfg.checkpoint.keep_last,
+                                    state={**state, "config": to_dict(self.cfg)})
+
+    def _log(self, row: dict) -> None:
+        self.metrics.log(row)
+
+    def summary(self) -> dict[str, Any]:
+        """What every run reports: steps, time, throughput, peak memory, the final evaluation (and
+        under `before` the evaluation at the start, when there was one)."""
+        result: dict[str, Any] = {"steps": self.max_steps, "train_seconds": self.train_seconds}
+        if self.train_seconds:
+            result["tokens_per_second"] = self.train_tokens / self.train_seconds
+        result["peak_memory_mb"] = engine.peak_memory_mb(self.device)
+        result.update({k: v for k, v in self.last_eval.items() if k != "samples"})
+        if self.first_eval:
+            result["before"] = {k: v for k, v in self.first_eval.items() if k != "samples"}
+        return result
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write `summary.json` (the shared summary, then the recipe's own keys) and print it."""
+        summary = {**self.summary(), **summary}
+        self.metrics.close()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return summary

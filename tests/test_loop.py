@@ -1,0 +1,225 @@
+"""The loop every recipe shares (temper/train/loop.py): cadence, rows, resume, and that every
+training recipe honours every shared setting under one name."""
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+import pytest
+import torch
+
+from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, load_config
+from temper.train.engine import read_metrics
+from temper.train.loop import SHARED_KEYS, TrainLoop
+
+TRAINING_RECIPES = ["temper.recipes.pretrain", "temper.recipes.sft"]
+
+
+@pytest.mark.parametrize("module_name", TRAINING_RECIPES)
+def test_every_training_recipe_declares_the_shared_keys(module_name):
+    import importlib
+
+    from temper.cli import STAGES
+
+    module = importlib.import_module(module_name)
+    assert module_name in {m for m, _ in STAGES.values()}  # registered as a command
+    hints = typing.get_type_hints(module.Config)
+    names = {f.name for f in dataclasses.fields(module.Config)}
+    missing = [k for k in SHARED_KEYS if k not in names]
+    assert not missing, f"{module_name}.Config lacks {missing}"
+    sections = {"optim": OptimConfig, "schedule": ScheduleConfig, "checkpoint": CheckpointConfig,
+                "logging": LoggingConfig}
+    for key, cls in sections.items():
+        assert hints[key] is cls  # one schema for every recipe
+
+
+def test_renamed_keys_say_their_new_name():
+    from temper.errors import TemperError
+    from temper.recipes import pretrain, sft
+
+    with pytest.raises(TemperError, match="key 'val_data' is now called 'eval_data'"):
+        load_config(pretrain.Config, None, ["val_data=x.txt"])
+    with pytest.raises(TemperError, match="key 'max_seq_len' is now called 'seq_len'"):
+        load_config(sft.Config, None, ["model=m", "max_seq_len=64"])
+
+
+# ----------------------------------------------------------------------------- the loop on a toy problem
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    max_steps: int = 7
+    resume: str = ""
+    peak_flops: float = 1e9
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.1, weight_decay=0.0))
+    schedule: ScheduleConfig = dataclasses.field(default_factory=lambda: ScheduleConfig(name="constant", warmup_steps=0))
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every=4, keep_last=5))
+    logging: LoggingConfig = dataclasses.field(
+        default_factory=lambda: LoggingConfig(every=2, eval_every=3, eval_at_start=True, progress=False))
+
+
+class Counter:
+    """A stateful data source: its position must travel through checkpoints."""
+
+    def __init__(self):
+        self.position = 0
+
+    def next_batch(self):
+        self.position += 1
+        g = torch.Generator().manual_seed(self.position)
+        return torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def toy_run(out, cfg, crash_at=None):
+    from temper.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    model.config = types.SimpleNamespace(num_layers=1, num_heads=1, head_dim=1)
+    optimizer = build_optimizer(model, cfg.optim)
+    data = Counter()
+    evaluated = []
+
+    def evaluate(step):
+        evaluated.append(step)
+        with torch.no_grad():
+            return {"val_loss": float(model.weight.square().sum())}
+
+    def loss_fn(batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).sum(), y.numel()
+
+    loop = TrainLoop(cfg, "toy", out, model, optimizer, torch.device("cpu"), "fp32", state={"data": data},
+                     evaluate=evaluate, flops_per_token=10.0)
+    for step in loop:
+        if step == crash_at:
+            raise KeyboardInterrupt
+        result = loop.accumulate([data.next_batch(), data.next_batch()], loss_fn)
+        loop.optimizer_step({"loss": result["loss"]}, tokens=8)
+    return loop.finish({"extra": 1}), evaluated, model
+
+
+def test_cadence_rows_checkpoints_and_summary(tmp_path, capsys):
+    cfg = ToyConfig()
+    cfg.logging.progress = True  # stderr is not a terminal here: plain lines instead of a bar
+    summary, evaluated, _ = toy_run(tmp_path, cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    assert steps == [0, 2, 3, 4, 6, 7]  # eval at start, every 2 (log), every 3 (eval), the last
+    assert len(steps) == len(set(steps))  # one row per step: the last is not written twice
+    assert evaluated == [0, 3, 6, 7]
+    assert "loss" not in rows[0] and "val_loss" in rows[0]
+    by_step = {r["step"]: r for r in rows}
+    assert "val_loss" in by_step[3] and "val_loss" not in by_step[4]
+    for r in rows[1:]:
+        assert {"loss", "lr", "grad_norm", "tokens_per_second", "mfu", "memory_mb"} <= set(r)
+        assert r["mfu"] == pytest.approx(r["tokens_per_second"] * 10.0 / 1e9)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000007"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == summary and summary["steps"] == 7 and summary["extra"] == 1
+    assert summary["val_loss"] == by_step[7]["val_loss"] and summary["before"]["val_loss"] == rows[0]["val_loss"]
+    err = capsys.readouterr().err
+    assert "step 2/7 loss" in err and "eval step 3: val_loss=" in err
+
+
+def test_resume_continues_bitwise_and_restores_state(tmp_path):
+    straight, _, model_a = toy_run(tmp_path / "a", ToyConfig())
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(tmp_path / "b", ToyConfig(), crash_at=5)  # after the checkpoint of step 4
+    resumed, evaluated, model_b = toy_run(tmp_path / "b", dataclasses.replace(ToyConfig(), resume="auto"))
+    assert evaluated == [6, 7]  # no evaluation "at the start" of a resumed run
+    rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
+    key = lambda rows: [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in rows]  # noqa: E731
+    assert key(rows_a) == key(rows_b)  # exact floats: the data position and optimiser came back
+    assert torch.equal(model_a.weight, model_b.weight)
+
+
+def test_existing_checkpoints_are_noted_when_starting_fresh(tmp_path, capsys):
+    toy_run(tmp_path, ToyConfig())
+    capsys.readouterr()
+    toy_run(tmp_path, ToyConfig())
+    assert "holds checkpoints; starting fresh (resume=auto continues)" in capsys.readouterr().err
+
+
+def test_tensorboard_is_written_when_asked(tmp_path, monkeypatch):
+    """logging.tensorboard=true reaches the writer (a stand-in module, so the test needs no tensorboard)."""
+    scalars = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, name, value, step):
+            scalars.append((name, step))
+
+        def close(self):
+            scalars.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    cfg = ToyConfig()
+    cfg.logging.tensorboard = True
+    toy_run(tmp_path, cfg)
+    assert ("loss", 2) in scalars and ("val_loss", 3) in scalars and scalars[-1] == ("closed", None)
+
+
+# ----------------------------------------------------------------------------- both recipes honour the sections
+
+
+@pytest.fixture()
+def recipe_runs(tmp_path, tiny_model_dir):
+    from conftest import SAMPLE_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 3)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(24)]
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "pretrain": ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", f"data={corpus}",
+                     "samples=0", "eval_fraction=0.2"],
+        "sft": [f"model={tiny_model_dir}", f"data={sft_data}", "batch_size=4", "seq_len=64", "eval_samples=2",
+                "eval_max_new_tokens=2"],
+    }
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "sft"])
+def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    written = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            written.append(log_dir)
+
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    module = importlib.import_module(f"temper.recipes.{recipe}")
+    out = tmp_path / recipe
+    args = [*recipe_runs[recipe], f"output_dir={out}", "max_steps=4", "peak_flops=1e9", "logging.every=2",
+            "logging.eval_every=3", "logging.eval_at_start=true", "logging.tensorboard=true",
+            "logging.progress=false", "checkpoint.every=2", "checkpoint.keep_last=1", "grad_accum=2",
+            "activation_checkpointing=true"]
+    module.run(load_config(module.Config, None, args))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 3, 4]
+    assert all("mfu" in r and "tokens_per_second" in r for r in rows[1:])
+    assert written == [str(out / "tensorboard")]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep_last=1
+    capsys.readouterr()
+    module.run(load_config(module.Config, None, [*args, "max_steps=5"]))  # no resume=: fresh, with a note
+    assert "holds checkpoints; starting fresh" in capsys.readouterr().err
