@@ -142,13 +142,6 @@ def test_resume_continues_bitwise_and_restores_state(tmp_path):
     assert torch.equal(model_a.weight, model_b.weight)
 
 
-def test_existing_checkpoints_are_noted_when_starting_fresh(tmp_path, capsys):
-    toy_run(tmp_path, ToyConfig())
-    capsys.readouterr()
-    toy_run(tmp_path, ToyConfig())
-    assert "holds checkpoints; starting fresh (resume=auto continues)" in capsys.readouterr().err
-
-
 def test_tensorboard_is_written_when_asked(tmp_path, monkeypatch):
     """logging.tensorboard=true reaches the writer (a stand-in module, so the test needs no tensorboard)."""
     scalars = []
@@ -220,6 +213,21 @@ def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, 
     assert all("mfu" in r and "tokens_per_second" in r for r in rows[1:])
     assert written == [str(out / "tensorboard")]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep_last=1
-    capsys.readouterr()
-    module.run(load_config(module.Config, None, [*args, "max_steps=5"]))  # no resume=: fresh, with a note
-    assert "holds checkpoints; starting fresh" in capsys.readouterr().err
+
+    # an earlier run is never mixed with a new one: refused, continued, or replaced on request
+    from temper.errors import TemperError
+
+    def snapshot():  # every file but the lock, which each run takes
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".temper.lock"}
+
+    before = snapshot()
+    with pytest.raises(TemperError, match=r"holds an earlier run .*resume=auto continues it, overwrite=true starts over"):
+        module.run(load_config(module.Config, None, [*args, "max_steps=5"]))
+    with pytest.raises(TemperError, match=r"step_00000004 belongs to another run \(batch_size 4 -> 2\)"):
+        module.run(load_config(module.Config, None, [*args, "max_steps=5", "batch_size=2", "resume=auto"]))
+    assert snapshot() == before  # refused runs wrote nothing
+    module.run(load_config(module.Config, None, [*args, "max_steps=5", "resume=auto"]))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 2, 3, 4, 5]
+    module.run(load_config(module.Config, None, [*args, "max_steps=2", "overwrite=true"]))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 2]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]

@@ -51,6 +51,7 @@ class Config:
     max_steps: int = opt(500, "optimiser steps")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path")
+    overwrite: bool = opt(False, "start over in an output_dir that holds an earlier run (its checkpoints and metrics go)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
@@ -203,8 +204,12 @@ def run(cfg: Config) -> dict:
         inputs, targets = batch
         return causal_lm_loss(model, inputs.to(device), targets.to(device), chunk_size=cfg.loss_chunk)
 
+    from temper.data.shards import fingerprint, read_index
+
     loop = TrainLoop(cfg, "pretrain", out, model, optimizer, device, precision, state={"loader": loader},
-                     evaluate=evaluate, flops_per_token=engine.flops_per_token(model, cfg.seq_len))
+                     evaluate=evaluate, flops_per_token=engine.flops_per_token(model, cfg.seq_len),
+                     identity={"tokenizer": fingerprint([tokenizer.backend.to_str()]),
+                               "data": read_index(shard_dir)["fingerprint"]})
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     print(f"model {model.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
           f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps | {device} {precision}", file=sys.stderr)

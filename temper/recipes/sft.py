@@ -52,6 +52,7 @@ class Config:
     max_steps: int = opt(400, "optimiser steps")
     seed: int = opt(0, "seed for data order and initialisation")
     resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a path")
+    overwrite: bool = opt(False, "start over in an output_dir that holds an earlier run (its checkpoints and metrics go)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
@@ -186,9 +187,14 @@ def run(cfg: Config) -> dict:
     def replay_loss(batch):
         return causal_lm_loss(model, batch[0].to(device), batch[1].to(device))
 
+    from temper.data.shards import fingerprint
+
     loop = TrainLoop(cfg, "sft", out, model, optimizer, device, precision,
                      state={"loader": loader, "replay": replay}, evaluate=evaluate,
-                     flops_per_token=engine.flops_per_token(model, cfg.seq_len))
+                     flops_per_token=engine.flops_per_token(model, cfg.seq_len),
+                     identity={"tokenizer": fingerprint([tokenizer.backend.to_str()]), "peft": cfg.peft.method,
+                               "data": fingerprint([[e.inputs, e.targets] for e in examples]),
+                               "packing": cfg.packing, "replay_weight": cfg.replay_weight})
     for _ in loop:
         micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
         result = loop.accumulate(micro, sft_loss, weight=1.0 - cfg.replay_weight)

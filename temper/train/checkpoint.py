@@ -5,8 +5,10 @@ A checkpoint is a directory `checkpoints/step_00000100/` with
   optimizer.safetensors  every optimiser state tensor, and `state.json` its groups
   rng.safetensors        torch (CPU and CUDA) generator states
   state.json             step, data position, Python and NumPy RNG states, the resolved config
-It is written to a temporary directory and renamed into place, so a crash or a full disk
-never leaves a half-written checkpoint that `resume=auto` could pick up. Nothing is pickled.
+It is written to a temporary directory, every file and the directory fsynced, and renamed
+into place, so a crash, a power cut or a full disk never leaves a half-written checkpoint
+that `resume=auto` could pick up; a checkpoint counts as valid only when every
+safetensors header and `state.json` parse. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -45,6 +47,24 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         by_storage[key] = name
         unique[name] = t.detach().contiguous().cpu()
     save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to the disk (a rename is durable only then)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms cannot open a directory; nothing more to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if Path(path).is_dir():  # e.g. EINVAL for directories on some file systems
+            return
+        raise e
+    finally:
+        os.close(fd)
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -112,12 +132,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write `root/step_{step}` atomically; then drop all but the newest `keep_last`."""
+    """Write `root/step_{step}` atomically and durably; then drop all but the newest `keep_last`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         save_tensors(model.state_dict(), tmp / "model.safetensors")
@@ -130,9 +150,15 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
             json.dump(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # re-running over an old run: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        fsync_path(tmp)
+        if final.exists():  # an old (or damaged) checkpoint of the same step: swap, never delete first
+            trash = root / f".old-step_{step:08d}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(root)
@@ -141,6 +167,18 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_leftovers(root: str | Path) -> list[str]:
+    """Remove what an interrupted save leaves behind (`.tmp-*` being written, `.old-*` being
+    replaced); the run holds the output directory's lock, so no other process is writing them."""
+    root = Path(root)
+    removed = []
+    for p in root.iterdir() if root.is_dir() else []:
+        if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -152,23 +190,42 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _is_valid(path: Path) -> bool:
-    needed = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
-    if not all((path / n).is_file() for n in needed):
-        return False
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a usable checkpoint (a missing, empty, truncated or unparsable file), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for name in CHECKPOINT_FILES[:3]:
+        try:  # the header must parse and its tensors must cover the file exactly
+            with safe_open(str(path / name), framework="pt") as f:
+                f.metadata()
+        except (SafetensorError, OSError) as e:
+            return f"{name} is damaged ({e})"
     try:
-        json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return True
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        return f"state.json is damaged ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json has no step"
+    return None
+
+
+def _is_valid(path: Path) -> bool:
+    return checkpoint_problem(path) is None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest checkpoint that is complete and readable (a damaged one is skipped, with a warning)."""
     for path in reversed(list_checkpoints(root)):
-        if _is_valid(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        warnings.warn(f"skipping damaged checkpoint {path}", stacklevel=2)
+        warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
     return None
 
 
@@ -176,8 +233,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
                     device: torch.device | str = "cpu", restore_rng: bool = True) -> dict[str, Any]:
     """Restore model, optimiser and RNG from `path`; return its state.json payload."""
     path = Path(path)
-    if not _is_valid(path):
-        raise TemperError(f"{path}: not a complete checkpoint")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TemperError(f"{path}: not a usable checkpoint: {problem}")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     weights = load_tensors(path / "model.safetensors", device)
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -34,20 +34,63 @@ from temper.errors import TemperError
 
 
 def start_run(cfg: Any, output_dir: str | Path, device_spec: str, precision_spec: str, seed: int):
-    """Create the output directory, record the resolved config, seed everything; returns
-    (output dir, device, precision)."""
-    import yaml
+    """Claim the output directory (one run at a time), refuse to mix this run with an earlier one
+    there unless told to continue (`resume=`) or start over (`overwrite=true`), resolve device and
+    precision, seed everything; returns (output dir, device, precision).
 
-    from temper.config import to_dict
+    Nothing of an earlier run is changed here: `TrainLoop` writes `config.yaml` and clears an
+    overwritten run's files only once the model and data are ready and training starts, so a
+    run that fails before that leaves the directory as it was.
+    """
+    from temper.io import claim_output_dir
     from temper.runtime import resolve_device, seed_everything
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device_spec)
     precision = resolve_precision(precision_spec, device)
+    out = claim_output_dir(output_dir)
+    check_earlier_run(out, cfg.resume, getattr(cfg, "overwrite", False))
     seed_everything(seed)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out, device, precision
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
+
+
+def earlier_run_files(out: Path) -> list[str]:
+    """What an earlier training run left in `out` (its metrics, summary or checkpoints)."""
+    from temper.train.checkpoint import list_checkpoints
+
+    found = [name for name in ("metrics.jsonl", "summary.json") if (out / name).is_file()]
+    found += [f"checkpoints/{p.name}" for p in list_checkpoints(out / "checkpoints")[-1:]]
+    return found
+
+
+def check_earlier_run(out: Path, resume: str, overwrite: bool) -> None:
+    from temper.train.checkpoint import latest_checkpoint
+
+    if overwrite and resume:
+        raise TemperError("resume= and overwrite=true contradict each other: continue the run, or start over")
+    earlier = earlier_run_files(out)
+    if not earlier or overwrite:
+        return
+    if not resume:
+        raise TemperError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}): resume=auto continues it, "
+                          "overwrite=true starts over, or choose another output_dir")
+    if resume == "auto" and latest_checkpoint(out / "checkpoints") is None:
+        raise TemperError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}) but no valid checkpoint to "
+                          "resume: overwrite=true starts over, or choose another output_dir")
+
+
+def clear_earlier_run(out: Path) -> None:
+    """overwrite=true: the earlier run's metrics, summary, checkpoints and events go (caches stay)."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # ----------------------------------------------------------------------------- precision
@@ -245,12 +288,20 @@ class MetricsLog:
     def __init__(self, path: str | Path, *, resume_step: int | None = None, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        from temper.io import atomic_write_text
+
         if resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard_dir is not None:
             try:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from temper.errors import TemperError
 from temper.train import checkpoint as ckpt
 from temper.train import engine
 from temper.train.optim import lr_at, set_lr
@@ -42,9 +43,12 @@ from temper.train.optim import lr_at, set_lr
 # Every training recipe's Config has these keys, with the same meaning (tests/test_loop.py).
 SHARED_KEYS = (
     "model", "data", "eval_data", "output_dir", "seq_len", "batch_size", "grad_accum", "max_steps", "seed",
-    "resume", "device", "precision", "compile", "activation_checkpointing", "eval_batches", "peak_flops",
-    "optim", "schedule", "checkpoint", "logging",
+    "resume", "overwrite", "device", "precision", "compile", "activation_checkpointing", "eval_batches",
+    "peak_flops", "optim", "schedule", "checkpoint", "logging",
 )
+# What makes two runs the same run: a checkpoint resumes only a run that agrees on all of these
+# (plus what the recipe adds: its tokenizer, its data's fingerprint).
+IDENTITY_KEYS = ("seq_len", "batch_size", "grad_accum", "seed")
 
 
 class TrainLoop:
@@ -52,15 +56,17 @@ class TrainLoop:
 
     def __init__(self, cfg: Any, name: str, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str, *, state: dict[str, Any] | None = None,
-                 evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None) -> None:
+                 evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         from tqdm import tqdm
 
         self.cfg, self.name, self.out, self.model, self.optimizer = cfg, name, Path(out), model, optimizer
         self.device, self.precision = device, precision
-        self.stateful = {k: v for k, v in (state or {}).items() if v is not None}
         self._evaluate, self.flops_per_token = evaluate, flops_per_token
         self.autocast = engine.precision_context(precision, device)
         self.scaler = engine.grad_scaler(precision, device)
+        self.stateful = {k: v for k, v in {**(state or {}), "grad_scaler": self.scaler}.items() if v is not None}
+        self.identity = run_identity(cfg, model, identity or {})
         self.max_steps = cfg.max_steps
         # measured before anything is restored: the measurement draws random numbers
         self.peak_flops = None
@@ -68,18 +74,23 @@ class TrainLoop:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.peak_flops = cfg.peak_flops or engine.measure_matmul_peak(device, dtype)
 
+        self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.out / "checkpoints"
         self.start_step = 0
         resume_from = ckpt.resolve_resume(cfg.resume, self.checkpoints)
-        if resume_from is None and not cfg.resume and ckpt.list_checkpoints(self.checkpoints):
-            print(f"note: {self.checkpoints} holds checkpoints; starting fresh (resume=auto continues)",
-                  file=sys.stderr)
         if resume_from is not None:
+            check_same_run(resume_from, self.identity)
             saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
             for key, obj in self.stateful.items():
                 obj.load_state_dict(saved[key])
             self.start_step = saved["step"]
             print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
+        elif getattr(cfg, "overwrite", False):
+            engine.clear_earlier_run(self.out)
+        from temper.config import to_dict
+        from temper.io import atomic_write_text
+
+        atomic_write_text(self.out / "config.yaml", _yaml(to_dict(cfg)))
         self.metrics = engine.MetricsLog(
             self.out / "metrics.jsonl", resume_step=self.start_step if resume_from else None,
             tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
@@ -176,7 +187,7 @@ class TrainLoop:
         state = {k: obj.state_dict() for k, obj in self.stateful.items()}
         return ckpt.save_checkpoint(self.checkpoints, step, model=self.model, optimizer=self.optimizer,
                                     keep_last=self.cfg.checkpoint.keep_last,
-                                    state={**state, "config": to_dict(self.cfg)})
+                                    state={**state, "run": self.identity, "config": to_dict(self.cfg)})
 
     def _log(self, row: dict) -> None:
         self.metrics.log(row)
@@ -195,8 +206,47 @@ class TrainLoop:
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write `summary.json` (the shared summary, then the recipe's own keys) and print it."""
+        from temper.io import atomic_write_text, release_output_dir
+
         summary = {**self.summary(), **summary}
         self.metrics.close()
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        release_output_dir(self.out)
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return summary
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def run_identity(cfg: Any, model: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
+    """The facts a checkpoint must share with the run that resumes it (JSON-able)."""
+    import dataclasses
+
+    identity: dict[str, Any] = {k: getattr(cfg, k) for k in IDENTITY_KEYS if hasattr(cfg, k)}
+    config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(config):
+        identity["model"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+    identity.update(extra)
+    return json.loads(json.dumps(identity))  # tuples -> lists, as they come back from state.json
+
+
+def check_same_run(checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another run, naming every key that differs."""
+    saved = json.loads((Path(checkpoint) / "state.json").read_text(encoding="utf-8")).get("run")
+    if saved is None:  # written before runs carried an identity
+        return
+    differ = []
+    for key in sorted(set(saved) | set(identity)):
+        a, b = saved.get(key), identity.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            shown = "changed" if isinstance(a, str) and len(a) > 24 else f"{a!r} -> {b!r}"
+            differ.append(f"{key} {shown}")
+    if differ:
+        raise TemperError(f"{checkpoint} belongs to another run ({'; '.join(differ)}): resume it with the same "
+                          "settings, or overwrite=true to start over")
