@@ -95,8 +95,7 @@ def load_model(spec: str | Path, *, device: torch.device | str = "cpu",
 def _finish_meta_load(model: DecoderBase, device: torch.device | str) -> None:
     """After `assign=True` loading from meta: re-tie embeddings and rebuild computed buffers."""
     if model.config.tie_embeddings:
-        emb = model.embed_tokens if hasattr(model, "embed_tokens") else model.wte
-        model.lm_head.weight = emb.weight
+        model.lm_head.weight = model.input_embeddings.weight
     rope = getattr(model, "rope", None)
     if rope is not None:
         rope._build(model.config.max_seq_len, torch.device(device))
@@ -119,3 +118,4 @@ def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save(out)
     return out
+
