@@ -348,3 +348,37 @@ def test_prompt_positions_past_gpt2_table_raise():
     inject_prompt_tuning(model, 8)
     with pytest.raises(ValueError, match="learned positions"):
         model(torch.zeros(1, model.config.max_seq_len - 4, dtype=torch.long))
+
+
+def test_prompt_survives_deepcopy():
+    model = tiny("gpt2-tiny")
+    inject_prompt_tuning(model, 3)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(1, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids), model(ids))
+        twin.prompt_encoder.embedding.weight.mul_(3.0)  # the copy's hooks use the copy's prompt
+        assert not torch.allclose(twin(ids), model(ids), atol=1e-3)
+        assert twin.new_cache(1, 6).max_len == 6 + 3
+
+
+# ----------------------------------------------------------------------------- no patched forwards
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "adapter", "prefix", "prompt"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_peft_replaces_no_forward(name, method):
+    """Every method works through the model's hooks: no module carries an instance-level
+    `forward` (or `new_cache`), so a change to a model file is the only change needed."""
+    from temper.config import PeftConfig
+    from temper.peft import apply_peft
+
+    model = tiny(name)
+    targets = ["q_proj", "v_proj"] if model.config.family == "llama" else ["c_attn"]
+    apply_peft(model, PeftConfig(method=method, target_modules=targets, num_virtual_tokens=2, adapter_dim=4,
+                                 quant_block_size=32))
+    for module_name, module in model.named_modules():
+        assert "forward" not in vars(module), f"{method} replaced {module_name or 'the model'}.forward"
+    assert "new_cache" not in vars(model)
+    cfg = SamplingConfig(max_new_tokens=4)
+    assert generate(model, PROMPTS, cfg) == generate(model, PROMPTS, cfg, use_cache=False)
