@@ -57,28 +57,23 @@ def assert_ragged_cache_matches(model):
     torch.testing.assert_close(torch.cat(parts, 1)[valid], full[valid], atol=1e-5, rtol=1e-4)
 
 
-def blocks(model):
-    return model.layers if model.config.family == "llama" else model.h
-
-
 def norms(block):
     return (block.attn_norm, block.mlp_norm) if hasattr(block, "attn_norm") else (block.ln_1, block.ln_2)
 
 
 def reference_decoder(model, ids, positions, attention, mlp=None):
     """The decoder by hand: `attention(block.attn, x, cos, sin)` and `mlp(block.mlp, x)` per block."""
-    family = model.config.family
     cos = sin = None
-    if family == "llama":
-        x = model.embed_tokens(ids)
+    x = model.input_embeddings(ids)
+    if model.config.family == "llama":
         cos, sin = model.rope(positions)
     else:
-        x = model.wte(ids) + model.wpe(positions)
-    for block in blocks(model):
+        x = x + model.wpe(positions)
+    for block in model.blocks:
         n1, n2 = norms(block)
         x = x + attention(block.attn, n1(x), cos, sin)
         x = x + (mlp or (lambda m, h: type(m).forward(m, h)))(block.mlp, n2(x))
-    return model.lm_head((model.norm if family == "llama" else model.ln_f)(x))
+    return model.lm_head(model.final_norm(x))
 
 
 def qkv(attn, x, cos, sin):
@@ -145,7 +140,7 @@ def test_adapters_identity_at_init_then_match_reference(name):
 def test_adapters_train_alone_and_generate(name):
     model = tiny(name)
     inject_bottleneck_adapters(model, 8)
-    adapters = [m.adapter for b in blocks(model) for m in (b.attn, b.mlp)]
+    adapters = [m.adapter for b in model.blocks for m in (b.attn, b.mlp)]
     trainable = freeze_all_but(model, adapters)
     assert trainable == sum(p.numel() for a in adapters for p in a.parameters())
     ids = torch.randint(1, 64, (2, 10))
@@ -172,7 +167,8 @@ def prefix_reference(model, encoder, ids, positions, allowed):
     def attention(attn, x, cos, sin):
         B, T, _ = x.shape
         q, k, v, out = qkv(attn, x, cos, sin)
-        pk, pv = encoder.layer_prefix(attn.layer)  # (P, nkv, d): no rotary on the prefix
+        keys, values = encoder()
+        pk, pv = keys[attn.layer], values[attn.layer]  # (P, nkv, d): no rotary on the prefix
         k = torch.cat([pk.transpose(0, 1).expand(B, -1, -1, -1), k], dim=2)
         v = torch.cat([pv.transpose(0, 1).expand(B, -1, -1, -1), v], dim=2)
         full = torch.cat([torch.ones(*allowed.shape[:3], pk.shape[0], dtype=torch.bool), allowed], -1)
@@ -297,7 +293,7 @@ def test_prompt_from_init_ids_equals_base_on_longer_input(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_prompt_init_ids_repeat_and_random_init(name):
     model = tiny(name)
-    embed = model.embed_tokens if model.config.family == "llama" else model.wte
+    embed = model.input_embeddings
     enc = inject_prompt_tuning(model, 5, init_ids=[7, 3])
     torch.testing.assert_close(enc.embedding.weight, embed.weight[[7, 3, 7, 3, 7]])
     other = tiny(name)
@@ -352,3 +348,37 @@ def test_prompt_positions_past_gpt2_table_raise():
     inject_prompt_tuning(model, 8)
     with pytest.raises(ValueError, match="learned positions"):
         model(torch.zeros(1, model.config.max_seq_len - 4, dtype=torch.long))
+
+
+def test_prompt_survives_deepcopy():
+    model = tiny("gpt2-tiny")
+    inject_prompt_tuning(model, 3)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(1, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids), model(ids))
+        twin.prompt_encoder.embedding.weight.mul_(3.0)  # the copy's hooks use the copy's prompt
+        assert not torch.allclose(twin(ids), model(ids), atol=1e-3)
+        assert twin.new_cache(1, 6).max_len == 6 + 3
+
+
+# ----------------------------------------------------------------------------- no patched forwards
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "adapter", "prefix", "prompt"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_peft_replaces_no_forward(name, method):
+    """Every method works through the model's hooks: no module carries an instance-level
+    `forward` (or `new_cache`), so a change to a model file is the only change needed."""
+    from temper.config import PeftConfig
+    from temper.peft import apply_peft
+
+    model = tiny(name)
+    targets = ["q_proj", "v_proj"] if model.config.family == "llama" else ["c_attn"]
+    apply_peft(model, PeftConfig(method=method, target_modules=targets, num_virtual_tokens=2, adapter_dim=4,
+                                 quant_block_size=32))
+    for module_name, module in model.named_modules():
+        assert "forward" not in vars(module), f"{method} replaced {module_name or 'the model'}.forward"
+    assert "new_cache" not in vars(model)
+    cfg = SamplingConfig(max_new_tokens=4)
+    assert generate(model, PROMPTS, cfg) == generate(model, PROMPTS, cfg, use_cache=False)

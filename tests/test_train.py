@@ -167,18 +167,38 @@ def test_clipping_reports_norm_and_clips(clip):
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
 
 
-def test_activation_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("method", ["none", "adapter", "prefix", "prompt"])
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_activation_checkpointing_gives_same_loss_and_gradients(name, method):
+    from temper.config import PeftConfig
+    from temper.peft import apply_peft
+
     torch.manual_seed(0)
-    a = build_model(preset("llama-tiny", vocab_size=64))
-    b = build_model(preset("llama-tiny", vocab_size=64))
+    a = build_model(preset(name, vocab_size=64))
+    cfg = PeftConfig(method=method, adapter_dim=4, num_virtual_tokens=3)
+    apply_peft(a, cfg)
+    b = build_model(preset(name, vocab_size=64))
+    apply_peft(b, cfg)
     b.load_state_dict(a.state_dict())
-    engine.apply_activation_checkpointing(b)
+    assert engine.apply_activation_checkpointing(b) == len(b.blocks)
+    calls = []  # forward calls of the first block: a checkpointed block runs again in backward
+    b.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     x, y = torch.randint(0, 64, (2, 10)), torch.randint(0, 64, (2, 10))
-    causal_lm_loss(a, x, y)[0].backward()
-    causal_lm_loss(b, x, y)[0].backward()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad)
-    assert set(a.state_dict()) == set(b.state_dict())
+    loss_a, loss_b = causal_lm_loss(a, x, y)[0], causal_lm_loss(b, x, y)[0]
+    assert torch.equal(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    assert len(calls) == 2
+    grads_a = {n: p.grad for n, p in a.named_parameters() if p.requires_grad}
+    grads_b = {n: p.grad for n, p in b.named_parameters() if p.requires_grad}
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n, g in grads_a.items():
+        assert torch.equal(g, grads_b[n]), n
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert not any("forward" in vars(m) for m in b.modules())  # a flag, not a patch
+    with torch.no_grad():  # nothing to recompute without gradients
+        b(x)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])

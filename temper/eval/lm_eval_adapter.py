@@ -70,7 +70,7 @@ class TemperLM(_Base):
         if model is None:
             if pretrained is None:
                 raise TemperError("TemperLM needs pretrained=DIR or model= and tokenizer=")
-            from temper.peft import load_for_inference
+            from temper.models import load_for_inference
 
             model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype)
         elif tokenizer is None:

@@ -3,6 +3,7 @@
     model = build_model(preset("llama-tiny"))          # random weights
     model = load_model("path/to/hf_dir")               # any supported HF directory
     save_model(model, "out_dir", tokenizer=tok)        # an HF directory transformers loads
+    model, tok = load_for_inference("model_or_adapter_dir")  # what every inference command uses
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from temper.models.llama import Llama
 
 __all__ = [
     "DecoderBase", "KVCache", "ModelConfig", "PRESETS", "preset", "build_model", "load_model",
-    "save_model", "resolve_dtype", "init_weights", "Llama", "GPT2",
+    "save_model", "resolve_dtype", "init_weights", "Llama", "GPT2", "load_model_or_adapter",
+    "load_for_inference",
 ]
 
 FAMILIES: dict[str, type[DecoderBase]] = {"llama": Llama, "gpt2": GPT2}
@@ -95,8 +97,7 @@ def load_model(spec: str | Path, *, device: torch.device | str = "cpu",
 def _finish_meta_load(model: DecoderBase, device: torch.device | str) -> None:
     """After `assign=True` loading from meta: re-tie embeddings and rebuild computed buffers."""
     if model.config.tie_embeddings:
-        emb = model.embed_tokens if hasattr(model, "embed_tokens") else model.wte
-        model.lm_head.weight = emb.weight
+        model.lm_head.weight = model.input_embeddings.weight
     rope = getattr(model, "rope", None)
     if rope is not None:
         rope._build(model.config.max_seq_len, torch.device(device))
@@ -119,3 +120,38 @@ def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save(out)
     return out
+
+
+def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu",
+                          dtype: str | torch.dtype | None = None) -> DecoderBase:
+    """A model directory, or an adapter directory (its base loaded from `base_model_name_or_path`,
+    the adapter put on top), ready for generation."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from temper.peft import load_peft, read_adapter_config  # only adapter directories need peft
+
+        base = read_adapter_config(path).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise TemperError(f"{path}: the adapter's base model {base!r} is not a directory here")
+        model = load_model(base, device=device, dtype=dtype)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from temper.data.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(path)
+        load_peft(model, path, tokenizer=tokenizer)
+        return model.to(device)
+    return load_model(path, device=device, dtype=dtype)
+
+
+def load_for_inference(path: str | Path, *, device: torch.device | str = "cpu",
+                       dtype: str | torch.dtype | None = None):
+    """(model in eval mode, its tokenizer) from a model or adapter directory, checked to fit."""
+    from temper.data.tokenizer import Tokenizer
+
+    model = load_model_or_adapter(path, device=device, dtype=dtype).eval()
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TemperError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                          f"{model.config.vocab_size} embeddings")
+    return model, tokenizer

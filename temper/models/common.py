@@ -1,13 +1,19 @@
-"""What the decoder families truly share: RMSNorm, rotary embeddings, the attention call,
-the KV cache and the attention masks for padding, packing and sliding windows."""
+"""What the decoder families truly share: RMSNorm, rotary embeddings, the attention call
+(with an optional learned prefix), the KV cache, the attention masks for padding, packing
+and sliding windows, and DecoderBase: the forward pass and the hooks features use."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+
+from temper.errors import TemperError
 
 
 class RMSNorm(nn.Module):
@@ -45,8 +51,6 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None =
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(mid, blended, scaled)
-    from temper.errors import TemperError
-
     raise TemperError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
@@ -110,12 +114,38 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           causal: bool, dropout: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention with grouped-query heads. q (B,nh,T,hs), k/v (B,nkv,S,hs)."""
+           causal: bool, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+           dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads. q (B,nh,T,hs), k/v (B,nkv,S,hs).
+
+    `prefix` = (keys, values), each (B|1, nkv, P, hs), goes in front of k and v with its P
+    columns visible to every query; the real columns keep `mask` / `causal` (prefix tuning).
+    """
+    if prefix is not None:
+        k, v, mask = _with_prefix(q, k, v, mask, causal, prefix)
+        causal = False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None,
         enable_gqa=k.shape[1] != q.shape[1],
     )
+
+
+def _with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                 prefix: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[prefix keys ; k], [prefix values ; v] and the mask [True (P columns) ; the mask meant]."""
+    pk, pv = prefix
+    B, T, S, P = q.shape[0], q.shape[2], k.shape[2], pk.shape[2]
+    assert pk.shape[1] == k.shape[1] and pk.shape[3] == k.shape[3], "prefix keys must be (B|1, nkv, P, hs)"
+    pk = pk.to(k.dtype).expand(B, -1, -1, -1)  # (B, nkv, P, hs)
+    pv = pv.to(v.dtype).expand(B, -1, -1, -1)
+    if mask is None:  # what SDPA would have done: causal (no past, so S == T) or all visible
+        q_slot = torch.arange(S - T, S, device=q.device)[:, None]
+        k_slot = torch.arange(S, device=q.device)[None, :]
+        full = torch.ones(T, S, dtype=torch.bool, device=q.device)
+        mask = (k_slot <= q_slot if causal else full)[None, None]
+    seen = torch.ones(mask.shape[0], 1, T, P, dtype=torch.bool, device=mask.device)
+    mask = torch.cat([seen, mask.expand(-1, -1, T, S)], dim=-1)  # (B|1, 1, T, P + S)
+    return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask
 
 
 def build_attention_mask(
@@ -159,41 +189,116 @@ def positions_from_valid(key_valid: torch.Tensor) -> torch.Tensor:
     return (key_valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class DecoderBase(nn.Module):
-    """What both families expose to generation, training and the HF converters.
+@dataclass
+class AttentionInputs:
+    """What every attention call of one forward pass shares; each block gets it whole."""
 
-    forward(input_ids (B,T), positions (B,T) | None, mask (B|1,1,T,S) bool | None,
-            cache KVCache | None, return_hidden, last_only) -> logits (B,T,V) or final hidden
-    states (B,T,C); with last_only=True, only the last position (T=1).
-    With a cache, the T new tokens follow the `cache.length` tokens already in it.
+    mask: torch.Tensor | None  # (B|1, 1, T, S) bool, True where a query may look; None: SDPA's causal
+    causal: bool  # no past in the cache, so SDPA's own causal mask applies when mask is None
+    cache: KVCache | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, 1, T, hs); rotary families
+    prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B|1, nkv, P, hs)
+
+    def prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.prefix_kv is None else self.prefix_kv[layer]
+
+
+class DecoderBase(nn.Module):
+    """The forward pass every family shares, and the hooks features use instead of patches.
+
+    forward(input_ids (B,T) | inputs_embeds (B,T,C), prefix_kv, positions (B,T) | None,
+            mask (B|1,1,T,S) bool | None, cache KVCache | None, return_hidden, last_only)
+        -> logits (B,T,V), or the final hidden states (B,T,C) with return_hidden=True;
+    with last_only=True, only the last position (T=1). With a cache, the T new tokens
+    follow the `cache.length` tokens already in it.
+
+    A family defines its modules under its own (HF-like) names, which the converters and
+    checkpoints depend on, and exposes them as `input_embeddings`, `blocks` and `final_norm`;
+    `_position_inputs` says what positions do (rotary tables, or learned embeddings added to
+    x); each block is called as block(x (B,T,C), AttentionInputs) -> (B,T,C).
+
+    Hooks for features applied from outside (PEFT, alignment), so no forward is replaced:
+    - `inputs_embeds`: input vectors instead of ids (a soft prompt in front, say);
+    - `prefix_kv`: one (keys, values) pair per layer, each (B|1, nkv, P, hs), put in front of
+      that layer's keys at every call: visible to every query, never stored in the cache, no
+      rotary applied (they live in the post-rotary key space); real tokens keep positions;
+    - `extra_cache_slots`: KV-cache slots `new_cache` adds for tokens a hook puts in front;
+    - `activation_checkpointing`: recompute each block in the backward pass.
     """
 
     config: object
+    activation_checkpointing: bool = False
+    extra_cache_slots: int = 0
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding (ids -> (B, T, C))."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm between the last block and the output layer."""
+        raise NotImplementedError
+
+    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(x with learned positions added, or x; rotary (cos, sin) for the attention, or None)."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise TemperError("the model takes input_ids or inputs_embeds: exactly one of them")
+        if prefix_kv is not None and len(prefix_kv) != len(self.blocks):
+            raise TemperError(f"prefix_kv has {len(prefix_kv)} layers, the model {len(self.blocks)}")
+        x = self.input_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        T = x.shape[1]
+        positions, mask, causal = self._attention_inputs(T, x.device, positions, mask, cache)
+        x, rope = self._position_inputs(x, positions)
+        inputs = AttentionInputs(mask, causal, cache, rope, prefix_kv)
+        checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointed:  # keep only the block's input; recompute the rest in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
+            else:
+                x = block(x, inputs)
+        if cache is not None:
+            cache.length += T
+        if last_only:  # generation needs the next-token logits of the last position alone
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
+        """A cache for `max_len` tokens (plus `extra_cache_slots` for tokens hooks put in front)."""
         c = self.config
         param = next(self.parameters())
-        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len + self.extra_cache_slots, c.head_dim,
                        dtype=dtype or param.dtype, device=device or param.device)
 
-    @staticmethod
-    def _attention_inputs(input_ids: torch.Tensor, positions: torch.Tensor | None,
-                          mask: torch.Tensor | None, cache: KVCache | None,
-                          sliding_window: int | None = None):
+    def _attention_inputs(self, T: int, device: torch.device, positions: torch.Tensor | None,
+                          mask: torch.Tensor | None, cache: KVCache | None):
         """Fill in default positions and masks; say whether SDPA's built-in causal mask applies."""
-        T = input_ids.shape[1]
         past = cache.length if cache is not None else 0
-        device = input_ids.device
         if positions is None:
             positions = torch.arange(past, past + T, device=device)[None, :]
         causal = past == 0
         if mask is None and past > 0 and T > 1:  # a chunk after cached tokens: explicit causal mask
             q_slot = torch.arange(past, past + T, device=device)[:, None]
             mask = (torch.arange(past + T, device=device)[None, :] <= q_slot)[None, None]
-        if sliding_window is not None and past + T > sliding_window:
-            window = build_attention_mask(None, T, past + T, sliding_window=sliding_window, device=device)
-            mask = window if mask is None else mask & window
+        window = self.config.sliding_window
+        if window is not None and past + T > window:
+            window_mask = build_attention_mask(None, T, past + T, sliding_window=window, device=device)
+            mask = window_mask if mask is None else mask & window_mask
         return positions, mask, causal
 
     def num_parameters(self, trainable_only: bool = False) -> int:

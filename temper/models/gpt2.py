@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.models.common import DecoderBase, KVCache, attend
+from temper.models.common import AttentionInputs, DecoderBase, attend
 from temper.models.config import ModelConfig
 
 
@@ -19,16 +19,15 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(c.hidden_size, 3 * c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.c_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.num_heads * self.head_dim, dim=2)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attend(q, k, v, mask, causal)
+        if a.cache is not None:
+            k, v = a.cache.update(self.layer, k, v)  # (B, nh, S, hs); a prefix is never cached
+        y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -50,8 +49,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, mask, causal, cache):
-        x = x + self.attn(self.ln_1(x), mask, causal, cache)
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), a)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -68,20 +67,21 @@ class GPT2(DecoderBase):
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
-        positions, mask, causal = self._attention_inputs(input_ids, positions, mask, cache)
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.h
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.ln_f
+
+    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor):
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the model's {self.config.max_seq_len} learned positions"
             )
-        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, C)
-        for block in self.h:
-            x = block(x, mask, causal, cache)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        if last_only:  # generation needs the next-token logits of the last position alone
-            x = x[:, -1:]
-        x = self.ln_f(x)
-        return x if return_hidden else self.lm_head(x)
+        return x + self.wpe(positions), None  # (B, T, C)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.models.common import (
+    AttentionInputs,
     DecoderBase,
-    KVCache,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -32,16 +32,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, causal: bool, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = a.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hs)
-        y = attend(q, k, v, mask, causal)  # (B, nh, T, hs)
+        if a.cache is not None:
+            k, v = a.cache.update(self.layer, k, v)  # (B, nkv, S, hs); a prefix is never cached
+        y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer))  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -66,8 +66,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, causal, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, cache)
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), a)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -84,19 +84,18 @@ class Llama(DecoderBase):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
 
-    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
-        positions, mask, causal = self._attention_inputs(input_ids, positions, mask, cache,
-                                                         self.config.sliding_window)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, causal, cache)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        if last_only:  # generation needs the next-token logits of the last position alone
-            x = x[:, -1:]
-        x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)  # (B, T, V)
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.norm
+
+    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor):
+        cos, sin = self.rope(positions)  # positions enter through the attention only
+        return x, (cos.to(x.dtype), sin.to(x.dtype))

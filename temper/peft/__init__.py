@@ -165,36 +165,3 @@ def load_peft(model: torch.nn.Module, adapter_dir: str | Path, *, tokenizer=None
         raise TemperError(f"{adapter_dir}: adapter lacks {missing[0]} for this model")
     model.load_state_dict(weights, strict=False)
     return cfg
-
-
-def load_model_or_adapter(path: str | Path, *, device="cpu", dtype=None) -> torch.nn.Module:
-    """A model directory, or an adapter directory (its base loaded from `base_model_name_or_path`,
-    the adapter put on top), ready for generation."""
-    from temper.models import load_model
-
-    path = Path(path)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        base = read_adapter_config(path).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise TemperError(f"{path}: the adapter's base model {base!r} is not a directory here")
-        model = load_model(base, device=device, dtype=dtype)
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            from temper.data.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_dir(path)
-        load_peft(model, path, tokenizer=tokenizer)
-        return model.to(device)
-    return load_model(path, device=device, dtype=dtype)
-
-
-def load_for_inference(path: str | Path, *, device="cpu", dtype=None):
-    """(model in eval mode, its tokenizer) from a model or adapter directory, checked to fit."""
-    from temper.data.tokenizer import Tokenizer
-
-    model = load_model_or_adapter(path, device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer.from_dir(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TemperError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                          f"{model.config.vocab_size} embeddings")
-    return model, tokenizer

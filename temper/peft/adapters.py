@@ -1,11 +1,14 @@
 """Bottleneck adapters, prefix tuning and prompt tuning for temper's decoders, from outside.
 
-The model files stay as they are: adapters are forward hooks on the attention and MLP
-modules, prefix tuning replaces each attention module's bound `forward`, prompt tuning
-replaces the model's bound `forward` (and `new_cache`). The patches are module-level
-functions bound with `types.MethodType`, so `copy.deepcopy(model)` gives a copy that uses its
-own parameters (pickling a whole patched module does not work; temper saves state dicts).
-The base model's parameter names never change.
+Every method uses the hooks the model offers (`temper.models.common.DecoderBase`) through
+PyTorch's own hook API; no `forward` is replaced and nothing switches on the family:
+adapters are forward hooks on the attention and MLP modules; prefix tuning is a forward
+pre-hook on the model that passes `prefix_kv=`; prompt tuning is a forward pre-hook that
+passes `inputs_embeds=` with the soft prompt in front (and moves positions and masks), a
+forward hook that drops the virtual tokens' outputs, and `model.extra_cache_slots`. The
+hooks are module-level functions that read the new modules from the module they are
+called on, so `copy.deepcopy(model)` gives a copy that uses its own parameters. The base
+model's parameter names never change.
 
     n = inject_bottleneck_adapters(model, dim=16)             # layers.{i}.attn.adapter.*, ...
     enc = inject_prefix_tuning(model, num_virtual_tokens=16)  # model.prefix_encoder
@@ -35,15 +38,15 @@ Freezing is the caller's: `freeze_all_but(model, [module])`, or by hand
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from temper.errors import TemperError
-from temper.models.common import DecoderBase, KVCache, apply_rotary, attend
+from temper.models.common import DecoderBase
 
 __all__ = [
     "BottleneckAdapter", "PrefixEncoder", "PromptEncoder", "inject_bottleneck_adapters",
@@ -51,18 +54,9 @@ __all__ = [
 ]
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "layers", None) or getattr(model, "h", None)
-    if blocks is None:
-        raise TemperError(f"{type(model).__name__} has no list of blocks (layers or h)")
-    return blocks
-
-
-def _family(model: nn.Module) -> str:
-    family = getattr(getattr(model, "config", None), "family", None)
-    if family not in ("llama", "gpt2"):
-        raise TemperError(f"adapters support temper's llama and gpt2 decoders, not {family!r}")
-    return family
+def _check_decoder(model: nn.Module) -> None:
+    if not isinstance(model, DecoderBase):
+        raise TemperError(f"adapters need one of temper's decoders, not {type(model).__name__}")
 
 
 def _like(model: nn.Module) -> dict:
@@ -114,11 +108,11 @@ def inject_bottleneck_adapters(model: DecoderBase, dim: int) -> int:
     matmuls per sublayer at inference. Returns the number of adapter parameters,
     L * 2 * (2*C*dim + dim + C).
     """
-    _family(model)
+    _check_decoder(model)
     if dim < 1:
         raise TemperError(f"adapter_dim must be at least 1, got {dim}")
     hidden, like, total = model.config.hidden_size, _like(model), 0
-    for block in _blocks(model):
+    for block in model.blocks:
         for module in (block.attn, block.mlp):
             if hasattr(module, "adapter"):
                 raise TemperError("bottleneck adapters are already injected into this model")
@@ -151,61 +145,27 @@ class PrefixEncoder(nn.Module):
             self.transform = nn.Sequential(nn.Linear(hidden_size, hidden, **like), nn.Tanh(),
                                            nn.Linear(hidden, out, **like))
 
-    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `layer`, (P, num_kv_heads, head_dim) each."""
-        width = 2 * self.num_kv_heads * self.head_dim
-        cols = slice(layer * width, (layer + 1) * width)
-        if self.projection:  # only this layer's slice of the last linear is computed
-            first, last = self.transform[0], self.transform[2]
-            kv = F.linear(torch.tanh(first(self.embedding.weight)), last.weight[cols], last.bias[cols])
-        else:
-            kv = self.embedding.weight[:, cols]
-        kv = kv.view(self.num_virtual_tokens, 2, self.num_kv_heads, self.head_dim)
-        return kv[:, 0], kv[:, 1]
-
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All prefixes: keys and values, (L, P, num_kv_heads, head_dim) each."""
-        pairs = [self.layer_prefix(i) for i in range(self.num_layers)]
-        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+        table = self.embedding.weight  # (P, L*2*kv)
+        if self.projection:
+            table = self.transform(table)
+        kv = table.view(self.num_virtual_tokens, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        kv = kv.transpose(0, 1)  # (L, P, 2, nkv, hs)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefixes as the model's `prefix_kv`: per layer (keys, values), (1, nkv, P, hs) each."""
+        keys, values = self()
+        keys, values = keys.transpose(1, 2)[:, None], values.transpose(1, 2)[:, None]  # (L, 1, nkv, P, hs)
+        return list(zip(keys, values))
 
 
-def _attend_with_prefix(self, q, k, v, mask, causal):
-    """attend() over [prefix ; k] with mask [True (P columns) ; the mask the model meant]."""
-    pk, pv = self._prefix_encoder.layer_prefix(self.layer)  # (P, nkv, hs)
-    B, T, S, P = q.shape[0], q.shape[2], k.shape[2], pk.shape[0]
-    pk = pk.to(k.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)  # (B, nkv, P, hs)
-    pv = pv.to(v.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)
-    if mask is None:  # what attend() would have done: causal (past == 0, so S == T) or full
-        q_slot = torch.arange(S - T, S, device=q.device)[:, None]
-        k_slot = torch.arange(S, device=q.device)[None, :]
-        mask = (k_slot <= q_slot if causal else torch.ones(T, S, dtype=torch.bool, device=q.device))[None, None]
-    seen = torch.ones(mask.shape[0], 1, T, P, dtype=torch.bool, device=mask.device)
-    mask = torch.cat([seen, mask.expand(-1, -1, T, S)], dim=-1)  # (B|1, 1, T, P + S)
-    return attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask, causal=False)
-
-
-def _llama_prefix_forward(self, x, cos, sin, mask, causal, cache):
-    """temper.models.llama.Attention.forward with the layer's prefix in front of the keys."""
-    B, T, _ = x.shape
-    q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-    k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(self.layer, k, v)  # real tokens only: the prefix is never cached
-    y = _attend_with_prefix(self, q, k, v, mask, causal)
-    return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def _gpt2_prefix_forward(self, x, mask, causal, cache):
-    """temper.models.gpt2.Attention.forward with the layer's prefix in front of the keys."""
-    B, T, _ = x.shape
-    q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-               for t in self.c_attn(x).split(self.num_heads * self.head_dim, dim=2))
-    if cache is not None:
-        k, v = cache.update(self.layer, k, v)
-    y = _attend_with_prefix(self, q, k, v, mask, causal)
-    return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+def _pass_prefix(model: DecoderBase, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook: every call of the model gets the learned prefix as `prefix_kv`."""
+    if kwargs.get("prefix_kv") is not None:
+        raise TemperError("this model is prefix-tuned: its prefix_kv comes from model.prefix_encoder")
+    return args, {**kwargs, "prefix_kv": model.prefix_encoder.key_values()}
 
 
 def inject_prefix_tuning(model: DecoderBase, num_virtual_tokens: int, projection: bool = False,
@@ -218,9 +178,10 @@ def inject_prefix_tuning(model: DecoderBase, num_virtual_tokens: int, projection
     without the prefix); prefix keys get no rotary: they live in the post-rotary key space, like
     the cached past_key_values PEFT feeds HF Llama. The prefix is not stored in the KV cache but
     put in front at every call, so cached and uncached generation agree. The encoder is
-    registered as `model.prefix_encoder`; each attention module's `forward` is replaced.
+    registered as `model.prefix_encoder`; a forward pre-hook passes its keys and values to the
+    model's `prefix_kv`.
     """
-    family = _family(model)
+    _check_decoder(model)
     if hasattr(model, "prefix_encoder"):
         raise TemperError("prefix tuning is already injected into this model")
     if num_virtual_tokens < 1:
@@ -229,10 +190,7 @@ def inject_prefix_tuning(model: DecoderBase, num_virtual_tokens: int, projection
     encoder = PrefixEncoder(c.num_layers, c.num_kv_heads, c.head_dim, num_virtual_tokens, c.hidden_size,
                             projection, hidden, **_like(model))
     model.prefix_encoder = encoder
-    patched = _llama_prefix_forward if family == "llama" else _gpt2_prefix_forward
-    for block in _blocks(model):
-        object.__setattr__(block.attn, "_prefix_encoder", encoder)  # a reference, not a submodule
-        block.attn.forward = types.MethodType(patched, block.attn)
+    model.register_forward_pre_hook(_pass_prefix, with_kwargs=True)
     return encoder
 
 
@@ -261,34 +219,22 @@ def _prefill_mask(mask: torch.Tensor, P: int) -> torch.Tensor:
     return torch.cat([top, bottom], dim=2)
 
 
-def _run_decoder(model, x, positions, mask, causal, cache):
-    """The blocks of either family on input embeddings x (B, T, C); returns hidden states and the final norm."""
-    if model.config.family == "llama":
-        cos, sin = model.rope(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for block in model.layers:
-            x = block(x, cos, sin, mask, causal, cache)
-        return x, model.norm
-    if int(positions.max()) >= model.config.max_seq_len:
-        raise ValueError(f"position {int(positions.max())} (virtual tokens included) is beyond the "
-                         f"model's {model.config.max_seq_len} learned positions")
-    x = x + model.wpe(positions)
-    for block in model.h:
-        x = block(x, mask, causal, cache)
-    return x, model.ln_f
-
-
-def _prompt_forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                    return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
-    """DecoderBase.forward with the soft prompt in front; outputs for the real tokens only."""
-    soft = self.prompt_encoder()
-    P, B = soft.shape[0], input_ids.shape[0]
-    embed = self.embed_tokens if self.config.family == "llama" else self.wte
-    x = embed(input_ids)
-    prefill = cache is None or cache.length == 0
-    if prefill:  # [virtual ; real]: virtual at positions 0..P-1, real positions shifted by P
-        x = torch.cat([soft.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
+def _put_prompt_in_front(model: DecoderBase, args: tuple, kwargs: dict[str, Any]
+                         ) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook: the model gets `inputs_embeds`, with the soft prompt in front on the
+    first call of a sequence (no cache, or an empty one); positions and masks make room for it."""
+    kwargs = dict(kwargs)
+    input_ids = args[0] if args else kwargs.pop("input_ids", None)
+    x = kwargs.pop("inputs_embeds", None)
+    if (input_ids is None) == (x is None):
+        return None  # the model's own error says what is wrong
+    if x is None:
+        x = model.input_embeddings(input_ids)  # (B, T, C)
+    soft = model.prompt_encoder()  # (P, C)
+    P = soft.shape[0]
+    positions, mask, cache = kwargs.get("positions"), kwargs.get("mask"), kwargs.get("cache")
+    if cache is None or cache.length == 0:  # [virtual ; real]: virtual at 0..P-1, real shifted by P
+        x = torch.cat([soft.to(x.dtype)[None].expand(x.shape[0], -1, -1), x], dim=1)  # (B, P+T, C)
         if positions is not None:
             virtual = torch.arange(P, device=x.device)[None].expand(positions.shape[0], P)
             positions = torch.cat([virtual, positions + P], dim=1)
@@ -300,25 +246,20 @@ def _prompt_forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | 
         if mask is not None:
             seen = torch.ones(mask.shape[0], 1, mask.shape[2], P, dtype=torch.bool, device=mask.device)
             mask = torch.cat([seen, mask], dim=-1)
-    # _attention_inputs reads only the shape and device of its first argument
-    positions, mask, causal = self._attention_inputs(x[..., 0], positions, mask, cache,
-                                                     self.config.sliding_window)
-    x, norm = _run_decoder(self, x, positions, mask, causal, cache)
-    if cache is not None:
-        cache.length += x.shape[1]
-    if prefill:
-        x = x[:, P:]
-    if last_only:
-        x = x[:, -1:]
-    x = norm(x)
-    return x if return_hidden else self.lm_head(x)
+    kwargs.update(inputs_embeds=x, positions=positions, mask=mask)
+    return (), kwargs
 
 
-def _prompt_new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                      device: torch.device | str | None = None) -> KVCache:
-    """A cache with room for the virtual tokens too."""
-    P = self.prompt_encoder.embedding.num_embeddings
-    return DecoderBase.new_cache(self, batch_size, max_len + P, dtype, device)
+def _drop_prompt_outputs(model: DecoderBase, args: tuple, kwargs: dict[str, Any],
+                         output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: callers get outputs for their own tokens only, as without the soft prompt."""
+    cache = kwargs.get("cache")
+    total = kwargs["inputs_embeds"].shape[1]
+    # the prompt went in front iff the cache grew from empty by the whole input (or there is none)
+    prompt_in_front = cache is None or cache.length == total
+    if not prompt_in_front or kwargs.get("last_only"):
+        return output
+    return output[:, model.prompt_encoder.embedding.num_embeddings:]
 
 
 def inject_prompt_tuning(model: DecoderBase, num_virtual_tokens: int,
@@ -331,10 +272,11 @@ def inject_prompt_tuning(model: DecoderBase, num_virtual_tokens: int,
     so `causal_lm_loss` and generation work unchanged. Given boolean masks (B|1,1,T,S) get P
     True columns in front (the virtual tokens see only each other, causally). With a KV cache
     the soft prompt is put in front on the first call (`cache.length == 0`) and stays in the
-    cache; `model.new_cache` reserves P more slots. With S = E(init_ids) the model's output on
-    ids equals the base model's on init_ids + ids at the positions of ids.
+    cache; `model.extra_cache_slots = P` makes `new_cache` reserve room for it. With
+    S = E(init_ids) the model's output on ids equals the base model's on init_ids + ids at the
+    positions of ids.
     """
-    _family(model)
+    _check_decoder(model)
     if hasattr(model, "prompt_encoder"):
         raise TemperError("prompt tuning is already injected into this model")
     if num_virtual_tokens < 1:
@@ -342,10 +284,11 @@ def inject_prompt_tuning(model: DecoderBase, num_virtual_tokens: int,
     encoder = PromptEncoder(num_virtual_tokens, model.config.hidden_size, **_like(model))
     if init_ids:
         ids = (list(init_ids) * math.ceil(num_virtual_tokens / len(init_ids)))[:num_virtual_tokens]
-        embed = model.embed_tokens if model.config.family == "llama" else model.wte
+        embed = model.input_embeddings
         with torch.no_grad():
             encoder.embedding.weight.copy_(embed.weight[torch.tensor(ids, device=embed.weight.device)])
     model.prompt_encoder = encoder
-    model.forward = types.MethodType(_prompt_forward, model)
-    model.new_cache = types.MethodType(_prompt_new_cache, model)
+    model.extra_cache_slots = num_virtual_tokens
+    model.register_forward_pre_hook(_put_prompt_in_front, with_kwargs=True)
+    model.register_forward_hook(_drop_prompt_outputs, with_kwargs=True)
     return encoder

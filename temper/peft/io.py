@@ -43,10 +43,10 @@ def _hf_module(adapter, name: str) -> str:
 
 def _tied_pair(model: nn.Module) -> tuple[str, str] | None:
     """(output layer, input embedding) names when they share one weight."""
-    for emb in ("embed_tokens", "wte"):
-        if hasattr(model, emb) and getattr(getattr(model, "lm_head", None), "weight", None) is getattr(model, emb).weight:
-            return "lm_head", emb
-    return None
+    emb = model.input_embeddings
+    if getattr(model.lm_head, "weight", None) is not emb.weight:  # a 4-bit or LoRA head has none
+        return None
+    return "lm_head", next(name for name, m in model.named_children() if m is emb)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base_model_name_or_path: str,

@@ -227,8 +227,8 @@ def run(cfg: Config) -> None:
     import torch
 
     from temper.data.chat import render
+    from temper.models import load_for_inference
     from temper.models.generate import SamplingConfig
-    from temper.peft import load_for_inference
     from temper.runtime import resolve_device
 
     device = resolve_device(cfg.device)

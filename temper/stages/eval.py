@@ -63,7 +63,7 @@ def run(cfg: Config) -> dict:
     from temper.eval.sliding import sliding_window_perplexity
     from temper.eval.tasks import iter_task_rows, load_task, run_task
     from temper.lineage import read_lineage
-    from temper.peft import load_for_inference
+    from temper.models import load_for_inference
     from temper.runtime import resolve_device
 
     model_dirs = cfg.models or [cfg.model]
@@ -118,7 +118,7 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
         if cfg.judge == "rule":
             reports[task.name] = rule_pairwise([o["reference"] for o in outs[0]], answers[0], answers[1])
         else:
-            from temper.peft import load_for_inference
+            from temper.models import load_for_inference
 
             judge_model, judge_tok = load_for_inference(cfg.judge, device=device)
             reports[task.name] = pairwise(judge_model, judge_tok, questions, answers[0], answers[1])

@@ -97,8 +97,8 @@ def run(cfg: Config) -> None:
     import torch
     from tqdm import tqdm
 
+    from temper.models import load_for_inference
     from temper.models.generate import SamplingConfig, generate_text
-    from temper.peft import load_for_inference
     from temper.runtime import resolve_device
 
     prompts: list[Prompt] = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file, cfg.prompt_field)
