@@ -95,6 +95,16 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     return None, overrides, flags
 
 
+def error_line(e: BaseException) -> str:
+    """One line for the user: the message, or for an OS error the path and what the errno means."""
+    if isinstance(e, OSError) and not isinstance(e, ValueError) and e.errno is not None:
+        where = f"{e.filename}: " if e.filename else ""
+        also = f" -> {e.filename2}" if e.filename2 else ""
+        return f"{where[:-2]}{also}: {e.strerror or os.strerror(e.errno)}" if where else (e.strerror or str(e))
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -138,11 +148,10 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         module.run(config)
         return 0
-    except (ValueError, FileNotFoundError) as e:  # TemperError is a ValueError
+    except (ValueError, OSError) as e:  # TemperError is a ValueError; a full disk or a read-only path is an OSError
         if os.environ.get("TEMPER_DEBUG"):
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"temper {stage}: error: {message}", file=sys.stderr)
+        print(f"temper {stage}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"temper {stage}: interrupted", file=sys.stderr)

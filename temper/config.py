@@ -50,6 +50,26 @@ def opt(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> An
     return field(default=default, metadata={"help": help})
 
 
+def check_range(key: str, value: float, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """A number within [low, high] (open ends where asked), finite, or one line naming the key."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    bad = value != value or value in (float("inf"), float("-inf"))
+    if low is not None:
+        bad = bad or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        if low is not None and high is not None:
+            expected = f"in {lo}, {hi}"
+        elif low is not None:
+            expected = f"{'greater than' if low_open else 'at least'} {low:g}"
+        else:
+            expected = f"{'less than' if high_open else 'at most'} {high:g}"
+        raise TemperError(f"{key} must be {expected}, got {value}")
+
+
 # ----------------------------------------------------------------------------- shared sections
 # One schema for what every training stage shares; each training recipe embeds these.
 
@@ -64,6 +84,16 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
     fused: bool = opt(True, "use the fused / foreach AdamW kernels where available")
 
+    def validate(self) -> None:
+        check_range("optim.lr", self.lr, low=0.0)
+        check_range("optim.weight_decay", self.weight_decay, low=0.0)
+        check_range("optim.eps", self.eps, low=0.0, low_open=True)
+        check_range("optim.grad_clip", self.grad_clip, low=0.0)
+        if len(self.betas) != 2:
+            raise TemperError(f"optim.betas must be two numbers (beta1, beta2), got {self.betas}")
+        for i, b in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+
 
 @dataclass
 class ScheduleConfig:
@@ -72,11 +102,21 @@ class ScheduleConfig:
     warmup_ratio: float = opt(0.02, "warmup as a fraction of max_steps when warmup_steps is -1")
     min_lr_ratio: float = opt(0.1, "floor of the decay as a fraction of the peak lr")
 
+    def validate(self) -> None:
+        if self.warmup_steps < -1:
+            raise TemperError(f"schedule.warmup_steps must be -1 (use warmup_ratio) or at least 0, got {self.warmup_steps}")
+        check_range("schedule.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_range("schedule.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+
 
 @dataclass
 class CheckpointConfig:
     every: int = opt(0, "save a checkpoint every N optimiser steps (0: only at the end)")
-    keep_last: int = opt(2, "keep the newest K checkpoints")
+    keep_last: int = opt(2, "keep the newest K checkpoints (0: keep all)")
+
+    def validate(self) -> None:
+        check_range("checkpoint.every", self.every, low=0)
+        check_range("checkpoint.keep_last", self.keep_last, low=0)
 
 
 @dataclass
@@ -86,6 +126,10 @@ class LoggingConfig:
     eval_at_start: bool = opt(False, "also evaluate before the first step (the 'before' numbers)")
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
+
+    def validate(self) -> None:
+        check_range("logging.every", self.every, low=1)
+        check_range("logging.eval_every", self.eval_every, low=0)
 
 
 @dataclass
@@ -153,7 +197,11 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise TemperError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as e:
+        raise TemperError(f"{p}:{e.line}: key '{e.key}' appears twice in one mapping (the first would be lost)") from None
+    except UnicodeDecodeError as e:
+        raise TemperError(f"{p}: not UTF-8 at byte offset {e.start}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -163,6 +211,24 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise TemperError(f"{p}: expected a mapping of keys at the top level")
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int) -> None:
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(cls: type, config_file: str | Path | None = None, overrides: list[str] | None = None):

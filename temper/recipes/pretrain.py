@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from temper.config import (
     OptimConfig,
     ScheduleConfig,
     check_keys,
+    check_range,
     opt,
 )
 from temper.errors import TemperError
@@ -71,8 +71,18 @@ class Config:
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, key) < 1:
                 raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not 0 <= self.eval_fraction < 1:
-            raise TemperError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
+        for key in ("loss_chunk", "vocab_size", "sample_tokens"):
+            check_range(key, getattr(self, key), low=1)
+        for key in ("eval_batches", "samples", "peak_flops"):
+            check_range(key, getattr(self, key), low=0)
+        if self.eval_data and not self.data:
+            raise TemperError("eval_data is used only with data=; the built-in world brings its own validation "
+                              "split (set data= to train on your own text)")
+        if self.eval_data and self.eval_fraction != Config.eval_fraction:
+            raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")
+        if self.world and self.data:
+            raise TemperError("world.* settings apply to the built-in world, which is not used with data=")
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
@@ -139,9 +149,10 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
     from temper.models.config import ModelConfig
 
     if Path(cfg.model).is_dir():
-        model = load_model(cfg.model, device=device, dtype=dtype)
         if cfg.model_config:
-            warnings.warn("model_config is ignored when model is a directory", stacklevel=2)
+            raise TemperError(f"model_config.* sets a preset's shape; model={cfg.model} is a directory whose "
+                              "config.json fixes it (drop model_config, or name a preset)")
+        model = load_model(cfg.model, device=device, dtype=dtype)
     else:
         check_keys(cfg.model_config, ModelConfig, "model_config")
         vocab = 64 * math.ceil(tokenizer.vocab_size / 64)  # a multiple of 64 keeps the matmuls fast

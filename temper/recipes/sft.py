@@ -25,6 +25,7 @@ from temper.config import (
     OptimConfig,
     PeftConfig,
     ScheduleConfig,
+    check_range,
     opt,
 )
 from temper.errors import TemperError
@@ -70,8 +71,16 @@ class Config:
     def validate(self) -> None:
         if not self.model:
             raise TemperError("model= is required: the model directory to fine-tune")
-        if not 0 <= self.replay_weight < 1:
-            raise TemperError(f"replay_weight must be in [0, 1), got {self.replay_weight}")
+        check_range("replay_weight", self.replay_weight, low=0.0, high=1.0, high_open=True)
+        check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
+        for key in ("replay_batch_size", "eval_max_new_tokens"):
+            check_range(key, getattr(self, key), low=1)
+        for key in ("eval_samples", "eval_batches", "peak_flops"):
+            check_range(key, getattr(self, key), low=0)
+        if self.eval_data and self.eval_fraction != Config.eval_fraction:
+            raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")
+        if self.replay_weight == 0 and self.replay_batch_size != Config.replay_batch_size:
+            raise TemperError("replay_batch_size is used only with replay_weight > 0")
         for key in ("batch_size", "grad_accum", "max_steps", "seq_len"):
             if getattr(self, key) < 1:
                 raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -95,7 +104,7 @@ def resolve_data(cfg: Config, lineage: dict):
 
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, int(len(train) * cfg.eval_fraction)) if len(train) > 1 else 0
+        n_eval = max(1, int(len(train) * cfg.eval_fraction)) if len(train) > 1 and cfg.eval_fraction > 0 else 0
         held = set(order[:n_eval])
         held_out = [c for i, c in enumerate(train) if i in held]
         train = [c for i, c in enumerate(train) if i not in held]
