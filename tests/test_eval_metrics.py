@@ -1,4 +1,5 @@
-"""Rolling-window perplexity against lm-eval's windows and transformers; text metrics."""
+"""Rolling-window perplexity against lm-eval's windows and transformers; validation bits per
+byte on hand-made tables; text metrics."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from temper.eval.metrics import (
     rouge,
     token_f1,
 )
+from temper.eval.perplexity import evaluate_batches
 from temper.eval.sliding import (
     count_words,
     rolling_windows,
@@ -189,6 +191,32 @@ def test_sliding_errors(tiny_model_dir, tiny_tokenizer):
             sliding_window_perplexity(model, tiny_tokenizer, texts, window=32, stride=16)
     with pytest.raises(TemperError):
         sliding_window_nll(model, [1, 2, 3], ctx + 1, 4, prefix_id=PREFIX)
+
+
+# -- validation loss and bits per byte (pretraining)
+
+
+def test_evaluate_batches_bits_per_byte_leaves_eos_out():
+    """Hand-made: token 0 is EOS (0 bytes), tokens 1-3 stand for 1, 2 and 3 bytes."""
+    probs = torch.full((4, 4), 1 / 3)
+    # the four scored transitions cost 1, 4 (EOS), 2 and 3 bits
+    probs[1] = torch.tensor([1 / 6, 1 / 6, 1 / 2, 1 / 6])
+    probs[2] = torch.tensor([1 / 16, 5 / 16, 5 / 16, 5 / 16])
+    probs[0] = torch.tensor([1 / 4, 1 / 4, 1 / 4, 1 / 4])
+    probs[3] = torch.tensor([7 / 24, 1 / 8, 7 / 24, 7 / 24])
+    model = TableModel(probs)
+    token_bytes = torch.tensor([0, 1, 2, 3])
+    inputs = torch.tensor([[1, 2, 0, 3, 3]])
+    targets = torch.tensor([[2, 0, 3, 1, -100]])  # the last position is not scored
+    batches = [(inputs, targets), (inputs, torch.full_like(targets, 1))]  # the second is cut by max_batches
+    out = evaluate_batches(model, batches, device=torch.device("cpu"), token_bytes=token_bytes, max_batches=1)
+    ln2 = math.log(2)
+    assert out["val_tokens"] == 4
+    assert out["val_loss"] == pytest.approx((1 + 4 + 2 + 3) * ln2 / 4)  # EOS counts in the loss
+    assert out["val_ppl"] == pytest.approx(2 ** 2.5)
+    assert out["val_bpb"] == pytest.approx((1 + 2 + 3) / (2 + 3 + 1))  # ...not in bits per byte
+    no_bytes = evaluate_batches(model, batches[:1], device=torch.device("cpu"))
+    assert "val_bpb" not in no_bytes and no_bytes["val_loss"] == pytest.approx(out["val_loss"])
 
 
 # -- text metrics
