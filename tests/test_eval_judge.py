@@ -170,16 +170,54 @@ def test_loglikelihood_rolling_is_full_nll(temper_lm):
     ids = torch.tensor([[temper_lm.prefix_id, *tok.encode(text)]])
     nll = torch.nn.functional.cross_entropy(model(ids[:, :-1]).float()[0], ids[0, 1:], reduction="sum").item()
     assert total == pytest.approx(-nll, abs=1e-4)
-    # windows: a short max_length splits the text and still scores every token once
-    short = TemperLM(model=model, tokenizer=tok, max_length=5)
+
+
+def _logp_of_windows(model, windows) -> float:
+    """Sum of log p(targets), each window's targets predicted by its inputs' last positions."""
+    total = 0.0
+    for inputs, targets in windows:
+        logp = model(torch.tensor([inputs])).float().log_softmax(-1)[0, -len(targets):]
+        total += logp.gather(-1, torch.tensor(targets)[:, None]).sum().item()
+    return total
+
+
+@torch.no_grad()
+def test_loglikelihood_rolling_uses_lm_evals_windows(temper_lm):
+    utils = pytest.importorskip("lm_eval.utils")
+    model, tok = temper_lm.model, temper_lm.tokenizer
+    text = "Bob lives in Rome; his dog is Rex. Alice has a cat named Tom."
+    tokens, size = tok.encode(text), 5
+    assert len(tokens) > 3 * size and len(tokens) % size  # several windows and a partial last one
+    short = TemperLM(model=model, tokenizer=tok, max_length=size, batch_size=3)
     (windowed,) = short.loglikelihood_rolling([_req(text)])
-    full = ids[0].tolist()
-    expected = 0.0
-    for s in range(0, len(full) - 1, 5):  # disjoint windows, each seeing only its own tokens
-        inp, tgt = full[s:s + 5], full[s + 1:s + 6]
-        inp = inp[:len(tgt)]
-        expected += model(torch.tensor([inp])).float().log_softmax(-1)[0].gather(-1, torch.tensor(tgt)[:, None]).sum().item()
-    assert windowed == pytest.approx(expected, abs=1e-4) and windowed != pytest.approx(total, abs=1e-3)
+    windows = [((ctx + cont)[:-1], cont) for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+        tokens, temper_lm.prefix_id, max_seq_len=size, context_len=1))]
+    assert windowed == pytest.approx(_logp_of_windows(model, windows), abs=1e-4)
+    # the last partial window sees a full window of context: cutting it to its own tokens changes the total
+    full = [temper_lm.prefix_id, *tokens]
+    starts = range(0, len(tokens), size)
+    cut = [(full[s:s + size][:len(full[s + 1:s + 1 + size])], full[s + 1:s + 1 + size]) for s in starts]
+    assert windows[:-1] == cut[:-1] and len(windows[-1][0]) == size > len(cut[-1][0])
+    assert windowed != pytest.approx(_logp_of_windows(model, cut), abs=1e-3)
+
+
+def test_loglikelihood_rolling_equals_hflm(tiny_model_dir):
+    """The same weights through transformers and lm-eval's own HFLM give the same totals."""
+    transformers = pytest.importorskip("transformers")
+    hf_lm = pytest.importorskip("lm_eval.models.huggingface")
+    size = 16
+    hf = hf_lm.HFLM(pretrained=transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                    tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_model_dir), backend="causal",
+                    max_length=size, device="cpu", batch_size=4)
+    ours = TemperLM(pretrained=str(tiny_model_dir), max_length=size, batch_size=3)
+    texts = ["Alice lives in Paris. Alice has a cat named Tom. Bob lives in Rome; his dog is Rex. "
+             "Hello, world! Ünïcödé and émojis 😀 must survive.", "Hello, world!"]
+    n_tokens = [len(ours.tokenizer.encode(t)) for t in texts]
+    assert n_tokens[0] > 3 * size and n_tokens[0] % size and n_tokens[1] < size
+    assert hf.prefix_token_id == ours.prefix_id
+    expected = hf.loglikelihood_rolling([_req(t) for t in texts], disable_tqdm=True)
+    got = ours.loglikelihood_rolling([_req(t) for t in texts])
+    assert got == pytest.approx(expected, abs=1e-3)
 
 
 def test_generate_until_stops(temper_lm):

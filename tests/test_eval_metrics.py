@@ -1,9 +1,11 @@
-"""Sliding-window perplexity against the transformers reference loop; text metrics."""
+"""Rolling-window perplexity against lm-eval's windows and transformers; validation bits per
+byte on hand-made tables; text metrics."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -19,68 +21,133 @@ from temper.eval.metrics import (
     rouge,
     token_f1,
 )
-from temper.eval.sliding import sliding_window_nll, sliding_window_perplexity
+from temper.eval.perplexity import evaluate_batches
+from temper.eval.sliding import (
+    count_words,
+    rolling_windows,
+    sliding_window_nll,
+    sliding_window_perplexity,
+)
 from tests.conftest import SAMPLE_TEXT, shared_file
 
+PREFIX = 1  # the BOS of tests' tokenizers; any id works for the window arithmetic
 
-def hf_reference_nll(hf_model, ids: list[int], window: int, stride: int) -> tuple[float, int]:
-    """The loop of Hugging Face's perplexity guide (labels=-100 masking, trg_len = end - prev_end)."""
-    seq = torch.tensor([ids])
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, seq.size(1), stride):
-        end = min(begin + window, seq.size(1))
-        trg_len = end - prev_end
-        input_ids = seq[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
+
+class TableModel(torch.nn.Module):
+    """A bigram model with hand-set probabilities: the logits after token a are log probs[a],
+    so every NLL is known by hand, whatever the context or the window."""
+
+    def __init__(self, probs: torch.Tensor) -> None:  # probs (V, V), rows sum to 1
+        super().__init__()
+        self.table = torch.nn.Embedding.from_pretrained(probs.log())
+        self.lm_head = torch.nn.Linear(probs.shape[0], probs.shape[0], bias=False)
+        self.lm_head.weight.data = torch.eye(probs.shape[0])
+
+    def forward(self, inputs: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        return self.table(inputs)  # (B, T, V): hidden == logits through the identity head
+
+
+def random_table(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)), -1)
+
+
+def test_rolling_windows_are_lm_evals():
+    utils = pytest.importorskip("lm_eval.utils")
+    for n in range(0, 40):
+        tokens = list(range(100, 100 + n))
+        for window in range(1, 12):
+            for stride in range(1, window + 1):
+                ours = rolling_windows(tokens, PREFIX, window, stride)
+                ref = [((ctx + cont)[:-1], cont) for ctx, cont in map(utils.make_disjoint_window,
+                       utils.get_rolling_token_windows(tokens, PREFIX, window, window - stride + 1))]
+                assert ours == ref, (n, window, stride)
+                assert [t for _, tgt in ours for t in tgt] == tokens  # every token scored once
+                assert all(len(inp) == window for inp, _ in ours[1:])  # a partial last window keeps full context
+
+
+@pytest.mark.parametrize("window,stride", [(1, 1), (4, 4), (5, 2), (7, 1), (40, 40)])
+def test_rolling_nll_scores_every_token_from_the_prefix(window, stride):
+    probs = random_table(12)
+    model = TableModel(probs)
+    ids = torch.randint(0, 12, (23,), generator=torch.Generator().manual_seed(3)).tolist()
+    nll, n = sliding_window_nll(model, ids, window, stride, prefix_id=PREFIX, batch_size=2)
+    seq = [PREFIX, *ids]
+    by_hand = -sum(math.log(probs[a, b]) for a, b in zip(seq[:-1], seq[1:]))
+    assert n == len(ids) and nll == pytest.approx(by_hand, rel=1e-5)
+
+
+def lm_eval_rolling_reference(hf_model, ids: list[int], prefix: int, window: int, stride: int) -> tuple[float, int]:
+    """NLL by lm-eval's own windows, scored through transformers the way HFLM does."""
+    utils = pytest.importorskip("lm_eval.utils")
+    nll, count = 0.0, 0
+    windows = utils.get_rolling_token_windows(ids, prefix, window, window - stride + 1)
+    for ctx, cont in map(utils.make_disjoint_window, windows):
         with torch.no_grad():
-            loss = hf_model(input_ids, labels=target_ids).loss
-        valid = int((target_ids[:, 1:] != -100).sum())
-        nll += float(loss) * valid
-        count += valid
-        prev_end = end
-        if end == seq.size(1):
-            break
+            logp = hf_model(torch.tensor([(ctx + cont)[:-1]])).logits[0].float().log_softmax(-1)
+        nll -= logp[-len(cont):].gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        count += len(cont)
     return nll, count
 
 
-@pytest.mark.parametrize("window,stride", [(16, 8), (16, 16), (16, 5)])
-def test_sliding_nll_matches_transformers(hf_model_dir, window, stride):
+@pytest.mark.parametrize("window,stride", [(16, 16), (16, 5), (12, 1)])
+def test_sliding_nll_matches_lm_eval_windows_in_transformers(hf_model_dir, window, stride):
     from temper.models import load_model
 
     path, hf_model = hf_model_dir("llama")
     model = load_model(path)
-    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(1)).tolist()
-    nll, n = sliding_window_nll(model, ids, window, stride, batch_size=3)
-    ref_nll, ref_n = hf_reference_nll(hf_model, ids, window, stride)
-    assert n == ref_n
+    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(1)).tolist()  # 100 % 16: partial end
+    nll, n = sliding_window_nll(model, ids, window, stride, prefix_id=PREFIX, batch_size=3)
+    ref_nll, ref_n = lm_eval_rolling_reference(hf_model, ids, PREFIX, window, stride)
+    assert n == ref_n == len(ids)
     assert nll == pytest.approx(ref_nll, rel=1e-4)
-    if stride < window:
-        assert n == len(ids) - 1  # every token but the first is scored once
-    else:
-        assert n == len(ids) - math.ceil(len(ids) / window)
 
 
-def test_sliding_full_window_equals_one_pass(hf_model_dir):
+@pytest.mark.parametrize("window", [40, 64])
+def test_sliding_one_window_equals_one_pass_with_prefix(hf_model_dir, window):
     from temper.models import load_model
 
-    path, _ = hf_model_dir("llama")
+    path, hf_model = hf_model_dir("llama")
     model = load_model(path)
     ids = list(range(3, 43))
-    nll, n = sliding_window_nll(model, ids, 64, 64)
+    nll, n = sliding_window_nll(model, ids, window, 8, prefix_id=PREFIX)
+    seq = torch.tensor([[PREFIX, *ids]])
     with torch.no_grad():
-        logits = model(torch.tensor([ids]))
-    ref = torch.nn.functional.cross_entropy(logits[0, :-1].float(), torch.tensor(ids[1:]), reduction="sum")
-    assert n == len(ids) - 1 and nll == pytest.approx(float(ref), rel=1e-4)
+        logits = hf_model(seq[:, :-1]).logits[0]
+    ref = torch.nn.functional.cross_entropy(logits.float(), seq[0, 1:], reduction="sum")
+    assert n == len(ids) and nll == pytest.approx(float(ref), rel=1e-4)
 
 
 def _check_result(r: dict, texts: list[str]) -> None:
-    assert r["words"] == sum(len(t.split()) for t in texts)
+    assert r["words"] == sum(len(re.split(r"\s+", t)) for t in texts)
     assert r["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
     assert all(math.isfinite(r[k]) for k in ("token_perplexity", "word_perplexity", "bits_per_byte", "nll"))
     assert r["bits_per_byte"] == pytest.approx(r["nll"] / (r["bytes"] * math.log(2)))
     assert r["token_perplexity"] == pytest.approx(math.exp(r["nll"] / r["tokens"]))
     assert r["word_perplexity"] == pytest.approx(math.exp(r["nll"] / r["words"]))
+
+
+def test_sliding_metrics_cover_every_token_byte_and_word(tiny_model_dir, tiny_tokenizer):
+    """The numerator (NLL of all tokens, the first after BOS) matches the denominators (all bytes, words)."""
+    from temper.models import load_model
+
+    model = load_model(tiny_model_dir)
+    text = "  Ünïcödé and émojis 😀 must survive.\tTabs\n"
+    r = sliding_window_perplexity(model, tiny_tokenizer, [text], window=64, stride=64)
+    seq = torch.tensor([[tiny_tokenizer.bos_id, *tiny_tokenizer.encode(text)]])
+    with torch.no_grad():
+        ref = float(torch.nn.functional.cross_entropy(model(seq[:, :-1])[0].float(), seq[0, 1:], reduction="sum"))
+    words = len(re.split(r"\s+", text))
+    assert words == 9 and count_words(text) == words  # 7 words + the empty pieces lm-eval counts at both ends
+    assert r["tokens"] == seq.shape[1] - 1 and r["nll"] == pytest.approx(ref, rel=1e-5)
+    assert r["bits_per_byte"] == pytest.approx(ref / (len(text.encode()) * math.log(2)), rel=1e-5)
+    assert r["word_perplexity"] == pytest.approx(math.exp(ref / words), rel=1e-5)
+    _check_result(r, [text])
+
+
+def test_count_words_is_lm_evals():
+    task = pytest.importorskip("lm_eval.api.task")
+    for text in ["a b", "  Ünïcödé and\n\némojis 😀\t", "one", "x\n"]:
+        assert count_words(text) == task.ConfigurableTask.count_words(text)
 
 
 def test_sliding_perplexity_end_to_end(tiny_model_dir, tiny_tokenizer):
@@ -90,8 +157,8 @@ def test_sliding_perplexity_end_to_end(tiny_model_dir, tiny_tokenizer):
     texts = [p for p in SAMPLE_TEXT.split("\n\n")[:3]]
     r = sliding_window_perplexity(model, tiny_tokenizer, texts, window=32, stride=16, batch_size=2)
     _check_result(r, texts)
-    assert r["tokens"] == sum(len(tiny_tokenizer.encode(t)) - 1 for t in texts)
-    # texts are scored separately and summed
+    assert r["tokens"] == sum(len(tiny_tokenizer.encode(t)) for t in texts)
+    # texts are scored separately (each from its own BOS) and summed
     parts = [sliding_window_perplexity(model, tiny_tokenizer, [t], window=32, stride=16) for t in texts]
     assert r["nll"] == pytest.approx(sum(p["nll"] for p in parts), rel=1e-5)
     assert r["tokens"] == sum(p["tokens"] for p in parts)
@@ -106,7 +173,7 @@ def test_sliding_perplexity_wikitext(tiny_model_dir, tiny_tokenizer):
     model = load_model(tiny_model_dir)
     r = sliding_window_perplexity(model, tiny_tokenizer, [text], window=128, stride=64)
     _check_result(r, [text])
-    assert r["tokens"] == len(tiny_tokenizer.encode(text)) - 1
+    assert r["tokens"] == len(tiny_tokenizer.encode(text))
 
 
 def test_sliding_errors(tiny_model_dir, tiny_tokenizer):
@@ -123,7 +190,33 @@ def test_sliding_errors(tiny_model_dir, tiny_tokenizer):
         with pytest.raises(TemperError, match="empty"):
             sliding_window_perplexity(model, tiny_tokenizer, texts, window=32, stride=16)
     with pytest.raises(TemperError):
-        sliding_window_nll(model, [1, 2, 3], ctx + 1, 4)
+        sliding_window_nll(model, [1, 2, 3], ctx + 1, 4, prefix_id=PREFIX)
+
+
+# -- validation loss and bits per byte (pretraining)
+
+
+def test_evaluate_batches_bits_per_byte_leaves_eos_out():
+    """Hand-made: token 0 is EOS (0 bytes), tokens 1-3 stand for 1, 2 and 3 bytes."""
+    probs = torch.full((4, 4), 1 / 3)
+    # the four scored transitions cost 1, 4 (EOS), 2 and 3 bits
+    probs[1] = torch.tensor([1 / 6, 1 / 6, 1 / 2, 1 / 6])
+    probs[2] = torch.tensor([1 / 16, 5 / 16, 5 / 16, 5 / 16])
+    probs[0] = torch.tensor([1 / 4, 1 / 4, 1 / 4, 1 / 4])
+    probs[3] = torch.tensor([7 / 24, 1 / 8, 7 / 24, 7 / 24])
+    model = TableModel(probs)
+    token_bytes = torch.tensor([0, 1, 2, 3])
+    inputs = torch.tensor([[1, 2, 0, 3, 3]])
+    targets = torch.tensor([[2, 0, 3, 1, -100]])  # the last position is not scored
+    batches = [(inputs, targets), (inputs, torch.full_like(targets, 1))]  # the second is cut by max_batches
+    out = evaluate_batches(model, batches, device=torch.device("cpu"), token_bytes=token_bytes, max_batches=1)
+    ln2 = math.log(2)
+    assert out["val_tokens"] == 4
+    assert out["val_loss"] == pytest.approx((1 + 4 + 2 + 3) * ln2 / 4)  # EOS counts in the loss
+    assert out["val_ppl"] == pytest.approx(2 ** 2.5)
+    assert out["val_bpb"] == pytest.approx((1 + 2 + 3) / (2 + 3 + 1))  # ...not in bits per byte
+    no_bytes = evaluate_batches(model, batches[:1], device=torch.device("cpu"))
+    assert "val_bpb" not in no_bytes and no_bytes["val_loss"] == pytest.approx(out["val_loss"])
 
 
 # -- text metrics

@@ -68,3 +68,27 @@ def test_eval_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
     bad.write_text("name: x\ntype: generation\ndata: d.jsonl\n")
     assert main(["eval", f"model={tiny_model_dir}", f"tasks={bad}"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_eval_data_text_mode_decides_what_one_text_is(tmp_path, tiny_model_dir):
+    """file: the whole file is one text (one BOS, context carried across paragraphs); paragraph/line: one text each."""
+    from temper.data.tokenizer import Tokenizer
+    from temper.eval.sliding import sliding_window_perplexity
+    from temper.models import load_model
+    from temper.stages.eval import Config, run
+
+    paragraphs = ["Alice lives in Paris.\nBob lives in Rome.", "The sum of 3 and 4 is 7.\nHello, world!"]
+    text = "\n\n".join(paragraphs) + "\n"
+    path = tmp_path / "valid.txt"
+    path.write_text(text, encoding="utf-8")
+    tok, model = Tokenizer.from_dir(tiny_model_dir), load_model(tiny_model_dir)
+    expected = {"file": [text], "paragraph": paragraphs, "line": [ln for p in paragraphs for ln in p.split("\n")]}
+    for mode, texts in expected.items():
+        results = run(Config(model=str(tiny_model_dir), data=[str(path)], text_mode=mode, window=8, stride=4,
+                             device="cpu", output_dir=str(tmp_path / mode)))
+        got = results["per_model"][str(tiny_model_dir)]["perplexity"]
+        assert got["tokens"] == sum(len(tok.encode(t)) for t in texts), mode
+        assert got["bytes"] == sum(len(t.encode()) for t in texts), mode
+        ref = sliding_window_perplexity(model, tok, texts, window=8, stride=4)
+        assert got["nll"] == pytest.approx(ref["nll"], rel=1e-5), mode
+    assert main(["eval", f"model={tiny_model_dir}", f"data={path}", "text_mode=files"]) == 2

@@ -41,6 +41,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def bigram(tiny_tokenizer):
+    """llama-tiny whose blocks add nothing (o_proj and down_proj are zero), so the next token
+    depends on the current token only: table[a] = log P(. | a), read off once, is every answer."""
+    from temper.models import build_model, preset
+
+    torch.manual_seed(0)
+    m = build_model(preset("llama-tiny", vocab_size=tiny_tokenizer.vocab_size)).eval()
+    with torch.no_grad():
+        m.embed_tokens.weight.normal_(0, 0.2)  # tied head: peaked enough that positions matter
+        for layer in m.layers:
+            layer.attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        table = torch.log_softmax(m(torch.arange(tiny_tokenizer.vocab_size)[:, None])[:, 0].float(), -1)  # (V, V)
+        seq = torch.randint(0, tiny_tokenizer.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(torch.log_softmax(m(seq)[0].float(), -1), table[seq[0]], atol=1e-5)
+    return m, table
+
+
+def bigram_score(tokenizer, table: torch.Tensor, context: str, choice: str) -> float:
+    """log P(choice | context) by hand: context and choice encoded separately, each token after the one before."""
+    ctx, ids = tokenizer.encode(context), tokenizer.encode(choice)
+    return sum(float(table[prev, tok]) for prev, tok in zip([ctx[-1], *ids[:-1]], ids))
+
+
+def first_argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])
+
+
 @pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
 def test_cached_batch_equals_scoring_from_scratch(tiny_tokenizer, family):
     from temper.models import build_model, preset
@@ -51,7 +80,7 @@ def test_cached_batch_equals_scoring_from_scratch(tiny_tokenizer, family):
     choices = [" Rome", " Paris, the town of Alice", " a", " Ünïcödé 😀 far away"]
     cached = score_choices(m, tiny_tokenizer, context, choices)
     naive = score_choices(m, tiny_tokenizer, context, choices, use_cache=False)
-    assert [b for _, b in cached] == [len(c.encode()) for c in choices]
+    assert [n for _, n in cached] == [n for _, n in naive] == [len(c) for c in choices]  # characters
     for (a, _), (b, _) in zip(cached, naive):
         assert math.isfinite(a) and a < 0
         assert a == pytest.approx(b, abs=1e-4)
@@ -66,7 +95,7 @@ def test_cached_batch_equals_scoring_from_scratch(tiny_tokenizer, family):
 def test_acc_and_acc_norm(model, tiny_tokenizer, monkeypatch):
     import temper.eval.multiple_choice as mc
 
-    # in "x" the sum favours the short gold choice, per byte the long wrong one wins
+    # in "x" the sum favours the short gold choice, per character the long wrong one wins
     fake = {"x": [(-4.0, 40), (-3.0, 1)], "y": [(-1.0, 5), (-9.0, 5)]}
     monkeypatch.setattr(mc, "score_choices", lambda m, t, ctx, ch, use_cache=True: fake[ctx[-1]])
     rows = [{"context": "x", "choices": ["a", "b"], "gold": 1}, {"context": "y", "choices": ["a", "b"], "gold": 0}]
@@ -75,10 +104,62 @@ def test_acc_and_acc_norm(model, tiny_tokenizer, monkeypatch):
     assert out["examples_per_second"] > 0
 
 
-def test_evaluate_multiple_choice_real_model(model, tiny_tokenizer):
-    rows = [{"context": "The sum of 3 and 4 is", "choices": [" 7", " 15", " ten"], "gold": 0}] * 3
-    out = evaluate_multiple_choice(model, tiny_tokenizer, rows, few_shot_prefix="Hello, world!\n\n")
-    assert 0.0 <= out["acc"] <= 1.0 and 0.0 <= out["acc_norm"] <= 1.0
+def test_acc_norm_divides_by_characters_not_bytes(bigram, tiny_tokenizer):
+    m, table = bigram
+    context, choices = "Alice lives in", [" Ünïcödé", " 😀"]  # 8 and 2 characters, 12 and 5 bytes
+    sums = [bigram_score(tiny_tokenizer, table, context, c) for c in choices]
+    assert first_argmax(sums) == 1
+    assert first_argmax([s / len(c) for s, c in zip(sums, choices)]) == 0  # per character: the long one
+    assert first_argmax([s / len(c.encode()) for s, c in zip(sums, choices)]) == 1  # per byte: the emoji
+    for use_cache in (True, False):
+        scores = score_choices(m, tiny_tokenizer, context, choices, use_cache=use_cache)
+        assert [n for _, n in scores] == [8, 2]
+        assert [s for s, _ in scores] == pytest.approx(sums, abs=1e-3)
+        out = evaluate_multiple_choice(m, tiny_tokenizer, [{"context": context, "choices": choices, "gold": 0}],
+                                       use_cache=use_cache)
+        assert out["acc"] == 0.0 and out["acc_norm"] == 1.0
+
+
+def test_task_acc_norm_counts_the_answer_without_its_separator(bigram, tiny_tokenizer, tmp_path):
+    """lm-eval divides by len(choice), the delimiter (" ") not included; a task's answer_template adds it."""
+    m, table = bigram
+    task = task_from_dict(mc_task(tmp_path, [{"question": "what is 3 plus 4?", "choices": ["7", "cat"], "gold": 1}]),
+                          base_dir=tmp_path)
+    assert task.answer_template == " {answer}"
+    context = "Q: what is 3 plus 4?\nA:"
+    sums = [bigram_score(tiny_tokenizer, table, context, c) for c in (" 7", " cat")]
+    assert first_argmax(sums) == 0
+    assert first_argmax([sums[0] / 1, sums[1] / 3]) == 1  # bare answers: "cat" wins
+    assert first_argmax([sums[0] / 2, sums[1] / 4]) == 0  # with the space: "7" would
+    out = run_task(m, tiny_tokenizer, task)
+    assert (out["acc"], out["acc_norm"]) == (0.0, 1.0)
+    row = {"context": context, "choices": [" 7", " cat"], "gold": 1}
+    assert evaluate_multiple_choice(m, tiny_tokenizer, [row])["acc_norm"] == 0.0  # counting the space
+    assert evaluate_multiple_choice(m, tiny_tokenizer, [{**row, "answers": ["7", "cat"]}])["acc_norm"] == 1.0
+    with pytest.raises(TemperError, match="1 answers for 2 choices"):
+        evaluate_multiple_choice(m, tiny_tokenizer, [{**row, "answers": ["7"]}])
+
+
+def test_evaluate_multiple_choice_real_model(bigram, tiny_tokenizer):
+    """acc and acc_norm exactly as computed independently from the model's known bigram table."""
+    m, table = bigram
+    prefix = "Hello, world!\n\n"
+    questions = [("The sum of 3 and 4 is", [" 7", " 15", " ten", " twelve"]),
+                 ("Alice lives in", [" Paris", " Rome", " a town called Ünïcödé", " 😀"]),
+                 ("Bob has a dog named", [" Rex", " Tom", " Alice", " the cat"]),
+                 ("Hello,", [" world!", " émojis 😀", " Tabs\tand  spaces", " Bob"])]
+    picks, picks_norm = [], []
+    for q, choices in questions:
+        sums = [bigram_score(tiny_tokenizer, table, prefix + q, c) for c in choices]
+        picks.append(first_argmax(sums))
+        picks_norm.append(first_argmax([s / len(c) for s, c in zip(sums, choices)]))
+    agree = sum(p == q for p, q in zip(picks, picks_norm))
+    assert 0 < agree < len(questions) and len(set(picks)) > 1  # the two metrics differ; no constant guess wins
+    for golds, acc, acc_norm in ((picks, 1.0, agree / len(questions)), (picks_norm, agree / len(questions), 1.0)):
+        rows = [{"context": q, "choices": ch, "gold": g} for (q, ch), g in zip(questions, golds)]
+        for use_cache in (True, False):
+            out = evaluate_multiple_choice(m, tiny_tokenizer, rows, few_shot_prefix=prefix, use_cache=use_cache)
+            assert (out["acc"], out["acc_norm"], out["examples"]) == (acc, acc_norm, len(questions))
 
 
 def mc_task(tmp_path: Path, rows: list[dict], **extra) -> dict:

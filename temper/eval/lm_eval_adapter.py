@@ -14,8 +14,10 @@ tested directly with objects that carry lm-eval's `.args`.
 Conventions follow lm-eval's `HFLM`: trailing whitespace of a context moves onto the
 continuation, the continuation's tokens are those of encode(context + continuation) after
 encode(context), an empty context is replaced by the BOS (else EOS) token, and rolling
-log-likelihoods use disjoint windows of `max_length` tokens, each conditioned on the one
-token before it.
+log-likelihoods score every token of the text (the first after that prefix token) with
+lm-eval's own windows (`get_rolling_token_windows` + `make_disjoint_window`, context_len=1):
+disjoint windows of `max_length` predictions, except that the last, partial window is fed a
+full `max_length` tokens of context (see `temper.eval.sliding.rolling_windows`).
 """
 
 from __future__ import annotations
@@ -150,15 +152,14 @@ class TemperLM(_Base):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """log p(text) over all its tokens, the first conditioned on the BOS (else EOS) token."""
+        """log p(text) over all its tokens, the first conditioned on the BOS (else EOS) token,
+        by lm-eval's rolling windows of `max_length` tokens."""
+        from temper.eval.sliding import rolling_windows
+
         results = []
         for req in requests:
             tokens = self.tokenizer.encode(req.args[0])
-            full = [self.prefix_id, *tokens]
-            pieces = []
-            for s in range(0, len(tokens), self.max_length):
-                targets = full[s + 1:s + 1 + self.max_length]
-                pieces.append((full[s:s + len(targets)], targets))
+            pieces = rolling_windows(tokens, self.prefix_id, self.max_length, self.max_length)
             total = sum(lp for lp, _ in self._score(pieces)) if pieces else 0.0
             self._cache("loglikelihood_rolling", req.args, total)
             results.append(total)

@@ -9,7 +9,12 @@ The context runs through the model once with a KV cache; the cache is copied to 
 choice and all choices are scored as one right-padded batch continuing from it (a causal
 model never lets a real token see the padding after it, so each choice's own length is
 applied when summing). `acc` takes the argmax of the sums, `acc_norm` the argmax of the sums
-divided by the choice's length in UTF-8 bytes (lm-eval's byte-length normalisation).
+divided by the answer's length in characters, as lm-eval's `acc_norm` does (its
+byte-normalised variant is a different metric, `acc_bytes`). lm-eval counts the answer
+without the separator that joins it to the context (its `target_delimiter`), so a row may
+give those bare answers as `answers` (the task runner does: the choice before
+`answer_template`); without them the scored choice string is counted. Ties go to the first
+choice, as numpy's argmax.
 """
 
 from __future__ import annotations
@@ -52,21 +57,21 @@ def _expand_cache(model, cache: KVCache, rows: int, extra: int) -> KVCache:
 @torch.no_grad()
 def score_choices(model, tokenizer, context: str, choices: Sequence[str], *,
                   use_cache: bool = True) -> list[tuple[float, int]]:
-    """(sum of log P(choice | context), UTF-8 bytes of the choice) for every choice.
+    """(sum of log P(choice | context), characters of the choice) for every choice.
 
     use_cache=False scores each `context + choice` from scratch (the reference the cached
     batch must match).
     """
     ctx, conts = _encode(tokenizer, context, choices)
-    nbytes = [len(c.encode("utf-8")) for c in choices]
+    nchars = [len(c) for c in choices]
     device = next(model.parameters()).device
     if not use_cache:
         out = []
-        for ids, nb in zip(conts, nbytes):
+        for ids, nc in zip(conts, nchars):
             x = torch.tensor([ctx + ids], dtype=torch.long, device=device)
             logp = F.log_softmax(model(x)[0, len(ctx) - 1:-1].float(), dim=-1)
             target = torch.tensor(ids, device=device)
-            out.append((float(logp.gather(-1, target[:, None]).sum()), nb))
+            out.append((float(logp.gather(-1, target[:, None]).sum()), nc))
         return out
 
     n, longest = len(conts), max(len(c) for c in conts)
@@ -89,7 +94,7 @@ def score_choices(model, tokenizer, context: str, choices: Sequence[str], *,
         logp = F.log_softmax(logits.float(), dim=-1)
         token_logp[:, 1:] = logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
     sums = (token_logp * valid).sum(-1).tolist()
-    return list(zip(sums, nbytes))
+    return list(zip(sums, nchars))
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -98,7 +103,9 @@ def _argmax(values: Sequence[float]) -> int:
 
 def evaluate_multiple_choice(model, tokenizer, rows: Iterable[dict], *, few_shot_prefix: str = "",
                              use_cache: bool = True) -> dict:
-    """acc / acc_norm over rows of {"context": str, "choices": [str], "gold": int}.
+    """acc / acc_norm over rows of {"context": str, "choices": [str], "gold": int}, and
+    optionally "answers": [str], the choices without their separator, whose characters acc_norm
+    divides by (default: the choices).
 
     `few_shot_prefix` is put before every context as is (include its separator).
     Returns acc, acc_norm, examples and examples_per_second.
@@ -112,8 +119,12 @@ def evaluate_multiple_choice(model, tokenizer, rows: Iterable[dict], *, few_shot
             scores = score_choices(model, tokenizer, few_shot_prefix + row["context"], row["choices"],
                                    use_cache=use_cache)
             gold = int(row["gold"])
+            answers = row.get("answers")
+            if answers is not None and len(answers) != len(scores):
+                raise TemperError(f"multiple choice: {len(answers)} answers for {len(scores)} choices")
+            chars = [len(a) for a in answers] if answers is not None else [c for _, c in scores]
             hits += _argmax([s for s, _ in scores]) == gold
-            hits_norm += _argmax([s / max(b, 1) for s, b in scores]) == gold
+            hits_norm += _argmax([s / max(c, 1) for (s, _), c in zip(scores, chars)]) == gold
             count += 1
     finally:
         model.train(was_training)

@@ -248,7 +248,8 @@ def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None
         from temper.eval.multiple_choice import evaluate_multiple_choice
 
         items = [{"context": r.context, "gold": r.gold,
-                  "choices": [task.answer_template.format(answer=c) for c in r.choices]} for r in rows]
+                  "choices": [task.answer_template.format(answer=c) for c in r.choices],
+                  "answers": [str(c) for c in r.choices]} for r in rows]  # acc_norm counts the bare answer
         result = evaluate_multiple_choice(model, tokenizer, items, few_shot_prefix=prefix, use_cache=use_cache)
         out = {m: result[m] for m in task.metrics}
         out.update(examples=result["examples"], examples_per_second=result["examples_per_second"])

@@ -6,7 +6,9 @@
     temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
 
 Tasks are YAML files (or the names of the shipped ones in configs/tasks: world_facts_mc,
-world_qa). `data=` adds sliding-window perplexity (token, word, bits per byte) on text.
+world_qa). `data=` adds rolling-window perplexity (token, word, bits per byte) on text, every
+token scored, as lm-evaluation-harness's loglikelihood_rolling (see temper.eval.sliding);
+`text_mode=file` scores each .txt file as one text (wikitext's usual protocol).
 `contamination=` checks every task's rows against training data (13-grams).
 """
 
@@ -16,6 +18,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from temper.config import opt
 from temper.errors import TemperError
@@ -30,8 +33,11 @@ class Config:
     tasks: list[str] = opt([], "task YAML files, or shipped task names (world_facts_mc, world_qa)")
     data: list[str] = opt([], "text for sliding-window perplexity (.txt/.jsonl files, dirs, globs)")
     text_field: str = opt("text", "the JSONL field that holds the text for perplexity")
-    window: int = opt(256, "perplexity window in tokens")
-    stride: int = opt(128, "perplexity stride in tokens (tokens before the stride give context)")
+    text_mode: Literal["paragraph", "line", "file"] = opt(
+        "paragraph", "how .txt files in data= split into texts (each scored with its own context): "
+        "blank-line paragraphs, lines, or one text per file (wikitext's usual protocol)")
+    window: int = opt(256, "perplexity window: tokens fed to the model per pass (lm-eval's max_length)")
+    stride: int = opt(128, "new tokens scored per window after the first (= window: lm-eval's rolling windows)")
     world: str | None = opt(None, "the built-in world directory for {world} tasks (default: the model's lineage)")
     judge: str | None = opt(None, "with two models: 'rule' (checkable answers) or a judge model directory")
     contamination: list[str] = opt([], "training data whose 13-gram overlap with each task is reported")
@@ -68,7 +74,7 @@ def run(cfg: Config) -> dict:
 
     model_dirs = cfg.models or [cfg.model]
     tasks = [load_task(resolve_task(t)) for t in cfg.tasks]
-    texts = list(iter_texts(cfg.data, field=cfg.text_field)) if cfg.data else []
+    texts = list(iter_texts(cfg.data, field=cfg.text_field, text_mode=cfg.text_mode)) if cfg.data else []
     device = resolve_device(cfg.device)
     results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {}}
     for model_dir in model_dirs:
