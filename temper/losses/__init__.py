@@ -1,5 +1,19 @@
 """Loss functions: pure, tensors in and (loss, metrics) out, each tested against its formula."""
 
 from temper.losses.clm import IGNORE_INDEX, causal_lm_loss, fused_linear_cross_entropy
+from temper.losses.logprobs import (
+    causal_lm_sequence_logprobs,
+    causal_lm_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "fused_linear_cross_entropy"]
+__all__ = [
+    "IGNORE_INDEX",
+    "causal_lm_loss",
+    "causal_lm_sequence_logprobs",
+    "causal_lm_token_logprobs",
+    "fused_linear_cross_entropy",
+    "sequence_logprobs",
+    "token_logprobs",
+]

@@ -18,40 +18,60 @@ import torch
 IGNORE_INDEX = -100
 
 
+def _ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+               ignore_index: int, want_grad_hidden: bool, want_grad_weight: bool):
+    """(sum CE, d sum/d hidden or None, d sum/d weight (fp32) or None), one chunk of logits at a time.
+
+    Only the gradients asked for are built: evaluation asks for none (one matmul per chunk,
+    no (V, C) buffer), a frozen output layer for grad_hidden only.
+    """
+    # hidden (N, C) in the compute dtype, weight (V, C), targets (N,)
+    w = weight.to(hidden.dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+    need_grad_logits = want_grad_hidden or want_grad_weight
+    has_ignored = bool((targets == ignore_index).any())  # one check per call, not per chunk
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start:start + chunk_size]
+        t = targets[start:start + chunk_size]
+        valid = t != ignore_index
+        safe_t = t.clamp(min=0)[:, None]
+        logits = (h @ w.t()).float()  # (n, V): one chunk of fp32 logits at a time
+        # CE = log(sum exp(z - max)) + max - z_target, with a single exp pass done in place
+        target_logit = logits.gather(1, safe_t).squeeze(1)
+        row_max = logits.amax(-1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()
+        row_sum = exp.sum(-1, keepdim=True)
+        row_loss = row_sum.log().squeeze(1) + row_max.squeeze(1) - target_logit
+        total += row_loss.masked_fill(~valid, 0.0).sum() if has_ignored else row_loss.sum()
+        if not need_grad_logits:
+            continue
+        # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+        grad_logits = exp.div_(row_sum)
+        grad_logits.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0)[:, None])
+        if has_ignored:
+            grad_logits.masked_fill_(~valid[:, None], 0.0)
+        grad_logits = grad_logits.to(hidden.dtype)  # (n, V)
+        if want_grad_hidden:
+            grad_hidden[start:start + chunk_size] = grad_logits @ w
+        if want_grad_weight:
+            grad_weight += (grad_logits.t() @ h).float()
+    return total, grad_hidden, grad_weight
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The gradients are computed in the forward pass; only call it with grad mode on.
+
+    `ctx.needs_input_grad` says which inputs require grad even under `torch.no_grad()`,
+    so the no-grad case is routed around this Function by `fused_linear_cross_entropy`.
+    """
+
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_size: int, ignore_index: int):
-        # hidden (N, C) in the compute dtype, weight (V, C), targets (N,)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w = weight.to(hidden.dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
-        has_ignored = bool((targets == ignore_index).any())  # one check per call, not per chunk
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = targets[start:start + chunk_size]
-            valid = t != ignore_index
-            safe_t = t.clamp(min=0)[:, None]
-            logits = (h @ w.t()).float()  # (n, V): one chunk of fp32 logits at a time
-            # CE = log(sum exp(z - max)) + max - z_target, with a single exp pass done in place
-            target_logit = logits.gather(1, safe_t).squeeze(1)
-            row_max = logits.amax(-1, keepdim=True)
-            exp = logits.sub_(row_max).exp_()
-            row_sum = exp.sum(-1, keepdim=True)
-            row_loss = row_sum.log().squeeze(1) + row_max.squeeze(1) - target_logit
-            total += row_loss.masked_fill(~valid, 0.0).sum() if has_ignored else row_loss.sum()
-            if not needs_grad:
-                continue
-            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-            grad_logits = exp.div_(row_sum)
-            grad_logits.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0)[:, None])
-            if has_ignored:
-                grad_logits.masked_fill_(~valid[:, None], 0.0)
-            grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[start:start + chunk_size] = grad_logits @ w
-            grad_weight += (grad_logits.t() @ h).float()
+        total, grad_hidden, grad_weight = _ce_chunks(hidden, weight, targets, chunk_size, ignore_index,
+                                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -59,8 +79,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None, None, None
 
 
@@ -68,10 +88,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, target_i) over non-ignored targets, without full logits.
 
-    hidden (..., C), weight (V, C), targets (...). Returns a scalar fp32 sum.
+    hidden (..., C), weight (V, C), targets (...). Returns a scalar fp32 sum. Under
+    `torch.no_grad()` or when neither input requires grad, only the loss is computed
+    (one matmul per chunk); otherwise the gradients of the inputs that require grad.
     """
-    return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                          targets.reshape(-1), chunk_size, ignore_index)
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _ce_chunks(hidden, weight, targets, chunk_size, ignore_index, False, False)[0]
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,

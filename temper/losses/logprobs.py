@@ -1,0 +1,157 @@
+"""Per-token and per-sequence log-probabilities of given targets, from final hidden states.
+
+    log p_i = log softmax(h_i W^T / tau)[t_i] = z_i[t_i] - logsumexp(z_i),  z_i = h_i W^T / tau
+
+and per sequence b: sum_{i in b, t_i != ignore} log p_i with the number of such targets.
+DPO and reward-model losses compare these sums between two completions; PPO and GRPO take
+ratios of the per-token values (tau is the sampling temperature, as their rollouts use).
+
+Where it departs from the naive `log_softmax(h @ W.T / tau).gather(-1, t)`: the
+(tokens x vocab) logits are never held. The forward pass computes them one chunk of
+tokens at a time and keeps only the per-token logsumexp; the backward pass recomputes each
+chunk's logits (one more matmul per chunk than autograd's naive graph) and applies
+
+    d log p_i / d z_i = onehot(t_i) - softmax(z_i),   scaled by the upstream gradient g_i / tau,
+
+building the hidden-state and weight gradients only for the inputs that require them. Unlike
+`fused_linear_cross_entropy`, the gradient cannot be built in the forward pass: g_i differs
+per token and is only known in backward. Ignored targets give log p = 0 and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from temper.losses.clm import IGNORE_INDEX
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's if it is on, so backward (run outside autocast) matches forward."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.dtype == torch.float32:
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _logprob_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                    ignore_index: int, temperature: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p (N,), logsumexp (N,)), both fp32, one (chunk, V) block of logits at a time."""
+    # hidden (N, C), weight (V, C), targets (N,)
+    w = weight.to(dtype)
+    logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start:start + chunk_size].to(dtype)
+        t = targets[start:start + chunk_size]
+        logits = (h @ w.t()).float()  # (n, V)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)  # (n,)
+        row_max = logits.amax(-1)  # (n,)
+        chunk_lse = logits.sub_(row_max[:, None]).exp_().sum(-1).log_().add_(row_max)  # one exp pass, in place
+        lse[start:start + chunk_size] = chunk_lse
+        logp[start:start + chunk_size] = (target_logit - chunk_lse).masked_fill_(t == ignore_index, 0.0)
+    return logp, lse
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Saves hidden, weight, targets and the (N,) logsumexp; never an (N, V) tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                ignore_index: int, temperature: float):
+        dtype = _compute_dtype(hidden)
+        logp, lse = _logprob_chunks(hidden, weight, targets, chunk_size, ignore_index, temperature, dtype)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size, ctx.ignore_index, ctx.temperature, ctx.dtype = chunk_size, ignore_index, temperature, dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_hidden or want_weight):
+            return None, None, None, None, None, None
+        dtype, size = ctx.dtype, ctx.chunk_size
+        w = weight.to(dtype)
+        # g_i / tau, zero where the target is ignored, so those rows contribute nothing
+        scale = (grad_logp.float() / ctx.temperature).masked_fill(targets == ctx.ignore_index, 0.0)  # (N,)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        for start in range(0, hidden.shape[0], size):
+            h = hidden[start:start + size].to(dtype)
+            s = scale[start:start + size, None]  # (n, 1)
+            logits = (h @ w.t()).float()  # (n, V), recomputed
+            if ctx.temperature != 1.0:
+                logits.div_(ctx.temperature)
+            # grad_z = s * (onehot(t) - softmax(z)), built in the logits' buffer
+            grad_z = logits.sub_(lse[start:start + size, None]).exp_().mul_(-s)
+            grad_z.scatter_add_(1, targets[start:start + size].clamp(min=0)[:, None], s)
+            grad_z = grad_z.to(dtype)
+            if want_hidden:
+                grad_hidden[start:start + size] = grad_z @ w
+            if want_weight:
+                grad_weight += (grad_z.t() @ h).float()
+        gh = grad_hidden.to(hidden.dtype) if want_hidden else None
+        gw = grad_weight.to(weight.dtype) if want_weight else None
+        return gh, gw, None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   ignore_index: int = IGNORE_INDEX, temperature: float = 1.0,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ weight^T / temperature)[targets], fp32, 0 where targets == ignore_index.
+
+    hidden (..., C), weight (V, C), targets (...) -> (...). Differentiable in hidden and
+    weight; memory O(chunk_size x V) instead of O(tokens x V).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
+                         "expected hidden (..., C) and targets (...)")
+    shape = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        logp = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, chunk_size, ignore_index, temperature)
+    else:  # evaluation / a frozen reference model: nothing saved
+        logp, _ = _logprob_chunks(flat_hidden, weight, flat_targets, chunk_size, ignore_index, temperature,
+                                  _compute_dtype(flat_hidden))
+    return logp.reshape(shape)
+
+
+def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                      ignore_index: int = IGNORE_INDEX, temperature: float = 1.0,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target log-probs (B,) fp32, number of targets (B,)) per sequence.
+
+    hidden (B, T, C), weight (V, C), targets (B, T); see `token_logprobs`.
+    """
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be (batch, time), got shape {tuple(targets.shape)}")
+    logp = token_logprobs(hidden, weight, targets, ignore_index=ignore_index, temperature=temperature,
+                          chunk_size=chunk_size)  # (B, T)
+    return logp.sum(-1), (targets != ignore_index).sum(-1)
+
+
+def causal_lm_token_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
+                             positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                             temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """(B, T) log-probs of `targets` under a temper decoder (0 at IGNORE_INDEX), as `causal_lm_loss` takes them.
+
+    `targets[b, t]` is the token that follows `input_ids[b, :t+1]`, or IGNORE_INDEX.
+    """
+    hidden = model(input_ids, positions=positions, mask=mask, return_hidden=True)  # (B, T, C)
+    return token_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature, chunk_size=chunk_size)
+
+
+def causal_lm_sequence_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
+                                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                                temperature: float = 1.0,
+                                chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target log-probs (B,), number of targets (B,)) per sequence under a temper decoder."""
+    logp = causal_lm_token_logprobs(model, input_ids, targets, positions=positions, mask=mask,
+                                    temperature=temperature, chunk_size=chunk_size)  # (B, T)
+    return logp.sum(-1), (targets != IGNORE_INDEX).sum(-1)
