@@ -115,3 +115,56 @@ def test_section_keeps_stage_defaults_for_keys_not_given():
     c = load_config(Stage, None, ["optim.betas=[0.1, 0.2]"])
     assert c.optim.lr == 0.5 and c.optim.betas == [0.1, 0.2]
     assert load_config(Stage, None, []).optim.lr == 0.5
+
+
+# ----------------------------------------------------------------------------- values checked up front
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1e-3", "optim.lr must be at least 0, got -0.001"),
+    ("optim.lr=nan", "optim.lr must be at least 0, got nan"),
+    ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\] must be in \[0, 1\), got 1.0"),
+    ("optim.eps=0", "optim.eps must be greater than 0, got 0.0"),
+    ("loss_chunk=0", "loss_chunk must be at least 1, got 0"),
+    ("schedule.warmup_ratio=1.5", r"schedule.warmup_ratio must be in \[0, 1\], got 1.5"),
+    ("schedule.warmup_steps=-2", "schedule.warmup_steps must be -1"),
+    ("eval_fraction=1", r"eval_fraction must be in \[0, 1\), got 1.0"),
+    ("logging.every=0", "logging.every must be at least 1, got 0"),
+    ("checkpoint.every=-5", "checkpoint.every must be at least 0, got -5"),
+    ("eval_data=val.txt", "eval_data is used only with data=; the built-in world brings its own validation split"),
+    ("world.num_people=3", None),  # fine with the world
+])
+def test_pretrain_values_are_checked_before_anything_runs(override, message):
+    from temper.recipes import pretrain
+
+    if message is None:
+        load_config(pretrain.Config, None, [override])
+        return
+    with pytest.raises(TemperError, match=message):
+        load_config(pretrain.Config, None, [override])
+
+
+def test_options_a_mode_would_ignore_are_refused():
+    from temper.recipes import pretrain, sft
+
+    with pytest.raises(TemperError, match="world.\\* settings apply to the built-in world"):
+        load_config(pretrain.Config, None, ["data=a.txt", "world.num_people=3"])
+    with pytest.raises(TemperError, match="eval_fraction splits data= only when eval_data is empty"):
+        load_config(sft.Config, None, ["model=m", "eval_data=x.jsonl", "eval_fraction=0.3"])
+    with pytest.raises(TemperError, match="replay_batch_size is used only with replay_weight > 0"):
+        load_config(sft.Config, None, ["model=m", "replay_batch_size=4"])
+    assert load_config(sft.Config, None, ["model=m", "eval_fraction=0"]).eval_fraction == 0.0  # 0: hold none out
+
+
+def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path):
+    from temper.recipes import pretrain
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 10\noptim:\n  lr: 1.0e-3\n  lr: 3.0e-3\n")
+    with pytest.raises(TemperError, match=r"run.yaml:4: key 'lr' appears twice"):
+        load_config(pretrain.Config, path)
+    path.write_text("max_steps: 10\nmax_steps: 20\n")
+    with pytest.raises(TemperError, match=r"run.yaml:2: key 'max_steps' appears twice"):
+        load_config(pretrain.Config, path)
+    path.write_text("max_steps: 10\noptim: {lr: 1.0e-3}\nschedule: {name: linear}\n")  # distinct keys load
+    assert load_config(pretrain.Config, path).optim.lr == pytest.approx(1e-3)

@@ -78,7 +78,7 @@ class Counter:
         self.position = state["position"]
 
 
-def toy_run(out, cfg, crash_at=None):
+def toy_run(out, cfg, crash_at=None, precision="fp32"):
     from temper.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def toy_run(out, cfg, crash_at=None):
         x, y = batch
         return ((model(x) - y) ** 2).sum(), y.numel()
 
-    loop = TrainLoop(cfg, "toy", out, model, optimizer, torch.device("cpu"), "fp32", state={"data": data},
+    loop = TrainLoop(cfg, "toy", out, model, optimizer, torch.device("cpu"), precision, state={"data": data},
                      evaluate=evaluate, flops_per_token=10.0)
     for step in loop:
         if step == crash_at:
@@ -140,6 +140,21 @@ def test_resume_continues_bitwise_and_restores_state(tmp_path):
     key = lambda rows: [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in rows]  # noqa: E731
     assert key(rows_a) == key(rows_b)  # exact floats: the data position and optimiser came back
     assert torch.equal(model_a.weight, model_b.weight)
+
+
+def test_fp16_gradient_scaler_state_travels_with_the_checkpoint(tmp_path):
+    """fp16 runs scale the loss; the scaler's scale and growth tracker are saved and restored
+    (autocast fp16 and the scaler both run on CPU here, so no GPU is needed)."""
+    straight, _, model_a = toy_run(tmp_path / "a", ToyConfig(), precision="fp16")
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(tmp_path / "b", ToyConfig(), crash_at=5, precision="fp16")
+    toy_run(tmp_path / "b", dataclasses.replace(ToyConfig(), resume="auto"), precision="fp16")
+    states = [json.loads((tmp_path / d / "checkpoints" / "step_00000007" / "state.json").read_text()) for d in "ab"]
+    # the first steps overflow in fp16 and back the scale off: state a fresh scaler would not have
+    assert states[0]["grad_scaler"]["scale"] < 65536.0
+    assert states[0]["grad_scaler"] == states[1]["grad_scaler"]
+    rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert [r.get("loss") for r in rows_a] == [r.get("loss") for r in rows_b]
 
 
 def test_tensorboard_is_written_when_asked(tmp_path, monkeypatch):

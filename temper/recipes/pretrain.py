@@ -177,6 +177,7 @@ def run(cfg: Config) -> dict:
 
     from temper.data.shards import TokenLoader
     from temper.eval.perplexity import evaluate_batches
+    from temper.io import refuse_same_dir
     from temper.lineage import write_lineage
     from temper.losses import causal_lm_loss
     from temper.models import save_model
@@ -185,6 +186,8 @@ def run(cfg: Config) -> dict:
     from temper.train.loop import TrainLoop
     from temper.train.optim import build_optimizer
 
+    if Path(cfg.model).is_dir():  # continued pretraining must not overwrite its starting point
+        refuse_same_dir(cfg.output_dir, cfg.model, "model")
     out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
 
     # data -> tokenizer -> shards -> model

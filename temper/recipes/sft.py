@@ -121,6 +121,7 @@ def run(cfg: Config) -> dict:
     from temper.data.tokenizer import Tokenizer
     from temper.eval.generation import evaluate_instructions
     from temper.eval.perplexity import evaluate_batches
+    from temper.io import refuse_same_dir
     from temper.lineage import read_lineage, write_lineage
     from temper.losses import causal_lm_loss
     from temper.models import load_model, save_model
@@ -129,6 +130,7 @@ def run(cfg: Config) -> dict:
     from temper.train.loop import TrainLoop
     from temper.train.optim import build_optimizer
 
+    refuse_same_dir(cfg.output_dir, cfg.model, "model")  # a fine-tuned model must not overwrite its base
     out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
 
     # model, tokenizer, template

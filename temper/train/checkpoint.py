@@ -161,6 +161,9 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
         fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        trash = root / f".old-step_{step:08d}-{os.getpid()}"
+        if trash.exists() and not final.exists():  # the swap was cut halfway: put the old one back
+            os.rename(trash, final)
         previous = latest_checkpoint(root)
         kept = f"; the previous checkpoint {previous.name} stays valid" if previous else ""
         raise TemperError(f"could not write the checkpoint of step {step} in {root} ({e.strerror or e}){kept}") from None
