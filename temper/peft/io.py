@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from temper.config import PeftConfig
@@ -105,9 +105,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    from temper.io import atomic_write_bytes, atomic_write_text
+
+    atomic_write_bytes(out / "adapter_model.safetensors",
+                       save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"}))
+    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -93,6 +93,7 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
     if cfg.data:
         return cfg.data, cfg.eval_data or None, cfg.text_field, None
     from temper.data.world import WorldConfig, build_world, write_world
+    from temper.io import atomic_write_text
 
     check_keys(cfg.world, WorldConfig, "world")
     world_cfg = WorldConfig(**{"seed": cfg.seed, **cfg.world})
@@ -102,7 +103,7 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
     wanted = json.dumps(asdict(world_cfg), sort_keys=True)
     if not (stamp.is_file() and stamp.read_text() == wanted):  # unchanged files keep the shard cache valid
         write_world(build_world(world_cfg), world_dir)
-        stamp.write_text(wanted)
+        atomic_write_text(stamp, wanted)
     facts = json.loads((world_dir / "facts.json").read_text(encoding="utf-8"))
     pretrain_dir = world_dir / "pretrain"
     return [str(pretrain_dir / "train.jsonl")], [str(pretrain_dir / "val.jsonl")], "text", facts
@@ -112,6 +113,7 @@ def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
     from temper.data.readers import expand_paths, iter_texts
     from temper.data.shards import files_fingerprint, fingerprint
     from temper.data.tokenizer import Tokenizer, train_tokenizer
+    from temper.io import atomic_write_text
 
     if cfg.tokenizer:
         return Tokenizer.from_dir(cfg.tokenizer)
@@ -125,7 +127,7 @@ def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
     texts = iter_texts(train_files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, model_max_length=cfg.seq_len)
     tokenizer.save(tok_dir)
-    stamp.write_text(key)
+    atomic_write_text(stamp, key)
     return tokenizer
 
 
@@ -308,9 +310,9 @@ def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | 
     if not rows:
         prompts = cfg.sample_prompts or opening_prompts(shard_dir, tokenizer, cfg.samples)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, generate_text(model, tokenizer, prompts, greedy))]
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    from temper.io import atomic_write_text
+
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for r in rows[:cfg.samples]:
         print(f"sample> {r['prompt']!r} -> {r['completion']!r}", file=sys.stderr)
     return result

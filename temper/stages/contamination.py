@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from temper.config import opt
 from temper.errors import TemperError
@@ -52,5 +51,7 @@ def run(cfg: Config) -> dict:
         print(f"{name}: {rep['contaminated']}/{rep['checked']} rows share a {cfg.n}-gram with the training data "
               f"({rep['fraction']:.1%}); {rep['skipped_short']} rows too short to check")
     if cfg.output:
-        Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")
+        from temper.io import atomic_write_text
+
+        atomic_write_text(cfg.output, json.dumps(report, indent=2) + "\n")
     return report
