@@ -271,6 +271,59 @@ def test_resolve_template(tmp_path, tiny_tokenizer):
         resolve_template(str(empty))
 
 
+def _hf_saved(tmp_path, tiny_tokenizer, name: str, template, **save_kwargs):
+    """A tokenizer directory written by transformers' own `save_pretrained`."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend, bos_token="<|bos|>",
+                                              eos_token="<|eos|>", pad_token="<|pad|>", chat_template=template)
+    out = tmp_path / name
+    hf.save_pretrained(out, **save_kwargs)
+    return out, transformers.AutoTokenizer.from_pretrained(out)
+
+
+def test_read_chat_template_reads_every_layout_transformers_writes(tmp_path, tiny_tokenizer):
+    from temper.data.chat import read_chat_template
+
+    # one template: transformers 5.x writes chat_template.jinja and leaves it out of the config
+    single, hf = _hf_saved(tmp_path, tiny_tokenizer, "single", ZEPHYR_TEMPLATE)
+    assert (single / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((single / "tokenizer_config.json").read_text())
+    assert read_chat_template(single) == hf.get_chat_template() == ZEPHYR_TEMPLATE
+    assert Tokenizer.from_dir(single).chat_template == ZEPHYR_TEMPLATE
+    # named templates: "default" in chat_template.jinja, the others in additional_chat_templates/
+    named = {"default": MISTRAL_TEMPLATE, "tool_use": ZEPHYR_TEMPLATE}
+    several, hf = _hf_saved(tmp_path, tiny_tokenizer, "several", named)
+    assert (several / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert read_chat_template(several) == hf.get_chat_template() == MISTRAL_TEMPLATE
+    # the legacy layout: a list of named templates inside tokenizer_config.json
+    legacy, hf = _hf_saved(tmp_path, tiny_tokenizer, "legacy", named, save_jinja_files=False)
+    assert not (legacy / "chat_template.jinja").exists()
+    assert isinstance(json.loads((legacy / "tokenizer_config.json").read_text())["chat_template"], list)
+    assert read_chat_template(legacy) == hf.get_chat_template() == MISTRAL_TEMPLATE
+    assert Tokenizer.from_dir(legacy).chat_template == MISTRAL_TEMPLATE
+    # both places filled: the file wins, as in transformers
+    cfg = json.loads((single / "tokenizer_config.json").read_text())
+    (single / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML_TEMPLATE}))
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(single)
+    assert read_chat_template(single) == hf.get_chat_template() == ZEPHYR_TEMPLATE
+    assert Tokenizer.from_dir(single).chat_template == ZEPHYR_TEMPLATE
+    # a bad entry is named
+    (legacy / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(TemperError, match="tokenizer_config.json: 'chat_template' must be a string"):
+        read_chat_template(legacy)
+
+
+def test_saving_over_a_stale_chat_template_file(tmp_path, tiny_tokenizer):
+    """A chat_template.jinja left in the output directory would shadow the saved template."""
+    from temper.data.chat import read_chat_template
+
+    (tmp_path / "chat_template.jinja").write_text(ZEPHYR_TEMPLATE, encoding="utf-8")
+    Tokenizer(tiny_tokenizer.backend, chat_template=MISTRAL_TEMPLATE).save(tmp_path)
+    assert read_chat_template(tmp_path) == MISTRAL_TEMPLATE
+    Tokenizer(tiny_tokenizer.backend).save(tmp_path)
+    assert read_chat_template(tmp_path) is None and not (tmp_path / "chat_template.jinja").exists()
+
+
 def test_end_of_turn_strings():
     assert end_of_turn_strings(BUILTIN_TEMPLATES["chatml"]) == ["<|im_end|>"]
     assert end_of_turn_strings(BUILTIN_TEMPLATES["llama3"]) == ["<|eot_id|>"]

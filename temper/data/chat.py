@@ -28,6 +28,7 @@ __all__ = [
     "ROLES",
     "resolve_template",
     "model_chat_template",
+    "read_chat_template",
     "render",
     "check_messages",
     "assistant_spans",
@@ -81,6 +82,8 @@ _BUILTIN_END_OF_TURN: dict[str, list[str]] = {
 }
 
 ROLES = ("system", "user", "assistant", "tool")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.43 saves the template here
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # ... and named extra templates here
 TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
 
 
@@ -91,21 +94,41 @@ def _builtin_names() -> str:
     return ", ".join(BUILTIN_TEMPLATES)
 
 
-def _template_from_config(cfg: dict, where: Path) -> str | None:
+def _templates_from_config(cfg: dict, where: Path) -> dict[str, str]:
+    """tokenizer_config.json's `chat_template`: a string, or a list of {"name", "template"}."""
     template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: take "default"
-        template = next((t.get("template") for t in template
-                         if isinstance(t, dict) and t.get("name") == "default"), None)
-    if template is not None and not isinstance(template, str):
-        raise TemperError(f"{where}: 'chat_template' must be a string")
-    return template or None
+    if template is None:
+        return {}
+    if isinstance(template, str):
+        return {"default": template}
+    if isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template):
+        return {t["name"]: t["template"] for t in template}
+    raise TemperError(f"{where}: 'chat_template' must be a string or a list of "
+                      '{"name": ..., "template": ...} objects')
 
 
-def _template_from_dir(path: Path) -> str | None:
-    """The chat template of a model/tokenizer directory: chat_template.jinja or tokenizer_config.json."""
-    jinja_file = path / "chat_template.jinja"  # where transformers >= 4.43 saves it
+def read_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template saved in a model/tokenizer directory, as transformers reads it; None if none.
+
+    transformers >= 4.43 saves it as `chat_template.jinja` (named extras in
+    `additional_chat_templates/NAME.jinja`); older versions as `chat_template` in
+    tokenizer_config.json (a string, or a list of named templates). As in transformers, the
+    files, when there are any, replace the config's entry, and the template used is the one
+    named "default". Every command that reads a directory's template comes through here.
+    """
+    path = Path(model_dir)
+    templates: dict[str, str] = {}
+    jinja_file = path / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8") or None
+        templates["default"] = jinja_file.read_text(encoding="utf-8")
+    extra_dir = path / CHAT_TEMPLATE_DIR
+    if extra_dir.is_dir():
+        for f in sorted(extra_dir.glob("*.jinja")):
+            templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if templates:
+        return templates.get("default") or None
     cfg_file = path / "tokenizer_config.json"
     if not cfg_file.is_file():
         return None
@@ -115,7 +138,7 @@ def _template_from_dir(path: Path) -> str | None:
         raise TemperError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(cfg, dict):
         raise TemperError(f"{cfg_file}: expected a JSON object")
-    return _template_from_config(cfg, cfg_file)
+    return _templates_from_config(cfg, cfg_file).get("default") or None
 
 
 def model_chat_template(model_dir: str | Path, tokenizer: Any = None) -> str | None:
@@ -124,7 +147,7 @@ def model_chat_template(model_dir: str | Path, tokenizer: Any = None) -> str | N
     if template:
         return template
     path = Path(model_dir)
-    return _template_from_dir(path) if path.is_dir() else None
+    return read_chat_template(path) if path.is_dir() else None
 
 
 def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
@@ -147,7 +170,7 @@ def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
     except OSError:  # e.g. a name too long to be a path
         is_file = is_dir = False
     if is_dir:
-        template = _template_from_dir(path)
+        template = read_chat_template(path)
         if template is None:
             raise TemperError(
                 f"{path}: no chat_template in its tokenizer_config.json (nor a chat_template.jinja); "
@@ -156,7 +179,7 @@ def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
         return template
     if is_file:
         if path.name == "tokenizer_config.json":
-            template = _template_from_dir(path.parent)
+            template = read_chat_template(path.parent)
             if template is None:
                 raise TemperError(f"{path}: it has no chat_template")
             return template
