@@ -341,7 +341,7 @@ def test_end_of_turn_strings():
 
 
 def test_stop_writer_holds_back_a_possible_stop_string():
-    from temper.stages.chat import StopWriter
+    from temper.data.chat import StopWriter
 
     out: list[str] = []
     w = StopWriter(["<|im_end|>"], out.append)
@@ -458,6 +458,34 @@ def test_generate_chat_renders_the_prompt_with_the_template(monkeypatch, capsys,
     calls.clear()  # without chat=true the prompt is untouched
     assert main(["generate", f"model={tiny_model_dir}", "prompt=hi", "max_new_tokens=2", "stream=false"]) == 0
     assert calls[0][0] == "hi" and list(calls[0][1].stop) == []
+
+
+def test_generate_and_chat_use_a_template_saved_as_jinja_without_the_chat_stage(
+        monkeypatch, capsys, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Both commands read the directory's template through data/chat.py; generate needs no terminal-UI code."""
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "tokenizer_config.json").unlink()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer.backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        chat_template=ZEPHYR_TEMPLATE).save_pretrained(model_dir)
+    assert (model_dir / "chat_template.jinja").is_file()
+    expected = render(ZEPHYR_TEMPLATE, [{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                      bos_token="<|bos|>", eos_token="<|eos|>")
+    calls = _spy_generate_text(monkeypatch)
+    monkeypatch.delitem(sys.modules, "temper.stages.chat", raising=False)
+    code = main(["generate", f"model={model_dir}", "prompt=hi", "chat=true", "max_new_tokens=2",
+                 "temperature=0", "stream=false"])
+    assert code == 0, capsys.readouterr().err
+    assert calls[0][0] == expected
+    assert "temper.stages.chat" not in sys.modules
+    calls.clear()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", f"model={model_dir}", "max_new_tokens=2", "temperature=0"]) == 0
+    assert calls[0][0] == expected
 
 
 def test_generate_prompts_file_with_conversations(monkeypatch, capsys, tmp_path, tiny_model_dir):

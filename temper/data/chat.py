@@ -14,7 +14,7 @@ sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, `raise_excep
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -28,11 +28,15 @@ __all__ = [
     "ROLES",
     "resolve_template",
     "model_chat_template",
-    "read_chat_template",
     "render",
     "check_messages",
     "assistant_spans",
     "end_of_turn_strings",
+    "read_chat_template",
+    "chat_template_for",
+    "render_kwargs",
+    "stop_settings",
+    "StopWriter",
 ]
 
 # Llama-3 instruct, in the form of Meta's tokenizer_config.json (Llama 3.0: no date or tools
@@ -343,7 +347,7 @@ def check_messages(messages: Any, source: str, *, prompt: bool = False) -> None:
 # ----------------------------------------------------------------------------- spans and stops
 
 
-def assistant_spans(template: str, messages: Sequence[dict], **render_kwargs: Any
+def assistant_spans(template: str, messages: Sequence[dict], **variables: Any
                     ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and, per assistant message, its [start, end) character span.
 
@@ -353,15 +357,15 @@ def assistant_spans(template: str, messages: Sequence[dict], **render_kwargs: An
     Llama 3). The template must render a conversation's start the same way whatever
     follows (prefix-stable); one that does not is refused.
     """
-    render_kwargs.pop("add_generation_prompt", None)
+    variables.pop("add_generation_prompt", None)
     messages = list(messages)
-    full = render(template, messages, add_generation_prompt=False, **render_kwargs)
+    full = render(template, messages, add_generation_prompt=False, **variables)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") != "assistant":
             continue
-        before = render(template, messages[:i], add_generation_prompt=True, **render_kwargs)
-        upto = render(template, messages[:i + 1], add_generation_prompt=False, **render_kwargs)
+        before = render(template, messages[:i], add_generation_prompt=True, **variables)
+        upto = render(template, messages[:i + 1], add_generation_prompt=False, **variables)
         if not full.startswith(upto) or not upto.startswith(before):
             bad = before if not upto.startswith(before) else upto
             at = next((k for k, (a, b) in enumerate(zip(bad, full)) if a != b), min(len(bad), len(full)))
@@ -398,3 +402,83 @@ def end_of_turn_strings(template: str) -> list[str]:
         return []
     tail = text[at + 1:].strip()
     return [tail] if tail else []
+
+
+# ----------------------------------------------------------------------------- what generate and chat share
+
+
+def chat_template_for(model_dir: str | Path, tokenizer: Any, spec: str | None) -> str:
+    """The template named by `spec`, else the model's own; a one-line error when there is none."""
+    template = resolve_template(spec, tokenizer) if spec else model_chat_template(model_dir, tokenizer)
+    if template is None:
+        raise TemperError(
+            f"{model_dir}: the model has no chat template; pass template=chatml|llama3|plain (or a .jinja file)"
+        )
+    from temper.lineage import check_template  # lazily: lineage is not needed to render
+
+    check_template(model_dir, template)  # warns when it is not the template the model was tuned with
+    return template
+
+
+def render_kwargs(tokenizer: Any) -> dict[str, str]:
+    """The special tokens a template sees (as in SFT, so training and inference render alike)."""
+    return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+
+
+def stop_settings(tokenizer: Any, template: str, extra: Sequence[str] = ()) -> tuple[list[str], list[int]]:
+    """Stop strings (`extra` and the template's end-of-turn strings) and the ids that end a reply.
+
+    The ids are EOS and every end-of-turn string that is one token of the vocabulary, so
+    that generation ends on it at once and it is never streamed.
+    """
+    turn_ends = end_of_turn_strings(template)
+    stops = list(dict.fromkeys([*extra, *turn_ends]))
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for s in turn_ends:
+        token = tokenizer.token_id(s)
+        if token is not None and token not in ids:
+            ids.append(token)
+    return stops, ids
+
+
+class StopWriter:
+    """An `on_text` callback that writes streamed text but never a stop string.
+
+    Text that may be the beginning of a stop string is held back until it is clearly
+    not; once a stop string appears, nothing more is written. `finish(reply)` writes what
+    is left of the final (already cut) reply.
+    """
+
+    def __init__(self, stops: Sequence[str], write: Callable[[str], Any]) -> None:
+        self.stops = [s for s in stops if s]
+        self.write = write
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def __call__(self, _row: int, piece: str) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._emit(cut)
+            return
+        safe = len(self.text)
+        for s in self.stops:  # hold back a tail that a stop string starts with
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        self._emit(safe)
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.shown:
+            self.write(self.text[self.shown:upto])
+            self.shown = upto
+
+    def finish(self, reply: str) -> None:
+        done = self.text[:self.shown]
+        if reply.startswith(done) and len(reply) > len(done):
+            self.write(reply[len(done):])

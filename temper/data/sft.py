@@ -168,7 +168,7 @@ class EncodeStats:
 def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, loss_on: str = "completion",
                         max_len: int, stats: EncodeStats | None = None) -> Example | None:
     """Token ids and next-token targets for one conversation (None when nothing is left to train)."""
-    from temper.data.chat import assistant_spans
+    from temper.data.chat import assistant_spans, render_kwargs
 
     stats = stats if stats is not None else EncodeStats()
     ends_with_marker = False  # does the last reply already end with an end-of-turn marker?
@@ -180,8 +180,7 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
                 f"{conv.source}: conversational data needs a chat template, and the model has none: "
                 "pass template=chatml (or llama3, plain, a .jinja file)"
             )
-        text, spans = assistant_spans(template, conv.messages, bos_token=tokenizer.bos_token or "",
-                                      eos_token=tokenizer.eos_token or "")
+        text, spans = assistant_spans(template, conv.messages, **render_kwargs(tokenizer))
         ends_with_marker = _ends_with_end_marker(text[slice(*spans[-1])], template, tokenizer)
         if loss_on == "completion":
             spans = spans[-1:]
