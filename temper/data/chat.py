@@ -9,6 +9,10 @@ sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, `raise_excep
 `assistant_spans` finds, in the rendered text, the characters the model learns to write
 (each assistant reply and its end-of-turn marker), for supervised fine-tuning.
 `end_of_turn_strings` gives the strings that end a reply, for stopping generation.
+`read_chat_template` is the one reader of a model directory's template (chat_template.jinja
+or tokenizer_config.json, with transformers' precedence), used by every command.
+`chat_template_for`, `render_kwargs`, `stop_settings` and `StopWriter` are what `temper
+generate` and `temper chat` share.
 """
 
 from __future__ import annotations

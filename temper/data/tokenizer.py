@@ -26,8 +26,8 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # the chat roles (so role names are one token each and cannot be split by BPE).
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
 
-# ChatML, the default template of a temper-trained tokenizer; issue-level chat template
-# handling (built-ins, rendering parity) lives in temper/data/chat.py later.
+# ChatML, the default template of a temper-trained tokenizer; the other built-ins, rendering
+# and reading a directory's template live in temper/data/chat.py.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
