@@ -3,13 +3,15 @@
     python benchmarks/bench_generate.py [--batch 8 --prompt-len 64 --new-tokens 128 --hidden 384 --layers 6]
 
 Builds a random Llama of the given shape with transformers, loads the same weights into
-temper through the HF converter, checks the greedy tokens agree, then times both (best
-of --repeats runs, alternating the two, after a warm-up) and prints tokens/s and the ratio.
+temper through the HF converter, checks the greedy tokens agree (and exits with status 1,
+timing nothing, when they do not), then times both (best of --repeats runs, alternating
+the two, after a warm-up) and prints tokens/s and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
@@ -66,7 +68,12 @@ def main() -> None:
                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                pad_token_id=0, eos_token_id=None)
 
-    same = run_temper() == run_hf()[:, args.prompt_len:].tolist()
+    ours_tokens, hf_tokens = run_temper(), run_hf()[:, args.prompt_len:].tolist()
+    if ours_tokens != hf_tokens:  # a speed of different work means nothing
+        row = next(i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b)
+        step = next(i for i, (a, b) in enumerate(zip(ours_tokens[row], hf_tokens[row])) if a != b)
+        sys.exit(f"greedy tokens differ (row {row}, step {step}: temper {ours_tokens[row][step]}, "
+                 f"transformers {hf_tokens[row][step]}); not timing different work")
     # interleave the two sides so that drifts of a shared, noisy machine hit both alike
     t_temper, t_hf = [], []
     for _ in range(args.repeats):
@@ -79,7 +86,7 @@ def main() -> None:
           f"vocab={args.vocab} ({params / 1e6:.1f}M params), batch={args.batch}, prompt={args.prompt_len}, "
           f"new={args.new_tokens}, device={args.device}, threads={torch.get_num_threads()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"greedy tokens identical: {same}")
+    print("greedy tokens identical: True (checked before timing)")
     print(f"temper        {n / t_temper:10.1f} tokens/s  ({t_temper:.3f} s)")
     print(f"transformers  {n / t_hf:10.1f} tokens/s  ({t_hf:.3f} s)")
     print(f"ratio temper/transformers: {t_hf / t_temper:.2f}x")

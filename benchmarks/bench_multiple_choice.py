@@ -4,7 +4,7 @@
 
 Writes a built-in world (temper.data.world), trains a 2048-token BPE tokenizer on its
 pretraining corpus, builds a random llama-3m with that vocabulary, and scores the
-world_facts_mc task (configs/tasks/world_facts_mc.yaml, 4 choices per question) twice:
+world_facts_mc task (temper/configs/tasks/world_facts_mc.yaml, 4 choices per question) twice:
 with the context run once and its KV cache shared by the batch of choices, and naively
 (every context + choice from scratch). Prints examples/s of both and the ratio, after
 checking that the two give the same accuracy.
@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -37,7 +35,7 @@ def main() -> None:
     from temper.data.readers import iter_texts
     from temper.data.tokenizer import train_tokenizer
     from temper.data.world import WorldConfig, build_world, write_world
-    from temper.eval.tasks import load_task, run_task
+    from temper.eval.tasks import load_task, resolve_task, run_task
     from temper.models import build_model, preset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,9 +44,9 @@ def main() -> None:
         tokenizer = train_tokenizer(iter_texts(world / "pretrain" / "train.jsonl"), vocab_size=2048)
         torch.manual_seed(0)
         model = build_model(preset("llama-3m", vocab_size=2048)).to(args.device).eval()
-        task = dataclasses.replace(load_task(ROOT / "configs" / "tasks" / "world_facts_mc.yaml"),
-                                   few_shot=args.few_shot, limit=args.rows)
-        task.base_dir = str(ROOT / "configs" / "tasks")
+        task_file = resolve_task("world_facts_mc")  # shipped in the package: temper/configs/tasks
+        task = dataclasses.replace(load_task(task_file), few_shot=args.few_shot, limit=args.rows)
+        task.base_dir = str(task_file.parent)
 
         def run(use_cache: bool) -> tuple[float, dict]:
             best, out = float("inf"), {}

@@ -1,4 +1,4 @@
-"""The `temper` command: `temper STAGE [--config FILE.yaml] [key=value ...]`.
+"""The `temper` command: `temper STAGE [--config FILE.yaml|NAME] [key=value ...]`.
 
 Each stage is a module with a `Config` dataclass and a `run(config)` function. Stages are
 imported only when used, so `temper --help` stays fast.
@@ -17,6 +17,7 @@ import yaml
 
 from temper import __version__
 from temper.config import config_help, load_config, to_dict
+from temper.errors import TemperError
 
 # name -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -31,7 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
 }
 
-USAGE = "usage: temper STAGE [--config FILE.yaml] [key=value ...]   (temper STAGE --help for its options)"
+USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
 
 
 def _stage_module(name: str):
@@ -51,7 +52,7 @@ def print_main_help() -> None:
 
 def print_stage_help(name: str) -> None:
     module = _stage_module(name)
-    print(f"usage: temper {name} [--config FILE.yaml] [--print-config] [key=value ...]\n")
+    print(f"usage: temper {name} [--config FILE.yaml|NAME] [--print-config] [key=value ...]\n")
     doc = (module.__doc__ or STAGES[name][1]).strip()
     print(textwrap.fill(" ".join(doc.split("\n\n")[0].split()), 88) + "\n")  # the first paragraph
     rows = config_help(module.Config)
@@ -105,6 +106,18 @@ def error_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def config_file(spec: str | None) -> str | None:
+    """`--config` value: a YAML file, else the name of a config shipped in the package (temper/configs)."""
+    if spec is None or os.path.isfile(spec):
+        return spec
+    from temper.configs import shipped_names, shipped_path
+
+    shipped = shipped_path(spec)
+    if shipped is None:
+        raise TemperError(f"config file not found: {spec} (shipped configs: {', '.join(shipped_names())})")
+    return str(shipped)
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -142,7 +155,7 @@ def _main(argv: list[str] | None = None) -> int:
             print_stage_help(stage)
             return 0
         module = _stage_module(stage)
-        config = load_config(module.Config, flags["config"], overrides)
+        config = load_config(module.Config, config_file(flags["config"]), overrides)
         if flags["print_config"]:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0

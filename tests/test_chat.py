@@ -271,6 +271,59 @@ def test_resolve_template(tmp_path, tiny_tokenizer):
         resolve_template(str(empty))
 
 
+def _hf_saved(tmp_path, tiny_tokenizer, name: str, template, **save_kwargs):
+    """A tokenizer directory written by transformers' own `save_pretrained`."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend, bos_token="<|bos|>",
+                                              eos_token="<|eos|>", pad_token="<|pad|>", chat_template=template)
+    out = tmp_path / name
+    hf.save_pretrained(out, **save_kwargs)
+    return out, transformers.AutoTokenizer.from_pretrained(out)
+
+
+def test_read_chat_template_reads_every_layout_transformers_writes(tmp_path, tiny_tokenizer):
+    from temper.data.chat import read_chat_template
+
+    # one template: transformers 5.x writes chat_template.jinja and leaves it out of the config
+    single, hf = _hf_saved(tmp_path, tiny_tokenizer, "single", ZEPHYR_TEMPLATE)
+    assert (single / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((single / "tokenizer_config.json").read_text())
+    assert read_chat_template(single) == hf.get_chat_template() == ZEPHYR_TEMPLATE
+    assert Tokenizer.from_dir(single).chat_template == ZEPHYR_TEMPLATE
+    # named templates: "default" in chat_template.jinja, the others in additional_chat_templates/
+    named = {"default": MISTRAL_TEMPLATE, "tool_use": ZEPHYR_TEMPLATE}
+    several, hf = _hf_saved(tmp_path, tiny_tokenizer, "several", named)
+    assert (several / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert read_chat_template(several) == hf.get_chat_template() == MISTRAL_TEMPLATE
+    # the legacy layout: a list of named templates inside tokenizer_config.json
+    legacy, hf = _hf_saved(tmp_path, tiny_tokenizer, "legacy", named, save_jinja_files=False)
+    assert not (legacy / "chat_template.jinja").exists()
+    assert isinstance(json.loads((legacy / "tokenizer_config.json").read_text())["chat_template"], list)
+    assert read_chat_template(legacy) == hf.get_chat_template() == MISTRAL_TEMPLATE
+    assert Tokenizer.from_dir(legacy).chat_template == MISTRAL_TEMPLATE
+    # both places filled: the file wins, as in transformers
+    cfg = json.loads((single / "tokenizer_config.json").read_text())
+    (single / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML_TEMPLATE}))
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(single)
+    assert read_chat_template(single) == hf.get_chat_template() == ZEPHYR_TEMPLATE
+    assert Tokenizer.from_dir(single).chat_template == ZEPHYR_TEMPLATE
+    # a bad entry is named
+    (legacy / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(TemperError, match="tokenizer_config.json: 'chat_template' must be a string"):
+        read_chat_template(legacy)
+
+
+def test_saving_over_a_stale_chat_template_file(tmp_path, tiny_tokenizer):
+    """A chat_template.jinja left in the output directory would shadow the saved template."""
+    from temper.data.chat import read_chat_template
+
+    (tmp_path / "chat_template.jinja").write_text(ZEPHYR_TEMPLATE, encoding="utf-8")
+    Tokenizer(tiny_tokenizer.backend, chat_template=MISTRAL_TEMPLATE).save(tmp_path)
+    assert read_chat_template(tmp_path) == MISTRAL_TEMPLATE
+    Tokenizer(tiny_tokenizer.backend).save(tmp_path)
+    assert read_chat_template(tmp_path) is None and not (tmp_path / "chat_template.jinja").exists()
+
+
 def test_end_of_turn_strings():
     assert end_of_turn_strings(BUILTIN_TEMPLATES["chatml"]) == ["<|im_end|>"]
     assert end_of_turn_strings(BUILTIN_TEMPLATES["llama3"]) == ["<|eot_id|>"]
@@ -288,7 +341,7 @@ def test_end_of_turn_strings():
 
 
 def test_stop_writer_holds_back_a_possible_stop_string():
-    from temper.stages.chat import StopWriter
+    from temper.data.chat import StopWriter
 
     out: list[str] = []
     w = StopWriter(["<|im_end|>"], out.append)
@@ -405,6 +458,34 @@ def test_generate_chat_renders_the_prompt_with_the_template(monkeypatch, capsys,
     calls.clear()  # without chat=true the prompt is untouched
     assert main(["generate", f"model={tiny_model_dir}", "prompt=hi", "max_new_tokens=2", "stream=false"]) == 0
     assert calls[0][0] == "hi" and list(calls[0][1].stop) == []
+
+
+def test_generate_and_chat_use_a_template_saved_as_jinja_without_the_chat_stage(
+        monkeypatch, capsys, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Both commands read the directory's template through data/chat.py; generate needs no terminal-UI code."""
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "tokenizer_config.json").unlink()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer.backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        chat_template=ZEPHYR_TEMPLATE).save_pretrained(model_dir)
+    assert (model_dir / "chat_template.jinja").is_file()
+    expected = render(ZEPHYR_TEMPLATE, [{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                      bos_token="<|bos|>", eos_token="<|eos|>")
+    calls = _spy_generate_text(monkeypatch)
+    monkeypatch.delitem(sys.modules, "temper.stages.chat", raising=False)
+    code = main(["generate", f"model={model_dir}", "prompt=hi", "chat=true", "max_new_tokens=2",
+                 "temperature=0", "stream=false"])
+    assert code == 0, capsys.readouterr().err
+    assert calls[0][0] == expected
+    assert "temper.stages.chat" not in sys.modules
+    calls.clear()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", f"model={model_dir}", "max_new_tokens=2", "temperature=0"]) == 0
+    assert calls[0][0] == expected
 
 
 def test_generate_prompts_file_with_conversations(monkeypatch, capsys, tmp_path, tiny_model_dir):

@@ -1,13 +1,13 @@
 """`temper eval` and `temper eval contamination` end to end on a tiny model and a small world."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from temper.cli import main
+from temper.configs import shipped_dir
 
-TASKS = sorted((Path(__file__).resolve().parents[1] / "configs" / "tasks").glob("*.yaml"))
+TASKS = sorted(shipped_dir("tasks").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", TASKS, ids=lambda p: p.name)

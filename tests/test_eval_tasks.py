@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from temper.configs import shipped_dir
 from temper.errors import TemperError
 from temper.eval.multiple_choice import evaluate_multiple_choice, score_choices
 from temper.eval.tasks import build_world_mc, iter_task_rows, load_task, run_task, task_from_dict
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+CONFIGS = shipped_dir("tasks")
 
 
 @pytest.fixture(scope="module")

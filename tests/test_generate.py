@@ -78,6 +78,48 @@ def test_repetition_penalty_formula_on_hand_tensor():
     torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
 
 
+def test_seen_tokens_count_a_prompt_pad_id_whatever_the_padding_writes():
+    """A scatter_ of the valid flags let a padding slot's False overwrite the prompt's True."""
+    from temper.models.generate import seen_tokens
+
+    pad = 0
+    ids = torch.tensor([[pad, 3, pad, pad], [pad, pad, 3, 4]])
+    valid = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    seen = seen_tokens(ids, valid, vocab_size=6)
+    assert seen.tolist() == [[True, False, False, True, False, False], [False, False, False, True, True, False]]
+
+
+def test_repetition_penalty_reaches_a_prompt_token_equal_to_pad(monkeypatch):
+    import temper.models.generate as gen
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    pad, penalty = 0, 1.7
+    prompts = [[pad, 7, 9], [5, 6, 7, 8, 9, 10], [3, 4]]  # row 0 holds the pad id and is left-padded
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = gen.process_logits
+
+    def spy(logits, cfg, seen):
+        out = real(logits, cfg, seen)
+        calls.append((logits.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(gen, "process_logits", spy)
+    generate(model, prompts, SamplingConfig(max_new_tokens=1, repetition_penalty=penalty), pad_id=pad)
+    logits, out = calls[0]
+    for row, prompt in enumerate(prompts):
+        expected = logits[row].clone()  # by hand: divide a seen positive logit, multiply a seen negative one
+        for token in set(prompt):
+            value = logits[row, token]
+            expected[token] = value / penalty if value > 0 else value * penalty
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=0)
+        hf = transformers.RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt]), logits[row:row + 1].clone())
+        torch.testing.assert_close(out[row], hf[0], rtol=0, atol=0)
+    assert out[0, pad] != logits[0, pad]  # the prompt's pad id is penalised ...
+    assert out[2, pad] == logits[2, pad]  # ... and padding is not
+
+
 def test_top_p_and_top_k_masks_on_hand_tensor():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()

@@ -78,27 +78,64 @@ def test_loss_masks(tiny_tokenizer):
     conv = row_to_conversations({"messages": CHAT}, "x")[0]
     eos = tiny_tokenizer.eos_token
     completion = encode_conversation(conv, tiny_tokenizer, tpl, loss_on="completion", max_len=512)
-    assert trained_text(completion, tiny_tokenizer) == "2 plus 3 is 5.<|im_end|>\n" + eos
+    assert trained_text(completion, tiny_tokenizer) == "2 plus 3 is 5.<|im_end|>\n"  # no EOS after <|im_end|>
+    assert eos not in tiny_tokenizer.decode(completion.inputs)
     assistant = encode_conversation(conv, tiny_tokenizer, tpl, loss_on="assistant", max_len=512)
-    assert trained_text(assistant, tiny_tokenizer) == "Hello!<|im_end|>\n2 plus 3 is 5.<|im_end|>\n" + eos
+    assert trained_text(assistant, tiny_tokenizer) == "Hello!<|im_end|>\n2 plus 3 is 5.<|im_end|>\n"
     everything = encode_conversation(conv, tiny_tokenizer, tpl, loss_on="all", max_len=512)
     assert everything.num_targets == len(everything.targets)
     # targets are the inputs shifted by one
     assert everything.targets[:-1] == everything.inputs[1:]
 
 
-def test_eos_is_trained_even_when_pad_is_eos(tiny_tokenizer):
-    from temper.data.chat import BUILTIN_TEMPLATES
+# A template that renders nothing after a reply: the one end marker must be an appended EOS.
+NO_MARKER_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 
-    tok = type(tiny_tokenizer)(tiny_tokenizer.backend, bos_token=None, eos_token=tiny_tokenizer.eos_token,
-                               pad_token=tiny_tokenizer.eos_token, chat_template=tiny_tokenizer.chat_template)
-    conv = row_to_conversations({"prompt": "Q?", "completion": "A."}, "x")[0]
-    ex = encode_conversation(conv, tok, BUILTIN_TEMPLATES["chatml"], max_len=64)
-    assert ex.targets[-1] == tok.eos_id == tok.pad_id
-    batch = pad_batch([ex, encode_conversation(row_to_conversations({"prompt": "Longer question here?",
-                                                                     "completion": "B."}, "y")[0],
-                                               tok, BUILTIN_TEMPLATES["chatml"], max_len=64)], tok.pad_id)
-    assert (batch.targets == tok.eos_id).sum() == 2  # padding is never a target, EOS always is
+
+def _trained_runs(example) -> list[list[int]]:
+    """The trained targets, split into runs of consecutive trained positions (one per assistant turn)."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for t in example.targets:
+        if t != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(t)
+        previous = t
+    return runs
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "plain", "no_marker"])
+def test_each_assistant_turn_trains_exactly_one_end_marker(tiny_tokenizer, name):
+    """`plain` once trained `<eos>\n\n<eos>` and ChatML `<|im_end|>\n<eos>`: two ends for one turn."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from temper.data.chat import BUILTIN_TEMPLATES, end_of_turn_strings
+
+    template = BUILTIN_TEMPLATES.get(name, NO_MARKER_TEMPLATE)
+    backend = HFTokenizer.from_str(tiny_tokenizer.backend.to_str())
+    backend.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])  # Llama 3's
+    eos = tiny_tokenizer.eos_token
+    tok = type(tiny_tokenizer)(backend, bos_token=tiny_tokenizer.bos_token, eos_token=eos, pad_token=eos)
+    assert tok.pad_id == tok.eos_id
+    markers = {tok.eos_id, *(tok.token_id(s) for s in end_of_turn_strings(template))}
+    conv = row_to_conversations({"messages": CHAT}, "x")[0]
+    short = row_to_conversations({"prompt": "Q?", "completion": "A."}, "y")[0]
+    examples = [encode_conversation(c, tok, template, loss_on="assistant", max_len=512) for c in (conv, short)]
+    for example, turns in zip(examples, (2, 1)):
+        runs = _trained_runs(example)
+        assert len(runs) == turns
+        for i, run in enumerate(runs):
+            ends = [t for t in run if t in markers]
+            if name == "no_marker" and i < len(runs) - 1:
+                assert ends == []  # earlier turns render no end (adding one would change the text)
+                continue
+            assert len(ends) == 1, (name, tok.decode(run))
+            assert tok.decode(run[run.index(ends[0]) + 1:]).strip() == ""  # the marker ends the turn
+    batch = pad_batch(examples, tok.pad_id)  # padding with the EOS id never hides a trained marker
+    expected = 2 if name == "no_marker" else 3
+    assert int(torch.isin(batch.targets, torch.tensor(sorted(markers))).sum()) == expected
 
 
 def test_truncation_is_counted_never_silent(tiny_tokenizer):
@@ -247,3 +284,40 @@ def test_template_mismatch_warns(tmp_path):
     assert check_template(tmp_path, BUILTIN_TEMPLATES["chatml"])
     with pytest.warns(UserWarning, match="differs from the one the model was fine-tuned with"):
         assert not check_template(tmp_path, BUILTIN_TEMPLATES["plain"])
+
+
+def test_sft_accepts_a_template_that_transformers_saved_as_jinja(tmp_path, tiny_model_dir, sft_data):
+    """transformers >= 4.43 keeps the template in chat_template.jinja; `temper sft` must find it there."""
+    import shutil
+
+    import transformers
+
+    from temper.data.tokenizer import Tokenizer
+    from temper.lineage import read_lineage
+
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    model_dir = tmp_path / "hf_saved"
+    shutil.copytree(tiny_model_dir, model_dir)
+    ours = Tokenizer.from_dir(model_dir)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend, bos_token=ours.bos_token,
+                                              eos_token=ours.eos_token, pad_token=ours.pad_token,
+                                              chat_template=template)
+    (model_dir / "tokenizer_config.json").unlink()
+    hf.save_pretrained(model_dir)
+    assert (model_dir / "chat_template.jinja").read_text() == template
+    assert "chat_template" not in json.loads((model_dir / "tokenizer_config.json").read_text())
+
+    tokenizer = Tokenizer.from_dir(model_dir)  # what the recipe loads
+    assert tokenizer.chat_template == template
+    hf = transformers.AutoTokenizer.from_pretrained(model_dir)
+    conv = row_to_conversations({"messages": CHAT}, "x")[0]
+    ex = encode_conversation(conv, tokenizer, tokenizer.chat_template, loss_on="assistant", max_len=512)
+    rendered = hf.apply_chat_template(CHAT, tokenize=False)
+    assert tokenizer.decode([*ex.inputs, ex.targets[-1]]) == rendered
+    assert [*ex.inputs, ex.targets[-1]] == hf(rendered, add_special_tokens=False)["input_ids"]
+
+    train, _, _ = sft_data
+    summary = run_sft(tmp_path, model_dir, f"data={train}", "max_steps=1")
+    assert summary["steps"] == 1
+    assert read_lineage(tmp_path / "sft")["chat_template_trained"] == template

@@ -9,12 +9,16 @@ sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, `raise_excep
 `assistant_spans` finds, in the rendered text, the characters the model learns to write
 (each assistant reply and its end-of-turn marker), for supervised fine-tuning.
 `end_of_turn_strings` gives the strings that end a reply, for stopping generation.
+`read_chat_template` is the one reader of a model directory's template (chat_template.jinja
+or tokenizer_config.json, with transformers' precedence), used by every command.
+`chat_template_for`, `render_kwargs`, `stop_settings` and `StopWriter` are what `temper
+generate` and `temper chat` share.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +36,11 @@ __all__ = [
     "check_messages",
     "assistant_spans",
     "end_of_turn_strings",
+    "read_chat_template",
+    "chat_template_for",
+    "render_kwargs",
+    "stop_settings",
+    "StopWriter",
 ]
 
 # Llama-3 instruct, in the form of Meta's tokenizer_config.json (Llama 3.0: no date or tools
@@ -81,6 +90,8 @@ _BUILTIN_END_OF_TURN: dict[str, list[str]] = {
 }
 
 ROLES = ("system", "user", "assistant", "tool")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.43 saves the template here
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # ... and named extra templates here
 TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
 
 
@@ -91,21 +102,41 @@ def _builtin_names() -> str:
     return ", ".join(BUILTIN_TEMPLATES)
 
 
-def _template_from_config(cfg: dict, where: Path) -> str | None:
+def _templates_from_config(cfg: dict, where: Path) -> dict[str, str]:
+    """tokenizer_config.json's `chat_template`: a string, or a list of {"name", "template"}."""
     template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: take "default"
-        template = next((t.get("template") for t in template
-                         if isinstance(t, dict) and t.get("name") == "default"), None)
-    if template is not None and not isinstance(template, str):
-        raise TemperError(f"{where}: 'chat_template' must be a string")
-    return template or None
+    if template is None:
+        return {}
+    if isinstance(template, str):
+        return {"default": template}
+    if isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template):
+        return {t["name"]: t["template"] for t in template}
+    raise TemperError(f"{where}: 'chat_template' must be a string or a list of "
+                      '{"name": ..., "template": ...} objects')
 
 
-def _template_from_dir(path: Path) -> str | None:
-    """The chat template of a model/tokenizer directory: chat_template.jinja or tokenizer_config.json."""
-    jinja_file = path / "chat_template.jinja"  # where transformers >= 4.43 saves it
+def read_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template saved in a model/tokenizer directory, as transformers reads it; None if none.
+
+    transformers >= 4.43 saves it as `chat_template.jinja` (named extras in
+    `additional_chat_templates/NAME.jinja`); older versions as `chat_template` in
+    tokenizer_config.json (a string, or a list of named templates). As in transformers, the
+    files, when there are any, replace the config's entry, and the template used is the one
+    named "default". Every command that reads a directory's template comes through here.
+    """
+    path = Path(model_dir)
+    templates: dict[str, str] = {}
+    jinja_file = path / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8") or None
+        templates["default"] = jinja_file.read_text(encoding="utf-8")
+    extra_dir = path / CHAT_TEMPLATE_DIR
+    if extra_dir.is_dir():
+        for f in sorted(extra_dir.glob("*.jinja")):
+            templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if templates:
+        return templates.get("default") or None
     cfg_file = path / "tokenizer_config.json"
     if not cfg_file.is_file():
         return None
@@ -115,7 +146,7 @@ def _template_from_dir(path: Path) -> str | None:
         raise TemperError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(cfg, dict):
         raise TemperError(f"{cfg_file}: expected a JSON object")
-    return _template_from_config(cfg, cfg_file)
+    return _templates_from_config(cfg, cfg_file).get("default") or None
 
 
 def model_chat_template(model_dir: str | Path, tokenizer: Any = None) -> str | None:
@@ -124,7 +155,7 @@ def model_chat_template(model_dir: str | Path, tokenizer: Any = None) -> str | N
     if template:
         return template
     path = Path(model_dir)
-    return _template_from_dir(path) if path.is_dir() else None
+    return read_chat_template(path) if path.is_dir() else None
 
 
 def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
@@ -147,7 +178,7 @@ def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
     except OSError:  # e.g. a name too long to be a path
         is_file = is_dir = False
     if is_dir:
-        template = _template_from_dir(path)
+        template = read_chat_template(path)
         if template is None:
             raise TemperError(
                 f"{path}: no chat_template in its tokenizer_config.json (nor a chat_template.jinja); "
@@ -156,7 +187,7 @@ def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
         return template
     if is_file:
         if path.name == "tokenizer_config.json":
-            template = _template_from_dir(path.parent)
+            template = read_chat_template(path.parent)
             if template is None:
                 raise TemperError(f"{path}: it has no chat_template")
             return template
@@ -320,7 +351,7 @@ def check_messages(messages: Any, source: str, *, prompt: bool = False) -> None:
 # ----------------------------------------------------------------------------- spans and stops
 
 
-def assistant_spans(template: str, messages: Sequence[dict], **render_kwargs: Any
+def assistant_spans(template: str, messages: Sequence[dict], **variables: Any
                     ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and, per assistant message, its [start, end) character span.
 
@@ -330,15 +361,15 @@ def assistant_spans(template: str, messages: Sequence[dict], **render_kwargs: An
     Llama 3). The template must render a conversation's start the same way whatever
     follows (prefix-stable); one that does not is refused.
     """
-    render_kwargs.pop("add_generation_prompt", None)
+    variables.pop("add_generation_prompt", None)
     messages = list(messages)
-    full = render(template, messages, add_generation_prompt=False, **render_kwargs)
+    full = render(template, messages, add_generation_prompt=False, **variables)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") != "assistant":
             continue
-        before = render(template, messages[:i], add_generation_prompt=True, **render_kwargs)
-        upto = render(template, messages[:i + 1], add_generation_prompt=False, **render_kwargs)
+        before = render(template, messages[:i], add_generation_prompt=True, **variables)
+        upto = render(template, messages[:i + 1], add_generation_prompt=False, **variables)
         if not full.startswith(upto) or not upto.startswith(before):
             bad = before if not upto.startswith(before) else upto
             at = next((k for k, (a, b) in enumerate(zip(bad, full)) if a != b), min(len(bad), len(full)))
@@ -375,3 +406,83 @@ def end_of_turn_strings(template: str) -> list[str]:
         return []
     tail = text[at + 1:].strip()
     return [tail] if tail else []
+
+
+# ----------------------------------------------------------------------------- what generate and chat share
+
+
+def chat_template_for(model_dir: str | Path, tokenizer: Any, spec: str | None) -> str:
+    """The template named by `spec`, else the model's own; a one-line error when there is none."""
+    template = resolve_template(spec, tokenizer) if spec else model_chat_template(model_dir, tokenizer)
+    if template is None:
+        raise TemperError(
+            f"{model_dir}: the model has no chat template; pass template=chatml|llama3|plain (or a .jinja file)"
+        )
+    from temper.lineage import check_template  # lazily: lineage is not needed to render
+
+    check_template(model_dir, template)  # warns when it is not the template the model was tuned with
+    return template
+
+
+def render_kwargs(tokenizer: Any) -> dict[str, str]:
+    """The special tokens a template sees (as in SFT, so training and inference render alike)."""
+    return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+
+
+def stop_settings(tokenizer: Any, template: str, extra: Sequence[str] = ()) -> tuple[list[str], list[int]]:
+    """Stop strings (`extra` and the template's end-of-turn strings) and the ids that end a reply.
+
+    The ids are EOS and every end-of-turn string that is one token of the vocabulary, so
+    that generation ends on it at once and it is never streamed.
+    """
+    turn_ends = end_of_turn_strings(template)
+    stops = list(dict.fromkeys([*extra, *turn_ends]))
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for s in turn_ends:
+        token = tokenizer.token_id(s)
+        if token is not None and token not in ids:
+            ids.append(token)
+    return stops, ids
+
+
+class StopWriter:
+    """An `on_text` callback that writes streamed text but never a stop string.
+
+    Text that may be the beginning of a stop string is held back until it is clearly
+    not; once a stop string appears, nothing more is written. `finish(reply)` writes what
+    is left of the final (already cut) reply.
+    """
+
+    def __init__(self, stops: Sequence[str], write: Callable[[str], Any]) -> None:
+        self.stops = [s for s in stops if s]
+        self.write = write
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def __call__(self, _row: int, piece: str) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._emit(cut)
+            return
+        safe = len(self.text)
+        for s in self.stops:  # hold back a tail that a stop string starts with
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        self._emit(safe)
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.shown:
+            self.write(self.text[self.shown:upto])
+            self.shown = upto
+
+    def finish(self, reply: str) -> None:
+        done = self.text[:self.shown]
+        if reply.startswith(done) and len(reply) > len(done):
+            self.write(reply[len(done):])

@@ -10,8 +10,11 @@ Column names can be remapped (`columns={"prompt": "question", "completion": "ans
 
 A conversation is rendered with the chat template, tokenised with character offsets, and
 each token is trained when it falls inside an assistant span (the reply and the template's
-end-of-turn marker). EOS is appended and always trained, so the model learns to stop even
-where pad == eos. Examples are shifted into (inputs, targets) *before* packing, so a packed
+end-of-turn marker). Each assistant turn ends with exactly one trained end marker: the
+template's own (`<|im_end|>` in ChatML, `<|eot_id|>` in Llama 3, EOS in `plain`), or, for
+a template that renders none after the last reply (and for plain text rows), an appended
+EOS. Padding is masked by position, never by id, so the marker is trained even where
+pad == eos. Examples are shifted into (inputs, targets) *before* packing, so a packed
 row never asks one example to predict the next.
 """
 
@@ -165,9 +168,10 @@ class EncodeStats:
 def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, loss_on: str = "completion",
                         max_len: int, stats: EncodeStats | None = None) -> Example | None:
     """Token ids and next-token targets for one conversation (None when nothing is left to train)."""
-    from temper.data.chat import assistant_spans
+    from temper.data.chat import assistant_spans, render_kwargs
 
     stats = stats if stats is not None else EncodeStats()
+    ends_with_marker = False  # does the last reply already end with an end-of-turn marker?
     if conv.messages is None:  # plain text: every token is a target
         text, spans = conv.text, [(0, len(conv.text))]
     else:
@@ -176,8 +180,8 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
                 f"{conv.source}: conversational data needs a chat template, and the model has none: "
                 "pass template=chatml (or llama3, plain, a .jinja file)"
             )
-        text, spans = assistant_spans(template, conv.messages, bos_token=tokenizer.bos_token or "",
-                                      eos_token=tokenizer.eos_token or "")
+        text, spans = assistant_spans(template, conv.messages, **render_kwargs(tokenizer))
+        ends_with_marker = _ends_with_end_marker(text[slice(*spans[-1])], template, tokenizer)
         if loss_on == "completion":
             spans = spans[-1:]
         elif loss_on == "all":
@@ -185,11 +189,11 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
     enc = tokenizer.backend.encode(text, add_special_tokens=False)
     ids, offsets = list(enc.ids), enc.offsets
     trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
-    if tokenizer.eos_id is not None and (not ids or ids[-1] != tokenizer.eos_id):
-        ids.append(tokenizer.eos_id)
-        trained.append(True)  # always learn to stop
-    elif ids:
-        trained[-1] = True
+    if not ends_with_marker and tokenizer.eos_id is not None and (not ids or ids[-1] != tokenizer.eos_id):
+        ids.append(tokenizer.eos_id)  # the one end marker of a reply (or document) that has none
+        trained.append(True)
+    elif ids and ids[-1] == tokenizer.eos_id:
+        trained[-1] = True  # a trailing EOS is always learned, even with loss_on=completion
     labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
     if len(ids) > max_len + 1:
         kept = labels[:max_len + 1]
@@ -201,6 +205,14 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
     stats.examples += 1
     example = Example(ids[:-1], labels[1:])
     return example if example.num_targets else None
+
+
+def _ends_with_end_marker(span_text: str, template: str, tokenizer) -> bool:
+    """Whether a rendered reply ends (trailing whitespace aside) with EOS or the template's end of turn."""
+    from temper.data.chat import end_of_turn_strings
+
+    markers = [m for m in (tokenizer.eos_token, *end_of_turn_strings(template)) if m]
+    return any(span_text.rstrip().endswith(m) for m in markers)
 
 
 def encode_all(conversations: Iterable[Conversation], tokenizer, template, *, loss_on: str, max_len: int

@@ -2,7 +2,8 @@
 
 `train_tokenizer` learns a byte-level BPE vocabulary (GPT-2 style: every byte is a
 token, so any text encodes, and no automatic BOS/EOS is added). `Tokenizer` wraps any
-`tokenizer.json` plus its `tokenizer_config.json` (special tokens, chat template) and
+`tokenizer.json` plus its `tokenizer_config.json` (special tokens, chat template; the
+template may also be in `chat_template.jinja`, see `temper.data.chat.read_chat_template`) and
 saves both so that `transformers.AutoTokenizer.from_pretrained(dir)` encodes the same.
 """
 
@@ -25,8 +26,8 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # the chat roles (so role names are one token each and cannot be split by BPE).
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
 
-# ChatML, the default template of a temper-trained tokenizer; issue-level chat template
-# handling (built-ins, rendering parity) lives in temper/data/chat.py later.
+# ChatML, the default template of a temper-trained tokenizer; the other built-ins, rendering
+# and reading a directory's template live in temper/data/chat.py.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -140,9 +141,9 @@ class Tokenizer:
             value = cfg.get(key)
             return value.get("content") if isinstance(value, dict) else value
 
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        from temper.data.chat import read_chat_template
+
+        template = read_chat_template(tok_file.parent)  # chat_template.jinja or the config's entry
         known = {"bos_token", "eos_token", "pad_token", "chat_template", "model_max_length"}
         return cls(backend, bos_token=token("bos_token"), eos_token=token("eos_token"),
                    pad_token=token("pad_token"), chat_template=template,
@@ -165,6 +166,12 @@ class Tokenizer:
         tmp = out / "tokenizer_config.json.tmp"
         tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, out / "tokenizer_config.json")
+        stale = out / "chat_template.jinja"  # it would take precedence over the config's entry
+        if stale.is_file():
+            if self.chat_template:
+                stale.write_text(self.chat_template, encoding="utf-8")
+            else:
+                stale.unlink()
         sp = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(self, k)}
         (out / "special_tokens_map.json").write_text(json.dumps(sp, indent=2) + "\n", encoding="utf-8")
 

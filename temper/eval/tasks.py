@@ -83,6 +83,20 @@ class TaskConfig:
                 raise TemperError(f"task {self.name}: answer_pattern is not a valid regex ({e})") from None
 
 
+def resolve_task(spec: str) -> Path:
+    """A task YAML file, or the name of one shipped in the package (temper/configs/tasks/NAME.yaml)."""
+    from temper.configs import shipped_names, shipped_path
+
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_path(spec, "tasks")
+    if shipped is not None:
+        return shipped
+    names = ", ".join(shipped_names("tasks")) or "none found"
+    raise TemperError(f"task {spec!r}: no such file, and not a shipped task ({names})")
+
+
 def load_task(path: str | Path) -> TaskConfig:
     """A task from its YAML file; every key is checked (unknown keys get a suggestion)."""
     p = Path(path)

@@ -60,6 +60,18 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor
     return logits
 
 
+def seen_tokens(ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: which tokens occur at the valid (non-padding) positions of (B, T) `ids`.
+
+    Counted with `scatter_add_`, not a `scatter_` of the valid flags: padding holds the pad
+    id, so a prompt that also contains the pad id would write True and False to the same
+    index, and which write lands is undefined (the last one on CPU, any on GPU).
+    """
+    counts = torch.zeros((ids.shape[0], vocab_size), dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, ids, valid.to(torch.int32))
+    return counts > 0
+
+
 def choose_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     if cfg.temperature == 0:
         return logits.argmax(-1)
@@ -105,8 +117,7 @@ def generate(
     eos = torch.tensor(sorted(set(cfg.eos_token_ids)), dtype=torch.long, device=device)
     seen = None
     if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, ids[:, :prompt_len], key_valid[:, :prompt_len])
+        seen = seen_tokens(ids[:, :prompt_len], key_valid[:, :prompt_len], model.config.vocab_size)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -216,4 +227,4 @@ def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_t
     return texts
 
 
-__all__ = ["SamplingConfig", "generate", "generate_text", "process_logits", "KVCache"]
+__all__ = ["SamplingConfig", "generate", "generate_text", "process_logits", "seen_tokens", "KVCache"]

@@ -14,12 +14,12 @@ be piped in.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from temper.config import opt
+from temper.data.chat import StopWriter, chat_template_for, render_kwargs, stop_settings
 from temper.errors import TemperError
 
 PROMPT = "you> "
@@ -45,90 +45,6 @@ class Config:
     def validate(self) -> None:
         if not self.model:
             raise TemperError("model= is required: a model directory")
-
-
-# ----------------------------------------------------------------------------- shared with `generate`
-
-
-def chat_template_for(model_dir: str | Path, tokenizer: Any, spec: str | None) -> str:
-    """The template named by `spec`, else the model's own; a one-line error when there is none."""
-    from temper.data.chat import model_chat_template, resolve_template
-
-    template = resolve_template(spec, tokenizer) if spec else model_chat_template(model_dir, tokenizer)
-    if template is None:
-        raise TemperError(
-            f"{model_dir}: the model has no chat template; pass template=chatml|llama3|plain (or a .jinja file)"
-        )
-    from temper.lineage import check_template
-
-    check_template(model_dir, template)  # warns when it is not the template the model was tuned with
-    return template
-
-
-def render_kwargs(tokenizer: Any) -> dict[str, str]:
-    """The special tokens a template sees (as in SFT, so training and inference render alike)."""
-    return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-
-
-def stop_settings(tokenizer: Any, template: str, extra: Sequence[str] = ()) -> tuple[list[str], list[int]]:
-    """Stop strings (`extra` and the template's end-of-turn strings) and the ids that end a reply.
-
-    The ids are EOS and every end-of-turn string that is one token of the vocabulary, so
-    that generation ends on it at once and it is never streamed.
-    """
-    from temper.data.chat import end_of_turn_strings
-
-    turn_ends = end_of_turn_strings(template)
-    stops = list(dict.fromkeys([*extra, *turn_ends]))
-    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    for s in turn_ends:
-        token = tokenizer.token_id(s)
-        if token is not None and token not in ids:
-            ids.append(token)
-    return stops, ids
-
-
-class StopWriter:
-    """An `on_text` callback that writes streamed text but never a stop string.
-
-    Text that may be the beginning of a stop string is held back until it is clearly
-    not; once a stop string appears, nothing more is written. `finish(reply)` writes what
-    is left of the final (already cut) reply.
-    """
-
-    def __init__(self, stops: Sequence[str], write: Callable[[str], Any]) -> None:
-        self.stops = [s for s in stops if s]
-        self.write = write
-        self.text = ""
-        self.shown = 0
-        self.stopped = False
-
-    def __call__(self, _row: int, piece: str) -> None:
-        if self.stopped:
-            return
-        self.text += piece
-        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self._emit(cut)
-            return
-        safe = len(self.text)
-        for s in self.stops:  # hold back a tail that a stop string starts with
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        self._emit(safe)
-
-    def _emit(self, upto: int) -> None:
-        if upto > self.shown:
-            self.write(self.text[self.shown:upto])
-            self.shown = upto
-
-    def finish(self, reply: str) -> None:
-        done = self.text[:self.shown]
-        if reply.startswith(done) and len(reply) > len(done):
-            self.write(reply[len(done):])
 
 
 # ----------------------------------------------------------------------------- the chat loop

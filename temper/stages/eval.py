@@ -5,10 +5,11 @@
     temper eval models=[runs/sft,runs/sft-lora] tasks=world_qa judge=rule        # or judge=JUDGE_DIR
     temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
 
-Tasks are YAML files (or the names of the shipped ones in configs/tasks: world_facts_mc,
-world_qa). `data=` adds rolling-window perplexity (token, word, bits per byte) on text, every
-token scored, as lm-evaluation-harness's loglikelihood_rolling (see temper.eval.sliding);
-`text_mode=file` scores each .txt file as one text (wikitext's usual protocol).
+Tasks are YAML files, or the names of the ones shipped in the package (temper/configs/tasks:
+world_facts_mc, world_qa, world_chat_qa). `data=` adds rolling-window perplexity (token, word,
+bits per byte) on text, every token scored, as lm-evaluation-harness's loglikelihood_rolling
+(see temper.eval.sliding); `text_mode=file` scores each .txt file as one text (wikitext's usual
+protocol).
 `contamination=` checks every task's rows against training data (13-grams).
 """
 
@@ -22,8 +23,6 @@ from typing import Literal
 
 from temper.config import opt
 from temper.errors import TemperError
-
-SHIPPED_TASKS = Path(__file__).resolve().parents[2] / "configs" / "tasks"
 
 
 @dataclass
@@ -53,21 +52,10 @@ class Config:
             raise TemperError("nothing to evaluate: give tasks=... and/or data=...")
 
 
-def resolve_task(spec: str) -> Path:
-    path = Path(spec)
-    if path.is_file():
-        return path
-    shipped = SHIPPED_TASKS / f"{spec}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in SHIPPED_TASKS.glob("*.yaml")) if SHIPPED_TASKS.is_dir() else []
-    raise TemperError(f"task {spec!r}: no such file, and not a shipped task ({', '.join(names) or 'none found'})")
-
-
 def run(cfg: Config) -> dict:
     from temper.data.readers import iter_texts
     from temper.eval.sliding import sliding_window_perplexity
-    from temper.eval.tasks import iter_task_rows, load_task, run_task
+    from temper.eval.tasks import iter_task_rows, load_task, resolve_task, run_task
     from temper.lineage import read_lineage
     from temper.models import load_for_inference
     from temper.runtime import resolve_device

@@ -116,8 +116,7 @@ def run(cfg: Config) -> None:
     stops, eos_ids = list(cfg.stop), []
     texts: list[str] = [p for p in prompts if isinstance(p, str)]
     if use_chat:  # what the model reads: each conversation rendered with its generation prompt
-        from temper.data.chat import render
-        from temper.stages.chat import chat_template_for, render_kwargs, stop_settings
+        from temper.data.chat import chat_template_for, render, render_kwargs, stop_settings
 
         template = chat_template_for(cfg.model, tokenizer, cfg.template)
         texts = [render(template, chat_messages(p, cfg.system), add_generation_prompt=True,
@@ -135,7 +134,7 @@ def run(cfg: Config) -> None:
 
     if cfg.prompt is not None:
         if cfg.stream and sys.stdout.isatty():
-            from temper.stages.chat import StopWriter
+            from temper.data.chat import StopWriter
 
             def show(text: str) -> None:
                 sys.stdout.write(text)
