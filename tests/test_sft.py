@@ -246,6 +246,9 @@ def test_sft_end_to_end_with_replay_and_packing(tmp_path, tiny_model_dir, sft_da
     assert lineage["stage"] == "sft" and lineage["chat_template_trained"]
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == lineage["chat_template_trained"]  # the template travels with the model
+    # transformers' generate stops where temper's does: at EOS and at the template's end of turn
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert gen.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_sft_bad_input_is_one_line(tmp_path, tiny_model_dir, sft_data, capsys):

@@ -106,8 +106,9 @@ def _finish_meta_load(model: DecoderBase, device: torch.device | str) -> None:
 
 
 def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
-               max_shard_bytes: int | None = None) -> Path:
-    """Write `model` (and its tokenizer) as a Hugging Face model directory."""
+               max_shard_bytes: int | None = None, eos_ids: list[int] | None = None) -> Path:
+    """Write `model` (and its tokenizer) as a Hugging Face model directory; `eos_ids`: every
+    id that ends a reply, for `generation_config.json` (a chat model's end-of-turn token too)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -116,7 +117,7 @@ def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
                                 pad_token_id=tokenizer.pad_id)
     save_hf_weights(model, config, out, max_shard_bytes)
     write_hf_config(config, out)
-    write_generation_config(config, out)
+    write_generation_config(config, out, eos_ids)
     if tokenizer is not None:
         tokenizer.save(out)
     return out

@@ -344,8 +344,11 @@ def save_hf_weights(model: torch.nn.Module, config: ModelConfig, out_dir: Path,
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def write_generation_config(config: ModelConfig, out_dir: Path) -> None:
-    gen = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+def write_generation_config(config: ModelConfig, out_dir: Path, eos_ids: list[int] | None = None) -> None:
+    """`generation_config.json`; `eos_ids` lists every id that ends a reply (EOS and a chat template's
+    end-of-turn token), so `transformers`' generate stops where temper's does."""
+    eos = eos_ids if eos_ids and len(eos_ids) > 1 else config.eos_token_id
+    gen = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", eos),
                              ("pad_token_id", config.pad_token_id)) if v is not None}
     _atomic_write_json(out_dir / "generation_config.json", gen)
 

@@ -115,7 +115,7 @@ def resolve_data(cfg: Config, lineage: dict):
 def run(cfg: Config) -> dict:
     import torch
 
-    from temper.data.chat import resolve_template
+    from temper.data.chat import resolve_template, stop_settings
     from temper.data.sft import SFTLoader, encode_all
     from temper.data.shards import TokenLoader
     from temper.data.tokenizer import Tokenizer
@@ -215,8 +215,8 @@ def run(cfg: Config) -> dict:
         loop.optimizer_step(row, tokens=sum(b.inputs.numel() for b in micro))
 
     # only what was trained: a full model directory, or the adapter (`temper merge` folds a LoRA in)
-    if cfg.peft.method == "none":
-        save_model(model, out, tokenizer=tokenizer)
+    if cfg.peft.method == "none":  # generation stops at the template's end of turn, in transformers too
+        save_model(model, out, tokenizer=tokenizer, eos_ids=stop_settings(tokenizer, template)[1])
     else:
         save_peft(model, out, cfg.peft, base_model=str(Path(cfg.model).resolve()))
         tokenizer.save(out)
