@@ -70,6 +70,19 @@ def check_range(key: str, value: float, *, low: float | None = None, high: float
         raise TemperError(f"{key} must be {expected}, got {value}")
 
 
+def check_utf8(key: str, value: str | None) -> None:
+    """Text typed on a command line or read from a terminal reaches Python with undecodable bytes
+    kept as surrogates; say which byte, instead of failing later inside the tokenizer."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = value[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise TemperError(f"{key} is not valid UTF-8 (byte 0x{raw[0]:02x} at character {e.start}); "
+                          "give the text in UTF-8") from None
+
+
 # ----------------------------------------------------------------------------- shared sections
 # One schema for what every training stage shares; each training recipe embeds these.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 
 import pytest
 
@@ -525,3 +526,69 @@ def test_generate_chat_errors(capsys, tmp_path, tiny_model_dir):
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
     assert f"{bad}:2: a prompt must end with a user message" in one_line_error(f"prompts_file={bad}")
     assert "unknown chat template 'chatm'" in one_line_error("prompt=hi", "chat=true", "template=chatm")
+
+
+# ----------------------------------------------------------------------------- bad text in, one line out
+
+
+def test_non_utf8_prompt_is_one_line(capsys, tiny_model_dir):
+    code = main(["generate", f"model={tiny_model_dir}", "prompt=caf\udce9 au lait"])  # argv's surrogateescape
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["temper generate: error: prompt= is not valid UTF-8 (byte 0xe9 at character 3); "
+                                 "give the text in UTF-8"]
+
+
+def test_non_utf8_chat_line_is_skipped_with_one_line(monkeypatch, capsys, tiny_model_dir):
+    calls = _spy_generate_text(monkeypatch)
+    raw = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nhello\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", raw)
+    code = main(["chat", f"model={tiny_model_dir}", "max_new_tokens=3", "temperature=0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "(this line is not valid UTF-8 (byte 0xe9 at character 3); give the text in UTF-8; skipped)" in err
+    assert len(calls) == 1 and "hello" in calls[0][0]  # the conversation went on
+
+
+def test_generate_output_file_is_whole_or_untouched(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import temper.models.generate as gen
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "out.jsonl"
+    out.write_text("the previous results\n")
+    real = gen.generate_text
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C during the second batch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_text", interrupted)
+    args = ["generate", f"model={tiny_model_dir}", f"prompts_file={prompts}", f"output_file={out}", "batch_size=2",
+            "max_new_tokens=2", "temperature=0"]
+    assert main(args) == 130
+    assert out.read_text() == "the previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "p.jsonl"]  # no temporary file left
+    monkeypatch.setattr(gen, "generate_text", real)
+    assert main(args) == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_prompt_past_the_context_warns_or_is_refused():
+    import torch
+
+    from temper.models import build_model, preset
+    from temper.models.generate import SamplingConfig, generate
+
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    llama = build_model(preset("llama-tiny", vocab_size=64, max_seq_len=16)).eval()
+    with pytest.warns(UserWarning, match="exceeds the model's 16 positions; tokens beyond them are positions"):
+        generate(llama, [list(range(12))], sampling)
+    gpt2 = build_model(preset("gpt2-tiny", vocab_size=64, max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match=r"prompt \(12 tokens\) \+ max_new_tokens \(6\) exceeds the model's 16"):
+        generate(gpt2, [list(range(12))], sampling)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the context: no warning
+        generate(llama, [list(range(8))], sampling)

@@ -103,11 +103,15 @@ def generate(
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
     total = prompt_len + cfg.max_new_tokens
-    if total > model.config.max_seq_len and model.config.family == "gpt2":
-        raise ValueError(
-            f"prompt ({prompt_len}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
-            f"{model.config.max_seq_len} positions"
-        )
+    if total > model.config.max_seq_len:
+        message = (f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                   f"{model.config.max_seq_len} positions")
+        if model.config.family == "gpt2":  # learned positions end there
+            raise ValueError(message)
+        import warnings
+
+        warnings.warn(f"{message}; tokens beyond them are positions it never trained on and degrade",
+                      stacklevel=2)
     padded = any(n != prompt_len for n in lengths)
     ids = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     key_valid = torch.zeros((B, total), dtype=torch.bool, device=device)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from temper.config import opt
+from temper.config import check_utf8, opt
 from temper.data.chat import StopWriter, chat_template_for, render_kwargs, stop_settings
 from temper.errors import TemperError
 
@@ -45,6 +45,7 @@ class Config:
     def validate(self) -> None:
         if not self.model:
             raise TemperError("model= is required: a model directory")
+        check_utf8("system=", self.system)
 
 
 # ----------------------------------------------------------------------------- the chat loop
@@ -116,6 +117,11 @@ def chat_loop(session: Session, read: Callable[[str], str] = input) -> None:
         text = line.strip()
         if not text:
             continue
+        try:
+            check_utf8("this line", text)
+        except TemperError as e:  # one bad line does not end the conversation
+            print(f"({e}; skipped)", file=sys.stderr)
+            continue
         if text.startswith("/"):
             command, _, arg = text.partition(" ")
             if command in ("/exit", "/quit"):
@@ -164,6 +170,9 @@ def run(cfg: Config) -> None:
         raise TemperError(str(e)) from None
     torch.manual_seed(cfg.seed)
 
+    # undecodable input bytes become surrogates that chat_loop names, instead of a decoding traceback
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())

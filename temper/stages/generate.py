@@ -17,13 +17,14 @@ conversational prompt format), is rendered the same way, chat=true or not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from temper.config import opt
+from temper.config import check_utf8, opt
 from temper.errors import TemperError
 
 
@@ -56,6 +57,10 @@ class Config:
             raise TemperError("give exactly one of prompt=\"...\" or prompts_file=FILE.jsonl")
         if self.prompt is not None and not self.prompt:
             raise TemperError("prompt= is empty")
+        check_utf8("prompt=", self.prompt)
+        check_utf8("system=", self.system)
+        for i, stop in enumerate(self.stop):
+            check_utf8(f"stop[{i}]=", stop)
         if self.batch_size < 1:
             raise TemperError(f"batch_size must be at least 1, got {self.batch_size}")
 
@@ -147,8 +152,10 @@ def run(cfg: Config) -> None:
             print(generate_text(model, tokenizer, texts, sampling)[0])
         return
 
-    out = open(cfg.output_file, "w", encoding="utf-8") if cfg.output_file else sys.stdout
-    try:
+    # a file appears whole when every prompt is done, or not at all (an old one stays as it was)
+    from temper.io import atomic_writer
+
+    with atomic_writer(cfg.output_file) if cfg.output_file else contextlib.nullcontext(sys.stdout) as out:
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
                    disable=not sys.stderr.isatty())
         for start in range(0, len(prompts), cfg.batch_size):
@@ -160,6 +167,3 @@ def run(cfg: Config) -> None:
             out.flush()
             bar.update(len(chunk))
         bar.close()
-    finally:
-        if out is not sys.stdout:
-            out.close()
