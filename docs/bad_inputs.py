@@ -1,0 +1,187 @@
+"""Regenerate docs/bad-inputs.md: what temper prints for each bad or hostile input.
+
+    python docs/bad_inputs.py            # writes docs/bad-inputs.md (a few minutes on 2 CPU cores)
+    python docs/bad_inputs.py --check    # also exit 1 if a case shows a traceback or exits 0 when it should not
+
+Every case runs the real command line (`python -m temper ...`) in a scratch directory with
+tiny inputs made here, and the table keeps the command, its exit status and the last line it
+printed on stderr. A case marked `ok` is expected to succeed (the input is handled, e.g. a
+UTF-8 BOM is dropped); every other case must exit 2 with one line and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "\n\n".join(f"Paragraph {i}: the river runs past the mill and the miller counts sacks of flour."
+                   for i in range(120))
+TINY = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", "samples=0", "peak_flops=1e9",
+        "logging.progress=false"]
+
+
+def temper(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TEMPER_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", "temper", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+
+
+def setup(work: Path) -> None:
+    """Tiny inputs: text, a pretrained model, a second base, a LoRA adapter, data files."""
+    (work / "corpus.txt").write_text(TEXT)
+    for name, seed in (("base", 0), ("other-base", 1)):
+        done = temper(["pretrain", *TINY, "data=corpus.txt", "max_steps=2", "checkpoint.every=1", f"seed={seed}",
+                       f"output_dir={name}"], work)
+        assert done.returncode == 0, done.stderr
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": str(i + 1)}]} for i in range(24)]
+    (work / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = temper(["sft", "model=base", "data=chats.jsonl", "max_steps=1", "batch_size=4", "seq_len=64",
+                   "peft.method=lora", "eval_samples=0", "logging.progress=false", "output_dir=lora"], work)
+    assert done.returncode == 0, done.stderr
+    (work / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (work / "empty.txt").write_text("\n\n  \n")
+    (work / "rows.jsonl").write_text('{"text": "fine"}\n{"body": "no text here"}\n')
+    (work / "nulls.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    (work / "numbers.jsonl").write_text('{"text": 42}\n')
+    (work / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
+    (work / "corrupt.parquet").write_bytes(b"PAR1 this is not really parquet")
+    (work / "bom.txt").write_bytes("\ufeff".encode() + TEXT.encode())
+    (work / "no-assistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (work / "prompts.jsonl").write_text('{"prompt": "The river"}\n{"prompt": \n')
+    (work / "dup.yaml").write_text("max_steps: 10\noptim:\n  lr: 1.0e-3\n  lr: 3.0e-3\n")
+    (work / "bad.yaml").write_text("max_steps: [10\n")
+    (work / "a_file").write_text("x")
+    shutil.copytree(work / "base", work / "bin-only")
+    (work / "bin-only" / "model.safetensors").rename(work / "bin-only" / "pytorch_model.bin")
+    shutil.copytree(work / "base", work / "nan-model")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(work / "nan-model" / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name].clone().fill_(float("nan"))
+    save_file(weights, str(work / "nan-model" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(work / "base", work / "no-template")
+    config = json.loads((work / "no-template" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (work / "no-template" / "tokenizer_config.json").write_text(json.dumps(config))
+    (work / "no-template" / "chat_template.jinja").unlink(missing_ok=True)
+    shutil.copytree(work / "base", work / "damaged")  # a run whose newest checkpoint is cut short
+    newest = work / "damaged" / "checkpoints" / "step_00000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
+    del torch
+
+
+# (input, command args, expected: "error" = exit 2 and one line, "ok" = exit 0)
+CASES: list[tuple[str, list[str], str]] = [
+    ("a misspelt key", ["pretrain", "optim.lrr=1e-3"], "error"),
+    ("a renamed key", ["pretrain", "val_data=corpus.txt"], "error"),
+    ("a value of the wrong type", ["pretrain", "max_steps=ten"], "error"),
+    ("a negative learning rate", ["pretrain", "optim.lr=-1e-3"], "error"),
+    ("a NaN learning rate", ["pretrain", "optim.lr=nan"], "error"),
+    ("a zero loss chunk", ["pretrain", "loss_chunk=0"], "error"),
+    ("a warmup ratio above 1", ["pretrain", "schedule.warmup_ratio=1.5"], "error"),
+    ("a validation share of 100%", ["pretrain", "data=corpus.txt", "eval_fraction=1"], "error"),
+    ("an option the mode ignores", ["pretrain", "eval_data=corpus.txt"], "error"),
+    ("a key twice in one YAML file", ["pretrain", "--config", "dup.yaml"], "error"),
+    ("YAML that does not parse", ["pretrain", "--config", "bad.yaml"], "error"),
+    ("a config file that does not exist", ["pretrain", "--config", "nope.yaml"], "error"),
+    ("an unknown stage", ["pretrian"], "error"),
+    ("fp16 on a CPU", ["pretrain", "precision=fp16", "device=cpu"], "error"),
+    ("resume and overwrite together", ["pretrain", "resume=auto", "overwrite=true"], "error"),
+    ("a data file that does not exist", ["pretrain", *TINY, "data=missing.txt", "output_dir=o1"], "error"),
+    ("Latin-1 bytes in a .txt file", ["pretrain", *TINY, "data=latin1.txt", "output_dir=o2"], "error"),
+    ("a JSONL row without the text field", ["pretrain", *TINY, "data=rows.jsonl", "output_dir=o3"], "error"),
+    ("a JSONL row whose text is null", ["pretrain", *TINY, "data=nulls.jsonl", "output_dir=o4"], "error"),
+    ("a JSONL row whose text is a number", ["pretrain", *TINY, "data=numbers.jsonl", "output_dir=o5"], "error"),
+    ("a JSONL line cut short", ["pretrain", *TINY, "data=broken.jsonl", "output_dir=o6"], "error"),
+    ("a text file with no text", ["pretrain", *TINY, "data=empty.txt", "output_dir=o7"], "error"),
+    ("a corrupt parquet file", ["pretrain", *TINY, "data=corrupt.parquet", "output_dir=o8"], "error"),
+    ("a UTF-8 BOM at the start of a file (dropped, not trained on)",
+     ["pretrain", *TINY, "data=bom.txt", "max_steps=1", "output_dir=o9"], "ok"),
+    ("a damaged newest checkpoint (the one before is used)",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=3", "resume=auto", "output_dir=damaged"], "ok"),
+    ("a rerun into a finished run's directory", ["pretrain", *TINY, "data=corpus.txt", "max_steps=2",
+                                                 "output_dir=base"], "error"),
+    ("resuming with another batch size", ["pretrain", *TINY, "data=corpus.txt", "max_steps=4", "batch_size=2",
+                                          "resume=auto", "output_dir=base"], "error"),
+    ("output_dir that is a file", ["pretrain", *TINY, "data=corpus.txt", "output_dir=a_file"], "error"),
+    ("output_dir below a file", ["pretrain", *TINY, "data=corpus.txt", "output_dir=a_file/run"], "error"),
+    ("sft into the base model's own directory", ["sft", "model=base", "data=chats.jsonl", "output_dir=base"],
+     "error"),
+    ("a model directory that does not exist", ["generate", "model=nowhere", "prompt=The river"], "error"),
+    ("a model directory with only pytorch_model.bin", ["generate", "model=bin-only", "prompt=The river"], "error"),
+    ("NaN weights", ["generate", "model=nan-model", "prompt=The river"], "error"),
+    ("a model without a chat template, for SFT", ["sft", "model=no-template", "data=chats.jsonl",
+                                                  "output_dir=o10"], "error"),
+    ("a conversation without an assistant turn", ["sft", "model=base", "data=no-assistant.jsonl",
+                                                  "output_dir=o11"], "error"),
+    ("a choice that is not offered", ["sft", "model=base", "data=chats.jsonl", "loss_on=answers"], "error"),
+    ("a prompt that is not UTF-8", ["generate", "model=base", "prompt=caf\udce9"], "error"),
+    ("an empty prompt", ["generate", "model=base", "prompt="], "error"),
+    ("a prompt and a prompts file", ["generate", "model=base", "prompt=x", "prompts_file=prompts.jsonl"], "error"),
+    ("a prompts file with a broken line", ["generate", "model=base", "prompts_file=prompts.jsonl"], "error"),
+    ("merge into the base's own directory", ["merge", "model=base", "adapter=lora", "output_dir=base"], "error"),
+    ("merge onto another base", ["merge", "model=other-base", "adapter=lora", "output_dir=o12"], "error"),
+    ("evaluating an empty text file", ["eval", "model=base", "data=empty.txt", "output_dir=o13"], "error"),
+    ("a judge that does not exist", ["eval", "models=[base,other-base]", "tasks=world_qa", "judge=nojudge",
+                                     "output_dir=o14"], "error"),
+    ("a task that does not exist", ["eval", "model=base", "tasks=no_such_task", "output_dir=o15"], "error"),
+]
+
+
+def shown(args: list[str]) -> str:
+    def quote(a: str) -> str:
+        a = a.encode("utf-8", "surrogateescape").decode("latin-1") if any("\udc80" <= c <= "\udcff" for c in a) else a
+        return a if a and all(c.isalnum() or c in "-_=./,[]:" for c in a) else json.dumps(a, ensure_ascii=False)
+
+    return "temper " + " ".join(quote(a) for a in args)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if any case misbehaves")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bad-inputs.md"))
+    args = parser.parse_args()
+    rows, bad = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        setup(work)
+        for what, argv, expected in CASES:
+            done = temper(argv, work)
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            last = lines[-1] if lines else "(nothing)"
+            if expected == "ok":  # handled: show what it said about it, if anything
+                said = [line for line in lines if line.startswith(("warning:", "note:", "resumed from"))]
+                last = " / ".join(said) if said else "(handled without a message)"
+            traceback = "Traceback" in done.stderr
+            fine = (done.returncode == 0) if expected == "ok" else (done.returncode == 2 and not traceback)
+            if not fine:
+                bad.append(f"{what}: exit {done.returncode}: {last}")
+            rows.append((what, shown(argv), done.returncode, last.replace(tmp, "..").replace("|", "\\|")))
+            print(f"[{'ok' if fine else 'BAD'}] {what}: {last}", file=sys.stderr)
+    table = ["# Bad input: what temper says", "",
+             "Generated by `python docs/bad_inputs.py` (tiny inputs made in a scratch directory; "
+             "`base` and `other-base` are two-step pretrained models, `lora` a LoRA adapter of `base`). "
+             "Each command exits with status 2 and prints one line, except where the input is handled "
+             "(exit 0). Rerun the script after changing a message.", "",
+             "| input | command | exit | the line temper prints |", "|---|---|---|---|"]
+    table += [f"| {w} | `{c}` | {code} | {line} |" for w, c, code, line in rows]
+    Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}: {len(rows)} cases, {len(bad)} misbehaving", file=sys.stderr)
+    for b in bad:
+        print("  " + b, file=sys.stderr)
+    return 1 if (args.check and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
