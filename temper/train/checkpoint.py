@@ -168,8 +168,19 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
         kept = f"; the previous checkpoint {previous.name} stays valid" if previous else ""
         raise TemperError(f"could not write the checkpoint of step {step} in {root} ({e.strerror or e}){kept}") from None
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename out of the `step_*` names first, so that a kill during the delete leaves an `.old-*`
+    leftover (removed by the next run or save), never a half-deleted checkpoint."""
+    trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def clean_leftovers(root: str | Path) -> list[str]:

@@ -76,6 +76,7 @@ class TrainLoop:
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.out / "checkpoints"
+        ckpt.clean_leftovers(self.checkpoints)  # of a run killed while saving or pruning; we hold the lock
         self.start_step = 0
         resume_from = ckpt.resolve_resume(cfg.resume, self.checkpoints)
         if resume_from is not None:
