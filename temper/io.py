@@ -77,7 +77,24 @@ def claim_output_dir(path: str | Path) -> Path:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:1] + sys.argv[1:3])}".encode())
     _held[key] = fd
+    remove_partial_writes(out)
     return out
+
+
+def remove_partial_writes(out: Path) -> list[str]:
+    """What a killed writer left in `out`: `.NAME.tmp-PID` files of `atomic_writer` and `NAME.tmp-PID`
+    directories of shard building. Only called with the directory's lock held, so no live
+    process is writing them."""
+    import re
+    import shutil
+
+    removed = []
+    for p in out.iterdir():
+        if (p.is_file() and re.fullmatch(r"\..+\.tmp-\d+", p.name)) or (
+                p.is_dir() and re.fullmatch(r".+\.tmp-\d+", p.name)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def release_output_dir(path: str | Path) -> None:

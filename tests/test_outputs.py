@@ -209,3 +209,13 @@ def test_os_errors_are_one_line_without_leftovers(tmp_path, capsys, monkeypatch)
     code = main([*args[:-1], f"output_dir={corpus}/sub"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("temper pretrain: error: ") and "Not a directory" in err[-1]
+
+
+def test_claiming_a_directory_removes_what_killed_writers_left(tmp_path):
+    (tmp_path / ".config.yaml.tmp-4242").write_text("half")
+    (tmp_path / "data.tmp-4242").mkdir()
+    (tmp_path / ".hidden").write_text("the user's")
+    (tmp_path / "notes.tmp").write_text("the user's")
+    claim_output_dir(tmp_path)
+    release_output_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", ".temper.lock", "notes.tmp"]

@@ -307,7 +307,7 @@ def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | 
         result["fact_probes"] = len(probes)
         rows = [{"prompt": p["prompt"], "completion": c, "fact": p["fact"], "answer": p["answer"], "correct": ok}
                 for p, c, ok in zip(probes, completions, correct)]
-    if not rows:
+    if not rows and cfg.samples > 0:
         prompts = cfg.sample_prompts or opening_prompts(shard_dir, tokenizer, cfg.samples)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, generate_text(model, tokenizer, prompts, greedy))]
     from temper.io import atomic_write_text
