@@ -86,7 +86,7 @@ class TrainLoop:
                 obj.load_state_dict(saved[key])
             self.start_step = saved["step"]
             print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
-        elif getattr(cfg, "overwrite", False):
+        elif getattr(cfg, "overwrite", False) or cfg.resume:  # starting over (start_run allowed it)
             engine.clear_earlier_run(self.out)
         from temper.config import to_dict
         from temper.io import atomic_write_text
