@@ -233,13 +233,17 @@ def _is_valid(path: Path) -> bool:
     return checkpoint_problem(path) is None
 
 
-def latest_checkpoint(root: str | Path, *, warn: bool = True) -> Path | None:
+_warned: set[tuple[str, str]] = set()  # (checkpoint, problem): say it once per process
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest checkpoint that is complete and readable (a damaged one is skipped, with a warning)."""
     for path in reversed(list_checkpoints(root)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        if warn:
+        if (str(path), problem) not in _warned:
+            _warned.add((str(path), problem))
             warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
     return None
 

@@ -76,7 +76,7 @@ def check_earlier_run(out: Path, resume: str, overwrite: bool) -> None:
     if not resume:
         raise TemperError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}): resume=auto continues it, "
                           "overwrite=true starts over, or choose another output_dir")
-    if resume == "auto" and latest_checkpoint(out / "checkpoints", warn=False) is None:
+    if resume == "auto" and latest_checkpoint(out / "checkpoints") is None:
         if earlier == ["metrics.jsonl"]:
             # stopped before its first checkpoint: nothing to continue and nothing to lose but its partial
             # metrics, so `resume=auto` (what a requeued job always passes) starts it again from step 0
