@@ -1,0 +1,232 @@
+"""Every mistake in what a user gives temper is one clear line, and nothing they gave is lost:
+text files (BOM, nulls, corrupt parquet), huge documents, broken weights, `temper merge`
+into its own inputs or onto the wrong base, `temper eval` on empty data or a bad judge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_TEXT
+
+from temper.cli import main
+from temper.data.readers import iter_records, iter_texts
+from temper.errors import TemperError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, stage: str) -> str:
+    """The CLI's stderr, checked to be exactly one `temper STAGE: error: ...` line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith(f"temper {stage}: error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+# ----------------------------------------------------------------------------- text files
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("a.txt", b"first paragraph\n\nsecond\n"),
+    ("a.jsonl", b'{"text": "first paragraph"}\n{"text": "second"}\n'),
+    ("a.json", b'[{"text": "first paragraph"}, {"text": "second"}]'),
+])
+def test_utf8_bom_is_dropped_never_trained_on(tmp_path, tiny_tokenizer, name, body):
+    path = tmp_path / name
+    path.write_bytes(BOM + body)
+    texts = list(iter_texts(path))
+    assert texts == ["first paragraph", "second"]
+    assert not texts[0].startswith("\ufeff")
+    assert tiny_tokenizer.encode(texts[0]) == tiny_tokenizer.encode("first paragraph")
+    assert BOM not in tiny_tokenizer.decode(tiny_tokenizer.encode(texts[0])).encode()
+    if name.endswith(".txt"):
+        assert next(iter_texts(path, text_mode="file")) == body.decode()
+    (tmp_path / "mid.txt").write_text("a\ufeffb")  # inside the text U+FEFF is a character: kept
+    assert next(iter_texts(tmp_path / "mid.txt")) == "a\ufeffb"
+
+
+def test_utf16_file_is_named_not_read_as_noise(tmp_path):
+    path = tmp_path / "u16.txt"
+    path.write_bytes("hello\n".encode("utf-16"))
+    with pytest.raises(TemperError, match=r"u16.txt: UTF-16 text .*temper reads UTF-8"):
+        list(iter_texts(path))
+
+
+def test_null_and_non_string_fields_say_what_they_are(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": null}\n')
+    with pytest.raises(TemperError, match=r"rows.jsonl:3: field 'text' is null \(expected a string\)$"):
+        list(iter_texts(path))
+    for value, named in ((5, r"a number \(5\)"), (["x"], "a list of 1"), ({"a": 1}, "an object"),
+                         (True, r"a boolean \(true\)")):
+        path.write_text(json.dumps({"text": value}) + "\n")
+        with pytest.raises(TemperError, match=rf"rows.jsonl:1: field 'text' is {named} \(expected a string\)"):
+            list(iter_texts(path))
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(TemperError, match=r"rows.jsonl:1: field 'text' is missing \(keys: body\)"):
+        list(iter_texts(path))
+
+
+def test_json_lines_in_a_json_file_get_a_hint(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(TemperError, match=r"rows.json:2: not valid JSON \(Extra data\).*name the file .jsonl"):
+        list(iter_texts(path))
+
+
+def test_corrupt_parquet_is_one_line_naming_the_file(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    garbage = tmp_path / "bad.parquet"
+    garbage.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(TemperError, match=r"bad.parquet: not a readable parquet file \(.*magic bytes"):
+        list(iter_records(garbage))
+    # a real file whose column pages were damaged after writing
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} " * 8 for i in range(2000)]}), damaged, row_group_size=500)
+    raw = bytearray(damaged.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 64):
+        raw[i] ^= 0x5A
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(TemperError, match=r"damaged.parquet(:after row \d+)?: not a readable parquet file"):
+        list(iter_texts(damaged))
+    assert main(["tokenizer", f"data={garbage}", f"output_dir={tmp_path / 'tok'}"]) == 2
+    assert str(garbage) in one_line_error(capsys, "tokenizer")
+    pq.write_table(pa.table({"text": ["ok", None]}), tmp_path / "nulls.parquet")
+    with pytest.raises(TemperError, match=r"nulls.parquet:row 2: field 'text' is null"):
+        list(iter_texts(tmp_path / "nulls.parquet"))
+
+
+# ----------------------------------------------------------------------------- huge documents
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tokenizer(kind: str):
+    """A tiny BPE whose pre-tokeniser is Llama 3's regex, or one whose normaliser prepends '▁'
+    to every input (as converted SentencePiece tokenizers do): no cut is exact for it."""
+    from tokenizers import Regex, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+
+    from temper.data.tokenizer import Tokenizer
+
+    backend = Backend(BPE())
+    if kind == "llama3":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        alphabet = sorted(set(SAMPLE_TEXT.replace(" ", "▁")) | {"▁"})
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|eos|>"], initial_alphabet=alphabet,
+                                  show_progress=False)
+    backend.train_from_iterator(SAMPLE_TEXT.split("\n\n"), trainer=trainer)
+    return Tokenizer(backend, eos_token="<|eos|>")
+
+
+def _long_text(words: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = SAMPLE_TEXT.replace("\n", " \n ").split(" ") + ["3.14.\n", "1234567", "...\n\n", "Ünï.", "\t"]
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3"])
+def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path, monkeypatch, tiny_tokenizer, kind):
+    from temper.data import shards
+
+    tok = tiny_tokenizer if kind == "gpt2" else _tokenizer("llama3")
+    monkeypatch.setattr(shards, "MAX_PIECE_CHARS", 4096)  # ~70 cuts in this document
+    monkeypatch.setattr(shards, "BATCH_CHARS", 20_000)  # and a document spans several encoder calls
+    long_doc, short = _long_text(50_000), "Hello, world!"
+    out = shards.build_shards([short, long_doc, short], tok, tmp_path / "s")
+    index = shards.read_index(out)
+    tokens = np.concatenate([np.fromfile(out / s["file"], dtype=np.uint16) for s in index["splits"]["train"]["shards"]])
+    eos = [tok.eos_id]
+    expected = tok.encode(short) + eos + tok.encode(long_doc) + eos + tok.encode(short) + eos
+    assert tokens.tolist() == expected  # EOS only after each whole document, nothing differs at the cuts
+    assert index["splits"]["train"]["num_docs"] == 3
+    splitter = shards.LongTextSplitter(tok)
+    pieces = list(splitter(long_doc))
+    assert len(pieces) > 50 and splitter.inexact == 0 and "".join(p for p, _ in pieces) == long_doc
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+
+
+def test_cuts_the_tokenizer_does_not_split_at_are_counted_and_warned(tmp_path, monkeypatch):
+    from temper.data import shards
+
+    tok = _tokenizer("prepend")
+    monkeypatch.setattr(shards, "MAX_PIECE_CHARS", 4096)
+    long_doc = _long_text(5_000)
+    with pytest.warns(UserWarning, match=r"\d+ cut\(s\) in very long documents could not be placed"):
+        out = shards.build_shards([long_doc], tok, tmp_path / "s")
+    tokens = np.fromfile(out / "train_00000.bin", dtype=np.uint16)
+    assert tokens[-1] == tok.eos_id and (tokens == tok.eos_id).sum() == 1  # still one document
+
+
+def test_cut_pieces_property(tiny_tokenizer):
+    """Any text: the pieces join to the text, and when every cut was verified, their ids are the whole's."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from temper.data.shards import LongTextSplitter
+
+    alphabet = st.sampled_from(list("abcXYZ019 \n\t.,'!é😀") + ["  ", "\n\n", "'s", "ab1"])
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(st.lists(alphabet, min_size=0, max_size=400).map("".join), st.integers(8, 64))
+    def check(text, max_chars):
+        splitter = LongTextSplitter(tiny_tokenizer, max_chars)
+        pieces = list(splitter(text))
+        assert "".join(p for p, _ in pieces) == text and pieces[-1][1]
+        if splitter.inexact == 0:
+            assert [i for p, _ in pieces for i in tiny_tokenizer.encode(p)] == tiny_tokenizer.encode(text)
+
+    check()
+
+
+MEMORY_CHILD = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from conftest import SAMPLE_TEXT
+from temper.data.readers import iter_texts
+from temper.data.shards import build_shards, read_index
+from temper.data.tokenizer import train_tokenizer
+
+tok = train_tokenizer(SAMPLE_TEXT.split("\\n\\n"), vocab_size=300, min_frequency=2)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = build_shards(iter_texts({path!r}), tok, {out!r})
+growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(growth_mb, read_index(out)["splits"]["train"]["num_docs"])
+"""
+
+
+def test_a_huge_one_line_document_is_tokenised_in_bounded_memory(tmp_path):
+    """4 MB on one line: encoding it whole takes ~200 MB per MB of text (~850 MB here); in pieces the
+    peak stays near the encoder's batch budget. benchmarks/bench_long_document.py measures 50 MB."""
+    path = tmp_path / "huge.txt"
+    text = _long_text(20_000).replace("\n", " ")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(4_000_000 // len(text) + 1):
+            f.write(text + " ")
+        f.write("\n")
+    code = MEMORY_CHILD.format(tests=str(ROOT / "tests"), path=str(path), out=str(tmp_path / "shards"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    growth_mb, docs = run.stdout.split()
+    assert int(docs) == 1
+    assert float(growth_mb) < 350, f"peak memory grew by {growth_mb} MB for 4 MB of text"
