@@ -230,3 +230,80 @@ def test_a_huge_one_line_document_is_tokenised_in_bounded_memory(tmp_path):
     growth_mb, docs = run.stdout.split()
     assert int(docs) == 1
     assert float(growth_mb) < 350, f"peak memory grew by {growth_mb} MB for 4 MB of text"
+
+
+# ----------------------------------------------------------------------------- model weights
+
+
+def _model_copy(src: Path, dst: Path, name: str, change) -> Path:
+    """A copy of the model directory `src` with tensor `name` replaced by `change(tensor)`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors[name] = change(tensors[name].clone())
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _poison(value: float):
+    def change(t):
+        t.view(-1)[3] = value
+        return t
+    return change
+
+
+@pytest.mark.parametrize("what, change, message", [
+    ("nan", _poison(float("nan")), r"holds 1 NaN and 0 Inf values of 4096 \(expected finite weights"),
+    ("inf", _poison(float("-inf")), r"holds 0 NaN and 1 Inf values of"),
+    ("int64", lambda t: t.long(), r"has dtype int64 \(expected floating-point weights"),
+])
+def test_broken_weights_are_refused_at_load_naming_file_and_tensor(tmp_path, tiny_model_dir, capsys, what, change,
+                                                                    message):
+    from temper.models import load_model
+
+    name = "model.layers.1.self_attn.q_proj.weight"
+    bad = _model_copy(tiny_model_dir, tmp_path / what, name, change)
+    with pytest.raises(TemperError, match=rf"model.safetensors: tensor '{name}' {message}"):
+        load_model(bad)
+    assert main(["generate", f"model={bad}", "prompt=Hello", "max_new_tokens=2"]) == 2
+    line = one_line_error(capsys, "generate")
+    assert str(bad / "model.safetensors") in line and name in line
+
+
+def test_an_adapter_with_nan_weights_is_refused(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from temper.models import load_model_or_adapter
+
+    adapter = _lora_adapter(tmp_path / "lora", tiny_model_dir)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(TemperError, match=rf"adapter_model.safetensors: tensor '{key}' holds 1 NaN"):
+        load_model_or_adapter(adapter)
+
+
+def _lora_adapter(out: Path, base: Path, *, targets=("q_proj", "v_proj"), seed: int = 0) -> Path:
+    """A LoRA adapter on `base` with non-zero B (so merging changes the weights), saved as temper does."""
+    import torch
+
+    from temper.config import PeftConfig
+    from temper.data.tokenizer import Tokenizer
+    from temper.models import load_model
+    from temper.peft import apply_peft, save_peft
+
+    torch.manual_seed(seed)
+    model = load_model(base)
+    cfg = PeftConfig(method="lora", r=2, alpha=4.0, target_modules=list(targets))
+    apply_peft(model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    save_peft(model, out, cfg, base_model=str(Path(base).resolve()))
+    Tokenizer.from_dir(base).save(out)
+    return out

@@ -17,6 +17,7 @@ from temper.models.common import DecoderBase, KVCache
 from temper.models.config import PRESETS, ModelConfig, preset
 from temper.models.gpt2 import GPT2
 from temper.models.hf import (
+    check_weights_file,
     config_from_hf,
     load_state_dict_from_hf,
     read_hf_config,
@@ -133,6 +134,9 @@ def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu
         base = read_adapter_config(path).get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise TemperError(f"{path}: the adapter's base model {base!r} is not a directory here")
+        weights = path / "adapter_model.safetensors"
+        if weights.is_file():
+            check_weights_file(weights)
         model = load_model(base, device=device, dtype=dtype)
         tokenizer = None
         if (path / "tokenizer.json").is_file():

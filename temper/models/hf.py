@@ -281,6 +281,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
                 if name == "lm_head.weight" and config.tie_embeddings:
                     continue  # tied: the embedding is the output layer
                 tensor = f.get_tensor(hf_name)
+                check_weight(path, hf_name, tensor)
                 if adapter.is_transposed(name):
                     tensor = tensor.t().contiguous()
                 if name not in expected:
@@ -296,6 +297,35 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise TemperError(f"{model_dir}: tensor '{missing[0]}'{more} missing from the safetensors files")
     return out
+
+
+def check_weight(path: str | Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse weights that are not floating point, or hold NaN / Inf: such a model loads and then
+    generates nothing (every logit NaN), which looks like a bug in temper, not in the file."""
+    if not tensor.is_floating_point():
+        raise TemperError(f"{path}: tensor '{name}' has dtype {str(tensor.dtype).removeprefix('torch.')} "
+                          "(expected floating-point weights: float32, bfloat16 or float16)")
+    flat = tensor.reshape(-1)
+    try:  # in chunks: the boolean temporary of one huge embedding matrix would be as large as it
+        finite = all(bool(torch.isfinite(c).all()) for c in flat.split(1 << 24))
+    except (RuntimeError, NotImplementedError):  # a dtype without isfinite on this device (float8)
+        finite = all(bool(torch.isfinite(c.float()).all()) for c in flat.split(1 << 24))
+    if not finite:
+        nan = int(torch.isnan(flat.float()).sum())
+        inf = int(torch.isinf(flat.float()).sum())
+        raise TemperError(f"{path}: tensor '{name}' holds {nan} NaN and {inf} Inf values of {flat.numel()} "
+                          "(expected finite weights: the file is damaged, or the training that wrote it diverged)")
+
+
+def check_weights_file(path: str | Path) -> None:
+    """`check_weight` on every tensor of one safetensors file (an adapter, before it is applied)."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        for name in f.keys():
+            check_weight(path, name, f.get_tensor(name))
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
