@@ -307,3 +307,128 @@ def _lora_adapter(out: Path, base: Path, *, targets=("q_proj", "v_proj"), seed: 
     save_peft(model, out, cfg, base_model=str(Path(base).resolve()))
     Tokenizer.from_dir(base).save(out)
     return out
+
+
+# ----------------------------------------------------------------------------- temper merge
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_model_dir):
+    return _lora_adapter(tmp_path_factory.mktemp("adapter") / "lora", tiny_model_dir)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_to_write_into_its_inputs(tmp_path, tiny_model_dir, lora_dir, capsys):
+    before = _tree(tiny_model_dir), _tree(lora_dir)
+    assert main(["merge", f"model={tiny_model_dir}", f"adapter={lora_dir}", f"output_dir={tiny_model_dir}"]) == 2
+    assert "is the model= directory itself" in one_line_error(capsys, "merge")
+    assert main(["merge", f"adapter={lora_dir}", f"output_dir={lora_dir}/../lora"]) == 2
+    assert "is the adapter= directory itself" in one_line_error(capsys, "merge")
+    assert (_tree(tiny_model_dir), _tree(lora_dir)) == before  # nothing written, not even a lock file
+
+
+def test_merge_checks_the_adapter_was_trained_on_this_base(tmp_path, tiny_model_dir, lora_dir, capsys):
+    import shutil
+
+    other = _model_copy(tiny_model_dir, tmp_path / "other", "model.norm.weight", lambda t: t * 2)
+    assert main(["merge", f"model={other}", f"adapter={lora_dir}", f"output_dir={tmp_path / 'm'}"]) == 2
+    line = one_line_error(capsys, "merge")
+    assert f"the adapter was trained on {Path(tiny_model_dir).resolve()}" in line and f"model={other}" in line
+    assert not (tmp_path / "m").exists()
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")  # the same weights elsewhere: fine
+    assert main(["merge", f"model={copy}", f"adapter={lora_dir}", f"output_dir={tmp_path / 'm'}"]) == 0, \
+        capsys.readouterr().err
+
+
+def test_merge_refuses_an_adapter_whose_shapes_do_not_fit(tmp_path, tiny_model_dir, lora_dir, capsys):
+    import shutil
+
+    from temper.data.tokenizer import Tokenizer
+    from temper.models import build_model, preset, save_model
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    narrow = save_model(build_model(preset("llama-tiny", vocab_size=tok.vocab_size, hidden_size=32)),
+                        tmp_path / "narrow", tokenizer=tok)
+    moved = shutil.copytree(lora_dir, tmp_path / "lora")  # trained elsewhere: its recorded base is not here
+    conf = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "/elsewhere/base"}))
+    assert main(["merge", f"model={narrow}", f"adapter={moved}", f"output_dir={tmp_path / 'm'}"]) == 2
+    line = one_line_error(capsys, "merge")
+    assert "adapter_model.safetensors: tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'" \
+           " has shape (2, 64), but this model needs (2, 32)" in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_an_adapter_saved_with_another_tokenizer(tmp_path, tiny_model_dir, lora_dir, capsys):
+    import shutil
+
+    from temper.data.tokenizer import train_tokenizer
+
+    moved = shutil.copytree(lora_dir, tmp_path / "lora")
+    train_tokenizer(["other words entirely, other merges"] * 20, vocab_size=300).save(moved)
+    args = ["merge", f"model={tiny_model_dir}", f"adapter={moved}", f"output_dir={tmp_path / 'm'}"]
+    assert main(args) == 2
+    line = one_line_error(capsys, "merge")
+    assert f"{moved / 'tokenizer.json'} differs from the base's {tiny_model_dir / 'tokenizer.json'}: " in line
+    assert "287 tokens vs 300" in line
+    # the same size, two ids swapped
+    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (moved / "tokenizer.json").write_text(json.dumps(tok))
+    assert main(args) == 2
+    assert f"token {vocab['b']} is 'b' in the adapter's, 'a' in the base's" in one_line_error(capsys, "merge")
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_writes_whole_or_not_at_all(tmp_path, tiny_model_dir, lora_dir, monkeypatch, capsys):
+    import safetensors.torch
+
+    out = tmp_path / "merged"
+    assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}"]) == 0
+    first = _tree(out)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "temper.json"} <= set(first)
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr("temper.models.hf.save_file", full_disk)
+    assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}"]) == 2
+    assert "No space left on device" in one_line_error(capsys, "merge")
+    assert _tree(out) == first  # the earlier merge is intact, no temporary left
+    assert main(["merge", f"adapter={lora_dir}", f"output_dir={tmp_path / 'new'}"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_merge_keeps_a_model_another_command_wrote(tmp_path, tiny_model_dir, lora_dir, capsys):
+    import shutil
+
+    from temper.lineage import write_lineage
+
+    out = shutil.copytree(tiny_model_dir, tmp_path / "sft")
+    write_lineage(out, {"stage": "sft"})
+    assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}"]) == 2
+    assert "already holds a model (written by temper sft)" in one_line_error(capsys, "merge")
+    assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}", "overwrite=true"]) == 0
+
+
+def test_merge_output_dir_is_claimed(tmp_path, lora_dir, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / '.temper.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 1: temper merge'); print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}"]) == 2
+        assert "is in use by another temper run" in one_line_error(capsys, "merge")
+    finally:
+        holder.kill()
+        holder.wait()
