@@ -4,6 +4,7 @@ into its own inputs or onto the wrong base, `temper eval` on empty data or a bad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -417,18 +418,125 @@ def test_merge_keeps_a_model_another_command_wrote(tmp_path, tiny_model_dir, lor
     assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}", "overwrite=true"]) == 0
 
 
-def test_merge_output_dir_is_claimed(tmp_path, lora_dir, capsys):
-    out = tmp_path / "m"
-    out.mkdir()
+@contextlib.contextmanager
+def held_by_another_run(out: Path):
+    """Another process holds `out`'s output_dir lock while the block runs."""
+    out.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
+        "import fcntl, os, time\n"
         f"fd = os.open({str(out / '.temper.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 1: temper merge'); print('locked', flush=True)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); os.write(fd, b'pid 1: temper x'); print('locked', flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}"]) == 2
-        assert "is in use by another temper run" in one_line_error(capsys, "merge")
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_merge_output_dir_is_claimed(tmp_path, lora_dir, capsys):
+    with held_by_another_run(tmp_path / "m"):
+        assert main(["merge", f"adapter={lora_dir}", f"output_dir={tmp_path / 'm'}"]) == 2
+        assert "is in use by another temper run" in one_line_error(capsys, "merge")
+
+
+# ----------------------------------------------------------------------------- temper eval
+
+
+@pytest.fixture
+def no_model_evaluated(monkeypatch):
+    """Fail the test if `temper eval` gets as far as loading a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("temper.models.load_for_inference", refuse)
+
+
+@pytest.mark.parametrize("content", ["", " \n\n\t\n"])
+def test_eval_on_an_empty_text_file_names_it(tmp_path, tiny_model_dir, capsys, no_model_evaluated, content):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    good = tmp_path / "good.txt"
+    good.write_text("Some text.\n")
+    for data in (str(empty), f"[{good},{empty}]"):
+        assert main(["eval", f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'e'}"]) == 2
+        assert one_line_error(capsys, "eval").endswith(
+            f"{empty}: no text to evaluate (the file is empty or only whitespace); remove it from data=")
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_checks_judge_world_and_models_before_evaluating(tmp_path, tiny_model_dir, capsys, no_model_evaluated):
+    text = tmp_path / "t.txt"
+    text.write_text("Some text.\n")
+    two = f"models=[{tiny_model_dir},{tiny_model_dir}]"
+    cases = [
+        ([two, "tasks=world_chat_qa", "judge=rulez"],
+         "judge=rulez: no such directory (judge= takes 'rule' or a model directory)"),
+        ([two, "tasks=world_chat_qa", f"judge={tmp_path}"],
+         f"judge={tmp_path}: no config.json; is this a model directory? (judge= takes 'rule' or a model directory)"),
+        ([f"model={tiny_model_dir}", "tasks=world_chat_qa", "judge=rule"],
+         "judge= compares exactly two models (models=[A,B]); got 1"),
+        ([two, "tasks=world_facts_mc", "judge=rule"],
+         "judge= compares generated answers, but no task in tasks= is a generation task"),
+        ([f"models=[{tiny_model_dir},{tmp_path / 'typo'}]", f"data={text}"],
+         f"models={tmp_path / 'typo'}: no such directory (models= takes a model or adapter directory)"),
+        ([two, "tasks=world_chat_qa", "world=/no/world"], "world= directory not found: /no/world"),
+        ([f"model={tiny_model_dir}", f"data={text}", "contamination=/no/train.jsonl"],
+         "contamination not found: /no/train.jsonl"),
+        ([f"model={tiny_model_dir}", two, f"data={text}"], "give model= or models=[...], not both"),
+    ]
+    for args, message in cases:
+        assert main(["eval", *args, f"output_dir={tmp_path / 'e'}"]) == 2, args
+        assert one_line_error(capsys, "eval") == f"temper eval: error: {message}"
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_world_task_without_a_world_names_the_option(tmp_path, tiny_model_dir, capsys):
+    assert main(["eval", f"model={tiny_model_dir}", "tasks=world_facts_mc", f"output_dir={tmp_path / 'e'}"]) == 2
+    line = one_line_error(capsys, "eval")
+    assert "needs the built-in world: give world=DIR" in line and "world_dir" not in line
+
+
+def test_eval_results_are_written_whole_and_output_dir_is_claimed(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import os
+
+    text = tmp_path / "t.txt"
+    text.write_text("Alice lives in Paris. The sum of 3 and 4 is 7.\n")
+    out = tmp_path / "e"
+    args = ["eval", f"model={tiny_model_dir}", f"data={text}", "window=16", "stride=8", f"output_dir={out}"]
+    assert main(args) == 0
+    first = _tree(out)
+    assert {"results.json", "results.md"} <= set(first)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(args) == 2
+    assert "No space left on device" in one_line_error(capsys, "eval")
+    monkeypatch.undo()
+    assert _tree(out) == first  # the earlier results intact, no temporary file left
+    with held_by_another_run(out):
+        assert main(args) == 2
+        assert "is in use by another temper run" in one_line_error(capsys, "eval")
+
+
+def test_eval_judge_model_is_loaded_once_for_every_task(tmp_path, tiny_model_dir, monkeypatch):
+    import temper.models
+    from temper.stages.eval import Config, run
+
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in [("2+2?", "4"), ("Hi?", "yo")]))
+    tasks = []
+    for name in ("qa_one", "qa_two"):
+        (tmp_path / f"{name}.yaml").write_text(f"name: {name}\ntype: generation\ndata: qa.jsonl\n"
+                                               "prompt: 'Q: {question}\\nA:'\ngeneration: {max_new_tokens: 2}\n")
+        tasks.append(str(tmp_path / f"{name}.yaml"))
+    loads = []
+    real = temper.models.load_for_inference
+    monkeypatch.setattr(temper.models, "load_for_inference", lambda path, **kw: loads.append(path) or real(path, **kw))
+    results = run(Config(models=[str(tiny_model_dir)] * 2, tasks=tasks, judge=str(tiny_model_dir), device="cpu",
+                         output_dir=str(tmp_path / "e")))
+    assert set(results["judge"]) == {"qa_one", "qa_two"} and results["judge"]["qa_one"]["n"] == 2
+    assert len(loads) == 3  # two models, one judge

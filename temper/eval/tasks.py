@@ -106,7 +106,8 @@ def task_from_dict(data: dict, *, base_dir: str | Path | None = None, source: st
 def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None) -> Path:
     if "{world}" in spec:
         if world_dir is None:
-            raise TemperError(f"task {task.name}: data {spec!r} needs a world directory (world_dir=...)")
+            raise TemperError(f"task {task.name}: data {spec!r} needs the built-in world: give world=DIR (or a model "
+                              "whose temper.json records its world)")
         spec = spec.replace("{world}", str(world_dir))
     p = Path(spec).expanduser()
     if not p.is_absolute() and task.base_dir is not None:

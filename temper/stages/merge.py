@@ -21,6 +21,7 @@ Nothing the user gave is lost, and a mismatch is refused before any work:
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -50,7 +51,7 @@ def run(cfg: Config) -> None:
     import warnings
 
     from temper.data.tokenizer import Tokenizer
-    from temper.io import claim_output_dir, refuse_same_dir
+    from temper.io import LOCK_NAME, claim_output_dir, refuse_same_dir, release_output_dir
     from temper.lineage import read_lineage
     from temper.models import load_model
     from temper.models.hf import check_weights_file
@@ -109,15 +110,13 @@ def run(cfg: Config) -> None:
                                                         "base": str(base), "peft": "none"})
     except BaseException:
         if not existed:  # leave no empty directory behind either
-            from temper.io import LOCK_NAME, release_output_dir
-
             release_output_dir(out)
             (out / LOCK_NAME).unlink(missing_ok=True)
-            try:
+            with contextlib.suppress(OSError):
                 out.rmdir()
-            except OSError:
-                pass
         raise
+    finally:
+        release_output_dir(out)
     print(f"merged {adapter} into {base} -> {out}")
 
 
