@@ -540,3 +540,46 @@ def test_eval_judge_model_is_loaded_once_for_every_task(tmp_path, tiny_model_dir
                          output_dir=str(tmp_path / "e")))
     assert set(results["judge"]) == {"qa_one", "qa_two"} and results["judge"]["qa_one"]["n"] == 2
     assert len(loads) == 3  # two models, one judge
+
+
+# ----------------------------------------------------------------------------- other bad inputs met on the way
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: {**c, "hidden_size": "64"}, r"config.json: hidden_size is '64' \(expected a positive integer\)"),
+    (lambda c: {**c, "vocab_size": -1}, r"config.json: vocab_size is -1 \(expected a positive integer\)"),
+    (lambda c: {**c, "num_attention_heads": 5}, r"config.json: num_heads 5 is not a multiple of num_kv_heads 2"),
+    (lambda c: [c], r"config.json: expected a JSON object of settings, got list"),
+])
+def test_a_bad_config_json_is_named_not_a_torch_traceback(tmp_path, tiny_model_dir, change, message):
+    import shutil
+
+    from temper.models import load_model
+
+    bad = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (bad / "config.json").write_text(json.dumps(change(json.loads((bad / "config.json").read_text()))))
+    with pytest.raises(TemperError, match=message):
+        load_model(bad)
+
+
+def test_a_bad_safetensors_index_is_named(tmp_path, tiny_model_dir):
+    import shutil
+
+    from temper.models import load_model
+
+    bad = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (bad / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    with pytest.raises(TemperError, match=r"model.safetensors.index.json: weight_map must map tensor names"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"prompt": "Q: {question}}"}, r"prompt 'Q: \{question\}\}' is not a valid format string \(Single '\}'"),
+    ({"prompt": "Q: {}"}, r"prompt has a positional field"),
+    ({"answer_template": " {ans}"}, r"answer_template uses \{ans\}; it takes \{answer\}"),
+])
+def test_a_task_template_is_checked_when_the_task_loads(keys, message):
+    from temper.eval.tasks import task_from_dict
+
+    with pytest.raises(TemperError, match=rf"task t: {message}"):
+        task_from_dict({"name": "t", "type": "generation", "data": "x.jsonl", "prompt": "Q: {question}", **keys})

@@ -76,11 +76,33 @@ class TaskConfig:
             raise TemperError(f"task {self.name}: few_shot must be >= 0, got {self.few_shot}")
         if self.limit is not None and self.limit < 1:
             raise TemperError(f"task {self.name}: limit must be >= 1, got {self.limit}")
+        for key in ("prompt", "answer_template", "few_shot_separator"):
+            fields = _format_fields(self.name, key, getattr(self, key))
+            if any(f == "" or f.isdigit() for f in fields):
+                raise TemperError(f"task {self.name}: {key} has a positional field ({{}} or {{0}}); name the row's "
+                                  "field, e.g. {question} (write {{ and }} for literal braces)")
+            if key != "prompt" and not fields <= ({"answer"} if key == "answer_template" else set()):
+                allowed = "{answer}" if key == "answer_template" else "no fields"
+                raise TemperError(f"task {self.name}: {key} uses {', '.join('{' + f + '}' for f in sorted(fields))}; "
+                                  f"it takes {allowed} (write {{{{ and }}}} for literal braces)")
         if self.answer_pattern is not None:
             try:
                 re.compile(self.answer_pattern)
             except re.error as e:
                 raise TemperError(f"task {self.name}: answer_pattern is not a valid regex ({e})") from None
+
+
+def _format_fields(task: str, key: str, template: str) -> set[str]:
+    """The top-level field names of a Python format string; a malformed one is named here, at load,
+    instead of failing on the first row after the model is loaded."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise TemperError(f"task {task}: {key} {template!r} is not a valid format string ({e}; write {{{{ and }}}} "
+                          "for literal braces)") from None
+    return {re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in parsed if name is not None}
 
 
 def load_task(path: str | Path) -> TaskConfig:
