@@ -583,3 +583,37 @@ def test_a_task_template_is_checked_when_the_task_loads(keys, message):
 
     with pytest.raises(TemperError, match=rf"task t: {message}"):
         task_from_dict({"name": "t", "type": "generation", "data": "x.jsonl", "prompt": "Q: {question}", **keys})
+
+
+def test_an_adapter_config_without_a_rank_is_named(tmp_path, lora_dir, capsys):
+    import shutil
+
+    moved = shutil.copytree(lora_dir, tmp_path / "lora")
+    conf = json.loads((moved / "adapter_config.json").read_text())
+    del conf["r"]
+    (moved / "adapter_config.json").write_text(json.dumps(conf))
+    assert main(["merge", f"adapter={moved}", f"output_dir={tmp_path / 'm'}"]) == 2
+    assert one_line_error(capsys, "merge").endswith(
+        f"{moved / 'adapter_config.json'}: r is None (expected a positive integer, the LoRA rank)")
+    assert main(["generate", f"model={moved}", "prompt=hi", "max_new_tokens=1"]) == 2
+    assert "r is None" in one_line_error(capsys, "generate")
+
+
+def test_a_broken_world_facts_file_is_named(tmp_path):
+    from temper.eval.tasks import build_world_mc
+
+    (tmp_path / "facts.json").write_text('{"people": [{"name": "Ann", "job": "baker"}]}')
+    with pytest.raises(TemperError, match=r"facts.json: person 0 has no 'town'"):
+        build_world_mc(tmp_path)
+    (tmp_path / "facts.json").write_text('{"people": ')
+    with pytest.raises(TemperError, match=r"facts.json:1: not valid JSON"):
+        build_world_mc(tmp_path)
+
+
+def test_few_shot_data_not_found_names_its_key(tmp_path):
+    from temper.eval.tasks import task_few_shot, task_from_dict
+
+    task = task_from_dict({"name": "t", "type": "generation", "data": "rows.jsonl", "prompt": "{q}", "few_shot": 1,
+                           "few_shot_data": "shots.jsonl"}, base_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"task t: few_shot_data not found: .*shots.jsonl"):
+        task_few_shot(task)

@@ -125,10 +125,10 @@ def task_from_dict(data: dict, *, base_dir: str | Path | None = None, source: st
     return task
 
 
-def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None) -> Path:
+def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None, key: str = "data") -> Path:
     if "{world}" in spec:
         if world_dir is None:
-            raise TemperError(f"task {task.name}: data {spec!r} needs the built-in world: give world=DIR (or a model "
+            raise TemperError(f"task {task.name}: {key} {spec!r} needs the built-in world: give world=DIR (or a model "
                               "whose temper.json records its world)")
         spec = spec.replace("{world}", str(world_dir))
     p = Path(spec).expanduser()
@@ -137,7 +137,7 @@ def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = Non
     if world_dir is not None and not p.exists() and p == Path(world_dir) / "eval" / "facts_mc.jsonl":
         build_world_mc(world_dir)  # derived from facts.json on first use
     if not p.exists():
-        raise TemperFileNotFoundError(f"task {task.name}: data not found: {p}")
+        raise TemperFileNotFoundError(f"task {task.name}: {key} not found: {p}")
     return p
 
 
@@ -217,7 +217,8 @@ def task_few_shot(task: TaskConfig, *, world_dir: str | Path | None = None) -> s
         return ""
     spec = task.few_shot_data or task.data
     shots = []
-    for r in _read_rows(task, resolve_data(task, spec, world_dir)):
+    key = "few_shot_data" if task.few_shot_data else "data"
+    for r in _read_rows(task, resolve_data(task, spec, world_dir, key)):
         shots.append(r)
         if len(shots) == task.few_shot:
             break
@@ -329,8 +330,17 @@ def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4
     facts_file = world_dir / "facts.json"
     if not facts_file.is_file():
         raise TemperFileNotFoundError(f"{facts_file} not found (write a world with `temper world` first)")
-    facts = json.loads(facts_file.read_text(encoding="utf-8"))
-    people = facts.get("people") or []
+    try:
+        facts = json.loads(facts_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TemperError(f"{facts_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    people = facts.get("people") if isinstance(facts, dict) else None
+    if not isinstance(people, list) or not all(isinstance(p, dict) for p in people):
+        raise TemperError(f"{facts_file}: expected {{\"people\": [{{...}}, ...]}} as `temper world` writes it")
+    for i, p in enumerate(people):
+        lacking = [k for k in ("name", *MC_FACTS) if k not in p]
+        if lacking:
+            raise TemperError(f"{facts_file}: person {i} has no {lacking[0]!r} (expected name, {', '.join(MC_FACTS)})")
     rng = random.Random(seed)
     rows = []
     for key, question in MC_FACTS.items():

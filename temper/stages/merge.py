@@ -53,7 +53,7 @@ def run(cfg: Config) -> None:
     from temper.data.tokenizer import Tokenizer
     from temper.io import LOCK_NAME, claim_output_dir, refuse_same_dir, release_output_dir
     from temper.lineage import read_lineage
-    from temper.models import load_model
+    from temper.models import check_lora_config, load_model
     from temper.models.hf import check_weights_file
     from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
     from temper.peft.lora import merge_lora
@@ -62,6 +62,7 @@ def run(cfg: Config) -> None:
     if not adapter.is_dir():
         raise TemperFileNotFoundError(f"adapter= directory not found: {adapter}")
     adapter_cfg = read_adapter_config(adapter)
+    check_lora_config(adapter, adapter_cfg)
     trained = read_temper_peft(adapter)
     method = trained.method if trained else ("dora" if adapter_cfg.get("use_dora") else "lora")
     if method not in LORA_FAMILY:
