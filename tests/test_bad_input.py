@@ -492,10 +492,23 @@ def test_eval_checks_judge_world_and_models_before_evaluating(tmp_path, tiny_mod
     assert not (tmp_path / "e").exists()
 
 
-def test_eval_world_task_without_a_world_names_the_option(tmp_path, tiny_model_dir, capsys):
+def test_eval_world_task_without_a_world_names_the_option(tmp_path, tiny_model_dir, capsys, no_model_evaluated):
     assert main(["eval", f"model={tiny_model_dir}", "tasks=world_facts_mc", f"output_dir={tmp_path / 'e'}"]) == 2
     line = one_line_error(capsys, "eval")
     assert "needs the built-in world: give world=DIR" in line and "world_dir" not in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_failed_eval_leaves_no_empty_output_dir(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise TemperError("scoring failed")
+
+    monkeypatch.setattr("temper.eval.sliding.sliding_window_perplexity", fail)
+    text = tmp_path / "t.txt"
+    text.write_text("Some text.\n")
+    assert main(["eval", f"model={tiny_model_dir}", f"data={text}", f"output_dir={tmp_path / 'e'}"]) == 2
+    assert "scoring failed" in one_line_error(capsys, "eval")
+    assert not (tmp_path / "e").exists()
 
 
 def test_eval_results_are_written_whole_and_output_dir_is_claimed(tmp_path, tiny_model_dir, capsys, monkeypatch):

@@ -14,6 +14,7 @@ token scored, as lm-evaluation-harness's loglikelihood_rolling (see temper.eval.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -68,8 +69,9 @@ def resolve_task(spec: str) -> Path:
 
 def run(cfg: Config) -> dict:
     from temper.data.readers import expand_paths
-    from temper.eval.tasks import load_task
-    from temper.io import claim_output_dir, release_output_dir
+    from temper.eval.tasks import load_task, resolve_data
+    from temper.io import LOCK_NAME, claim_output_dir, release_output_dir
+    from temper.lineage import read_lineage
     from temper.runtime import resolve_device
 
     # everything the run will need is checked before the first model is evaluated
@@ -82,12 +84,26 @@ def run(cfg: Config) -> dict:
         check_judge(cfg, model_dirs, tasks)
     if cfg.world and not Path(cfg.world).expanduser().is_dir():
         raise TemperFileNotFoundError(f"world= directory not found: {cfg.world}")
+    for model_dir in model_dirs:  # every task's rows are found (and a {world} resolved) for every model
+        world = cfg.world or read_lineage(model_dir).get("world_dir")
+        for task in tasks:
+            resolve_data(task, task.data, world)
+            if task.few_shot and task.few_shot_data:
+                resolve_data(task, task.few_shot_data, world, "few_shot_data")
     if cfg.contamination:
         expand_paths(cfg.contamination, "contamination")
     device = resolve_device(cfg.device)
+    existed = Path(cfg.output_dir).exists()
     out = claim_output_dir(cfg.output_dir)
     try:
         return _evaluate(cfg, out, model_dirs, tasks, texts, device)
+    except BaseException:
+        if not existed:  # a failed run leaves no empty output_dir behind
+            release_output_dir(out)
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         release_output_dir(out)
 
