@@ -260,7 +260,7 @@ def test_build_world_mc(world_dir):
 @pytest.mark.parametrize("name", ["world_facts_mc", "world_qa"])
 def test_shipped_world_tasks_end_to_end(name, world_dir, model, tiny_tokenizer):
     task = load_task(CONFIGS / f"{name}.yaml")
-    with pytest.raises(TemperError, match="needs a world directory"):
+    with pytest.raises(TemperError, match="needs the built-in world: give world=DIR"):
         run_task(model, tiny_tokenizer, task)
     if name == "world_qa":
         task.generation.max_new_tokens = 4

@@ -2,6 +2,8 @@
 
 Every record comes with where it came from (file and line), so a bad row is reported as
 `file:line: what was wrong`. Nothing is read whole into memory except a `.json` array.
+A UTF-8 byte order mark at the start of a file (Windows editors write one) is dropped, so
+it is never trained on; a UTF-16 file is refused by name instead of read as noise.
 """
 
 from __future__ import annotations
@@ -58,14 +60,23 @@ def _suffix(p: Path) -> str:
     return p.suffix.lower()
 
 
+UTF8_BOM = "\ufeff"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
+    """UTF-8 text of `raw` (found at byte `offset` of `path`); a BOM at the file's start is dropped."""
+    if offset == 0 and raw.startswith(_UTF16_BOMS):
+        raise TemperError(f"{path}: UTF-16 text (byte order mark at the start); temper reads UTF-8 "
+                          "(convert it, e.g. iconv -f UTF-16 -t UTF-8)")
     try:
-        return raw.decode("utf-8", errors=errors)
+        text = raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise TemperError(
             f"{path}: not UTF-8 at byte offset {offset + e.start} "
             "(set encoding_errors=replace to decode with replacement characters)"
         ) from None
+    return text[1:] if offset == 0 and text.startswith(UTF8_BOM) else text
 
 
 def iter_lines(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[int, str]]:
@@ -100,7 +111,8 @@ def iter_records(spec: str | Path | list, *, encoding_errors: str = "strict",
             try:
                 obj = json.loads(_decode(path.read_bytes(), path, 0, encoding_errors))
             except json.JSONDecodeError as e:
-                raise TemperError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+                hint = " (one object per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
+                raise TemperError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}") from None
             rows = obj if isinstance(obj, list) else [obj]
             for i, row in enumerate(rows):
                 if not isinstance(row, dict):
@@ -139,11 +151,21 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         import pyarrow.parquet as pq
     except ImportError:
         raise TemperError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    import pyarrow as pa
+
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for obj in batch.to_pylist():
-            row += 1
-            yield Record(obj, f"{path}:row {row}")
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        for batch in batches:
+            for obj in batch.to_pylist():
+                row += 1
+                yield Record(obj, f"{path}:row {row}")
+    except (pa.ArrowException, OSError) as e:  # pyarrow's errors name neither the file nor the row
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a real I/O error (permissions, a vanished file): the CLI names the path
+        where = f"{path}" if row == 0 else f"{path}:after row {row}"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TemperError(f"{where}: not a readable parquet file ({reason})") from None
 
 
 def iter_texts(spec: str | Path | list, *, field: str = "text", encoding_errors: str = "strict",
@@ -152,7 +174,23 @@ def iter_texts(spec: str | Path | list, *, field: str = "text", encoding_errors:
     for rec in iter_records(spec, encoding_errors=encoding_errors, text_mode=text_mode):
         value = rec.data.get(field)
         if not isinstance(value, str):
-            keys = ", ".join(rec.data) or "none"
-            what = "is missing" if value is None else f"is {type(value).__name__}, not a string"
-            raise TemperError(f"{rec.source}: field '{field}' {what} (keys: {keys})")
+            if field not in rec.data:
+                keys = ", ".join(map(str, rec.data)) or "none"
+                raise TemperError(f"{rec.source}: field '{field}' is missing (keys: {keys})")
+            raise TemperError(f"{rec.source}: field '{field}' is {json_type(value)} (expected a string)")
         yield value
+
+
+def json_type(value: Any) -> str:
+    """How a user would name the type of a JSON / parquet value in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    return f"of type {type(value).__name__}"

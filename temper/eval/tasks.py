@@ -76,6 +76,15 @@ class TaskConfig:
             raise TemperError(f"task {self.name}: few_shot must be >= 0, got {self.few_shot}")
         if self.limit is not None and self.limit < 1:
             raise TemperError(f"task {self.name}: limit must be >= 1, got {self.limit}")
+        for key in ("prompt", "answer_template", "few_shot_separator"):
+            fields = _format_fields(self.name, key, getattr(self, key))
+            if any(f == "" or f.isdigit() for f in fields):
+                raise TemperError(f"task {self.name}: {key} has a positional field ({{}} or {{0}}); name the row's "
+                                  "field, e.g. {question} (write {{ and }} for literal braces)")
+            if key != "prompt" and not fields <= ({"answer"} if key == "answer_template" else set()):
+                allowed = "{answer}" if key == "answer_template" else "no fields"
+                raise TemperError(f"task {self.name}: {key} uses {', '.join('{' + f + '}' for f in sorted(fields))}; "
+                                  f"it takes {allowed} (write {{{{ and }}}} for literal braces)")
         if self.answer_pattern is not None:
             try:
                 re.compile(self.answer_pattern)
@@ -95,6 +104,19 @@ def resolve_task(spec: str) -> Path:
         return shipped
     names = ", ".join(shipped_names("tasks")) or "none found"
     raise TemperError(f"task {spec!r}: no such file, and not a shipped task ({names})")
+
+
+def _format_fields(task: str, key: str, template: str) -> set[str]:
+    """The top-level field names of a Python format string; a malformed one is named here, at load,
+    instead of failing on the first row after the model is loaded."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise TemperError(f"task {task}: {key} {template!r} is not a valid format string ({e}; write {{{{ and }}}} "
+                          "for literal braces)") from None
+    return {re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in parsed if name is not None}
 
 
 def load_task(path: str | Path) -> TaskConfig:
@@ -117,10 +139,11 @@ def task_from_dict(data: dict, *, base_dir: str | Path | None = None, source: st
     return task
 
 
-def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None) -> Path:
+def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None, key: str = "data") -> Path:
     if "{world}" in spec:
         if world_dir is None:
-            raise TemperError(f"task {task.name}: data {spec!r} needs a world directory (world_dir=...)")
+            raise TemperError(f"task {task.name}: {key} {spec!r} needs the built-in world: give world=DIR (or a model "
+                              "whose temper.json records its world)")
         spec = spec.replace("{world}", str(world_dir))
     p = Path(spec).expanduser()
     if not p.is_absolute() and task.base_dir is not None:
@@ -128,7 +151,7 @@ def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = Non
     if world_dir is not None and not p.exists() and p == Path(world_dir) / "eval" / "facts_mc.jsonl":
         build_world_mc(world_dir)  # derived from facts.json on first use
     if not p.exists():
-        raise TemperFileNotFoundError(f"task {task.name}: data not found: {p}")
+        raise TemperFileNotFoundError(f"task {task.name}: {key} not found: {p}")
     return p
 
 
@@ -208,7 +231,8 @@ def task_few_shot(task: TaskConfig, *, world_dir: str | Path | None = None) -> s
         return ""
     spec = task.few_shot_data or task.data
     shots = []
-    for r in _read_rows(task, resolve_data(task, spec, world_dir)):
+    key = "few_shot_data" if task.few_shot_data else "data"
+    for r in _read_rows(task, resolve_data(task, spec, world_dir, key)):
         shots.append(r)
         if len(shots) == task.few_shot:
             break
@@ -320,8 +344,17 @@ def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4
     facts_file = world_dir / "facts.json"
     if not facts_file.is_file():
         raise TemperFileNotFoundError(f"{facts_file} not found (write a world with `temper world` first)")
-    facts = json.loads(facts_file.read_text(encoding="utf-8"))
-    people = facts.get("people") or []
+    try:
+        facts = json.loads(facts_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TemperError(f"{facts_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    people = facts.get("people") if isinstance(facts, dict) else None
+    if not isinstance(people, list) or not all(isinstance(p, dict) for p in people):
+        raise TemperError(f"{facts_file}: expected {{\"people\": [{{...}}, ...]}} as `temper world` writes it")
+    for i, p in enumerate(people):
+        lacking = [k for k in ("name", *MC_FACTS) if k not in p]
+        if lacking:
+            raise TemperError(f"{facts_file}: person {i} has no {lacking[0]!r} (expected name, {', '.join(MC_FACTS)})")
     rng = random.Random(seed)
     rows = []
     for key, question in MC_FACTS.items():

@@ -17,6 +17,7 @@ from temper.models.common import DecoderBase, KVCache
 from temper.models.config import PRESETS, ModelConfig, preset
 from temper.models.gpt2 import GPT2
 from temper.models.hf import (
+    check_weights_file,
     config_from_hf,
     load_state_dict_from_hf,
     read_hf_config,
@@ -131,9 +132,14 @@ def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         from temper.peft import load_peft, read_adapter_config  # only adapter directories need peft
 
-        base = read_adapter_config(path).get("base_model_name_or_path")
+        adapter_config = read_adapter_config(path)
+        check_lora_config(path, adapter_config)
+        base = adapter_config.get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise TemperError(f"{path}: the adapter's base model {base!r} is not a directory here")
+        weights = path / "adapter_model.safetensors"
+        if weights.is_file():
+            check_weights_file(weights)
         model = load_model(base, device=device, dtype=dtype)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
@@ -143,6 +149,19 @@ def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu
         load_peft(model, path, tokenizer=tokenizer)
         return model.to(device)
     return load_model(path, device=device, dtype=dtype)
+
+
+def check_lora_config(adapter_dir: str | Path, conf: dict) -> None:
+    """The keys of a LoRA adapter_config.json that loading reads without a default, checked first."""
+    if conf.get("peft_type") != "LORA":
+        return
+    r = conf.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise TemperError(f"{Path(adapter_dir) / 'adapter_config.json'}: r is {r!r} (expected a positive integer, "
+                          "the LoRA rank)")
+    alpha = conf.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TemperError(f"{Path(adapter_dir) / 'adapter_config.json'}: lora_alpha is {alpha!r} (expected a number)")
 
 
 def load_for_inference(path: str | Path, *, device: torch.device | str = "cpu",

@@ -32,9 +32,23 @@ _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausal
                        "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
+_SIZE_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "hidden_size",
+              "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+              "max_position_embeddings", "sliding_window")
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Read a transformers `config.json` dict into a `ModelConfig`."""
+    """Read a transformers `config.json` dict into a `ModelConfig`; every size is checked to be a
+    positive integer here, so a bad value is named instead of failing deep inside torch."""
+    if not isinstance(hf, dict):
+        raise TemperError(f"{source}: expected a JSON object of settings, got {type(hf).__name__}")
+    for key in _SIZE_KEYS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise TemperError(f"{source}: {key} is {value!r} (expected a positive integer)")
     archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
     arch = archs[0] if archs else _MODEL_TYPE_TO_ARCH.get(hf.get("model_type", ""), "")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise TemperError(
@@ -55,8 +69,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             raise TemperError(f"{source}: activation_function {act!r} is not supported (gelu_new)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
             raise TemperError(f"{source}: non-default GPT-2 attention scaling is not supported")
-        return ModelConfig(
-            family="gpt2", vocab_size=need("vocab_size"), hidden_size=need("n_embd"),
+        return _model_config(
+            source, family="gpt2", vocab_size=need("vocab_size"), hidden_size=need("n_embd"),
             num_layers=need("n_layer"), num_heads=need("n_head"), intermediate_size=hf.get("n_inner"),
             max_seq_len=need("n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             qkv_bias=True, mlp_bias=True, attn_out_bias=True,
@@ -81,8 +95,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         sliding = hf.get("sliding_window")
     if family == "qwen2" and hf.get("use_sliding_window"):
         raise TemperError(f"{source}: Qwen2 with use_sliding_window=true is not supported")
-    return ModelConfig(
-        family="llama", vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+    return _model_config(
+        source, family="llama", vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
         num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"), intermediate_size=need("intermediate_size"),
@@ -92,6 +106,13 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         mlp_bias=bool(hf.get("mlp_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=sliding, hf_architecture=arch, **ids,
     )
+
+
+def _model_config(source: str, **fields: Any) -> ModelConfig:
+    try:
+        return ModelConfig(**fields)
+    except TemperError as e:
+        raise TemperError(f"{source}: {e}") from None
 
 
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:
@@ -224,8 +245,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise TemperError(f"{index}: not a valid safetensors index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise TemperError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise TemperError(f"{index}: weight_map must map tensor names to file names")
         files = sorted({model_dir / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -252,9 +275,14 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise TemperFileNotFoundError(f"{model_dir}: no config.json; is this a model directory?")
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TemperError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise TemperError(f"{cfg_path}: not UTF-8 at byte offset {e.start}") from None
+    if not isinstance(hf, dict):
+        raise TemperError(f"{cfg_path}: expected a JSON object of settings, got {type(hf).__name__}")
+    return hf
 
 
 def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, config: ModelConfig,
@@ -281,6 +309,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
                 if name == "lm_head.weight" and config.tie_embeddings:
                     continue  # tied: the embedding is the output layer
                 tensor = f.get_tensor(hf_name)
+                check_weight(path, hf_name, tensor)
                 if adapter.is_transposed(name):
                     tensor = tensor.t().contiguous()
                 if name not in expected:
@@ -296,6 +325,35 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise TemperError(f"{model_dir}: tensor '{missing[0]}'{more} missing from the safetensors files")
     return out
+
+
+def check_weight(path: str | Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse weights that are not floating point, or hold NaN / Inf: such a model loads and then
+    generates nothing (every logit NaN), which looks like a bug in temper, not in the file."""
+    if not tensor.is_floating_point():
+        raise TemperError(f"{path}: tensor '{name}' has dtype {str(tensor.dtype).removeprefix('torch.')} "
+                          "(expected floating-point weights: float32, bfloat16 or float16)")
+    flat = tensor.reshape(-1)
+    try:  # in chunks: the boolean temporary of one huge embedding matrix would be as large as it
+        finite = all(bool(torch.isfinite(c).all()) for c in flat.split(1 << 24))
+    except (RuntimeError, NotImplementedError):  # a dtype without isfinite on this device (float8)
+        finite = all(bool(torch.isfinite(c.float()).all()) for c in flat.split(1 << 24))
+    if not finite:
+        nan = int(torch.isnan(flat.float()).sum())
+        inf = int(torch.isinf(flat.float()).sum())
+        raise TemperError(f"{path}: tensor '{name}' holds {nan} NaN and {inf} Inf values of {flat.numel()} "
+                          "(expected finite weights: the file is damaged, or the training that wrote it diverged)")
+
+
+def check_weights_file(path: str | Path) -> None:
+    """`check_weight` on every tensor of one safetensors file (an adapter, before it is applied)."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        for name in f.keys():
+            check_weight(path, name, f.get_tensor(name))
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

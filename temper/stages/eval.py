@@ -15,6 +15,7 @@ protocol).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from temper.config import opt
-from temper.errors import TemperError
+from temper.errors import TemperError, TemperFileNotFoundError
 
 
 @dataclass
@@ -48,22 +49,61 @@ class Config:
     def validate(self) -> None:
         if not self.model and not self.models:
             raise TemperError("model= or models=[...] is required")
+        if self.model and self.models:
+            raise TemperError("give model= or models=[...], not both")
         if not self.tasks and not self.data:
             raise TemperError("nothing to evaluate: give tasks=... and/or data=...")
 
 
 def run(cfg: Config) -> dict:
-    from temper.data.readers import iter_texts
-    from temper.eval.sliding import sliding_window_perplexity
-    from temper.eval.tasks import iter_task_rows, load_task, resolve_task, run_task
+    from temper.data.readers import expand_paths
+    from temper.eval.tasks import load_task, resolve_data, resolve_task
+    from temper.io import LOCK_NAME, claim_output_dir, release_output_dir
     from temper.lineage import read_lineage
-    from temper.models import load_for_inference
     from temper.runtime import resolve_device
 
+    # everything the run will need is checked before the first model is evaluated
     model_dirs = cfg.models or [cfg.model]
+    for model_dir in model_dirs:
+        check_model_dir(model_dir, "models=" if cfg.models else "model=")
     tasks = [load_task(resolve_task(t)) for t in cfg.tasks]
-    texts = list(iter_texts(cfg.data, field=cfg.text_field, text_mode=cfg.text_mode)) if cfg.data else []
+    texts = read_eval_texts(cfg) if cfg.data else []
+    if cfg.judge:
+        check_judge(cfg, model_dirs, tasks)
+    if cfg.world and not Path(cfg.world).expanduser().is_dir():
+        raise TemperFileNotFoundError(f"world= directory not found: {cfg.world}")
+    for model_dir in model_dirs:  # every task's rows are found (and a {world} resolved) for every model
+        world = cfg.world or read_lineage(model_dir).get("world_dir")
+        for task in tasks:
+            resolve_data(task, task.data, world)
+            if task.few_shot and task.few_shot_data:
+                resolve_data(task, task.few_shot_data, world, "few_shot_data")
+    if cfg.contamination:
+        expand_paths(cfg.contamination, "contamination")
     device = resolve_device(cfg.device)
+    existed = Path(cfg.output_dir).exists()
+    out = claim_output_dir(cfg.output_dir)
+    try:
+        return _evaluate(cfg, out, model_dirs, tasks, texts, device)
+    except BaseException:
+        if not existed:  # a failed run leaves no empty output_dir behind
+            release_output_dir(out)
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        release_output_dir(out)
+
+
+def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[str], device) -> dict:
+    from temper.data.readers import iter_texts
+    from temper.eval.sliding import sliding_window_perplexity
+    from temper.eval.tasks import iter_task_rows, run_task
+    from temper.io import atomic_write_text
+    from temper.lineage import read_lineage
+    from temper.models import load_for_inference
+
     results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {}}
     for model_dir in model_dirs:
         model, tokenizer = load_for_inference(model_dir, device=device, dtype=cfg.dtype)
@@ -88,20 +128,70 @@ def run(cfg: Config) -> dict:
         results["contamination_n"] = cfg.ngram
         results["contamination"] = contamination_report(iter_texts(cfg.contamination, field=cfg.text_field),
                                                         eval_sets, n=cfg.ngram)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     table = results_table(results)
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     print(table)
     return results
 
 
-def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, device) -> dict:
+def read_eval_texts(cfg: Config) -> list[str]:
+    """The texts of `data=`; a file with no text in it is an error naming it (not an empty table)."""
+    from temper.data.readers import expand_paths, iter_texts
+
+    texts: list[str] = []
+    for path in expand_paths(cfg.data):
+        found = [t for t in iter_texts(path, field=cfg.text_field, text_mode=cfg.text_mode) if t.strip()]
+        if not found:
+            raise TemperError(f"{path}: no text to evaluate (the file is empty or only whitespace); "
+                              "remove it from data=")
+        texts.extend(found)
+    return texts
+
+
+def check_model_dir(path: str, option: str) -> None:
+    """Cheap checks that `path` will load (config, weight files, tokenizer), so a typo in the last
+    of several models is found before the first is evaluated. Weights are read later."""
+    from temper.data.tokenizer import Tokenizer
+    from temper.models.hf import _weight_files, config_from_hf, read_hf_config
+
+    p = Path(path).expanduser()
+    try:
+        if not p.exists():
+            raise TemperError(f"{p}: no such directory")
+        if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+            from temper.peft import read_adapter_config
+
+            base = read_adapter_config(p).get("base_model_name_or_path")
+            if not base or not Path(base).is_dir():
+                raise TemperError(f"{p}: the adapter's base model {base!r} is not a directory here")
+            p_model = Path(base)
+        else:
+            p_model = p
+        config_from_hf(read_hf_config(p_model), str(p_model / "config.json"))
+        _weight_files(p_model)
+        Tokenizer.from_dir(p)
+    except TemperError as e:
+        what = "'rule' or a model directory" if option == "judge=" else "a model or adapter directory"
+        raise TemperError(f"{option}{path}: {str(e).removeprefix(f'{p}: ')} ({option} takes {what})") from None
+
+
+def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
+    """judge= is checked before any model is evaluated: two models, a task with answers to judge, and
+    'rule' or a model directory that will load."""
     if len(model_dirs) != 2:
-        raise TemperError(f"judge= compares exactly two models; got {len(model_dirs)}")
+        raise TemperError(f"judge= compares exactly two models (models=[A,B]); got {len(model_dirs)}")
+    if not any(t.type == "generation" for t in tasks):
+        raise TemperError("judge= compares generated answers, but no task in tasks= is a generation task")
+    if cfg.judge != "rule":
+        check_model_dir(cfg.judge, "judge=")
+
+
+def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, device) -> dict:
     from temper.eval.judge import pairwise, rule_pairwise
 
+    check_judge(cfg, model_dirs, tasks)
+    judge = None  # (model, tokenizer), loaded once for every task
     reports = {}
     for task in tasks:
         outs = [results["per_model"][m][task.name].get("outputs") for m in model_dirs]
@@ -112,10 +202,11 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
         if cfg.judge == "rule":
             reports[task.name] = rule_pairwise([o["reference"] for o in outs[0]], answers[0], answers[1])
         else:
-            from temper.models import load_for_inference
+            if judge is None:
+                from temper.models import load_for_inference
 
-            judge_model, judge_tok = load_for_inference(cfg.judge, device=device)
-            reports[task.name] = pairwise(judge_model, judge_tok, questions, answers[0], answers[1])
+                judge = load_for_inference(cfg.judge, device=device)
+            reports[task.name] = pairwise(*judge, questions, answers[0], answers[1])
         reports[task.name].pop("verdicts", None)
     return reports
 

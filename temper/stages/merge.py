@@ -6,16 +6,32 @@ zero inference overhead.
 An adapter trained on a 4-bit (QLoRA) base is merged into that same NF4 base, dequantised
 first: the merged weights are dequant(NF4(W)) + BA, what the adapter was trained against,
 and the command says so.
+
+Nothing the user gave is lost, and a mismatch is refused before any work:
+- `output_dir` may not be the base's or the adapter's directory, nor hold a model that
+  another command wrote (unless `overwrite=true`); one run at a time owns it.
+- The adapter must belong to this base: when `base_model_name_or_path` names another
+  directory that exists here, the two must hold the same weights (a copy is fine; a
+  different model is refused); LoRA shapes must fit the base's modules; a tokenizer
+  saved with the adapter must be the base's.
+- The merged model is written to a temporary directory inside `output_dir` and moved into
+  place file by file, `config.json` last, so a failure leaves the earlier contents (or
+  nothing), never a half-written model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
+import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from temper.config import opt
-from temper.errors import TemperError
+from temper.errors import TemperError, TemperFileNotFoundError
 
 
 @dataclass
@@ -24,6 +40,7 @@ class Config:
     adapter: str = opt("", "the adapter directory (adapter_config.json + adapter_model.safetensors)")
     output_dir: str = opt("runs/merged", "where the merged model directory is written")
     quantize_base: bool | None = opt(None, "merge into an NF4-quantised base (default: when the adapter was trained on one)")
+    overwrite: bool = opt(False, "replace a model that another command wrote in output_dir")
 
     def validate(self) -> None:
         if not self.adapter:
@@ -34,34 +51,179 @@ def run(cfg: Config) -> None:
     import warnings
 
     from temper.data.tokenizer import Tokenizer
-    from temper.lineage import read_lineage, write_lineage
-    from temper.models import load_model, save_model
+    from temper.io import LOCK_NAME, claim_output_dir, refuse_same_dir, release_output_dir
+    from temper.lineage import read_lineage
+    from temper.models import check_lora_config, load_model
+    from temper.models.hf import check_weights_file
     from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
     from temper.peft.lora import merge_lora
 
-    adapter_cfg = read_adapter_config(cfg.adapter)
-    trained = read_temper_peft(cfg.adapter)
+    adapter = Path(cfg.adapter).expanduser()
+    if not adapter.is_dir():
+        raise TemperFileNotFoundError(f"adapter= directory not found: {adapter}")
+    adapter_cfg = read_adapter_config(adapter)
+    check_lora_config(adapter, adapter_cfg)
+    trained = read_temper_peft(adapter)
     method = trained.method if trained else ("dora" if adapter_cfg.get("use_dora") else "lora")
     if method not in LORA_FAMILY:
-        raise TemperError(f"{cfg.adapter}: a {method} adapter adds layers or tokens and cannot be merged into weights")
-    base = cfg.model or adapter_cfg.get("base_model_name_or_path") or ""
-    if not base:
-        raise TemperError(f"{cfg.adapter}: no base model recorded; pass model=DIR")
-    model = load_model(base)
-    load_peft(model, cfg.adapter, quantize=cfg.quantize_base)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merged = merge_lora(model)
-        from temper.quant.nf4 import dequantize_model
+        raise TemperError(f"{adapter}: a {method} adapter adds layers or tokens and cannot be merged into weights")
+    recorded = adapter_cfg.get("base_model_name_or_path") or ""
+    base = Path(cfg.model or recorded).expanduser()
+    if not cfg.model:
+        if not recorded:
+            raise TemperError(f"{adapter}/adapter_config.json: no base_model_name_or_path recorded; pass model=DIR")
+        if not base.is_dir():
+            raise TemperFileNotFoundError(f"{adapter}/adapter_config.json: the base model {recorded!r} is not a "
+                                          "directory here; pass model=DIR")
+    elif not base.is_dir():
+        raise TemperFileNotFoundError(f"model= directory not found: {base}")
+    check_same_base(adapter, recorded, base)
+    check_same_tokenizer(adapter, base)
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        check_weights_file(weights)
+    out = Path(cfg.output_dir).expanduser()
+    refuse_same_dir(out, base, "model")
+    refuse_same_dir(out, adapter, "adapter")
+    if (out / "config.json").is_file() and read_lineage(out).get("stage") != "merge" and not cfg.overwrite:
+        stage = read_lineage(out).get("stage")
+        raise TemperError(f"output_dir {out} already holds a model ({f'written by temper {stage}' if stage else 'not a merge'}"
+                          "): choose another output_dir, or overwrite=true to replace it")
 
-        if dequantize_model(merged):  # the 4-bit layers LoRA did not touch
-            warnings.warn("the NF4 base layers without LoRA are dequantised to full precision too", stacklevel=1)
-    for w in caught:
-        print(f"note: {w.message}", file=sys.stderr)
-    tok_dir = Path(cfg.adapter) if (Path(cfg.adapter) / "tokenizer.json").is_file() else Path(base)
-    tokenizer = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
-    save_model(merged, cfg.output_dir, tokenizer=tokenizer)
-    lineage = read_lineage(cfg.adapter) or read_lineage(base)
-    write_lineage(cfg.output_dir, {**lineage, "stage": "merge", "parent": str(cfg.adapter), "base": str(base),
-                                   "peft": "none"})
-    print(f"merged {cfg.adapter} into {base} -> {cfg.output_dir}")
+    existed = out.exists()
+    claim_output_dir(out)
+    try:
+        model = load_model(base)
+        load_peft(model, adapter, quantize=cfg.quantize_base)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = merge_lora(model)
+            from temper.quant.nf4 import dequantize_model
+
+            if dequantize_model(merged):  # the 4-bit layers LoRA did not touch
+                warnings.warn("the NF4 base layers without LoRA are dequantised to full precision too", stacklevel=1)
+        for w in caught:
+            print(f"note: {w.message}", file=sys.stderr)
+        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+        tokenizer = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+        lineage = read_lineage(adapter) or read_lineage(base)
+        write_model_atomically(merged, out, tokenizer, {**lineage, "stage": "merge", "parent": str(adapter),
+                                                        "base": str(base), "peft": "none"})
+    except BaseException:
+        if not existed:  # leave no empty directory behind either
+            release_output_dir(out)
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        release_output_dir(out)
+    print(f"merged {adapter} into {base} -> {out}")
+
+
+def check_same_base(adapter: Path, recorded: str, base: Path) -> None:
+    """Refuse a base other than the one the adapter was trained on, when that one is here to compare.
+
+    A recorded base that does not exist here (trained on another machine, or a hub name) is
+    not compared; the shape and tokenizer checks still apply. A copy of the recorded base
+    (same config.json, byte-identical weights) is accepted."""
+    if not recorded:
+        return
+    trained_on = Path(recorded).expanduser()
+    if not trained_on.is_dir() or trained_on.resolve() == base.resolve():
+        return
+    if _same_model(trained_on, base):
+        return
+    raise TemperError(f"{adapter}/adapter_config.json: the adapter was trained on {recorded} "
+                      f"(base_model_name_or_path), but model={base} is a different model (its config or weights "
+                      f"differ): pass model={recorded}, or leave model= out")
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    """Same config.json and byte-identical weight files (a copied model directory)."""
+    def config(d: Path):
+        try:
+            return json.loads((d / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    if config(a) is None or config(a) != config(b):
+        return False
+    names = sorted(p.name for p in a.glob("model*.safetensors"))
+    if not names or names != sorted(p.name for p in b.glob("model*.safetensors")):
+        return False
+    return all((a / n).stat().st_size == (b / n).stat().st_size for n in names) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def check_same_tokenizer(adapter: Path, base: Path) -> None:
+    """An adapter directory's tokenizer.json must be the base's: the ids the adapter was trained on."""
+    a, b = adapter / "tokenizer.json", base / "tokenizer.json"
+    if not (a.is_file() and b.is_file()):
+        return
+    difference = tokenizer_difference(a, b)
+    if difference:
+        raise TemperError(f"{a} differs from the base's {b}: {difference} (was the adapter trained on another "
+                          "base model?)")
+
+
+def tokenizer_difference(a: Path, b: Path) -> str | None:
+    """What differs between two tokenizer.json files in what decides the ids, or None."""
+    def load(p: Path) -> dict:
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TemperError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+    ja, jb = load(a), load(b)
+    va, vb = _id_to_token(ja), _id_to_token(jb)
+    if len(va) != len(vb):
+        return f"{len(va)} tokens vs {len(vb)}"
+    for i in sorted(va):
+        if va[i] != vb.get(i):
+            return f"token {i} is {va[i]!r} in the adapter's, {vb.get(i)!r} in the base's"
+    if _merges(ja) != _merges(jb):
+        return "the same tokens but different BPE merges"
+    for part in ("normalizer", "pre_tokenizer"):
+        if ja.get(part) != jb.get(part):
+            return f"a different {part}"
+    return None
+
+
+def _id_to_token(tok: dict) -> dict[int, str]:
+    model = tok.get("model") or {}
+    vocab = model.get("vocab") or {}
+    ids = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {
+        i: (t[0] if isinstance(t, list) else t) for i, t in enumerate(vocab)}  # Unigram: [piece, score]
+    ids.update({t["id"]: t["content"] for t in tok.get("added_tokens") or [] if "id" in t and "content" in t})
+    return ids
+
+
+def _merges(tok: dict) -> list[str]:
+    return [" ".join(m) if isinstance(m, list) else m for m in (tok.get("model") or {}).get("merges") or []]
+
+
+def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:
+    """Save into a temporary directory inside `out`, then move the files in, `config.json` last
+    (it is what makes a directory a model), dropping weight shards of an earlier model there."""
+    from temper.lineage import write_lineage
+    from temper.models import save_model
+    from temper.train.checkpoint import fsync_path
+
+    tmp = out / f".merge-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(model, tmp, tokenizer=tokenizer)
+        write_lineage(tmp, lineage)
+        new = sorted(p.name for p in tmp.iterdir())
+        for name in new:
+            fsync_path(tmp / name)
+        (out / "config.json").unlink(missing_ok=True)  # from here until the end `out` is visibly no model
+        for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+            if stale.name not in new:
+                stale.unlink(missing_ok=True)
+        for name in [n for n in new if n != "config.json"] + ["config.json"]:
+            os.replace(tmp / name, out / name)
+        fsync_path(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
