@@ -97,6 +97,26 @@ def remove_partial_writes(out: Path) -> list[str]:
     return removed
 
 
+@contextlib.contextmanager
+def owned_output_dir(path: str | Path) -> Iterator[Path]:
+    """`claim_output_dir` for the length of a command; released at the end, and a directory this
+    command created is removed again if it fails (a failed run leaves no empty output_dir)."""
+    out = Path(path)
+    existed = out.exists()
+    claim_output_dir(out)
+    try:
+        yield out
+    except BaseException:
+        if not existed:
+            release_output_dir(out)
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        release_output_dir(out)
+
+
 def release_output_dir(path: str | Path) -> None:
     fd = _held.pop(str(Path(path).resolve()), None)
     if fd is not None:

@@ -15,7 +15,6 @@ protocol).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ class Config:
 def run(cfg: Config) -> dict:
     from temper.data.readers import expand_paths
     from temper.eval.tasks import load_task, resolve_data, resolve_task
-    from temper.io import LOCK_NAME, claim_output_dir, release_output_dir
+    from temper.io import owned_output_dir
     from temper.lineage import read_lineage
     from temper.runtime import resolve_device
 
@@ -81,19 +80,8 @@ def run(cfg: Config) -> dict:
     if cfg.contamination:
         expand_paths(cfg.contamination, "contamination")
     device = resolve_device(cfg.device)
-    existed = Path(cfg.output_dir).exists()
-    out = claim_output_dir(cfg.output_dir)
-    try:
+    with owned_output_dir(cfg.output_dir) as out:
         return _evaluate(cfg, out, model_dirs, tasks, texts, device)
-    except BaseException:
-        if not existed:  # a failed run leaves no empty output_dir behind
-            release_output_dir(out)
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-    finally:
-        release_output_dir(out)
 
 
 def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[str], device) -> dict:

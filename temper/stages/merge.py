@@ -21,7 +21,6 @@ Nothing the user gave is lost, and a mismatch is refused before any work:
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import json
 import os
@@ -51,7 +50,7 @@ def run(cfg: Config) -> None:
     import warnings
 
     from temper.data.tokenizer import Tokenizer
-    from temper.io import LOCK_NAME, claim_output_dir, refuse_same_dir, release_output_dir
+    from temper.io import owned_output_dir, refuse_same_dir
     from temper.lineage import read_lineage
     from temper.models import check_lora_config, load_model
     from temper.models.hf import check_weights_file
@@ -90,9 +89,7 @@ def run(cfg: Config) -> None:
         raise TemperError(f"output_dir {out} already holds a model ({f'written by temper {stage}' if stage else 'not a merge'}"
                           "): choose another output_dir, or overwrite=true to replace it")
 
-    existed = out.exists()
-    claim_output_dir(out)
-    try:
+    with owned_output_dir(out):  # a failure leaves no new, empty directory behind
         model = load_model(base)
         load_peft(model, adapter, quantize=cfg.quantize_base)
         with warnings.catch_warnings(record=True) as caught:
@@ -109,15 +106,6 @@ def run(cfg: Config) -> None:
         lineage = read_lineage(adapter) or read_lineage(base)
         write_model_atomically(merged, out, tokenizer, {**lineage, "stage": "merge", "parent": str(adapter),
                                                         "base": str(base), "peft": "none"})
-    except BaseException:
-        if not existed:  # leave no empty directory behind either
-            release_output_dir(out)
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-    finally:
-        release_output_dir(out)
     print(f"merged {adapter} into {base} -> {out}")
 
 
