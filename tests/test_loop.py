@@ -78,7 +78,7 @@ class Counter:
         self.position = state["position"]
 
 
-def toy_run(out, cfg, crash_at=None, precision="fp32"):
+def toy_run(out, cfg, crash_at=None, precision="fp32", noisy=False):
     from temper.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -95,6 +95,8 @@ def toy_run(out, cfg, crash_at=None, precision="fp32"):
 
     def loss_fn(batch):
         x, y = batch
+        if noisy:  # draws from the global RNG, as dropout would: resume must restore it and draw nothing before
+            y = y + 0.1 * torch.randn(y.shape)
         return ((model(x) - y) ** 2).sum(), y.numel()
 
     loop = TrainLoop(cfg, "toy", out, model, optimizer, torch.device("cpu"), precision, state={"data": data},
@@ -140,6 +142,18 @@ def test_resume_continues_bitwise_and_restores_state(tmp_path):
     key = lambda rows: [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in rows]  # noqa: E731
     assert key(rows_a) == key(rows_b)  # exact floats: the data position and optimiser came back
     assert torch.equal(model_a.weight, model_b.weight)
+
+
+def test_nothing_draws_from_the_restored_rng_before_training_continues(tmp_path):
+    """The MFU peak is measured with random matrices; measured after the checkpoint's RNG state
+    was restored, it would shift every later random draw (dropout, sampling) of a resumed run."""
+    cfg = dataclasses.replace(ToyConfig(), peak_flops=0.0)  # 0: measure the peak now
+    toy_run(tmp_path / "a", cfg, noisy=True)
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(tmp_path / "b", cfg, crash_at=5, noisy=True)
+    toy_run(tmp_path / "b", dataclasses.replace(cfg, resume="auto"), noisy=True)
+    rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert [r.get("loss") for r in rows_a] == [r.get("loss") for r in rows_b]
 
 
 def test_fp16_gradient_scaler_state_travels_with_the_checkpoint(tmp_path):
@@ -246,3 +260,26 @@ def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, 
     module.run(load_config(module.Config, None, [*args, "max_steps=2", "overwrite=true"]))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 2]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_resume_names_every_key_that_makes_it_another_run(tmp_path):
+    from temper.errors import TemperError
+    from temper.models import build_model, preset
+    from temper.train import checkpoint as ckpt
+    from temper.train.loop import check_same_run, run_identity
+
+    cfg = types.SimpleNamespace(seq_len=32, batch_size=4, grad_accum=1, seed=0)
+    model = build_model(preset("llama-tiny", vocab_size=64))
+    saved = run_identity(cfg, model, {"tokenizer": "a" * 16, "data": "0123456789abcdef"})
+    path = ckpt.save_checkpoint(tmp_path, 3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                state={"run": saved})
+    check_same_run(path, saved)  # the same run resumes
+    wider = build_model(preset("llama-tiny", vocab_size=64, num_layers=3))
+    other = run_identity(types.SimpleNamespace(seq_len=64, batch_size=4, grad_accum=1, seed=0), wider,
+                         {"tokenizer": "b" * 16, "data": "fedcba9876543210"})
+    with pytest.raises(TemperError) as err:
+        check_same_run(path, other)
+    message = str(err.value)
+    for part in ("belongs to another run", "data '0123456789abcdef' -> 'fedcba9876543210'", "model.num_layers 2 -> 3",
+                 "seq_len 32 -> 64", "tokenizer 'aaaaaaaaaaaaaaaa' -> 'bbbbbbbbbbbbbbbb'", "overwrite=true"):
+        assert part in message, (part, message)
