@@ -112,7 +112,7 @@ def test_missing_directory():
 
 
 def test_unknown_preset_suggests():
-    with pytest.raises(TemperError, match="did you mean 'llama-tiny'"):
+    with pytest.raises(TemperError, match="did you mean the preset 'llama-tiny'"):
         load_model("llama-tiyn")
 
 
@@ -171,3 +171,13 @@ def test_bf16_forward_runs_and_is_close():
         full = model(x)
         half = model.to(torch.bfloat16)(x).float()
     assert half.dtype == torch.float32 and (half - full).abs().max() < 0.1
+
+
+def test_a_missing_model_directory_says_not_found_first(tmp_path):
+    from temper.errors import TemperError
+    from temper.models import load_model
+
+    with pytest.raises(TemperError, match=r"model directory not found: nowhere \(nor is it a preset name; presets: "):
+        load_model("nowhere")
+    with pytest.raises(TemperError, match=r"model directory not found: llama-tiyn .*did you mean the preset 'llama-tiny'"):
+        load_model("llama-tiyn")

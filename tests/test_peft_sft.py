@@ -102,6 +102,14 @@ def test_qlora_merge_says_it_dequantises(tmp_path, tiny_model_dir, sft_rows, cap
     capsys.readouterr()
     assert main(["merge", f"model={tiny_model_dir}", f"adapter={tmp_path / 'q'}", f"output_dir={tmp_path / 'm'}"]) == 0
     assert "dequantis" in capsys.readouterr().err.lower()
+    # the merged chat model stops at its end of turn in transformers too, as a fully fine-tuned one does
+    import json
+
+    from temper.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tmp_path / "m")
+    eos = json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"]
+    assert eos == [tok.eos_id, tok.token_id("<|im_end|>")]
 
 
 def test_prefix_adapter_cannot_merge(tmp_path, tiny_model_dir, sft_rows, capsys):

@@ -82,7 +82,11 @@ def load_model(spec: str | Path, *, device: torch.device | str = "cpu",
     if not spec_path.exists() and str(spec) in PRESETS:
         return build_model(preset(str(spec)), device=device, dtype=dtype)
     if not spec_path.exists() and not any(sep in str(spec) for sep in "/\\."):
-        preset(str(spec))  # raises with the presets and the nearest name
+        import difflib
+
+        close = difflib.get_close_matches(str(spec), list(PRESETS), n=1)
+        also = f"did you mean the preset '{close[0]}'?" if close else f"presets: {', '.join(PRESETS)}"
+        raise TemperError(f"model directory not found: {spec} (nor is it a preset name; {also})")
     hf = read_hf_config(spec_path)
     config = config_from_hf(hf, str(spec_path / "config.json"))
     with torch.device("meta"):

@@ -198,10 +198,15 @@ def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:
     from temper.models import save_model
     from temper.train.checkpoint import fsync_path
 
-    tmp = out / f".merge-tmp-{os.getpid()}"
+    tmp = out / f".merge.tmp-{os.getpid()}"  # the name a later claim of `out` cleans up after a kill
     shutil.rmtree(tmp, ignore_errors=True)
+    eos_ids = None
+    if tokenizer is not None and lineage.get("chat_template_trained"):  # stop where the tuned model ends a turn
+        from temper.data.chat import stop_settings
+
+        eos_ids = stop_settings(tokenizer, lineage["chat_template_trained"])[1]
     try:
-        save_model(model, tmp, tokenizer=tokenizer)
+        save_model(model, tmp, tokenizer=tokenizer, eos_ids=eos_ids)
         write_lineage(tmp, lineage)
         new = sorted(p.name for p in tmp.iterdir())
         for name in new:
