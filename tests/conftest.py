@@ -92,3 +92,21 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("tiny_model")
     save_model(model, path, tokenizer=tiny_tokenizer)
     return path
+
+
+def trained_pair():
+    """A llama-tiny and its AdamW after one step: state worth checkpointing."""
+    import torch
+
+    from temper.config import OptimConfig
+    from temper.losses import causal_lm_loss
+    from temper.models import build_model, preset
+    from temper.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64))
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    x = torch.randint(0, 64, (2, 8))
+    causal_lm_loss(model, x, x)[0].backward()
+    opt.step()
+    return model, opt

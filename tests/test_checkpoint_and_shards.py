@@ -4,12 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, trained_pair
 
 from temper.config import OptimConfig
 from temper.data.shards import TokenLoader, build_shards, read_index, token_dtype
 from temper.errors import TemperError
-from temper.losses import causal_lm_loss
 from temper.models import build_model, preset
 from temper.train import checkpoint as ckpt
 from temper.train.optim import build_optimizer
@@ -17,18 +16,10 @@ from temper.train.optim import build_optimizer
 DOCS = [p for p in SAMPLE_TEXT.split("\n\n") if p.strip()]
 
 
-def _trained_pair():
-    torch.manual_seed(0)
-    model = build_model(preset("llama-tiny", vocab_size=64))
-    opt = build_optimizer(model, OptimConfig(lr=1e-2))
-    x = torch.randint(0, 64, (2, 8))
-    causal_lm_loss(model, x, x)[0].backward()
-    opt.step()
-    return model, opt
 
 
 def test_checkpoint_round_trip_restores_everything(tmp_path):
-    model, opt = _trained_pair()
+    model, opt = trained_pair()
     torch.manual_seed(123)
     path = ckpt.save_checkpoint(tmp_path, 7, model=model, optimizer=opt, state={"loader": {"epoch": 1, "position": 3}})
     expected_draw = torch.rand(3)
@@ -49,7 +40,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 
 
 def test_keep_last_and_latest(tmp_path):
-    model, opt = _trained_pair()
+    model, opt = trained_pair()
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt, state={}, keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
@@ -59,7 +50,7 @@ def test_keep_last_and_latest(tmp_path):
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model, opt = _trained_pair()
+    model, opt = trained_pair()
     ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, state={})
     real = ckpt.save_tensors
     calls = {"n": 0}

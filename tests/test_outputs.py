@@ -10,33 +10,18 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import trained_pair
 
-from temper.config import OptimConfig
 from temper.errors import TemperError
 from temper.io import atomic_write_text, claim_output_dir, release_output_dir
-from temper.losses import causal_lm_loss
-from temper.models import build_model, preset
 from temper.train import checkpoint as ckpt
-from temper.train.optim import build_optimizer
-
-
-def _pair():
-    torch.manual_seed(0)
-    model = build_model(preset("llama-tiny", vocab_size=64))
-    opt = build_optimizer(model, OptimConfig(lr=1e-2))
-    x = torch.randint(0, 64, (2, 8))
-    causal_lm_loss(model, x, x)[0].backward()
-    opt.step()
-    return model, opt
-
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 @pytest.mark.parametrize("damage", ["truncate model", "empty optimizer", "garbage rng", "no step"])
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous(tmp_path, damage):
-    model, opt = _pair()
+    model, opt = trained_pair()
     for step in (1, 2):
         ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt, state={})
     newest = tmp_path / "step_00000002"
@@ -56,7 +41,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous(tmp_path, damag
 
 
 def test_every_file_and_the_directories_are_fsynced(tmp_path, monkeypatch):
-    model, opt = _pair()
+    model, opt = trained_pair()
     synced = []
     real = os.fsync
 
@@ -79,7 +64,7 @@ def test_every_file_and_the_directories_are_fsynced(tmp_path, monkeypatch):
 def test_replacing_a_checkpoint_never_leaves_none(tmp_path, monkeypatch):
     """Same step written again: the old one is swapped out, not deleted first; a failure halfway
     puts it back."""
-    model, opt = _pair()
+    model, opt = trained_pair()
     first = ckpt.save_checkpoint(tmp_path, 5, model=model, optimizer=opt, state={"tag": "old"})
     real_rename = os.rename
     calls = []
@@ -101,7 +86,7 @@ def test_replacing_a_checkpoint_never_leaves_none(tmp_path, monkeypatch):
 
 
 def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path):
-    model, opt = _pair()
+    model, opt = trained_pair()
     (tmp_path / ".tmp-step_00000009-12345").mkdir()
     (tmp_path / ".tmp-step_00000009-12345" / "model.safetensors").write_bytes(b"half")
     (tmp_path / ".old-step_00000004-12345").mkdir()

@@ -289,6 +289,22 @@ def packed_batch(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batch:
     return Batch(inputs, targets, positions, segments)
 
 
+def examples_fingerprint(examples: list[Example]) -> str:
+    """A short hash of every example's token ids and loss mask (template, masking, truncation and
+    data all change it); hashed as int32 bytes, so it costs little even for large data sets."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray(e.inputs, dtype=np.int32).tobytes())
+        h.update(b"|")
+        h.update(np.asarray(e.targets, dtype=np.int32).tobytes())
+        h.update(b";")
+    return h.hexdigest()[:16]
+
+
 class SFTLoader:
     """Shuffled (seed, epoch) batches of examples, padded or packed; position is resumable."""
 

@@ -65,6 +65,13 @@ class Tokenizer:
                 raise TemperError(f"special token {tok!r} is not in the tokenizer's vocabulary")
 
     # -- ids
+    def fingerprint(self) -> str:
+        """A short hash of the whole tokenizer (vocabulary, merges, special tokens): what a
+        checkpoint records to refuse being resumed with another tokenizer."""
+        import hashlib
+
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -177,7 +177,7 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 def run(cfg: Config) -> dict:
     import torch
 
-    from temper.data.shards import TokenLoader
+    from temper.data.shards import TokenLoader, read_index
     from temper.eval.perplexity import evaluate_batches
     from temper.io import refuse_same_dir
     from temper.lineage import write_lineage
@@ -220,11 +220,9 @@ def run(cfg: Config) -> dict:
         inputs, targets = batch
         return causal_lm_loss(model, inputs.to(device), targets.to(device), chunk_size=cfg.loss_chunk)
 
-    from temper.data.shards import fingerprint, read_index
-
     loop = TrainLoop(cfg, "pretrain", out, model, optimizer, device, precision, state={"loader": loader},
                      evaluate=evaluate, flops_per_token=engine.flops_per_token(model, cfg.seq_len),
-                     identity={"tokenizer": fingerprint([tokenizer.backend.to_str()]),
+                     identity={"tokenizer": tokenizer.fingerprint(),
                                "data": read_index(shard_dir)["fingerprint"]})
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     print(f"model {model.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "

@@ -116,7 +116,7 @@ def run(cfg: Config) -> dict:
     import torch
 
     from temper.data.chat import resolve_template, stop_settings
-    from temper.data.sft import SFTLoader, encode_all
+    from temper.data.sft import SFTLoader, encode_all, examples_fingerprint
     from temper.data.shards import TokenLoader
     from temper.data.tokenizer import Tokenizer
     from temper.eval.generation import evaluate_instructions
@@ -198,13 +198,11 @@ def run(cfg: Config) -> dict:
     def replay_loss(batch):
         return causal_lm_loss(model, batch[0].to(device), batch[1].to(device))
 
-    from temper.data.shards import fingerprint
-
     loop = TrainLoop(cfg, "sft", out, model, optimizer, device, precision,
                      state={"loader": loader, "replay": replay}, evaluate=evaluate,
                      flops_per_token=engine.flops_per_token(model, cfg.seq_len),
-                     identity={"tokenizer": fingerprint([tokenizer.backend.to_str()]), "peft": cfg.peft.method,
-                               "data": fingerprint([[e.inputs, e.targets] for e in examples]),
+                     identity={"tokenizer": tokenizer.fingerprint(), "peft": cfg.peft.method,
+                               "data": examples_fingerprint(examples),
                                "packing": cfg.packing, "replay_weight": cfg.replay_weight})
     for _ in loop:
         micro = [loader.next_batch() for _ in range(cfg.grad_accum)]

@@ -229,10 +229,6 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _is_valid(path: Path) -> bool:
-    return checkpoint_problem(path) is None
-
-
 _warned: set[tuple[str, str]] = set()  # (checkpoint, problem): say it once per process
 
 

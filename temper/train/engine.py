@@ -161,17 +161,19 @@ def accumulate(
     earlier = {p: p.grad for p in params if p.grad is not None}
     for p in earlier:
         p.grad = None
-    loss_total, count_total = 0.0, 0.0
+    assert micro_batches, "accumulate needs at least one micro-batch"
+    totals = None  # (summed loss, count), kept on the loss's device: read back once, not per micro-batch
     extras: dict[str, float] = {}
     for batch in micro_batches:
         with autocast():
             loss_sum, count, *rest = loss_fn(batch)
         (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
-        loss_total += float(loss_sum.detach())
-        count_total += float(count)
+        pair = torch.stack([loss_sum.detach().double(),
+                            torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device)])
+        totals = pair if totals is None else totals + pair
         for k, v in (rest[0] if rest else {}).items():
             extras[k] = extras.get(k, 0.0) + float(v)
-    total = all_reduce_sum(torch.tensor([loss_total, count_total], dtype=torch.float64)).tolist()
+    total = all_reduce_sum(totals).tolist()
     if total[1] == 0:
         raise TemperError("a batch has nothing to learn from: every target is masked")
     grads = [p.grad for p in params if p.grad is not None]

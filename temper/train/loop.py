@@ -105,7 +105,8 @@ class TrainLoop:
         self.train_seconds = 0.0
         self.train_tokens = 0
         self._window: list[tuple[float, int]] = []  # (seconds, tokens) of the steps since the last row
-        self._row: dict | None = None
+        self._row: dict | None = None  # this step's metrics, set by optimizer_step
+        self._tokens = 0  # this step's processed tokens, set by optimizer_step
 
     # ------------------------------------------------------------------------- the steps
 
