@@ -252,7 +252,7 @@ def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, 
     before = snapshot()
     with pytest.raises(TemperError, match=r"holds an earlier run .*resume=auto continues it, overwrite=true starts over"):
         module.run(load_config(module.Config, None, [*args, "max_steps=5"]))
-    with pytest.raises(TemperError, match=r"step_00000004 belongs to another run \(batch_size 4 -> 2\)"):
+    with pytest.raises(TemperError, match=r"step_00000004 belongs to another run \(global_batch 8 -> 4\)"):
         module.run(load_config(module.Config, None, [*args, "max_steps=5", "batch_size=2", "resume=auto"]))
     assert snapshot() == before  # refused runs wrote nothing
     module.run(load_config(module.Config, None, [*args, "max_steps=5", "resume=auto"]))

@@ -306,12 +306,19 @@ def examples_fingerprint(examples: list[Example]) -> str:
 
 
 class SFTLoader:
-    """Shuffled (seed, epoch) batches of examples, padded or packed; position is resumable."""
+    """Shuffled (seed, epoch) batches of examples, padded or packed; position is resumable.
+
+    With data-parallel ranks each rank reads its own part of the same epoch: its k-th
+    micro-batch is the epoch's (k x world_size + rank)-th batch, and an epoch ends on a whole
+    optimiser step (see `TokenLoader`), so a step covers the same examples on any world size.
+    """
 
     def __init__(self, examples: list[Example], *, batch_size: int, seq_len: int, pad_id: int, seed: int,
-                 packing: bool, shuffle: bool = True) -> None:
+                 packing: bool, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 grad_accum: int = 1) -> None:
         self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
         self.seed, self.packing, self.shuffle = seed, packing, shuffle
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.epoch, self.position = 0, 0
         self._batches: list[list] | None = None
 
@@ -328,23 +335,35 @@ class SFTLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self._epoch_batches())
+        """This rank's micro-batches per epoch (whole steps only when several ranks share it)."""
+        total = len(self._epoch_batches())
+        if self.world_size == 1:
+            return total
+        per_step = self.world_size * self.grad_accum
+        if total < per_step:
+            raise TemperError(f"an epoch holds {total} batches of {self.batch_size}, fewer than one step of "
+                              f"{self.world_size} ranks x {self.grad_accum} micro-batches: lower batch_size")
+        return (total // per_step) * self.grad_accum
 
     def next_batch(self) -> Batch:
-        if self.position >= len(self._epoch_batches()):
+        if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        chunk = self._epoch_batches()[self.position]
+        chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
         self.position += 1
         if self.packing:
             return packed_batch(chunk, self.seq_len, self.pad_id)
         return pad_batch(chunk, self.pad_id)
 
     def __iter__(self) -> Iterator[Batch]:
-        while self.position < len(self._epoch_batches()):
+        while self.position < self.batches_per_epoch:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
+        from temper.data.shards import convert_position
+
+        self.epoch, self._batches = int(state["epoch"]), None
+        self.position = convert_position(state, self.world_size, self.batch_size)

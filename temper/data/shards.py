@@ -237,10 +237,18 @@ class _Shard:
 
 
 class TokenLoader:
-    """Batches (inputs, targets) of shape (batch_size, seq_len) from one split of a shard directory."""
+    """Batches (inputs, targets) of shape (batch_size, seq_len) from one split of a shard directory.
+
+    With data-parallel ranks, each rank reads its own part of the same global order: its k-th
+    micro-batch is the (k x world_size + rank)-th batch of the epoch's shuffled windows, and an
+    epoch ends on a whole optimiser step (`grad_accum` micro-batches on every rank). So one
+    step covers the same windows whether it runs as 2 ranks x 1 micro-batch or 1 rank x 2, and
+    the position (kept as global batches consumed) carries over to another world size.
+    """
 
     def __init__(self, shard_dir: str | Path, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1, shuffle: bool = True,
+                 drop_last: bool = True) -> None:
         index = read_index(shard_dir)
         info = index["splits"].get(split)
         if info is None or info["num_tokens"] == 0:
@@ -255,13 +263,14 @@ class TokenLoader:
         self.num_tokens = info["num_tokens"]
         self._offsets = np.cumsum([0] + [s.num_windows for s in self.shards])
         self.num_windows = int(self._offsets[-1])
-        per_rank = self.num_windows // world_size
-        # training drops a last partial batch; evaluation (drop_last=False) keeps it
-        self.batches_per_epoch = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+        # training drops a last partial step; evaluation (one rank, drop_last=False) keeps a partial batch
+        per_step = batch_size * world_size * grad_accum
+        self.batches_per_epoch = (self.num_windows // per_step) * grad_accum if drop_last else \
+            -(-self.num_windows // (batch_size * world_size))
         if self.batches_per_epoch == 0:
             raise TemperError(
                 f"{shard_dir}: the {split} split has {self.num_tokens} tokens, {self.num_windows} windows of "
-                f"seq_len {seq_len}; one batch needs {batch_size * world_size}: lower seq_len or batch_size"
+                f"seq_len {seq_len}; one step needs {batch_size * world_size * grad_accum}: lower seq_len or batch_size"
             )
         self.epoch, self.position = 0, 0
         self._order: torch.Tensor | None = None
@@ -273,8 +282,7 @@ class TokenLoader:
                 order = torch.randperm(self.num_windows, generator=g)
             else:
                 order = torch.arange(self.num_windows)
-            per_rank = self.num_windows // self.world_size
-            self._order = order[self.rank::self.world_size][:per_rank]
+            self._order = order
         return self._order
 
     def _window(self, w: int) -> np.ndarray:
@@ -286,7 +294,8 @@ class TokenLoader:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         order = self._epoch_order()
-        ids = order[self.position * self.batch_size:(self.position + 1) * self.batch_size].tolist()
+        first = (self.position * self.world_size + self.rank) * self.batch_size
+        ids = order[first:first + self.batch_size].tolist()
         self.position += 1
         windows = torch.from_numpy(np.stack([self._window(w) for w in ids]).astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
@@ -297,7 +306,20 @@ class TokenLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+        self.position = convert_position(state, self.world_size, self.batch_size)
+
+
+def convert_position(state: dict, world_size: int, batch_size: int) -> int:
+    """A rank's position (micro-batches read) from a loader state saved with another number of
+    ranks or another micro-batch size, in this layout: the rows consumed stay the same."""
+    saved_world, saved_batch = int(state.get("world_size", 1)), int(state.get("batch_size", batch_size))
+    consumed = int(state["position"]) * saved_world * saved_batch
+    if consumed % (world_size * batch_size):
+        raise TemperError(f"the checkpoint's data position ({consumed} rows over {saved_world} ranks) does not "
+                          f"split into batches of {batch_size} on {world_size} ranks: keep the global batch the same")
+    return consumed // (world_size * batch_size)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from temper.losses import IGNORE_INDEX, fused_linear_cross_entropy
+from temper.losses.clm import output_weight
 
 
 @torch.no_grad()
@@ -38,13 +39,13 @@ def evaluate_batches(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
         ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
         with ctx:
             hidden = model(inputs, return_hidden=True)  # (B, T, C)
-            batch_nll = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets).item()
+            batch_nll = fused_linear_cross_entropy(hidden, output_weight(model), targets).item()
             nll += batch_nll
             if token_bytes is not None:
                 hidden, flat = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
                 sizes = token_bytes.to(flat.device)[flat.clamp(min=0)] * (flat != IGNORE_INDEX)  # (N,)
                 zero = (sizes == 0) & (flat != IGNORE_INDEX)  # EOS and other special targets: few rows
-                zero_nll = fused_linear_cross_entropy(hidden[zero], model.lm_head.weight, flat[zero]).item() \
+                zero_nll = fused_linear_cross_entropy(hidden[zero], output_weight(model), flat[zero]).item() \
                     if bool(zero.any()) else 0.0
                 text_nll += batch_nll - zero_nll
                 nbytes += int(sizes.sum())

@@ -31,6 +31,7 @@ import torch
 
 from temper.errors import TemperError
 from temper.losses import fused_linear_cross_entropy
+from temper.losses.clm import output_weight
 
 IGNORE = -100
 
@@ -98,7 +99,7 @@ def sliding_window_nll(model, ids: list[int], window: int, stride: int, *, prefi
                 inputs = torch.stack([c[0] for c in chunk]).to(device)  # (B, T)
                 targets = torch.stack([c[1] for c in chunk]).to(device)  # (B, T)
                 hidden = model(inputs, return_hidden=True)  # (B, T, C)
-                nll += fused_linear_cross_entropy(hidden, model.lm_head.weight, targets).item()
+                nll += fused_linear_cross_entropy(hidden, output_weight(model), targets).item()
                 count += int((targets != IGNORE).sum())
     finally:
         model.train(was_training)

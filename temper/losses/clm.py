@@ -98,6 +98,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
 
 
+def output_weight(model) -> torch.Tensor:
+    """The output layer's weight (V, C) of a temper decoder, also through a
+    DistributedDataParallel wrapper (whose `module` is the model)."""
+    inner = getattr(model, "module", None)
+    return (inner if isinstance(inner, torch.nn.Module) and hasattr(inner, "lm_head") else model).lm_head.weight
+
+
 def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
                    positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,5 +113,5 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
     `targets[b, t]` is the token that should follow `input_ids[b, :t+1]`, or IGNORE_INDEX.
     """
     hidden = model(input_ids, positions=positions, mask=mask, return_hidden=True)  # (B, T, C)
-    loss_sum = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, chunk_size=chunk_size)
+    loss_sum = fused_linear_cross_entropy(hidden, output_weight(model), targets, chunk_size=chunk_size)
     return loss_sum, (targets != IGNORE_INDEX).sum()

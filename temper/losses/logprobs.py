@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from temper.losses.clm import IGNORE_INDEX
+from temper.losses.clm import IGNORE_INDEX, output_weight
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -144,7 +144,7 @@ def causal_lm_token_logprobs(model, input_ids: torch.Tensor, targets: torch.Tens
     `targets[b, t]` is the token that follows `input_ids[b, :t+1]`, or IGNORE_INDEX.
     """
     hidden = model(input_ids, positions=positions, mask=mask, return_hidden=True)  # (B, T, C)
-    return token_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature, chunk_size=chunk_size)
+    return token_logprobs(hidden, output_weight(model), targets, temperature=temperature, chunk_size=chunk_size)
 
 
 def causal_lm_sequence_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, *,

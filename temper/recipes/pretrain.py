@@ -4,6 +4,7 @@ L = -sum_i log P(x_i | x_<i), on your text or (by default) temper's built-in wor
     temper pretrain                                   # the built-in world, a ~2M-parameter Llama
     temper pretrain data=corpus.txt model=llama-14m max_steps=2000 seq_len=512
     temper pretrain resume=auto                       # continue after an interruption
+    torchrun --nproc-per-node 8 -m temper pretrain strategy=fsdp global_batch_size=256
 
 Writes `output_dir` as a Hugging Face model directory (config.json, model.safetensors,
 tokenizer with chat template) plus metrics.jsonl, config.yaml, samples.jsonl and
@@ -29,6 +30,7 @@ from temper.config import (
     opt,
 )
 from temper.errors import TemperError
+from temper.train.distributed import ParallelConfig
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Config:
     seq_len: int = opt(256, "tokens per training sequence")
     batch_size: int = opt(16, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
+    global_batch_size: int = opt(0, "sequences per optimiser step over all ranks (0: batch_size x grad_accum x "
+                                    "data-parallel ranks); when set, grad_accum follows from it")
     max_steps: int = opt(500, "optimiser steps")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path")
@@ -56,6 +60,8 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
+    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun, else none")
+    parallel: ParallelConfig = opt(ParallelConfig(), "tensor / pipeline parallelism and FSDP options")
     loss_chunk: int = opt(1024, "tokens per chunk of the fused output-layer cross-entropy")
     eval_batches: int = opt(0, "validation batches per evaluation (0: the whole split)")
     samples: int = opt(4, "greedy samples written at the end")
@@ -68,6 +74,7 @@ class Config:
     logging: LoggingConfig = opt(LoggingConfig(every=20, eval_every=200), "logging and evaluation")
 
     def validate(self) -> None:
+        check_range("global_batch_size", self.global_batch_size, low=0)
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, key) < 1:
                 raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -185,28 +192,39 @@ def run(cfg: Config) -> dict:
     from temper.models import save_model
     from temper.runtime import seed_everything
     from temper.train import engine
+    from temper.train.distributed import global_batch as global_batch_size
+    from temper.train.distributed import wrap_model
     from temper.train.loop import TrainLoop
     from temper.train.optim import build_optimizer
 
     if Path(cfg.model).is_dir():  # continued pretraining must not overwrite its starting point
         refuse_same_dir(cfg.output_dir, cfg.model, "model")
-    out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
+    out, device, precision, par = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
+    grad_accum, global_batch = global_batch_size(cfg, par.dp)
 
-    # data -> tokenizer -> shards -> model
-    train_files, val_files, cfg.text_field, world_facts = prepare_data(cfg, out)
-    tokenizer = prepare_tokenizer(cfg, out, train_files)
-    shard_dir = prepare_shards(cfg, out, tokenizer, train_files, val_files)
+    # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
+    def prepare():
+        train_files, val_files, text_field, world_facts = prepare_data(cfg, out)
+        cfg.text_field = text_field
+        tokenizer = prepare_tokenizer(cfg, out, train_files)
+        return train_files, val_files, text_field, world_facts, tokenizer, prepare_shards(cfg, out, tokenizer,
+                                                                                          train_files, val_files)
+
+    if par.world_size > 1:
+        par.agree(lambda: prepare() and None)
+    train_files, val_files, cfg.text_field, world_facts, tokenizer, shard_dir = prepare()
     seed_everything(cfg.seed)  # the model's init does not depend on how data preparation went
     model = prepare_model(cfg, tokenizer, device, torch.float32)  # fp32 master weights
     model.train()
-    if cfg.activation_checkpointing:
-        engine.apply_activation_checkpointing(model)
-    if cfg.compile:
-        engine.compile_model(model)
+    flops = engine.flops_per_token(model, cfg.seq_len)
+    core = model
+    model = wrap_model(model, par, precision=precision, activation_checkpointing=cfg.activation_checkpointing,
+                       compile=cfg.compile)
     optimizer = build_optimizer(model, cfg.optim)
-    loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                         rank=par.dp_rank, world_size=par.dp, grad_accum=grad_accum)
     has_val = _has_split(shard_dir, "val")
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths() + [0] * (core.config.vocab_size - tokenizer.vocab_size))
 
     def evaluate(step: int) -> dict:
         if not has_val:
@@ -221,26 +239,31 @@ def run(cfg: Config) -> dict:
         return causal_lm_loss(model, inputs.to(device), targets.to(device), chunk_size=cfg.loss_chunk)
 
     loop = TrainLoop(cfg, "pretrain", out, model, optimizer, device, precision, state={"loader": loader},
-                     evaluate=evaluate, flops_per_token=engine.flops_per_token(model, cfg.seq_len),
+                     evaluate=evaluate, flops_per_token=flops, par=par, global_batch=global_batch,
                      identity={"tokenizer": tokenizer.fingerprint(),
                                "data": read_index(shard_dir)["fingerprint"]})
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    print(f"model {model.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
-          f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps | {device} {precision}", file=sys.stderr)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum  # per data-parallel replica
+    if par.is_main:
+        print(f"model {core.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
+              f"{global_batch * cfg.seq_len:,} tokens/step | {cfg.max_steps} steps | {device} {precision} | "
+              f"{par.describe()}", file=sys.stderr)
     for _ in loop:
-        micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        micro = [loader.next_batch() for _ in range(grad_accum)]
         result = loop.accumulate(micro, lm_loss)
         loop.optimizer_step({"loss": result["loss"], "epoch": loader.epoch}, tokens=tokens_per_step)
 
-    # the model directory, its lineage and samples
-    save_model(model, out, tokenizer=tokenizer)
-    write_lineage(out, {"stage": "pretrain", "parent": cfg.model, "pretrain_shards": str(shard_dir.resolve()),
-                        "world_dir": str((out / "world").resolve()) if world_facts is not None else None,
-                        "chat_template_trained": None})
-    summary = {"params": model.num_parameters()}
-    summary.update(write_samples(model, tokenizer, out, cfg, world_facts, shard_dir))
-    if has_val:
-        summary["unigram_val_ppl"] = unigram_perplexity(shard_dir)
+    # the model directory (one, whatever the layout), its lineage and samples: rank 0
+    plain = loop.export_model()
+    summary: dict = {}
+    if plain is not None:
+        save_model(plain, out, tokenizer=tokenizer)
+        write_lineage(out, {"stage": "pretrain", "parent": cfg.model, "pretrain_shards": str(shard_dir.resolve()),
+                            "world_dir": str((out / "world").resolve()) if world_facts is not None else None,
+                            "chat_template_trained": None})
+        summary = {"params": plain.num_parameters()}
+        summary.update(write_samples(plain, tokenizer, out, cfg, world_facts, shard_dir))
+        if has_val:
+            summary["unigram_val_ppl"] = unigram_perplexity(shard_dir)
     return loop.finish(summary)
 
 

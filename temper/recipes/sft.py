@@ -29,6 +29,7 @@ from temper.config import (
     opt,
 )
 from temper.errors import TemperError
+from temper.train.distributed import ParallelConfig
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Config:
     output_dir: str = opt("runs/sft", "where the fine-tuned model directory, metrics and checkpoints go")
     batch_size: int = opt(16, "rows per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
+    global_batch_size: int = opt(0, "rows per optimiser step over all ranks (0: batch_size x grad_accum x "
+                                    "data-parallel ranks); when set, grad_accum follows from it")
     max_steps: int = opt(400, "optimiser steps")
     seed: int = opt(0, "seed for data order and initialisation")
     resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a path")
@@ -58,6 +61,8 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
+    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun, else none")
+    parallel: ParallelConfig = opt(ParallelConfig(), "tensor parallelism and FSDP options")
     peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU (0: measure a matmul now)")
     eval_samples: int = opt(100, "held-out instructions generated at each evaluation")
     eval_max_new_tokens: int = opt(40, "longest generated reply during evaluation")
@@ -81,6 +86,13 @@ class Config:
             raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")
         if self.replay_weight == 0 and self.replay_batch_size != Config.replay_batch_size:
             raise TemperError("replay_batch_size is used only with replay_weight > 0")
+        check_range("global_batch_size", self.global_batch_size, low=0)
+        if self.parallel.pp > 1:
+            raise TemperError("parallel.pp (pipeline stages) is for pretraining; fine-tune with strategy=fsdp "
+                              "and parallel.tp")
+        if self.peft.method != "none" and self.strategy == "fsdp":
+            raise TemperError(f"peft.method={self.peft.method} with strategy=fsdp is not supported yet: an adapter's "
+                              "few weights train well with strategy=ddp")
         for key in ("batch_size", "grad_accum", "max_steps", "seq_len"):
             if getattr(self, key) < 1:
                 raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -127,11 +139,16 @@ def run(cfg: Config) -> dict:
     from temper.models import load_model, save_model
     from temper.peft import apply_peft, save_peft
     from temper.train import engine
+    from temper.train.distributed import global_batch as global_batch_size
+    from temper.train.distributed import unwrap, wrap_model
     from temper.train.loop import TrainLoop
     from temper.train.optim import build_optimizer
 
     refuse_same_dir(cfg.output_dir, cfg.model, "model")  # a fine-tuned model must not overwrite its base
-    out, device, precision = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
+    out, device, precision, par = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
+    grad_accum, global_batch = global_batch_size(cfg, par.dp)
+    if par.tp > 1 and cfg.peft.method != "none":
+        raise TemperError("parallel.tp with peft is not supported yet: use strategy=ddp for adapters")
 
     # model, tokenizer, template
     model = load_model(cfg.model, device=device, dtype=torch.float32)
@@ -147,38 +164,41 @@ def run(cfg: Config) -> dict:
     # data
     train_convs, eval_convs, skipped = resolve_data(cfg, lineage)
     examples, stats = encode_all(train_convs, tokenizer, template, loss_on=cfg.loss_on, max_len=cfg.seq_len)
-    print(f"sft data: {stats.summary()}; {skipped} bad rows skipped; {len(eval_convs)} held-out instructions",
-          file=sys.stderr)
-    if stats.truncated or stats.dropped:
+    if par.is_main:
+        print(f"sft data: {stats.summary()}; {skipped} bad rows skipped; {len(eval_convs)} held-out instructions",
+              file=sys.stderr)
+    if (stats.truncated or stats.dropped) and par.is_main:
         print(f"warning: {stats.truncated} examples truncated and {stats.dropped} dropped at seq_len="
               f"{cfg.seq_len}", file=sys.stderr)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     loader = SFTLoader(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad_id,
-                       seed=cfg.seed, packing=cfg.packing)
+                       seed=cfg.seed, packing=cfg.packing, rank=par.dp_rank, world_size=par.dp, grad_accum=grad_accum)
+    if par.world_size > 1:  # rank 0 shards general text (cached); then every rank reads it
+        par.agree(lambda: resolve_general_text(cfg, lineage, tokenizer, out) and None)
     general = resolve_general_text(cfg, lineage, tokenizer, out)
     replay = None
     if cfg.replay_weight > 0:
         if general is None:
             raise TemperError("replay_weight > 0 needs general text: general_data=... or a model from temper pretrain")
         replay = TokenLoader(general, "train", seq_len=min(cfg.seq_len, 256), batch_size=cfg.replay_batch_size,
-                             seed=cfg.seed)
+                             seed=cfg.seed, rank=par.dp_rank, world_size=par.dp)
 
     # the trainable part
     peft_info = apply_peft(model, cfg.peft, tokenizer)
     share = peft_info["trainable"] / peft_info["total"]
-    print(f"trainable parameters: {peft_info['trainable']:,} of {peft_info['total']:,} ({share:.2%}); "
-          f"peft.method={cfg.peft.method}", file=sys.stderr)
+    if par.is_main:
+        print(f"trainable parameters: {peft_info['trainable']:,} of {peft_info['total']:,} ({share:.2%}); "
+              f"peft.method={cfg.peft.method} | {par.describe()}", file=sys.stderr)
     model.train()
-    if cfg.activation_checkpointing:
-        engine.apply_activation_checkpointing(model)
-    if cfg.compile:
-        engine.compile_model(model)
+    flops = engine.flops_per_token(model, cfg.seq_len)
+    model = wrap_model(model, par, precision=precision, activation_checkpointing=cfg.activation_checkpointing,
+                       compile=cfg.compile)
     optimizer = build_optimizer(model, cfg.optim)
 
     def evaluate(step: int) -> dict:
         result: dict = {}
         if eval_convs:
-            scores, rows = evaluate_instructions(model, tokenizer, template, eval_convs,
+            scores, rows = evaluate_instructions(unwrap(model), tokenizer, template, eval_convs,
                                                  max_new_tokens=cfg.eval_max_new_tokens)
             result.update(scores)
             result["samples"] = [{"prompt": r["prompt"][-120:], "reply": r["reply"], "reference": r["reference"]}
@@ -200,26 +220,28 @@ def run(cfg: Config) -> dict:
 
     loop = TrainLoop(cfg, "sft", out, model, optimizer, device, precision,
                      state={"loader": loader, "replay": replay}, evaluate=evaluate,
-                     flops_per_token=engine.flops_per_token(model, cfg.seq_len),
+                     flops_per_token=flops, par=par, global_batch=global_batch,
                      identity={"tokenizer": tokenizer.fingerprint(), "peft": cfg.peft.method,
                                "data": examples_fingerprint(examples),
                                "packing": cfg.packing, "replay_weight": cfg.replay_weight})
     for _ in loop:
-        micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        micro = [loader.next_batch() for _ in range(grad_accum)]
         result = loop.accumulate(micro, sft_loss, weight=1.0 - cfg.replay_weight)
         row = {"loss": result["loss"], "target_tokens": result["count"]}
         if replay is not None:
             row["replay_loss"] = loop.accumulate([replay.next_batch()], replay_loss, weight=cfg.replay_weight)["loss"]
         loop.optimizer_step(row, tokens=sum(b.inputs.numel() for b in micro))
 
-    # only what was trained: a full model directory, or the adapter (`temper merge` folds a LoRA in)
-    if cfg.peft.method == "none":  # generation stops at the template's end of turn, in transformers too
-        save_model(model, out, tokenizer=tokenizer, eos_ids=stop_settings(tokenizer, template)[1])
-    else:
-        save_peft(model, out, cfg.peft, base_model=str(Path(cfg.model).resolve()))
+    # only what was trained: a full model directory, or the adapter (`temper merge` folds a LoRA in); rank 0
+    plain = loop.export_model()
+    if plain is not None and cfg.peft.method == "none":  # generation stops at the template's end of turn, in transformers too
+        save_model(plain, out, tokenizer=tokenizer, eos_ids=stop_settings(tokenizer, template)[1])
+    elif plain is not None:
+        save_peft(plain, out, cfg.peft, base_model=str(Path(cfg.model).resolve()))
         tokenizer.save(out)
-    write_lineage(out, {**lineage, "stage": "sft", "parent": cfg.model, "chat_template_trained": template,
-                        "peft": cfg.peft.method})
+    if plain is not None:
+        write_lineage(out, {**lineage, "stage": "sft", "parent": cfg.model, "chat_template_trained": template,
+                            "peft": cfg.peft.method})
     return loop.finish({
         "peft": cfg.peft.method, "trainable_parameters": peft_info["trainable"],
         "total_parameters": peft_info["total"], "examples": stats.examples, "truncated": stats.truncated,

@@ -211,10 +211,14 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why `path` is not a usable checkpoint (a missing, empty, truncated or unparsable file), or None."""
     from safetensors import SafetensorError, safe_open
 
-    for name in CHECKPOINT_FILES:
+    if is_distributed_checkpoint(path):
+        problem = _distributed_problem(path)
+        if problem is not None:
+            return problem
+    for name in () if is_distributed_checkpoint(path) else CHECKPOINT_FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
-    for name in CHECKPOINT_FILES[:3]:
+    for name in () if is_distributed_checkpoint(path) else CHECKPOINT_FILES[:3]:
         try:  # the header must parse and its tensors must cover the file exactly
             with safe_open(str(path / name), framework="pt") as f:
                 f.metadata()
@@ -273,3 +277,167 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if not path.is_dir():
         raise TemperError(f"resume: checkpoint directory not found: {path}")
     return path
+
+
+# ----------------------------------------------------------------------------- several processes
+# A run with a strategy (ddp, fsdp, tp, pp) saves through torch.distributed.checkpoint (DCP):
+#   step_00000100/dcp/*.safetensors   each rank's shards of model and optimiser tensors, in
+#                                     DCP's Hugging Face storage (safetensors, JSON metadata:
+#                                     nothing pickled), re-sharded on load to any world size
+#   rng.safetensors, state.json       as above (rank 0's RNG), plus `world_size` and `ranks`:
+#                                     every rank's own state (its data position)
+# The same atomic protocol: written under .tmp-, fsynced, renamed by rank 0.
+
+
+def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict, dict]:
+    """(flat name -> tensor for DCP, the model state dict, the optimiser state dict), the names
+    being the model's own (`model.<fqn>`, `optim.<fqn>.<state>`) whatever the wrapping."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    msd = get_model_state_dict(model)
+    flat = {f"model.{k}": v for k, v in msd.items()}
+    osd = {}
+    if optimizer is not None:
+        osd = get_optimizer_state_dict(model, optimizer)  # creates empty moments on a fresh optimiser
+        for fqn, entries in osd["state"].items():
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    flat[f"optim.{fqn}.{key}"] = value
+    return flat, msd, osd
+
+
+def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
+                                optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int,
+                                par: Any) -> Path:
+    """Every rank writes its shards; rank 0 writes the rest and renames the directory into place."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}-dist"
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(root)
+        tmp.mkdir()
+
+    par.agree(prepare)
+    flat, _, osd = _dcp_tensors(model, optimizer)
+    own = {k: v for k, v in state.items() if k not in ("run", "config")}
+    ranks = par.gather_objects(json.loads(json.dumps(own)))
+    try:
+        dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "dcp"), save_distributed=True))
+        error = None
+    except OSError as e:
+        error = e
+    par.barrier()
+
+    def finish() -> Path:
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TemperError(f"could not write the checkpoint of step {step} in {root} ({error})")
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+        for p in sorted((tmp / "dcp").iterdir()):
+            fsync_path(p)
+        rng_tensors, rng_meta = rng_state()
+        save_tensors(rng_tensors, tmp / "rng.safetensors")
+        payload = {"step": step, **state, "world_size": par.world_size, "ranks": ranks,
+                   "optimizer": {"param_groups": groups}, "rng": rng_meta, "format": "dcp"}
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp / "dcp")
+        fsync_path(tmp)
+        if final.exists():
+            trash = root / f".old-step_{step:08d}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_path(root)
+        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            remove_checkpoint(old)
+        return final
+
+    return Path(par.agree(finish))
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+def _distributed_problem(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("state.json", "rng.safetensors"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    shards = sorted((path / "dcp").glob("*.safetensors"))
+    if not shards:
+        return "dcp/ holds no shards"
+    for file in [*shards, path / "rng.safetensors"]:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.metadata()
+        except (SafetensorError, OSError) as e:
+            return f"{file.relative_to(path)} is damaged ({e})"
+    return None
+
+
+def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                                par: Any) -> dict[str, Any]:
+    """Restore a DCP checkpoint into this run's layout (any world size, any strategy, one process
+    included); each rank's own state comes back as saved when the world size is the same, else
+    rank 0's (data positions are global: the loaders convert them)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    flat, msd, osd = _dcp_tensors(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "dcp")))
+    except Exception as e:  # DCP wraps every rank's failure in a CheckpointException
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise TemperError(f"{path}: checkpoint does not fit the model ({first[:300]})") from None
+    for key in msd:
+        msd[key] = flat[f"model.{key}"]
+    if optimizer is not None:
+        for fqn, entries in osd["state"].items():
+            for key in entries:
+                if f"optim.{fqn}.{key}" in flat:
+                    entries[key] = flat[f"optim.{fqn}.{key}"]
+        saved_groups = state["optimizer"]["param_groups"]
+        if len(saved_groups) != len(osd["param_groups"]):
+            raise TemperError(f"{path}: the optimiser has {len(osd['param_groups'])} parameter groups, the "
+                              f"checkpoint {len(saved_groups)}")
+        for group, saved in zip(osd["param_groups"], saved_groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd) if optimizer is not None else \
+        set_state_dict(model, [], model_state_dict=msd, optim_state_dict={})
+    set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+    ranks = state.get("ranks") or []
+    if state.get("world_size") == par.world_size and len(ranks) == par.world_size:
+        state.update(ranks[par.rank])
+    return state
+
+
+def load_any_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                        device: torch.device | str, par: Any) -> dict[str, Any]:
+    """A single-process checkpoint or a distributed one, into this run's layout."""
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TemperError(f"{path}: not a usable checkpoint: {problem}")
+    if is_distributed_checkpoint(path):
+        return load_distributed_checkpoint(path, model=model, optimizer=optimizer, par=par)
+    if par.distributed:
+        raise TemperError(f"{path} was written by a one-process run (strategy=none): resume it with strategy=none, "
+                          "or start the distributed run afresh (a run started with strategy=ddp or fsdp, even on "
+                          "one process, resumes on any number)")
+    return load_checkpoint(path, model=model, optimizer=optimizer, device=device)

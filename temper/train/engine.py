@@ -34,9 +34,11 @@ from temper.errors import TemperError
 
 
 def start_run(cfg: Any, output_dir: str | Path, device_spec: str, precision_spec: str, seed: int):
-    """Claim the output directory (one run at a time), refuse to mix this run with an earlier one
-    there unless told to continue (`resume=`) or start over (`overwrite=true`), resolve device and
-    precision, seed everything; returns (output dir, device, precision).
+    """Join the other processes (when launched by torchrun or given a strategy), claim the
+    output directory (one run at a time; rank 0 claims and every rank hears its verdict),
+    refuse to mix this run with an earlier one there unless told to continue (`resume=`) or
+    start over (`overwrite=true`), resolve device and precision, seed everything; returns
+    (output dir, device, precision, Parallel).
 
     Nothing of an earlier run is changed here: `TrainLoop` writes `config.yaml` and clears an
     overwritten run's files only once the model and data are ready and training starts, so a
@@ -44,13 +46,25 @@ def start_run(cfg: Any, output_dir: str | Path, device_spec: str, precision_spec
     """
     from temper.io import claim_output_dir
     from temper.runtime import resolve_device, seed_everything
+    from temper.train.distributed import Parallel, check_precision
 
     device = resolve_device(device_spec)
     precision = resolve_precision(precision_spec, device)
-    out = claim_output_dir(output_dir)
-    check_earlier_run(out, cfg.resume, getattr(cfg, "overwrite", False))
+    par = Parallel(cfg.strategy, cfg.parallel, device)
+    check_precision(par, precision)
+
+    def claim() -> str:
+        out = claim_output_dir(output_dir)
+        check_earlier_run(out, cfg.resume, getattr(cfg, "overwrite", False))
+        return str(out)
+
+    try:
+        out = Path(par.agree(claim))
+    except TemperError:
+        par.close()
+        raise
     seed_everything(seed)
-    return out, device, precision
+    return out, par.device, precision, par
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
@@ -144,6 +158,7 @@ def accumulate(
     autocast: Callable[[], contextlib.AbstractContextManager],
     scaler: torch.amp.GradScaler | None = None,
     weight: float = 1.0,
+    par: Any = None,
 ) -> dict[str, float]:
     """Forward and backward every micro-batch; the gradient is that of
     weight * sum(unit losses) / (number of units in the whole accumulated batch, on every rank).
@@ -156,6 +171,11 @@ def accumulate(
     one big batch. Gradients already present (another objective of the same step, e.g.
     replay) are set aside and added back, so each objective is normalised by its own count.
     Metrics are summed over micro-batches.
+
+    With `par` (a `temper.train.distributed.Parallel`), the count is summed over the
+    data-parallel ranks, every micro-batch but the last runs without gradient reduction, and
+    since DDP and FSDP average the reduced gradients over those ranks, the division is by
+    count / dp: the gradient is exactly that of one process on the whole global batch.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     earlier = {p: p.grad for p in params if p.grad is not None}
@@ -164,21 +184,24 @@ def accumulate(
     assert micro_batches, "accumulate needs at least one micro-batch"
     totals = None  # (summed loss, count), kept on the loss's device: read back once, not per micro-batch
     extras: dict[str, float] = {}
-    for batch in micro_batches:
-        with autocast():
-            loss_sum, count, *rest = loss_fn(batch)
-        (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
+    for i, batch in enumerate(micro_batches):
+        sync = par.no_sync(model, last=i == len(micro_batches) - 1) if par is not None else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                loss_sum, count, *rest = loss_fn(batch)
+            (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
         pair = torch.stack([loss_sum.detach().double(),
                             torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device)])
         totals = pair if totals is None else totals + pair
         for k, v in (rest[0] if rest else {}).items():
             extras[k] = extras.get(k, 0.0) + float(v)
-    total = all_reduce_sum(totals).tolist()
+    total = (par.all_reduce_sum(totals) if par is not None else all_reduce_sum(totals)).tolist()
     if total[1] == 0:
         raise TemperError("a batch has nothing to learn from: every target is masked")
+    averaged_over = par.dp if par is not None and par.distributed else 1  # DDP and FSDP average
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
-        torch._foreach_mul_(grads, weight / total[1])
+        torch._foreach_mul_(grads, weight * averaged_over / total[1])
     for p, g in earlier.items():
         p.grad = g if p.grad is None else p.grad.add_(g)
     return {"loss": total[0] / total[1], "count": total[1], **extras}
@@ -190,10 +213,11 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if hasattr(norm, "full_tensor"):  # sharded (FSDP) or split (TP) gradients: the norm of the whole
+        norm = norm.full_tensor()
     if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

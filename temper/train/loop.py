@@ -42,13 +42,13 @@ from temper.train.optim import lr_at, set_lr
 
 # Every training recipe's Config has these keys, with the same meaning (tests/test_loop.py).
 SHARED_KEYS = (
-    "model", "data", "eval_data", "output_dir", "seq_len", "batch_size", "grad_accum", "max_steps", "seed",
-    "resume", "overwrite", "device", "precision", "compile", "activation_checkpointing", "eval_batches",
-    "peak_flops", "optim", "schedule", "checkpoint", "logging",
+    "model", "data", "eval_data", "output_dir", "seq_len", "batch_size", "grad_accum", "global_batch_size",
+    "max_steps", "seed", "resume", "overwrite", "device", "precision", "compile", "activation_checkpointing",
+    "strategy", "parallel", "eval_batches", "peak_flops", "optim", "schedule", "checkpoint", "logging",
 )
 # What makes two runs the same run: a checkpoint resumes only a run that agrees on all of these
 # (plus what the recipe adds: its tokenizer, its data's fingerprint).
-IDENTITY_KEYS = ("seq_len", "batch_size", "grad_accum", "seed")
+IDENTITY_KEYS = ("seq_len", "seed")  # and the global batch: sequences per optimiser step over all ranks
 
 
 class TrainLoop:
@@ -57,16 +57,23 @@ class TrainLoop:
     def __init__(self, cfg: Any, name: str, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str, *, state: dict[str, Any] | None = None,
                  evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None,
-                 identity: dict[str, Any] | None = None) -> None:
+                 identity: dict[str, Any] | None = None, par: Any = None, global_batch: int | None = None) -> None:
         from tqdm import tqdm
+
+        from temper.train.distributed import Parallel, ParallelConfig
 
         self.cfg, self.name, self.out, self.model, self.optimizer = cfg, name, Path(out), model, optimizer
         self.device, self.precision = device, precision
+        # one process unless the recipe passes its Parallel; rank 0 alone writes files and logs
+        self.par = par if par is not None else Parallel("none", ParallelConfig(), device)
+        self.main = self.par.is_main
         self._evaluate, self.flops_per_token = evaluate, flops_per_token
         self.autocast = engine.precision_context(precision, device)
         self.scaler = engine.grad_scaler(precision, device)
         self.stateful = {k: v for k, v in {**(state or {}), "grad_scaler": self.scaler}.items() if v is not None}
-        self.identity = run_identity(cfg, model, identity or {})
+        if global_batch is None and hasattr(cfg, "batch_size"):
+            global_batch = cfg.batch_size * getattr(cfg, "grad_accum", 1)
+        self.identity = run_identity(cfg, model, {"global_batch": global_batch, **(identity or {})})
         self.max_steps = cfg.max_steps
         # measured before anything is restored: the measurement draws random numbers
         self.peak_flops = None
@@ -74,29 +81,42 @@ class TrainLoop:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.peak_flops = cfg.peak_flops or engine.measure_matmul_peak(device, dtype)
 
-        self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.out / "checkpoints"
-        ckpt.clean_leftovers(self.checkpoints)  # of a run killed while saving or pruning; we hold the lock
         self.start_step = 0
-        resume_from = ckpt.resolve_resume(cfg.resume, self.checkpoints)
+
+        def find_checkpoint():  # rank 0 looks; every rank gets its answer (or its error)
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_leftovers(self.checkpoints)  # of a run killed while saving or pruning; we hold the lock
+            found = ckpt.resolve_resume(cfg.resume, self.checkpoints)
+            if found is not None:
+                check_same_run(found, self.identity)
+            return None if found is None else str(found)
+
+        resume_from = self.par.agree(find_checkpoint)
+        resume_from = Path(resume_from) if resume_from is not None else None
         if resume_from is not None:
-            check_same_run(resume_from, self.identity)
-            saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
+            saved = ckpt.load_any_checkpoint(resume_from, model=model, optimizer=optimizer, device=self.par.device,
+                                             par=self.par)
             for key, obj in self.stateful.items():
                 obj.load_state_dict(saved[key])
             self.start_step = saved["step"]
-            print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
-        elif getattr(cfg, "overwrite", False) or cfg.resume:  # starting over (start_run allowed it)
+            if self.main:
+                print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
+        elif (getattr(cfg, "overwrite", False) or cfg.resume) and self.main:  # starting over (start_run allowed it)
             engine.clear_earlier_run(self.out)
         from temper.config import to_dict
         from temper.io import atomic_write_text
 
-        atomic_write_text(self.out / "config.yaml", _yaml(to_dict(cfg)))
-        self.metrics = engine.MetricsLog(
-            self.out / "metrics.jsonl", resume_step=self.start_step if resume_from else None,
-            tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        self.metrics = None
+        if self.main:
+            atomic_write_text(self.out / "config.yaml", _yaml(to_dict(cfg)))
+            self.metrics = engine.MetricsLog(
+                self.out / "metrics.jsonl", resume_step=self.start_step if resume_from else None,
+                tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        self.par.barrier()
 
-        self.interactive = cfg.logging.progress and sys.stderr.isatty()  # a log file gets plain lines
+        # a log file gets plain lines; ranks other than 0 print nothing
+        self.interactive = cfg.logging.progress and sys.stderr.isatty() and self.main
         self.bar = tqdm(total=self.max_steps, initial=self.start_step, desc=name, unit="step", file=sys.stderr,
                         disable=not self.interactive, dynamic_ncols=True)
         self.lr = 0.0
@@ -132,15 +152,15 @@ class TrainLoop:
     def accumulate(self, micro_batches: list, loss_fn: Callable, *, weight: float = 1.0) -> dict[str, float]:
         """`engine.accumulate` with this run's model, precision and gradient scaler."""
         return engine.accumulate(self.model, micro_batches, loss_fn, autocast=self.autocast, scaler=self.scaler,
-                                 weight=weight)
+                                 weight=weight, par=self.par)
 
     def optimizer_step(self, metrics: dict[str, float], *, tokens: int) -> dict[str, float]:
-        """Clip and step; `metrics` (loss and the recipe's extras) and `tokens` (processed this step,
-        padding included, for tokens/s and MFU) go into this step's row."""
+        """Clip and step; `metrics` (loss and the recipe's extras) and `tokens` (processed this step by
+        one data-parallel replica, padding included, for tokens/s and MFU) go into this step's row."""
         grad_norm = engine.optimizer_step(self.model, self.optimizer, grad_clip=self.cfg.optim.grad_clip,
                                           scaler=self.scaler)
         self._row = {**metrics, "lr": self.lr, "grad_norm": grad_norm}
-        self._tokens = tokens
+        self._tokens = tokens * self.par.dp  # every replica's
         return self._row
 
     def _end_step(self, done: int, seconds: float) -> None:
@@ -157,11 +177,11 @@ class TrainLoop:
             window_seconds = sum(s for s, _ in self._window)
             tokens_per_second = sum(n for _, n in self._window) / window_seconds
             full = {"step": done, **row, "tokens_per_second": tokens_per_second}
-            if self.peak_flops:
-                full["mfu"] = tokens_per_second * self.flops_per_token / self.peak_flops
+            if self.peak_flops:  # of every device: each is measured (or given) alike
+                full["mfu"] = tokens_per_second * self.flops_per_token / (self.peak_flops * self.par.world_size)
             full["memory_mb"] = engine.peak_memory_mb(self.device)
             self._window = []
-            if cfg.logging.progress and not self.interactive:
+            if cfg.logging.progress and not self.interactive and self.main:
                 mfu = f" mfu {full['mfu']:.1%}" if "mfu" in full else ""
                 print(f"step {done}/{self.max_steps} loss {row['loss']:.4f} lr {self.lr:.2e} "
                       f"{tokens_per_second:,.0f} tok/s{mfu}", file=sys.stderr)
@@ -180,19 +200,24 @@ class TrainLoop:
         result = self._evaluate(step)
         self.last_eval = result
         shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
-        self.bar.write(f"eval step {step}: {shown}", file=sys.stderr)
+        if self.main:
+            self.bar.write(f"eval step {step}: {shown}", file=sys.stderr)
         return result
 
     def save_checkpoint(self, step: int) -> Path:
         from temper.config import to_dict
 
         state = {k: obj.state_dict() for k, obj in self.stateful.items()}
+        state = {**state, "run": self.identity, "config": to_dict(self.cfg)}
+        if self.par.distributed:  # sharded tensors through torch.distributed.checkpoint; every rank's data position
+            return ckpt.save_distributed_checkpoint(self.checkpoints, step, model=self.model, optimizer=self.optimizer,
+                                                    keep_last=self.cfg.checkpoint.keep_last, state=state, par=self.par)
         return ckpt.save_checkpoint(self.checkpoints, step, model=self.model, optimizer=self.optimizer,
-                                    keep_last=self.cfg.checkpoint.keep_last,
-                                    state={**state, "run": self.identity, "config": to_dict(self.cfg)})
+                                    keep_last=self.cfg.checkpoint.keep_last, state=state)
 
     def _log(self, row: dict) -> None:
-        self.metrics.log(row)
+        if self.metrics is not None:
+            self.metrics.log(row)
 
     def summary(self) -> dict[str, Any]:
         """What every run reports: steps, time, throughput, peak memory, the final evaluation (and
@@ -211,11 +236,24 @@ class TrainLoop:
         from temper.io import atomic_write_text, release_output_dir
 
         summary = {**self.summary(), **summary}
-        self.metrics.close()
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        release_output_dir(self.out)
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        if self.par.distributed:
+            summary["parallel"] = self.par.describe()
+        if self.main:
+            self.metrics.close()
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            release_output_dir(self.out)
+            print(json.dumps(summary, indent=2, ensure_ascii=False))
+        self.par.barrier()
+        self.par.close()
         return summary
+
+    def export_model(self) -> torch.nn.Module | None:
+        """The trained model as one plain module for saving as a model directory: the model itself
+        in one process; in several, every rank takes part in gathering the full weights and rank 0
+        gets a plain copy (the others None)."""
+        from temper.train.distributed import export_model
+
+        return export_model(self.model, self.par)
 
 
 def _yaml(data: dict) -> str:

@@ -1,0 +1,309 @@
+"""Training on several processes with PyTorch's own distributed stack, launched by `torchrun`.
+
+    torchrun --nproc-per-node 8 -m temper pretrain strategy=fsdp            # one machine
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m temper pretrain strategy=fsdp parallel.tp=2   # two machines
+
+Everything is applied from outside the model (`wrap_model`), in this order:
+1. tensor parallelism (`parallel.tp`): DTensor `parallelize_module` of each block, column-wise
+   q/k/v/gate/up and row-wise o/down (`temper.train.tensor_parallel`);
+2. activation checkpointing: the model's own flag;
+3. data parallelism over the `dp` dimension of the device mesh:
+   - `strategy=ddp`: `DistributedDataParallel`; the micro-batches of an accumulated step run
+     under `no_sync`, so gradients are all-reduced once per optimiser step;
+   - `strategy=fsdp`: FSDP2 `fully_shard` per transformer block, then the root (parameters,
+     gradients and optimiser states sharded: ZeRO-3); `parallel.reshard_after_forward=false`
+     keeps the gathered parameters from forward to backward (ZeRO-2-like: more memory, less
+     communication); `parallel.cpu_offload=true` keeps the shards on the CPU;
+     `precision=bf16` becomes FSDP's mixed-precision policy (bf16 parameters for compute,
+     fp32 gradient reduction, fp32 master shards).
+Pipeline parallelism (`parallel.pp`, pretraining) splits the blocks into stages
+(`temper.train.pipeline`).
+
+Normalisation. The loss of a step is sum(unit losses) / (units in the whole global batch):
+`engine.accumulate` all-reduces the count over the data-parallel ranks and divides. DDP and
+FSDP *average* gradients over those ranks, so the loop passes `grads_averaged_over=dp` and
+accumulate multiplies it back: the gradient equals one process's on the same global batch
+(tested against a single process in tests/test_distributed.py).
+
+One process (no `torchrun`) is `strategy=none` unless a strategy is asked for, in which case
+a one-process group is made (useful to resume a multi-process checkpoint on one machine with
+the same code path). Rank 0 alone writes files, logs and shows progress; the others compute.
+A failure on one rank is printed with its rank and ends its process with an error, and
+torchrun then stops every other rank; mistakes in the config are found before the first
+collective call, identically on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from temper.config import check_range, opt
+from temper.errors import TemperError
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = opt(1, "tensor-parallel degree: each block's matmuls split over this many ranks (DTensor)")
+    pp: int = opt(1, "pipeline-parallel degree: the blocks split into this many stages (pretraining)")
+    pp_schedule: str = opt("1f1b", "pipeline schedule over the micro-batches: gpipe or 1f1b")
+    reshard_after_forward: bool = opt(True, "fsdp: free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like")
+    cpu_offload: bool = opt(False, "fsdp: keep parameter, gradient and optimiser shards on the CPU")
+    timeout_minutes: float = opt(10.0, "how long a collective waits for the other ranks before failing")
+
+    def validate(self) -> None:
+        check_range("parallel.tp", self.tp, low=1)
+        check_range("parallel.pp", self.pp, low=1)
+        check_range("parallel.timeout_minutes", self.timeout_minutes, low=0.0, low_open=True)
+        if self.pp_schedule not in ("gpipe", "1f1b"):
+            raise TemperError(f"parallel.pp_schedule must be gpipe or 1f1b, got {self.pp_schedule!r}")
+
+
+def launched_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_layout(strategy: str, parallel: ParallelConfig, world_size: int) -> tuple[str, int]:
+    """(resolved strategy, data-parallel degree), or one line saying what does not fit.
+    Pure: every rank reaches the same verdict before any collective call."""
+    if strategy not in STRATEGIES:
+        raise TemperError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "auto":
+        strategy = "ddp" if world_size > 1 and parallel.tp == 1 and parallel.pp == 1 else \
+            ("fsdp" if world_size > 1 else "none")
+    if strategy == "none":
+        if world_size > 1:
+            raise TemperError(f"strategy=none runs one process, but torchrun started {world_size}: "
+                              "use strategy=ddp or strategy=fsdp (or auto)")
+        if parallel.tp > 1 or parallel.pp > 1:
+            raise TemperError("parallel.tp and parallel.pp need several processes: launch with torchrun "
+                              "and strategy=ddp or fsdp")
+        return strategy, 1
+    model_parallel = parallel.tp * parallel.pp
+    if world_size % model_parallel:
+        raise TemperError(f"{world_size} processes cannot form a mesh of parallel.tp={parallel.tp} x "
+                          f"parallel.pp={parallel.pp}: the world size must be a multiple of {model_parallel}")
+    if strategy == "ddp" and parallel.tp > 1:
+        raise TemperError("parallel.tp composes with strategy=fsdp (a 2-D mesh), not ddp: use strategy=fsdp")
+    return strategy, world_size // model_parallel
+
+
+def global_batch(cfg: Any, dp: int) -> tuple[int, int]:
+    """(grad_accum, sequences per optimiser step over all ranks). `global_batch_size` > 0 fixes
+    the global batch and derives grad_accum = global / (batch_size x dp), so the same config
+    trains the same steps on any number of ranks; 0 keeps grad_accum as given."""
+    per_pass = cfg.batch_size * dp
+    if not cfg.global_batch_size:
+        return cfg.grad_accum, per_pass * cfg.grad_accum
+    if cfg.grad_accum != 1:
+        raise TemperError("give global_batch_size or grad_accum, not both: grad_accum follows from "
+                          "global_batch_size / (batch_size x data-parallel ranks)")
+    if cfg.global_batch_size % per_pass:
+        raise TemperError(f"global_batch_size={cfg.global_batch_size} is not a multiple of batch_size x "
+                          f"data-parallel ranks = {cfg.batch_size} x {dp} = {per_pass}")
+    return cfg.global_batch_size // per_pass, cfg.global_batch_size
+
+
+class Parallel:
+    """How this process takes part: its rank, the device mesh (pp, dp, tp) and the strategy."""
+
+    def __init__(self, strategy: str, parallel: ParallelConfig, device: torch.device) -> None:
+        self.rank, self.world_size, self.local_rank = launched_world()
+        self.strategy, self.dp = check_layout(strategy, parallel, self.world_size)
+        self.config, self.tp, self.pp = parallel, parallel.tp, parallel.pp
+        self.device = device
+        self.mesh = None
+        self._own_group = False
+        if self.strategy == "none":
+            return
+        if device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
+            if "RANK" in os.environ:
+                dist.init_process_group(backend, timeout=timeout)
+            else:  # one process asked for a strategy: a group of one
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            self._own_group = True
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (self.pp, self.dp, self.tp),
+                                     mesh_dim_names=("pp", "dp", "tp"))
+
+    # ------------------------------------------------------------------------- facts
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
+
+    def describe(self) -> str:
+        if not self.distributed:
+            return "1 process"
+        dims = f"dp={self.dp}" + (f" tp={self.tp}" if self.tp > 1 else "") + (f" pp={self.pp}" if self.pp > 1 else "")
+        return f"{self.world_size} processes, {self.strategy} ({dims})"
+
+    # ------------------------------------------------------------------------- collectives
+
+    def all_reduce_sum(self, value: torch.Tensor, group=None) -> torch.Tensor:
+        """Sum over the data-parallel ranks (every rank of a replica holds the same count)."""
+        if not self.distributed:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group or self.dp_group)
+        return value
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def agree(self, fn, *args, **kwargs):
+        """Run `fn` on rank 0 and give its result (or its error, as the same TemperError) to every
+        rank: what one rank decides (claiming the output directory, say) never leaves the
+        others waiting in a collective."""
+        if not self.distributed or self.world_size == 1:
+            return fn(*args, **kwargs)
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn(*args, **kwargs))
+            except (ValueError, OSError) as e:
+                from temper.cli import error_line
+
+                box[0] = ("error", error_line(e))
+        dist.broadcast_object_list(box, src=0)  # our own processes' objects, never a file's
+        kind, value = box[0]
+        if kind == "error":
+            raise TemperError(value if self.is_main else f"{value} (said by rank 0)")
+        return value
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        if not self.distributed or self.world_size == 1:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    # ------------------------------------------------------------------------- the model
+
+    def no_sync(self, model: torch.nn.Module, last: bool):
+        """Skip the gradient reduction on all but the last micro-batch of a step."""
+        if self.strategy == "ddp" and not last:
+            return model.no_sync()
+        if self.strategy == "fsdp":
+            model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        if self._own_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._own_group = False
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The temper model inside a DDP wrapper (FSDP2 and DTensor work in place)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activation_checkpointing: bool,
+               compile: bool) -> torch.nn.Module:
+    """Apply TP, activation checkpointing, compile and DDP/FSDP (see the module docstring); the
+    optimiser is built after this, over the parameters it leaves. Returns the module to call."""
+    from temper.train import engine
+
+    if par.tp > 1:
+        from temper.train.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, par.mesh["tp"])
+    if activation_checkpointing:
+        engine.apply_activation_checkpointing(model)
+    if compile:
+        engine.compile_model(model)
+    if par.strategy == "fsdp":
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy() if par.config.cpu_offload else OffloadPolicy()
+        options = dict(mesh=par.mesh["dp"], mp_policy=policy, offload_policy=offload)
+        for block in model.blocks:
+            fully_shard(block, reshard_after_forward=par.config.reshard_after_forward, **options)
+        fully_shard(model, **options)
+        return model
+    if par.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [par.device.index] if par.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, process_group=par.dp_group)
+    return model
+
+
+def check_precision(par: Parallel, precision: str) -> None:
+    if par.strategy == "fsdp" and precision == "fp16":
+        raise TemperError("precision=fp16 with strategy=fsdp is not supported: use bf16 (FSDP's mixed-precision "
+                          "policy: bf16 compute, fp32 reduction)")
+
+
+def full_state_dict(model: torch.nn.Module, par: Parallel) -> dict[str, torch.Tensor] | None:
+    """Every rank takes part; rank 0 gets the model's whole weights on the CPU, under the model's
+    own names (DDP's `module.` and FSDP's wrapping left out), the others None."""
+    if not par.distributed:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if par.is_main else None
+
+
+def export_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module | None:
+    """A plain (unsharded, unwrapped) copy of the trained model on rank 0's device, for saving
+    as a Hugging Face directory and sampling; None on the other ranks. One process: the model."""
+    if not par.distributed:
+        return unwrap(model)
+    if par.strategy == "ddp":  # every rank holds the whole model already
+        return unwrap(model) if par.is_main else None
+    weights = full_state_dict(model, par)
+    if not par.is_main:
+        return None
+    from temper.models import _finish_meta_load, build_model
+
+    core = unwrap(model)
+    plain = build_model(core.config, device=torch.device("meta"))
+    plain.load_state_dict(weights, assign=True, strict=not core.config.tie_embeddings)
+    _finish_meta_load(plain, "cpu")
+    return plain.to(par.device).train(core.training)
