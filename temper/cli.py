@@ -164,7 +164,8 @@ def _main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # TemperError is a ValueError; a full disk or a read-only path is an OSError
         if os.environ.get("TEMPER_DEBUG"):
             raise
-        print(f"temper {stage}: error: {error_line(e)}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"temper {stage}: error{rank}: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"temper {stage}: interrupted", file=sys.stderr)

@@ -48,7 +48,7 @@ class Config:
     vocab_size: int = opt(2048, "vocabulary size when a tokenizer is trained")
     output_dir: str = opt("runs/pretrain", "where the model directory, metrics and checkpoints go")
     seq_len: int = opt(256, "tokens per training sequence")
-    batch_size: int = opt(16, "sequences per micro-batch")
+    batch_size: int = opt(16, "sequences per micro-batch (per rank)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     global_batch_size: int = opt(0, "sequences per optimiser step over all ranks (0: batch_size x grad_accum x "
                                     "data-parallel ranks); when set, grad_accum follows from it")

@@ -47,9 +47,9 @@ class Config:
     seq_len: int = opt(512, "longest training sequence in tokens (shorter rows are padded, or packed)")
     general_data: list[str] = opt([], "general text for the forgetting perplexity and replay (default: the pretraining shards)")
     replay_weight: float = opt(0.0, "weight of a pretraining-data loss mixed into every step (0: no replay)")
-    replay_batch_size: int = opt(8, "pretraining windows per step when replaying")
+    replay_batch_size: int = opt(8, "pretraining windows per step (per rank) when replaying")
     output_dir: str = opt("runs/sft", "where the fine-tuned model directory, metrics and checkpoints go")
-    batch_size: int = opt(16, "rows per micro-batch")
+    batch_size: int = opt(16, "rows per micro-batch (per rank)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     global_batch_size: int = opt(0, "rows per optimiser step over all ranks (0: batch_size x grad_accum x "
                                     "data-parallel ranks); when set, grad_accum follows from it")

@@ -298,7 +298,14 @@ def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     )
 
     msd = get_model_state_dict(model)
-    flat = {f"model.{k}": v for k, v in msd.items()}
+    flat, seen = {}, {}
+    for k, v in msd.items():  # a tied weight (embedding = output layer) is stored once, as safetensors wants
+        local = v.to_local() if hasattr(v, "to_local") else v
+        where = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(v.shape))
+        if local.numel() and where in seen:
+            continue
+        seen[where] = k
+        flat[f"model.{k}"] = v
     osd = {}
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)  # creates empty moments on a fresh optimiser
@@ -405,8 +412,12 @@ def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module, optimizer
     except Exception as e:  # DCP wraps every rank's failure in a CheckpointException
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TemperError(f"{path}: checkpoint does not fit the model ({first[:300]})") from None
-    for key in msd:
-        msd[key] = flat[f"model.{key}"]
+    first: dict[tuple, str] = {}
+    for key, value in msd.items():  # a tied weight's alias takes what its first name loaded
+        local = value.to_local() if hasattr(value, "to_local") else value
+        where = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(value.shape))
+        first.setdefault(where, key)
+        msd[key] = flat[f"model.{first[where]}"]
     if optimizer is not None:
         for fqn, entries in osd["state"].items():
             for key in entries:

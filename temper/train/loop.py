@@ -73,7 +73,9 @@ class TrainLoop:
         self.stateful = {k: v for k, v in {**(state or {}), "grad_scaler": self.scaler}.items() if v is not None}
         if global_batch is None and hasattr(cfg, "batch_size"):
             global_batch = cfg.batch_size * getattr(cfg, "grad_accum", 1)
-        self.identity = run_identity(cfg, model, {"global_batch": global_batch, **(identity or {})})
+        from temper.train.distributed import unwrap
+
+        self.identity = run_identity(cfg, unwrap(model), {"global_batch": global_batch, **(identity or {})})
         self.max_steps = cfg.max_steps
         # measured before anything is restored: the measurement draws random numbers
         self.peak_flops = None

@@ -1,0 +1,200 @@
+"""Training on 2 processes (torchrun, gloo on CPU) against one process with the same global batch:
+DDP and FSDP2 give the same losses and weights, resume crosses world sizes (2 -> 1, 1 -> 2)
+continuing the loss curve exactly, the exported model is the trained one, and mistakes end
+every rank with one line, never a hang."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SAMPLE_TEXT
+from safetensors.torch import load_file
+
+from temper.train.engine import read_metrics
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+COMMON = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=2", "peak_flops=1e9",
+          "logging.progress=false", "samples=1", "sample_tokens=4", "optim.lr=3e-3", "logging.every=1",
+          "eval_fraction=0.2", "schedule.name=constant", "schedule.warmup_steps=0"]
+
+
+def temper(*args, ranks=1, timeout=240):
+    """`temper ...` in one process, or under torchrun with `ranks` processes; never hangs."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                "-m", "temper"] if ranks > 1 else [sys.executable, "-m", "temper"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def check(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out):
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process with grad_accum=2 (the reference) and 2 processes x 1 micro-batch, DDP and FSDP."""
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 3)
+    common = [*COMMON, f"data={corpus}"]
+    check(temper("pretrain", *common, "max_steps=4", "grad_accum=2", f"output_dir={root / 'single'}"))
+    out = {"root": root, "common": common, "single": root / "single"}
+    for strategy in ("ddp", "fsdp"):
+        out[f"{strategy}_log"] = check(temper("pretrain", *common, "max_steps=4", f"strategy={strategy}",
+                                              f"output_dir={root / strategy}", ranks=2))
+        out[strategy] = root / strategy
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs, strategy):
+    single, multi = runs["single"], runs[strategy]
+    assert len(losses(single)) == 4
+    torch.testing.assert_close(losses(multi), losses(single), atol=1e-5, rtol=0)
+    assert_same_weights(multi, single)
+    summary = json.loads((multi / "summary.json").read_text())
+    assert summary["parallel"] == f"2 processes, {strategy} (dp=2)"
+    # rank 0 alone logs and writes: one row per step, one summary printed, each line said once
+    assert [r["step"] for r in read_metrics(multi / "metrics.jsonl")] == [1, 2, 3, 4]
+    log = runs[f"{strategy}_log"]
+    assert log.stdout.count('"parallel"') == 1
+    assert log.stderr.count("eval step 4:") == 1 and log.stderr.count("M params |") == 1
+    if strategy == "fsdp":  # sharded checkpoints through torch.distributed.checkpoint, no pickle
+        ckpt = multi / "checkpoints" / "step_00000004"
+        assert sorted(p.suffix for p in (ckpt / "dcp").iterdir()) == [".safetensors", ".safetensors"]
+        assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+        assert not any(p.name == ".metadata" or p.suffix in (".distcp", ".pt") for p in ckpt.rglob("*"))
+
+
+def test_the_exported_model_is_the_trained_one(runs):
+    """FSDP's final evaluation ran on the sharded model; the one HF directory it exported scores
+    the same validation loss, and its logits are the one-process model's."""
+    from temper.data.shards import TokenLoader
+    from temper.eval.perplexity import evaluate_batches
+    from temper.models import load_model
+
+    fsdp, single = runs["fsdp"], runs["single"]
+    summary = json.loads((fsdp / "summary.json").read_text())
+    exported = load_model(fsdp)
+    val = TokenLoader(fsdp / "data", "val", seq_len=32, batch_size=2, shuffle=False, drop_last=False)
+    again = evaluate_batches(exported, val, device=torch.device("cpu"))
+    assert again["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids), load_model(single)(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_across_world_sizes_continues_the_loss_curve(runs, first, then):
+    """Steps 1-2 on `first` processes, steps 3-4 resumed on `then`: the same 4 losses and final
+    weights as the uninterrupted run (global_batch_size keeps the global batch fixed)."""
+    out = runs["root"] / f"resume_{first}_{then}"
+    common = [*runs["common"], "strategy=fsdp", "global_batch_size=4", f"output_dir={out}"]
+    check(temper("pretrain", *common, "max_steps=2", ranks=first))
+    second = check(temper("pretrain", *common, "max_steps=4", "resume=auto", ranks=then))
+    assert "resumed from" in second.stderr and "at step 2" in second.stderr
+    torch.testing.assert_close(losses(out), losses(runs["single"]), atol=1e-5, rtol=0)
+    assert_same_weights(out, runs["single"])
+
+
+def test_a_distributed_checkpoint_resumes_in_one_plain_process(runs):
+    """strategy=none reads the sharded checkpoint of a 2-process run (2 -> 1 without torchrun)."""
+    out = runs["root"] / "to_plain"
+    common = [*runs["common"], f"output_dir={out}"]
+    check(temper("pretrain", *common, "max_steps=2", "strategy=ddp", ranks=2))
+    check(temper("pretrain", *common, "max_steps=4", "grad_accum=2", "strategy=none", "resume=auto"))
+    torch.testing.assert_close(losses(out), losses(runs["single"]), atol=1e-5, rtol=0)
+
+
+def test_sft_with_unequal_token_counts_per_rank_and_replay(tmp_path, tiny_model_dir):
+    """The normalisation DDP needs: rows of different lengths give each rank a different number
+    of target tokens; the loss and weights still equal one process's on the same global batch,
+    with a second (replay) objective in every step."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i * 37} plus {i}?"},
+                          {"role": "assistant", "content": "It is " + "many " * (i % 5) + str(i * 38)}]}
+            for i in range(32)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(f"Paragraph {i} of plain general text about numbers." for i in range(200)))
+    common = [f"model={tiny_model_dir}", f"data={train}", f"general_data={general}", "replay_weight=0.3",
+              "max_steps=3", "batch_size=2", "logging.progress=false", "logging.every=1",
+              "logging.eval_at_start=false", "eval_max_new_tokens=2", "optim.lr=3e-3", "eval_batches=1",
+              "schedule.name=constant", "schedule.warmup_steps=0", "template=chatml"]
+    # batch sizes are per rank: 2 ranks x 2 rows (and 2 replay windows) = 1 rank x 2 x 2 rows (and 4 windows)
+    check(temper("sft", *common, "grad_accum=2", "replay_batch_size=4", f"output_dir={tmp_path / 'one'}"))
+    check(temper("sft", *common, "strategy=ddp", "replay_batch_size=2", f"output_dir={tmp_path / 'two'}", ranks=2))
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    counts = [r["target_tokens"] for r in one if "loss" in r]
+    assert len(set(counts)) > 1  # steps differ in trained tokens, so ranks do too
+    for key in ("loss", "replay_loss", "target_tokens", "grad_norm"):
+        torch.testing.assert_close([r[key] for r in two if "loss" in r], [r[key] for r in one if "loss" in r],
+                                   atol=1e-5, rtol=0, msg=key)
+    assert_same_weights(tmp_path / "two", tmp_path / "one")
+
+
+def test_mistakes_end_every_rank_with_one_line(runs, tmp_path):
+    common = [*runs["common"], "max_steps=1"]
+    cases = [
+        (["parallel.tp=3"], "2 processes cannot form a mesh of parallel.tp=3 x parallel.pp=1"),
+        (["global_batch_size=6"], "global_batch_size=6 is not a multiple of batch_size x data-parallel ranks = 2 x 2"),
+        (["strategy=none"], "strategy=none runs one process, but torchrun started 2"),
+    ]
+    for extra, message in cases:
+        result = temper("pretrain", *common, *extra, f"output_dir={tmp_path / 'bad'}", ranks=2, timeout=120)
+        assert result.returncode != 0
+        for rank in (0, 1):
+            assert f"temper pretrain: error (rank {rank}): {message}" in result.stderr, result.stderr[-2000:]
+        assert not re.search(r'File ".*/temper/', result.stderr)  # no rank crashed (torchrun adds its own report)
+
+
+def test_a_refusal_on_rank_0_reaches_every_rank(runs, tmp_path):
+    """Rank 0 alone claims the output directory; held by another run, both ranks stop with its reason."""
+    from temper.io import claim_output_dir, release_output_dir
+
+    out = claim_output_dir(tmp_path / "held")
+    try:
+        result = temper("pretrain", *runs["common"], "max_steps=1", "strategy=ddp", f"output_dir={out}", ranks=2,
+                        timeout=120)
+    finally:
+        release_output_dir(out)
+    assert result.returncode != 0
+    assert "error (rank 0): output_dir" in result.stderr and "is in use by another temper run" in result.stderr
+    assert "error (rank 1): output_dir" in result.stderr and "(said by rank 0)" in result.stderr
+
+
+def test_checkpoint_of_another_world_layout_or_model_is_refused(runs, tmp_path):
+    """A one-process (strategy=none) checkpoint under a strategy, and a checkpoint of another
+    model shape, each give one line on every rank."""
+    out = tmp_path / "plain"
+    common = [*runs["common"], f"output_dir={out}"]
+    check(temper("pretrain", *common, "max_steps=1", "grad_accum=2"))
+    result = temper("pretrain", *common, "max_steps=2", "strategy=fsdp", "resume=auto", ranks=2)
+    assert result.returncode != 0
+    assert "was written by a one-process run (strategy=none)" in result.stderr
+    assert not re.search(r'File ".*/temper/', result.stderr)
+    other = tmp_path / "other"
+    common = [*runs["common"], f"output_dir={other}", "strategy=fsdp", "global_batch_size=4"]
+    check(temper("pretrain", *common, "max_steps=1"))
+    ckpt = other / "checkpoints" / "step_00000001"
+    result = temper("pretrain", *common, "max_steps=2", f"resume={ckpt}", "model_config.intermediate_size=96",
+                    f"output_dir={tmp_path / 'other2'}", ranks=2)
+    assert result.returncode != 0
+    assert "belongs to another run (model.intermediate_size 128 -> 96" in result.stderr
