@@ -84,15 +84,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+def replicated_local(weight: torch.Tensor) -> torch.Tensor:
+    """The output layer's weight as a plain tensor: a tensor-parallel model's is a Replicate()
+    DTensor (every rank holds all of it), whose local copy is taken; its gradient flows back."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if isinstance(weight, DTensor):
+            assert all(isinstance(p, Replicate) for p in weight.placements), \
+                f"the output layer's weight must be replicated, not {weight.placements}"
+            return weight.to_local()
+    return weight
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                                chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, target_i) over non-ignored targets, without full logits.
 
     hidden (..., C), weight (V, C), targets (...). Returns a scalar fp32 sum. Under
     `torch.no_grad()` or when neither input requires grad, only the loss is computed
-    (one matmul per chunk); otherwise the gradients of the inputs that require grad.
+    (one matmul per chunk); otherwise the gradients of the inputs that require grad. A
+    replicated DTensor weight (tensor parallelism) is used through its local copy.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
+    weight = replicated_local(weight)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         return _ce_chunks(hidden, weight, targets, chunk_size, ignore_index, False, False)[0]
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)

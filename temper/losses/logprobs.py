@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from temper.losses.clm import IGNORE_INDEX, output_weight
+from temper.losses.clm import IGNORE_INDEX, output_weight, replicated_local
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -114,6 +114,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                          "expected hidden (..., C) and targets (...)")
     shape = targets.shape
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
+    weight = replicated_local(weight)  # a tensor-parallel model's output layer: this rank's copy
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         logp = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, chunk_size, ignore_index, temperature)
     else:  # evaluation / a frozen reference model: nothing saved
