@@ -4,6 +4,7 @@ and sliding windows, and DecoderBase: the forward pass and the hooks features us
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -263,19 +264,25 @@ class DecoderBase(nn.Module):
         T = x.shape[1]
         positions, mask, causal = self._attention_inputs(T, x.device, positions, mask, cache)
         x, rope = self._position_inputs(x, positions)
-        inputs = AttentionInputs(mask, causal, cache, rope, prefix_kv)
-        checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if checkpointed:  # keep only the block's input; recompute the rest in the backward pass
-                x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
-            else:
-                x = block(x, inputs)
+        x = self.run_blocks(x, AttentionInputs(mask, causal, cache, rope, prefix_kv))
         if cache is not None:
             cache.length += T
         if last_only:  # generation needs the next-token logits of the last position alone
             x = x[:, -1:]
         x = self.final_norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
+
+    def run_blocks(self, x: torch.Tensor, inputs: AttentionInputs, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """Blocks [start, stop) on x (B, T, C) -> (B, T, C): the forward's block loop, which a
+        pipeline stage runs on its own slice of the blocks (honours `activation_checkpointing`)."""
+        checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in itertools.islice(self.blocks, start, stop):  # no ModuleList built per call
+            if checkpointed:  # keep only the block's input; recompute the rest in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
+            else:
+                x = block(x, inputs)
+        return x
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
