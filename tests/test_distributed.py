@@ -83,6 +83,32 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs, s
         assert not any(p.name == ".metadata" or p.suffix in (".distcp", ".pt") for p in ckpt.rglob("*"))
 
 
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2", "parallel.pp_schedule=1f1b"]])
+def test_tensor_and_pipeline_parallel_pretraining_equal_one_process(runs, layout):
+    """TP=2 (each block's matmuls split over 2 ranks) and a 2-stage 1F1B pipeline over 2
+    micro-batches train the same 4 steps as one process, and export the same model."""
+    out = runs["root"] / layout[0].replace("=", "")
+    result = check(temper("pretrain", *runs["common"], "max_steps=4", "global_batch_size=4", *layout,
+                          f"output_dir={out}", ranks=2))
+    torch.testing.assert_close(losses(out), losses(runs["single"]), atol=1e-5, rtol=0)
+    assert_same_weights(out, runs["single"])
+    assert ("tp=2" if "tp" in layout[0] else "pp=2") in json.loads((out / "summary.json").read_text())["parallel"]
+    assert "returned a view tensor" not in result.stderr
+
+
+def test_a_pipeline_checkpoint_resumes_on_one_process_and_back(runs):
+    """Stages save their own tensors (the last stage's copy of the tied embedding under the
+    embedding's name): pp=2 -> one process, and one process -> pp=2 (GPipe)."""
+    for name, first, then in [("pp_to_one", (["parallel.pp=2"], 2), (["strategy=fsdp"], 1)),
+                              ("one_to_pp", (["strategy=ddp"], 1), (["parallel.pp=2", "parallel.pp_schedule=gpipe"], 2))]:
+        out = runs["root"] / name
+        common = [*runs["common"], "global_batch_size=4", f"output_dir={out}"]
+        check(temper("pretrain", *common, "max_steps=2", *first[0], ranks=first[1]))
+        check(temper("pretrain", *common, "max_steps=4", "resume=auto", *then[0], ranks=then[1]))
+        torch.testing.assert_close(losses(out), losses(runs["single"]), atol=1e-5, rtol=0, msg=name)
+        assert_same_weights(out, runs["single"])
+
+
 def test_the_exported_model_is_the_trained_one(runs):
     """FSDP's final evaluation ran on the sharded model; the one HF directory it exported scores
     the same validation loss, and its logits are the one-process model's."""

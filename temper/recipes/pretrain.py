@@ -60,7 +60,7 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
-    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun, else none")
+    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp), else none")
     parallel: ParallelConfig = opt(ParallelConfig(), "tensor / pipeline parallelism and FSDP options")
     loss_chunk: int = opt(1024, "tokens per chunk of the fused output-layer cross-entropy")
     eval_batches: int = opt(0, "validation batches per evaluation (0: the whole split)")
@@ -219,7 +219,7 @@ def run(cfg: Config) -> dict:
     flops = engine.flops_per_token(model, cfg.seq_len)
     core = model
     model = wrap_model(model, par, precision=precision, activation_checkpointing=cfg.activation_checkpointing,
-                       compile=cfg.compile)
+                       compile=cfg.compile, pipeline_microbatches=grad_accum, loss_chunk=cfg.loss_chunk)
     optimizer = build_optimizer(model, cfg.optim)
     loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          rank=par.dp_rank, world_size=par.dp, grad_accum=grad_accum)
@@ -229,9 +229,13 @@ def run(cfg: Config) -> dict:
     def evaluate(step: int) -> dict:
         if not has_val:
             return {}
+        # pipeline stages hold a part each: rank 0 evaluates the gathered model (the others go on)
+        scored = loop.export_model() if par.pipeline is not None else model
+        if scored is None:
+            return {}
         val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False,
                           drop_last=False)
-        return evaluate_batches(model, val, device=device, autocast=loop.autocast, token_bytes=token_bytes,
+        return evaluate_batches(scored, val, device=device, autocast=loop.autocast, token_bytes=token_bytes,
                                 max_batches=cfg.eval_batches)
 
     def lm_loss(batch):  # (summed next-token NLL, number of target tokens)

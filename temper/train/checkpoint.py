@@ -299,20 +299,21 @@ def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
     msd = get_model_state_dict(model)
     flat, seen = {}, {}
+    renames = getattr(model, "checkpoint_names", {})  # a pipeline's last stage: its copy of the tied weight
     for k, v in msd.items():  # a tied weight (embedding = output layer) is stored once, as safetensors wants
         local = v.to_local() if hasattr(v, "to_local") else v
         where = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(v.shape))
         if local.numel() and where in seen:
             continue
         seen[where] = k
-        flat[f"model.{k}"] = v
+        flat[f"model.{renames.get(k, k)}"] = v
     osd = {}
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)  # creates empty moments on a fresh optimiser
         for fqn, entries in osd["state"].items():
             for key, value in entries.items():
                 if torch.is_tensor(value):
-                    flat[f"optim.{fqn}.{key}"] = value
+                    flat[f"optim.{renames.get(fqn, fqn)}.{key}"] = value
     return flat, msd, osd
 
 
@@ -412,17 +413,19 @@ def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module, optimizer
     except Exception as e:  # DCP wraps every rank's failure in a CheckpointException
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TemperError(f"{path}: checkpoint does not fit the model ({first[:300]})") from None
+    renames = getattr(model, "checkpoint_names", {})
     first: dict[tuple, str] = {}
     for key, value in msd.items():  # a tied weight's alias takes what its first name loaded
         local = value.to_local() if hasattr(value, "to_local") else value
         where = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(value.shape))
         first.setdefault(where, key)
-        msd[key] = flat[f"model.{first[where]}"]
+        msd[key] = flat[f"model.{renames.get(first[where], first[where])}"]
     if optimizer is not None:
         for fqn, entries in osd["state"].items():
             for key in entries:
-                if f"optim.{fqn}.{key}" in flat:
-                    entries[key] = flat[f"optim.{fqn}.{key}"]
+                name = f"optim.{renames.get(fqn, fqn)}.{key}"
+                if name in flat:
+                    entries[key] = flat[name]
         saved_groups = state["optimizer"]["param_groups"]
         if len(saved_groups) != len(osd["param_groups"]):
             raise TemperError(f"{path}: the optimiser has {len(osd['param_groups'])} parameter groups, the "

@@ -80,8 +80,8 @@ def check_layout(strategy: str, parallel: ParallelConfig, world_size: int) -> tu
     if strategy not in STRATEGIES:
         raise TemperError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "auto":
-        strategy = "ddp" if world_size > 1 and parallel.tp == 1 and parallel.pp == 1 else \
-            ("fsdp" if world_size > 1 else "none")
+        strategy = "none" if world_size == 1 and parallel.tp == 1 and parallel.pp == 1 else \
+            ("fsdp" if parallel.tp > 1 else "ddp")
     if strategy == "none":
         if world_size > 1:
             raise TemperError(f"strategy=none runs one process, but torchrun started {world_size}: "
@@ -124,6 +124,7 @@ class Parallel:
         self.config, self.tp, self.pp = parallel, parallel.tp, parallel.pp
         self.device = device
         self.mesh = None
+        self.pipeline = None  # the PipelineRunner of this rank's stage, when parallel.pp > 1
         self._own_group = False
         if self.strategy == "none":
             return
@@ -214,6 +215,14 @@ class Parallel:
 
     # ------------------------------------------------------------------------- the model
 
+    def reduce_pipeline_grads(self) -> None:
+        """Pipeline replicas (dp > 1) sum their stages' gradients: the loss is already divided by
+        the global count, so the sum is the gradient of the whole global batch."""
+        if self.dp > 1:
+            for p in self.pipeline.module.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.dp_group)
+
     def no_sync(self, model: torch.nn.Module, last: bool):
         """Skip the gradient reduction on all but the last micro-batch of a step."""
         if self.strategy == "ddp" and not last:
@@ -236,17 +245,36 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activation_checkpointing: bool,
-               compile: bool) -> torch.nn.Module:
+               compile: bool, pipeline_microbatches: int = 1, loss_chunk: int = 1024) -> torch.nn.Module:
     """Apply TP, activation checkpointing, compile and DDP/FSDP (see the module docstring); the
-    optimiser is built after this, over the parameters it leaves. Returns the module to call."""
+    optimiser is built after this, over the parameters it leaves. Returns the module to call
+    (under pipeline parallelism: this rank's stage, driven by `par.pipeline`)."""
+    import logging
+    import warnings
+
     from temper.train import engine
 
+    # advice that does not apply here: the loss never changes the returned hidden states in place, and
+    # a norm over a 2-D mesh of small degrees costs two all-reduces
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if par.tp > 1:
-        from temper.train.tensor_parallel import apply_tensor_parallel
+        from temper.train.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 
+        check_tensor_parallel(model.config, par.tp)
         apply_tensor_parallel(model, par.mesh["tp"])
     if activation_checkpointing:
         engine.apply_activation_checkpointing(model)
+    if par.pp > 1:
+        from temper.train.pipeline import PipelineRunner
+
+        if compile or par.strategy == "fsdp" or precision == "fp16":
+            raise TemperError("parallel.pp runs with strategy=ddp (data-parallel replicas of the pipeline), without "
+                              "compile, in fp32 or bf16")
+        par.pipeline = PipelineRunner(model, n_microbatches=pipeline_microbatches, pp_group=par.mesh["pp"],
+                                      schedule=par.config.pp_schedule, dp_group=par.dp_group, loss_chunk=loss_chunk,
+                                      autocast=engine.precision_context(precision, par.device), device=par.device)
+        return par.pipeline.module
     if compile:
         engine.compile_model(model)
     if par.strategy == "fsdp":
@@ -295,9 +323,13 @@ def export_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module | Non
     as a Hugging Face directory and sampling; None on the other ranks. One process: the model."""
     if not par.distributed:
         return unwrap(model)
-    if par.strategy == "ddp":  # every rank holds the whole model already
+    if par.pipeline is not None:  # each stage sends its part to the first stage of its pipeline
+        weights = par.pipeline.gather_state_dict(dst=0)
+        model = par.pipeline.module.decoder  # its config; its other stages' tensors are on meta
+    elif par.strategy == "ddp":  # every rank holds the whole model already
         return unwrap(model) if par.is_main else None
-    weights = full_state_dict(model, par)
+    else:
+        weights = full_state_dict(model, par)
     if not par.is_main:
         return None
     from temper.models import _finish_meta_load, build_model

@@ -195,7 +195,10 @@ def accumulate(
         totals = pair if totals is None else totals + pair
         for k, v in (rest[0] if rest else {}).items():
             extras[k] = extras.get(k, 0.0) + float(v)
+    names = sorted(extras)  # the recipe's own metrics are summed over the data-parallel ranks too
+    totals = torch.cat([totals, torch.tensor([extras[k] for k in names], dtype=torch.float64, device=totals.device)])
     total = (par.all_reduce_sum(totals) if par is not None else all_reduce_sum(totals)).tolist()
+    extras = dict(zip(names, total[2:]))
     if total[1] == 0:
         raise TemperError("a batch has nothing to learn from: every target is masked")
     averaged_over = par.dp if par is not None and par.distributed else 1  # DDP and FSDP average

@@ -75,7 +75,8 @@ class TrainLoop:
             global_batch = cfg.batch_size * getattr(cfg, "grad_accum", 1)
         from temper.train.distributed import unwrap
 
-        self.identity = run_identity(cfg, unwrap(model), {"global_batch": global_batch, **(identity or {})})
+        described = getattr(unwrap(model), "decoder", unwrap(model))  # a pipeline stage's: the whole model's config
+        self.identity = run_identity(cfg, described, {"global_batch": global_batch, **(identity or {})})
         self.max_steps = cfg.max_steps
         # measured before anything is restored: the measurement draws random numbers
         self.peak_flops = None
@@ -152,15 +153,29 @@ class TrainLoop:
             self.evaluate(self.max_steps)
 
     def accumulate(self, micro_batches: list, loss_fn: Callable, *, weight: float = 1.0) -> dict[str, float]:
-        """`engine.accumulate` with this run's model, precision and gradient scaler."""
+        """`engine.accumulate` with this run's model, precision and gradient scaler. Under pipeline
+        parallelism the micro-batches ((inputs, targets) pairs) are the pipeline's micro-batches
+        and the schedule runs them through the stages (`loss_fn` is the stages' own: the fused
+        next-token loss)."""
+        if self.par.pipeline is not None:
+            inputs = torch.cat([b[0] for b in micro_batches]).to(self.par.device)
+            targets = torch.cat([b[1] for b in micro_batches]).to(self.par.device)
+            result = self.par.pipeline.step(inputs, targets)
+            self.par.reduce_pipeline_grads()
+            return {"loss": float(result["loss"]), "count": float(result["count"])}
         return engine.accumulate(self.model, micro_batches, loss_fn, autocast=self.autocast, scaler=self.scaler,
                                  weight=weight, par=self.par)
 
     def optimizer_step(self, metrics: dict[str, float], *, tokens: int) -> dict[str, float]:
         """Clip and step; `metrics` (loss and the recipe's extras) and `tokens` (processed this step by
         one data-parallel replica, padding included, for tokens/s and MFU) go into this step's row."""
-        grad_norm = engine.optimizer_step(self.model, self.optimizer, grad_clip=self.cfg.optim.grad_clip,
-                                          scaler=self.scaler)
+        if self.par.pipeline is not None:  # the norm of every stage's gradients
+            grad_norm = self.par.pipeline.clip_grad_norm_(self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm = engine.optimizer_step(self.model, self.optimizer, grad_clip=self.cfg.optim.grad_clip,
+                                              scaler=self.scaler)
         self._row = {**metrics, "lr": self.lr, "grad_norm": grad_norm}
         self._tokens = tokens * self.par.dp  # every replica's
         return self._row

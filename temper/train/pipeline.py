@@ -114,6 +114,16 @@ class DecoderStage(nn.Module):
             self.add_module("lm_head", model.lm_head)
 
     @property
+    def checkpoint_names(self) -> dict[str, str]:
+        """Names under which checkpoints store this stage's tensors, where they differ from its
+        own: the last stage's copy of a tied weight is the embedding (as in a one-stage model),
+        so a checkpoint resumes on any number of stages."""
+        if not (self.tied and self.is_last and not self.is_first):
+            return {}
+        model = self.decoder
+        return {"lm_head.weight": f"{_child_name(model, model.input_embeddings)}.weight"}
+
+    @property
     def output_weight(self) -> torch.Tensor:
         """The (V, C) output projection the last stage's loss multiplies the hidden states by."""
         assert self.is_last
