@@ -147,6 +147,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("JSON Lines in a .json file", ["pretrain", *TINY, "data=rows.json", "output_dir=o18"], "error"),
     ("int64 weights", ["generate", "model=int-model", "prompt=The river"], "error"),
     ("a task that does not exist", ["eval", "model=base", "tasks=no_such_task", "output_dir=o15"], "error"),
+    ("an unknown strategy", ["pretrain", "strategy=zero3"], "error"),
+    ("tensor parallelism in one process", ["pretrain", "strategy=none", "parallel.tp=2"], "error"),
+    ("a global batch the micro-batches cannot make", ["pretrain", *TINY, "data=corpus.txt", "global_batch_size=6",
+                                                      "output_dir=o20"], "error"),
+    ("global_batch_size and grad_accum together", ["pretrain", *TINY, "data=corpus.txt", "global_batch_size=8",
+                                                   "grad_accum=2", "output_dir=o21"], "error"),
+    ("pipeline stages for fine-tuning", ["sft", "model=base", "data=chats.jsonl", "parallel.pp=2"], "error"),
+    ("adapters with FSDP", ["sft", "model=base", "data=chats.jsonl", "peft.method=lora", "strategy=fsdp"], "error"),
 ]
 
 

@@ -182,6 +182,8 @@ def test_mistakes_end_every_rank_with_one_line(runs, tmp_path):
         (["parallel.tp=3"], "2 processes cannot form a mesh of parallel.tp=3 x parallel.pp=1"),
         (["global_batch_size=6"], "global_batch_size=6 is not a multiple of batch_size x data-parallel ranks = 2 x 2"),
         (["strategy=none"], "strategy=none runs one process, but torchrun started 2"),
+        (["parallel.tp=2", "model_config.hidden_size=48", "model_config.num_heads=3", "model_config.num_kv_heads=3",
+          "model_config.head_dim=16"], "parallel.tp=2 does not divide the model's 3 attention heads"),
     ]
     for extra, message in cases:
         result = temper("pretrain", *common, *extra, f"output_dir={tmp_path / 'bad'}", ranks=2, timeout=120)

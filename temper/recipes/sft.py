@@ -62,7 +62,7 @@ class Config:
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
     strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp), else none")
-    parallel: ParallelConfig = opt(ParallelConfig(), "tensor parallelism and FSDP options")
+    parallel: ParallelConfig = opt(ParallelConfig(), "FSDP options (tensor and pipeline parallelism: pretraining)")
     peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU (0: measure a matmul now)")
     eval_samples: int = opt(100, "held-out instructions generated at each evaluation")
     eval_max_new_tokens: int = opt(40, "longest generated reply during evaluation")
@@ -87,9 +87,9 @@ class Config:
         if self.replay_weight == 0 and self.replay_batch_size != Config.replay_batch_size:
             raise TemperError("replay_batch_size is used only with replay_weight > 0")
         check_range("global_batch_size", self.global_batch_size, low=0)
-        if self.parallel.pp > 1:
-            raise TemperError("parallel.pp (pipeline stages) is for pretraining; fine-tune with strategy=fsdp "
-                              "and parallel.tp")
+        if self.parallel.pp > 1 or self.parallel.tp > 1:
+            raise TemperError("parallel.pp and parallel.tp are for pretraining for now (fine-tuning evaluates by "
+                              "generating, which needs whole attention heads): fine-tune with strategy=fsdp or ddp")
         if self.peft.method != "none" and self.strategy == "fsdp":
             raise TemperError(f"peft.method={self.peft.method} with strategy=fsdp is not supported yet: an adapter's "
                               "few weights train well with strategy=ddp")
@@ -147,8 +147,6 @@ def run(cfg: Config) -> dict:
     refuse_same_dir(cfg.output_dir, cfg.model, "model")  # a fine-tuned model must not overwrite its base
     out, device, precision, par = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
     grad_accum, global_batch = global_batch_size(cfg, par.dp)
-    if par.tp > 1 and cfg.peft.method != "none":
-        raise TemperError("parallel.tp with peft is not supported yet: use strategy=ddp for adapters")
 
     # model, tokenizer, template
     model = load_model(cfg.model, device=device, dtype=torch.float32)

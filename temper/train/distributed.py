@@ -94,6 +94,9 @@ def check_layout(strategy: str, parallel: ParallelConfig, world_size: int) -> tu
     if world_size % model_parallel:
         raise TemperError(f"{world_size} processes cannot form a mesh of parallel.tp={parallel.tp} x "
                           f"parallel.pp={parallel.pp}: the world size must be a multiple of {model_parallel}")
+    if parallel.tp > 1 and parallel.pp > 1:
+        raise TemperError("parallel.tp and parallel.pp together are not supported yet: choose one (each composes "
+                          "with data parallelism)")
     if strategy == "ddp" and parallel.tp > 1:
         raise TemperError("parallel.tp composes with strategy=fsdp (a 2-D mesh), not ddp: use strategy=fsdp")
     return strategy, world_size // model_parallel
