@@ -83,16 +83,19 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs, s
         assert not any(p.name == ".metadata" or p.suffix in (".distcp", ".pt") for p in ckpt.rglob("*"))
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2", "parallel.pp_schedule=1f1b"]])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
+                                    ["parallel.pp=2", "parallel.tp=2"]])
 def test_tensor_and_pipeline_parallel_pretraining_equal_one_process(runs, layout):
-    """TP=2 (each block's matmuls split over 2 ranks) and a 2-stage 1F1B pipeline over 2
-    micro-batches train the same 4 steps as one process, and export the same model."""
-    out = runs["root"] / layout[0].replace("=", "")
+    """TP=2 (each block's matmuls split over 2 ranks), a 2-stage 1F1B pipeline over 2
+    micro-batches, and both at once on 4 processes train the same 4 steps as one process,
+    and export the same model."""
+    out = runs["root"] / "_".join(x.replace("=", "") for x in layout)
     result = check(temper("pretrain", *runs["common"], "max_steps=4", "global_batch_size=4", *layout,
-                          f"output_dir={out}", ranks=2))
+                          f"output_dir={out}", ranks=2 if len([x for x in layout if x.endswith("=2")]) == 1 else 4))
     torch.testing.assert_close(losses(out), losses(runs["single"]), atol=1e-5, rtol=0)
     assert_same_weights(out, runs["single"])
-    assert ("tp=2" if "tp" in layout[0] else "pp=2") in json.loads((out / "summary.json").read_text())["parallel"]
+    described = json.loads((out / "summary.json").read_text())["parallel"]
+    assert all(x.split(".")[1] in described for x in layout if x.endswith("=2"))
     assert "returned a view tensor" not in result.stderr
 
 

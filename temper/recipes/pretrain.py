@@ -60,7 +60,7 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
-    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp), else none")
+    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp alone), else none")
     parallel: ParallelConfig = opt(ParallelConfig(), "tensor / pipeline parallelism and FSDP options")
     loss_chunk: int = opt(1024, "tokens per chunk of the fused output-layer cross-entropy")
     eval_batches: int = opt(0, "validation batches per evaluation (0: the whole split)")

@@ -61,7 +61,7 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
-    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp), else none")
+    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp alone), else none")
     parallel: ParallelConfig = opt(ParallelConfig(), "FSDP options (tensor and pipeline parallelism: pretraining)")
     peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU (0: measure a matmul now)")
     eval_samples: int = opt(100, "held-out instructions generated at each evaluation")

@@ -18,7 +18,8 @@ Everything is applied from outside the model (`wrap_model`), in this order:
      `precision=bf16` becomes FSDP's mixed-precision policy (bf16 parameters for compute,
      fp32 gradient reduction, fp32 master shards).
 Pipeline parallelism (`parallel.pp`, pretraining) splits the blocks into stages
-(`temper.train.pipeline`).
+(`temper.train.pipeline`), after tensor parallelism when both are asked for (3-D: pp x dp x
+tp); replicas of the pipeline sum their gradients over the data-parallel ranks.
 
 Normalisation. The loss of a step is sum(unit losses) / (units in the whole global batch):
 `engine.accumulate` all-reduces the count over the data-parallel ranks and divides. DDP and
@@ -81,7 +82,7 @@ def check_layout(strategy: str, parallel: ParallelConfig, world_size: int) -> tu
         raise TemperError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "auto":
         strategy = "none" if world_size == 1 and parallel.tp == 1 and parallel.pp == 1 else \
-            ("fsdp" if parallel.tp > 1 else "ddp")
+            ("fsdp" if parallel.tp > 1 and parallel.pp == 1 else "ddp")
     if strategy == "none":
         if world_size > 1:
             raise TemperError(f"strategy=none runs one process, but torchrun started {world_size}: "
@@ -94,11 +95,11 @@ def check_layout(strategy: str, parallel: ParallelConfig, world_size: int) -> tu
     if world_size % model_parallel:
         raise TemperError(f"{world_size} processes cannot form a mesh of parallel.tp={parallel.tp} x "
                           f"parallel.pp={parallel.pp}: the world size must be a multiple of {model_parallel}")
-    if parallel.tp > 1 and parallel.pp > 1:
-        raise TemperError("parallel.tp and parallel.pp together are not supported yet: choose one (each composes "
-                          "with data parallelism)")
-    if strategy == "ddp" and parallel.tp > 1:
+    if strategy == "ddp" and parallel.tp > 1 and parallel.pp == 1:
         raise TemperError("parallel.tp composes with strategy=fsdp (a 2-D mesh), not ddp: use strategy=fsdp")
+    if strategy == "fsdp" and parallel.pp > 1:
+        raise TemperError("parallel.pp runs pipeline replicas with strategy=ddp (their gradients summed over the "
+                          "data-parallel ranks), not fsdp")
     return strategy, world_size // model_parallel
 
 
@@ -223,8 +224,8 @@ class Parallel:
         the global count, so the sum is the gradient of the whole global batch."""
         if self.dp > 1:
             for p in self.pipeline.module.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.dp_group)
+                if p.grad is not None:  # (a tensor-parallel gradient: its local shard)
+                    dist.all_reduce(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad, group=self.dp_group)
 
     def no_sync(self, model: torch.nn.Module, last: bool):
         """Skip the gradient reduction on all but the last micro-batch of a step."""
@@ -271,9 +272,8 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
     if par.pp > 1:
         from temper.train.pipeline import PipelineRunner
 
-        if compile or par.strategy == "fsdp" or precision == "fp16":
-            raise TemperError("parallel.pp runs with strategy=ddp (data-parallel replicas of the pipeline), without "
-                              "compile, in fp32 or bf16")
+        if compile or precision == "fp16":
+            raise TemperError("parallel.pp runs without compile, in fp32 or bf16")
         par.pipeline = PipelineRunner(model, n_microbatches=pipeline_microbatches, pp_group=par.mesh["pp"],
                                       schedule=par.config.pp_schedule, dp_group=par.dp_group, loss_chunk=loss_chunk,
                                       autocast=engine.precision_context(precision, par.device), device=par.device)

@@ -155,8 +155,8 @@ def free_other_parameters(model: nn.Module, keep: nn.Module) -> int:
             for name, tensor in list(table.items()):
                 if tensor is None or id(tensor) in kept or tensor.is_meta:
                     continue
-                if id(tensor) not in replaced:
-                    empty = torch.empty_like(tensor, device="meta")
+                if id(tensor) not in replaced:  # (a tensor-parallel DTensor becomes a plain meta tensor)
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
                     is_parameter = isinstance(tensor, nn.Parameter)
                     replaced[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if is_parameter else empty
                     freed += tensor.numel()
@@ -170,6 +170,16 @@ def build_stage(model: DecoderBase, pp_rank: int, pp_size: int) -> DecoderStage:
     stage = DecoderStage(model, start, stop, is_first=pp_rank == 0, is_last=pp_rank == pp_size - 1)
     free_other_parameters(model, stage)
     return stage
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a (replicated) tensor-parallel DTensor, for plain collectives."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor-parallel DTensor (a collective over its mesh); a tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _as_group(pp_group) -> dist.ProcessGroup:
@@ -225,7 +235,7 @@ class PipelineRunner:
         self._tied_group = self._embedding_group()
         if self._tied_group is not None:
             with torch.no_grad():  # start from stage 0's copy, whatever the last rank built
-                dist.broadcast(self.tied_weight.data, src=self._first_rank, group=self._tied_group)
+                dist.broadcast(_local(self.tied_weight.data), src=self._first_rank, group=self._tied_group)
         self._count: torch.Tensor | None = None
         self.schedule_name = schedule
         self._shape: tuple[int, int] | None = None  # the micro-batch shape the schedule was built for
@@ -328,7 +338,7 @@ class PipelineRunner:
         weight = self.tied_weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=self._tied_group)
+        dist.all_reduce(_local(weight.grad), group=self._tied_group)
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip by the norm of the whole model's gradient (every stage, the tied weight once);
@@ -338,8 +348,8 @@ class PipelineRunner:
                                               and p is self.tied_weight)]
         # sums of squares, not torch's fp32 CPU norm kernel (1e-5 off on a 131k-element embedding)
         square = torch.zeros((), device=self.device, dtype=torch.float32)
-        if counted:
-            square = torch.stack([p.grad.detach().float().pow(2).sum() for p in counted]).sum()
+        if counted:  # a tensor-parallel shard's partial sum is completed over its mesh (full_tensor)
+            square = torch.stack([_full(p.grad.detach().float().pow(2).sum()) for p in counted]).sum()
         dist.all_reduce(square, group=self.group)
         norm = float(square.sqrt())
         if max_norm > 0 and norm > max_norm:
@@ -353,7 +363,7 @@ class PipelineRunner:
     def gather_state_dict(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict (CPU tensors, the keys of `model.state_dict()`) on pipeline
         rank `dst`, None elsewhere; every rank of the pipeline must call it."""
-        mine = {k: v.detach().cpu() for k, v in self.stage_state_dict().items()}
+        mine = {k: _full(v.detach()).cpu() for k, v in self.stage_state_dict().items()}  # TP shards gathered
         gathered: list | None = [None] * self.pp_size if self.pp_rank == dst else None
         dist.gather_object(mine, gathered, group_dst=dst, group=self.group)
         if gathered is None:
