@@ -112,6 +112,23 @@ def test_a_pipeline_checkpoint_resumes_on_one_process_and_back(runs):
         assert_same_weights(out, runs["single"])
 
 
+def test_fsdp_options_zero2_and_bf16_mixed_precision(runs):
+    """reshard_after_forward=false (parameters kept gathered from forward to backward) trains
+    exactly the same; precision=bf16 is FSDP's mixed-precision policy: bf16 compute (losses
+    differ from fp32's, yet track them), fp32 master weights saved; cpu_offload needs a GPU."""
+    common = [*runs["common"], "max_steps=4", "global_batch_size=4", "strategy=fsdp"]
+    zero2 = runs["root"] / "zero2"
+    check(temper("pretrain", *common, "parallel.reshard_after_forward=false", f"output_dir={zero2}", ranks=2))
+    torch.testing.assert_close(losses(zero2), losses(runs["single"]), atol=1e-5, rtol=0)
+    bf16 = runs["root"] / "bf16"
+    check(temper("pretrain", *common, "precision=bf16", f"output_dir={bf16}", ranks=2))
+    gaps = [abs(a - b) for a, b in zip(losses(bf16), losses(runs["single"]))]
+    assert max(gaps) > 1e-5 and max(gaps) < 0.05  # bf16 matmuls: not fp32's numbers, but close
+    assert {t.dtype for t in load_file(bf16 / "model.safetensors").values()} == {torch.float32}
+    offload = temper("pretrain", *common, "parallel.cpu_offload=true", f"output_dir={runs['root'] / 'off'}", ranks=2)
+    assert "error (rank 0): parallel.cpu_offload=true moves FSDP's shards from GPU memory" in offload.stderr
+
+
 def test_the_exported_model_is_the_trained_one(runs):
     """FSDP's final evaluation ran on the sharded model; the one HF directory it exported scores
     the same validation loss, and its logits are the one-process model's."""

@@ -290,6 +290,9 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
+        if par.config.cpu_offload and par.device.type != "cuda":
+            raise TemperError("parallel.cpu_offload=true moves FSDP's shards from GPU memory to the host; on "
+                              f"{par.device.type} they are there already (drop the option)")
         offload = CPUOffloadPolicy() if par.config.cpu_offload else OffloadPolicy()
         options = dict(mesh=par.mesh["dp"], mp_policy=policy, offload_policy=offload)
         for block in model.blocks:
