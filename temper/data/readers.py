@@ -1,15 +1,19 @@
-"""Streaming readers for text data: `.txt`, `.jsonl`, `.json`, `.parquet`, directories and globs.
+"""Streaming readers for text data: `.txt`, `.jsonl`, `.jsonl.gz`, `.json`, `.parquet`, directories and globs.
 
 Every record comes with where it came from (file and line), so a bad row is reported as
 `file:line: what was wrong`. Nothing is read whole into memory except a `.json` array.
 A UTF-8 byte order mark at the start of a file (Windows editors write one) is dropped, so
 it is never trained on; a UTF-16 file is refused by name instead of read as noise.
+A `.jsonl.gz` file is decompressed as it streams (line numbers are those of the
+decompressed text).
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Any
 from temper.errors import TemperError, TemperFileNotFoundError
 
 TEXT_SUFFIXES = (".txt", ".md")
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
 
 
@@ -57,7 +61,8 @@ def expand_paths(spec: str | Path | list, what: str = "data") -> list[Path]:
 
 
 def _suffix(p: Path) -> str:
-    return p.suffix.lower()
+    name = p.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else p.suffix.lower()
 
 
 UTF8_BOM = "\ufeff"
@@ -82,8 +87,17 @@ def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
 def iter_lines(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[int, str]]:
     """(1-based line number, line without newline), decoded strictly unless told otherwise."""
     offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    compressed = _suffix(path) == ".jsonl.gz"
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                lineno, raw = next(lines)
+            except StopIteration:
+                return
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or non-gzip file
+                raise TemperError(f"{path}: not a readable gzip file after byte {offset} of its text "
+                                  f"({e or type(e).__name__})") from None
             yield lineno, _decode(raw, path, offset, encoding_errors).rstrip("\r\n")
             offset += len(raw)
 
@@ -96,7 +110,7 @@ def iter_records(spec: str | Path | list, *, encoding_errors: str = "strict",
         suffix = _suffix(path)
         if suffix in TEXT_SUFFIXES:
             yield from _text_records(path, encoding_errors, text_mode)
-        elif suffix == ".jsonl":
+        elif suffix in (".jsonl", ".jsonl.gz"):
             for lineno, line in iter_lines(path, encoding_errors):
                 if not line.strip():
                     continue

@@ -1,0 +1,727 @@
+"""Preference data for the DPO family and KTO: formats, tokens, bad rows, batches.
+
+Formats (TRL 1.x's "preference" and "unpaired preference" types; column names can be
+remapped with `columns={"prompt": "question", ...}` as in SFT):
+
+  explicit prompt   prompt + chosen + rejected: strings, or message lists (prompt: the
+                    conversation up to its last user turn; chosen/rejected: the assistant
+                    message(s)). A string among message lists is a user prompt or an
+                    assistant answer, as in SFT. A row may repeat its prompt at the start
+                    of both answers (full conversations, or full texts): the prompt is
+                    then stripped from both (counted in `prompt_stripped`); a row whose
+                    answers are full conversations that do not start with its prompt, or
+                    whose prompt text begins one answer but not the other, is a bad row.
+  implicit prompt   chosen + rejected only: the prompt is their shared start, following
+                    TRL's `extract_prompt`: for message lists, the longest common prefix
+                    of messages (backed off, here, to end on a user or tool turn); for
+                    strings, the longest common prefix of characters, a trailing space
+                    handed back to the answers. With `implicit_prompt="turn"` (the
+                    default) a string prefix that holds a `\\n\\nAssistant:` marker
+                    (HH-RLHF's dialogues) is cut back to end right after the last one, so
+                    the prompt ends at the turn boundary and words both answers happen to
+                    start with stay in the answers (TRL would move them into the prompt);
+                    `implicit_prompt="common_prefix"` is TRL's rule to the letter.
+  unpaired (KTO)    prompt + completion + label (a JSON boolean). Paired rows given to
+                    `read_unpaired` become two examples (chosen: true, rejected: false),
+                    as TRL's KTO trainer unpairs them.
+
+Files: whatever `temper.data.readers` reads (.jsonl, .jsonl.gz, .json, .parquet,
+directories, globs); every row is named `file:line`.
+
+Tokens (what TRL 1.x's DPO trainer computes, so a pair scores the tokens SFT trained):
+  message rows  prompt text = the chat template's render of the prompt with the generation
+                prompt; full text = the render of prompt + answer. Both are tokenised as
+                `apply_chat_template(tokenize=True)` does (no special tokens added: the
+                template writes its own BOS), and the answer's ids are the full ids after
+                the prompt's. The answer keeps the template's end-of-turn marker
+                (`<|im_end|>\\n` in ChatML); as in SFT, an EOS is appended only where the
+                template renders no end marker. prompt + chosen ids are exactly the ids SFT
+                trains for the conversation prompt + chosen.
+  string rows   used as they are, no template (HH-RLHF carries its own Human:/Assistant:
+                markers): prompt ids = the special tokens the tokenizer adds in front of a
+                text (BOS for Llama-style tokenizers, none for temper's) + the prompt's
+                tokens; answer ids = the tokens of prompt + answer after the prompt's, then
+                EOS (TRL appends the EOS text unless the answer ends with it).
+  Where the prompt's tokens are not the start of the prompt + answer tokens (a token
+  straddles the boundary) the row is bad (`token_boundary`); TRL only warns and slices.
+
+Truncation (`max_len`: the context, i.e. at most max_len input positions, so a sequence
+holds at most max_len + 1 tokens; `max_prompt_len`: optional):
+  a prompt over max_prompt_len keeps its end (TRL's keep_end for prompts), and its
+  leading BOS, if any (`prompt_truncated`); a prompt longer than max_len leaves no room
+  for an answer token: bad row `prompt_too_long`; answers are cut at the end to fit
+  (`truncated` counts pairs with an answer cut; a cut answer loses its EOS).
+
+Bad rows are never trained silently: with `skip_bad_rows=True` they are counted by reason
+(`PreferenceStats.skipped`) and one warning names the first row of each reason; otherwise
+the first one stops with `file:line: what is wrong`. Reasons: no_columns, bad_type,
+bad_messages, empty_response, identical, no_common_prefix, prompt_not_prefix,
+empty_prompt, prompt_too_long, token_boundary, identical_after_truncation, bad_label.
+
+Batches: `PreferenceLoader` yields `PairBatch`es holding B pairs as 2B right-padded rows,
+the B chosen first and then the B rejected (one concatenated forward), with targets
+shifted (targets[t] = token t+1) and IGNORE_INDEX on the prompt and padding; or, for
+unpaired data, `UnpairedBatch`es of B rows with their labels (and, with `kl=True`, B more
+mismatched rows for KTO's KL estimate, as TRL builds them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from temper.data.sft import Batch, SFTLoader, _ends_with_end_marker, _remap
+from temper.errors import TemperError
+from temper.losses import IGNORE_INDEX
+
+IMPLICIT_PROMPT_RULES = ("turn", "common_prefix")
+# Where a string dialogue hands the turn to the assistant (HH-RLHF's format).
+ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
+SKIP_HINT = "set skip_bad_rows=true to skip and count such rows"
+
+
+class BadRow(TemperError):
+    """A row that cannot be trained on; `reason` is its stats key, the message says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class PreferencePair:
+    prompt: str | list[dict]  # text, or messages ending with a user (or tool) turn
+    chosen: str | list[dict]  # text, or the assistant message(s)
+    rejected: str | list[dict]
+    source: str  # "file:line"
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class UnpairedExample:
+    prompt: str | list[dict]
+    completion: str | list[dict]
+    label: bool  # True: desirable
+    source: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class PreferenceStats:
+    rows: int = 0  # rows read
+    pairs: int = 0  # pairs (or unpaired examples) encoded and kept
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
+    first_bad: dict[str, str] = field(default_factory=dict)  # reason -> "file:line: message" of its first row
+    truncated: int = 0  # kept pairs with an answer cut at max_len
+    prompt_truncated: int = 0  # prompts cut to max_prompt_len (their start dropped)
+    prompt_stripped: int = 0  # rows that repeated their prompt at the start of the answers
+    unpaired: bool = False
+
+    def skip(self, error: BadRow, source: str) -> None:
+        self.skipped[error.reason] += 1
+        self.first_bad.setdefault(error.reason, f"{source}: {error}")
+
+    def warn_skipped(self, since: Counter | None = None) -> None:
+        """One warning for the rows skipped (since a snapshot of `skipped`), naming the first of each reason."""
+        new = self.skipped - (since or Counter())
+        if new:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(new.items()))
+            firsts = "; ".join(self.first_bad[reason] for reason in sorted(new))
+            warnings.warn(f"{sum(new.values())} bad preference rows skipped ({counts}); first of each: {firsts}",
+                          UserWarning, stacklevel=3)
+
+    def summary(self) -> str:
+        what = "examples" if self.unpaired else "pairs"
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        return (f"{self.rows} rows read; {self.pairs} {what} kept; skipped: {skipped}; {self.truncated} truncated "
+                f"(an answer cut at max_len); {self.prompt_truncated} prompts cut to max_prompt_len; "
+                f"{self.prompt_stripped} rows repeated their prompt in the answers (stripped)")
+
+
+def _kind(value: Any) -> str:
+    from temper.data.readers import json_type
+
+    return json_type(value)
+
+
+def _field(row: dict, name: str) -> str | list:
+    value = row[name]
+    if not isinstance(value, (str, list)):
+        raise BadRow("bad_type", f"field '{name}' is {_kind(value)} (expected a string or a list of messages)")
+    return value
+
+
+def _messages(value: str | list, role: str) -> list[dict]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _check(messages: list[dict], what: str, *, prompt: bool = False) -> None:
+    from temper.data.chat import check_messages
+
+    try:
+        check_messages(messages, what, prompt=prompt)
+    except TemperError as e:
+        raise BadRow("bad_messages", str(e)) from None
+
+
+def _check_answer(answer: str | list, name: str) -> None:
+    """An answer must have text: a non-blank string, or assistant messages with content."""
+    if isinstance(answer, str):
+        if not answer.strip():
+            raise BadRow("empty_response", f"'{name}' is empty")
+        return
+    if not answer:
+        raise BadRow("empty_response", f"'{name}' has no messages")
+    for i, m in enumerate(answer):
+        if (isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
+                and not m["content"].strip() and not m.get("tool_calls")):
+            raise BadRow("empty_response", f"'{name}' message {i}: the assistant's content is empty")
+        if isinstance(m, dict) and m.get("role") in ("user", "system"):
+            raise BadRow("bad_messages", f"'{name}' message {i}: an answer holds only assistant (and tool) "
+                                         f"messages, got {m.get('role')!r}")
+
+
+def _common_prefix_length(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_implicit_prompt(chosen: str | list, rejected: str | list, rule: str = "turn"
+                          ) -> tuple[str | list, str | list, str | list]:
+    """(prompt, chosen, rejected) of an implicit-prompt pair: the shared start is the prompt.
+
+    Messages: the longest common prefix of messages, backed off to end on a user or tool
+    turn. Strings: the longest common prefix of characters; where the first difference
+    follows a space, the space goes to the answers (TRL's `extract_prompt`); with rule
+    "turn", a prefix holding an `ASSISTANT_TURN_MARKERS` marker ends right after the last one.
+    """
+    if rule not in IMPLICIT_PROMPT_RULES:
+        raise TemperError(f"implicit_prompt={rule!r}: expected one of {', '.join(IMPLICIT_PROMPT_RULES)}")
+    if type(chosen) is not type(rejected):
+        raise BadRow("bad_type", "'chosen' and 'rejected' must both be strings or both be message lists")
+    if chosen == rejected:
+        raise BadRow("identical", "'chosen' and 'rejected' are identical")
+    n = _common_prefix_length(chosen, rejected)
+    if isinstance(chosen, list):
+        while n and not (isinstance(chosen[n - 1], dict) and chosen[n - 1].get("role") in ("user", "tool")):
+            n -= 1
+        if n == 0:
+            raise BadRow("no_common_prefix", "'chosen' and 'rejected' share no prompt (no common messages "
+                                             "ending with a user turn)")
+        return chosen[:n], chosen[n:], rejected[n:]
+    if n < min(len(chosen), len(rejected)) and n and chosen[n - 1] == " ":
+        n -= 1  # TRL: the space before the first difference belongs to the answers
+    if rule == "turn":
+        at = max(chosen.rfind(marker, 0, n) + len(marker) if chosen.rfind(marker, 0, n) >= 0 else -1
+                 for marker in ASSISTANT_TURN_MARKERS)
+        if at > 0:
+            n = at
+    if n == 0:
+        raise BadRow("no_common_prefix", "'chosen' and 'rejected' share no prompt (they differ from the first "
+                                         "character)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _strip_repeated_prompt(prompt: str | list, chosen: str | list, rejected: str | list
+                           ) -> tuple[str | list, str | list, bool]:
+    """Answers that repeat the prompt at their start (full conversations / full texts) lose it."""
+    if isinstance(prompt, list):
+        full = [isinstance(a, list) and any(isinstance(m, dict) and m.get("role") in ("user", "system")
+                                            for m in a) for a in (chosen, rejected)]
+        if not any(full):
+            return chosen, rejected, False
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not (isinstance(answer, list) and answer[:len(prompt)] == prompt):
+                raise BadRow("prompt_not_prefix", f"'{name}' is a whole conversation but does not start with "
+                                                  "the row's prompt")
+        return chosen[len(prompt):], rejected[len(prompt):], True
+    if not prompt or not isinstance(chosen, str) or not isinstance(rejected, str):
+        return chosen, rejected, False
+    starts = [chosen.startswith(prompt), rejected.startswith(prompt)]
+    if all(starts):
+        return chosen[len(prompt):], rejected[len(prompt):], True
+    if any(starts):
+        name = "chosen" if starts[0] else "rejected"
+        raise BadRow("prompt_not_prefix", f"the prompt text begins '{name}' but not the other answer: give "
+                                          "both answers with the prompt in front, or neither")
+    return chosen, rejected, False
+
+
+def _with_system(row: dict, prompt: list[dict]) -> list[dict]:
+    system = row.get("system")
+    if isinstance(system, str) and system and prompt and prompt[0].get("role") != "system":
+        return [{"role": "system", "content": system}, *prompt]
+    return prompt
+
+
+def detect_preference_format(row: dict) -> str | None:
+    if "chosen" in row and "rejected" in row:
+        return "explicit" if "prompt" in row else "implicit"
+    if "prompt" in row and "completion" in row and "label" in row:
+        return "unpaired"
+    return None
+
+
+def _no_columns(row: dict) -> BadRow:
+    keys = ", ".join(map(str, row)) or "none"
+    return BadRow("no_columns", f"no preference columns found (keys: {keys}); expected prompt+chosen+rejected, "
+                                "chosen+rejected or prompt+completion+label (remap with columns.chosen=... etc.)")
+
+
+def row_to_pair(row: dict, source: str, columns: dict[str, str] | None = None, *,
+                implicit_prompt: str = "turn", stats: PreferenceStats | None = None) -> PreferencePair:
+    """One paired row -> a `PreferencePair`; raises `BadRow` (message without the source)."""
+    row = _remap(row, columns or {})
+    kind = detect_preference_format(row)
+    if kind not in ("explicit", "implicit"):
+        raise _no_columns(row)
+    chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
+    if kind == "implicit":
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, implicit_prompt)
+    else:
+        prompt = _field(row, "prompt")
+        conversational = any(isinstance(v, list) for v in (prompt, chosen, rejected))
+        if conversational:
+            prompt = _messages(prompt, "user")
+            chosen, rejected = _messages(chosen, "assistant"), _messages(rejected, "assistant")
+        chosen, rejected, stripped = _strip_repeated_prompt(prompt, chosen, rejected)
+        if stripped and stats is not None:
+            stats.prompt_stripped += 1
+    _check_answer(chosen, "chosen")
+    _check_answer(rejected, "rejected")
+    if chosen == rejected:
+        raise BadRow("identical", "'chosen' and 'rejected' are identical")
+    if isinstance(prompt, list):
+        prompt = _with_system(row, prompt)
+        _check(prompt, "prompt", prompt=True)
+        _check(prompt + chosen, "prompt+chosen")
+        _check(prompt + rejected, "prompt+rejected")
+    return PreferencePair(prompt, chosen, rejected, source)
+
+
+def row_to_unpaired(row: dict, source: str, columns: dict[str, str] | None = None, *,
+                    implicit_prompt: str = "turn", stats: PreferenceStats | None = None) -> list[UnpairedExample]:
+    """One row -> unpaired examples: a prompt+completion+label row gives one, a paired row two."""
+    row = _remap(row, columns or {})
+    kind = detect_preference_format(row)
+    if kind is None:
+        raise _no_columns(row)
+    if kind != "unpaired":
+        pair = row_to_pair(row, source, implicit_prompt=implicit_prompt, stats=stats)
+        return [UnpairedExample(pair.prompt, pair.chosen, True, source),
+                UnpairedExample(pair.prompt, pair.rejected, False, source)]
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise BadRow("bad_label", f"field 'label' is {_kind(label)} (expected true or false)")
+    prompt, completion = _field(row, "prompt"), _field(row, "completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt, completion = _messages(prompt, "user"), _messages(completion, "assistant")
+        if any(isinstance(m, dict) and m.get("role") in ("user", "system") for m in completion):
+            if completion[:len(prompt)] != prompt:
+                raise BadRow("prompt_not_prefix", "'completion' is a whole conversation but does not start with "
+                                                  "the row's prompt")
+            completion = completion[len(prompt):]
+            if stats is not None:
+                stats.prompt_stripped += 1
+    _check_answer(completion, "completion")
+    if isinstance(prompt, list):
+        prompt = _with_system(row, prompt)
+        _check(prompt, "prompt", prompt=True)
+        _check(prompt + completion, "prompt+completion")
+    return [UnpairedExample(prompt, completion, label, source)]
+
+
+def _refuse(error: BadRow, source: str) -> TemperError:
+    return TemperError(f"{source}: {error} ({SKIP_HINT})")
+
+
+def _read(spec, convert, *, skip_bad_rows: bool, limit: int, stats: PreferenceStats) -> list:
+    from temper.data.readers import iter_records
+
+    out: list = []
+    for rec in iter_records(spec):
+        stats.rows += 1
+        try:
+            out += convert(rec)
+        except BadRow as e:
+            if not skip_bad_rows:
+                raise _refuse(e, rec.source) from None
+            stats.skip(e, rec.source)
+        if limit and len(out) >= limit:
+            out = out[:limit]
+            break
+    if not out:
+        raise TemperError(f"{spec}: no usable preference rows ({stats.summary()})")
+    return out
+
+
+def read_preferences(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
+                     implicit_prompt: str = "turn", stats: PreferenceStats | None = None
+                     ) -> tuple[list[PreferencePair], PreferenceStats]:
+    """The preference pairs of the data files, and the stats (rows read, bad rows skipped by reason)."""
+    stats = stats if stats is not None else PreferenceStats()
+    if implicit_prompt not in IMPLICIT_PROMPT_RULES:
+        raise TemperError(f"implicit_prompt={implicit_prompt!r}: expected one of {', '.join(IMPLICIT_PROMPT_RULES)}")
+
+    def convert(rec) -> list[PreferencePair]:
+        if detect_preference_format(_remap(rec.data, columns or {})) == "unpaired":
+            raise BadRow("no_columns", "an unpaired (prompt+completion+label) row; paired methods need "
+                                       "chosen and rejected (KTO reads unpaired rows)")
+        return [row_to_pair(rec.data, rec.source, columns, implicit_prompt=implicit_prompt, stats=stats)]
+
+    before = Counter(stats.skipped)
+    pairs = _read(spec, convert, skip_bad_rows=skip_bad_rows, limit=limit, stats=stats)
+    stats.warn_skipped(before)
+    return pairs, stats
+
+
+def read_unpaired(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
+                  implicit_prompt: str = "turn", stats: PreferenceStats | None = None
+                  ) -> tuple[list[UnpairedExample], PreferenceStats]:
+    """KTO's examples: unpaired rows as they are, paired rows as a desirable and an undesirable example."""
+    stats = stats if stats is not None else PreferenceStats(unpaired=True)
+    stats.unpaired = True
+    before = Counter(stats.skipped)
+    examples = _read(spec, lambda rec: row_to_unpaired(rec.data, rec.source, columns, implicit_prompt=implicit_prompt,
+                                                       stats=stats),
+                     skip_bad_rows=skip_bad_rows, limit=limit, stats=stats)
+    stats.warn_skipped(before)
+    return examples, stats
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # the answer's tokens only
+    rejected_ids: list[int]
+    source: str
+
+
+@dataclass
+class EncodedUnpaired:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source: str
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts in front of any text when asked for special tokens (BOS, or none)."""
+    plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
+    full = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k])
+    return []
+
+
+class PreferenceEncoder:
+    """Token ids of a prompt and of its answers, as described in the module docstring."""
+
+    def __init__(self, tokenizer, template: str | None, *, max_len: int, max_prompt_len: int = 0) -> None:
+        from temper.data.chat import render_kwargs
+
+        if max_len < 1:
+            raise TemperError(f"max_len must be >= 1, got {max_len}")
+        if max_prompt_len < 0:
+            raise TemperError(f"max_prompt_len must be >= 0, got {max_prompt_len}")
+        self.tokenizer, self.template = tokenizer, template
+        self.max_len, self.max_prompt_len = max_len, max_prompt_len
+        self.leading = _leading_special_ids(tokenizer)
+        self.render_kwargs = render_kwargs(tokenizer)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.backend.encode(text, add_special_tokens=False).ids)
+
+    def prompt(self, prompt: str | list, source: str) -> tuple[str, list[int]]:
+        """(prompt text, its tokens): the chat template's render for messages, the text itself for a string."""
+        if isinstance(prompt, str):
+            return prompt, self._encode(prompt)
+        from temper.data.chat import render
+
+        if self.template is None:
+            raise TemperError(f"{source}: conversational data needs a chat template, and the model has none: "
+                              "pass template=chatml (or llama3, plain, a .jinja file)")
+        text = render(self.template, prompt, add_generation_prompt=True, **self.render_kwargs)
+        return text, self._encode(text)
+
+    def prompt_ids(self, prompt: str | list, prompt_tokens: list[int]) -> list[int]:
+        """What the model reads before an answer: a string prompt gets the tokenizer's leading specials (BOS)."""
+        return self.leading + prompt_tokens if isinstance(prompt, str) else list(prompt_tokens)
+
+    def answer(self, prompt: str | list, prompt_text: str, prompt_tokens: list[int], answer: str | list, name: str,
+               source: str) -> list[int]:
+        """The answer's ids: those of prompt + answer after the prompt's, ending with one end marker."""
+        tokenizer = self.tokenizer
+        if isinstance(answer, str):
+            full_text, has_marker = prompt_text + answer, False
+        else:
+            from temper.data.chat import render
+
+            full_text = render(self.template, prompt + answer, add_generation_prompt=False, **self.render_kwargs)
+            if not full_text.startswith(prompt_text):
+                at = _common_prefix_length(full_text, prompt_text)
+                raise TemperError(
+                    f"{source}: the chat template is not prefix-stable: prompt+{name} renders differently from the "
+                    f"prompt with its generation prompt (from character {at}: {prompt_text[at:at + 30]!r} vs "
+                    f"{full_text[at:at + 30]!r}); use a template that renders earlier turns the same way")
+            has_marker = _ends_with_end_marker(full_text[len(prompt_text):], self.template, tokenizer)
+        full_ids = self._encode(full_text)
+        if full_ids[:len(prompt_tokens)] != prompt_tokens:
+            raise BadRow("token_boundary", f"the prompt's tokens are not the start of the tokens of prompt+{name} "
+                                           "(a token straddles the boundary)")
+        ids = full_ids[len(prompt_tokens):]
+        if not ids:
+            raise BadRow("empty_response", f"'{name}' gives no tokens")
+        if not has_marker and tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id:
+            ids.append(tokenizer.eos_id)  # the one end marker of an answer that has none (TRL: add_eos)
+        return ids
+
+    def fit_prompt(self, ids: list[int], stats: PreferenceStats) -> list[int]:
+        if not ids:
+            raise BadRow("empty_prompt", "the prompt gives no tokens (and the tokenizer adds no BOS): the first "
+                                         "answer token would have nothing to follow")
+        if self.max_prompt_len and len(ids) > self.max_prompt_len:
+            stats.prompt_truncated += 1
+            bos = self.tokenizer.bos_id
+            keep_bos = bos is not None and ids[0] == bos and self.max_prompt_len > 1
+            ids = [bos, *ids[len(ids) - self.max_prompt_len + 1:]] if keep_bos else ids[-self.max_prompt_len:]
+        if len(ids) > self.max_len:
+            raise BadRow("prompt_too_long", f"the prompt is {len(ids)} tokens, longer than the context "
+                                            f"max_len={self.max_len}: no room for an answer (raise max_len or set "
+                                            "max_prompt_len to keep the prompt's end)")
+        return ids
+
+    def fit_answer(self, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], bool]:
+        room = self.max_len + 1 - len(prompt_ids)  # a sequence of n tokens has n - 1 input positions
+        return (ids[:room], True) if len(ids) > room else (ids, False)
+
+
+def encode_pairs(pairs: Iterable[PreferencePair], tokenizer, template: str | None, *, max_len: int,
+                 max_prompt_len: int = 0, skip_bad_rows: bool = False, stats: PreferenceStats | None = None
+                 ) -> tuple[list[EncodedPair], PreferenceStats]:
+    """Token ids of every pair (answers only in chosen_ids/rejected_ids), truncated to fit max_len."""
+    stats = stats if stats is not None else PreferenceStats()
+    encoder = PreferenceEncoder(tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len)
+    out: list[EncodedPair] = []
+    before = Counter(stats.skipped)
+    for pair in pairs:
+        try:
+            prompt_text, tokens = encoder.prompt(pair.prompt, pair.source)
+            chosen = encoder.answer(pair.prompt, prompt_text, tokens, pair.chosen, "chosen", pair.source)
+            rejected = encoder.answer(pair.prompt, prompt_text, tokens, pair.rejected, "rejected", pair.source)
+            if chosen == rejected:
+                raise BadRow("identical", "'chosen' and 'rejected' give the same tokens")
+            prompt_ids = encoder.fit_prompt(encoder.prompt_ids(pair.prompt, tokens), stats)
+            chosen, cut_chosen = encoder.fit_answer(prompt_ids, chosen)
+            rejected, cut_rejected = encoder.fit_answer(prompt_ids, rejected)
+            if chosen == rejected:
+                raise BadRow("identical_after_truncation", f"'chosen' and 'rejected' are the same within max_len="
+                                                           f"{max_len} (they differ only beyond it)")
+        except BadRow as e:
+            if not skip_bad_rows:
+                raise _refuse(e, pair.source) from None
+            stats.skip(e, pair.source)
+            continue
+        stats.truncated += cut_chosen or cut_rejected
+        out.append(EncodedPair(prompt_ids, chosen, rejected, pair.source))
+    stats.pairs += len(out)
+    stats.warn_skipped(before)
+    if not out:
+        raise TemperError(f"no trainable preference pairs: {stats.summary()}")
+    return out, stats
+
+
+def encode_unpaired(examples: Iterable[UnpairedExample], tokenizer, template: str | None, *, max_len: int,
+                    max_prompt_len: int = 0, skip_bad_rows: bool = False, stats: PreferenceStats | None = None
+                    ) -> tuple[list[EncodedUnpaired], PreferenceStats]:
+    """Token ids of every unpaired example (KTO), tokenised and truncated as pairs are."""
+    stats = stats if stats is not None else PreferenceStats(unpaired=True)
+    stats.unpaired = True
+    encoder = PreferenceEncoder(tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len)
+    out: list[EncodedUnpaired] = []
+    before = Counter(stats.skipped)
+    for ex in examples:
+        try:
+            prompt_text, tokens = encoder.prompt(ex.prompt, ex.source)
+            completion = encoder.answer(ex.prompt, prompt_text, tokens, ex.completion, "completion", ex.source)
+            prompt_ids = encoder.fit_prompt(encoder.prompt_ids(ex.prompt, tokens), stats)
+            completion, cut = encoder.fit_answer(prompt_ids, completion)
+        except BadRow as e:
+            if not skip_bad_rows:
+                raise _refuse(e, ex.source) from None
+            stats.skip(e, ex.source)
+            continue
+        stats.truncated += cut
+        out.append(EncodedUnpaired(prompt_ids, completion, ex.label, ex.source))
+    stats.pairs += len(out)
+    stats.warn_skipped(before)
+    if not out:
+        raise TemperError(f"no trainable examples: {stats.summary()}")
+    return out, stats
+
+
+def preference_fingerprint(encoded: list[EncodedPair] | list[EncodedUnpaired]) -> str:
+    """A short hash of every pair's (or example's) prompt and answer ids and label: the data's identity
+    for a run (template, truncation, prompt extraction and data all change it)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for e in encoded:
+        answers = (e.chosen_ids, e.rejected_ids) if isinstance(e, EncodedPair) else (e.completion_ids,)
+        for ids in (e.prompt_ids, *answers):
+            h.update(np.asarray(ids, dtype=np.int32).tobytes())
+            h.update(b"|")
+        if isinstance(e, EncodedUnpaired):
+            h.update(b"+" if e.label else b"-")
+        h.update(b";")
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class PairBatch(Batch):
+    """B pairs as 2B right-padded rows: rows [0, B) chosen, rows [B, 2B) the same prompts' rejected.
+
+    inputs (2B, T), targets (2B, T) with targets[:, t] = the token after inputs[:, t] on the
+    answers and IGNORE_INDEX on prompts and padding. Right padding needs no mask or positions
+    (`attention_mask()` is None): causal attention never reaches the padding after a row.
+    """
+
+    num_pairs: int = 0
+    completion_tokens: torch.Tensor | None = None  # (2B,) trained answer tokens per row
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(self.inputs.to(device), self.targets.to(device), num_pairs=self.num_pairs,
+                         completion_tokens=self.completion_tokens.to(device))
+
+
+@dataclass
+class UnpairedBatch(Batch):
+    """B unpaired examples as right-padded rows (KTO), with `labels` (B,) True where desirable.
+
+    With `kl=True`, rows [B, 2B) pair prompt i with the answer of example i - 1 (mod B), the
+    mismatched pairs KTO estimates its KL reference point on (TRL's rotation by one).
+    """
+
+    labels: torch.Tensor | None = None  # (B,) bool
+    completion_tokens: torch.Tensor | None = None  # (rows,)
+    num_examples: int = 0
+    kl: bool = False
+
+    def to(self, device) -> UnpairedBatch:
+        return UnpairedBatch(self.inputs.to(device), self.targets.to(device), labels=self.labels.to(device),
+                             completion_tokens=self.completion_tokens.to(device), num_examples=self.num_examples,
+                             kl=self.kl)
+
+
+def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, answer) rows -> inputs (R, T), targets (R, T), answer tokens (R,), right-padded."""
+    T = max(len(p) + len(a) - 1 for p, a in rows)
+    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for r, (prompt, answer) in enumerate(rows):
+        assert prompt and answer, "encoded rows always have a prompt and an answer token"
+        seq = prompt + answer
+        inputs[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[r, len(prompt) - 1:len(seq) - 1] = torch.tensor(answer)  # target t predicts token t + 1
+    return inputs, targets, torch.tensor([len(a) for _, a in rows])
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    inputs, targets, counts = _pad_rows(rows, pad_id)
+    return PairBatch(inputs, targets, num_pairs=len(pairs), completion_tokens=counts)
+
+
+def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool = False, max_len: int = 0
+                     ) -> UnpairedBatch:
+    rows = [(e.prompt_ids, e.completion_ids) for e in examples]
+    if kl:
+        for i, e in enumerate(examples):
+            answer = examples[i - 1].completion_ids
+            if max_len:
+                answer = answer[:max_len + 1 - len(e.prompt_ids)]
+            rows.append((e.prompt_ids, answer))
+    inputs, targets, counts = _pad_rows(rows, pad_id)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return UnpairedBatch(inputs, targets, labels=labels, completion_tokens=counts, num_examples=len(examples), kl=kl)
+
+
+class PreferenceLoader(SFTLoader):
+    """Shuffled (seed, epoch) batches of encoded pairs (or unpaired examples); position is resumable.
+
+    The order, the split over data-parallel ranks (a rank's k-th micro-batch is the epoch's
+    (k x world_size + rank)-th batch, epochs end on whole optimiser steps), `state_dict` and
+    `load_state_dict` (through `convert_position`) are SFTLoader's; only the batch differs.
+    """
+
+    def __init__(self, examples: list[EncodedPair] | list[EncodedUnpaired], *, batch_size: int, pad_id: int,
+                 seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                 kl: bool = False, max_len: int = 0) -> None:
+        if not examples:
+            raise TemperError("no preference data to load")
+        super().__init__(examples, batch_size=batch_size, seq_len=max_len, pad_id=pad_id, seed=seed, packing=False,
+                         shuffle=shuffle, rank=rank, world_size=world_size, grad_accum=grad_accum)
+        self.unpaired = isinstance(examples[0], EncodedUnpaired)
+        if kl and not self.unpaired:
+            raise TemperError("kl=True builds KTO's mismatched rows: it needs unpaired examples")
+        if kl and max_len < 1:
+            raise TemperError("kl=True needs max_len: a mismatched row is cut to fit the context")
+        self.kl = kl
+
+    def next_batch(self) -> PairBatch | UnpairedBatch:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
+        self.position += 1
+        if self.unpaired:
+            return collate_unpaired(chunk, self.pad_id, kl=self.kl, max_len=self.seq_len)
+        return collate_pairs(chunk, self.pad_id)
+
+
+def load_preferences(spec, tokenizer, template: str | None, *, max_len: int, max_prompt_len: int = 0,
+                     columns: dict[str, str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
+                     implicit_prompt: str = "turn", unpaired: bool = False
+                     ) -> tuple[list[EncodedPair] | list[EncodedUnpaired], PreferenceStats]:
+    """Read and encode in one call: what a recipe needs (pairs for the DPO family, examples for KTO)."""
+    stats = PreferenceStats(unpaired=unpaired)
+    read, encode = (read_unpaired, encode_unpaired) if unpaired else (read_preferences, encode_pairs)
+    rows, _ = read(spec, columns=columns, skip_bad_rows=skip_bad_rows, limit=limit, implicit_prompt=implicit_prompt,
+                   stats=stats)
+    return encode(rows, tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len,
+                  skip_bad_rows=skip_bad_rows, stats=stats)
+
+
+__all__ = [
+    "ASSISTANT_TURN_MARKERS", "BadRow", "EncodedPair", "EncodedUnpaired", "PairBatch", "PreferenceEncoder",
+    "PreferenceLoader", "PreferencePair", "PreferenceStats", "UnpairedBatch", "UnpairedExample", "collate_pairs",
+    "collate_unpaired", "detect_preference_format", "encode_pairs", "encode_unpaired", "load_preferences",
+    "preference_fingerprint", "read_preferences", "read_unpaired", "row_to_pair", "row_to_unpaired",
+    "split_implicit_prompt",
+]
