@@ -7,6 +7,13 @@ from temper.losses.logprobs import (
     sequence_logprobs,
     token_logprobs,
 )
+from temper.losses.preference import (
+    kto_loss,
+    kto_metrics,
+    mean_preference_metrics,
+    preference_loss,
+    preference_metrics,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -14,6 +21,11 @@ __all__ = [
     "causal_lm_sequence_logprobs",
     "causal_lm_token_logprobs",
     "fused_linear_cross_entropy",
+    "kto_loss",
+    "kto_metrics",
+    "mean_preference_metrics",
+    "preference_loss",
+    "preference_metrics",
     "sequence_logprobs",
     "token_logprobs",
 ]
