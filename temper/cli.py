@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
     "pretrain": ("temper.recipes.pretrain", "pretrain a decoder with the causal LM objective (default: the built-in world)"),
     "sft": ("temper.recipes.sft", "supervised fine-tuning / instruction tuning with chat templates"),
+    "dpo": ("temper.recipes.dpo", "preference optimisation: DPO, IPO, SimPO, ORPO and kin, on preference pairs"),
     "eval": ("temper.stages.eval", "evaluate models on tasks, perplexity, judges and contamination; write a table"),
     "eval contamination": ("temper.stages.contamination", "n-gram overlap between training data and eval sets"),
     "merge": ("temper.stages.merge", "fold a LoRA/DoRA adapter into its base model (zero inference overhead)"),

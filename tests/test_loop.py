@@ -14,7 +14,7 @@ from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, Schedule
 from temper.train.engine import read_metrics
 from temper.train.loop import SHARED_KEYS, TrainLoop
 
-TRAINING_RECIPES = ["temper.recipes.pretrain", "temper.recipes.sft"]
+TRAINING_RECIPES = ["temper.recipes.pretrain", "temper.recipes.sft", "temper.recipes.dpo"]
 
 
 @pytest.mark.parametrize("module_name", TRAINING_RECIPES)

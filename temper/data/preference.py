@@ -416,6 +416,7 @@ class EncodedPair:
     chosen_ids: list[int]  # the answer's tokens only
     rejected_ids: list[int]
     source: str
+    ref_logps: tuple[float, float] | None = None  # the reference's (chosen, rejected) log-probs, when precomputed
 
 
 @dataclass
@@ -615,10 +616,12 @@ class PairBatch(Batch):
 
     num_pairs: int = 0
     completion_tokens: torch.Tensor | None = None  # (2B,) trained answer tokens per row
+    ref_logps: torch.Tensor | None = None  # (2B,) the reference's log-probs of each row, when precomputed
 
     def to(self, device) -> PairBatch:
         return PairBatch(self.inputs.to(device), self.targets.to(device), num_pairs=self.num_pairs,
-                         completion_tokens=self.completion_tokens.to(device))
+                         completion_tokens=self.completion_tokens.to(device),
+                         ref_logps=None if self.ref_logps is None else self.ref_logps.to(device))
 
 
 @dataclass
@@ -656,7 +659,10 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     inputs, targets, counts = _pad_rows(rows, pad_id)
-    return PairBatch(inputs, targets, num_pairs=len(pairs), completion_tokens=counts)
+    ref = None
+    if all(p.ref_logps is not None for p in pairs):
+        ref = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)
+    return PairBatch(inputs, targets, num_pairs=len(pairs), completion_tokens=counts, ref_logps=ref)
 
 
 def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool = False, max_len: int = 0

@@ -1,0 +1,126 @@
+"""`temper dpo`: the loss starts at log 2, held-out preference accuracy rises, the three
+reference modes agree, HH-RLHF pairs without a chat template train, and two processes equal one."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import shared_file
+
+from temper.config import load_config
+from temper.errors import TemperError
+from temper.recipes import dpo
+from temper.train.engine import read_metrics
+
+TRL_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+@pytest.fixture()
+def pairs(tmp_path):
+    """Prompts answered in a preferred style (a number) and a dispreferred one (a refusal)."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" The answer is {2 * i}.",
+             "rejected": " I will not say."} for i in range(48)]
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    return train, test
+
+
+def run_dpo(tmp_path, model_dir, *extra, out="dpo"):
+    cfg = load_config(dpo.Config, None, [f"model={model_dir}", f"output_dir={tmp_path / out}", "batch_size=4",
+                                         "logging.progress=false", "logging.every=1", "seq_len=64",
+                                         "optim.lr=3e-3", "schedule.name=constant", "schedule.warmup_steps=0",
+                                         *extra])
+    return dpo.run(cfg)
+
+
+def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, tiny_model_dir, pairs):
+    train, test = pairs
+    summary = run_dpo(tmp_path, tiny_model_dir, f"data={train}", f"eval_data={test}", "max_steps=12",
+                      "logging.eval_every=6")
+    before = summary["before"]
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert before["eval_rewards/accuracies"] == 0.0 and before["eval_rewards/margins"] == 0.0
+    assert summary["eval_rewards/accuracies"] == 1.0
+    assert summary["eval_rewards/margins"] > 0.5 and summary["eval_loss"] < 0.5
+    rows = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(k in rows[-1] for k in TRL_METRICS)
+    assert rows[-1]["rewards/chosen"] > rows[-1]["rewards/rejected"]
+    assert (tmp_path / "dpo" / "model.safetensors").is_file()
+
+
+def test_reference_modes_agree(tmp_path, tiny_model_dir, pairs):
+    """A frozen copy and log-probs computed once give the same training; with LoRA, the adapter
+    disabled gives what a frozen copy of the base gives (without a second model in memory)."""
+    train, _ = pairs
+    common = [f"data={train}", "max_steps=3", "eval_fraction=0.1", "logging.eval_at_start=false"]
+    copy = run_dpo(tmp_path, tiny_model_dir, *common, "reference=copy", out="copy")
+    pre = run_dpo(tmp_path, tiny_model_dir, *common, "reference=precomputed", out="pre")
+    assert copy["reference"] == "copy" and pre["reference"] == "precomputed"
+    assert (tmp_path / "pre" / "reference_logps.safetensors").is_file()
+
+    def losses(name):
+        return [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+
+    torch.testing.assert_close(losses("pre"), losses("copy"), atol=1e-5, rtol=0)
+    lora = ["peft.method=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj]"]
+    adapter = run_dpo(tmp_path, tiny_model_dir, *common, *lora, out="adapter")
+    assert adapter["reference"] == "adapter"
+    run_dpo(tmp_path, tiny_model_dir, *common, *lora, "reference=copy", out="lora_copy")
+    torch.testing.assert_close(losses("adapter"), losses("lora_copy"), atol=1e-5, rtol=0)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_hh_rlhf_pairs_without_a_template(tmp_path, tiny_model_dir):
+    """HH-RLHF read straight from gzip (implicit prompts ending at '\\n\\nAssistant:'): the loss
+    starts at log 2 and the margin grows."""
+    data = shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")
+    summary = run_dpo(tmp_path, tiny_model_dir, f"data={data}", "limit=20", "template=none", "seq_len=256",
+                      "max_prompt_len=128", "max_steps=12", "logging.eval_every=0", "eval_fraction=0.2",
+                      "skip_bad_rows=true", "optim.lr=1e-3")
+    assert summary["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["pairs"] == 16  # 20 rows, 1 skipped (an empty answer), 3 held out
+    rows = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["rewards/margins"] == 0.0
+    # 4 epochs over 16 pairs: the margin of the pairs trained on grows, the loss falls below log 2
+    late = rows[-4:]
+    assert min(r["rewards/margins"] for r in late) > 0.1 and max(r["loss"] for r in late) < math.log(2) - 0.02
+
+
+def test_bad_settings_are_one_line(tmp_path, tiny_model_dir, pairs):
+    train, _ = pairs
+    cases = [
+        (["loss_type=[sigmod]"], r"loss_type 'sigmod' is not one of .*did you mean 'sigmoid'"),
+        (["loss_type=[sigmoid,sft]", "loss_weights=[1]"], "loss_weights has 1 numbers for 2 loss types"),
+        (["reference=adapter"], "reference=adapter disables a LoRA adapter"),
+        (["loss_type=[simpo]", "reference=copy"], "needs no reference model"),
+        (["beta=0"], "beta must be greater than 0"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(TemperError, match=message):
+            run_dpo(tmp_path, tiny_model_dir, f"data={train}", *extra)
+
+
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, pairs):
+    """Distributed by construction: DDP on 2 ranks x 2 pairs = 1 rank x 2 micro-batches of 2 pairs."""
+    train, _ = pairs
+    common = [f"model={tiny_model_dir}", f"data={train}", "max_steps=3", "batch_size=2", "seq_len=64",
+              "logging.progress=false", "logging.every=1", "logging.eval_at_start=false", "eval_fraction=0.1",
+              "optim.lr=3e-3", "schedule.name=constant", "schedule.warmup_steps=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "temper", "dpo", *common, "grad_accum=2",
+                          f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=240, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "temper", "dpo", *common, "strategy=ddp", f"output_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm"):
+        torch.testing.assert_close([r[key] for r in b], [r[key] for r in a], atol=1e-5, rtol=0, msg=key)
