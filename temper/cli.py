@@ -161,6 +161,8 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         module.run(config)
         return 0
+    except BrokenPipeError:  # the reader left (`| head`): main() ends quietly
+        raise
     except (ValueError, OSError) as e:  # TemperError is a ValueError; a full disk or a read-only path is an OSError
         if os.environ.get("TEMPER_DEBUG"):
             raise
