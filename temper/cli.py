@@ -30,6 +30,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "merge": ("temper.stages.merge", "fold a LoRA/DoRA adapter into its base model (zero inference overhead)"),
     "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
     "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
+    "estimate": ("temper.stages.estimate", "plan memory and compute: per-device training/inference memory breakdown, "
+                                           "Chinchilla tokens, FLOPs and time"),
 }
 
 USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
