@@ -31,6 +31,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "merge": ("temper.stages.merge", "fold a LoRA/DoRA adapter into its base model (zero inference overhead)"),
     "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
     "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
+    "estimate": ("temper.stages.estimate", "plan memory and compute: per-device training/inference memory breakdown, "
+                                           "Chinchilla tokens, FLOPs and time"),
 }
 
 USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
@@ -162,6 +164,8 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         module.run(config)
         return 0
+    except BrokenPipeError:  # the reader left (`| head`): main() ends quietly
+        raise
     except (ValueError, OSError) as e:  # TemperError is a ValueError; a full disk or a read-only path is an OSError
         if os.environ.get("TEMPER_DEBUG"):
             raise
