@@ -77,6 +77,21 @@ def test_reference_modes_agree(tmp_path, tiny_model_dir, pairs):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_kto_on_unpaired_examples(tmp_path, tiny_model_dir, pairs):
+    """KTO: every pair becomes a desirable and an undesirable example; at initialisation r = 0 and
+    the reference point is 0, so each example's loss is 1 - sigma(0) = 0.5; training moves the
+    desirable rewards above the undesirable ones."""
+    train, test = pairs
+    summary = run_dpo(tmp_path, tiny_model_dir, f"data={train}", f"eval_data={test}", "loss_type=[kto]",
+                      "max_steps=12", "logging.eval_every=0")
+    rows = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6) and rows[0]["kl"] == 0.0
+    assert summary["before"]["eval_loss"] == pytest.approx(0.5, abs=1e-6)
+    assert summary["pairs"] == 80  # 40 pairs, unpaired
+    assert summary["eval_rewards/chosen"] > summary["eval_rewards/rejected"]
+    assert summary["eval_loss"] < 0.45 and all(r["kl"] >= 0 for r in rows)
+
+
 def test_hh_rlhf_pairs_without_a_template(tmp_path, tiny_model_dir):
     """HH-RLHF read straight from gzip (implicit prompts ending at '\\n\\nAssistant:'): the loss
     starts at log 2 and the margin grows."""
@@ -101,6 +116,8 @@ def test_bad_settings_are_one_line(tmp_path, tiny_model_dir, pairs):
         (["reference=adapter"], "reference=adapter disables a LoRA adapter"),
         (["loss_type=[simpo]", "reference=copy"], "needs no reference model"),
         (["beta=0"], "beta must be greater than 0"),
+        (["loss_type=[kto,sigmoid]"], "loss_type=kto trains on unpaired examples"),
+        (["loss_type=[kto]", "reference=precomputed"], "reference=precomputed is for pair losses"),
     ]
     for extra, message in cases:
         with pytest.raises(TemperError, match=message):

@@ -63,11 +63,13 @@ class Config:
     seq_len: int = opt(512, "longest prompt + answer in tokens")
     max_prompt_len: int = opt(0, "keep only the end of longer prompts (0: no limit but seq_len)")
     loss_type: list[str] = opt(["sigmoid"], "sigmoid, robust, hinge, ipo, sigmoid_norm, sft, simpo, orpo; "
-                                            "several are summed with loss_weights")
+                                            "several are summed with loss_weights; or kto (unpaired data)")
     loss_weights: list[float] = opt([], "one weight per loss_type (default: 1 each)")
     beta: float = opt(0.1, "the KL strength beta (the inverse temperature of the implicit reward)")
     label_smoothing: float = opt(0.0, "cDPO / robust DPO: the share of pairs assumed mislabelled")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin")
+    desirable_weight: float = opt(1.0, "KTO: the weight of desirable examples' losses (lambda_D)")
+    undesirable_weight: float = opt(1.0, "KTO: the weight of undesirable examples' losses (lambda_U)")
     general_data: list[str] = opt([], "general text for the drift perplexity (default: the pretraining shards)")
     output_dir: str = opt("runs/dpo", "where the aligned model directory, metrics and checkpoints go")
     batch_size: int = opt(8, "pairs per micro-batch (per rank)")
@@ -106,13 +108,20 @@ class Config:
         check_range("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
         if not self.loss_type:
             raise TemperError(f"loss_type needs at least one of {', '.join(LOSS_TYPES)}")
+        if "kto" in self.loss_type and self.loss_type != ["kto"]:
+            raise TemperError("loss_type=kto trains on unpaired examples: it does not combine with pair losses")
+        if self.kto and self.reference == "precomputed":
+            raise TemperError("reference=precomputed is for pair losses; KTO's reference point needs the reference "
+                              "on every batch's mismatched rows: use reference=copy or adapter")
+        for key in ("desirable_weight", "undesirable_weight"):
+            check_range(key, getattr(self, key), low=0.0)
         for kind in self.loss_type:
-            if kind not in LOSS_TYPES:
+            if kind not in (*LOSS_TYPES, "kto"):
                 import difflib
 
-                close = difflib.get_close_matches(kind, LOSS_TYPES, n=1)
+                close = difflib.get_close_matches(kind, (*LOSS_TYPES, "kto"), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise TemperError(f"loss_type '{kind}' is not one of {', '.join(LOSS_TYPES)}{hint}")
+                raise TemperError(f"loss_type '{kind}' is not one of {', '.join(LOSS_TYPES)}, kto{hint}")
         if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
             raise TemperError(f"loss_weights has {len(self.loss_weights)} numbers for {len(self.loss_type)} loss "
                               "types: give one weight per loss_type")
@@ -132,6 +141,10 @@ class Config:
             raise TemperError("reference=adapter uses the adapter's own base; drop ref_model= (or use reference=copy)")
 
     @property
+    def kto(self) -> bool:
+        return self.loss_type == ["kto"]
+
+    @property
     def needs_reference(self) -> bool:
         from temper.losses.preference import REFERENCE_FREE_LOSS_TYPES
 
@@ -149,7 +162,8 @@ class Config:
 
 
 def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
-    """(training pairs, held-out pairs, stats of each) as encoded pairs."""
+    """(training pairs, held-out pairs, stats of each) as encoded pairs (KTO: unpaired examples;
+    a pair becomes a desirable and an undesirable example, as TRL unpairs them)."""
     from temper.data.preference import load_preferences
 
     world = lineage.get("world_dir")
@@ -157,7 +171,7 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
     if not train_spec:
         raise TemperError("data= is required: the model records no built-in world to take preference pairs from")
     options = dict(max_len=cfg.seq_len, max_prompt_len=cfg.max_prompt_len, columns=cfg.columns,
-                   skip_bad_rows=cfg.skip_bad_rows, implicit_prompt=cfg.implicit_prompt)
+                   skip_bad_rows=cfg.skip_bad_rows, implicit_prompt=cfg.implicit_prompt, unpaired=cfg.kto)
     train, stats = load_preferences(train_spec, tokenizer, template, limit=cfg.limit, **options)
     eval_spec = cfg.eval_data or ([str(Path(world) / "preference" / "test.jsonl")] if world and not cfg.data else [])
     held_stats = None
@@ -173,7 +187,7 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
         held = [p for i, p in enumerate(train) if i in chosen]
         train = [p for i, p in enumerate(train) if i not in chosen]
     if not train:
-        raise TemperError("no preference pairs left to train on (see the skipped rows above)")
+        raise TemperError("no preference data left to train on (see the skipped rows above)")
     return train, held[:cfg.eval_pairs] if cfg.eval_pairs else held, stats, held_stats
 
 
@@ -181,8 +195,8 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
 
 
 def pair_logps(model, batch, *, with_logits: bool = False):
-    """(log-probs (2B,), completion tokens (2B,), Σ over completion tokens of the vocabulary-mean
-    logit (2B,) or None) of a concatenated pair batch: one forward for chosen and rejected."""
+    """(log-probs (R,), completion tokens (R,), Σ over completion tokens of the vocabulary-mean
+    logit (R,) or None) of the rows of a batch: for pairs, chosen and rejected in one forward."""
     from temper.losses import IGNORE_INDEX
     from temper.losses.clm import output_weight, replicated_local
     from temper.losses.logprobs import sequence_logprobs
@@ -257,6 +271,8 @@ def run(cfg: Config) -> dict:
     from temper.io import refuse_same_dir
     from temper.lineage import read_lineage, write_lineage
     from temper.losses.preference import (
+        kto_loss,
+        kto_metrics,
         mean_preference_metrics,
         preference_loss,
         preference_metrics,
@@ -309,7 +325,7 @@ def run(cfg: Config) -> dict:
             torch.cuda.empty_cache()
 
     loader = PreferenceLoader(train, batch_size=cfg.batch_size, pad_id=pad_id, seed=cfg.seed, rank=par.dp_rank,
-                              world_size=par.dp, grad_accum=grad_accum)
+                              world_size=par.dp, grad_accum=grad_accum, kl=cfg.kto, max_len=cfg.seq_len)
     if par.world_size > 1:
         par.agree(lambda: resolve_general_text(cfg, lineage, tokenizer, out) and None)
     general = resolve_general_text(cfg, lineage, tokenizer, out)
@@ -337,7 +353,25 @@ def run(cfg: Config) -> dict:
                     return pair_logps(model, batch)[0]
             return pair_logps(ref_model, batch)[0]
 
-    def pair_loss(batch, *, metrics_only: bool = False):  # (Σ per-pair losses, pairs, TRL's metrics as sums)
+    def kto_batch_loss(batch):  # (Σ per-example losses, examples, TRL's KTO metrics as sums)
+        batch = batch.to(device)
+        B = batch.num_examples
+        logps, _, _ = pair_logps(model, batch)  # rows [0, B): the examples; [B, 2B): mismatched (KL) rows
+        with torch.no_grad():
+            if mode == "adapter":
+                with disable_adapters(unwrap(model)):
+                    ref = pair_logps(model, batch)[0]
+            else:
+                ref = pair_logps(ref_model, batch)[0]
+        # the reference point: mean log-ratio of the mismatched rows, averaged over the data-parallel ranks
+        kl = par.all_reduce_sum((logps[B:] - ref[B:]).detach().mean().double()) / par.dp
+        losses, rewards = kto_loss(logps[:B], ref[:B], batch.labels, kl.float(), beta=cfg.beta,
+                                   desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+        return losses.sum(), B, kto_metrics(rewards, logps[:B], batch.labels, kl)
+
+    def pair_loss(batch):  # (Σ per-pair losses, pairs, TRL's metrics as sums)
+        if cfg.kto:
+            return kto_batch_loss(batch)
         batch = batch.to(device)
         B = batch.num_pairs
         logps, counts, logits_sum = pair_logps(model, batch, with_logits=True)
@@ -354,7 +388,8 @@ def run(cfg: Config) -> dict:
     def evaluate(step: int) -> dict:
         result: dict = {}
         if held:
-            scored = PreferenceLoader(held, batch_size=cfg.batch_size, pad_id=pad_id, seed=0, shuffle=False)
+            scored = PreferenceLoader(held, batch_size=cfg.batch_size, pad_id=pad_id, seed=0, shuffle=False,
+                                      kl=cfg.kto, max_len=cfg.seq_len)
             sums: dict = {}
             total, pairs = 0.0, 0
             was_training = model.training
@@ -384,7 +419,7 @@ def run(cfg: Config) -> dict:
     for _ in loop:
         micro = [loader.next_batch() for _ in range(grad_accum)]
         result = loop.accumulate(micro, pair_loss)
-        sums = {k: v for k, v in result.items() if "/" in k}
+        sums = {k: v for k, v in result.items() if k not in ("loss", "count")}
         loop.optimizer_step({"loss": result["loss"], **mean_preference_metrics(sums, result["count"])},
                             tokens=sum(b.inputs.numel() for b in micro))
 
