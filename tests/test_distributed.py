@@ -246,3 +246,41 @@ def test_checkpoint_of_another_world_layout_or_model_is_refused(runs, tmp_path):
                     f"output_dir={tmp_path / 'other2'}", ranks=2)
     assert result.returncode != 0
     assert "belongs to another run (model.intermediate_size 128 -> 96" in result.stderr
+
+
+def test_gradients_are_reduced_once_per_step_and_fsdp_shards_each_block():
+    """In one process (a group of one): DDP reduces gradients once for 3 accumulated micro-batches
+    (no_sync on the others: with sync every time the hook would run 3 times per bucket), and
+    FSDP2 makes every transformer block its own unit, then the root."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from temper.losses import causal_lm_loss
+    from temper.models import build_model, preset
+    from temper.train import engine
+    from temper.train.distributed import Parallel, ParallelConfig, wrap_model
+
+    cpu = torch.device("cpu")
+    par = Parallel("ddp", ParallelConfig(), cpu)
+    try:
+        torch.manual_seed(0)
+        ddp = wrap_model(build_model(preset("llama-tiny", vocab_size=64)), par, precision="fp32",
+                         activation_checkpointing=False, compile=False)
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            return torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+                lambda f: f.value()[0])
+
+        ddp.register_comm_hook(None, counting_hook)
+        x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+        autocast = engine.precision_context("fp32", cpu)
+        engine.accumulate(ddp, [(x, x)] * 3, lambda b: causal_lm_loss(ddp, b[0], b[1]), autocast=autocast, par=par)
+        buckets = len(set(calls))
+        assert len(calls) == buckets  # each bucket once, on the last micro-batch only
+        par.strategy = "fsdp"
+        model = wrap_model(build_model(preset("llama-tiny", vocab_size=64)), par, precision="fp32",
+                           activation_checkpointing=False, compile=False)
+        assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.blocks)
+    finally:
+        par.close()
