@@ -317,3 +317,24 @@ def test_the_memory_page_is_current():
     spec.loader.exec_module(module)
     assert module.render_page() == (path.parent / "memory.md").read_text(encoding="utf-8"), \
         "docs/memory.md is stale: run python docs/memory_examples.py"
+
+
+def test_compute_time_at_the_mfu_a_temper_run_measured(tmp_path, capsys):
+    """mfu_from=RUN: the median MFU of the run's rows, against the run's peak_flops: time = 6ND /
+    (devices x peak x MFU), computed here by hand."""
+    import json
+
+    from temper.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("device: cpu\nprecision: fp32\npeak_flops: 2.0e+12\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "val_loss": 3.0}, {"step": 1, "mfu": 0.5}, {"step": 2, "mfu": 0.7}, {"step": 3, "mfu": 0.6}]))
+    assert main(["estimate", "model=llama-14m", "format=json", f"mfu_from={run}", "tokens=1e9"]) == 0
+    compute = json.loads(capsys.readouterr().out)["compute"]
+    assert compute["mfu"] == 0.6 and compute["peak_tflops"] == 2.0 and compute["measured"]["rows"] == 3
+    assert compute["seconds"] == pytest.approx(6 * compute["parameters"] * 1e9 / (1 * 2e12 * 0.6))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert main(["estimate", "model=llama-14m", f"mfu_from={run}"]) == 2
+    assert "logs no mfu" in capsys.readouterr().err

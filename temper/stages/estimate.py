@@ -29,7 +29,7 @@ from temper.errors import TemperError
 TRAINING_KEYS = ("micro_batch", "seq_len", "grad_accum", "activation_checkpointing", "cross_entropy", "loss_chunk",
                  "packing",
                  "optimizer", "mixed_precision", "zero", "strategy", "reshard_after_forward", "dp", "mfu",
-                 "peak_tflops", "gpus", "tokens", "tokens_per_param")
+                 "peak_tflops", "gpus", "tokens", "tokens_per_param", "mfu_from")
 GPU_MEMORY_GIB = {"h100": 80, "h200": 141, "a100": 80}
 
 
@@ -69,6 +69,8 @@ class Config:
     peak_tflops: float = opt(0.0, "peak TFLOP/s per GPU (0: the gpu's dense figure for dtype)")
     mfu: float = opt(0.4, "model FLOPs utilisation the training time assumes")
     gpus: int = opt(0, "GPUs the training time assumes (0: dp x tp)")
+    mfu_from: str = opt("", "a temper training run's directory: its measured MFU, on this machine's measured matmul "
+                            "peak (or the run's peak_flops), replace mfu and peak_tflops")
     tokens: float = opt(0.0, "training tokens (0: Chinchilla's tokens_per_param x parameters)")
     tokens_per_param: float = opt(20.0, "Chinchilla's compute-optimal tokens per parameter")
     format: Literal["table", "json"] = opt("table", "a readable table, or JSON (sizes in bytes) on stdout")
@@ -199,11 +201,17 @@ def estimate(cfg: Config) -> dict:
     tokens = cfg.tokens or memory.chinchilla_tokens(n, cfg.tokens_per_param)
     flops = memory.training_flops(n, tokens)
     peak = cfg.peak_tflops or memory.PEAK_TFLOPS[cfg.gpu][cfg.dtype]
+    mfu, measured = cfg.mfu, None
+    if cfg.mfu_from:
+        measured = measured_mfu(cfg.mfu_from)
+        mfu, peak = measured["mfu"], measured["peak_tflops"]
     gpus = cfg.gpus or cfg.dp * cfg.tp
-    seconds = memory.training_seconds(flops, gpus, peak, cfg.mfu)
+    seconds = memory.training_seconds(flops, gpus, peak, mfu)
     report["compute"] = {"parameters": n, "tokens": tokens, "tokens_per_param": tokens / n, "flops": flops,
-                         "peak_tflops": peak, "mfu": cfg.mfu, "gpus": gpus, "seconds": seconds,
+                         "peak_tflops": peak, "mfu": mfu, "gpus": gpus, "seconds": seconds,
                          "days": seconds / 86400, "gpu_hours": seconds * gpus / 3600}
+    if measured is not None:
+        report["compute"]["measured"] = measured
     inference = memory.Plan(method=plan.method, dtype=plan.dtype, tp=plan.tp, lora_r=plan.lora_r,
                             lora_targets=plan.lora_targets, quant_block_size=plan.quant_block_size,
                             double_quant=plan.double_quant, inference=True, batch=plan.micro_batch,
@@ -297,9 +305,52 @@ def render(report: dict) -> str:
     c = report["compute"]
     lines.append(f"\ncompute (Chinchilla): N = {_count(c['parameters'])} parameters, D = {c['tokens_per_param']:g} N = "
                  f"{_count(c['tokens'])} tokens, C = 6 N D = {c['flops']:.3g} FLOPs")
-    lines.append(f"  {_duration(c['seconds'])} on {c['gpus']} GPU{'s' if c['gpus'] > 1 else ''} at {c['mfu']:.0%} MFU "
-                 f"of {c['peak_tflops']:g} TFLOP/s ({p['dtype']}): {c['gpu_hours']:,.{0 if c['gpu_hours'] >= 10 else 2}f} GPU-hours")
+    if "measured" in c:
+        m = c["measured"]
+        lines.append(f"  {_duration(c['seconds'])} on {c['gpus']} device{'s' if c['gpus'] > 1 else ''} like {m['device']} "
+                     f"at the {c['mfu']:.0%} MFU temper measured there ({m['run']}: median of {m['rows']} rows) of "
+                     f"{c['peak_tflops']:.3g} TFLOP/s ({m['peak_source']}, {m['precision']}): "
+                     f"{c['gpu_hours']:,.{0 if c['gpu_hours'] >= 10 else 2}f} device-hours")
+    else:
+        lines.append(f"  {_duration(c['seconds'])} on {c['gpus']} GPU{'s' if c['gpus'] > 1 else ''} at {c['mfu']:.0%} MFU "
+                     f"of {c['peak_tflops']:g} TFLOP/s ({p['dtype']}): {c['gpu_hours']:,.{0 if c['gpu_hours'] >= 10 else 2}f} GPU-hours")
     return "\n".join(lines)
+
+
+def measured_mfu(run_dir: str) -> dict:
+    """The MFU a temper training run logged (median over its rows) and the peak it was measured
+    against: the run's `peak_flops` when it gave one, else this machine's matmul peak measured
+    now in the run's precision (the same measurement the run made)."""
+    import statistics
+    from pathlib import Path
+
+    import yaml
+
+    from temper.train.engine import read_metrics
+
+    path = Path(run_dir)
+    metrics, config = path / "metrics.jsonl", path / "config.yaml"
+    if not metrics.is_file() or not config.is_file():
+        raise TemperError(f"mfu_from={run_dir}: not a temper training run (no metrics.jsonl and config.yaml)")
+    rows = [r["mfu"] for r in read_metrics(metrics) if isinstance(r.get("mfu"), (int, float))]
+    if not rows:
+        raise TemperError(f"mfu_from={run_dir}: its metrics.jsonl logs no mfu")
+    run_cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    import torch
+
+    from temper.runtime import resolve_device
+    from temper.train.engine import measure_matmul_peak, resolve_precision
+
+    device = resolve_device(str(run_cfg.get("device", "auto")))
+    precision = resolve_precision(str(run_cfg.get("precision", "auto")), device)
+    if run_cfg.get("peak_flops"):
+        peak, source = float(run_cfg["peak_flops"]), "the run's peak_flops"
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        peak, source = measure_matmul_peak(device, dtype), "a matmul measured now"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"this machine's {device.type}"
+    return {"run": str(path), "rows": len(rows), "mfu": statistics.median(rows), "peak_tflops": peak / 1e12,
+            "peak_source": source, "precision": precision, "device": name}
 
 
 def run(cfg: Config) -> dict:
