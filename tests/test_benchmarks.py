@@ -62,3 +62,44 @@ def test_bench_lora_trl_peers_train_the_same_tokens(tmp_path, tiny_model_dir):
     for example, ids, labels in zip(ours, theirs["input_ids"], theirs["labels"]):
         assert ids == [*example.inputs, example.targets[-1]]  # the same rendered tokens
         assert labels[1:] == example.targets  # trained at the same positions (TRL shifts inside the model)
+
+
+def test_bench_dpo_trl_peers_see_the_same_tokens(tmp_path, tiny_model_dir, monkeypatch):
+    """TRL's tokenised pairs and collated batches must be temper's, token for token, in temper's order,
+    and TRL must not recompute activations, cast to bf16 or precompute the reference."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    import json
+
+    from temper.data.preference import PreferenceEncoder
+
+    bench = _load("bench_dpo_trl")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+             "rejected": [{"role": "assistant", "content": "I will not say. " * (i % 3 + 1)}]} for i in range(7)]
+    rows.append({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
+                            {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "And 2 plus 2?"}],
+                 "chosen": [{"role": "assistant", "content": "4"}],
+                 "rejected": [{"role": "assistant", "content": "Five, I think."}]})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    same = bench.check_same_work(tiny_model_dir, pairs, steps=4, batch=2)  # exits unless identical
+    assert same["pairs"] == len(rows) and len(same["sequence_lengths"]) == 4 and same["completion_tokens"] > 0
+    args = same["trl_args"]
+    assert args.gradient_checkpointing is False and getattr(args, "activation_checkpointing", False) is False
+    assert not args.bf16 and not args.fp16 and not args.padding_free and not args.precompute_ref_log_probs
+    assert args.train_sampling_strategy == "sequential" and args.max_length == bench.SEQ_LEN + 1
+    assert args.dataloader_num_workers == 0 and args.max_grad_norm == 1.0 and args.beta == 0.1
+
+    order = bench.temper_order(bench.temper_config(tiny_model_dir, pairs, tmp_path / "o", "copy", 4, 2))
+    assert sorted(order) == list(range(len(rows))) and order != sorted(order)  # shuffled: TRL must follow it
+
+    real = PreferenceEncoder.answer
+
+    def one_token_short(self, *args, **kwargs):  # temper drops each answer's end marker: TRL keeps it
+        return real(self, *args, **kwargs)[:-1]
+
+    monkeypatch.setattr(PreferenceEncoder, "answer", one_token_short)
+    with pytest.raises(SystemExit, match="not the same work: pair 0 .* differ"):
+        bench.check_same_work(tiny_model_dir, pairs, steps=4, batch=2)

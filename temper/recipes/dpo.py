@@ -196,19 +196,26 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
 
 def pair_logps(model, batch, *, with_logits: bool = False):
     """(log-probs (R,), completion tokens (R,), Σ over completion tokens of the vocabulary-mean
-    logit (R,) or None) of the rows of a batch: for pairs, chosen and rejected in one forward."""
+    logit (R,) or None) of the rows of a batch: for pairs, chosen and rejected in one forward.
+
+    The output layer scores the completion tokens only: prompts and padding go through the
+    blocks but cost no (tokens x vocab) work, forward or backward."""
     from temper.losses import IGNORE_INDEX
     from temper.losses.clm import output_weight, replicated_local
-    from temper.losses.logprobs import sequence_logprobs
+    from temper.losses.logprobs import token_logprobs
 
     hidden = model(batch.inputs, return_hidden=True)  # (2B, T, C)
     weight = output_weight(model)
-    logps, counts = sequence_logprobs(hidden, weight, batch.targets)
+    scored = batch.targets != IGNORE_INDEX  # (2B, T)
+    completion = hidden[scored]  # (N, C): the completion tokens' hidden states
+    token_logps = token_logprobs(completion, weight, batch.targets[scored])  # (N,)
+    logps = token_logps.new_zeros(scored.shape).masked_scatter(scored, token_logps).sum(-1)  # (2B,)
+    counts = scored.sum(-1)
     logits_sum = None
     if with_logits:  # mean over the vocabulary of h @ W^T is h @ mean(W): no (tokens x vocab) tensor
         mean_row = replicated_local(weight).detach().float().mean(0)  # (C,)
-        per_token = hidden.detach().float() @ mean_row  # (2B, T)
-        logits_sum = per_token.masked_fill(batch.targets == IGNORE_INDEX, 0.0).sum(-1)
+        per_token = completion.detach().float() @ mean_row  # (N,)
+        logits_sum = per_token.new_zeros(scored.shape).masked_scatter(scored, per_token).sum(-1)
     return logps, counts, logits_sum
 
 

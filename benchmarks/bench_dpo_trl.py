@@ -1,0 +1,414 @@
+"""DPO step time and peak memory: temper vs TRL's DPOTrainer, both sides doing the same work.
+
+    python benchmarks/bench_dpo_trl.py [--steps 10 --warmup 2 --batch 4 --rounds 2 --modes copy,precomputed,...]
+
+Setup (built here, no hub): the built-in world (`temper.data.world`, seed 0); a byte-level
+BPE trained on its pretraining text (ChatML template; the corpus yields ~2.4k tokens); temper's
+`llama-14m` preset (hidden 384, 6 layers, 6/2 GQA heads, SwiGLU 1024, vocab 8192, tied:
+12.6M parameters) built with seed 0 and saved with `temper.models.save_model` as a Hugging
+Face directory, which TRL loads with `AutoModelForCausalLM.from_pretrained`. Data: the first
+(warmup + steps) x batch rows of the world's `preference/train.jsonl` (message rows, ChatML),
+one epoch, so every step sees new pairs; a batch's longest sequence is <= 209 tokens (T <= 256).
+
+Same work on both sides (TRL 1.x defaults that differ from temper's are set; the script
+prints both sides' settings):
+  - the same batches in the same order: TRL's rows are written in the order temper's loader
+    draws them (seed 0) and TRL reads them sequentially (`train_sampling_strategy`); the
+    script stops unless TRL's tokenised dataset equals temper's `EncodedPair`s (prompt,
+    chosen, rejected ids) and every collated batch trains the same targets from the same
+    inputs (checked again, token for token, by `tests/test_benchmarks.py`).
+  - no activation (gradient) checkpointing on either: TRL's configs turn it ON by default.
+  - fp32 (TRL defaults to bf16 where the machine has it); right padding to the longest row
+    of the batch, no padding-free (TRL 1.16: unavailable, falls back to padding), no
+    pad-to-multiple; max length 257 tokens = temper's seq_len 256 positions (nothing is cut).
+  - batch 4 pairs (8 rows, chosen and rejected in one forward on both), 1 micro-batch per
+    step; sigmoid loss, beta 0.1; AdamW lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 0,
+    fused kernel, gradient clipping at 1.0; constant lr, no warmup.
+  - both log every step (loss and TRL's metrics), no evaluation, checkpoints or saving inside
+    the timed steps; 0 dataloader workers.
+  - the reference: a frozen copy loaded from the same directory (`copy`), log-probs computed
+    before training (`precomputed`: TRL `precompute_ref_log_probs`), LoRA r=8 alpha 16 on
+    every linear layer but the (tied) output layer with the adapter disabled (`lora-adapter`:
+    TRL with `peft_config` and no `ref_model`), or LoRA with a frozen copy (`lora-copy`).
+What still differs is how each computes the same thing: TRL scores the log-probs of every
+position (prompt and padding too: on CPU its fused LM head does not compact to the completion
+tokens) and also computes entropy and top-1 accuracy every step (TRL metrics that cannot be
+turned off); TRL's model reads one more position per row (the last token, whose prediction is
+dropped); transformers' SDPA gets a padding mask, temper's causal attention needs none.
+
+Timed: the wall time between the ends of consecutive optimiser steps (temper: when its loop
+ends a step; TRL: `on_step_end`), median over the --steps after --warmup. Memory: each run
+in its own process that imports the same libraries (torch, transformers, trl, peft, datasets,
+temper) before anything else; peak RSS at the end of the last step (before any saving) and
+its growth over the RSS after the imports. --rounds alternating runs; each side keeps its
+fastest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEQ_LEN = 256  # temper: input positions; a sequence holds at most SEQ_LEN + 1 tokens
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP, BETA = 5e-6, (0.9, 0.999), 1e-8, 0.0, 1.0, 0.1
+LORA = dict(r=8, alpha=16, dropout=0.0)
+# mode -> (LoRA?, temper's reference=)
+MODES = {"copy": (False, "copy"), "precomputed": (False, "precomputed"), "lora-adapter": (True, "adapter"),
+         "lora-copy": (True, "copy")}
+WHAT_IS_HELD = {
+    "copy": "policy + grads + AdamW m, v + a frozen fp32 copy",
+    "precomputed": "policy + grads + AdamW m, v; the reference is two numbers per pair "
+                   "(its copy was loaded once before training, then freed)",
+    "lora-adapter": "base (frozen) + LoRA + its grads and m, v; the reference is the base with the adapter off",
+    "lora-copy": "base (frozen) + LoRA + its grads and m, v + a frozen fp32 copy",
+}
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def prepare(workdir: Path, n_pairs: int) -> tuple[Path, Path]:
+    """(model directory, pairs file): the world, a tokenizer, llama-14m with seed 0, the first n_pairs pairs."""
+    import torch
+
+    from temper.data.tokenizer import train_tokenizer
+    from temper.data.world import WorldConfig, build_world, write_world
+    from temper.models import build_model, preset, save_model
+
+    world_dir, model_dir, pairs = workdir / "world", workdir / "model", workdir / "pairs.jsonl"
+    if not (world_dir / "preference" / "train.jsonl").is_file():
+        write_world(build_world(WorldConfig(seed=0)), world_dir)
+    if not (model_dir / "config.json").is_file():
+        with open(world_dir / "pretrain" / "train.jsonl", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        tokenizer = train_tokenizer(texts, vocab_size=8192)
+        torch.manual_seed(0)
+        save_model(build_model(preset("llama-14m")), model_dir, tokenizer=tokenizer)
+    with open(world_dir / "preference" / "train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(n_pairs), f)]
+    if len(rows) < n_pairs:
+        sys.exit(f"the world has {len(rows)} preference pairs, fewer than {n_pairs}")
+    pairs.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows),
+                     encoding="utf-8")
+    return model_dir, pairs
+
+
+def temper_settings(mode: str) -> list[str]:
+    lora, reference = MODES[mode]
+    settings = [
+        f"seq_len={SEQ_LEN}", "loss_type=[sigmoid]", f"beta={BETA}", f"reference={reference}", "precision=fp32",
+        "grad_accum=1", "eval_fraction=0", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]",
+        f"optim.eps={EPS}", f"optim.weight_decay={WEIGHT_DECAY}", f"optim.grad_clip={CLIP}", "optim.fused=true",
+        "schedule.name=constant", "schedule.warmup_steps=0", "activation_checkpointing=false",
+        "logging.every=1", "logging.eval_every=0", "logging.eval_at_start=false", "logging.progress=false",
+        "checkpoint.every=0", "seed=0",
+    ]
+    if lora:
+        settings += ["peft.method=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}",
+                     f"peft.dropout={LORA['dropout']}", "peft.target_modules=all-linear"]
+    return settings
+
+
+def temper_config(model_dir, pairs_path, out, mode: str, steps: int, batch: int):
+    from temper.config import load_config
+    from temper.recipes import dpo
+
+    return load_config(dpo.Config, None, [f"model={model_dir}", f"data={pairs_path}", f"output_dir={out}",
+                                          f"max_steps={steps}", f"batch_size={batch}", *temper_settings(mode)])
+
+
+def temper_pairs(cfg):
+    """(the encoded pairs temper trains on, its loader over them), as `temper dpo` builds them."""
+    from temper.data.chat import resolve_template
+    from temper.data.preference import PreferenceLoader
+    from temper.data.tokenizer import Tokenizer
+    from temper.recipes import dpo
+
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    template = None if cfg.template == "none" else resolve_template(cfg.template, tokenizer)
+    train, held, stats, _ = dpo.resolve_pairs(cfg, {}, tokenizer, template)
+    assert not held and stats.truncated == 0 and stats.prompt_truncated == 0, stats.summary()
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return train, PreferenceLoader(train, batch_size=cfg.batch_size, pad_id=pad_id, seed=cfg.seed)
+
+
+def temper_order(cfg) -> list[int]:
+    """Indices (0-based rows of the data file) in the order temper's loader draws its first epoch."""
+    _, loader = temper_pairs(cfg)
+    return [int(p.source.rsplit(":", 1)[1]) - 1 for batch in loader._epoch_batches() for p in batch]
+
+
+def trl_settings(mode: str, steps: int, batch: int) -> dict:
+    """DPOConfig arguments that make TRL do temper's work (see the module docstring)."""
+    import transformers
+
+    # transformers >= 5.2x renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return dict(
+        max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        **{checkpointing: False}, bf16=False, fp16=False, use_cpu=True,
+        max_length=SEQ_LEN + 1, truncation_mode="keep_start", padding_free=False, pad_to_multiple_of=None,
+        precompute_ref_log_probs=MODES[mode][1] == "precomputed", loss_type=["sigmoid"], beta=BETA,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
+        adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, eval_strategy="no",
+        save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
+    )
+
+
+def trl_trainer(model_dir, rows: list[dict], out: str, mode: str, steps: int, batch: int, callbacks=()):
+    """TRL's DPOTrainer over `rows` (in the order given: it reads them sequentially)."""
+    import datasets
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    lora, reference = MODES[mode]
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return DPOTrainer(model=load(), ref_model=load() if reference == "copy" else None,
+                      args=DPOConfig(output_dir=out, **trl_settings(mode, steps, batch)), train_dataset=data,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- the same tokens
+
+
+def check_same_work(model_dir, pairs_path, steps: int, batch: int, mode: str = "copy") -> dict:
+    """Stop unless TRL tokenises and batches the pairs exactly as temper does; a summary of the batches."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = temper_config(model_dir, pairs_path, Path(out) / "temper", mode, steps, batch)
+        ours, loader = temper_pairs(cfg)
+        order = temper_order(cfg)
+        rows = read_rows(pairs_path)
+        trainer = trl_trainer(model_dir, [rows[i] for i in order], str(Path(out) / "trl"), mode, steps, batch)
+        theirs = trainer.train_dataset
+        by_row = {int(p.source.rsplit(":", 1)[1]) - 1: p for p in ours}
+        if len(theirs) != len(ours):
+            sys.exit(f"not the same work: TRL has {len(theirs)} pairs, temper {len(ours)}")
+        for k, i in enumerate(order):
+            for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                if theirs[k][field] != getattr(by_row[i], field):
+                    sys.exit(f"not the same work: pair {k} (row {i + 1}) {field} differ:\n  temper {getattr(by_row[i], field)}"
+                             f"\n  trl    {theirs[k][field]}")
+        lengths, completion_tokens = [], 0
+        for step, trl_batch in zip(range(steps), trainer.get_train_dataloader()):
+            ids, attention, completion = trl_batch["input_ids"], trl_batch["attention_mask"], trl_batch["completion_mask"]
+            ours_batch = loader.next_batch()
+            labels = ids.masked_fill(completion == 0, -100)[:, 1:]  # TRL's targets, shifted as temper's are
+            if ours_batch.inputs.shape != labels.shape or not torch.equal(ours_batch.targets, labels):
+                sys.exit(f"not the same work: step {step} trains different targets")
+            real = attention[:, 1:].bool()  # positions whose next token exists: the predictions used
+            if not torch.equal(ours_batch.inputs[real], ids[:, :-1][real]):
+                sys.exit(f"not the same work: step {step} reads different inputs")
+            lengths.append(ids.shape[1])
+            completion_tokens += int(completion.sum())
+    return {"pairs": len(ours), "sequence_lengths": lengths, "completion_tokens": completion_tokens,
+            "trl_args": trainer.args}
+
+
+# ----------------------------------------------------------------------------- one side, in its own process
+
+
+def _import_everything() -> float:
+    """Both sides import the same libraries first, so RSS compares what training needs. The RSS after imports, MB."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    import temper.recipes.dpo  # noqa: F401
+    import temper.train.loop  # noqa: F401
+
+    return _rss_mb()
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_temper(args) -> dict:
+    import torch
+
+    from temper.recipes import dpo
+    from temper.train.loop import TrainLoop
+
+    base = _import_everything()
+    ends, losses, peaks = [], [], []
+    end_step = TrainLoop._end_step
+
+    def timed_end_step(self, done, seconds):  # the moment a step ends, before any logging or saving
+        ends.append(time.perf_counter())
+        peaks.append(_rss_mb())
+        losses.append(float(self._row["loss"]))
+        end_step(self, done, seconds)
+
+    TrainLoop._end_step = timed_end_step
+    with tempfile.TemporaryDirectory() as out:
+        cfg = temper_config(args.model, args.pairs, Path(out) / "run", args.mode, args.warmup + args.steps, args.batch)
+        summary = dpo.run(cfg)
+    steps = [b - a for a, b in zip(ends, ends[1:])]  # steps[k]: step k + 1 (0-based)
+    return {"step_seconds": steps[args.warmup - 1:], "losses": losses, "peak_rss_mb": peaks[-1], "base_rss_mb": base,
+            "trainable": summary["trainable_parameters"], "threads": torch.get_num_threads(),
+            "settings": temper_settings(args.mode)}
+
+
+def run_trl(args) -> dict:
+    import torch
+    import transformers
+    from transformers import TrainerCallback
+
+    base = _import_everything()
+    ends, losses, peaks = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+            peaks.append(_rss_mb())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    rows = read_rows(args.pairs)
+    order = json.loads(args.order)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trl_trainer(args.model, [rows[i] for i in order], out, args.mode, args.warmup + args.steps,
+                              args.batch, callbacks=[Timer()])
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainer.train()
+    settings = {k: v for k, v in trl_settings(args.mode, args.steps, args.batch).items()
+                if k not in ("max_steps", "per_device_train_batch_size")}
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    return {"step_seconds": steps[args.warmup - 1:], "losses": losses,
+            "peak_rss_mb": peaks[-1], "base_rss_mb": base, "trainable": trainable,
+            "threads": torch.get_num_threads(), "settings": settings,
+            "versions": f"transformers {transformers.__version__}, peft {__import__('peft').__version__}, "
+                        f"trl {__import__('trl').__version__}, torch {torch.__version__}"}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per step")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side; the fastest is kept")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"reference modes to run, of {', '.join(MODES)}")
+    ap.add_argument("--workdir", help="keep the world, tokenizer and model here (default: a temporary directory)")
+    ap.add_argument("--only", choices=["temper", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=list(MODES), default="copy", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", help=argparse.SUPPRESS)
+    ap.add_argument("--order", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.warmup < 1:
+        sys.exit("--warmup must be at least 1: a step's time is measured from the end of the one before")
+    if args.only:
+        result = run_temper(args) if args.only == "temper" else run_trl(args)
+        print("RESULT " + json.dumps(result))
+        return
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            sys.exit(f"unknown mode {mode!r}: expected some of {', '.join(MODES)}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        steps_total = args.warmup + args.steps
+        model_dir, pairs_path = prepare(workdir, steps_total * args.batch)
+        same = check_same_work(model_dir, pairs_path, steps_total, args.batch)
+        order = temper_order(temper_config(model_dir, pairs_path, workdir / "unused", "copy", steps_total,
+                                           args.batch))
+        print(f"same work: {same['pairs']} pairs, identical prompt/chosen/rejected ids and identical batches on both "
+              f"sides ({same['completion_tokens']} completion tokens; batch lengths "
+              f"{min(same['sequence_lengths'])}-{max(same['sequence_lengths'])} tokens)", flush=True)
+
+        results: dict[tuple[str, str], dict] = {}
+        for _ in range(args.rounds):
+            for mode in modes:
+                for side in ("temper", "trl"):
+                    cmd = [sys.executable, __file__, "--only", side, "--mode", mode, "--model", str(model_dir),
+                           "--pairs", str(pairs_path), "--order", json.dumps(order), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--batch", str(args.batch)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                    if proc.returncode or line is None:
+                        sys.exit(f"{side} ({mode}) failed:\n{proc.stderr[-4000:]}")
+                    r = json.loads(line[7:])
+                    r["median"] = statistics.median(r["step_seconds"])
+                    print(f"  {mode:12s} {side:6s} median step {r['median'] * 1000:7.1f} ms, peak RSS "
+                          f"{r['peak_rss_mb']:6.0f} MB (+{r['peak_rss_mb'] - r['base_rss_mb']:.0f} over imports)",
+                          file=sys.stderr, flush=True)
+                    key = (mode, side)
+                    if key not in results or r["median"] < results[key]["median"]:
+                        results[key] = r
+
+    for mode in modes:
+        t, h = results[(mode, "temper")], results[(mode, "trl")]
+        if t["trainable"] != h["trainable"]:
+            sys.exit(f"not the same work ({mode}): trainable parameters temper {t['trainable']} vs trl {h['trainable']}")
+        first = (t["losses"][0], h["losses"][0])
+        gap = max(abs(a - b) for a, b in zip(t["losses"], h["losses"]))
+        if abs(first[0] - first[1]) > 1e-4 or gap > 1e-2:
+            sys.exit(f"not the same maths ({mode}): losses temper {t['losses']} vs trl {h['losses']}")
+        results[(mode, "gap")] = gap
+
+    t, h = results[(modes[0], "temper")], results[(modes[0], "trl")]
+    print(f"temper settings: {' '.join(t['settings'])}")
+    print(f"trl settings:    {json.dumps(h['settings'])}")
+    print(f"llama-14m (12.6M parameters) DPO, the world's first {same['pairs']} preference pairs (ChatML), batch "
+          f"{args.batch} pairs, {args.warmup} warm-up + {args.steps} timed steps, fp32 CPU ({t['threads']} threads), "
+          f"no activation checkpointing; {h['versions']}")
+    print("\n| reference | temper step (median) | TRL step (median) | speed ratio | temper peak RSS (growth) | "
+          "TRL peak RSS (growth) | peak ratio | growth ratio | trainable | max loss gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        t, h = results[(mode, "temper")], results[(mode, "trl")]
+        tg, hg = t["peak_rss_mb"] - t["base_rss_mb"], h["peak_rss_mb"] - h["base_rss_mb"]
+        print(f"| {mode} | {t['median'] * 1000:.0f} ms | {h['median'] * 1000:.0f} ms | **{h['median'] / t['median']:.2f}x** | "
+              f"{t['peak_rss_mb']:.0f} MB (+{tg:.0f}) | {h['peak_rss_mb']:.0f} MB (+{hg:.0f}) | "
+              f"{t['peak_rss_mb'] / h['peak_rss_mb']:.2f}x | {tg / hg:.2f}x | {t['trainable']:,} | "
+              f"{results[(mode, 'gap')]:.1e} |")
+    print("\nwhat temper holds while training:")
+    for mode in modes:
+        print(f"  {mode:12s} {WHAT_IS_HELD[mode]}")
+    for mode in modes:
+        t, h = results[(mode, "temper")], results[(mode, "trl")]
+        print(f"step seconds {mode}: temper {[round(s, 3) for s in t['step_seconds']]}; "
+              f"trl {[round(s, 3) for s in h['step_seconds']]}")
+
+
+if __name__ == "__main__":
+    main()
