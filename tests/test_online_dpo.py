@@ -268,6 +268,18 @@ def test_llm_reviser_plumbing_gives_pairs_or_counted_skips(tiny_model_dir):
     assert set(first) == set(skipped)
 
 
+def test_a_revision_that_repeats_its_critique_is_skipped():
+    from temper.align.feedback import Reviser, Revision
+
+    class Parrot(Reviser):  # what a 3M-parameter judge does: one short reply to both requests
+        def revise_all(self, prompts, responses, principles):
+            return [Revision("6", critique="6"), Revision("2 plus 3 is 5.", critique="It is wrong.")]
+
+    pairs, skipped, first = revision_pairs(PROMPTS[:1], [["2 plus 3 is 6.", "five"]], Parrot(), ["Be right."], 1)
+    assert skipped == {"revision_is_critique": 1} and "repeats the critique '6'" in first["revision_is_critique"]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("2 plus 3 is 5.", "five")]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -15,8 +15,9 @@ judged against one principle, taken in turn.
 Judges: `constitution:MODEL_DIR` (an LLM, through temper's batched generation with the model's
 chat template; greedy) or `constitution:callable:MODULE:FUNC` with
 `FUNC(prompt, response, principle) -> revised text or None`, for a deterministic stand-in or
-a judge of your own. A revision that fails (an exception, None, not text, an empty critique)
-or that is empty or the same as the original makes no pair; each reason is counted.
+a judge of your own. A revision that fails (an exception, None, not text, an empty critique),
+that is empty, the same as the original, or the critique again word for word (a small model
+answers both requests with the same short reply) makes no pair; each reason is counted.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's m
    fewer than two responses have a score (`unscored`: the judge failed on them), or when the
    best and worst scores are equal (`tie`, all its responses alike to the judge); among
    equal best (or worst) scores the first sampled is taken. A constitution judge instead
-   revises each response: (revised > original), skipped when the revision fails, is empty
-   or is the same text. Empty responses never take part (`empty_response`);
+   revises each response: (revised > original), skipped when the revision fails, is empty,
+   is the original, or repeats the critique word for word (the judge followed neither
+   request). Empty responses never take part (counted in `empty_responses`);
 4. write them to `output_dir/round_k/pairs.jsonl` and train one DPO round on them with the
    single-round recipe (`temper.recipes.dpo.run`, every DPO setting as given), into
    `output_dir/round_k`. The reference is the round's starting policy (the on-policy
@@ -224,6 +225,8 @@ def revision_pairs(prompts: list[Prompt], responses: list[list[str]], reviser, p
             reason, rev.message = "empty_revision", "the revision is empty"
         elif reason is None and same_text(rev.revision, r):
             reason, rev.message = "identical", "the revision is the original"
+        elif reason is None and rev.critique is not None and same_text(rev.revision, rev.critique):
+            reason, rev.message = "revision_is_critique", f"the revision repeats the critique {rev.critique!r:.60}"
         if reason is not None:
             skipped[reason] += 1
             first.setdefault(reason, f"{p.source}: {rev.message}")
