@@ -8,6 +8,7 @@ reward model, no RL (Rafailov et al. 2023):
     temper dpo model=DIR data=hh-rlhf/harmless-base-test.jsonl.gz template=none
     temper dpo model=DIR peft.method=lora                         # reference: the adapter disabled
     temper dpo model=DIR loss_type=[sigmoid,sft] loss_weights=[1,0.2]   # RPO: DPO + NLL on the chosen
+    temper dpo model=runs/sft rounds=2 judge=rule:world                  # iterative: temper.align.online
 
 Data: `prompt` + `chosen` + `rejected` (strings or message lists), or the implicit-prompt form
 (`chosen` + `rejected`, the prompt their shared start), from .jsonl/.jsonl.gz/.json/parquet
@@ -93,9 +94,25 @@ class Config:
     schedule: ScheduleConfig = opt(ScheduleConfig(warmup_ratio=0.1), "learning-rate schedule")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(every=0), "checkpointing")
     logging: LoggingConfig = opt(LoggingConfig(every=10, eval_every=50, eval_at_start=True), "logging and evaluation")
+    # iterative (online) DPO and AI feedback: temper.align.online
+    rounds: int = opt(0, "online rounds: sample from the policy, judge, pair, train a DPO round, repeat (0: offline)")
+    judge: str = opt("rule:world", "what makes a round's pairs: rule:world, regex:PATTERN, callable:MODULE:FUNC, "
+                                   "llm:MODEL_DIR, or constitution:MODEL_DIR (AI feedback)")
+    constitution: str = opt("", "principles for judge=constitution:... (default: the shipped constitutions/default.md)")
+    online_prompts: list[str] = opt([], "prompt rows for the rounds (default: the built-in world's rl/train.jsonl)")
+    prompts_per_round: int = opt(64, "prompts answered each round: the next ones of a seeded shuffle (0: all)")
+    samples_per_prompt: int = opt(4, "responses sampled per prompt each round")
+    temperature: float = opt(1.0, "sampling temperature of the policy's responses")
+    top_p: float = opt(1.0, "nucleus sampling of the policy's responses (1: off)")
+    max_new_tokens: int = opt(48, "longest sampled response (and critique, and revision)")
+    skip_bad_judgements: bool = opt(True, "skip and count responses the judge fails on (false: stop at the first)")
+    monitor_judge: str = opt("", "a scoring judge reported before and after each round (default: judge, if it scores)")
 
     def validate(self) -> None:
+        from temper.align.online import check_config
         from temper.losses.preference import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+
+        check_config(self)
 
         for key in ("batch_size", "grad_accum", "max_steps", "seq_len"):
             if getattr(self, key) < 1:
@@ -268,6 +285,10 @@ def reference_cache(out: Path, pairs, ref_dir: str, fingerprint: str, compute) -
 
 
 def run(cfg: Config) -> dict:
+    if cfg.rounds:  # iterative DPO: each round samples, judges, and comes back here with rounds=0
+        from temper.align.online import run_online
+
+        return run_online(cfg)
     import torch
 
     from temper.data.chat import resolve_template, stop_settings

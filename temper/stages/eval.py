@@ -3,6 +3,7 @@
     temper eval model=runs/sft tasks=world_facts_mc,world_qa
     temper eval models=[runs/pretrain,runs/sft] tasks=world_facts_mc,world_qa data=valid.txt
     temper eval models=[runs/sft,runs/sft-lora] tasks=world_qa judge=rule        # or judge=JUDGE_DIR
+    temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=rule:world  # any scoring judge of temper.align.judges
     temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
 
 Tasks are YAML files, or the names of the ones shipped in the package (temper/configs/tasks:
@@ -38,7 +39,8 @@ class Config:
     window: int = opt(256, "perplexity window: tokens fed to the model per pass (lm-eval's max_length)")
     stride: int = opt(128, "new tokens scored per window after the first (= window: lm-eval's rolling windows)")
     world: str | None = opt(None, "the built-in world directory for {world} tasks (default: the model's lineage)")
-    judge: str | None = opt(None, "with two models: 'rule' (checkable answers) or a judge model directory")
+    judge: str | None = opt(None, "with two models: 'rule' (checkable answers), a judge model directory, or a "
+                                  "scoring judge: rule:world, regex:PATTERN, callable:MODULE:FUNC, llm:MODEL_DIR")
     contamination: list[str] = opt([], "training data whose 13-gram overlap with each task is reported")
     ngram: int = opt(13, "n-gram length for the contamination check")
     output_dir: str = opt("runs/eval", "where results.json and results.md are written")
@@ -171,8 +173,28 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
         raise TemperError(f"judge= compares exactly two models (models=[A,B]); got {len(model_dirs)}")
     if not any(t.type == "generation" for t in tasks):
         raise TemperError("judge= compares generated answers, but no task in tasks= is a generation task")
-    if cfg.judge != "rule":
+    if scoring_judge(cfg.judge):
+        from temper.align.judges import split_spec
+
+        kind, arg = split_spec(cfg.judge)
+        if kind in ("constitution", "reward"):
+            raise TemperError(f"judge={cfg.judge}: temper eval compares answers with rule:world, regex:, callable: "
+                              "or llm: judges")
+        if kind == "llm":
+            check_model_dir(arg, "judge=")
+        else:  # a bad pattern, module or function is found before any model is evaluated
+            from temper.align.judges import make_judge
+
+            make_judge(cfg.judge)
+    elif cfg.judge != "rule":
         check_model_dir(cfg.judge, "judge=")
+
+
+def scoring_judge(spec: str) -> bool:
+    """A `KIND:ARGUMENT` judge of temper.align.judges (a directory path has no such prefix)."""
+    from temper.align.judges import KINDS
+
+    return spec.partition(":")[0] in KINDS and ":" in spec
 
 
 def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, device) -> dict:
@@ -189,14 +211,35 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
         answers = [[o["prediction"] for o in out] for out in outs]
         if cfg.judge == "rule":
             reports[task.name] = rule_pairwise([o["reference"] for o in outs[0]], answers[0], answers[1])
+        elif scoring_judge(cfg.judge) and not cfg.judge.startswith("llm:"):
+            reports[task.name] = scored_pairwise(cfg.judge, task.name, questions, [o["reference"] for o in outs[0]],
+                                                 answers[0], answers[1], device)
         else:
             if judge is None:
                 from temper.models import load_for_inference
 
-                judge = load_for_inference(cfg.judge, device=device)
+                judge = load_for_inference(cfg.judge.removeprefix("llm:"), device=device)
             reports[task.name] = pairwise(*judge, questions, answers[0], answers[1])
         reports[task.name].pop("verdicts", None)
     return reports
+
+
+def scored_pairwise(spec: str, task: str, questions, references, answers_1, answers_2, device) -> dict:
+    """`pairwise`'s report from a scoring judge: a system wins a question when its answer scores higher;
+    an answer the judge fails on (counted, warned) makes the question a tie."""
+    from temper.align.judges import Prompt, make_judge
+    from temper.eval.judge import summarize
+
+    judge = make_judge(spec, device=device)
+    prompts = [Prompt.from_text(q, answer=None if r is None else str(r), source=f"{task} row {i + 1}")
+               for i, (q, r) in enumerate(zip(questions, references))]
+    judge.check_prompts(prompts)
+    scores = judge.rank(prompts, [[a1, a2] for a1, a2 in zip(answers_1, answers_2)])
+    judge.close()
+    outcomes = ["tie" if None in (s1, s2) or s1 == s2 else "1" if s1 > s2 else "2" for s1, s2 in scores]
+    report = summarize(outcomes, [{"score_1": s1, "score_2": s2} for s1, s2 in scores])
+    report["bad_judgements"] = dict(judge.stats.bad)
+    return report
 
 
 def results_table(results: dict) -> str:

@@ -1,0 +1,315 @@
+"""Judges: one interface that scores several responses to each prompt, shared by online DPO
+(`temper dpo rounds=N judge=...`) and `temper eval judge=...`.
+
+    judge.rank(prompts, responses_per_prompt) -> [[score or None for each response] for each prompt]
+
+Specs (`make_judge`):
+
+  rule:world              the built-in world's checker (`temper.eval.world_checker`): correct,
+                          concise, not repetitive, polite; needs each prompt's `answer`
+  regex:PATTERN           1 when the response matches PATTERN (`re.search`), else 0
+  callable:MODULE:FUNC    `FUNC(prompt, response)` -> a number (also given `row=` when it takes
+                          a `row` argument: the prompt's whole data row); MODULE is imported
+  llm:MODEL_DIR           the pairwise LLM judge of `temper.eval.judge`: every two responses
+                          to a prompt are compared in both orders; a response's score is its
+                          share of wins (a tie, or orders that disagree, count half)
+
+A reward model would be a fourth kind; temper has no reward model yet, and `reward:` says so.
+
+Bad judgements (an exception, a value that is not a finite number) are never used silently:
+with `skip_bad=True` the response gets no score (None: it takes part in no pair) and the
+reason is counted in `judge.stats`, and one warning per batch names the first row of each
+reason; with `skip_bad=False` the first one stops the run with `file:line sample k: why`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import numbers
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from temper.errors import TemperError
+
+KINDS = ("rule", "regex", "callable", "llm", "constitution", "reward")
+SKIP_HINT = "set skip_bad_judgements=true to skip and count such samples"
+
+
+@dataclass
+class Prompt:
+    """One prompt to answer: a conversation ending with a user turn, where it came from, and
+    the checkable answer when its row has one."""
+    messages: list[dict]
+    source: str  # "file:line"
+    answer: str | None = None
+    row: dict = field(default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        """The last user turn's text: what a judge is shown as the question."""
+        return next(m["content"] for m in reversed(self.messages) if m.get("role") == "user")
+
+    @classmethod
+    def from_text(cls, question: str, *, answer: str | None = None, source: str = "") -> Prompt:
+        return cls([{"role": "user", "content": question}], source, answer)
+
+
+@dataclass
+class JudgeStats:
+    judged: int = 0  # responses given a score
+    bad: Counter = field(default_factory=Counter)  # reason -> responses left unscored
+    first_bad: dict[str, str] = field(default_factory=dict)  # reason -> "file:line sample k: message"
+
+    def as_dict(self) -> dict:
+        return {"judged": self.judged, "bad": dict(self.bad), "first_bad": dict(self.first_bad)}
+
+
+class Judge:
+    """Scores responses; subclasses implement `score(prompt, response)` or override `rank`."""
+
+    name = "judge"
+    needs_answer = False
+
+    def __init__(self, *, skip_bad: bool = True) -> None:
+        self.skip_bad = skip_bad
+        self.stats = JudgeStats()
+
+    def check_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """Refuse before any sampling when a prompt lacks what this judge needs."""
+        if self.needs_answer:
+            for p in prompts:
+                if p.answer is None:
+                    raise TemperError(f"{p.source}: judge {self.name} needs an 'answer' in every prompt row; "
+                                      "this one has none")
+
+    def score(self, prompt: Prompt, response: str) -> Any:
+        raise NotImplementedError
+
+    def rank(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list[list[float | None]]:
+        if len(prompts) != len(responses):
+            raise TemperError(f"{len(prompts)} prompts but {len(responses)} lists of responses")
+        before = Counter(self.stats.bad)
+        scores = [[self._checked(p, j, lambda p=p, r=r: self.score(p, r)) for j, r in enumerate(rs)]
+                  for p, rs in zip(prompts, responses)]
+        self.warn(before)
+        return scores
+
+    def _checked(self, prompt: Prompt, index: int, call: Callable[[], Any]) -> float | None:
+        """The judgement as a float, or None (counted) / a one-line error for a bad one."""
+        try:
+            value = call()
+        except TemperError:
+            raise
+        except Exception as e:  # a user's judge may raise anything: that sample is judged bad
+            return self.bad(prompt, index, "exception", f"{type(e).__name__}: {e}")
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, numbers.Real):
+            return self.bad(prompt, index, "not_a_number", f"returned {type(value).__name__} {value!r:.60}, "
+                                                           "not a number")
+        value = float(value)
+        if not math.isfinite(value):
+            return self.bad(prompt, index, "not_finite", f"returned {value}")
+        self.stats.judged += 1
+        return value
+
+    def bad(self, prompt: Prompt, index: int, reason: str, message: str) -> None:
+        where = f"{prompt.source} sample {index}"
+        if not self.skip_bad:
+            raise TemperError(f"{where}: judge {self.name} {message}; {SKIP_HINT}")
+        self.stats.bad[reason] += 1
+        self.stats.first_bad.setdefault(reason, f"{where}: {message}")
+        return None
+
+    def warn(self, since: Counter | None = None) -> None:
+        new = self.stats.bad - (since or Counter())
+        if new:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(new.items()))
+            firsts = "; ".join(self.stats.first_bad[r] for r in sorted(new))
+            warnings.warn(f"judge {self.name}: {sum(new.values())} samples skipped ({counts}); first of each: "
+                          f"{firsts}", UserWarning, stacklevel=3)
+
+    def close(self) -> None:
+        """Free what the judge holds (a model)."""
+
+
+class WorldRuleJudge(Judge):
+    """The built-in world's checker: `check_reply(response, answer)["score"]`."""
+
+    name = "rule:world"
+    needs_answer = True
+
+    def score(self, prompt: Prompt, response: str) -> float:
+        from temper.eval.world_checker import check_reply
+
+        if prompt.answer is None:
+            raise TemperError(f"{prompt.source}: judge rule:world needs the row's 'answer'")
+        return check_reply(response, prompt.answer)["score"]
+
+
+class RegexJudge(Judge):
+    def __init__(self, pattern: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        try:
+            self.pattern = re.compile(pattern)
+        except re.error as e:
+            raise TemperError(f"judge regex:{pattern}: not a regular expression ({e})") from None
+        self.name = f"regex:{pattern}"
+
+    def score(self, prompt: Prompt, response: str) -> float:
+        return 1.0 if self.pattern.search(response) else 0.0
+
+
+def import_callable(spec: str, option: str) -> Callable:
+    """`module:function` (dots allowed in both), imported; a one-line error naming `option` if it is not there."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise TemperError(f"{option}{spec}: expected MODULE:FUNCTION, e.g. my_judges:score")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TemperError(f"{option}{spec}: cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TemperError(f"{option}{spec}: module '{module_name}' has no '{attr}'{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TemperError(f"{option}{spec}: '{attr}' is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _takes_row(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "row" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class CallableJudge(Judge):
+    """`FUNC(prompt_text, response)` (plus `row=` when it takes one) -> a number."""
+
+    def __init__(self, spec: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fn = import_callable(spec, "judge=callable:")
+        self.with_row = _takes_row(self.fn)
+        self.name = f"callable:{spec}"
+
+    def score(self, prompt: Prompt, response: str) -> Any:
+        if self.with_row:
+            return self.fn(prompt.question, response, row=prompt.row)
+        return self.fn(prompt.question, response)
+
+
+class LLMJudge(Judge):
+    """The pairwise judge of `temper.eval.judge` turned into scores: each response's share of
+    wins against the other responses to its prompt, every comparison asked in both orders (a
+    win counts only when both orders agree; anything else is half a win each)."""
+
+    def __init__(self, model_dir: str, *, device: Any = "cpu", template: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        from temper.models import load_for_inference
+
+        self.model, self.tokenizer = load_for_inference(model_dir, device=device)
+        self.template = template
+        self.name = f"llm:{model_dir}"
+
+    def rank(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list[list[float | None]]:
+        from temper.eval.judge import judge_pair
+
+        if len(prompts) != len(responses):
+            raise TemperError(f"{len(prompts)} prompts but {len(responses)} lists of responses")
+        before = Counter(self.stats.bad)
+        out: list[list[float | None]] = []
+        for prompt, rs in zip(prompts, responses):
+            k = len(rs)
+            if k < 2:
+                out.append([0.5] * k)
+                self.stats.judged += k
+                continue
+            wins = [0.0] * k
+            try:
+                for i in range(k):
+                    for j in range(i + 1, k):
+                        if rs[i] == rs[j]:
+                            first, second = None, None
+                        else:
+                            first = judge_pair(self.model, self.tokenizer, prompt.question, rs[i], rs[j],
+                                               template=self.template)
+                            second = judge_pair(self.model, self.tokenizer, prompt.question, rs[j], rs[i],
+                                                template=self.template)
+                        if first == "A" and second == "B":
+                            wins[i] += 1
+                        elif first == "B" and second == "A":
+                            wins[j] += 1
+                        else:
+                            wins[i] += 0.5
+                            wins[j] += 0.5
+            except TemperError:
+                raise
+            except Exception as e:  # the judge failed on this prompt: none of its responses is scored
+                out.append([self.bad(prompt, j, "exception", f"{type(e).__name__}: {e}") for j in range(k)])
+                continue
+            self.stats.judged += k
+            out.append([w / (k - 1) for w in wins])
+        self.warn(before)
+        return out
+
+    def close(self) -> None:
+        del self.model
+
+
+def split_spec(spec: str, option: str = "judge=") -> tuple[str, str]:
+    """(kind, argument) of KIND:ARGUMENT; a one-line error for anything else."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in KINDS or not arg:
+        close = difflib.get_close_matches(kind, KINDS, n=1)
+        hint = f" (did you mean '{close[0]}:'?)" if close and close[0] != kind else ""
+        raise TemperError(f"{option}{spec}: expected KIND:ARGUMENT with KIND one of {', '.join(KINDS)}{hint}, "
+                          "e.g. rule:world, regex:PATTERN, callable:my_module:score, llm:runs/judge, "
+                          "constitution:runs/sft")
+    return kind, arg
+
+
+def make_judge(spec: str, *, device: Any = "cpu", skip_bad: bool = True, option: str = "judge=") -> Judge:
+    """The scoring judge named by `spec` (see the module docstring)."""
+    kind, arg = split_spec(spec, option)
+    if kind == "rule":
+        if arg != "world":
+            raise TemperError(f"{option}{spec}: the rule judge is rule:world (the built-in world's checker); "
+                              "for a pattern use regex:PATTERN, for your own rule callable:MODULE:FUNCTION")
+        return WorldRuleJudge(skip_bad=skip_bad)
+    if kind == "regex":
+        return RegexJudge(arg, skip_bad=skip_bad)
+    if kind == "callable":
+        return CallableJudge(arg, skip_bad=skip_bad)
+    if kind == "llm":
+        check_model_dir(arg, f"{option}llm:")
+        return LLMJudge(arg, device=device, skip_bad=skip_bad)
+    if kind == "reward":
+        raise TemperError(f"{option}{spec}: temper has no reward model yet; use rule:world, regex:, callable:, "
+                          "llm: or constitution:")
+    raise TemperError(f"{option}{spec}: a constitution judge revises responses instead of scoring them; "
+                      "it makes pairs in `temper dpo rounds=N`, not scores")
+
+
+def check_model_dir(path: str, option: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).expanduser().is_dir():
+        raise TemperError(f"{option}{path}: no such model directory")
+
+
+__all__ = ["CallableJudge", "Judge", "JudgeStats", "KINDS", "LLMJudge", "Prompt", "RegexJudge", "WorldRuleJudge",
+           "check_model_dir", "import_callable", "make_judge", "split_spec"]

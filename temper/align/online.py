@@ -1,0 +1,434 @@
+"""Iterative (online) DPO: the policy answers, a judge ranks, DPO trains, and again.
+
+    temper dpo model=runs/sft rounds=2                                  # judge=rule:world, the world's rl prompts
+    temper dpo model=runs/sft rounds=1 judge=regex:'^[A-Z][^.]*\\.$'
+    temper dpo model=runs/sft rounds=1 judge=callable:my_judges:score online_prompts=prompts.jsonl
+    temper dpo model=runs/sft rounds=1 judge=llm:runs/judge
+    temper dpo model=runs/sft rounds=1 judge=constitution:runs/sft      # AI feedback (temper.align.feedback)
+
+Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's model:
+
+1. take the next `prompts_per_round` prompts of a seeded shuffle of `online_prompts` (rows
+   with `prompt` (text or messages) or `messages`, and `answer` where the judge needs one;
+   default: the built-in world's rl/train.jsonl);
+2. sample `samples_per_prompt` responses to each with the policy (temper's batched
+   generation, the policy's chat template, its stop strings, `temperature`, `top_p`);
+3. make pairs. A scoring judge (`temper.align.judges`) scores every response; the pair is
+   the best-scored response over the worst-scored one. A prompt makes no pair (counted) when
+   fewer than two responses have a score (`unscored`: the judge failed on them), or when the
+   best and worst scores are equal (`tie`, all its responses alike to the judge); among
+   equal best (or worst) scores the first sampled is taken. A constitution judge instead
+   revises each response: (revised > original), skipped when the revision fails, is empty,
+   is the original, or repeats the critique word for word (the judge followed neither
+   request). Empty responses never take part (counted in `empty_responses`);
+4. write them to `output_dir/round_k/pairs.jsonl` and train one DPO round on them with the
+   single-round recipe (`temper.recipes.dpo.run`, every DPO setting as given), into
+   `output_dir/round_k`. The reference is the round's starting policy (the on-policy
+   choice of iterative DPO, e.g. Xu et al. 2023 "Some things are more CRINGE than others",
+   Yuan et al. 2024 "Self-Rewarding Language Models"), unless `ref_model=` pins one for all
+   rounds. Held-out pairs: eval_data=, else the world's preference/test.jsonl (so held-out
+   preference accuracy is comparable between rounds), else a share of the round's pairs;
+5. report: the monitor judge's mean score of the policy's samples before the round (the
+   samples just judged) and after it (the trained policy sampled on the same prompts with
+   the same seed), pairs made, skipped by reason, bad judgements, and the DPO summary's
+   held-out accuracy and drift perplexity before and after. `output_dir/rounds.jsonl` gets
+   one line per round, `output_dir/summary.json` all of them.
+
+`resume=auto` keeps the rounds that finished (their `round.json`) and resumes the one that did
+not from its pairs and checkpoints. One process only (no torchrun) and full fine-tuning only
+for now: each round's model must be the next round's policy directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import warnings
+from collections import Counter
+from dataclasses import fields, replace
+from pathlib import Path
+
+from temper.align.judges import Judge, Prompt, make_judge, split_spec
+from temper.errors import TemperError
+
+ONLINE_KEYS = ("judge", "constitution", "online_prompts", "prompts_per_round", "samples_per_prompt", "temperature",
+               "top_p", "max_new_tokens", "skip_bad_judgements", "monitor_judge")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def check_config(cfg) -> None:
+    """dpo.Config.validate's part for the online keys."""
+    from temper.config import check_range
+
+    check_range("rounds", cfg.rounds, low=0)
+    if not cfg.rounds:
+        defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
+                    for f in fields(type(cfg)) if f.name in ONLINE_KEYS}
+        changed = [k for k in ONLINE_KEYS if getattr(cfg, k) != defaults[k]]
+        if changed:
+            warnings.warn(f"{', '.join(changed)} apply to online rounds only (rounds=N); with rounds=0 they are "
+                          "ignored", UserWarning, stacklevel=3)
+        return
+    check_range("samples_per_prompt", cfg.samples_per_prompt, low=1)
+    check_range("prompts_per_round", cfg.prompts_per_round, low=0)
+    check_range("temperature", cfg.temperature, low=0.0)
+    check_range("top_p", cfg.top_p, low=0.0, high=1.0, low_open=True)
+    check_range("max_new_tokens", cfg.max_new_tokens, low=1)
+    kind, _ = split_spec(cfg.judge)
+    if kind != "constitution" and cfg.samples_per_prompt < 2:
+        raise TemperError(f"judge={cfg.judge} pairs the best and worst of several responses: samples_per_prompt "
+                          f"must be at least 2, got {cfg.samples_per_prompt}")
+    if kind != "constitution" and cfg.temperature == 0:
+        raise TemperError(f"temperature=0 (greedy) samples the same response {cfg.samples_per_prompt} times: judge="
+                          f"{cfg.judge} needs different responses to rank (temperature > 0)")
+    if kind != "constitution" and cfg.constitution:
+        raise TemperError(f"constitution= is read by judge=constitution:MODEL_DIR, not by judge={cfg.judge}")
+    if cfg.monitor_judge and split_spec(cfg.monitor_judge, "monitor_judge=")[0] == "constitution":
+        raise TemperError("monitor_judge= reports scores: use rule:world, regex:, callable: or llm:, not constitution:")
+    if cfg.data:
+        raise TemperError("data= is for offline DPO; with rounds=N the pairs come from the policy's answers to "
+                          "online_prompts= (drop data=)")
+    if cfg.peft.method != "none":
+        raise TemperError(f"rounds=N with peft.method={cfg.peft.method} is not supported yet (each round's model is "
+                          "the next round's policy): merge the adapter, or train fully")
+    if cfg.resume not in ("", "auto"):
+        raise TemperError(f"resume={cfg.resume}: with rounds=N, resume=auto continues the rounds (each round "
+                          "resumes from its own checkpoints)")
+    if cfg.resume and cfg.overwrite:
+        raise TemperError("resume= and overwrite=true contradict each other: continue the rounds, or start over")
+    if cfg.strategy in ("ddp", "fsdp") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TemperError(f"rounds=N runs in one process for now: drop strategy={cfg.strategy} and run it without "
+                          "torchrun")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def read_prompts(spec) -> list[Prompt]:
+    """Prompt rows: `prompt` (text or messages) or `messages` (cut after the last user turn),
+    with an optional `answer`; a bad row is one line naming file:line."""
+    from temper.data.chat import check_messages
+    from temper.data.readers import iter_records, json_type
+
+    prompts = []
+    for rec in iter_records(spec):
+        row = rec.data
+        value = row.get("prompt", row.get("messages"))
+        if isinstance(value, str):
+            if not value.strip():
+                raise TemperError(f"{rec.source}: the prompt is empty")
+            messages = [{"role": "user", "content": value}]
+        elif isinstance(value, list):
+            last_user = max((i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"),
+                            default=None)
+            if last_user is None:
+                raise TemperError(f"{rec.source}: the prompt has no user message")
+            messages = value[:last_user + 1]
+            check_messages(messages, rec.source, prompt=True)
+        else:
+            raise TemperError(f"{rec.source}: expected a 'prompt' (text or messages) or 'messages' field, got "
+                              f"{json_type(value) if value is not None else 'keys ' + ', '.join(row)}")
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise TemperError(f"{rec.source}: 'answer' is {json_type(answer)} (expected text or a number)")
+        prompts.append(Prompt(messages, rec.source, None if answer is None else str(answer), row))
+    if not prompts:
+        raise TemperError(f"{spec}: no prompt rows")
+    return prompts
+
+
+def round_prompts(prompts: list[Prompt], per_round: int, round_index: int, seed: int) -> list[Prompt]:
+    """Round k's share: the next `per_round` prompts of one seeded shuffle, wrapping around (0: all)."""
+    if not per_round or per_round >= len(prompts):
+        return list(prompts)
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    start = (round_index - 1) * per_round
+    return [prompts[order[(start + i) % len(order)]] for i in range(per_round)]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: int, *, temperature: float,
+                     top_p: float, max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[str]]:
+    """k responses to each prompt (stripped), sampled in batches that keep a prompt's copies together."""
+    import torch
+
+    from temper.data.chat import render, render_kwargs, stop_settings
+    from temper.models.generate import SamplingConfig, generate_text
+
+    texts = [render(template, p.messages, add_generation_prompt=True, **render_kwargs(tokenizer)) for p in prompts]
+    stops, eos_ids = stop_settings(tokenizer, template)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stops,
+                              eos_token_ids=eos_ids)
+    torch.manual_seed(seed)  # one stream for all batches (a per-call seed would repeat itself batch after batch)
+    was_training = model.training
+    model.eval()
+    flat = generate_text(model, tokenizer, [t for t in texts for _ in range(k)], sampling,
+                         batch_size=max(k, batch_size // k * k))
+    model.train(was_training)
+    flat = [r.strip() for r in flat]
+    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def _pair_row(prompt: Prompt, chosen: str, rejected: str, **meta) -> dict:
+    row = {"prompt": prompt.messages, "chosen": [{"role": "assistant", "content": chosen}],
+           "rejected": [{"role": "assistant", "content": rejected}], "source": prompt.source, **meta}
+    if prompt.answer is not None:
+        row["answer"] = prompt.answer
+    return row
+
+
+def best_vs_worst(prompts: list[Prompt], responses: list[list[str]], scores: list[list[float | None]]
+                  ) -> tuple[list[dict], Counter]:
+    """One pair per prompt: its best-scored response over its worst (empty responses never take
+    part); the prompts that make none, counted by reason (`unscored`, `tie`)."""
+    pairs, skipped = [], Counter()
+    for prompt, rs, ss in zip(prompts, responses, scores, strict=True):
+        scored = [(s, i) for i, (r, s) in enumerate(zip(rs, ss)) if r and s is not None]
+        if len(scored) < 2:
+            skipped["unscored"] += 1
+            continue
+        best = max(scored, key=lambda t: (t[0], -t[1]))  # the first sampled among equal best
+        worst = min(scored, key=lambda t: (t[0], t[1]))
+        if best[0] == worst[0]:
+            skipped["tie"] += 1
+            continue
+        pairs.append(_pair_row(prompt, rs[best[1]], rs[worst[1]], chosen_score=best[0], rejected_score=worst[0]))
+    return pairs, skipped
+
+
+def revision_pairs(prompts: list[Prompt], responses: list[list[str]], reviser, principles: list[str],
+                   round_index: int) -> tuple[list[dict], Counter, dict]:
+    """(revised > original) for every non-empty response; the responses that make none, counted by
+    reason, and the first of each reason."""
+    from temper.align.feedback import same_text
+
+    items = [(p, r, (i * len(rs) + j + round_index - 1) % len(principles))
+             for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs)]
+    skipped, first = Counter(), {}
+    todo = [(p, r, principle) for p, r, principle in items if r]
+    revisions = reviser.revise_all([p for p, _, _ in todo], [r for _, r, _ in todo],
+                                   [principles[x] for _, _, x in todo])
+    pairs = []
+    for (p, r, principle), rev in zip(todo, revisions, strict=True):
+        reason = rev.failure
+        if reason is None and not rev.revision.strip():
+            reason, rev.message = "empty_revision", "the revision is empty"
+        elif reason is None and same_text(rev.revision, r):
+            reason, rev.message = "identical", "the revision is the original"
+        elif reason is None and rev.critique is not None and same_text(rev.revision, rev.critique):
+            reason, rev.message = "revision_is_critique", f"the revision repeats the critique {rev.critique!r:.60}"
+        if reason is not None:
+            skipped[reason] += 1
+            first.setdefault(reason, f"{p.source}: {rev.message}")
+            continue
+        pairs.append(_pair_row(p, rev.revision.strip(), r, principle=principles[principle], critique=rev.critique))
+    return pairs, skipped, first
+
+
+# ----------------------------------------------------------------------------- the rounds
+
+
+def _mean(scores: list[list[float | None]]) -> float | None:
+    flat = [s for ss in scores for s in ss if s is not None]
+    return sum(flat) / len(flat) if flat else None
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from temper.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _earlier_rounds(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("round_*") if p.is_dir()) + (
+        ["summary.json"] if (out / "summary.json").is_file() else [])
+
+
+def run_online(cfg) -> dict:
+    from temper.config import to_dict
+    from temper.data.chat import chat_template_for
+    from temper.io import atomic_write_text, owned_output_dir, refuse_same_dir
+    from temper.lineage import read_lineage
+    from temper.models import load_for_inference
+    from temper.recipes import dpo
+    from temper.runtime import resolve_device
+
+    refuse_same_dir(cfg.output_dir, cfg.model, "model")
+    device = resolve_device(cfg.device)
+    lineage = read_lineage(cfg.model)
+    world = lineage.get("world_dir")
+    prompt_spec = cfg.online_prompts or ([str(Path(world) / "rl" / "train.jsonl")] if world else [])
+    if not prompt_spec:
+        raise TemperError("online_prompts= is required: the model records no built-in world to take prompts from")
+    eval_spec = cfg.eval_data or ([str(Path(world) / "preference" / "test.jsonl")] if world else [])
+    kind, _ = split_spec(cfg.judge)
+
+    with owned_output_dir(cfg.output_dir) as out:
+        earlier = _earlier_rounds(out)
+        if earlier and not (cfg.resume or cfg.overwrite):
+            raise TemperError(f"output_dir {out} holds earlier rounds ({', '.join(earlier)}): resume=auto continues "
+                              "them, overwrite=true starts over, or choose another output_dir")
+
+        # the judges: one that makes pairs, one that reports scores (the same when it scores)
+        judge = reviser = None
+        if kind == "constitution":
+            from temper.align.feedback import make_reviser, read_constitution
+
+            principles = read_constitution(cfg.constitution or None)
+            reviser = make_reviser(cfg.judge, device=device, max_new_tokens=cfg.max_new_tokens)
+        else:
+            judge = make_judge(cfg.judge, device=device, skip_bad=cfg.skip_bad_judgements)
+        monitor: Judge | None = judge
+        if cfg.monitor_judge:
+            monitor = make_judge(cfg.monitor_judge, device=device, skip_bad=cfg.skip_bad_judgements,
+                                 option="monitor_judge=")
+        prompts = read_prompts(prompt_spec)
+        for j in (judge, monitor):
+            if j is not None:
+                j.check_prompts(prompts)
+        if cfg.overwrite:  # only now: a run refused above leaves the earlier one as it was
+            import shutil
+
+            for name in earlier:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            (out / "rounds.jsonl").unlink(missing_ok=True)
+        atomic_write_text(out / "config.yaml", _yaml(to_dict(cfg)))
+
+        reports, policy = [], cfg.model
+        for k in range(1, cfg.rounds + 1):
+            round_dir = out / f"round_{k}"
+            done = round_dir / "round.json"
+            if cfg.resume and done.is_file():
+                reports.append(json.loads(done.read_text(encoding="utf-8")))
+                policy = str(round_dir)
+                print(f"round {k}: finished earlier, kept ({round_dir})", file=sys.stderr)
+                continue
+            round_dir.mkdir(parents=True, exist_ok=True)
+            chosen_prompts = round_prompts(prompts, cfg.prompts_per_round, k, cfg.seed)
+            sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed * 1000 + k)
+            template = None
+
+            # 1-3: sample, judge, pair (kept in judged.json, so a resumed round trains on the same pairs)
+            judged, pairs_path = round_dir / "judged.json", round_dir / "pairs.jsonl"
+            if cfg.resume and judged.is_file() and pairs_path.is_file():
+                report = json.loads(judged.read_text(encoding="utf-8"))
+            else:
+                report = {"round": k, "policy": policy, "judge": cfg.judge, "prompts": len(chosen_prompts),
+                          "samples_per_prompt": cfg.samples_per_prompt}
+                model, tokenizer = load_for_inference(policy, device=device)
+                template = chat_template_for(policy, tokenizer, cfg.template)
+                responses = sample_responses(model, tokenizer, template, chosen_prompts, cfg.samples_per_prompt,
+                                             **sampling)
+                del model
+                report["empty_responses"] = sum(1 for rs in responses for r in rs if not r)
+                bad_before = {id(j): Counter(j.stats.bad) for j in (judge, monitor) if j is not None}
+                scores = None
+                if judge is not None:
+                    scores = judge.rank(chosen_prompts, responses)
+                    pairs, skipped = best_vs_worst(chosen_prompts, responses, scores)
+                    report["skipped_prompts"] = dict(skipped)
+                else:
+                    pairs, skipped, first = revision_pairs(chosen_prompts, responses, reviser, principles, k)
+                    report.update(skipped_responses=dict(skipped), first_skipped=first)
+                if monitor is not None and monitor is not judge:
+                    scores = monitor.rank(chosen_prompts, responses)
+                report["judge_score_before"] = _mean(scores) if monitor is not None else None
+                report["bad_judgements"] = {j.name: dict(j.stats.bad - bad_before[id(j)])
+                                            for j in (judge, monitor) if j is not None}
+                report["pairs"] = len(pairs)
+                _write_jsonl(round_dir / "samples.jsonl", [
+                    {"source": p.source, "question": p.question, "answer": p.answer, "responses": rs,
+                     **({"scores": ss} if ss is not None else {})}
+                    for p, rs, ss in zip(chosen_prompts, responses, scores or [None] * len(responses))])
+                _write_jsonl(pairs_path, pairs)
+                atomic_write_text(judged, json.dumps(report, indent=2) + "\n")
+            skipped = report.get("skipped_prompts", report.get("skipped_responses", {}))
+            print(f"round {k}: {len(chosen_prompts)} prompts x {cfg.samples_per_prompt} samples from {policy}; "
+                  f"{report['pairs']} pairs; skipped: {_counts(skipped)}; {report['empty_responses']} empty responses"
+                  + (f"; {monitor.name} score of the samples {report['judge_score_before']:.3f}"
+                     if report["judge_score_before"] is not None else ""), file=sys.stderr)
+            if not report["pairs"]:
+                raise TemperError(f"round {k}: the judge made no pairs (skipped: {_counts(skipped)}); sample more "
+                                  "(samples_per_prompt, prompts_per_round, temperature) or use another judge")
+
+            # 4: one DPO round on the pairs, from this round's policy (the reference: the same, or ref_model)
+            round_cfg = replace(cfg, rounds=0, model=policy, data=[str(pairs_path)], eval_data=list(eval_spec),
+                                output_dir=str(round_dir), resume="auto" if cfg.resume else "", overwrite=False,
+                                skip_bad_rows=True)
+            summary = dpo.run(round_cfg)
+            report["dpo"] = _dpo_report(summary)
+
+            # 5: the trained policy on the same prompts, with the same seed
+            if monitor is not None:
+                model, tokenizer = load_for_inference(round_dir, device=device)
+                template = template or chat_template_for(policy, tokenizer, cfg.template)
+                after = sample_responses(model, tokenizer, template, chosen_prompts, cfg.samples_per_prompt,
+                                         **sampling)
+                del model
+                report["judge_score_after"] = _mean(monitor.rank(chosen_prompts, after))
+            report["model"] = str(round_dir)
+            atomic_write_text(done, json.dumps(report, indent=2) + "\n")
+            with open(out / "rounds.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(report) + "\n")
+            reports.append(report)
+            policy = str(round_dir)
+
+        for j in {id(x): x for x in (judge, monitor, reviser) if x is not None}.values():
+            j.close()
+        result = {"rounds": reports, "final_model": policy, "judge": cfg.judge,
+                  "monitor_judge": cfg.monitor_judge or (cfg.judge if judge is not None else None)}
+        atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+        print(round_table(reports), file=sys.stderr)
+        return result
+
+
+def _dpo_report(summary: dict) -> dict:
+    keys = ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss", "general_ppl")
+    before = summary.get("before") or {}
+    return {**{f"{k}_before": before.get(k) for k in keys}, **{f"{k}_after": summary.get(k) for k in keys},
+            "pairs": summary.get("pairs"), "held_out_pairs": summary.get("held_out_pairs"),
+            "skipped_rows": summary.get("skipped_rows")}
+
+
+def _counts(counter: Counter | dict) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items())) or "none"
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def round_table(reports: list[dict]) -> str:
+    """Markdown: one row per round."""
+    lines = ["| round | pairs | skipped | judge score before -> after | held-out acc before -> after | "
+             "drift ppl before -> after |", "|---|---|---|---|---|---|"]
+    for r in reports:
+        d = r.get("dpo", {})
+        skipped = r.get("skipped_prompts", r.get("skipped_responses", {}))
+        lines.append(f"| {r['round']} | {r['pairs']} | {_counts(skipped)} | "
+                     f"{_fmt(r.get('judge_score_before'))} -> {_fmt(r.get('judge_score_after'))} | "
+                     f"{_fmt(d.get('eval_rewards/accuracies_before'))} -> {_fmt(d.get('eval_rewards/accuracies_after'))} | "
+                     f"{_fmt(d.get('general_ppl_before'))} -> {_fmt(d.get('general_ppl_after'))} |")
+    return "\n".join(lines)
+
+
+__all__ = ["best_vs_worst", "check_config", "read_prompts", "revision_pairs", "round_prompts", "round_table",
+           "run_online", "sample_responses"]
