@@ -8,7 +8,7 @@ BPE trained on its pretraining text (ChatML template; the corpus yields ~2.4k to
 12.6M parameters) built with seed 0 and saved with `temper.models.save_model` as a Hugging
 Face directory, which TRL loads with `AutoModelForCausalLM.from_pretrained`. Data: the first
 (warmup + steps) x batch rows of the world's `preference/train.jsonl` (message rows, ChatML),
-one epoch, so every step sees new pairs; a batch's longest sequence is <= 209 tokens (T <= 256).
+one epoch, so every step sees new pairs; no pair of the world is longer than 208 tokens (T <= 256).
 
 Same work on both sides (TRL 1.x defaults that differ from temper's are set; the script
 prints both sides' settings):
@@ -37,23 +37,34 @@ turned off); TRL's model reads one more position per row (the last token, whose 
 dropped); transformers' SDPA gets a padding mask, temper's causal attention needs none.
 
 Timed: the wall time between the ends of consecutive optimiser steps (temper: when its loop
-ends a step; TRL: `on_step_end`), median over the --steps after --warmup. Memory: each run
-in its own process that imports the same libraries (torch, transformers, trl, peft, datasets,
-temper) before anything else; peak RSS at the end of the last step (before any saving) and
-its growth over the RSS after the imports. --rounds alternating runs; each side keeps its
-fastest run.
+ends a step; TRL: `on_step_end`), so data loading, collation and metrics count on both sides;
+median (and mean) over the --steps after --warmup; --rounds alternating runs of each side in
+its own process, each side keeping its fastest. Both sides log their loss every step; the
+script stops unless the two loss curves agree to 1e-3 (they agree to ~1e-6: the same maths).
+
+Memory: one more run of each side, in its own process, which imports the same libraries
+(torch, transformers, trl, peft, datasets, temper) before anything else; the peaks are those
+of the steps after the first (once the weights, the reference and the optimiser states
+exist; loading and precomputing are not counted), over what the imports hold. Two measures:
+live, the bytes malloc has handed out (glibc's mallinfo2, sampled every 0.5 ms by a thread:
+activations, gradients, optimiser states, temporaries, but not the weights, which both
+libraries map from the safetensors file), and RSS, the resident pages (everything, and also
+what the allocator keeps after a free), its high-water mark reset through
+/proc/self/clear_refs (Linux). The sampling thread slows both sides by ~20%, so the timing
+runs do without it. The peaks while loading and in the first step are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -236,8 +247,8 @@ def check_same_work(model_dir, pairs_path, steps: int, batch: int, mode: str = "
 # ----------------------------------------------------------------------------- one side, in its own process
 
 
-def _import_everything() -> float:
-    """Both sides import the same libraries first, so RSS compares what training needs. The RSS after imports, MB."""
+def _import_everything() -> dict[str, float]:
+    """Both sides import the same libraries first, so memory compares what training needs: the memory after imports."""
     import datasets  # noqa: F401
     import peft  # noqa: F401
     import torch  # noqa: F401
@@ -247,11 +258,75 @@ def _import_everything() -> float:
     import temper.recipes.dpo  # noqa: F401
     import temper.train.loop  # noqa: F401
 
-    return _rss_mb()
+    return {"base_rss_mb": _memory()["rss"], "base_live_mb": _live_mb()}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _memory() -> dict[str, float]:
+    """This process's resident set now and its high-water mark since start (or the last reset), MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"rss": float(fields["VmRSS"].split()[0]) / 1024, "peak": float(fields["VmHWM"].split()[0]) / 1024}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _live_mb() -> float:
+    """Bytes malloc has handed out and not got back (glibc's mallinfo2: heap in use + mmapped chunks), MB:
+    torch's CPU tensors live there; unlike RSS it drops as soon as memory is freed."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
+class StepMeter:
+    """At the end of each optimiser step: its time and the loss; and memory in three phases, loading
+    (until the training loop starts: models, data, a precomputed reference), the first step (it
+    creates the optimiser states) and the steps after it (`training_*`: what training holds at its
+    most). Two measures: the RSS high-water mark, reset between phases (Linux: /proc/self/clear_refs),
+    and the peak of live malloc'd bytes, sampled every 0.5 ms by a thread."""
+
+    def __init__(self, sample: bool = True) -> None:
+        self.ends: list[float] = []
+        self.losses: list[float] = []
+        self.peaks: dict[str, float] = {}
+        self.live_peak, self.sampling = 0.0, sample
+        self.lock = threading.Lock()  # a phase's end resets the peak: no sample may land in between
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while self.sampling:
+            with self.lock:
+                self.live_peak = max(self.live_peak, _live_mb())
+            time.sleep(0.0005)
+
+    def _phase_ends(self, name: str) -> None:
+        with self.lock:
+            self.peaks[f"{name}_peak_mb"] = _memory()["peak"]
+            self.peaks[f"{name}_live_mb"] = max(self.live_peak, _live_mb())
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+            self.live_peak = _live_mb()
+
+    def training_begins(self) -> None:
+        self.live_peak = _live_mb()
+        if self.sampling:
+            self.sampler.start()
+        self._phase_ends("loading")
+
+    def step_ended(self) -> None:
+        self.ends.append(time.perf_counter())
+        if len(self.ends) == 1:
+            self._phase_ends("first_step")
+        with self.lock:
+            self.peaks["training_peak_mb"] = _memory()["peak"]
+            self.peaks["training_live_mb"] = max(self.live_peak, _live_mb())
+
+    def result(self, warmup: int, base: dict[str, float]) -> dict:
+        self.sampling = False
+        steps = [b - a for a, b in zip(self.ends, self.ends[1:])]  # steps[k]: the time of step k + 1 (0-based)
+        return {"step_seconds": steps[warmup - 1:], "losses": self.losses, **base, **self.peaks}
 
 
 def run_temper(args) -> dict:
@@ -261,23 +336,27 @@ def run_temper(args) -> dict:
     from temper.train.loop import TrainLoop
 
     base = _import_everything()
-    ends, losses, peaks = [], [], []
+    meter = StepMeter(sample=not args.no_sampling)
     end_step = TrainLoop._end_step
 
-    def timed_end_step(self, done, seconds):  # the moment a step ends, before any logging or saving
-        ends.append(time.perf_counter())
-        peaks.append(_rss_mb())
-        losses.append(float(self._row["loss"]))
+    def timed_end_step(self, done, seconds):  # a step has ended; logging and saving come after
+        meter.step_ended()
+        meter.losses.append(float(self._row["loss"]))
         end_step(self, done, seconds)
 
     TrainLoop._end_step = timed_end_step
+    steps = TrainLoop.__iter__
+
+    def metered_steps(self):
+        meter.training_begins()
+        yield from steps(self)
+
+    TrainLoop.__iter__ = metered_steps
     with tempfile.TemporaryDirectory() as out:
         cfg = temper_config(args.model, args.pairs, Path(out) / "run", args.mode, args.warmup + args.steps, args.batch)
         summary = dpo.run(cfg)
-    steps = [b - a for a, b in zip(ends, ends[1:])]  # steps[k]: step k + 1 (0-based)
-    return {"step_seconds": steps[args.warmup - 1:], "losses": losses, "peak_rss_mb": peaks[-1], "base_rss_mb": base,
-            "trainable": summary["trainable_parameters"], "threads": torch.get_num_threads(),
-            "settings": temper_settings(args.mode)}
+    return {**meter.result(args.warmup, base), "trainable": summary["trainable_parameters"],
+            "threads": torch.get_num_threads(), "settings": temper_settings(args.mode)}
 
 
 def run_trl(args) -> dict:
@@ -286,33 +365,32 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback
 
     base = _import_everything()
-    ends, losses, peaks = [], [], []
+    meter = StepMeter(sample=not args.no_sampling)
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-            peaks.append(_rss_mb())
+    class Meter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            meter.training_begins()
+
+        def on_step_end(self, args, state, control, **kwargs):  # after the optimiser step and zero_grad
+            meter.step_ended()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+                meter.losses.append(float(logs["loss"]))
 
     rows = read_rows(args.pairs)
     order = json.loads(args.order)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
         trainer = trl_trainer(args.model, [rows[i] for i in order], out, args.mode, args.warmup + args.steps,
-                              args.batch, callbacks=[Timer()])
+                              args.batch, callbacks=[Meter()])
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
     settings = {k: v for k, v in trl_settings(args.mode, args.steps, args.batch).items()
                 if k not in ("max_steps", "per_device_train_batch_size")}
-    steps = [b - a for a, b in zip(ends, ends[1:])]
-    return {"step_seconds": steps[args.warmup - 1:], "losses": losses,
-            "peak_rss_mb": peaks[-1], "base_rss_mb": base, "trainable": trainable,
-            "threads": torch.get_num_threads(), "settings": settings,
-            "versions": f"transformers {transformers.__version__}, peft {__import__('peft').__version__}, "
-                        f"trl {__import__('trl').__version__}, torch {torch.__version__}"}
+    return {**meter.result(args.warmup, base), "trainable": trainable, "threads": torch.get_num_threads(),
+            "settings": settings, "versions": f"transformers {transformers.__version__}, peft "
+            f"{__import__('peft').__version__}, trl {__import__('trl').__version__}, torch {torch.__version__}"}
 
 
 # ----------------------------------------------------------------------------- main
@@ -331,6 +409,7 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
     ap.add_argument("--order", help=argparse.SUPPRESS)
+    ap.add_argument("--no-sampling", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warmup < 1:
         sys.exit("--warmup must be at least 1: a step's time is measured from the end of the one before")
@@ -338,6 +417,8 @@ def main() -> None:
         result = run_temper(args) if args.only == "temper" else run_trl(args)
         print("RESULT " + json.dumps(result))
         return
+    if not Path("/proc/self/clear_refs").exists():
+        sys.exit("this benchmark reads and resets the peak RSS through /proc (Linux)")
     modes = args.modes.split(",")
     for mode in modes:
         if mode not in MODES:
@@ -351,59 +432,78 @@ def main() -> None:
         same = check_same_work(model_dir, pairs_path, steps_total, args.batch)
         order = temper_order(temper_config(model_dir, pairs_path, workdir / "unused", "copy", steps_total,
                                            args.batch))
+        lengths = same["sequence_lengths"]
         print(f"same work: {same['pairs']} pairs, identical prompt/chosen/rejected ids and identical batches on both "
-              f"sides ({same['completion_tokens']} completion tokens; batch lengths "
-              f"{min(same['sequence_lengths'])}-{max(same['sequence_lengths'])} tokens)", flush=True)
+              f"sides; {same['completion_tokens']} completion tokens, batches of 8 rows x {min(lengths)}-"
+              f"{max(lengths)} tokens (timed steps: {lengths[args.warmup:]})", flush=True)
+
+        def run(side: str, mode: str, sampling: bool) -> dict:
+            cmd = [sys.executable, __file__, "--only", side, "--mode", mode, "--model", str(model_dir), "--pairs",
+                   str(pairs_path), "--order", json.dumps(order), "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--batch", str(args.batch), *([] if sampling else ["--no-sampling"])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"{side} ({mode}) failed:\n{proc.stderr[-4000:]}")
+            r = json.loads(line[7:])
+            r["median"], r["mean"] = statistics.median(r["step_seconds"]), statistics.mean(r["step_seconds"])
+            return r
 
         results: dict[tuple[str, str], dict] = {}
-        for _ in range(args.rounds):
+        for _ in range(args.rounds):  # timing runs: no memory sampling (its thread slows both sides by ~20%)
             for mode in modes:
                 for side in ("temper", "trl"):
-                    cmd = [sys.executable, __file__, "--only", side, "--mode", mode, "--model", str(model_dir),
-                           "--pairs", str(pairs_path), "--order", json.dumps(order), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--batch", str(args.batch)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                    if proc.returncode or line is None:
-                        sys.exit(f"{side} ({mode}) failed:\n{proc.stderr[-4000:]}")
-                    r = json.loads(line[7:])
-                    r["median"] = statistics.median(r["step_seconds"])
-                    print(f"  {mode:12s} {side:6s} median step {r['median'] * 1000:7.1f} ms, peak RSS "
-                          f"{r['peak_rss_mb']:6.0f} MB (+{r['peak_rss_mb'] - r['base_rss_mb']:.0f} over imports)",
-                          file=sys.stderr, flush=True)
-                    key = (mode, side)
-                    if key not in results or r["median"] < results[key]["median"]:
-                        results[key] = r
+                    r = run(side, mode, sampling=False)
+                    print(f"  {mode:12s} {side:6s} step median {r['median'] * 1000:6.0f} ms, mean "
+                          f"{r['mean'] * 1000:6.0f} ms", file=sys.stderr, flush=True)
+                    if (mode, side) not in results or r["median"] < results[(mode, side)]["median"]:
+                        results[(mode, side)] = r
+        memory: dict[tuple[str, str], dict] = {}
+        for mode in modes:  # memory runs: one each, sampling live bytes
+            for side in ("temper", "trl"):
+                r = memory[(mode, side)] = run(side, mode, sampling=True)
+                print(f"  {mode:12s} {side:6s} peak live / RSS MB: after imports {r['base_live_mb']:.0f} / "
+                      f"{r['base_rss_mb']:.0f}, loading {r['loading_live_mb']:.0f} / {r['loading_peak_mb']:.0f}, "
+                      f"first step {r['first_step_live_mb']:.0f} / {r['first_step_peak_mb']:.0f}, training "
+                      f"{r['training_live_mb']:.0f} / {r['training_peak_mb']:.0f}", file=sys.stderr, flush=True)
 
     for mode in modes:
         t, h = results[(mode, "temper")], results[(mode, "trl")]
         if t["trainable"] != h["trainable"]:
             sys.exit(f"not the same work ({mode}): trainable parameters temper {t['trainable']} vs trl {h['trainable']}")
-        first = (t["losses"][0], h["losses"][0])
         gap = max(abs(a - b) for a, b in zip(t["losses"], h["losses"]))
-        if abs(first[0] - first[1]) > 1e-4 or gap > 1e-2:
+        if len(t["losses"]) != len(h["losses"]) or gap > 1e-3:
             sys.exit(f"not the same maths ({mode}): losses temper {t['losses']} vs trl {h['losses']}")
         results[(mode, "gap")] = gap
 
     t, h = results[(modes[0], "temper")], results[(modes[0], "trl")]
     print(f"temper settings: {' '.join(t['settings'])}")
     print(f"trl settings:    {json.dumps(h['settings'])}")
-    print(f"llama-14m (12.6M parameters) DPO, the world's first {same['pairs']} preference pairs (ChatML), batch "
+    print(f"\nllama-14m (12.6M parameters) DPO, the world's first {same['pairs']} preference pairs (ChatML), batch "
           f"{args.batch} pairs, {args.warmup} warm-up + {args.steps} timed steps, fp32 CPU ({t['threads']} threads), "
-          f"no activation checkpointing; {h['versions']}")
-    print("\n| reference | temper step (median) | TRL step (median) | speed ratio | temper peak RSS (growth) | "
-          "TRL peak RSS (growth) | peak ratio | growth ratio | trainable | max loss gap |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"no activation checkpointing, best of {args.rounds} rounds; {h['versions']}")
+    print("\n| reference | trainable | temper step, median (mean) | TRL step, median (mean) | speed ratio | "
+          "largest per-step loss gap |")
+    print("|---|---|---|---|---|---|")
     for mode in modes:
         t, h = results[(mode, "temper")], results[(mode, "trl")]
-        tg, hg = t["peak_rss_mb"] - t["base_rss_mb"], h["peak_rss_mb"] - h["base_rss_mb"]
-        print(f"| {mode} | {t['median'] * 1000:.0f} ms | {h['median'] * 1000:.0f} ms | **{h['median'] / t['median']:.2f}x** | "
-              f"{t['peak_rss_mb']:.0f} MB (+{tg:.0f}) | {h['peak_rss_mb']:.0f} MB (+{hg:.0f}) | "
-              f"{t['peak_rss_mb'] / h['peak_rss_mb']:.2f}x | {tg / hg:.2f}x | {t['trainable']:,} | "
+        print(f"| {mode} | {t['trainable']:,} | {t['median'] * 1000:.0f} ms ({t['mean'] * 1000:.0f}) | "
+              f"{h['median'] * 1000:.0f} ms ({h['mean'] * 1000:.0f}) | **{h['median'] / t['median']:.2f}x** | "
               f"{results[(mode, 'gap')]:.1e} |")
-    print("\nwhat temper holds while training:")
+    print("\nPeak memory while training (the steps after the first), over what the imports hold, one run each. "
+          "live: bytes malloc has handed out (activations, gradients, optimiser states, temporaries; not the weights, "
+          "which both libraries map from the safetensors file), sampled every 0.5 ms; RSS: resident pages "
+          "(everything, weights included, and what the allocator keeps after a free).\n")
+    print("| reference | temper: what it holds | temper live | TRL live | live ratio | temper RSS | TRL RSS | "
+          "RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in modes:
-        print(f"  {mode:12s} {WHAT_IS_HELD[mode]}")
+        t, h = memory[(mode, "temper")], memory[(mode, "trl")]
+        tl, hl = t["training_live_mb"] - t["base_live_mb"], h["training_live_mb"] - h["base_live_mb"]
+        tr, hr = t["training_peak_mb"] - t["base_rss_mb"], h["training_peak_mb"] - h["base_rss_mb"]
+        print(f"| {mode} | {WHAT_IS_HELD[mode]} | {tl:.0f} MB | {hl:.0f} MB | **{tl / hl:.2f}x** | {tr:.0f} MB | "
+              f"{hr:.0f} MB | {tr / hr:.2f}x |")
+    print()
     for mode in modes:
         t, h = results[(mode, "temper")], results[(mode, "trl")]
         print(f"step seconds {mode}: temper {[round(s, 3) for s in t['step_seconds']]}; "
