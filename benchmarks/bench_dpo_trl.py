@@ -30,11 +30,13 @@ prints both sides' settings):
     before training (`precomputed`: TRL `precompute_ref_log_probs`), LoRA r=8 alpha 16 on
     every linear layer but the (tied) output layer with the adapter disabled (`lora-adapter`:
     TRL with `peft_config` and no `ref_model`), or LoRA with a frozen copy (`lora-copy`).
-What still differs is how each computes the same thing: TRL scores the log-probs of every
-position (prompt and padding too: on CPU its fused LM head does not compact to the completion
-tokens) and also computes entropy and top-1 accuracy every step (TRL metrics that cannot be
-turned off); TRL's model reads one more position per row (the last token, whose prediction is
-dropped); transformers' SDPA gets a padding mask, temper's causal attention needs none.
+What still differs is how each computes the same thing: both run the blocks over the padded
+batch (8 rows x the longest), but temper's output layer scores only the completion tokens,
+while TRL's fused LM head scores every position (prompt and padding too: it compacts to the
+completion tokens on Triton devices only) and also computes entropy, the mean logit and top-1
+accuracy every step (TRL metrics that cannot be turned off); TRL's model reads one more
+position per row (the last token, whose prediction is dropped); transformers' SDPA gets a
+padding mask, temper's causal attention needs none.
 
 Timed: the wall time between the ends of consecutive optimiser steps (temper: when its loop
 ends a step; TRL: `on_step_end`), so data loading, collation and metrics count on both sides;
