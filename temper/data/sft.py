@@ -367,3 +367,14 @@ class SFTLoader:
 
         self.epoch, self._batches = int(state["epoch"]), None
         self.position = convert_position(state, self.world_size, self.batch_size)
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a deterministic share `fraction` of `items` (at least one when there
+    are two or more and fraction > 0), drawn with `seed`, for recipes without eval_data."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(items) * fraction)) if len(items) > 1 and fraction > 0 else 0
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+

@@ -195,14 +195,9 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
     if eval_spec:
         held, held_stats = load_preferences(eval_spec, tokenizer, template, **options)
     else:  # a deterministic share of the training pairs
-        import random
+        from temper.data.sft import split_held_out
 
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, int(len(train) * cfg.eval_fraction)) if len(train) > 1 and cfg.eval_fraction > 0 else 0
-        chosen = set(order[:n_eval])
-        held = [p for i, p in enumerate(train) if i in chosen]
-        train = [p for i, p in enumerate(train) if i not in chosen]
+        train, held = split_held_out(train, cfg.eval_fraction, cfg.seed)
     if not train:
         raise TemperError("no preference data left to train on (see the skipped rows above)")
     return train, held[:cfg.eval_pairs] if cfg.eval_pairs else held, stats, held_stats

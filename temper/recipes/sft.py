@@ -112,14 +112,9 @@ def resolve_data(cfg: Config, lineage: dict):
         held_out, more = read_conversations(eval_spec, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
         skipped += more
     else:  # hold out a deterministic share of the training rows
-        import random
+        from temper.data.sft import split_held_out
 
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, int(len(train) * cfg.eval_fraction)) if len(train) > 1 and cfg.eval_fraction > 0 else 0
-        held = set(order[:n_eval])
-        held_out = [c for i, c in enumerate(train) if i in held]
-        train = [c for i, c in enumerate(train) if i not in held]
+        train, held_out = split_held_out(train, cfg.eval_fraction, cfg.seed)
     held_out = [c for c in held_out if c.messages is not None][:cfg.eval_samples]
     return train, held_out, skipped
 

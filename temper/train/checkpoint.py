@@ -145,20 +145,7 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
         save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_meta = rng_state()
         save_tensors(rng_tensors, tmp / "rng.safetensors")
-        payload = {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta}
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        if final.exists():  # an old (or damaged) checkpoint of the same step: swap, never delete first
-            trash = root / f".old-step_{step:08d}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_path(root)
+        _publish(root, tmp, final, step, {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta})
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         trash = root / f".old-step_{step:08d}-{os.getpid()}"
@@ -170,6 +157,24 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         remove_checkpoint(old)
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, payload: dict) -> None:
+    """Write `state.json` into the finished temporary directory, fsync it, and move it into place:
+    an old (or damaged) checkpoint of the same step is swapped aside, never deleted first."""
+    with open(tmp / "state.json", "w", encoding="utf-8") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(tmp)
+    if final.exists():
+        trash = root / f".old-step_{step:08d}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(root)
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -351,22 +356,9 @@ def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.
             fsync_path(p)
         rng_tensors, rng_meta = rng_state()
         save_tensors(rng_tensors, tmp / "rng.safetensors")
-        payload = {"step": step, **state, "world_size": par.world_size, "ranks": ranks,
-                   "optimizer": {"param_groups": groups}, "rng": rng_meta, "format": "dcp"}
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
         fsync_path(tmp / "dcp")
-        fsync_path(tmp)
-        if final.exists():
-            trash = root / f".old-step_{step:08d}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_path(root)
+        _publish(root, tmp, final, step, {"step": step, **state, "world_size": par.world_size, "ranks": ranks,
+                                          "optimizer": {"param_groups": groups}, "rng": rng_meta, "format": "dcp"})
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             remove_checkpoint(old)
         return final
