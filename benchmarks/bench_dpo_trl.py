@@ -18,9 +18,8 @@ prints both sides' settings):
     chosen, rejected ids) and every collated batch trains the same targets from the same
     inputs (checked again, token for token, by `tests/test_benchmarks.py`).
   - no activation (gradient) checkpointing on either: TRL's configs turn it ON by default.
-  - fp32 (TRL defaults to bf16 where the machine has it); right padding to the longest row
-    of the batch, no padding-free (TRL 1.16: unavailable, falls back to padding), no
-    pad-to-multiple; max length 257 tokens = temper's seq_len 256 positions (nothing is cut).
+  - fp32 (TRL defaults to bf16 where the machine has it); max length 257 tokens = temper's
+    seq_len 256 positions (nothing is cut); no pad-to-multiple.
   - batch 4 pairs (8 rows, chosen and rejected in one forward on both), 1 micro-batch per
     step; sigmoid loss, beta 0.1; AdamW lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 0,
     fused kernel, gradient clipping at 1.0; constant lr, no warmup.
@@ -30,8 +29,13 @@ prints both sides' settings):
     before training (`precomputed`: TRL `precompute_ref_log_probs`), LoRA r=8 alpha 16 on
     every linear layer but the (tied) output layer with the adapter disabled (`lora-adapter`:
     TRL with `peft_config` and no `ref_model`), or LoRA with a frozen copy (`lora-copy`).
-What still differs is how each computes the same thing: both run the blocks over the padded
-batch (8 rows x the longest), but temper's output layer scores only the completion tokens,
+What still differs is how each computes the same thing. temper packs each batch's 8
+sequences into as few rows of 256 positions as hold them (`padding_free=true`, its default;
+positions restart and attention stays inside each sequence, the same log-probs to 1e-5 as
+padded rows, tested in tests/test_preference_data.py), so its blocks run on real tokens only;
+TRL pads every sequence to the longest of the batch (its `padding_free` is unavailable in
+1.16: it falls back to padding) and runs its blocks over the padding too. `--padded` also
+times temper with `padding_free=false`, the batch layout TRL uses. temper's output layer scores only the completion tokens,
 while TRL's fused LM head scores every position (prompt and padding too: it compacts to the
 completion tokens on Triton devices only) and also computes entropy, the mean logit and top-1
 accuracy every step (TRL metrics that cannot be turned off); TRL's model reads one more
@@ -114,9 +118,9 @@ def prepare(workdir: Path, n_pairs: int) -> tuple[Path, Path]:
     return model_dir, pairs
 
 
-def temper_settings(mode: str) -> list[str]:
+def temper_settings(mode: str, padded: bool = False) -> list[str]:
     lora, reference = MODES[mode]
-    settings = [
+    settings = [f"padding_free={str(not padded).lower()}",
         f"seq_len={SEQ_LEN}", "loss_type=[sigmoid]", f"beta={BETA}", f"reference={reference}", "precision=fp32",
         "grad_accum=1", "eval_fraction=0", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]",
         f"optim.eps={EPS}", f"optim.weight_decay={WEIGHT_DECAY}", f"optim.grad_clip={CLIP}", "optim.fused=true",
@@ -130,12 +134,12 @@ def temper_settings(mode: str) -> list[str]:
     return settings
 
 
-def temper_config(model_dir, pairs_path, out, mode: str, steps: int, batch: int):
+def temper_config(model_dir, pairs_path, out, mode: str, steps: int, batch: int, padded: bool = False):
     from temper.config import load_config
     from temper.recipes import dpo
 
     return load_config(dpo.Config, None, [f"model={model_dir}", f"data={pairs_path}", f"output_dir={out}",
-                                          f"max_steps={steps}", f"batch_size={batch}", *temper_settings(mode)])
+                                          f"max_steps={steps}", f"batch_size={batch}", *temper_settings(mode, padded)])
 
 
 def temper_pairs(cfg):
@@ -150,7 +154,8 @@ def temper_pairs(cfg):
     train, held, stats, _ = dpo.resolve_pairs(cfg, {}, tokenizer, template)
     assert not held and stats.truncated == 0 and stats.prompt_truncated == 0, stats.summary()
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return train, PreferenceLoader(train, batch_size=cfg.batch_size, pad_id=pad_id, seed=cfg.seed)
+    return train, PreferenceLoader(train, batch_size=cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
+                                   pack_len=cfg.seq_len if cfg.padding_free else 0)
 
 
 def temper_order(cfg) -> list[int]:
@@ -211,13 +216,14 @@ def read_rows(path) -> list[dict]:
 # ----------------------------------------------------------------------------- the same tokens
 
 
-def check_same_work(model_dir, pairs_path, steps: int, batch: int, mode: str = "copy") -> dict:
+def check_same_work(model_dir, pairs_path, steps: int, batch: int, mode: str = "copy", warmup: int = 0) -> dict:
     """Stop unless TRL tokenises and batches the pairs exactly as temper does; a summary of the batches."""
     import torch
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = temper_config(model_dir, pairs_path, Path(out) / "temper", mode, steps, batch)
-        ours, loader = temper_pairs(cfg)
+        cfg = temper_config(model_dir, pairs_path, Path(out) / "temper", mode, steps, batch, padded=True)
+        ours, loader = temper_pairs(cfg)  # padded, as TRL's batches are
+        _, packed_loader = temper_pairs(temper_config(model_dir, pairs_path, Path(out) / "packed", mode, steps, batch))
         order = temper_order(cfg)
         rows = read_rows(pairs_path)
         trainer = trl_trainer(model_dir, [rows[i] for i in order], str(Path(out) / "trl"), mode, steps, batch)
@@ -230,7 +236,7 @@ def check_same_work(model_dir, pairs_path, steps: int, batch: int, mode: str = "
                 if theirs[k][field] != getattr(by_row[i], field):
                     sys.exit(f"not the same work: pair {k} (row {i + 1}) {field} differ:\n  temper {getattr(by_row[i], field)}"
                              f"\n  trl    {theirs[k][field]}")
-        lengths, completion_tokens = [], 0
+        lengths, completion_tokens, positions = [], 0, {"temper": 0, "trl": 0}
         for step, trl_batch in zip(range(steps), trainer.get_train_dataloader()):
             ids, attention, completion = trl_batch["input_ids"], trl_batch["attention_mask"], trl_batch["completion_mask"]
             ours_batch = loader.next_batch()
@@ -240,10 +246,19 @@ def check_same_work(model_dir, pairs_path, steps: int, batch: int, mode: str = "
             real = attention[:, 1:].bool()  # positions whose next token exists: the predictions used
             if not torch.equal(ours_batch.inputs[real], ids[:, :-1][real]):
                 sys.exit(f"not the same work: step {step} reads different inputs")
+            packed = packed_loader.next_batch()  # what temper trains on: the same sequences, packed
+            for r in range(ours_batch.inputs.shape[0]):
+                slots, n = packed.segments == r, int(real[r].sum())
+                if not (torch.equal(packed.inputs[slots], ours_batch.inputs[r, :n])
+                        and torch.equal(packed.targets[slots], ours_batch.targets[r, :n])):
+                    sys.exit(f"not the same work: step {step} packs sequence {r} differently")
             lengths.append(ids.shape[1])
             completion_tokens += int(completion.sum())
+            if step >= warmup:
+                positions["temper"] += packed.inputs.numel()
+                positions["trl"] += ids.numel()
     return {"pairs": len(ours), "sequence_lengths": lengths, "completion_tokens": completion_tokens,
-            "trl_args": trainer.args}
+            "positions": positions, "trl_args": trainer.args}
 
 
 # ----------------------------------------------------------------------------- one side, in its own process
@@ -355,10 +370,11 @@ def run_temper(args) -> dict:
 
     TrainLoop.__iter__ = metered_steps
     with tempfile.TemporaryDirectory() as out:
-        cfg = temper_config(args.model, args.pairs, Path(out) / "run", args.mode, args.warmup + args.steps, args.batch)
+        cfg = temper_config(args.model, args.pairs, Path(out) / "run", args.mode, args.warmup + args.steps, args.batch,
+                            padded=args.padded)
         summary = dpo.run(cfg)
     return {**meter.result(args.warmup, base), "trainable": summary["trainable_parameters"],
-            "threads": torch.get_num_threads(), "settings": temper_settings(args.mode)}
+            "threads": torch.get_num_threads(), "settings": temper_settings(args.mode, args.padded)}
 
 
 def run_trl(args) -> dict:
@@ -406,17 +422,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side; the fastest is kept")
     ap.add_argument("--modes", default=",".join(MODES), help=f"reference modes to run, of {', '.join(MODES)}")
     ap.add_argument("--workdir", help="keep the world, tokenizer and model here (default: a temporary directory)")
-    ap.add_argument("--only", choices=["temper", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=["temper", "trl", "temper-padded"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=list(MODES), default="copy", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
     ap.add_argument("--order", help=argparse.SUPPRESS)
     ap.add_argument("--no-sampling", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--padded", action="store_true",
+                    help="also time temper with padding_free=false (TRL's batch layout)")
     args = ap.parse_args()
     if args.warmup < 1:
         sys.exit("--warmup must be at least 1: a step's time is measured from the end of the one before")
     if args.only:
-        result = run_temper(args) if args.only == "temper" else run_trl(args)
+        args.padded = args.only == "temper-padded"
+        result = run_temper(args) if args.only.startswith("temper") else run_trl(args)
         print("RESULT " + json.dumps(result))
         return
     if not Path("/proc/self/clear_refs").exists():
@@ -431,13 +450,15 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         steps_total = args.warmup + args.steps
         model_dir, pairs_path = prepare(workdir, steps_total * args.batch)
-        same = check_same_work(model_dir, pairs_path, steps_total, args.batch)
+        same = check_same_work(model_dir, pairs_path, steps_total, args.batch, warmup=args.warmup)
         order = temper_order(temper_config(model_dir, pairs_path, workdir / "unused", "copy", steps_total,
                                            args.batch))
         lengths = same["sequence_lengths"]
         print(f"same work: {same['pairs']} pairs, identical prompt/chosen/rejected ids and identical batches on both "
               f"sides; {same['completion_tokens']} completion tokens, batches of 8 rows x {min(lengths)}-"
-              f"{max(lengths)} tokens (timed steps: {lengths[args.warmup:]})", flush=True)
+              f"{max(lengths)} tokens (timed steps: {lengths[args.warmup:]}); positions the blocks run in the timed "
+              f"steps: temper {same['positions']['temper']:,} (packed), TRL {same['positions']['trl']:,} (padded)",
+              flush=True)
 
         def run(side: str, mode: str, sampling: bool) -> dict:
             cmd = [sys.executable, __file__, "--only", side, "--mode", mode, "--model", str(model_dir), "--pairs",
@@ -452,9 +473,10 @@ def main() -> None:
             return r
 
         results: dict[tuple[str, str], dict] = {}
+        sides = ("temper", "trl", "temper-padded") if args.padded else ("temper", "trl")
         for _ in range(args.rounds):  # timing runs: no memory sampling (its thread slows both sides by ~20%)
             for mode in modes:
-                for side in ("temper", "trl"):
+                for side in sides:
                     r = run(side, mode, sampling=False)
                     print(f"  {mode:12s} {side:6s} step median {r['median'] * 1000:6.0f} ms, mean "
                           f"{r['mean'] * 1000:6.0f} ms", file=sys.stderr, flush=True)
@@ -471,6 +493,10 @@ def main() -> None:
 
     for mode in modes:
         t, h = results[(mode, "temper")], results[(mode, "trl")]
+        if args.padded:
+            q = results[(mode, "temper-padded")]
+            if max(abs(a - b) for a, b in zip(t["losses"], q["losses"])) > 1e-4:
+                sys.exit(f"padding-free changed the maths ({mode}): {t['losses']} vs {q['losses']}")
         if t["trainable"] != h["trainable"]:
             sys.exit(f"not the same work ({mode}): trainable parameters temper {t['trainable']} vs trl {h['trainable']}")
         gap = max(abs(a - b) for a, b in zip(t["losses"], h["losses"]))
@@ -492,6 +518,14 @@ def main() -> None:
         print(f"| {mode} | {t['trainable']:,} | {t['median'] * 1000:.0f} ms ({t['mean'] * 1000:.0f}) | "
               f"{h['median'] * 1000:.0f} ms ({h['mean'] * 1000:.0f}) | **{h['median'] / t['median']:.2f}x** | "
               f"{results[(mode, 'gap')]:.1e} |")
+    if args.padded:
+        print("\ntemper with padding_free=false (one right-padded row a sequence, TRL's layout):\n")
+        print("| reference | temper padded step, median (mean) | speed ratio vs TRL | padding-free speed-up |")
+        print("|---|---|---|---|")
+        for mode in modes:
+            t, h, q = results[(mode, "temper")], results[(mode, "trl")], results[(mode, "temper-padded")]
+            print(f"| {mode} | {q['median'] * 1000:.0f} ms ({q['mean'] * 1000:.0f}) | {h['median'] / q['median']:.2f}x | "
+                  f"{q['median'] / t['median']:.2f}x |")
     print("\nPeak memory while training (the steps after the first), over what the imports hold, one run each. "
           "live: bytes malloc has handed out (activations, gradients, optimiser states, temporaries; not the weights, "
           "which both libraries map from the safetensors file), sampled every 0.5 ms; RSS: resident pages "

@@ -86,6 +86,7 @@ def test_bench_dpo_trl_peers_see_the_same_tokens(tmp_path, tiny_model_dir, monke
 
     same = bench.check_same_work(tiny_model_dir, pairs, steps=4, batch=2)  # exits unless identical
     assert same["pairs"] == len(rows) and len(same["sequence_lengths"]) == 4 and same["completion_tokens"] > 0
+    assert 0 < same["positions"]["temper"] < same["positions"]["trl"]  # temper packs, TRL pads
     args = same["trl_args"]
     assert args.gradient_checkpointing is False and getattr(args, "activation_checkpointing", False) is False
     assert not args.bf16 and not args.fp16 and not args.padding_free and not args.precompute_ref_log_probs

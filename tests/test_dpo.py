@@ -141,3 +141,29 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, pairs):
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm"):
         torch.testing.assert_close([r[key] for r in b], [r[key] for r in a], atol=1e-5, rtol=0, msg=key)
+
+
+def test_padding_free_trains_as_padded(tmp_path, tiny_model_dir):
+    """padding_free=true (the default) packs a batch's sequences into fewer rows: the same losses,
+    metrics and weights as one right-padded row a sequence, with fewer positions run."""
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" The answer is {2 * i}.",
+             "rejected": " I will not say." * (1 + i % 4)} for i in range(24)]  # lengths differ: rows pack
+    train, test = tmp_path / "varied.jsonl", tmp_path / "varied_test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
+    common = [f"data={train}", f"eval_data={test}", "max_steps=3", "logging.eval_every=3", "reference=copy",
+              "seq_len=256"]
+    packed = run_dpo(tmp_path, tiny_model_dir, *common, out="packed")
+    padded = run_dpo(tmp_path, tiny_model_dir, *common, "padding_free=false", out="padded")
+    rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+            for name in ("packed", "padded")}
+    for key in ("loss", *TRL_METRICS):
+        torch.testing.assert_close([r[key] for r in rows["packed"]], [r[key] for r in rows["padded"]],
+                                   atol=1e-5, rtol=1e-5)
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-5)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("packed", "padded"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert packed["train_tokens"] < 0.8 * padded["train_tokens"]  # positions run, padding included

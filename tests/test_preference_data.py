@@ -10,6 +10,7 @@ from conftest import shared_file
 from temper.data.chat import BUILTIN_TEMPLATES
 from temper.data.preference import (
     EncodedPair,
+    EncodedUnpaired,
     PreferenceLoader,
     PreferenceStats,
     collate_pairs,
@@ -501,3 +502,68 @@ def test_fingerprint_follows_the_encoded_data(tiny_tokenizer):
     assert chatml != preference_fingerprint(encode_pairs(pairs, tiny_tokenizer, CHATML, max_len=20)[0])
     assert chatml != preference_fingerprint(encode_pairs(pairs[::-1], tiny_tokenizer, CHATML, max_len=64)[0])
     assert isinstance(PreferenceStats().summary(), str)
+
+
+def test_packed_batch_layout():
+    """Padding-free: each sequence exactly once, in rows of max(pack_len, the longest) slots,
+    positions restarting at 0, segments naming the sequence, fewer slots than padding uses."""
+    pairs = [EncodedPair([1, 2, 3], [10] * (1 + 5 * (i % 3)), [20] * (1 + 2 * (i % 2)), f"f:{i + 1}")
+             for i in range(6)]
+    padded, packed = collate_pairs(pairs, pad_id=0), collate_pairs(pairs, pad_id=0, pack_len=1)
+    longest = padded.inputs.shape[1]
+    assert packed.inputs.shape[1] <= longest and packed.inputs.shape[0] < padded.inputs.shape[0]
+    assert packed.inputs.numel() < padded.inputs.numel()
+    assert packed.completion_tokens.tolist() == padded.completion_tokens.tolist()
+    index = packed.sequence_index()
+    for r in range(2 * len(pairs)):
+        slots = index == r
+        assert slots.any(dim=1).sum() == 1  # a sequence is never split over rows
+        row = int(slots.any(dim=1).nonzero())
+        n = int(slots.sum())
+        cols = slots[row].nonzero().flatten()
+        assert cols.tolist() == list(range(int(cols[0]), int(cols[0]) + n))  # contiguous
+        assert packed.positions[row, cols].tolist() == list(range(n))
+        assert packed.inputs[row, cols].tolist() == padded.inputs[r, :n].tolist()
+        assert packed.targets[row, cols].tolist() == padded.targets[r, :n].tolist()
+    assert (packed.targets[index == -1] == IGNORE_INDEX).all()
+    mask = packed.attention_mask()
+    assert mask is not None and not mask[0, 0][index[0][:, None] != index[0][None, :]].any()  # no cross-talk
+    assert padded.sequence_index().tolist() == [[r] * longest for r in range(12)]
+    one = collate_pairs(pairs, pad_id=0, pack_len=1000)  # all in one row, as long as the sequences together
+    assert one.inputs.shape == (1, int(padded.completion_tokens.sum() + 12 * 2))
+
+
+@pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
+def test_packed_logprobs_and_gradients_equal_padded(tiny_tokenizer, family):
+    """pair_logps on a padding-free batch gives the padded batch's log-probs, logit sums and
+    gradients (rotary and learned positions both restart per sequence); KTO's rows too."""
+    from temper.data.preference import collate_unpaired
+    from temper.models import build_model, preset
+    from temper.recipes.dpo import pair_logps
+
+    torch.manual_seed(0)
+    model = build_model(preset(family, vocab_size=tiny_tokenizer.vocab_size))
+    rows = [{"prompt": [user(f"Question {i}?" + " more" * (2 * i))], "chosen": [assistant(f"Answer {i}." * (1 + i))],
+             "rejected": [assistant("No" + " no" * (5 - i))]} for i in range(5)]
+    encoded, _ = encode_pairs(read_preferences_rows(rows)[0], tiny_tokenizer, CHATML, max_len=128)
+    grads = []
+    results = []
+    for pack in (False, True):
+        model.zero_grad()
+        batch = collate_pairs(encoded, tiny_tokenizer.pad_id, pack_len=40 if pack else 0)
+        logps, counts, logits = pair_logps(model, batch, with_logits=True)
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()  # a different weight per sequence
+        results.append((logps.detach(), counts, logits))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    (lp, cp, gp), (lk, ck, gk) = results
+    torch.testing.assert_close(lk, lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gk, gp, rtol=1e-5, atol=1e-4)
+    assert ck.tolist() == cp.tolist()
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    examples = [EncodedUnpaired(e.prompt_ids, e.chosen_ids, i % 2 == 0, e.source) for i, e in enumerate(encoded)]
+    with torch.no_grad():
+        padded = pair_logps(model, collate_unpaired(examples, tiny_tokenizer.pad_id, kl=True, max_len=128))[0]
+        packed = pair_logps(model, collate_unpaired(examples, tiny_tokenizer.pad_id, kl=True, max_len=128,
+                                                    pack_len=1))[0]
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)

@@ -605,13 +605,33 @@ def preference_fingerprint(encoded: list[EncodedPair] | list[EncodedUnpaired]) -
 # ----------------------------------------------------------------------------- batches
 
 
-@dataclass
-class PairBatch(Batch):
-    """B pairs as 2B right-padded rows: rows [0, B) chosen, rows [B, 2B) the same prompts' rejected.
+class _SequenceBatch(Batch):
+    """Rows holding whole (prompt, answer) sequences, padded one a row or packed."""
 
-    inputs (2B, T), targets (2B, T) with targets[:, t] = the token after inputs[:, t] on the
-    answers and IGNORE_INDEX on prompts and padding. Right padding needs no mask or positions
-    (`attention_mask()` is None): causal attention never reaches the padding after a row.
+    def sequence_index(self) -> torch.Tensor:
+        """(rows, T): the sequence each slot belongs to (packed: -1 on padding)."""
+        if self.segments is not None:
+            return self.segments
+        rows, T = self.inputs.shape
+        return torch.arange(rows, device=self.inputs.device)[:, None].expand(rows, T)
+
+
+@dataclass
+class PairBatch(_SequenceBatch):
+    """B pairs as 2B sequences: sequences [0, B) chosen, [B, 2B) the same prompts' rejected.
+
+    Padded (`pack_len=0`): inputs (2B, T), targets (2B, T), one right-padded row a sequence;
+    targets[:, t] = the token after inputs[:, t] on the answers and IGNORE_INDEX on prompts
+    and padding. Right padding needs no mask or positions (`attention_mask()` is None): causal
+    attention never reaches the padding after a row.
+
+    Packed (`pack_len > 0`, padding-free): the 2B sequences share as few rows of
+    max(pack_len, the longest sequence) slots as hold them (first-fit decreasing); `segments`
+    (rows, T) names each slot's sequence (-1: padding) and keeps attention inside it,
+    `positions` restart at 0 for each. The blocks then run on (nearly) real tokens only; the
+    masked attention over a packed row costs more than per-sequence attention would, which is
+    small next to the projections until rows reach thousands of tokens. `sequence_index()` maps every slot to its
+    sequence either way, so per-sequence sums (`temper.recipes.dpo.pair_logps`) read the same.
     """
 
     num_pairs: int = 0
@@ -619,14 +639,16 @@ class PairBatch(Batch):
     ref_logps: torch.Tensor | None = None  # (2B,) the reference's log-probs of each row, when precomputed
 
     def to(self, device) -> PairBatch:
-        return PairBatch(self.inputs.to(device), self.targets.to(device), num_pairs=self.num_pairs,
-                         completion_tokens=self.completion_tokens.to(device),
-                         ref_logps=None if self.ref_logps is None else self.ref_logps.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PairBatch(self.inputs.to(device), self.targets.to(device), move(self.positions), move(self.segments),
+                         num_pairs=self.num_pairs, completion_tokens=self.completion_tokens.to(device),
+                         ref_logps=move(self.ref_logps))
 
 
 @dataclass
-class UnpairedBatch(Batch):
-    """B unpaired examples as right-padded rows (KTO), with `labels` (B,) True where desirable.
+class UnpairedBatch(_SequenceBatch):
+    """B unpaired examples (KTO), padded or packed as PairBatch's sequences, with `labels` (B,)
+    True where desirable.
 
     With `kl=True`, rows [B, 2B) pair prompt i with the answer of example i - 1 (mod B), the
     mismatched pairs KTO estimates its KL reference point on (TRL's rotation by one).
@@ -638,35 +660,64 @@ class UnpairedBatch(Batch):
     kl: bool = False
 
     def to(self, device) -> UnpairedBatch:
-        return UnpairedBatch(self.inputs.to(device), self.targets.to(device), labels=self.labels.to(device),
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return UnpairedBatch(self.inputs.to(device), self.targets.to(device), move(self.positions),
+                             move(self.segments), labels=self.labels.to(device),
                              completion_tokens=self.completion_tokens.to(device), num_examples=self.num_examples,
                              kl=self.kl)
 
 
-def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt, answer) rows -> inputs (R, T), targets (R, T), answer tokens (R,), right-padded."""
-    T = max(len(p) + len(a) - 1 for p, a in rows)
-    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for r, (prompt, answer) in enumerate(rows):
+def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, pack_len: int = 0) -> dict:
+    """(prompt, answer) sequences -> {inputs, targets (rows, T), completion_tokens (R,)}, right-padded
+    one a row, or packed (first-fit decreasing) with `positions` and `segments` (see PairBatch)."""
+    lengths = [len(p) + len(a) - 1 for p, a in rows]  # the last token is only a target
+    for prompt, answer in rows:
         assert prompt and answer, "encoded rows always have a prompt and an answer token"
-        seq = prompt + answer
-        inputs[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-        targets[r, len(prompt) - 1:len(seq) - 1] = torch.tensor(answer)  # target t predicts token t + 1
-    return inputs, targets, torch.tensor([len(a) for _, a in rows])
+    if pack_len:
+        capacity = max(pack_len, *lengths)
+        bins: list[list[int]] = []  # sequence indices a row
+        room: list[int] = []
+        for r in sorted(range(len(rows)), key=lambda r: (-lengths[r], r)):
+            slot = next((b for b, free in enumerate(room) if free >= lengths[r]), None)
+            if slot is None:
+                bins.append([])
+                room.append(capacity)
+                slot = len(bins) - 1
+            bins[slot].append(r)
+            room[slot] -= lengths[r]
+    else:
+        bins = [[r] for r in range(len(rows))]
+    T = max(sum(lengths[r] for r in b) for b in bins)
+    inputs = torch.full((len(bins), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(bins), T), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(bins), T), dtype=torch.long)
+    segments = torch.full((len(bins), T), -1, dtype=torch.long)
+    for row, members in enumerate(bins):
+        start = 0
+        for r in members:
+            prompt, answer = rows[r]
+            seq, n = prompt + answer, lengths[r]
+            inputs[row, start:start + n] = torch.tensor(seq[:-1])
+            targets[row, start + len(prompt) - 1:start + n] = torch.tensor(answer)  # target t predicts token t + 1
+            positions[row, start:start + n] = torch.arange(n)
+            segments[row, start:start + n] = r
+            start += n
+    out = {"inputs": inputs, "targets": targets, "completion_tokens": torch.tensor([len(a) for _, a in rows])}
+    if pack_len:
+        out.update(positions=positions, segments=segments)
+    return out
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
+def collate_pairs(pairs: list[EncodedPair], pad_id: int, *, pack_len: int = 0) -> PairBatch:
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    inputs, targets, counts = _pad_rows(rows, pad_id)
     ref = None
     if all(p.ref_logps is not None for p in pairs):
         ref = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)
-    return PairBatch(inputs, targets, num_pairs=len(pairs), completion_tokens=counts, ref_logps=ref)
+    return PairBatch(**_pad_rows(rows, pad_id, pack_len), num_pairs=len(pairs), ref_logps=ref)
 
 
-def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool = False, max_len: int = 0
-                     ) -> UnpairedBatch:
+def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool = False, max_len: int = 0,
+                     pack_len: int = 0) -> UnpairedBatch:
     rows = [(e.prompt_ids, e.completion_ids) for e in examples]
     if kl:
         for i, e in enumerate(examples):
@@ -674,9 +725,8 @@ def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool =
             if max_len:
                 answer = answer[:max_len + 1 - len(e.prompt_ids)]
             rows.append((e.prompt_ids, answer))
-    inputs, targets, counts = _pad_rows(rows, pad_id)
     labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
-    return UnpairedBatch(inputs, targets, labels=labels, completion_tokens=counts, num_examples=len(examples), kl=kl)
+    return UnpairedBatch(**_pad_rows(rows, pad_id, pack_len), labels=labels, num_examples=len(examples), kl=kl)
 
 
 class PreferenceLoader(SFTLoader):
@@ -684,12 +734,13 @@ class PreferenceLoader(SFTLoader):
 
     The order, the split over data-parallel ranks (a rank's k-th micro-batch is the epoch's
     (k x world_size + rank)-th batch, epochs end on whole optimiser steps), `state_dict` and
-    `load_state_dict` (through `convert_position`) are SFTLoader's; only the batch differs.
+    `load_state_dict` (through `convert_position`) are SFTLoader's; only the batch differs
+    (`pack_len`: padding-free batches, see PairBatch).
     """
 
     def __init__(self, examples: list[EncodedPair] | list[EncodedUnpaired], *, batch_size: int, pad_id: int,
                  seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
-                 kl: bool = False, max_len: int = 0) -> None:
+                 kl: bool = False, max_len: int = 0, pack_len: int = 0) -> None:
         if not examples:
             raise TemperError("no preference data to load")
         super().__init__(examples, batch_size=batch_size, seq_len=max_len, pad_id=pad_id, seed=seed, packing=False,
@@ -699,7 +750,7 @@ class PreferenceLoader(SFTLoader):
             raise TemperError("kl=True builds KTO's mismatched rows: it needs unpaired examples")
         if kl and max_len < 1:
             raise TemperError("kl=True needs max_len: a mismatched row is cut to fit the context")
-        self.kl = kl
+        self.kl, self.pack_len = kl, pack_len
 
     def next_batch(self) -> PairBatch | UnpairedBatch:
         if self.position >= self.batches_per_epoch:
@@ -707,8 +758,8 @@ class PreferenceLoader(SFTLoader):
         chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
         self.position += 1
         if self.unpaired:
-            return collate_unpaired(chunk, self.pad_id, kl=self.kl, max_len=self.seq_len)
-        return collate_pairs(chunk, self.pad_id)
+            return collate_unpaired(chunk, self.pad_id, kl=self.kl, max_len=self.seq_len, pack_len=self.pack_len)
+        return collate_pairs(chunk, self.pad_id, pack_len=self.pack_len)
 
 
 def load_preferences(spec, tokenizer, template: str | None, *, max_len: int, max_prompt_len: int = 0,

@@ -62,6 +62,8 @@ class Config:
         "turn", "implicit prompts end at the last shared '\\n\\nAssistant:' (turn) or are TRL's common prefix")
     template: str | None = opt(None, "chat template for message rows (default: the model's; string rows use none)")
     seq_len: int = opt(512, "longest prompt + answer in tokens")
+    padding_free: bool = opt(True, "pack each batch's sequences into as few rows of seq_len as hold them (same "
+                                   "log-probs, no work on padding; false: one right-padded row a sequence, as TRL)")
     max_prompt_len: int = opt(0, "keep only the end of longer prompts (0: no limit but seq_len)")
     loss_type: list[str] = opt(["sigmoid"], "sigmoid, robust, hinge, ipo, sigmoid_norm, sft, simpo, orpo; "
                                             "several are summed with loss_weights; or kto (unpaired data)")
@@ -208,7 +210,8 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
 
 def pair_logps(model, batch, *, with_logits: bool = False):
     """(log-probs (R,), completion tokens (R,), Σ over completion tokens of the vocabulary-mean
-    logit (R,) or None) of the rows of a batch: for pairs, chosen and rejected in one forward.
+    logit (R,) or None) of the R sequences of a batch: for pairs, chosen and rejected in one
+    forward, padded one a row or packed (padding-free) several a row.
 
     The output layer scores the completion tokens only: prompts and padding go through the
     blocks but cost no (tokens x vocab) work, forward or backward."""
@@ -216,22 +219,25 @@ def pair_logps(model, batch, *, with_logits: bool = False):
     from temper.losses.clm import output_weight, replicated_local
     from temper.losses.logprobs import token_logprobs
 
-    hidden = model(batch.inputs, return_hidden=True)  # (2B, T, C)
+    hidden = model(batch.inputs, return_hidden=True, positions=batch.positions,
+                   mask=batch.attention_mask())  # (rows, T, C)
     weight = output_weight(model)
-    scored = batch.targets != IGNORE_INDEX  # (2B, T)
+    scored = batch.targets != IGNORE_INDEX  # (rows, T)
+    sequence = batch.sequence_index()[scored]  # (N,): which sequence each completion token ends
     completion = hidden[scored]  # (N, C): the completion tokens' hidden states
     token_logps = token_logprobs(completion, weight, batch.targets[scored])  # (N,)
-    logps = token_logps.new_zeros(scored.shape).masked_scatter(scored, token_logps).sum(-1)  # (2B,)
-    counts = scored.sum(-1)
+    R = batch.completion_tokens.shape[0]
+    logps = token_logps.new_zeros(R).index_add(0, sequence, token_logps)
     logits_sum = None
     if with_logits:  # mean over the vocabulary of h @ W^T is h @ mean(W): no (tokens x vocab) tensor
         mean_row = replicated_local(weight).detach().float().mean(0)  # (C,)
         per_token = completion.detach().float() @ mean_row  # (N,)
-        logits_sum = per_token.new_zeros(scored.shape).masked_scatter(scored, per_token).sum(-1)
-    return logps, counts, logits_sum
+        logits_sum = per_token.new_zeros(R).index_add(0, sequence, per_token)
+    return logps, batch.completion_tokens, logits_sum
 
 
-def precompute_reference(pairs, ref_model, *, pad_id: int, device, autocast, batch_size: int = 16) -> None:
+def precompute_reference(pairs, ref_model, *, pad_id: int, device, autocast, batch_size: int = 16,
+                         pack_len: int = 0) -> None:
     """Fill each pair's `ref_logps` with the reference model's (chosen, rejected) log-probs."""
     import torch
 
@@ -240,7 +246,7 @@ def precompute_reference(pairs, ref_model, *, pad_id: int, device, autocast, bat
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
-            batch = collate_pairs(chunk, pad_id).to(device)
+            batch = collate_pairs(chunk, pad_id, pack_len=pack_len).to(device)
             with autocast():
                 logps, _, _ = pair_logps(ref_model, batch)
             B = len(chunk)
@@ -327,6 +333,7 @@ def run(cfg: Config) -> dict:
         print(f"dpo data: {stats.summary()}; {len(held)} held-out pairs | loss {'+'.join(cfg.loss_type)} "
               f"beta={cfg.beta} | reference: {mode or 'none (reference-free loss)'}", file=sys.stderr)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pack_len = cfg.seq_len if cfg.padding_free else 0
     autocast = engine.precision_context(precision, device)
 
     # the reference: a frozen copy, the adapter disabled, or log-probs computed once
@@ -336,7 +343,8 @@ def run(cfg: Config) -> dict:
         ref_model.requires_grad_(False)
     if mode == "precomputed":
         def compute():
-            precompute_reference(train + held, ref_model, pad_id=pad_id, device=device, autocast=autocast)
+            precompute_reference(train + held, ref_model, pad_id=pad_id, device=device, autocast=autocast,
+                                 pack_len=pack_len)
 
         fingerprint = preference_fingerprint(train + held)
         cache = lambda: reference_cache(out, train + held, cfg.ref_model or cfg.model, fingerprint, compute)  # noqa: E731
@@ -348,7 +356,8 @@ def run(cfg: Config) -> dict:
             torch.cuda.empty_cache()
 
     loader = PreferenceLoader(train, batch_size=cfg.batch_size, pad_id=pad_id, seed=cfg.seed, rank=par.dp_rank,
-                              world_size=par.dp, grad_accum=grad_accum, kl=cfg.kto, max_len=cfg.seq_len)
+                              world_size=par.dp, grad_accum=grad_accum, kl=cfg.kto, max_len=cfg.seq_len,
+                              pack_len=pack_len)
     if par.world_size > 1:
         par.agree(lambda: resolve_general_text(cfg, lineage, tokenizer, out) and None)
     general = resolve_general_text(cfg, lineage, tokenizer, out)
@@ -379,13 +388,8 @@ def run(cfg: Config) -> dict:
     def kto_batch_loss(batch):  # (Σ per-example losses, examples, TRL's KTO metrics as sums)
         batch = batch.to(device)
         B = batch.num_examples
+        ref = reference_logps(batch)  # first: its activations are freed before the policy's are kept
         logps, _, _ = pair_logps(model, batch)  # rows [0, B): the examples; [B, 2B): mismatched (KL) rows
-        with torch.no_grad():
-            if mode == "adapter":
-                with disable_adapters(unwrap(model)):
-                    ref = pair_logps(model, batch)[0]
-            else:
-                ref = pair_logps(ref_model, batch)[0]
         # the reference point: mean log-ratio of the mismatched rows, averaged over the data-parallel ranks
         kl = par.all_reduce_sum((logps[B:] - ref[B:]).detach().mean().double()) / par.dp
         losses, rewards = kto_loss(logps[:B], ref[:B], batch.labels, kl.float(), beta=cfg.beta,
@@ -397,8 +401,8 @@ def run(cfg: Config) -> dict:
             return kto_batch_loss(batch)
         batch = batch.to(device)
         B = batch.num_pairs
+        ref = reference_logps(batch)  # first: its activations are freed before the policy's are kept
         logps, counts, logits_sum = pair_logps(model, batch, with_logits=True)
-        ref = reference_logps(batch)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             cfg.loss_type, logps[:B], logps[B:], None if ref is None else ref[:B], None if ref is None else ref[B:],
             chosen_tokens=counts[:B], rejected_tokens=counts[B:], beta=cfg.beta,
@@ -412,7 +416,7 @@ def run(cfg: Config) -> dict:
         result: dict = {}
         if held:
             scored = PreferenceLoader(held, batch_size=cfg.batch_size, pad_id=pad_id, seed=0, shuffle=False,
-                                      kl=cfg.kto, max_len=cfg.seq_len)
+                                      kl=cfg.kto, max_len=cfg.seq_len, pack_len=pack_len)
             sums: dict = {}
             total, pairs = 0.0, 0
             was_training = model.training

@@ -239,7 +239,8 @@ class TrainLoop:
     def summary(self) -> dict[str, Any]:
         """What every run reports: steps, time, throughput, peak memory, the final evaluation (and
         under `before` the evaluation at the start, when there was one)."""
-        result: dict[str, Any] = {"steps": self.max_steps, "train_seconds": self.train_seconds}
+        result: dict[str, Any] = {"steps": self.max_steps, "train_seconds": self.train_seconds,
+                                  "train_tokens": self.train_tokens}
         if self.train_seconds:
             result["tokens_per_second"] = self.train_tokens / self.train_seconds
         result["peak_memory_mb"] = engine.peak_memory_mb(self.device)
