@@ -287,7 +287,7 @@ def test_a_revision_that_repeats_its_critique_is_skipped():
     (["judge=rules:world"], r"judge=rules:world: expected KIND:ARGUMENT .*\(did you mean 'rule:'\?\)"),
     (["judge=callable:no_such_module_xyz:score"], r"cannot import module 'no_such_module_xyz'"),
     (["judge=callable:json:lodas"], r"module 'json' has no 'lodas' \(did you mean 'loads'\?\)"),
-    (["judge=reward:runs/rm"], r"temper has no reward model yet"),
+    (["judge=reward:/no/such/dir"], r"judge=reward:/no/such/dir: no such model directory"),
     (["judge=rule:gsm8k"], r"the rule judge is rule:world"),
     (["judge=regex:("], r"judge regex:\(: not a regular expression"),
     (["judge=llm:/no/such/dir"], r"judge=llm:/no/such/dir: no such model directory"),

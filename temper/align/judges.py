@@ -13,8 +13,12 @@ Specs (`make_judge`):
   llm:MODEL_DIR           the pairwise LLM judge of `temper.eval.judge`: every two responses
                           to a prompt are compared in both orders; a response's score is its
                           share of wins (a tie, or orders that disagree, count half)
+  reward:MODEL_DIR        a reward model (`temper.models.reward`: a `*ForSequenceClassification`
+                          directory with one label, e.g. from TRL's RewardTrainer): the score is
+                          its scalar for prompt + response, formatted as `RewardJudge` says
 
-A reward model would be a fourth kind; temper has no reward model yet, and `reward:` says so.
+(`constitution:MODEL_DIR` is the fifth kind: it revises responses instead of scoring them, see
+`temper.align.feedback`.)
 
 Bad judgements (an exception, a value that is not a finite number) are never used silently:
 with `skip_bad=True` the response gets no score (None: it takes part in no pair) and the
@@ -270,6 +274,116 @@ class LLMJudge(Judge):
         del self.model
 
 
+class RewardJudge(Judge):
+    """A reward model's scalar for each prompt + response, scored in batches.
+
+    The text is what the reward model was trained on, in temper's DPO / TRL's RewardTrainer
+    conventions (temper.data.preference):
+    - the directory has a chat template: the prompt's messages + {"role": "assistant",
+      "content": response} rendered without a generation prompt, tokenised without added
+      special tokens (the template writes its own BOS), EOS appended only when the render
+      ends with no end-of-turn marker;
+    - no template: the last user turn and the response as plain text, "question\nresponse",
+      after the tokenizer's leading special tokens (BOS) and followed by EOS (TRL appends the
+      EOS text to non-conversational rows).
+    A sequence longer than the model's positions keeps its last `max_seq_len` tokens (counted
+    in `truncated`, warned once per batch of prompts), as the LLM judge keeps a prompt's end.
+    """
+
+    def __init__(self, model_dir: str, *, device: Any = "cpu", dtype: Any = None, batch_size: int = 16,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        from temper.data.chat import model_chat_template
+        from temper.data.preference import _leading_special_ids
+        from temper.data.tokenizer import Tokenizer
+        from temper.models.reward import load_reward_model
+
+        self.model = load_reward_model(model_dir, device=device, dtype=dtype)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise TemperError(f"{model_dir}: the tokenizer has {self.tokenizer.vocab_size} tokens but the reward "
+                              f"model only {self.model.config.vocab_size} embeddings")
+        self.template = model_chat_template(model_dir, self.tokenizer)
+        self.leading = _leading_special_ids(self.tokenizer)
+        self.batch_size = batch_size
+        self.truncated = 0
+        self.name = f"reward:{model_dir}"
+
+    def encode(self, prompt: Prompt, response: str) -> list[int]:
+        """The token ids the reward model reads for `response` to `prompt` (see the class docstring)."""
+        from temper.data.chat import render, render_kwargs
+        from temper.data.sft import _ends_with_end_marker
+
+        tokenizer = self.tokenizer
+        if self.template:
+            text = render(self.template, [*prompt.messages, {"role": "assistant", "content": response}],
+                          add_generation_prompt=False, **render_kwargs(tokenizer))
+            ids = tokenizer.encode(text)
+            ended = _ends_with_end_marker(text, self.template, tokenizer)
+        else:
+            ids = self.leading + tokenizer.encode(f"{prompt.question}\n{response}")
+            ended = False
+        if not ended and tokenizer.eos_id is not None and (not ids or ids[-1] != tokenizer.eos_id):
+            ids.append(tokenizer.eos_id)
+        if not ids:
+            raise TemperError("the prompt and response encode to no tokens")
+        limit = self.model.config.max_seq_len
+        if len(ids) > limit:
+            self.truncated += 1
+            ids = ids[-limit:]
+        return ids
+
+    def rank(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list[list[float | None]]:
+        import torch
+
+        if len(prompts) != len(responses):
+            raise TemperError(f"{len(prompts)} prompts but {len(responses)} lists of responses")
+        before, truncated_before = Counter(self.stats.bad), self.truncated
+        items = [(i, j) for i, rs in enumerate(responses) for j in range(len(rs))]
+        encoded: dict[tuple[int, int], list[int]] = {}
+        failed: dict[tuple[int, int], str] = {}
+        for i, j in items:
+            try:
+                encoded[i, j] = self.encode(prompts[i], responses[i][j])
+            except Exception as e:  # a template that fails on this prompt: that sample is judged bad
+                failed[i, j] = f"{type(e).__name__}: {e}"
+        rewards: dict[tuple[int, int], float] = {}
+        order = sorted(encoded, key=lambda key: len(encoded[key]))  # similar lengths share a batch: less padding
+        device = next(self.model.parameters()).device
+        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.model.eval()
+        for start in range(0, len(order), self.batch_size):
+            keys = order[start:start + self.batch_size]
+            lengths = [len(encoded[k]) for k in keys]
+            ids = torch.full((len(keys), max(lengths)), pad, dtype=torch.long)
+            for row, k in enumerate(keys):
+                ids[row, :lengths[row]] = torch.tensor(encoded[k])
+            try:
+                with torch.no_grad():
+                    values = self.model(ids.to(device), torch.tensor(lengths, device=device)).float().tolist()
+            except TemperError:
+                raise
+            except Exception as e:  # e.g. out of memory: this batch's samples are judged bad
+                failed.update({k: f"{type(e).__name__}: {e}" for k in keys})
+                continue
+            rewards.update(zip(keys, values))
+        out: list[list[float | None]] = [[None] * len(rs) for rs in responses]
+        for i, j in items:
+            if (i, j) in failed:
+                out[i][j] = self.bad(prompts[i], j, "exception", failed[i, j])
+            else:
+                out[i][j] = self._checked(prompts[i], j, lambda value=rewards[i, j]: value)
+        if self.truncated > truncated_before:
+            warnings.warn(f"judge {self.name}: {self.truncated - truncated_before} of {len(items)} sequences are "
+                          f"longer than the reward model's {self.model.config.max_seq_len} positions and kept their "
+                          "last tokens", UserWarning, stacklevel=2)
+        self.warn(before)
+        return out
+
+    def close(self) -> None:
+        del self.model
+
+
 def split_spec(spec: str, option: str = "judge=") -> tuple[str, str]:
     """(kind, argument) of KIND:ARGUMENT; a one-line error for anything else."""
     kind, sep, arg = spec.partition(":")
@@ -278,7 +392,7 @@ def split_spec(spec: str, option: str = "judge=") -> tuple[str, str]:
         hint = f" (did you mean '{close[0]}:'?)" if close and close[0] != kind else ""
         raise TemperError(f"{option}{spec}: expected KIND:ARGUMENT with KIND one of {', '.join(KINDS)}{hint}, "
                           "e.g. rule:world, regex:PATTERN, callable:my_module:score, llm:runs/judge, "
-                          "constitution:runs/sft")
+                          "reward:runs/rm, constitution:runs/sft")
     return kind, arg
 
 
@@ -298,8 +412,8 @@ def make_judge(spec: str, *, device: Any = "cpu", skip_bad: bool = True, option:
         check_model_dir(arg, f"{option}llm:")
         return LLMJudge(arg, device=device, skip_bad=skip_bad)
     if kind == "reward":
-        raise TemperError(f"{option}{spec}: temper has no reward model yet; use rule:world, regex:, callable:, "
-                          "llm: or constitution:")
+        check_model_dir(arg, f"{option}reward:")
+        return RewardJudge(arg, device=device, skip_bad=skip_bad)
     raise TemperError(f"{option}{spec}: a constitution judge revises responses instead of scoring them; "
                       "it makes pairs in `temper dpo rounds=N`, not scores")
 
@@ -311,5 +425,5 @@ def check_model_dir(path: str, option: str) -> None:
         raise TemperError(f"{option}{path}: no such model directory")
 
 
-__all__ = ["CallableJudge", "Judge", "JudgeStats", "KINDS", "LLMJudge", "Prompt", "RegexJudge", "WorldRuleJudge",
-           "check_model_dir", "import_callable", "make_judge", "split_spec"]
+__all__ = ["CallableJudge", "Judge", "JudgeStats", "KINDS", "LLMJudge", "Prompt", "RegexJudge", "RewardJudge",
+           "WorldRuleJudge", "check_model_dir", "import_callable", "make_judge", "split_spec"]

@@ -4,6 +4,7 @@
     temper dpo model=runs/sft rounds=1 judge=regex:'^[A-Z][^.]*\\.$'
     temper dpo model=runs/sft rounds=1 judge=callable:my_judges:score online_prompts=prompts.jsonl
     temper dpo model=runs/sft rounds=1 judge=llm:runs/judge
+    temper dpo model=runs/sft rounds=1 judge=reward:runs/rm               # a reward model (temper.models.reward)
     temper dpo model=runs/sft rounds=1 judge=constitution:runs/sft      # AI feedback (temper.align.feedback)
 
 Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's model:
@@ -88,7 +89,8 @@ def check_config(cfg) -> None:
     if kind != "constitution" and cfg.constitution:
         raise TemperError(f"constitution= is read by judge=constitution:MODEL_DIR, not by judge={cfg.judge}")
     if cfg.monitor_judge and split_spec(cfg.monitor_judge, "monitor_judge=")[0] == "constitution":
-        raise TemperError("monitor_judge= reports scores: use rule:world, regex:, callable: or llm:, not constitution:")
+        raise TemperError("monitor_judge= reports scores: use rule:world, regex:, callable:, llm: or reward:, "
+                          "not constitution:")
     if cfg.data:
         raise TemperError("data= is for offline DPO; with rounds=N the pairs come from the policy's answers to "
                           "online_prompts= (drop data=)")

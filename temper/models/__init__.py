@@ -4,6 +4,8 @@
     model = load_model("path/to/hf_dir")               # any supported HF directory
     save_model(model, "out_dir", tokenizer=tok)        # an HF directory transformers loads
     model, tok = load_for_inference("model_or_adapter_dir")  # what every inference command uses
+
+Reward models (a body + a scalar head, HF's *ForSequenceClassification): temper.models.reward.
 """
 
 from __future__ import annotations

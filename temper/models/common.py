@@ -224,7 +224,9 @@ class DecoderBase(nn.Module):
       that layer's keys at every call: visible to every query, never stored in the cache, no
       rotary applied (they live in the post-rotary key space); real tokens keep positions;
     - `extra_cache_slots`: KV-cache slots `new_cache` adds for tokens a hook puts in front;
-    - `activation_checkpointing`: recompute each block in the backward pass.
+    - `activation_checkpointing`: recompute each block in the backward pass;
+    - `lm_head = None`: a body without an output layer (a reward model's, temper.models.reward),
+      called with return_hidden=True only.
     """
 
     config: object
@@ -270,7 +272,11 @@ class DecoderBase(nn.Module):
         if last_only:  # generation needs the next-token logits of the last position alone
             x = x[:, -1:]
         x = self.final_norm(x)
-        return x if return_hidden else self.lm_head(x)  # (B, T, V)
+        if return_hidden:
+            return x
+        if self.lm_head is None:
+            raise TemperError("this model has no output layer (a reward model's body): call it with return_hidden=True")
+        return self.lm_head(x)  # (B, T, V)
 
     def run_blocks(self, x: torch.Tensor, inputs: AttentionInputs, start: int = 0,
                    stop: int | None = None) -> torch.Tensor:

@@ -286,13 +286,18 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, config: ModelConfig,
-                            *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of an HF directory into temper names, checking names and shapes."""
+                            *, device: torch.device | str = "cpu",
+                            extra: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of an HF directory into temper names, checking names and shapes.
+
+    `extra`: HF tensors outside the decoder (a sequence-classification head's `score.weight`),
+    returned under their own names and checked against these shapes."""
     model_dir = Path(model_dir)
     adapter = ADAPTERS[config.family]
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
+    extra = extra or {}
     out: dict[str, torch.Tensor] = {}
     for path in _weight_files(model_dir):
         try:
@@ -301,6 +306,14 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
             raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
         with handle as f:
             for hf_name in f.keys():
+                if hf_name in extra:
+                    tensor = f.get_tensor(hf_name)
+                    check_weight(path, hf_name, tensor)
+                    if tuple(tensor.shape) != tuple(extra[hf_name]):
+                        raise TemperError(f"{path}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
+                                          f"expected {tuple(extra[hf_name])} from config.json")
+                    out[hf_name] = tensor
+                    continue
                 name = adapter.from_hf(hf_name)
                 if name == "":
                     continue
@@ -320,7 +333,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
                         f"expected {tuple(expected[name])} from config.json"
                     )
                 out[name] = tensor
-    missing = [adapter.to_hf(k) for k in expected if k not in out]
+    missing = [adapter.to_hf(k) for k in expected if k not in out] + [k for k in extra if k not in out]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise TemperError(f"{model_dir}: tensor '{missing[0]}'{more} missing from the safetensors files")
@@ -363,8 +376,9 @@ def _atomic_write_json(path: Path, data: Any) -> None:
 
 
 def save_hf_weights(model: torch.nn.Module, config: ModelConfig, out_dir: Path,
-                    max_shard_bytes: int | None = None) -> None:
-    """Write weights in HF names (tied output layer omitted), as one file or shards + index."""
+                    max_shard_bytes: int | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights in HF names (tied output layer omitted), as one file or shards + index;
+    `extra`: tensors outside the decoder, under their HF names (a classification head)."""
     adapter = ADAPTERS[config.family]
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -374,6 +388,8 @@ def save_hf_weights(model: torch.nn.Module, config: ModelConfig, out_dir: Path,
         if adapter.is_transposed(name):
             t = t.t()
         tensors[adapter.to_hf(name)] = t.contiguous().cpu()
+    for name, tensor in (extra or {}).items():
+        tensors[name] = tensor.detach().contiguous().cpu()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

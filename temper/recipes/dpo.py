@@ -99,7 +99,8 @@ class Config:
     # iterative (online) DPO and AI feedback: temper.align.online
     rounds: int = opt(0, "online rounds: sample from the policy, judge, pair, train a DPO round, repeat (0: offline)")
     judge: str = opt("rule:world", "what makes a round's pairs: rule:world, regex:PATTERN, callable:MODULE:FUNC, "
-                                   "llm:MODEL_DIR, or constitution:MODEL_DIR (AI feedback)")
+                                   "llm:MODEL_DIR, reward:MODEL_DIR (a reward model), or constitution:MODEL_DIR "
+                                   "(AI feedback)")
     constitution: str = opt("", "principles for judge=constitution:... (default: the shipped constitutions/default.md)")
     online_prompts: list[str] = opt([], "prompt rows for the rounds (default: the built-in world's rl/train.jsonl)")
     prompts_per_round: int = opt(64, "prompts answered each round: the next ones of a seeded shuffle (0: all)")

@@ -4,6 +4,7 @@
     temper eval models=[runs/pretrain,runs/sft] tasks=world_facts_mc,world_qa data=valid.txt
     temper eval models=[runs/sft,runs/sft-lora] tasks=world_qa judge=rule        # or judge=JUDGE_DIR
     temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=rule:world  # any scoring judge of temper.align.judges
+    temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=reward:runs/rm  # a reward model
     temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
 
 Tasks are YAML files, or the names of the ones shipped in the package (temper/configs/tasks:
@@ -40,7 +41,8 @@ class Config:
     stride: int = opt(128, "new tokens scored per window after the first (= window: lm-eval's rolling windows)")
     world: str | None = opt(None, "the built-in world directory for {world} tasks (default: the model's lineage)")
     judge: str | None = opt(None, "with two models: 'rule' (checkable answers), a judge model directory, or a "
-                                  "scoring judge: rule:world, regex:PATTERN, callable:MODULE:FUNC, llm:MODEL_DIR")
+                                  "scoring judge: rule:world, regex:PATTERN, callable:MODULE:FUNC, llm:MODEL_DIR, "
+                                  "reward:MODEL_DIR")
     contamination: list[str] = opt([], "training data whose 13-gram overlap with each task is reported")
     ngram: int = opt(13, "n-gram length for the contamination check")
     output_dir: str = opt("runs/eval", "where results.json and results.md are written")
@@ -177,11 +179,18 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
         from temper.align.judges import split_spec
 
         kind, arg = split_spec(cfg.judge)
-        if kind in ("constitution", "reward"):
-            raise TemperError(f"judge={cfg.judge}: temper eval compares answers with rule:world, regex:, callable: "
-                              "or llm: judges")
+        if kind == "constitution":
+            raise TemperError(f"judge={cfg.judge}: temper eval compares answers with rule:world, regex:, callable:, "
+                              "llm: or reward: judges")
         if kind == "llm":
             check_model_dir(arg, "judge=")
+        elif kind == "reward":  # its config, weight files and tokenizer, before any model is evaluated
+            from temper.models.reward import check_reward_model_dir
+
+            try:
+                check_reward_model_dir(arg)
+            except TemperError as e:
+                raise TemperError(f"judge={cfg.judge}: {e}") from None
         else:  # a bad pattern, module or function is found before any model is evaluated
             from temper.align.judges import make_judge
 
