@@ -1,10 +1,12 @@
 """DPO, iterative DPO and AI feedback on the built-in world, from a model temper trains here.
 
     python benchmarks/bench_online_dpo.py [--out runs/bench_online] [--pretrain-steps 500 --sft-steps 400
-                                           --dpo-steps 200 --round-steps 100 --prompts-per-round 128]
+                                           --dpo-steps 200 --round-steps 100 --prompts-per-round 128
+                                           --sft-style-noise 0.0]
 
-Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps), SFTs it
-(`temper sft` defaults but --sft-steps), then from the SFT model:
+Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps, and
+`world.sft_style_noise=` --sft-style-noise), SFTs it (`temper sft` defaults but --sft-steps), then
+from the SFT model:
 
 (a) offline DPO on the world's preference pairs (`temper dpo` defaults but --dpo-steps);
 (b) one online round: the SFT model samples 4 responses to --prompts-per-round of the world's
@@ -19,12 +21,18 @@ Every model is measured the same way:
       a margin of exactly 0 counting half: the SFT model itself scores 0.5 by construction;
   log-prob preference  the share of those pairs where the model alone gives the chosen reply
       the higher total log-probability (no reference; long rejected replies make this easy);
-  checker score  `temper.eval.world_checker` on greedy replies to the world's rl/test prompts
-      (held out: no round saw them), and its four criteria;
+  checker, greedy  `temper.eval.world_checker` on greedy replies to the world's rl/test prompts
+      (held out: no round saw them): its score and its four criteria;
+  checker, sampled  the same on 4 replies per rl/test prompt sampled at temperature 1 (top_p 1,
+      seed 0 for every model): greedy decoding shows the model's most likely style only, and
+      a style the SFT data taught at some rate (--sft-style-noise) shows up in samples first;
   drift perplexity  on the pretraining validation shards (what `temper dpo` logs as general_ppl).
 Rounds also report their judge's score of the policy's samples before and after the round.
-Each stage's own output goes to OUT/logs/*.log. Nothing is tuned here: the settings above are
-the recipes' defaults, and every number is printed as it comes out.
+--sft-style-noise writes that share of the world's sft/train replies rambling, repetitive or rude
+(still correct), like scraped instruction data, so that the SFT model has a style for preference
+tuning to fix; 0 (the default) is the clean world, whose SFT model already writes in the chosen
+style. Each stage's own output goes to OUT/logs/*.log. Nothing is tuned here: the settings above
+are the recipes' defaults, and every number is printed as it comes out.
 """
 
 from __future__ import annotations
@@ -83,23 +91,42 @@ def preference_accuracy(policy_dir, ref_dir, pairs_file) -> dict:
     return result
 
 
-def greedy_checker(model_dir, prompts_file) -> dict:
+SAMPLES_PER_PROMPT = 4  # sampled replies per held-out prompt for the sampled checker
+
+
+def world_checker(model_dir, prompts_file) -> dict:
+    """The world checker's means on greedy replies (checker/greedy/*) and on SAMPLES_PER_PROMPT
+    replies per prompt sampled at temperature 1 with a fixed seed (checker/sampled/*)."""
     from temper.align.online import read_prompts, sample_responses
     from temper.data.chat import chat_template_for
     from temper.eval.world_checker import mean_check
     from temper.models import load_for_inference
 
     prompts = read_prompts(prompts_file)
+    answers = [p.answer for p in prompts]
     model, tokenizer = load_for_inference(model_dir)
     template = chat_template_for(model_dir, tokenizer, None)
-    replies = sample_responses(model, tokenizer, template, prompts, 1, temperature=0.0, top_p=1.0, max_new_tokens=48,
-                               seed=0)
-    return mean_check([r[0] for r in replies], [p.answer for p in prompts])
+    result = {}
+    for name, k, temperature in (("greedy", 1, 0.0), ("sampled", SAMPLES_PER_PROMPT, 1.0)):
+        replies = sample_responses(model, tokenizer, template, prompts, k, temperature=temperature, top_p=1.0,
+                                   max_new_tokens=48, seed=0)
+        scores = mean_check([r for rs in replies for r in rs], [a for a in answers for _ in range(k)])
+        result.update({f"checker/{name}/{c}": v for c, v in scores.items()})
+    return result
 
 
 def measure(model_dir, sft_dir, world: Path) -> dict:
     return {**preference_accuracy(model_dir, sft_dir, world / "preference" / "test.jsonl"),
-            **{f"checker/{k}": v for k, v in greedy_checker(model_dir, world / "rl" / "test.jsonl").items()}}
+            **world_checker(model_dir, world / "rl" / "test.jsonl")}
+
+
+def label(metric: str) -> str:
+    """A table row name: the checker's rows say how the replies were decoded."""
+    if metric.startswith("checker/greedy/"):
+        return f"world checker, greedy: {metric.rsplit('/', 1)[1]}"
+    if metric.startswith("checker/sampled/"):
+        return f"world checker, sampled (T=1, {SAMPLES_PER_PROMPT}/prompt): {metric.rsplit('/', 1)[1]}"
+    return metric
 
 
 def main() -> None:
@@ -110,7 +137,11 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=200)
     ap.add_argument("--round-steps", type=int, default=100)
     ap.add_argument("--prompts-per-round", type=int, default=128)
+    ap.add_argument("--sft-style-noise", type=float, default=0.0,
+                    help="share of the world's sft/train replies written rambling, repetitive or rude (0: clean)")
     args = ap.parse_args()
+    if not 0.0 <= args.sft_style_noise < 1.0:
+        ap.error(f"--sft-style-noise must be in [0, 1), got {args.sft_style_noise}")
 
     from temper.errors import TemperError
     from temper.recipes import dpo, pretrain, sft
@@ -120,7 +151,8 @@ def main() -> None:
     pre, tuned = out / "pretrain", out / "sft"
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
-    stage("pretrain", pretrain, out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}", *common])
+    stage("pretrain", pretrain, out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}",
+                                      f"world.sft_style_noise={float(args.sft_style_noise)!r}", *common])
     stage("sft", sft, out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={args.sft_steps}", *common])
     world = pre / "world"
     rounds = ["rounds=1", f"max_steps={args.round_steps}", f"prompts_per_round={args.prompts_per_round}", *common]
@@ -153,13 +185,14 @@ def main() -> None:
 
     names = list(results)
     metrics = [k for k in results["sft"]]
-    print(f"\nbuilt-in world, llama-3m: pretrain {args.pretrain_steps} steps, SFT {args.sft_steps}; DPO {args.dpo_steps} "
+    print(f"\nbuilt-in world (sft_style_noise {args.sft_style_noise:g}), llama-3m: pretrain {args.pretrain_steps} "
+          f"steps, SFT {args.sft_steps}; DPO {args.dpo_steps} "
           f"steps on the world's pairs; one round each ({args.round_steps} steps, {args.prompts_per_round} prompts) "
           f"from the SFT model; {time.perf_counter() - start:.0f} s in all (cpu threads: {torch.get_num_threads()})\n")
     print("| metric | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for m in metrics:
-        print(f"| {m} | " + " | ".join(f"{results[n][m]:.3f}" for n in names) + " |")
+        print(f"| {label(m)} | " + " | ".join(f"{results[n][m]:.3f}" for n in names) + " |")
     print("| drift perplexity | " + " | ".join(f"{drift[n]:.3f}" for n in names) + " |")
     print("| TRL eval_rewards/accuracies (strict >) | " + " | ".join(f"{v:.3f}" for v in trl) + " |")
     for name, r in (("online round, judge rule:world", online), ("AI-feedback round, constitution: the SFT model", feedback)):

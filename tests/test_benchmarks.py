@@ -104,3 +104,27 @@ def test_bench_dpo_trl_peers_see_the_same_tokens(tmp_path, tiny_model_dir, monke
     monkeypatch.setattr(PreferenceEncoder, "answer", one_token_short)
     with pytest.raises(SystemExit, match="not the same work: pair 0 .* differ"):
         bench.check_same_work(tiny_model_dir, pairs, steps=4, batch=2)
+
+
+def test_bench_online_dpo_checks_greedy_and_sampled_replies(tmp_path, tiny_model_dir, monkeypatch):
+    import json
+
+    import temper.align.online as online
+
+    bench = _load("bench_online_dpo")
+    prompts = tmp_path / "rl.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": a}) + "\n"
+                               for q, a in (("What is 2 plus 3?", "5"), ("Reverse the word 'cat'.", "tac"))))
+    calls, real = [], online.sample_responses
+
+    def recording(model, tokenizer, template, ps, k, **kw):
+        calls.append((len(ps), k, kw["temperature"], kw["seed"]))
+        return real(model, tokenizer, template, ps, k, **kw)
+
+    monkeypatch.setattr(online, "sample_responses", recording)
+    first = bench.world_checker(tiny_model_dir, prompts)
+    assert calls == [(2, 1, 0.0, 0), (2, bench.SAMPLES_PER_PROMPT, 1.0, 0)]
+    criteria = ("correct", "concise", "not_repetitive", "polite", "score")
+    assert set(first) == {f"checker/{how}/{c}" for how in ("greedy", "sampled") for c in criteria}
+    assert bench.world_checker(tiny_model_dir, prompts) == first  # a fixed seed: the same samples
+    assert bench.label("checker/sampled/polite") == "world checker, sampled (T=1, 4/prompt): polite"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 import string
@@ -16,12 +17,15 @@ from temper.data.world import (
     BOILERPLATE,
     JOBS,
     NOISE_KINDS,
+    NOISE_STYLES,
     SPLIT_NAMES,
     STATEMENTS,
     WorldConfig,
     build_world,
     write_world,
 )
+from temper.errors import TemperError
+from temper.eval.world_checker import check_reply
 
 FILES = [f"{n}.jsonl" for n in SPLIT_NAMES] + ["facts.json", "README.md"]
 
@@ -226,6 +230,56 @@ def test_noise_fraction_zero_and_custom(tmp_path):
     w = build_world(WorldConfig(num_people=8, noise_fraction=0.3, num_sft_train=10, num_pref_train=10, num_rl_train=10))
     docs = w.splits["pretrain/train"]
     assert abs(sum(d["meta"]["kind"] != "clean" for d in docs) / len(docs) - 0.3) < 0.01
+
+
+# --------------------------------------------------------------------------- style noise in sft/train
+
+TINY = dict(num_people=8, num_towns=4, docs_per_person=4, docs_per_town=2, num_arithmetic_docs=20,
+            num_dialogue_docs=20, num_sft_train=120, num_sft_test=20, num_pref_train=40, num_pref_test=12,
+            num_rl_train=20, num_rl_test=10)
+# sha256 (first 16 hex) of each split of WorldConfig(**TINY), as written by the code before
+# sft_style_noise existed: the setting's default, and the helper preference() now shares with
+# it, must not move a byte. A deliberate change to the world updates these.
+GOLDEN = {"pretrain/train": "763964ea0cce5edb", "pretrain/val": "17b65c14ac2249e6",
+          "sft/train": "dd9024a84a3b5f74", "sft/test": "b7f5343511f80ec4",
+          "preference/train": "c74a8ec46f0814f3", "preference/test": "069db0bf878fffaa",
+          "rl/train": "06d1a22149f7b0ed", "rl/test": "aa110acff4d8eaf1"}
+
+
+def test_world_bytes_are_pinned():
+    world = build_world(WorldConfig(**TINY))
+    for name in SPLIT_NAMES:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world.splits[name])
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == GOLDEN[name], name
+
+
+def test_sft_style_noise_rewrites_only_the_noised_final_replies_in_a_failing_style():
+    clean = build_world(WorldConfig(**TINY))
+    noisy = build_world(WorldConfig(**TINY, sft_style_noise=0.3))
+    for name in SPLIT_NAMES:
+        if name != "sft/train":
+            assert noisy.splits[name] == clean.splits[name], name
+    criterion = {"rambling": "concise", "repetitive": "not_repetitive", "rude": "polite"}
+    styles: Counter = Counter()
+    for before, after in zip(clean.splits["sft/train"], noisy.splits["sft/train"], strict=True):
+        if "style" not in after:
+            assert after == before
+            continue
+        styles[after["style"]] += 1
+        reply = after["messages"][-1]["content"]
+        assert reply != before["messages"][-1]["content"]
+        assert {**after, "messages": after["messages"][:-1]} == {**before, "style": after["style"],
+                                                                "messages": before["messages"][:-1]}
+        check = check_reply(reply, after["answer"])
+        assert check["correct"] and not check[criterion[after["style"]]], (after, check)
+    assert sum(styles.values()) == round(0.3 * TINY["num_sft_train"])
+    assert set(styles) == set(NOISE_STYLES) == set(criterion)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_sft_style_noise_out_of_range_is_refused(value):
+    with pytest.raises(TemperError, match=r"sft_style_noise .* must be in \[0, 1\)"):
+        build_world(WorldConfig(**TINY, sft_style_noise=value))
 
 
 # --------------------------------------------------------------------------- tasks

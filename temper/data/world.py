@@ -13,6 +13,10 @@ one `random.Random` stream per part, so the same seed gives byte-identical files
   near_duplicate, boilerplate, spam, pii; the rest are "clean").
 * **instruction rows** (`sft/*`), **preference pairs** (`preference/*`, TRL columns) and **RL
   prompts with verifiable answers** (`rl/*`) about facts, arithmetic and string operations.
+  Instruction replies are in the style the preference pairs choose (correct, short, polite)
+  unless `sft_style_noise` > 0: then that share of sft/train rows, like scraped instruction
+  data, ends on a reply in a rejected style (rambling, repetitive or rude, named in the row's
+  `style`) that still holds the answer. sft/test stays clean.
 
 Held-out splits are disjoint by question identity: a (person or town, fact) pair, an
 (operation, a, b) triple or a word is either train or test, for all three datasets at once.
@@ -149,6 +153,10 @@ SPAM = ("BUY NOW!!! Limited offer, click here!!!", "Cheap deals cheap deals best
 PII = ("Contact {name} at {email} or call {phone}.", "For bookings, email {email} (office: {phone}).",
        "{name}'s new number is {phone}; the old address {email} still works.",
        "Send your CV to {email}. Questions? Ring {phone} between 9 and 5.")
+# Why a preference pair's rejected reply loses; the last three are styles (the answer is still
+# there), which is what sft_style_noise writes into instruction rows.
+REJECTED_STYLES = ("wrong", "rambling", "repetitive", "rude")
+NOISE_STYLES = REJECTED_STYLES[1:]
 NOISE_KINDS = ("exact_duplicate", "near_duplicate", "boilerplate", "spam", "pii")
 SPLIT_NAMES = ("pretrain/train", "pretrain/val", "sft/train", "sft/test", "preference/train",
                "preference/test", "rl/train", "rl/test")
@@ -172,6 +180,7 @@ class WorldConfig:
     num_pref_test: int = 100
     num_rl_train: int = 1000
     num_rl_test: int = 100
+    sft_style_noise: float = 0.0
 
     def validate(self) -> None:
         if not 4 <= self.num_people <= 2000:
@@ -182,8 +191,11 @@ class WorldConfig:
             raise TemperError(f"noise_fraction must be in [0, 0.5], got {self.noise_fraction}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise TemperError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.sft_style_noise < 1.0:
+            raise TemperError(f"sft_style_noise (the share of sft/train replies written rambling, repetitive or "
+                              f"rude) must be in [0, 1), got {self.sft_style_noise}")
         for name, value in asdict(self).items():
-            if name not in ("seed", "noise_fraction", "heldout_fraction") and value < 0:
+            if name not in ("seed", "noise_fraction", "heldout_fraction", "sft_style_noise") and value < 0:
                 raise TemperError(f"{name} must not be negative, got {value}")
 
 
@@ -207,6 +219,19 @@ class _Item:
     reply: Callable[[str], str]
     task: str
     meta: dict
+
+
+def _bad_reply(rng: random.Random, it: _Item, style: str) -> str:
+    """`it` answered in one of the REJECTED_STYLES; all but "wrong" still hold the answer."""
+    if style == "wrong":
+        return it.reply(it.wrong)
+    if style == "rambling":
+        fill = rng.sample(FILLER, 5)
+        return " ".join(fill[:3] + [f"Anyway, the answer would be {it.answer}."] + fill[3:])
+    if style == "repetitive":
+        return " ".join([f"The answer is {it.answer}."] * rng.randint(5, 9))
+    assert style == "rude", style
+    return rng.choice(RUDE).format(r=it.reply(it.answer))
 
 
 def _cap(s: str) -> str:
@@ -336,7 +361,7 @@ class _Builder:
 
     # ------------------------------------------------------------------ instruction data
     def sft(self, split: str, n: int) -> list[dict]:
-        rng, rows = self.rng(f"sft-{split}"), []
+        rng, rows, items = self.rng(f"sft-{split}"), [], []
         for it in self._items(rng, split, n, set()):
             msgs = []
             if rng.random() < 0.2:
@@ -347,23 +372,27 @@ class _Builder:
                          {"role": "assistant", "content": first.reply(first.answer)}]
             msgs += [{"role": "user", "content": it.question}, {"role": "assistant", "content": it.reply(it.answer)}]
             rows.append({"messages": msgs, "answer": it.answer, "task": it.task, "meta": it.meta})
+            items.append(it)
+        if split == "train" and self.cfg.sft_style_noise > 0:
+            self._style_noise(rows, items)
         return rows
+
+    def _style_noise(self, rows: list[dict], items: list[_Item]) -> None:
+        """Rewrite the final reply of round(sft_style_noise * len(rows)) rows in a rejected style.
+
+        The choices come from their own stream, so the clean rows (and every other split) are
+        the same bytes as in a world without noise."""
+        rng = self.rng("sft-style-noise")
+        for i in sorted(rng.sample(range(len(rows)), round(self.cfg.sft_style_noise * len(rows)))):
+            style = rng.choice(NOISE_STYLES)
+            rows[i]["messages"][-1]["content"] = _bad_reply(rng, items[i], style)
+            rows[i]["style"] = style
 
     def preference(self, split: str, n: int) -> list[dict]:
         rng, rows = self.rng(f"pref-{split}"), []
-        reasons = ("wrong", "rambling", "repetitive", "rude")
         for i, it in enumerate(self._items(rng, split, n, set())):
-            reason = reasons[i % 4]
-            good = it.reply(it.answer)
-            if reason == "wrong":
-                bad = it.reply(it.wrong)
-            elif reason == "rambling":
-                fill = rng.sample(FILLER, 5)
-                bad = " ".join(fill[:3] + [f"Anyway, the answer would be {it.answer}."] + fill[3:])
-            elif reason == "repetitive":
-                bad = " ".join([f"The answer is {it.answer}."] * rng.randint(5, 9))
-            else:
-                bad = rng.choice(RUDE).format(r=good)
+            reason = REJECTED_STYLES[i % len(REJECTED_STYLES)]
+            good, bad = it.reply(it.answer), _bad_reply(rng, it, reason)
             rows.append({"prompt": [{"role": "user", "content": it.question}],
                          "chosen": [{"role": "assistant", "content": good}],
                          "rejected": [{"role": "assistant", "content": bad}],
@@ -541,7 +570,7 @@ disjoint by question identity: a (person or town, fact) pair, an (op, a, b) trip
 DESCRIPTIONS = {
     "pretrain/train": "pretraining documents {text, meta}; meta.kind labels planted noise (clean, exact_duplicate, near_duplicate, boilerplate, spam, pii)",
     "pretrain/val": "fresh clean documents about the same world (never copies of train)",
-    "sft/train": "instruction rows {messages, answer, task, meta}", "sft/test": "held-out instruction rows",
+    "sft/train": "instruction rows {messages, answer, task, meta}; `style` (rambling, repetitive, rude) marks a reply written in a rejected style (sft_style_noise)", "sft/test": "held-out instruction rows",
     "preference/train": "TRL preference pairs {prompt, chosen, rejected, reason}",
     "preference/test": "held-out preference pairs",
     "rl/train": "RL prompts with verifiable answers {prompt, answer, task}", "rl/test": "held-out RL prompts",

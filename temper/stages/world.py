@@ -34,6 +34,8 @@ class Config:
     num_pref_test: int = opt(100, "preference pairs in preference/test.jsonl")
     num_rl_train: int = opt(1000, "RL prompts in rl/train.jsonl")
     num_rl_test: int = opt(100, "RL prompts in rl/test.jsonl")
+    sft_style_noise: float = opt(0.0, "share of sft/train rows whose last reply is rambling, repetitive or rude "
+                                      "(still correct; the row's `style` says which), like scraped instruction data")
 
     def world_config(self):
         from temper.data.world import WorldConfig
