@@ -25,6 +25,27 @@ TEXT = "\n\n".join(f"Paragraph {i}: the river runs past the mill and the miller 
                    for i in range(120))
 TINY = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", "samples=0", "peak_flops=1e9",
         "logging.progress=false"]
+DPO = ["seq_len=64", "batch_size=2", "max_steps=1", "peak_flops=1e9", "logging.progress=false"]
+ONLINE = ["rounds=1", "online_prompts=questions.jsonl", "samples_per_prompt=2", "max_new_tokens=8"]
+SHORTHANDS = {"$TINY": TINY, "$DPO": DPO, "$ONLINE": ONLINE}
+JUDGES = """calls = 0
+
+
+def raises(prompt, response):
+    raise RuntimeError("judge service timed out")
+
+
+def text(prompt, response):
+    return "7/10"
+
+
+def flaky(prompt, response):  # the first three samples: an exception, text, NaN; then a score
+    global calls
+    calls += 1
+    if calls == 1:
+        raise RuntimeError("judge service timed out")
+    return {2: "7/10", 3: float("nan")}.get(calls, float(calls))
+"""
 
 
 def temper(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -61,6 +82,24 @@ def setup(work: Path) -> None:
     (work / "a_file").write_text("x")
     (work / "utf16.txt").write_bytes(TEXT[:200].encode("utf-16"))
     (work / "rows.json").write_text('{"text": "one"}\n{"text": "two"}\n')
+    good = [{"prompt": f"Paragraph {i}: the river", "chosen": " runs past the mill.", "rejected": " counts sacks."}
+            for i in range(4)]
+    bad = {"same": {"prompt": "The mill", "chosen": " turns.", "rejected": " turns."},
+           "empty-answer": {"prompt": "The mill", "chosen": " turns.", "rejected": ""},
+           "long-prompt": {"prompt": "the river runs past the mill " * 20, "chosen": " yes.", "rejected": " no."},
+           "no-shared-prompt": {"chosen": "The river runs.", "rejected": "A mill turns."},
+           "prompt-in-one-answer": {"prompt": "The river", "chosen": "The river runs.", "rejected": " A mill turns."}}
+    for name, row in bad.items():  # a bad row among good ones
+        (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*good[:2], row, *good[2:]]))
+    (work / "all-bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*good, *bad.values()]))
+    (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    chat_pairs = [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+                   "chosen": [{"role": "assistant", "content": str(i + 1)}],
+                   "rejected": [{"role": "assistant", "content": str(i + 2)}]} for i in range(4)]
+    (work / "chat-pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_pairs))
+    (work / "questions.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?"}) + "\n"
+                                                  for i in range(6)))
+    (work / "my_judges.py").write_text(JUDGES)
     shutil.copytree(work / "base", work / "bin-only")
     (work / "bin-only" / "model.safetensors").rename(work / "bin-only" / "pytorch_model.bin")
     shutil.copytree(work / "base", work / "nan-model")
@@ -155,15 +194,46 @@ CASES: list[tuple[str, list[str], str]] = [
                                                    "grad_accum=2", "output_dir=o21"], "error"),
     ("pipeline stages for fine-tuning", ["sft", "model=base", "data=chats.jsonl", "parallel.pp=2"], "error"),
     ("adapters with FSDP", ["sft", "model=base", "data=chats.jsonl", "peft.method=lora", "strategy=fsdp"], "error"),
+    ("a preference pair whose chosen equals its rejected",
+     ["dpo", "model=base", "data=same.jsonl", *DPO, "output_dir=o22"], "error"),
+    ("a preference pair with an empty answer", ["dpo", "model=base", "data=empty-answer.jsonl", *DPO,
+                                                "output_dir=o23"], "error"),
+    ("a preference prompt longer than the context", ["dpo", "model=base", "data=long-prompt.jsonl", *DPO,
+                                                     "output_dir=o24"], "error"),
+    ("an implicit-prompt pair (chosen + rejected only) with no shared start",
+     ["dpo", "model=base", "data=no-shared-prompt.jsonl", *DPO, "output_dir=o25"], "error"),
+    ("a prompt repeated at the start of one answer but not the other",
+     ["dpo", "model=base", "data=prompt-in-one-answer.jsonl", *DPO, "output_dir=o26"], "error"),
+    ("each of the five bad pairs above, with skip_bad_rows=true (skipped and counted)",
+     ["dpo", "model=base", "data=all-bad.jsonl", "skip_bad_rows=true", *DPO, "output_dir=o27"], "ok"),
+    ("message rows for a model without a chat template", ["dpo", "model=no-template", "data=chat-pairs.jsonl",
+                                                          *DPO, "output_dir=o28"], "error"),
+    ("a column rename to a column the file lacks", ["dpo", "model=base", "data=pairs.jsonl", "columns.chosen=good",
+                                                    *DPO, "output_dir=o29"], "error"),
+    ("a column rename of a column temper does not read", ["dpo", "columns.chosn=good"], "error"),
+    ("a misspelt DPO loss", ["dpo", "loss_type=sigmod"], "error"),
+    ("fewer loss weights than losses", ["dpo", "loss_type=[sigmoid,sft]", "loss_weights=[1]"], "error"),
+    ("the adapter as reference, without an adapter", ["dpo", "reference=adapter"], "error"),
+    ("a judge that raises, with skip_bad_judgements=false",
+     ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:raises", "skip_bad_judgements=false", *DPO,
+      "output_dir=o30"], "error"),
+    ("a judge that returns text, with skip_bad_judgements=false",
+     ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:text", "skip_bad_judgements=false", *DPO,
+      "output_dir=o31"], "error"),
+    ("a judge that raises or returns text or NaN on a few samples (skipped and counted)",
+     ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:flaky", *DPO, "output_dir=o32"], "ok"),
+    ("a judge that fails on every sample", ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:raises", *DPO,
+                                            "output_dir=o33"], "error"),
 ]
 
 
 def shown(args: list[str]) -> str:
-    n = len(TINY)
-    for i in range(len(args) - n + 1):  # the tiny-run settings, spelled out once in the header
-        if args[i:i + n] == TINY:
-            args = [*args[:i], "$TINY", *args[i + n:]]
-            break
+    for name, settings in SHORTHANDS.items():  # the tiny-run settings, spelled out once in the header
+        n = len(settings)
+        for i in range(len(args) - n + 1):
+            if args[i:i + n] == settings:
+                args = [*args[:i], name, *args[i + n:]]
+                break
     def quote(a: str) -> str:
         a = a.encode("utf-8", "surrogateescape").decode("latin-1") if any("\udc80" <= c <= "\udcff" for c in a) else a
         return a if a and all(c.isalnum() or c in "-_=./,[]:$" for c in a) else json.dumps(a, ensure_ascii=False)
@@ -196,7 +266,12 @@ def main() -> int:
     table = ["# Bad input: what temper says", "",
              "Generated by `python docs/bad_inputs.py` (tiny inputs made in a scratch directory; "
              "`base` and `other-base` are two-step pretrained models, `lora` a LoRA adapter of `base`; "
-             f"`$TINY` stands for `{' '.join(TINY)}`). "
+             "`no-template` is `base` without its chat template; each `dpo` data file holds four good pairs "
+             "and the bad one its name says; `my_judges.py` holds stand-in judges for "
+             "online DPO: `raises` always raises, `text` returns \"7/10\", `flaky` raises, returns text and NaN "
+             "on its first three samples and a number after; "
+             + ", ".join(f"`{name}` stands for `{' '.join(settings)}`" for name, settings in SHORTHANDS.items())
+             + "). "
              "Each command exits with status 2 and prints one line, except where the input is handled "
              "(exit 0). Rerun the script after changing a message.", "",
              "| input | command | exit | the line temper prints |", "|---|---|---|---|"]

@@ -118,6 +118,7 @@ def test_bad_settings_are_one_line(tmp_path, tiny_model_dir, pairs):
         (["beta=0"], "beta must be greater than 0"),
         (["loss_type=[kto,sigmoid]"], "loss_type=kto trains on unpaired examples"),
         (["loss_type=[kto]", "reference=precomputed"], "reference=precomputed is for pair losses"),
+        (["columns.chosn=good"], r"columns.chosn: not a preference column \(did you mean 'columns.chosen'\?\)"),
     ]
     for extra, message in cases:
         with pytest.raises(TemperError, match=message):

@@ -217,6 +217,21 @@ def test_online_round_with_real_sampling_and_a_regex_judge(tmp_path, tiny_model_
     assert (tmp_path / "online" / "round_1" / "model.safetensors").is_file()
 
 
+def test_a_judge_that_fails_on_every_sample_is_one_line_naming_the_bad_judgements(tmp_path, tiny_model_dir, world,
+                                                                                  monkeypatch, capsys):
+    name = reviser_module(tmp_path, monkeypatch, """
+        def score(prompt, response):
+            raise RuntimeError("judge service timed out")
+    """, "always_failing_judge")
+    with pytest.warns(UserWarning, match=r"6 samples skipped \(6 exception\)"):
+        code = main(["dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1", "max_new_tokens=4",
+                     f"online_prompts={world[0] / 'rl' / 'train.jsonl'}", "prompts_per_round=3", "samples_per_prompt=2",
+                     f"judge=callable:{name}:score", "logging.progress=false"])
+    assert code == 2
+    assert (f"round 1: the judge made no pairs (skipped: 3 unscored; judge callable:{name}:score: 6 bad judgements "
+            "(6 exception))") in one_line_error(capsys)
+
+
 def test_ai_feedback_round_with_a_stand_in_reviser(tmp_path, tiny_model_dir, monkeypatch):
     name = reviser_module(tmp_path, monkeypatch, """
         def revise(prompt, response, principle):
@@ -297,6 +312,7 @@ def test_a_revision_that_repeats_its_critique_is_skipped():
     (["judge=constitution:callable:json:loads", "constitution=/no/such.md"], r"constitution not found: /no/such.md"),
     (["data=pairs.jsonl"], r"data= is for offline DPO"),
     (["peft.method=lora"], r"rounds=N with peft.method=lora is not supported yet"),
+    (["columns.chosen=good"], r"columns= renames the columns of data=; with rounds=N the pairs are the judge's"),
 ])
 def test_bad_online_settings_are_one_line(tmp_path, tiny_model_dir, world, capsys, extra, message):
     code = main(["dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1",

@@ -188,6 +188,20 @@ def test_column_renames(tiny_tokenizer):
         read_preferences_rows(rows)
 
 
+def test_a_rename_to_a_column_the_row_lacks_is_a_bad_row_not_ignored(tmp_path):
+    # the file's own 'chosen' column must not stand in for a misspelt rename (it did, silently)
+    rows = [{"prompt": "Q", "chosen": " ok", "rejected": " no", "good": " 7"}, {"prompt": "Q", "chosen": " A", "rejected": " B"}]
+    f = write_jsonl(tmp_path / "f.jsonl", rows)
+    with pytest.raises(TemperError, match=r"f.jsonl:2: columns.chosen=good: the row has no column 'good' "
+                                          r"\(keys: prompt, chosen, rejected\) \(set skip_bad_rows=true"):
+        read_preferences(f, columns={"chosen": "good"})
+    with pytest.warns(UserWarning, match=r"1 bad preference rows skipped \(1 missing_column\); .*f.jsonl:2"):
+        pairs, stats = read_preferences(f, columns={"chosen": "good"}, skip_bad_rows=True)
+    assert only(pairs).chosen == " 7" and dict(stats.skipped) == {"missing_column": 1}
+    with pytest.raises(TemperError, match=r"f.jsonl:1: columns.completion=answer: the row has no column 'answer'"):
+        read_unpaired(f, columns={"completion": "answer"})
+
+
 def test_gzip_json_parquet_and_directories(tmp_path, tiny_tokenizer):
     rows = [{"prompt": f"Q{i}", "chosen": f" A{i}", "rejected": f" B{i}"} for i in range(4)]
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as fh:
@@ -340,12 +354,12 @@ BAD_ROWS = [
     ("no_columns", {"foo": 1}, "no preference columns found \\(keys: foo\\)"),
     ("empty_prompt", {"prompt": "", "chosen": " a", "rejected": " b"}, "the prompt gives no tokens"),
     ("prompt_too_long", {"prompt": "word " * 40, "chosen": " a", "rejected": " b"},
-     "the prompt is \\d+ tokens, longer than the context max_len=16"),
+     "the prompt is \\d+ tokens, longer than the context seq_len=16: no room for an answer \\(raise seq_len"),
     ("token_boundary", {"prompt": "Alic", "chosen": "e lives", "rejected": " lives"},
      "not the start of the tokens of prompt\\+chosen"),
     ("identical_after_truncation", {"prompt": "Q", "chosen": " same same same same same same same same X",
                                     "rejected": " same same same same same same same same Y"},
-     "the same within max_len=16"),
+     "the same within seq_len=16"),
 ]
 
 

@@ -94,6 +94,9 @@ def check_config(cfg) -> None:
     if cfg.data:
         raise TemperError("data= is for offline DPO; with rounds=N the pairs come from the policy's answers to "
                           "online_prompts= (drop data=)")
+    if cfg.columns:
+        raise TemperError("columns= renames the columns of data=; with rounds=N the pairs are the judge's, in "
+                          "temper's own columns (give eval_data= with prompt, chosen and rejected)")
     if cfg.peft.method != "none":
         raise TemperError(f"rounds=N with peft.method={cfg.peft.method} is not supported yet (each round's model is "
                           "the next round's policy): merge the adapter, or train fully")
@@ -362,8 +365,10 @@ def run_online(cfg) -> dict:
                   + (f"; {monitor.name} score of the samples {report['judge_score_before']:.3f}"
                      if report["judge_score_before"] is not None else ""), file=sys.stderr)
             if not report["pairs"]:
-                raise TemperError(f"round {k}: the judge made no pairs (skipped: {_counts(skipped)}); sample more "
-                                  "(samples_per_prompt, prompts_per_round, temperature) or use another judge")
+                failed = "".join(f"; judge {name}: {sum(bad.values())} bad judgements ({_counts(bad)})"
+                                 for name, bad in report.get("bad_judgements", {}).items() if bad)
+                raise TemperError(f"round {k}: the judge made no pairs (skipped: {_counts(skipped)}{failed}); sample "
+                                  "more (samples_per_prompt, prompts_per_round, temperature) or use another judge")
 
             # 4: one DPO round on the pairs, from this round's policy (the reference: the same, or ref_model)
             round_cfg = replace(cfg, rounds=0, model=policy, data=[str(pairs_path)], eval_data=list(eval_spec),

@@ -45,8 +45,9 @@ Tokens (what TRL 1.x's DPO trainer computes, so a pair scores the tokens SFT tra
   Where the prompt's tokens are not the start of the prompt + answer tokens (a token
   straddles the boundary) the row is bad (`token_boundary`); TRL only warns and slices.
 
-Truncation (`max_len`: the context, i.e. at most max_len input positions, so a sequence
-holds at most max_len + 1 tokens; `max_prompt_len`: optional):
+Truncation (`max_len`: the context, `seq_len` in `temper dpo` and so named in messages, i.e.
+at most max_len input positions, so a sequence holds at most max_len + 1 tokens;
+`max_prompt_len`: optional):
   a prompt over max_prompt_len keeps its end (TRL's keep_end for prompts), and its
   leading BOS, if any (`prompt_truncated`); a prompt longer than max_len leaves no room
   for an answer token: bad row `prompt_too_long`; answers are cut at the end to fit
@@ -54,7 +55,8 @@ holds at most max_len + 1 tokens; `max_prompt_len`: optional):
 
 Bad rows are never trained silently: with `skip_bad_rows=True` they are counted by reason
 (`PreferenceStats.skipped`) and one warning names the first row of each reason; otherwise
-the first one stops with `file:line: what is wrong`. Reasons: no_columns, bad_type,
+the first one stops with `file:line: what is wrong`. Reasons: missing_column (a `columns=`
+rename names a column the row lacks), no_columns, bad_type,
 bad_messages, empty_response, identical, no_common_prefix, prompt_not_prefix,
 empty_prompt, prompt_too_long, token_boundary, identical_after_truncation, bad_label.
 
@@ -83,6 +85,8 @@ IMPLICIT_PROMPT_RULES = ("turn", "common_prefix")
 # Where a string dialogue hands the turn to the assistant (HH-RLHF's format).
 ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
 SKIP_HINT = "set skip_bad_rows=true to skip and count such rows"
+# The columns a row may carry, which `columns=` may rename.
+COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "system")
 
 
 class BadRow(TemperError):
@@ -126,7 +130,7 @@ class PreferenceStats:
     pairs: int = 0  # pairs (or unpaired examples) encoded and kept
     skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
     first_bad: dict[str, str] = field(default_factory=dict)  # reason -> "file:line: message" of its first row
-    truncated: int = 0  # kept pairs with an answer cut at max_len
+    truncated: int = 0  # kept pairs with an answer cut at max_len (the recipe's seq_len)
     prompt_truncated: int = 0  # prompts cut to max_prompt_len (their start dropped)
     prompt_stripped: int = 0  # rows that repeated their prompt at the start of the answers
     unpaired: bool = False
@@ -148,7 +152,7 @@ class PreferenceStats:
         what = "examples" if self.unpaired else "pairs"
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         return (f"{self.rows} rows read; {self.pairs} {what} kept; skipped: {skipped}; {self.truncated} truncated "
-                f"(an answer cut at max_len); {self.prompt_truncated} prompts cut to max_prompt_len; "
+                f"(an answer cut at seq_len); {self.prompt_truncated} prompts cut to max_prompt_len; "
                 f"{self.prompt_stripped} rows repeated their prompt in the answers (stripped)")
 
 
@@ -280,6 +284,16 @@ def detect_preference_format(row: dict) -> str | None:
     return None
 
 
+def _remap_columns(row: dict, columns: dict[str, str] | None) -> dict:
+    """The row with `columns` renames applied; a rename whose column the row lacks is a bad row
+    (else the setting would be ignored without a word, or the row's own column used instead)."""
+    for ours, theirs in (columns or {}).items():
+        if theirs not in row:
+            keys = ", ".join(map(str, row)) or "none"
+            raise BadRow("missing_column", f"columns.{ours}={theirs}: the row has no column '{theirs}' (keys: {keys})")
+    return _remap(row, columns or {})
+
+
 def _no_columns(row: dict) -> BadRow:
     keys = ", ".join(map(str, row)) or "none"
     return BadRow("no_columns", f"no preference columns found (keys: {keys}); expected prompt+chosen+rejected, "
@@ -289,7 +303,7 @@ def _no_columns(row: dict) -> BadRow:
 def row_to_pair(row: dict, source: str, columns: dict[str, str] | None = None, *,
                 implicit_prompt: str = "turn", stats: PreferenceStats | None = None) -> PreferencePair:
     """One paired row -> a `PreferencePair`; raises `BadRow` (message without the source)."""
-    row = _remap(row, columns or {})
+    row = _remap_columns(row, columns)
     kind = detect_preference_format(row)
     if kind not in ("explicit", "implicit"):
         raise _no_columns(row)
@@ -320,7 +334,7 @@ def row_to_pair(row: dict, source: str, columns: dict[str, str] | None = None, *
 def row_to_unpaired(row: dict, source: str, columns: dict[str, str] | None = None, *,
                     implicit_prompt: str = "turn", stats: PreferenceStats | None = None) -> list[UnpairedExample]:
     """One row -> unpaired examples: a prompt+completion+label row gives one, a paired row two."""
-    row = _remap(row, columns or {})
+    row = _remap_columns(row, columns)
     kind = detect_preference_format(row)
     if kind is None:
         raise _no_columns(row)
@@ -382,7 +396,7 @@ def read_preferences(spec, *, columns: dict[str, str] | None = None, skip_bad_ro
         raise TemperError(f"implicit_prompt={implicit_prompt!r}: expected one of {', '.join(IMPLICIT_PROMPT_RULES)}")
 
     def convert(rec) -> list[PreferencePair]:
-        if detect_preference_format(_remap(rec.data, columns or {})) == "unpaired":
+        if detect_preference_format(_remap_columns(rec.data, columns)) == "unpaired":
             raise BadRow("no_columns", "an unpaired (prompt+completion+label) row; paired methods need "
                                        "chosen and rejected (KTO reads unpaired rows)")
         return [row_to_pair(rec.data, rec.source, columns, implicit_prompt=implicit_prompt, stats=stats)]
@@ -510,7 +524,7 @@ class PreferenceEncoder:
             ids = [bos, *ids[len(ids) - self.max_prompt_len + 1:]] if keep_bos else ids[-self.max_prompt_len:]
         if len(ids) > self.max_len:
             raise BadRow("prompt_too_long", f"the prompt is {len(ids)} tokens, longer than the context "
-                                            f"max_len={self.max_len}: no room for an answer (raise max_len or set "
+                                            f"seq_len={self.max_len}: no room for an answer (raise seq_len, or set "
                                             "max_prompt_len to keep the prompt's end)")
         return ids
 
@@ -538,7 +552,7 @@ def encode_pairs(pairs: Iterable[PreferencePair], tokenizer, template: str | Non
             chosen, cut_chosen = encoder.fit_answer(prompt_ids, chosen)
             rejected, cut_rejected = encoder.fit_answer(prompt_ids, rejected)
             if chosen == rejected:
-                raise BadRow("identical_after_truncation", f"'chosen' and 'rejected' are the same within max_len="
+                raise BadRow("identical_after_truncation", f"'chosen' and 'rejected' are the same within seq_len="
                                                            f"{max_len} (they differ only beyond it)")
         except BadRow as e:
             if not skip_bad_rows:
@@ -776,7 +790,7 @@ def load_preferences(spec, tokenizer, template: str | None, *, max_len: int, max
 
 
 __all__ = [
-    "ASSISTANT_TURN_MARKERS", "BadRow", "EncodedPair", "EncodedUnpaired", "PairBatch", "PreferenceEncoder",
+    "ASSISTANT_TURN_MARKERS", "BadRow", "COLUMNS", "EncodedPair", "EncodedUnpaired", "PairBatch", "PreferenceEncoder",
     "PreferenceLoader", "PreferencePair", "PreferenceStats", "UnpairedBatch", "UnpairedExample", "collate_pairs",
     "collate_unpaired", "detect_preference_format", "encode_pairs", "encode_unpaired", "load_preferences",
     "preference_fingerprint", "read_preferences", "read_unpaired", "row_to_pair", "row_to_unpaired",

@@ -112,7 +112,10 @@ class Config:
     monitor_judge: str = opt("", "a scoring judge reported before and after each round (default: judge, if it scores)")
 
     def validate(self) -> None:
+        import difflib
+
         from temper.align.online import check_config
+        from temper.data.preference import COLUMNS
         from temper.losses.preference import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
         check_config(self)
@@ -137,11 +140,15 @@ class Config:
             check_range(key, getattr(self, key), low=0.0)
         for kind in self.loss_type:
             if kind not in (*LOSS_TYPES, "kto"):
-                import difflib
-
                 close = difflib.get_close_matches(kind, (*LOSS_TYPES, "kto"), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise TemperError(f"loss_type '{kind}' is not one of {', '.join(LOSS_TYPES)}, kto{hint}")
+        for ours in self.columns:
+            if ours not in COLUMNS:
+                close = difflib.get_close_matches(str(ours), COLUMNS, n=1)
+                hint = f" (did you mean 'columns.{close[0]}'?)" if close else ""
+                raise TemperError(f"columns.{ours}: not a preference column{hint}; columns renames "
+                                  f"{', '.join(COLUMNS)}")
         if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
             raise TemperError(f"loss_weights has {len(self.loss_weights)} numbers for {len(self.loss_type)} loss "
                               "types: give one weight per loss_type")
