@@ -62,6 +62,13 @@ def test_bad_rows_name_file_and_line(row, match):
         row_to_conversations(row, "f.jsonl:3")
 
 
+def test_a_rename_to_a_missing_column_is_an_error_not_ignored():
+    """columns.completion=answer on a row without 'answer' must not quietly train on its own 'completion'."""
+    row = {"prompt": "Q?", "completion": "the row's own answer"}
+    with pytest.raises(TemperError, match=r"f.jsonl:3: columns.completion=answer: the row has no column 'answer'"):
+        row_to_conversations(row, "f.jsonl:3", {"completion": "answer"})
+
+
 def test_skip_bad_rows_counts(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"bad": 1}) + "\n")

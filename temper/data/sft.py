@@ -78,6 +78,10 @@ def row_to_conversations(row: dict, source: str, columns: dict[str, str] | None 
     """One row -> conversations (self-instruct rows give one per instance)."""
     from temper.data.chat import check_messages
 
+    for ours, theirs in (columns or {}).items():  # a rename to a column the row lacks is not silently ignored
+        if theirs not in row:
+            keys = ", ".join(map(str, row)) or "none"
+            raise TemperError(f"{source}: columns.{ours}={theirs}: the row has no column '{theirs}' (keys: {keys})")
     row = _remap(row, columns or {})
     kind = detect_format(row)
     answer = row.get("answer") if isinstance(row.get("answer"), str) else None
