@@ -112,16 +112,20 @@ def _finish_meta_load(model: DecoderBase, device: torch.device | str) -> None:
     assert not leftover, f"tensors left on the meta device: {leftover}"
 
 
+def with_tokenizer_ids(config: ModelConfig, tokenizer) -> ModelConfig:
+    """`config` with the tokenizer's BOS / EOS / PAD ids (unchanged without a tokenizer)."""
+    if tokenizer is None:
+        return config
+    return config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+
+
 def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
                max_shard_bytes: int | None = None, eos_ids: list[int] | None = None) -> Path:
     """Write `model` (and its tokenizer) as a Hugging Face model directory; `eos_ids`: every
     id that ends a reply, for `generation_config.json` (a chat model's end-of-turn token too)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    if tokenizer is not None:
-        config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                pad_token_id=tokenizer.pad_id)
+    config = with_tokenizer_ids(model.config, tokenizer)
     save_hf_weights(model, config, out, max_shard_bytes)
     write_hf_config(config, out)
     write_generation_config(config, out, eos_ids)

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from temper.errors import TemperError
-from temper.models import FAMILIES, _finish_meta_load, init_weights, resolve_dtype
+from temper.models import (
+    FAMILIES,
+    _finish_meta_load,
+    init_weights,
+    resolve_dtype,
+    with_tokenizer_ids,
+)
 from temper.models.common import DecoderBase
 from temper.models.config import ModelConfig
 from temper.models.hf import (
@@ -196,10 +202,7 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, *, tokenizer=None
     transformers needs to read batches."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    if tokenizer is not None:
-        config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                pad_token_id=tokenizer.pad_id)
+    config = with_tokenizer_ids(model.config, tokenizer)
     save_hf_weights(model.body, config, out, max_shard_bytes, extra={HEAD: model.score.weight})
     hf = config_to_hf(config)
     hf.update(architectures=[_CAUSAL_TO_REWARD[hf["architectures"][0]]], id2label={"0": "LABEL_0"},
