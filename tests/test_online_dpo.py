@@ -9,8 +9,10 @@ import math
 import re
 import textwrap
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 
 from temper.align.judges import LLMJudge, Prompt, make_judge
 from temper.align.online import best_vs_worst, read_prompts, revision_pairs, sample_responses
@@ -206,6 +208,50 @@ def test_online_round_with_the_world_rule(tmp_path, tiny_model_dir, world, monke
     assert again["rounds"] == result["rounds"]  # the finished round is kept, not trained again
 
 
+def test_lora_rounds_merge_each_adapter_into_the_next_policy(tmp_path, tiny_model_dir, world):
+    """peft.method=lora: round k trains an adapter on round k-1's policy (its reference: that policy with
+    the adapter off), merges it into round_k/merged, and round k+1 samples and trains from the merge."""
+    from safetensors.torch import load_file
+
+    from temper.models import load_for_inference
+
+    world_dir, _ = world
+    lora = ["peft.method=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj]"]
+    result = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}", "rounds=2",
+                    "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]", "optim.lr=5e-2", *lora)
+    out = tmp_path / "online"
+    first, second = result["rounds"]
+    assert first["model"] == str(out / "round_1" / "merged") and second["policy"] == first["model"]
+    assert result["final_model"] == str(out / "round_2" / "merged")
+    for k, base in ((1, tiny_model_dir), (2, out / "round_1" / "merged")):
+        adapter = json.loads((out / f"round_{k}" / "adapter_config.json").read_text())
+        assert Path(adapter["base_model_name_or_path"]) == Path(base).resolve()
+        summary = json.loads((out / f"round_{k}" / "summary.json").read_text())
+        assert summary["reference"] == "adapter" and summary["peft"] == "lora"
+    # the merge is the adapter folded in: the same logits as base + adapter, and not the base's
+    ids = torch.tensor([[5, 17, 42, 9, 3, 77]])
+    with torch.no_grad():
+        merged = load_for_inference(out / "round_2" / "merged")[0](ids)
+        adapted = load_for_inference(out / "round_2")[0](ids)
+        base = load_for_inference(out / "round_1" / "merged")[0](ids)
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+    assert (merged - base).abs().max() > 1e-3
+    w1 = load_file(out / "round_1" / "merged" / "model.safetensors")
+    w0 = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(w1[k], w0[k]) for k in w0 if "q_proj" in k)
+    # a crash after round 2's training, before its merge: resume=auto merges and finishes it
+    import shutil
+
+    merged_before = load_file(out / "round_2" / "merged" / "model.safetensors")
+    (out / "round_2" / "round.json").unlink()
+    shutil.rmtree(out / "round_2" / "merged")
+    again = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}", "rounds=2",
+                   "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]", "optim.lr=5e-2", *lora,
+                   "resume=auto")
+    assert again["final_model"] == result["final_model"]
+    torch.testing.assert_close(load_file(out / "round_2" / "merged" / "model.safetensors"), merged_before)
+
+
 def test_online_round_with_real_sampling_and_a_regex_judge(tmp_path, tiny_model_dir, world):
     world_dir, _ = world
     result = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}",
@@ -311,7 +357,7 @@ def test_a_revision_that_repeats_its_critique_is_skipped():
     (["judge=constitution:/no/such/dir"], r"judge=constitution:/no/such/dir: no such model directory"),
     (["judge=constitution:callable:json:loads", "constitution=/no/such.md"], r"constitution not found: /no/such.md"),
     (["data=pairs.jsonl"], r"data= is for offline DPO"),
-    (["peft.method=lora"], r"rounds=N with peft.method=lora is not supported yet"),
+    (["peft.method=prefix"], r"rounds=N with peft.method=prefix: .*only lora, dora and qlora merge into weights"),
     (["columns.chosen=good"], r"columns= renames the columns of data=; with rounds=N the pairs are the judge's"),
 ])
 def test_bad_online_settings_are_one_line(tmp_path, tiny_model_dir, world, capsys, extra, message):

@@ -36,8 +36,11 @@ Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's m
    one line per round, `output_dir/summary.json` all of them.
 
 `resume=auto` keeps the rounds that finished (their `round.json`) and resumes the one that did
-not from its pairs and checkpoints. One process only (no torchrun) and full fine-tuning only
-for now: each round's model must be the next round's policy directory.
+not from its pairs and checkpoints. One process only (no torchrun). With `peft.method=lora`
+(dora, qlora) each round trains an adapter on the round's policy, whose reference is that
+policy with the adapter disabled (no second copy), and the adapter is merged into
+`round_k/merged`, the next round's policy (`temper merge`'s code; a QLoRA round merges into
+the dequantised NF4 base it trained against, and the next round quantises again).
 """
 
 from __future__ import annotations
@@ -97,9 +100,9 @@ def check_config(cfg) -> None:
     if cfg.columns:
         raise TemperError("columns= renames the columns of data=; with rounds=N the pairs are the judge's, in "
                           "temper's own columns (give eval_data= with prompt, chosen and rejected)")
-    if cfg.peft.method != "none":
-        raise TemperError(f"rounds=N with peft.method={cfg.peft.method} is not supported yet (each round's model is "
-                          "the next round's policy): merge the adapter, or train fully")
+    if cfg.peft.method not in ("none", "lora", "dora", "qlora"):
+        raise TemperError(f"rounds=N with peft.method={cfg.peft.method}: each round's adapter is merged into the next "
+                          "round's policy, and only lora, dora and qlora merge into weights")
     if cfg.resume not in ("", "auto"):
         raise TemperError(f"resume={cfg.resume}: with rounds=N, resume=auto continues the rounds (each round "
                           "resumes from its own checkpoints)")
@@ -316,7 +319,7 @@ def run_online(cfg) -> dict:
             done = round_dir / "round.json"
             if cfg.resume and done.is_file():
                 reports.append(json.loads(done.read_text(encoding="utf-8")))
-                policy = str(round_dir)
+                policy = reports[-1]["model"]
                 print(f"round {k}: finished earlier, kept ({round_dir})", file=sys.stderr)
                 continue
             round_dir.mkdir(parents=True, exist_ok=True)
@@ -376,21 +379,27 @@ def run_online(cfg) -> dict:
                                 skip_bad_rows=True)
             summary = dpo.run(round_cfg)
             report["dpo"] = _dpo_report(summary)
+            trained = round_dir
+            if cfg.peft.method != "none":  # the adapter folded into its base: the next round's policy, a full model
+                from temper.stages import merge
+
+                trained = round_dir / "merged"
+                merge.run(merge.Config(model=policy, adapter=str(round_dir), output_dir=str(trained), overwrite=True))
 
             # 5: the trained policy on the same prompts, with the same seed
             if monitor is not None:
-                model, tokenizer = load_for_inference(round_dir, device=device)
+                model, tokenizer = load_for_inference(trained, device=device)
                 template = template or chat_template_for(policy, tokenizer, cfg.template)
                 after = sample_responses(model, tokenizer, template, chosen_prompts, cfg.samples_per_prompt,
                                          **sampling)
                 del model
                 report["judge_score_after"] = _mean(monitor.rank(chosen_prompts, after))
-            report["model"] = str(round_dir)
+            report["model"] = str(trained)
             atomic_write_text(done, json.dumps(report, indent=2) + "\n")
             with open(out / "rounds.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(report) + "\n")
             reports.append(report)
-            policy = str(round_dir)
+            policy = str(trained)
 
         for j in {id(x): x for x in (judge, monitor, reviser) if x is not None}.values():
             j.close()
