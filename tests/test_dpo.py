@@ -168,3 +168,18 @@ def test_padding_free_trains_as_padded(tmp_path, tiny_model_dir):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert packed["train_tokens"] < 0.8 * padded["train_tokens"]  # positions run, padding included
+
+
+@pytest.mark.parametrize("reference, share", [("copy", 4 / 3), ("precomputed", 1.0)])
+def test_mfu_counts_each_position_once_and_the_reference_forward(tmp_path, tiny_model_dir, pairs, reference, share):
+    """tokens are every position run (chosen and rejected rows); a reference model adds its forward
+    (a third of the policy's forward + backward), a precomputed one nothing."""
+    from temper.models import load_model
+    from temper.train.engine import flops_per_token
+
+    train, _ = pairs
+    run_dpo(tmp_path, tiny_model_dir, f"data={train}", "max_steps=2", "eval_fraction=0",
+            "logging.eval_at_start=false", "peak_flops=1e9", f"reference={reference}", out=reference)
+    row = [r for r in read_metrics(tmp_path / reference / "metrics.jsonl") if "mfu" in r][-1]
+    expected = row["tokens_per_second"] * share * flops_per_token(load_model(tiny_model_dir), 64) / 1e9
+    assert row["mfu"] == pytest.approx(expected, rel=1e-6)

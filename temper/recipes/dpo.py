@@ -377,7 +377,9 @@ def run(cfg: Config) -> dict:
         print(f"trainable parameters: {peft_info['trainable']:,} of {peft_info['total']:,} ({share:.2%}); "
               f"peft.method={cfg.peft.method} | {par.describe()}", file=sys.stderr)
     model.train()
-    flops = 2 * engine.flops_per_token(model, cfg.seq_len)  # chosen and rejected (the reference: forward only)
+    # per position run (chosen and rejected rows both count as positions): the policy's forward and backward,
+    # plus a reference model's forward (a third of that) unless the reference is precomputed or not needed
+    flops = engine.flops_per_token(model, cfg.seq_len) * (4 / 3 if mode in ("copy", "adapter") else 1)
     model = wrap_model(model, par, precision=precision, activation_checkpointing=cfg.activation_checkpointing,
                        compile=cfg.compile)
     optimizer = build_optimizer(model, cfg.optim)
