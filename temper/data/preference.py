@@ -77,7 +77,7 @@ from typing import Any
 
 import torch
 
-from temper.data.sft import Batch, SFTLoader, _ends_with_end_marker, _remap
+from temper.data.sft import Batch, SFTLoader, _ends_with_end_marker, _remap, missing_column
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
 
@@ -285,12 +285,9 @@ def detect_preference_format(row: dict) -> str | None:
 
 
 def _remap_columns(row: dict, columns: dict[str, str] | None) -> dict:
-    """The row with `columns` renames applied; a rename whose column the row lacks is a bad row
-    (else the setting would be ignored without a word, or the row's own column used instead)."""
-    for ours, theirs in (columns or {}).items():
-        if theirs not in row:
-            keys = ", ".join(map(str, row)) or "none"
-            raise BadRow("missing_column", f"columns.{ours}={theirs}: the row has no column '{theirs}' (keys: {keys})")
+    """The row with `columns` renames applied; a rename whose column the row lacks is a bad row."""
+    if why := missing_column(row, columns):
+        raise BadRow("missing_column", why)
     return _remap(row, columns or {})
 
 
@@ -645,7 +642,7 @@ class PairBatch(_SequenceBatch):
     `positions` restart at 0 for each. The blocks then run on (nearly) real tokens only; the
     masked attention over a packed row costs more than per-sequence attention would, which is
     small next to the projections until rows reach thousands of tokens. `sequence_index()` maps every slot to its
-    sequence either way, so per-sequence sums (`temper.recipes.dpo.pair_logps`) read the same.
+    sequence either way, so per-sequence sums (`temper.losses.logprobs.sequence_logprobs`) read the same.
     """
 
     num_pairs: int = 0

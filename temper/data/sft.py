@@ -42,6 +42,16 @@ class Conversation:
     task: str | None = None  # the row's task label, when it has one (eval reports per task)
 
 
+def missing_column(row: dict, columns: dict[str, str] | None) -> str | None:
+    """Why `columns` cannot rename this row (a rename names a column it lacks), or None: such a
+    setting is never ignored without a word, nor the row's own column used instead."""
+    for ours, theirs in (columns or {}).items():
+        if theirs not in row:
+            keys = ", ".join(map(str, row)) or "none"
+            return f"columns.{ours}={theirs}: the row has no column '{theirs}' (keys: {keys})"
+    return None
+
+
 def _remap(row: dict, columns: dict[str, str]) -> dict:
     if not columns:
         return row
@@ -78,10 +88,8 @@ def row_to_conversations(row: dict, source: str, columns: dict[str, str] | None 
     """One row -> conversations (self-instruct rows give one per instance)."""
     from temper.data.chat import check_messages
 
-    for ours, theirs in (columns or {}).items():  # a rename to a column the row lacks is not silently ignored
-        if theirs not in row:
-            keys = ", ".join(map(str, row)) or "none"
-            raise TemperError(f"{source}: columns.{ours}={theirs}: the row has no column '{theirs}' (keys: {keys})")
+    if why := missing_column(row, columns):
+        raise TemperError(f"{source}: {why}")
     row = _remap(row, columns or {})
     kind = detect_format(row)
     answer = row.get("answer") if isinstance(row.get("answer"), str) else None

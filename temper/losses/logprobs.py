@@ -124,17 +124,29 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                      sequence_index: torch.Tensor | None = None, num_sequences: int | None = None,
                       ignore_index: int = IGNORE_INDEX, temperature: float = 1.0,
                       chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of target log-probs (B,) fp32, number of targets (B,)) per sequence.
+    """(sum of target log-probs (S,) fp32, number of targets (S,)) per sequence.
 
-    hidden (B, T, C), weight (V, C), targets (B, T); see `token_logprobs`.
+    hidden (B, T, C), weight (V, C), targets (B, T); see `token_logprobs`. Each row is one
+    sequence (S = B), or, for packed rows, `sequence_index` (B, T) names the sequence of every
+    position (anything where the target is ignored) and `num_sequences` is S. Only positions
+    with a target go through the output layer: prompts and padding cost no (tokens x vocab)
+    work, forward or backward.
     """
     if targets.dim() != 2:
         raise ValueError(f"targets must be (batch, time), got shape {tuple(targets.shape)}")
-    logp = token_logprobs(hidden, weight, targets, ignore_index=ignore_index, temperature=temperature,
-                          chunk_size=chunk_size)  # (B, T)
-    return logp.sum(-1), (targets != ignore_index).sum(-1)
+    if sequence_index is None:
+        num_sequences = targets.shape[0]
+        sequence_index = torch.arange(num_sequences, device=targets.device)[:, None].expand_as(targets)
+    elif num_sequences is None:
+        raise ValueError("sequence_index needs num_sequences")
+    scored = targets != ignore_index
+    sequence = sequence_index[scored]  # (N,)
+    logp = token_logprobs(hidden[scored], weight, targets[scored], ignore_index=ignore_index,
+                          temperature=temperature, chunk_size=chunk_size)  # (N,)
+    return logp.new_zeros(num_sequences).index_add(0, sequence, logp), torch.bincount(sequence, minlength=num_sequences)
 
 
 def causal_lm_token_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, *,

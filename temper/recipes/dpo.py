@@ -225,23 +225,20 @@ def pair_logps(model, batch, *, with_logits: bool = False):
     blocks but cost no (tokens x vocab) work, forward or backward."""
     from temper.losses import IGNORE_INDEX
     from temper.losses.clm import output_weight, replicated_local
-    from temper.losses.logprobs import token_logprobs
+    from temper.losses.logprobs import sequence_logprobs
 
     hidden = model(batch.inputs, return_hidden=True, positions=batch.positions,
                    mask=batch.attention_mask())  # (rows, T, C)
     weight = output_weight(model)
-    scored = batch.targets != IGNORE_INDEX  # (rows, T)
-    sequence = batch.sequence_index()[scored]  # (N,): which sequence each completion token ends
-    completion = hidden[scored]  # (N, C): the completion tokens' hidden states
-    token_logps = token_logprobs(completion, weight, batch.targets[scored])  # (N,)
-    R = batch.completion_tokens.shape[0]
-    logps = token_logps.new_zeros(R).index_add(0, sequence, token_logps)
+    index, R = batch.sequence_index(), batch.completion_tokens.shape[0]  # the sequence of every position
+    logps, counts = sequence_logprobs(hidden, weight, batch.targets, sequence_index=index, num_sequences=R)
     logits_sum = None
     if with_logits:  # mean over the vocabulary of h @ W^T is h @ mean(W): no (tokens x vocab) tensor
+        scored = batch.targets != IGNORE_INDEX
         mean_row = replicated_local(weight).detach().float().mean(0)  # (C,)
-        per_token = completion.detach().float() @ mean_row  # (N,)
-        logits_sum = per_token.new_zeros(R).index_add(0, sequence, per_token)
-    return logps, batch.completion_tokens, logits_sum
+        per_token = hidden.detach()[scored].float() @ mean_row  # (N,)
+        logits_sum = per_token.new_zeros(R).index_add(0, index[scored], per_token)
+    return logps, counts, logits_sum
 
 
 def precompute_reference(pairs, ref_model, *, pad_id: int, device, autocast, batch_size: int = 16,
