@@ -100,7 +100,7 @@ def world_checker(model_dir, prompts_file) -> dict:
     from temper.align.online import read_prompts, sample_responses
     from temper.data.chat import chat_template_for
     from temper.eval.world_checker import mean_check
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
 
     prompts = read_prompts(prompts_file)
     answers = [p.answer for p in prompts]

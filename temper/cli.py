@@ -17,7 +17,7 @@ import yaml
 
 from temper import __version__
 from temper.config import config_help, load_config, to_dict
-from temper.errors import TemperError
+from temper.errors import TemperError, error_line
 
 # name -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -97,16 +97,6 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
             raise ValueError(f"unexpected argument {arg!r}; options are key=value")
         i += 1
     return None, overrides, flags
-
-
-def error_line(e: BaseException) -> str:
-    """One line for the user: the message, or for an OS error the path and what the errno means."""
-    if isinstance(e, OSError) and not isinstance(e, ValueError) and e.errno is not None:
-        where = f"{e.filename}: " if e.filename else ""
-        also = f" -> {e.filename2}" if e.filename2 else ""
-        return f"{where[:-2]}{also}: {e.strerror or os.strerror(e.errno)}" if where else (e.strerror or str(e))
-    text = str(e)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def config_file(spec: str | None) -> str | None:

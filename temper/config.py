@@ -463,12 +463,12 @@ def to_dict(obj: Any) -> Any:
 
 def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Rows of (key, type, default, help) for every field, sections flattened with dots."""
-    rows = []
+    rows, sections = [], []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         t = hints[f.name]
-        if is_dataclass(t):
-            rows.extend(config_help(t, prefix + f.name + "."))
+        if is_dataclass(t):  # sections after the plain keys
+            sections.extend(config_help(t, prefix + f.name + "."))
             continue
         if f.default is not MISSING:
             default = f.default
@@ -478,7 +478,7 @@ def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             default = "(required)"
         shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else str(default))
         rows.append((prefix + f.name, _type_name(t), shown, f.metadata.get("help", "")))
-    return rows
+    return rows + sections
 
 
 def replace(obj, **changes):

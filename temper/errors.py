@@ -7,6 +7,9 @@ traceback for it. Internal invariants use `assert` and are bugs when they fire.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class TemperError(ValueError):
     """Bad input from the user: the message names the file, line, field or key."""
@@ -18,9 +21,17 @@ class TemperFileNotFoundError(TemperError, FileNotFoundError):
 
 def require_path(path, what: str):
     """Return `path` as a Path, or raise a one-line error naming `what` it should be."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     if not p.exists():
         raise TemperFileNotFoundError(f"{what} not found: {p}")
     return p
+
+
+def error_line(e: BaseException) -> str:
+    """One line for the user: the message, or for an OS error the path and what the errno means."""
+    if isinstance(e, OSError) and not isinstance(e, ValueError) and e.errno is not None:
+        where = f"{e.filename}: " if e.filename else ""
+        also = f" -> {e.filename2}" if e.filename2 else ""
+        return f"{where[:-2]}{also}: {e.strerror or os.strerror(e.errno)}" if where else (e.strerror or str(e))
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__

@@ -277,7 +277,7 @@ def test_broken_weights_are_refused_at_load_naming_file_and_tensor(tmp_path, tin
 def test_an_adapter_with_nan_weights_is_refused(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file, save_file
 
-    from temper.models import load_model_or_adapter
+    from temper.loading import load_model_or_adapter
 
     adapter = _lora_adapter(tmp_path / "lora", tiny_model_dir)
     tensors = load_file(adapter / "adapter_model.safetensors")
@@ -450,7 +450,7 @@ def no_model_evaluated(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("temper.models.load_for_inference", refuse)
+    monkeypatch.setattr("temper.loading.load_for_inference", refuse)
 
 
 @pytest.mark.parametrize("content", ["", " \n\n\t\n"])
@@ -536,7 +536,7 @@ def test_eval_results_are_written_whole_and_output_dir_is_claimed(tmp_path, tiny
 
 
 def test_eval_judge_model_is_loaded_once_for_every_task(tmp_path, tiny_model_dir, monkeypatch):
-    import temper.models
+    import temper.loading
     from temper.stages.eval import Config, run
 
     rows = tmp_path / "qa.jsonl"
@@ -547,8 +547,8 @@ def test_eval_judge_model_is_loaded_once_for_every_task(tmp_path, tiny_model_dir
                                                "prompt: 'Q: {question}\\nA:'\ngeneration: {max_new_tokens: 2}\n")
         tasks.append(str(tmp_path / f"{name}.yaml"))
     loads = []
-    real = temper.models.load_for_inference
-    monkeypatch.setattr(temper.models, "load_for_inference", lambda path, **kw: loads.append(path) or real(path, **kw))
+    real = temper.loading.load_for_inference
+    monkeypatch.setattr(temper.loading, "load_for_inference", lambda path, **kw: loads.append(path) or real(path, **kw))
     results = run(Config(models=[str(tiny_model_dir)] * 2, tasks=tasks, judge=str(tiny_model_dir), device="cpu",
                          output_dir=str(tmp_path / "e")))
     assert set(results["judge"]) == {"qa_one", "qa_two"} and results["judge"]["qa_one"]["n"] == 2

@@ -14,7 +14,7 @@ import torch
 from conftest import SAMPLE_TEXT
 from safetensors.torch import load_file
 
-from temper.train.engine import read_metrics
+from temper.train.rundir import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 

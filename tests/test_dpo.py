@@ -14,7 +14,7 @@ from conftest import shared_file
 from temper.config import load_config
 from temper.errors import TemperError
 from temper.recipes import dpo
-from temper.train.engine import read_metrics
+from temper.train.rundir import read_metrics
 
 TRL_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "logits/chosen", "logits/rejected"]

@@ -123,7 +123,7 @@ def test_rule_judge_and_pairwise():
 
 
 def test_tiny_model_as_judge(tiny_model_dir):
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_model_dir)
     lp_a, lp_b = judge_mod.score_pair(model, tokenizer, "Where does Alice live?", "Paris", "Rome")

@@ -12,7 +12,7 @@ from conftest import SAMPLE_TEXT
 from temper.config import load_config
 from temper.errors import TemperError
 from temper.recipes import pretrain
-from temper.train.engine import read_metrics
+from temper.train.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

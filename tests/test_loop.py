@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, load_config
-from temper.train.engine import read_metrics
+from temper.train.rundir import read_metrics
 from temper.train.loop import SHARED_KEYS, TrainLoop
 
 TRAINING_RECIPES = ["temper.recipes.pretrain", "temper.recipes.sft", "temper.recipes.dpo"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from temper.align.judges import LLMJudge, Prompt, make_judge
+from temper.rewards.judges import LLMJudge, Prompt, make_judge
 from temper.align.online import best_vs_worst, read_prompts, revision_pairs, sample_responses
 from temper.cli import main
 from temper.config import load_config
@@ -160,7 +160,7 @@ def test_llm_judge_scores_are_shares_of_pairwise_wins(tiny_model_dir):
 
 def test_sampling_gives_k_responses_per_prompt_reproducibly(tiny_model_dir, world):
     from temper.data.chat import chat_template_for
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
 
     prompts = read_prompts(world[0] / "rl" / "train.jsonl")[:3]
     model, tokenizer = load_for_inference(tiny_model_dir)
@@ -213,7 +213,7 @@ def test_lora_rounds_merge_each_adapter_into_the_next_policy(tmp_path, tiny_mode
     the adapter off), merges it into round_k/merged, and round k+1 samples and trains from the merge."""
     from safetensors.torch import load_file
 
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
 
     world_dir, _ = world
     lora = ["peft.method=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj]"]
@@ -315,7 +315,7 @@ def test_ai_feedback_round_with_a_stand_in_reviser(tmp_path, tiny_model_dir, mon
 
 
 def test_llm_reviser_plumbing_gives_pairs_or_counted_skips(tiny_model_dir):
-    from temper.align.feedback import make_reviser, read_constitution
+    from temper.rewards.feedback import make_reviser, read_constitution
 
     principles = read_constitution()
     assert len(principles) == 4 and principles[1].startswith("Be concise")
@@ -330,7 +330,7 @@ def test_llm_reviser_plumbing_gives_pairs_or_counted_skips(tiny_model_dir):
 
 
 def test_a_revision_that_repeats_its_critique_is_skipped():
-    from temper.align.feedback import Reviser, Revision
+    from temper.rewards.feedback import Reviser, Revision
 
     class Parrot(Reviser):  # what a 3M-parameter judge does: one short reply to both requests
         def revise_all(self, prompts, responses, principles):

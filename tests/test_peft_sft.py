@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from temper.errors import TemperError
-from temper.train.engine import read_metrics
+from temper.train.rundir import read_metrics
 
 
 @pytest.fixture()
@@ -125,7 +125,7 @@ def test_generate_from_an_adapter_directory(tmp_path, tiny_model_dir, sft_rows, 
 
     import temper.models.generate as gen
     from temper.cli import main
-    from temper.models import load_model_or_adapter
+    from temper.loading import load_model_or_adapter
     from temper.peft.lora import LoRALinear
 
     run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "max_steps=2", out="lora")

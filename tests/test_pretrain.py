@@ -9,7 +9,7 @@ from temper.cli import main
 from temper.config import load_config
 from temper.errors import TemperError
 from temper.recipes import pretrain
-from temper.train.engine import read_metrics
+from temper.train.rundir import read_metrics
 
 TINY = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", "peak_flops=1e9",
         "logging.progress=false", "samples=1", "sample_tokens=4", "optim.lr=3e-3"]

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from temper.align.judges import Prompt, RewardJudge, make_judge
+from temper.rewards.judges import Prompt, RewardJudge, make_judge
 from temper.cli import main
 from temper.errors import TemperError
 from temper.models.reward import build_reward_model, load_reward_model, save_reward_model

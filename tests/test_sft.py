@@ -234,7 +234,7 @@ def test_sft_end_to_end_with_replay_and_packing(tmp_path, tiny_model_dir, sft_da
     import transformers
 
     from temper.lineage import read_lineage
-    from temper.train.engine import read_metrics
+    from temper.train.rundir import read_metrics
 
     train, test, general = sft_data
     summary = run_sft(tmp_path, tiny_model_dir, f"data={train}", f"eval_data={test}", f"general_data={general}",

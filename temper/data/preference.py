@@ -69,6 +69,7 @@ mismatched rows for KTO's KL estimate, as TRL builds them).
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -282,6 +283,15 @@ def detect_preference_format(row: dict) -> str | None:
     if "prompt" in row and "completion" in row and "label" in row:
         return "unpaired"
     return None
+
+
+def check_columns(columns: dict[str, str]) -> None:
+    """A `columns.OURS=THEIRS` rename must name one of temper's preference columns."""
+    for ours in columns:
+        if ours not in COLUMNS:
+            close = difflib.get_close_matches(str(ours), COLUMNS, n=1)
+            hint = f" (did you mean 'columns.{close[0]}'?)" if close else ""
+            raise TemperError(f"columns.{ours}: not a preference column{hint}; columns renames {', '.join(COLUMNS)}")
 
 
 def _remap_columns(row: dict, columns: dict[str, str] | None) -> dict:
@@ -661,8 +671,9 @@ class UnpairedBatch(_SequenceBatch):
     """B unpaired examples (KTO), padded or packed as PairBatch's sequences, with `labels` (B,)
     True where desirable.
 
-    With `kl=True`, rows [B, 2B) pair prompt i with the answer of example i - 1 (mod B), the
-    mismatched pairs KTO estimates its KL reference point on (TRL's rotation by one).
+    With `kl=True`, rows [B, 2B) pair prompt i with the answer of the nearest earlier example
+    (mod B) whose prompt differs, the mismatched pairs KTO estimates its KL reference point on
+    (TRL's rotation by one, skipping a pair's own other answer).
     """
 
     labels: torch.Tensor | None = None  # (B,) bool
@@ -727,12 +738,22 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int, *, pack_len: int = 0) -
     return PairBatch(**_pad_rows(rows, pad_id, pack_len), num_pairs=len(pairs), ref_logps=ref)
 
 
+def _mismatched(examples: list[EncodedUnpaired], i: int) -> int:
+    """The example whose answer KTO's mismatched row i takes: the nearest earlier one (cyclically)
+    with another prompt. Rotating by one alone would give a pair's rejected example its own
+    chosen answer whenever a pair's two examples are neighbours (an unshuffled loader)."""
+    for j in range(1, len(examples)):
+        if examples[i - j].prompt_ids != examples[i].prompt_ids:
+            return (i - j) % len(examples)
+    return (i - 1) % len(examples)  # one prompt in the whole batch: nothing else to take
+
+
 def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool = False, max_len: int = 0,
                      pack_len: int = 0) -> UnpairedBatch:
     rows = [(e.prompt_ids, e.completion_ids) for e in examples]
     if kl:
         for i, e in enumerate(examples):
-            answer = examples[i - 1].completion_ids
+            answer = examples[_mismatched(examples, i)].completion_ids
             if max_len:
                 answer = answer[:max_len + 1 - len(e.prompt_ids)]
             rows.append((e.prompt_ids, answer))

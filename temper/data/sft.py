@@ -381,12 +381,17 @@ class SFTLoader:
         self.position = convert_position(state, self.world_size, self.batch_size)
 
 
-def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_held_out(items: list, fraction: float, seed: int, group=None) -> tuple[list, list]:
     """(kept, held out): a deterministic share `fraction` of `items` (at least one when there
-    are two or more and fraction > 0), drawn with `seed`, for recipes without eval_data."""
-    order = list(range(len(items)))
+    are two or more and fraction > 0), drawn with `seed`, for recipes without eval_data.
+
+    `group(item)` keeps items with the same key on one side (e.g. the two examples KTO makes of
+    one preference pair, which share a prompt): the share is counted in groups."""
+    keys = [group(x) if group is not None else i for i, x in enumerate(items)]
+    distinct = list(dict.fromkeys(keys))
+    order = list(range(len(distinct)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(items) * fraction)) if len(items) > 1 and fraction > 0 else 0
-    held = set(order[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+    n_eval = max(1, int(len(distinct) * fraction)) if len(distinct) > 1 and fraction > 0 else 0
+    held = {distinct[i] for i in order[:n_eval]}
+    return [x for x, k in zip(items, keys) if k not in held], [x for x, k in zip(items, keys) if k in held]
 

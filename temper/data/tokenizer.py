@@ -3,7 +3,7 @@
 `train_tokenizer` learns a byte-level BPE vocabulary (GPT-2 style: every byte is a
 token, so any text encodes, and no automatic BOS/EOS is added). `Tokenizer` wraps any
 `tokenizer.json` plus its `tokenizer_config.json` (special tokens, chat template; the
-template may also be in `chat_template.jinja`, see `temper.data.chat.read_chat_template`) and
+template may also be in `chat_template.jinja`, see `temper.data.templates.read_chat_template`) and
 saves both so that `transformers.AutoTokenizer.from_pretrained(dir)` encodes the same.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from temper.data.templates import CHATML_TEMPLATE, read_chat_template
 from temper.errors import TemperError, TemperFileNotFoundError
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -25,16 +26,6 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Special tokens of a temper-trained tokenizer: BOS/EOS/PAD, ChatML's turn markers and
 # the chat roles (so role names are one token each and cannot be split by BPE).
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
-
-# ChatML, the default template of a temper-trained tokenizer; the other built-ins, rendering
-# and reading a directory's template live in temper/data/chat.py.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters."""
@@ -147,8 +138,6 @@ class Tokenizer:
         def token(key: str) -> str | None:
             value = cfg.get(key)
             return value.get("content") if isinstance(value, dict) else value
-
-        from temper.data.chat import read_chat_template
 
         template = read_chat_template(tok_file.parent)  # chat_template.jinja or the config's entry
         known = {"bos_token", "eos_token", "pad_token", "chat_template", "model_max_length"}

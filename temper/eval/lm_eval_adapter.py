@@ -72,7 +72,7 @@ class TemperLM(_Base):
         if model is None:
             if pretrained is None:
                 raise TemperError("TemperLM needs pretrained=DIR or model= and tokenizer=")
-            from temper.models import load_for_inference
+            from temper.loading import load_for_inference
 
             model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype)
         elif tokenizer is None:

@@ -4,6 +4,7 @@ from temper.losses.clm import IGNORE_INDEX, causal_lm_loss, fused_linear_cross_e
 from temper.losses.logprobs import (
     causal_lm_sequence_logprobs,
     causal_lm_token_logprobs,
+    completion_logprobs,
     sequence_logprobs,
     token_logprobs,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "causal_lm_loss",
     "causal_lm_sequence_logprobs",
     "causal_lm_token_logprobs",
+    "completion_logprobs",
     "fused_linear_cross_entropy",
     "kto_loss",
     "kto_metrics",

@@ -168,3 +168,30 @@ def causal_lm_sequence_logprobs(model, input_ids: torch.Tensor, targets: torch.T
     logp = causal_lm_token_logprobs(model, input_ids, targets, positions=positions, mask=mask,
                                     temperature=temperature, chunk_size=chunk_size)  # (B, T)
     return logp.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
+def completion_logprobs(model, batch, *, with_logits: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probs (S,), completion tokens (S,), sum over completion tokens of the vocabulary-mean
+    logit (S,) or None) of the S sequences of a batch of prompt + completion sequences, in one
+    forward: padded one a row, or packed (padding-free) several a row.
+
+    `batch` has `inputs`, `targets` (IGNORE_INDEX on prompts and padding), `positions`,
+    `attention_mask()`, `sequence_index()` (the sequence of every position) and
+    `completion_tokens` (S,): a preference batch (`temper.data.preference.PairBatch`: chosen
+    rows, then rejected ones) or any batch of completions (rollouts). The output layer scores the
+    completion tokens only: prompts and padding go through the blocks but cost no
+    (tokens x vocab) work, forward or backward. The mean logit (TRL's `logits/chosen`) is
+    h @ mean(W) per token: no (tokens x vocab) tensor either."""
+    hidden = model(batch.inputs, return_hidden=True, positions=batch.positions,
+                   mask=batch.attention_mask())  # (rows, T, C)
+    weight = output_weight(model)
+    index, S = batch.sequence_index(), batch.completion_tokens.shape[0]
+    logps, counts = sequence_logprobs(hidden, weight, batch.targets, sequence_index=index, num_sequences=S)
+    logits_sum = None
+    if with_logits:
+        scored = batch.targets != IGNORE_INDEX
+        mean_row = replicated_local(weight).detach().float().mean(0)  # (C,)
+        per_token = hidden.detach()[scored].float() @ mean_row  # (N,)
+        logits_sum = per_token.new_zeros(S).index_add(0, index[scored], per_token)
+    return logps, counts, logits_sum

@@ -3,9 +3,10 @@
     model = build_model(preset("llama-tiny"))          # random weights
     model = load_model("path/to/hf_dir")               # any supported HF directory
     save_model(model, "out_dir", tokenizer=tok)        # an HF directory transformers loads
-    model, tok = load_for_inference("model_or_adapter_dir")  # what every inference command uses
 
 Reward models (a body + a scalar head, HF's *ForSequenceClassification): temper.models.reward.
+A model *or adapter* directory for inference: temper.loading.load_for_inference (above models
+and peft).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from temper.models.common import DecoderBase, KVCache
 from temper.models.config import PRESETS, ModelConfig, preset
 from temper.models.gpt2 import GPT2
 from temper.models.hf import (
-    check_weights_file,
     config_from_hf,
     load_state_dict_from_hf,
     read_hf_config,
@@ -31,8 +31,7 @@ from temper.models.llama import Llama
 
 __all__ = [
     "DecoderBase", "KVCache", "ModelConfig", "PRESETS", "preset", "build_model", "load_model",
-    "save_model", "resolve_dtype", "init_weights", "Llama", "GPT2", "load_model_or_adapter",
-    "load_for_inference",
+    "save_model", "resolve_dtype", "init_weights", "Llama", "GPT2",
 ]
 
 FAMILIES: dict[str, type[DecoderBase]] = {"llama": Llama, "gpt2": GPT2}
@@ -132,56 +131,3 @@ def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save(out)
     return out
-
-
-def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu",
-                          dtype: str | torch.dtype | None = None) -> DecoderBase:
-    """A model directory, or an adapter directory (its base loaded from `base_model_name_or_path`,
-    the adapter put on top), ready for generation."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        from temper.peft import load_peft, read_adapter_config  # only adapter directories need peft
-
-        adapter_config = read_adapter_config(path)
-        check_lora_config(path, adapter_config)
-        base = adapter_config.get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise TemperError(f"{path}: the adapter's base model {base!r} is not a directory here")
-        weights = path / "adapter_model.safetensors"
-        if weights.is_file():
-            check_weights_file(weights)
-        model = load_model(base, device=device, dtype=dtype)
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            from temper.data.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_dir(path)
-        load_peft(model, path, tokenizer=tokenizer)
-        return model.to(device)
-    return load_model(path, device=device, dtype=dtype)
-
-
-def check_lora_config(adapter_dir: str | Path, conf: dict) -> None:
-    """The keys of a LoRA adapter_config.json that loading reads without a default, checked first."""
-    if conf.get("peft_type") != "LORA":
-        return
-    r = conf.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise TemperError(f"{Path(adapter_dir) / 'adapter_config.json'}: r is {r!r} (expected a positive integer, "
-                          "the LoRA rank)")
-    alpha = conf.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TemperError(f"{Path(adapter_dir) / 'adapter_config.json'}: lora_alpha is {alpha!r} (expected a number)")
-
-
-def load_for_inference(path: str | Path, *, device: torch.device | str = "cpu",
-                       dtype: str | torch.dtype | None = None):
-    """(model in eval mode, its tokenizer) from a model or adapter directory, checked to fit."""
-    from temper.data.tokenizer import Tokenizer
-
-    model = load_model_or_adapter(path, device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer.from_dir(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TemperError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                          f"{model.config.vocab_size} embeddings")
-    return model, tokenizer

@@ -240,7 +240,7 @@ ADAPTERS = {"llama": LLAMA_ADAPTER, "gpt2": GPT2_ADAPTER}
 # ----------------------------------------------------------------------------- safetensors I/O
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -299,7 +299,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
         expected.pop("lm_head.weight", None)
     extra = extra or {}
     out: dict[str, torch.Tensor] = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         try:
             handle = safe_open(str(path), framework="pt", device=str(device))
         except Exception as e:  # safetensors raises its own error types

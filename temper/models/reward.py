@@ -39,12 +39,12 @@ from temper.models.common import DecoderBase
 from temper.models.config import ModelConfig
 from temper.models.hf import (
     _atomic_write_json,
-    _weight_files,
     config_from_hf,
     config_to_hf,
     load_state_dict_from_hf,
     read_hf_config,
     save_hf_weights,
+    weight_files,
 )
 
 # the sequence-classification class of each causal-LM architecture temper reads
@@ -156,7 +156,7 @@ def check_reward_model_dir(model_dir: str | Path) -> None:
     from temper.data.tokenizer import Tokenizer
 
     read_reward_config(model_dir)
-    files = _weight_files(Path(model_dir))
+    files = weight_files(Path(model_dir))
     names = set()
     for path in files:
         try:

@@ -24,6 +24,7 @@ optional `bias` and a `dequantize()` returning its (out, in) weight (a 4-bit NF4
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import math
 import re
@@ -235,6 +236,7 @@ def inject_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default"
     registry = dict(getattr(model, "lora_modules_to_save", {}))
     registry[adapter_name] = save
     model.lora_modules_to_save = registry
+    _keep_originals(model, save)
     set_adapter(model, previous or adapter_name)
     return names
 
@@ -252,6 +254,26 @@ def _resolve_modules_to_save(model: nn.Module, entries: list[str], targets: list
             raise TemperError(f"{clash[0]} is both a LoRA target and in modules_to_save")
         out += found
     return out
+
+
+def _keep_originals(model: nn.Module, names: list[str]) -> None:
+    """Frozen copies of the modules trained in full, as they are before training: what the model is
+    with its adapters disabled (PEFT keeps an `original_module` the same way). A module that shares
+    a weight with one of them (the input embedding of a tied `lm_head`) is copied with it, so the
+    copies share it too. Kept as a plain attribute: not parameters, not in the state dict."""
+    originals = dict(getattr(model, "lora_original_modules", {}))
+    todo = [n for n in names if n not in originals]
+    if not todo:
+        return
+    shared = {id(p) for n in todo for p in model.get_submodule(n).parameters()}
+    partners = [n for n, m in model.named_modules()
+                if n and n not in todo and n not in originals and any(id(p) in shared for p in m.parameters(recurse=False))]
+    with torch.no_grad():
+        copies = copy.deepcopy({n: model.get_submodule(n) for n in todo + partners})  # one memo: ties stay tied
+    for module in copies.values():
+        module.requires_grad_(False)
+    originals.update(copies)
+    model.lora_original_modules = originals
 
 
 def mark_trainable(model: nn.Module) -> tuple[int, int]:
@@ -289,17 +311,24 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Inside the block every `LoRALinear` returns base(x): the frozen reference model of DPO
-    for free. (modules_to_save are trained in place and stay as they are.)"""
+    """Inside the block the model is its base: every `LoRALinear` returns base(x), and the modules
+    trained in full (`modules_to_save`) are their original, untrained copies. The frozen reference
+    model of DPO, for free."""
     wrapped = [m for _, m in lora_modules(model)]
     before = [m.disabled for m in wrapped]
+    originals = getattr(model, "lora_original_modules", {})
+    trained = {name: model.get_submodule(name) for name in originals}
     for m in wrapped:
         m.disabled = True
+    for name, module in originals.items():
+        _set_module(model, name, module)
     try:
         yield
     finally:
         for m, flag in zip(wrapped, before):
             m.disabled = flag
+        for name, module in trained.items():
+            _set_module(model, name, module)
 
 
 def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
@@ -328,4 +357,6 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         _set_module(model, name, linear)
     if hasattr(model, "lora_modules_to_save"):
         del model.lora_modules_to_save
+    if hasattr(model, "lora_original_modules"):
+        del model.lora_original_modules
     return model

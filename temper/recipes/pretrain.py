@@ -18,7 +18,10 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
 
 from temper.config import (
     CheckpointConfig,
@@ -29,65 +32,64 @@ from temper.config import (
     check_range,
     opt,
 )
+from temper.data.readers import expand_paths, iter_texts
+from temper.data.shards import TokenLoader, build_shards, files_fingerprint, fingerprint, read_index
+from temper.data.tokenizer import Tokenizer, train_tokenizer
+from temper.data.world import WorldConfig, build_world, fact_probes, write_world
 from temper.errors import TemperError
-from temper.train.distributed import ParallelConfig
+from temper.eval.perplexity import evaluate_batches
+from temper.io import atomic_write_text
+from temper.losses import causal_lm_loss
+from temper.models import build_model, load_model, preset
+from temper.models.config import ModelConfig
+from temper.models.generate import SamplingConfig, generate_text
+from temper.runtime import seed_everything
+from temper.train.loop import TrainLoop
+from temper.train.recipe import (
+    Capabilities,
+    TrainingConfig,
+    make_trainable,
+    save_outputs,
+    shared,
+    start,
+)
 
 
 @dataclass
-class Config:
-    model: str = opt("llama-3m", "a preset name (random init) or a model directory (continued pretraining)")
+class Config(TrainingConfig):
+    command: ClassVar[str] = "pretrain"
+    capabilities: ClassVar[Capabilities] = Capabilities(tensor_parallel=True, pipeline=True)
+
+    model: str = shared("model", "llama-3m")
+    output_dir: str = shared("output_dir", "runs/pretrain")
+    seq_len: int = shared("seq_len", 256)
+    batch_size: int = shared("batch_size", 16)
+    max_steps: int = shared("max_steps", 500)
+    eval_batches: int = shared("eval_batches", 0)
+    optim: OptimConfig = shared("optim", OptimConfig(lr=3e-3, weight_decay=0.1))
+    schedule: ScheduleConfig = shared("schedule", ScheduleConfig())
+    checkpoint: CheckpointConfig = shared("checkpoint", CheckpointConfig(every=200))
+    logging: LoggingConfig = shared("logging", LoggingConfig(every=20, eval_every=200))
     model_config: dict = opt({}, "override preset fields, e.g. model_config.num_layers=6")
-    data: list[str] = opt([], "training text: .txt/.jsonl/.parquet files, directories or globs (empty: the built-in world)")
-    eval_data: list[str] = opt([], "validation text (empty: eval_fraction of data, or the world's val split)")
-    eval_fraction: float = opt(0.05, "share of documents held out for validation when eval_data is empty")
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
     encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
     world: dict = opt({}, "settings of the built-in world when data is empty, e.g. world.num_people=40")
     tokenizer: str | None = opt(None, "tokenizer directory (default: the model's, else train one on the data)")
     vocab_size: int = opt(2048, "vocabulary size when a tokenizer is trained")
-    output_dir: str = opt("runs/pretrain", "where the model directory, metrics and checkpoints go")
-    seq_len: int = opt(256, "tokens per training sequence")
-    batch_size: int = opt(16, "sequences per micro-batch (per rank)")
-    grad_accum: int = opt(1, "micro-batches per optimiser step")
-    global_batch_size: int = opt(0, "sequences per optimiser step over all ranks (0: batch_size x grad_accum x "
-                                    "data-parallel ranks); when set, grad_accum follows from it")
-    max_steps: int = opt(500, "optimiser steps")
-    seed: int = opt(0, "seed for initialisation, data order and sampling")
-    resume: str = opt("", "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path")
-    overwrite: bool = opt(False, "start over in an output_dir that holds an earlier run (its checkpoints and metrics go)")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "fp32 on CPU and bf16 on GPU by default")
-    compile: bool = opt(False, "torch.compile the model")
-    activation_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
-    strategy: str = opt("auto", "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp alone), else none")
-    parallel: ParallelConfig = opt(ParallelConfig(), "tensor / pipeline parallelism and FSDP options")
     loss_chunk: int = opt(1024, "tokens per chunk of the fused output-layer cross-entropy")
-    eval_batches: int = opt(0, "validation batches per evaluation (0: the whole split)")
     samples: int = opt(4, "greedy samples written at the end")
     sample_prompts: list[str] = opt([], "prompts for the samples (default: the opening tokens of validation documents)")
     sample_tokens: int = opt(40, "tokens per sample")
-    peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU (0: measure a matmul now)")
-    optim: OptimConfig = opt(OptimConfig(lr=3e-3, weight_decay=0.1), "optimiser")
-    schedule: ScheduleConfig = opt(ScheduleConfig(), "learning-rate schedule")
-    checkpoint: CheckpointConfig = opt(CheckpointConfig(every=200), "checkpointing")
-    logging: LoggingConfig = opt(LoggingConfig(every=20, eval_every=200), "logging and evaluation")
 
     def validate(self) -> None:
-        check_range("global_batch_size", self.global_batch_size, low=0)
-        for key in ("seq_len", "batch_size", "grad_accum", "max_steps"):
-            if getattr(self, key) < 1:
-                raise TemperError(f"{key} must be at least 1, got {getattr(self, key)}")
-        check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
+        super().validate()
         for key in ("loss_chunk", "vocab_size", "sample_tokens"):
             check_range(key, getattr(self, key), low=1)
-        for key in ("eval_batches", "samples", "peak_flops"):
-            check_range(key, getattr(self, key), low=0)
+        check_range("samples", self.samples, low=0)
         if self.eval_data and not self.data:
             raise TemperError("eval_data is used only with data=; the built-in world brings its own validation "
                               "split (set data= to train on your own text)")
-        if self.eval_data and self.eval_fraction != Config.eval_fraction:
-            raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")
         if self.world and self.data:
             raise TemperError("world.* settings apply to the built-in world, which is not used with data=")
 
@@ -99,9 +101,6 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
     """(train files, val files or None, text field, world facts or None)."""
     if cfg.data:
         return cfg.data, cfg.eval_data or None, cfg.text_field, None
-    from temper.data.world import WorldConfig, build_world, write_world
-    from temper.io import atomic_write_text
-
     check_keys(cfg.world, WorldConfig, "world")
     world_cfg = WorldConfig(**{"seed": cfg.seed, **cfg.world})
     world_cfg.validate()
@@ -117,11 +116,6 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
 
 
 def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
-    from temper.data.readers import expand_paths, iter_texts
-    from temper.data.shards import files_fingerprint, fingerprint
-    from temper.data.tokenizer import Tokenizer, train_tokenizer
-    from temper.io import atomic_write_text
-
     if cfg.tokenizer:
         return Tokenizer.from_dir(cfg.tokenizer)
     if Path(cfg.model).is_dir() and (Path(cfg.model) / "tokenizer.json").is_file():
@@ -139,9 +133,6 @@ def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
 
 
 def prepare_shards(cfg: Config, out: Path, tokenizer, train_files: list[str], val_files: list[str] | None) -> Path:
-    from temper.data.readers import expand_paths, iter_texts
-    from temper.data.shards import build_shards, files_fingerprint, fingerprint
-
     def texts(files):
         return iter_texts(files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
 
@@ -154,9 +145,6 @@ def prepare_shards(cfg: Config, out: Path, tokenizer, train_files: list[str], va
 
 
 def prepare_model(cfg: Config, tokenizer, device, dtype):
-    from temper.models import build_model, load_model, preset
-    from temper.models.config import ModelConfig
-
     if Path(cfg.model).is_dir():
         if cfg.model_config:
             raise TemperError(f"model_config.* sets a preset's shape; model={cfg.model} is a directory whose "
@@ -182,47 +170,25 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 
 
 def run(cfg: Config) -> dict:
-    import torch
-
-    from temper.data.shards import TokenLoader, read_index
-    from temper.eval.perplexity import evaluate_batches
-    from temper.io import refuse_same_dir
-    from temper.lineage import write_lineage
-    from temper.losses import causal_lm_loss
-    from temper.models import save_model
-    from temper.runtime import seed_everything
-    from temper.train import engine
-    from temper.train.distributed import global_batch as global_batch_size
-    from temper.train.distributed import wrap_model
-    from temper.train.loop import TrainLoop
-    from temper.train.optim import build_optimizer
-
-    if Path(cfg.model).is_dir():  # continued pretraining must not overwrite its starting point
-        refuse_same_dir(cfg.output_dir, cfg.model, "model")
-    out, device, precision, par = engine.start_run(cfg, cfg.output_dir, cfg.device, cfg.precision, cfg.seed)
-    grad_accum, global_batch = global_batch_size(cfg, par.dp)
+    run = start(cfg)
 
     # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
     def prepare():
-        train_files, val_files, text_field, world_facts = prepare_data(cfg, out)
+        train_files, val_files, text_field, world_facts = prepare_data(cfg, run.out)
         cfg.text_field = text_field
-        tokenizer = prepare_tokenizer(cfg, out, train_files)
-        return train_files, val_files, text_field, world_facts, tokenizer, prepare_shards(cfg, out, tokenizer,
+        tokenizer = prepare_tokenizer(cfg, run.out, train_files)
+        return train_files, val_files, text_field, world_facts, tokenizer, prepare_shards(cfg, run.out, tokenizer,
                                                                                           train_files, val_files)
 
-    if par.world_size > 1:
-        par.agree(lambda: prepare() and None)
+    if run.agree_first is not None:
+        run.agree_first(lambda: prepare() and None)
     train_files, val_files, cfg.text_field, world_facts, tokenizer, shard_dir = prepare()
     seed_everything(cfg.seed)  # the model's init does not depend on how data preparation went
-    model = prepare_model(cfg, tokenizer, device, torch.float32)  # fp32 master weights
-    model.train()
-    flops = engine.flops_per_token(model, cfg.seq_len)
-    core = model
-    model = wrap_model(model, par, precision=precision, activation_checkpointing=cfg.activation_checkpointing,
-                       compile=cfg.compile, pipeline_microbatches=grad_accum, loss_chunk=cfg.loss_chunk)
-    optimizer = build_optimizer(model, cfg.optim)
+    core = prepare_model(cfg, tokenizer, run.device, torch.float32)  # fp32 master weights
+    trainable = make_trainable(core, cfg, run, pipeline_microbatches=run.grad_accum, loss_chunk=cfg.loss_chunk)
+    model, par = trainable.model, run.par
     loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                         rank=par.dp_rank, world_size=par.dp, grad_accum=grad_accum)
+                         rank=par.dp_rank, world_size=par.dp, grad_accum=run.grad_accum)
     has_val = _has_split(shard_dir, "val")
     token_bytes = torch.tensor(tokenizer.token_byte_lengths() + [0] * (core.config.vocab_size - tokenizer.vocab_size))
 
@@ -235,54 +201,46 @@ def run(cfg: Config) -> dict:
             return {}
         val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False,
                           drop_last=False)
-        return evaluate_batches(scored, val, device=device, autocast=loop.autocast, token_bytes=token_bytes,
+        return evaluate_batches(scored, val, device=run.device, autocast=loop.autocast, token_bytes=token_bytes,
                                 max_batches=cfg.eval_batches)
 
     def lm_loss(batch):  # (summed next-token NLL, number of target tokens)
         inputs, targets = batch
-        return causal_lm_loss(model, inputs.to(device), targets.to(device), chunk_size=cfg.loss_chunk)
+        return causal_lm_loss(model, inputs.to(run.device), targets.to(run.device), chunk_size=cfg.loss_chunk)
 
-    loop = TrainLoop(cfg, "pretrain", out, model, optimizer, device, precision, state={"loader": loader},
-                     evaluate=evaluate, flops_per_token=flops, par=par, global_batch=global_batch,
-                     identity={"tokenizer": tokenizer.fingerprint(),
-                               "data": read_index(shard_dir)["fingerprint"]})
-    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum  # per data-parallel replica
-    if par.is_main:
-        print(f"model {core.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
-              f"{global_batch * cfg.seq_len:,} tokens/step | {cfg.max_steps} steps | {device} {precision} | "
-              f"{par.describe()}", file=sys.stderr)
+    loop = TrainLoop(cfg, "pretrain", run.out, model, trainable.optimizer, run.device, run.precision,
+                     state={"loader": loader}, evaluate=evaluate, flops_per_token=trainable.flops_per_token, par=par,
+                     global_batch=run.global_batch,
+                     identity={"tokenizer": tokenizer.fingerprint(), "data": read_index(shard_dir)["fingerprint"]})
+    tokens_per_step = cfg.batch_size * cfg.seq_len * run.grad_accum  # per data-parallel replica
+    run.say(f"model {core.num_parameters() / 1e6:.2f}M params | train {loader.num_tokens:,} tokens | "
+            f"{run.global_batch * cfg.seq_len:,} tokens/step | {cfg.max_steps} steps | {run.device} {run.precision} | "
+            f"{par.describe()}")
     for _ in loop:
-        micro = [loader.next_batch() for _ in range(grad_accum)]
+        micro = [loader.next_batch() for _ in range(run.grad_accum)]
         result = loop.accumulate(micro, lm_loss)
         loop.optimizer_step({"loss": result["loss"], "epoch": loader.epoch}, tokens=tokens_per_step)
 
     # the model directory (one, whatever the layout), its lineage and samples: rank 0
-    plain = loop.export_model()
+    lineage = {"pretrain_shards": str(shard_dir.resolve()),
+               "world_dir": str((run.out / "world").resolve()) if world_facts is not None else None}
+    plain = save_outputs(loop, cfg, "pretrain", tokenizer, lineage)
     summary: dict = {}
     if plain is not None:
-        save_model(plain, out, tokenizer=tokenizer)
-        write_lineage(out, {"stage": "pretrain", "parent": cfg.model, "pretrain_shards": str(shard_dir.resolve()),
-                            "world_dir": str((out / "world").resolve()) if world_facts is not None else None,
-                            "chat_template_trained": None})
         summary = {"params": plain.num_parameters()}
-        summary.update(write_samples(plain, tokenizer, out, cfg, world_facts, shard_dir))
+        summary.update(write_samples(plain, tokenizer, run.out, cfg, world_facts, shard_dir))
         if has_val:
             summary["unigram_val_ppl"] = unigram_perplexity(shard_dir)
     return loop.finish(summary)
 
 
 def _has_split(shard_dir: Path, split: str) -> bool:
-    from temper.data.shards import read_index
-
     return read_index(shard_dir)["splits"].get(split, {}).get("num_tokens", 0) > 0
 
 
 def unigram_perplexity(shard_dir: Path) -> float:
     """exp(cross-entropy of val tokens under train unigram frequencies, add-one smoothed): the
     baseline a model that ignores context reaches."""
-    import numpy as np
-
-    from temper.data.shards import read_index
 
     index = read_index(shard_dir)
     dtype = np.dtype(index["dtype"])
@@ -301,9 +259,6 @@ def unigram_perplexity(shard_dir: Path) -> float:
 
 def opening_prompts(shard_dir: Path, tokenizer, count: int, tokens: int = 6) -> list[str]:
     """The first tokens of the first validation (else training) documents."""
-    import numpy as np
-
-    from temper.data.shards import read_index
 
     index = read_index(shard_dir)
     split = "val" if index["splits"]["val"]["num_tokens"] else "train"
@@ -316,15 +271,11 @@ def opening_prompts(shard_dir: Path, tokenizer, count: int, tokens: int = 6) -> 
 
 def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | None, shard_dir: Path) -> dict:
     """Greedy samples (and, on the built-in world, how many facts they state correctly)."""
-    from temper.models.generate import SamplingConfig, generate_text
-
     model.eval()
     greedy = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.0)
     result: dict = {}
     rows = []
     if world_facts is not None:
-        from temper.data.world import fact_probes
-
         probes = fact_probes(world_facts)
         completions = generate_text(model, tokenizer, [p["prompt"] for p in probes], greedy, batch_size=32)
         correct = [c.strip().lower().startswith(p["answer"].lower()) for p, c in zip(probes, completions)]
@@ -335,8 +286,6 @@ def write_samples(model, tokenizer, out: Path, cfg: Config, world_facts: dict | 
     if not rows and cfg.samples > 0:
         prompts = cfg.sample_prompts or opening_prompts(shard_dir, tokenizer, cfg.samples)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, generate_text(model, tokenizer, prompts, greedy))]
-    from temper.io import atomic_write_text
-
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for r in rows[:cfg.samples]:
         print(f"sample> {r['prompt']!r} -> {r['completion']!r}", file=sys.stderr)

@@ -149,7 +149,7 @@ def run(cfg: Config) -> None:
     import torch
 
     from temper.data.chat import render
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
     from temper.models.generate import SamplingConfig
     from temper.runtime import resolve_device
 

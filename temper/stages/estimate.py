@@ -326,7 +326,7 @@ def measured_mfu(run_dir: str) -> dict:
 
     import yaml
 
-    from temper.train.engine import read_metrics
+    from temper.train.rundir import read_metrics
 
     path = Path(run_dir)
     metrics, config = path / "metrics.jsonl", path / "config.yaml"

@@ -3,7 +3,7 @@
     temper eval model=runs/sft tasks=world_facts_mc,world_qa
     temper eval models=[runs/pretrain,runs/sft] tasks=world_facts_mc,world_qa data=valid.txt
     temper eval models=[runs/sft,runs/sft-lora] tasks=world_qa judge=rule        # or judge=JUDGE_DIR
-    temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=rule:world  # any scoring judge of temper.align.judges
+    temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=rule:world  # any scoring judge of temper.rewards.judges
     temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=reward:runs/rm  # a reward model
     temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
 
@@ -94,7 +94,7 @@ def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[
     from temper.eval.tasks import iter_task_rows, run_task
     from temper.io import atomic_write_text
     from temper.lineage import read_lineage
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
 
     results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {}}
     for model_dir in model_dirs:
@@ -145,7 +145,7 @@ def check_model_dir(path: str, option: str) -> None:
     """Cheap checks that `path` will load (config, weight files, tokenizer), so a typo in the last
     of several models is found before the first is evaluated. Weights are read later."""
     from temper.data.tokenizer import Tokenizer
-    from temper.models.hf import _weight_files, config_from_hf, read_hf_config
+    from temper.models.hf import config_from_hf, read_hf_config, weight_files
 
     p = Path(path).expanduser()
     try:
@@ -161,7 +161,7 @@ def check_model_dir(path: str, option: str) -> None:
         else:
             p_model = p
         config_from_hf(read_hf_config(p_model), str(p_model / "config.json"))
-        _weight_files(p_model)
+        weight_files(p_model)
         Tokenizer.from_dir(p)
     except TemperError as e:
         what = "'rule' or a model directory" if option == "judge=" else "a model or adapter directory"
@@ -176,7 +176,7 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
     if not any(t.type == "generation" for t in tasks):
         raise TemperError("judge= compares generated answers, but no task in tasks= is a generation task")
     if scoring_judge(cfg.judge):
-        from temper.align.judges import split_spec
+        from temper.rewards.judges import split_spec
 
         kind, arg = split_spec(cfg.judge)
         if kind == "constitution":
@@ -192,7 +192,7 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
             except TemperError as e:
                 raise TemperError(f"judge={cfg.judge}: {e}") from None
         else:  # a bad pattern, module or function is found before any model is evaluated
-            from temper.align.judges import make_judge
+            from temper.rewards.judges import make_judge
 
             make_judge(cfg.judge)
     elif cfg.judge != "rule":
@@ -200,8 +200,8 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
 
 
 def scoring_judge(spec: str) -> bool:
-    """A `KIND:ARGUMENT` judge of temper.align.judges (a directory path has no such prefix)."""
-    from temper.align.judges import KINDS
+    """A `KIND:ARGUMENT` judge of temper.rewards.judges (a directory path has no such prefix)."""
+    from temper.rewards.judges import KINDS
 
     return spec.partition(":")[0] in KINDS and ":" in spec
 
@@ -225,7 +225,7 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
                                                  answers[0], answers[1], device)
         else:
             if judge is None:
-                from temper.models import load_for_inference
+                from temper.loading import load_for_inference
 
                 judge = load_for_inference(cfg.judge.removeprefix("llm:"), device=device)
             reports[task.name] = pairwise(*judge, questions, answers[0], answers[1])
@@ -236,7 +236,7 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
 def scored_pairwise(spec: str, task: str, questions, references, answers_1, answers_2, device) -> dict:
     """`pairwise`'s report from a scoring judge: a system wins a question when its answer scores higher;
     an answer the judge fails on (counted, warned) makes the question a tie."""
-    from temper.align.judges import Prompt, make_judge
+    from temper.rewards.judges import Prompt, make_judge
     from temper.eval.judge import summarize
 
     judge = make_judge(spec, device=device)

@@ -102,7 +102,7 @@ def run(cfg: Config) -> None:
     import torch
     from tqdm import tqdm
 
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
     from temper.models.generate import SamplingConfig, generate_text
     from temper.runtime import resolve_device
 

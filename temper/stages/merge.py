@@ -52,7 +52,8 @@ def run(cfg: Config) -> None:
     from temper.data.tokenizer import Tokenizer
     from temper.io import owned_output_dir, refuse_same_dir
     from temper.lineage import read_lineage
-    from temper.models import check_lora_config, load_model
+    from temper.loading import check_lora_config
+    from temper.models import load_model
     from temper.models.hf import check_weights_file
     from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
     from temper.peft.lora import merge_lora

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from temper.config import check_range, opt
-from temper.errors import TemperError
+from temper.errors import TemperError, error_line
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -201,8 +201,6 @@ class Parallel:
             try:
                 box[0] = ("ok", fn(*args, **kwargs))
             except (ValueError, OSError) as e:
-                from temper.cli import error_line
-
                 box[0] = ("error", error_line(e))
         dist.broadcast_object_list(box, src=0)  # our own processes' objects, never a file's
         kind, value = box[0]

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,89 +27,6 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from temper.errors import TemperError
-
-# ----------------------------------------------------------------------------- a run's directory
-
-
-def start_run(cfg: Any, output_dir: str | Path, device_spec: str, precision_spec: str, seed: int):
-    """Join the other processes (when launched by torchrun or given a strategy), claim the
-    output directory (one run at a time; rank 0 claims and every rank hears its verdict),
-    refuse to mix this run with an earlier one there unless told to continue (`resume=`) or
-    start over (`overwrite=true`), resolve device and precision, seed everything; returns
-    (output dir, device, precision, Parallel).
-
-    Nothing of an earlier run is changed here: `TrainLoop` writes `config.yaml` and clears an
-    overwritten run's files only once the model and data are ready and training starts, so a
-    run that fails before that leaves the directory as it was.
-    """
-    from temper.io import claim_output_dir
-    from temper.runtime import resolve_device, seed_everything
-    from temper.train.distributed import Parallel, check_precision
-
-    device = resolve_device(device_spec)
-    precision = resolve_precision(precision_spec, device)
-    par = Parallel(cfg.strategy, cfg.parallel, device)
-    check_precision(par, precision)
-
-    def claim() -> str:
-        out = claim_output_dir(output_dir)
-        check_earlier_run(out, cfg.resume, getattr(cfg, "overwrite", False))
-        return str(out)
-
-    try:
-        out = Path(par.agree(claim))
-    except TemperError:
-        par.close()
-        raise
-    seed_everything(seed)
-    return out, par.device, precision, par
-
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
-
-
-def earlier_run_files(out: Path) -> list[str]:
-    """What an earlier training run left in `out` (its metrics, summary or checkpoints)."""
-    from temper.train.checkpoint import list_checkpoints
-
-    found = [name for name in ("metrics.jsonl", "summary.json") if (out / name).is_file()]
-    found += [f"checkpoints/{p.name}" for p in list_checkpoints(out / "checkpoints")[-1:]]
-    return found
-
-
-def check_earlier_run(out: Path, resume: str, overwrite: bool) -> None:
-    from temper.train.checkpoint import latest_checkpoint
-
-    if overwrite and resume:
-        raise TemperError("resume= and overwrite=true contradict each other: continue the run, or start over")
-    earlier = earlier_run_files(out)
-    if not earlier or overwrite:
-        return
-    if not resume:
-        raise TemperError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}): resume=auto continues it, "
-                          "overwrite=true starts over, or choose another output_dir")
-    if resume == "auto" and latest_checkpoint(out / "checkpoints") is None:
-        if earlier == ["metrics.jsonl"]:
-            # stopped before its first checkpoint: nothing to continue and nothing to lose but its partial
-            # metrics, so `resume=auto` (what a requeued job always passes) starts it again from step 0
-            print(f"resume=auto: {out} holds no checkpoint yet (the earlier run stopped before its first one): "
-                  "starting from step 0", file=sys.stderr)
-            return
-        raise TemperError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}) but no valid checkpoint to "
-                          "resume: overwrite=true starts over, or choose another output_dir")
-
-
-def clear_earlier_run(out: Path) -> None:
-    """overwrite=true: the earlier run's metrics, summary, checkpoints and events go (caches stay)."""
-    import shutil
-
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
 
 # ----------------------------------------------------------------------------- precision
 
@@ -307,56 +222,3 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step. On resume, rows after the checkpoint go."""
-
-    def __init__(self, path: str | Path, *, resume_step: int | None = None, tensorboard_dir: str | Path | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        from temper.io import atomic_write_text
-
-        if resume_step is None:
-            atomic_write_text(self.path, "")
-        elif self.path.exists():
-            kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
-                if row.get("step", 0) <= resume_step:
-                    kept.append(line)
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        self.writer = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TemperError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
-            self.writer = SummaryWriter(str(tensorboard_dir))
-
-    def log(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, row.get("step", 0))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")

@@ -39,6 +39,7 @@ from temper.errors import TemperError
 from temper.train import checkpoint as ckpt
 from temper.train import engine
 from temper.train.optim import lr_at, set_lr
+from temper.train.rundir import RunDir
 
 # Every training recipe's Config has these keys, with the same meaning (tests/test_loop.py).
 SHARED_KEYS = (
@@ -105,17 +106,11 @@ class TrainLoop:
             self.start_step = saved["step"]
             if self.main:
                 print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
-        elif (getattr(cfg, "overwrite", False) or cfg.resume) and self.main:  # starting over (start_run allowed it)
-            engine.clear_earlier_run(self.out)
-        from temper.config import to_dict
-        from temper.io import atomic_write_text
-
-        self.metrics = None
-        if self.main:
-            atomic_write_text(self.out / "config.yaml", _yaml(to_dict(cfg)))
-            self.metrics = engine.MetricsLog(
-                self.out / "metrics.jsonl", resume_step=self.start_step if resume_from else None,
-                tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        # training starts: an earlier run being started over goes now (the claim allowed it), not before
+        self.run_dir = RunDir(self.out, main=self.main)
+        self.run_dir.begin(cfg, start_over=resume_from is None and bool(getattr(cfg, "overwrite", False) or cfg.resume))
+        self.metrics = self.run_dir.metrics(resume_step=self.start_step if resume_from else None,
+                                            tensorboard=cfg.logging.tensorboard)
         self.par.barrier()
 
         # a log file gets plain lines; ranks other than 0 print nothing
@@ -251,15 +246,12 @@ class TrainLoop:
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write `summary.json` (the shared summary, then the recipe's own keys) and print it."""
-        from temper.io import atomic_write_text, release_output_dir
-
         summary = {**self.summary(), **summary}
         if self.par.distributed:
             summary["parallel"] = self.par.describe()
         if self.main:
             self.metrics.close()
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-            release_output_dir(self.out)
+            self.run_dir.finish(summary)
             print(json.dumps(summary, indent=2, ensure_ascii=False))
         self.par.barrier()
         self.par.close()
@@ -272,12 +264,6 @@ class TrainLoop:
         from temper.train.distributed import export_model
 
         return export_model(self.model, self.par)
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def run_identity(cfg: Any, model: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ Specs (`make_judge`):
                           its scalar for prompt + response, formatted as `RewardJudge` says
 
 (`constitution:MODEL_DIR` is the fifth kind: it revises responses instead of scoring them, see
-`temper.align.feedback`.)
+`temper.rewards.feedback`.)
 
 Bad judgements (an exception, a value that is not a finite number) are never used silently:
 with `skip_bad=True` the response gets no score (None: it takes part in no pair) and the
@@ -40,29 +40,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from temper.data.prompts import Prompt
 from temper.errors import TemperError
 
 KINDS = ("rule", "regex", "callable", "llm", "constitution", "reward")
 SKIP_HINT = "set skip_bad_judgements=true to skip and count such samples"
-
-
-@dataclass
-class Prompt:
-    """One prompt to answer: a conversation ending with a user turn, where it came from, and
-    the checkable answer when its row has one."""
-    messages: list[dict]
-    source: str  # "file:line"
-    answer: str | None = None
-    row: dict = field(default_factory=dict)
-
-    @property
-    def question(self) -> str:
-        """The last user turn's text: what a judge is shown as the question."""
-        return next(m["content"] for m in reversed(self.messages) if m.get("role") == "user")
-
-    @classmethod
-    def from_text(cls, question: str, *, answer: str | None = None, source: str = "") -> Prompt:
-        return cls([{"role": "user", "content": question}], source, answer)
 
 
 @dataclass
@@ -223,7 +205,7 @@ class LLMJudge(Judge):
 
     def __init__(self, model_dir: str, *, device: Any = "cpu", template: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        from temper.models import load_for_inference
+        from temper.loading import load_for_inference
 
         self.model, self.tokenizer = load_for_inference(model_dir, device=device)
         self.template = template

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from temper.align.judges import Prompt, check_model_dir, import_callable
+from temper.data.prompts import Prompt
+from temper.rewards.judges import check_model_dir, import_callable
 from temper.errors import TemperError, TemperFileNotFoundError
 
 CRITIQUE_REQUEST = ("Critique your last answer against this principle: {principle} "
@@ -109,7 +110,7 @@ class LLMReviser(Reviser):
     def __init__(self, model_dir: str, *, device: Any = "cpu", max_new_tokens: int = 48,
                  template: str | None = None, batch_size: int = 32) -> None:
         from temper.data.chat import chat_template_for, stop_settings
-        from temper.models import load_for_inference
+        from temper.loading import load_for_inference
 
         self.model, self.tokenizer = load_for_inference(model_dir, device=device)
         self.template = chat_template_for(model_dir, self.tokenizer, template)

@@ -267,7 +267,7 @@ def run_online(cfg) -> dict:
     from temper.data.chat import chat_template_for
     from temper.io import atomic_write_text, owned_output_dir, refuse_same_dir
     from temper.lineage import read_lineage
-    from temper.models import load_for_inference
+    from temper.loading import load_for_inference
     from temper.recipes import dpo
     from temper.runtime import resolve_device
 

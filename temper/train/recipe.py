@@ -1,0 +1,310 @@
+"""The recipe skeleton: the keys every training recipe shares, declared once, and the steps
+every recipe calls in order. A recipe still reads top to bottom:
+
+    @dataclass
+    class Config(TrainingConfig):
+        capabilities: ClassVar = Capabilities(peft=True)
+        model: str = shared("model", "runs/sft")            # a shared key, this recipe's default
+        beta: float = opt(0.1, "...")                        # the recipe's own keys
+        peft: PeftConfig = shared("peft", PeftConfig())
+
+    def run(cfg):
+        run = start(cfg)                                     # claim output_dir, device, ranks, seed
+        policy = load_policy(cfg, run)                       # model, tokenizer, lineage
+        ...                                                  # the recipe's data
+        trainable = make_trainable(policy.model, cfg, run, tokenizer=policy.tokenizer)
+        loop = TrainLoop(cfg, "NAME", run.out, trainable.model, trainable.optimizer, ...)
+        for _ in loop: ...                                   # the recipe's loss
+        save_outputs(loop, cfg, "NAME", policy.tokenizer, policy.lineage)
+        return loop.finish({...})
+
+`TrainingConfig.validate` holds the checks every recipe shares and the refusals that follow
+from a recipe's `capabilities` (tensor or pipeline parallelism, PEFT, PEFT with FSDP), so one
+mistake reads the same in every command. A recipe adds its own checks after
+`super().validate()`. Keys that several (not all) recipes share, such as `peft`,
+`general_data` or `skip_bad_rows`, take their help text from `SHARED_HELP` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from temper.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimConfig,
+    ScheduleConfig,
+    check_range,
+    opt,
+)
+from temper.data.tokenizer import Tokenizer
+from temper.errors import TemperError
+from temper.io import refuse_same_dir
+from temper.lineage import read_lineage, write_lineage
+from temper.models import load_model, save_model
+from temper.peft import apply_peft, save_peft
+from temper.runtime import resolve_device, seed_everything
+from temper.train import engine
+from temper.train.distributed import (
+    Parallel,
+    ParallelConfig,
+    check_precision,
+    global_batch,
+    wrap_model,
+)
+from temper.train.optim import build_optimizer
+from temper.train.rundir import RunDir
+
+# One help text per key, whichever recipe declares it.
+SHARED_HELP: dict[str, str] = {
+    "model": "the model to train: a model directory (temper or Hugging Face format), or a preset name where the "
+             "recipe starts from random weights",
+    "data": "training data: files, globs or directories (empty: the built-in world's split for this method, "
+            "recorded with the model)",
+    "eval_data": "held-out data (empty: the built-in world's test split, or eval_fraction of data)",
+    "eval_fraction": "share of data held out for evaluation when eval_data is empty",
+    "output_dir": "where the model directory, metrics and checkpoints go",
+    "seq_len": "longest training sequence in tokens",
+    "batch_size": "examples per micro-batch on each rank (the recipe's unit: sequences, conversations or pairs)",
+    "grad_accum": "micro-batches per optimiser step",
+    "global_batch_size": "examples per optimiser step over all ranks (0: batch_size x grad_accum x data-parallel "
+                         "ranks); when set, grad_accum follows from it",
+    "max_steps": "optimiser steps",
+    "seed": "seed for initialisation, data order and sampling",
+    "resume": "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path",
+    "overwrite": "start over in an output_dir that holds an earlier run (its checkpoints and metrics go)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "precision": "fp32 on CPU and bf16 on GPU by default",
+    "compile": "torch.compile the model",
+    "activation_checkpointing": "recompute block activations in backward to save memory",
+    "strategy": "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp alone), else none",
+    "parallel": "tensor / pipeline parallelism (where the recipe has them) and FSDP options",
+    "eval_batches": "batches of held-out text per perplexity evaluation (0: all)",
+    "peak_flops": "the device's peak FLOP/s for MFU (0: measure a matmul now)",
+    "optim": "optimiser",
+    "schedule": "learning-rate schedule",
+    "checkpoint": "checkpointing",
+    "logging": "logging and evaluation",
+    # keys several recipes share
+    "peft": "parameter-efficient training (peft.method=lora|dora|qlora|adapter|prefix|prompt)",
+    "general_data": "general text for the drift perplexity (and replay) (default: the pretraining shards recorded "
+                    "with the model)",
+    "columns": "rename columns to temper's, e.g. columns.prompt=question",
+    "skip_bad_rows": "skip (and count) bad rows instead of stopping at the first",
+    "template": "chat template: chatml, llama3, plain, a .jinja file, or none (default: the model's)",
+}
+
+SHARED_KEYS = ("model", "data", "eval_data", "eval_fraction", "output_dir", "seq_len", "batch_size", "grad_accum",
+               "global_batch_size", "max_steps", "seed", "resume", "overwrite", "device", "precision", "compile",
+               "activation_checkpointing", "strategy", "parallel", "eval_batches", "peak_flops", "optim", "schedule",
+               "checkpoint", "logging")
+
+
+def shared(key: str, default: Any) -> Any:
+    """A field of a shared key: the recipe's default, the one help text."""
+    return opt(default, SHARED_HELP[key])
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a recipe supports beyond one process with DDP or FSDP; the rest is refused in one line."""
+
+    tensor_parallel: bool = False
+    pipeline: bool = False
+    peft: bool = False
+    peft_with_fsdp: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    """The keys every training recipe has, with one meaning (and one help text) each."""
+
+    command: ClassVar[str] = "train"
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    model: str = shared("model", "")
+    data: list[str] = shared("data", [])
+    eval_data: list[str] = shared("eval_data", [])
+    eval_fraction: float = shared("eval_fraction", 0.05)
+    output_dir: str = shared("output_dir", "runs/run")
+    seq_len: int = shared("seq_len", 512)
+    batch_size: int = shared("batch_size", 8)
+    grad_accum: int = shared("grad_accum", 1)
+    global_batch_size: int = shared("global_batch_size", 0)
+    max_steps: int = shared("max_steps", 100)
+    seed: int = shared("seed", 0)
+    resume: str = shared("resume", "")
+    overwrite: bool = shared("overwrite", False)
+    device: str = shared("device", "auto")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = shared("precision", "auto")
+    compile: bool = shared("compile", False)
+    activation_checkpointing: bool = shared("activation_checkpointing", False)
+    strategy: str = shared("strategy", "auto")
+    parallel: ParallelConfig = shared("parallel", ParallelConfig())
+    eval_batches: int = shared("eval_batches", 8)
+    peak_flops: float = shared("peak_flops", 0.0)
+    optim: OptimConfig = shared("optim", OptimConfig())
+    schedule: ScheduleConfig = shared("schedule", ScheduleConfig())
+    checkpoint: CheckpointConfig = shared("checkpoint", CheckpointConfig())
+    logging: LoggingConfig = shared("logging", LoggingConfig())
+
+    def validate(self) -> None:
+        """The checks every recipe shares; a recipe calls this first, then checks its own keys."""
+        name, caps = self.command, self.capabilities
+        for key in ("batch_size", "grad_accum", "max_steps", "seq_len"):
+            check_range(key, getattr(self, key), low=1)
+        for key in ("global_batch_size", "eval_batches", "peak_flops"):
+            check_range(key, getattr(self, key), low=0)
+        check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
+        default_fraction = type(self).__dataclass_fields__["eval_fraction"].default
+        if self.eval_data and self.eval_fraction != default_fraction:
+            raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")
+        if self.parallel.tp > 1 and not caps.tensor_parallel:
+            raise TemperError(f"parallel.tp: temper {name} has no tensor parallelism yet (temper pretrain has): "
+                              "use strategy=fsdp or ddp")
+        if self.parallel.pp > 1 and not caps.pipeline:
+            raise TemperError(f"parallel.pp: temper {name} has no pipeline parallelism yet (temper pretrain has): "
+                              "use strategy=fsdp or ddp")
+        method = getattr(getattr(self, "peft", None), "method", "none")
+        if method != "none" and not caps.peft:
+            raise TemperError(f"peft.method={method}: temper {name} trains every weight")
+        if method != "none" and self.strategy == "fsdp" and not caps.peft_with_fsdp:
+            raise TemperError(f"peft.method={method} with strategy=fsdp is not supported yet: an adapter's few "
+                              "weights train well with strategy=ddp")
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Run:
+    """What `start` resolved: the output directory, device, precision, ranks and batch split."""
+
+    out: Path
+    device: torch.device
+    precision: str
+    par: Parallel
+    grad_accum: int
+    global_batch: int
+
+    @property
+    def main(self) -> bool:
+        return self.par.is_main
+
+    @property
+    def autocast(self):
+        """The precision's autocast context factory (a null context in fp32)."""
+        return engine.precision_context(self.precision, self.device)
+
+    @property
+    def agree_first(self):
+        """`Parallel.agree` when there are several processes (rank 0 prepares a cache first, then
+        every rank reads it), else None."""
+        return self.par.agree if self.par.world_size > 1 else None
+
+    def say(self, text: str) -> None:
+        """A line on stderr, from rank 0 only."""
+        if self.main:
+            print(text, file=sys.stderr)
+
+
+def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
+    """Join the other processes (under torchrun, or with a strategy), claim the output directory
+    (one run at a time; rank 0 claims and every rank hears its verdict), refuse to mix this run
+    with an earlier one there unless told to continue (`resume=`) or start over
+    (`overwrite=true`), resolve device and precision, seed everything.
+
+    `inputs` names the keys of directories the run reads, which output_dir must not be. Nothing
+    of an earlier run is changed here: `TrainLoop` clears an overwritten run's files only once
+    the model and data are ready and training starts."""
+    for key in inputs:
+        value = getattr(cfg, key, None)
+        if value and Path(value).is_dir():
+            refuse_same_dir(cfg.output_dir, value, key)
+    device = resolve_device(cfg.device)
+    precision = engine.resolve_precision(cfg.precision, device)
+    par = Parallel(cfg.strategy, cfg.parallel, device)
+    check_precision(par, precision)
+    run_dir = RunDir(cfg.output_dir)
+    try:
+        out = Path(par.agree(lambda: str(run_dir.claim(resume=cfg.resume, overwrite=cfg.overwrite))))
+    except TemperError:
+        par.close()
+        raise
+    seed_everything(cfg.seed)
+    grad_accum, batch = global_batch(cfg, par.dp)
+    return Run(out, par.device, precision, par, grad_accum, batch)
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    lineage: dict
+
+
+def load_policy(cfg: TrainingConfig, run: Run, path: str | None = None) -> Policy:
+    """The model to train (fp32 master weights), its tokenizer and its lineage."""
+    path = path or cfg.model
+    model = load_model(path, device=run.device, dtype=torch.float32)
+    return Policy(model, Tokenizer.from_dir(path), read_lineage(path))
+
+
+@dataclass
+class Trainable:
+    model: torch.nn.Module  # wrapped for the strategy (DDP, FSDP, ...)
+    optimizer: torch.optim.Optimizer
+    flops_per_token: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+def make_trainable(model: torch.nn.Module, cfg: TrainingConfig, run: Run, *, tokenizer: Tokenizer | None = None,
+                   flops_factor: float = 1.0, **wrap_options: Any) -> Trainable:
+    """PEFT (when the config has a `peft` section), training mode, FLOPs per token (times
+    `flops_factor` for work the recipe adds, e.g. a reference model's forward), the strategy's
+    wrapping and the optimiser over what trains."""
+    peft = getattr(cfg, "peft", None)
+    if peft is not None:
+        info = apply_peft(model, peft, tokenizer)
+        trainable, total = info["trainable"], info["total"]
+        run.say(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); "
+                f"peft.method={peft.method} | {run.par.describe()}")
+    else:
+        trainable = total = sum(p.numel() for p in model.parameters())
+    model.train()
+    flops = engine.flops_per_token(model, cfg.seq_len) * flops_factor
+    model = wrap_model(model, run.par, precision=run.precision, activation_checkpointing=cfg.activation_checkpointing,
+                       compile=cfg.compile, **wrap_options)
+    return Trainable(model, build_optimizer(model, cfg.optim), flops, trainable, total)
+
+
+def save_outputs(loop: Any, cfg: TrainingConfig, stage: str, tokenizer: Tokenizer, lineage: dict, *,
+                 eos_ids: list[int] | None = None, template: str | None = None) -> torch.nn.Module | None:
+    """The trained model as a model directory, or only its adapter with PEFT (`temper merge` folds
+    a LoRA in), plus its lineage; written by rank 0, which gets the plain model back (others None)."""
+    plain = loop.export_model()
+    if plain is None:
+        return None
+    peft = getattr(cfg, "peft", None)
+    if peft is None or peft.method == "none":
+        save_model(plain, loop.out, tokenizer=tokenizer, eos_ids=eos_ids)
+    else:
+        save_peft(plain, loop.out, peft, base_model=str(Path(cfg.model).resolve()))
+        tokenizer.save(loop.out)
+    method = peft.method if peft is not None else "none"
+    write_lineage(loop.out, {**lineage, "stage": stage, "parent": cfg.model, "chat_template_trained": template,
+                             **({"peft": method} if peft is not None else {})})
+    return plain
+
+
+def field_default(cls: type, key: str) -> Any:
+    """A config class's default for `key` (a factory's product for lists and sections)."""
+    f = cls.__dataclass_fields__[key]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
