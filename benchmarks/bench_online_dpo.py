@@ -47,17 +47,18 @@ from pathlib import Path
 import torch
 
 
-def stage(name: str, module, out: Path, overrides: list[str]) -> dict:
-    """Run one temper stage in-process with its output in OUT/logs/NAME.log."""
-    from temper.config import load_config
+def stage(name: str, command: str, out: Path, overrides: list[str]) -> dict:
+    """Run one temper command in-process with its output in OUT/logs/NAME.log."""
+    from temper.cli import Commands
 
-    cfg = load_config(module.Config, None, overrides)
+    commands = Commands()
+    cfg = commands.config(command, overrides)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print(f"{name} ...", end=" ", flush=True)
     with open(out / "logs" / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        result = module.run(cfg)
+        result = commands.run(command, cfg)
     print(f"{time.perf_counter() - start:.0f} s", flush=True)
     return result
 
@@ -68,8 +69,8 @@ def preference_accuracy(policy_dir, ref_dir, pairs_file) -> dict:
     from temper.data.chat import resolve_template
     from temper.data.preference import collate_pairs, load_preferences
     from temper.data.tokenizer import Tokenizer
+    from temper.losses.logprobs import completion_logprobs as pair_logps
     from temper.models import load_model
-    from temper.recipes.dpo import pair_logps
 
     tokenizer = Tokenizer.from_dir(policy_dir)
     encoded, _ = load_preferences([str(pairs_file)], tokenizer, resolve_template(None, tokenizer), max_len=512)
@@ -97,10 +98,11 @@ SAMPLES_PER_PROMPT = 4  # sampled replies per held-out prompt for the sampled ch
 def world_checker(model_dir, prompts_file) -> dict:
     """The world checker's means on greedy replies (checker/greedy/*) and on SAMPLES_PER_PROMPT
     replies per prompt sampled at temperature 1 with a fixed seed (checker/sampled/*)."""
-    from temper.align.online import read_prompts, sample_responses
     from temper.data.chat import chat_template_for
+    from temper.data.prompts import read_prompts
     from temper.eval.world_checker import mean_check
     from temper.loading import load_for_inference
+    from temper.train.rollout import sample_responses
 
     prompts = read_prompts(prompts_file)
     answers = [p.answer for p in prompts]
@@ -144,27 +146,28 @@ def main() -> None:
         ap.error(f"--sft-style-noise must be in [0, 1), got {args.sft_style_noise}")
 
     from temper.errors import TemperError
-    from temper.recipes import dpo, pretrain, sft
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     pre, tuned = out / "pretrain", out / "sft"
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
-    stage("pretrain", pretrain, out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}",
+    stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}",
                                       f"world.sft_style_noise={float(args.sft_style_noise)!r}", *common])
-    stage("sft", sft, out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={args.sft_steps}", *common])
+    stage("sft", "sft", out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={args.sft_steps}", *common])
     world = pre / "world"
-    rounds = ["rounds=1", f"max_steps={args.round_steps}", f"prompts_per_round={args.prompts_per_round}", *common]
+    rounds = ["rounds=1", f"dpo.max_steps={args.round_steps}", f"prompts_per_round={args.prompts_per_round}",
+              "overwrite=true"]
 
-    offline = stage("dpo", dpo, out, [f"model={tuned}", f"output_dir={out / 'dpo'}", f"max_steps={args.dpo_steps}",
+    offline = stage("dpo", "dpo", out, [f"model={tuned}", f"output_dir={out / 'dpo'}", f"max_steps={args.dpo_steps}",
                                       *common])
-    online = stage("online_rule", dpo, out, [f"model={tuned}", f"output_dir={out / 'online_rule'}",
-                                             "judge=rule:world", *rounds])["rounds"][0]
+    online = stage("online_rule", "online-dpo", out, [f"model={tuned}", f"output_dir={out / 'online_rule'}",
+                                             "judge=rule:world", *rounds, "dpo.logging.progress=false"])["rounds"][0]
     try:
-        feedback = stage("online_feedback", dpo, out, [f"model={tuned}", f"output_dir={out / 'online_feedback'}",
+        feedback = stage("online_feedback", "online-dpo", out, [f"model={tuned}", f"output_dir={out / 'online_feedback'}",
                                                        f"judge=constitution:{tuned}", "samples_per_prompt=1",
-                                                       "monitor_judge=rule:world", *rounds])["rounds"][0]
+                                                       "monitor_judge=rule:world", *rounds,
+                                                       "dpo.logging.progress=false"])["rounds"][0]
     except TemperError as e:  # no pairs to train on: reported, not hidden
         print(f"refused: {e}")
         feedback = json.loads((out / "online_feedback" / "round_1" / "judged.json").read_text())

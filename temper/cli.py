@@ -12,43 +12,90 @@ import shutil
 import sys
 import textwrap
 import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
 
 from temper import __version__
-from temper.config import config_help, load_config, to_dict
+from temper.config import config_help, from_dict, load_config, to_dict
 from temper.errors import TemperError, error_line
 
-# name -> (module, one-line description)
-STAGES: dict[str, tuple[str, str]] = {
-    "world": ("temper.stages.world", "write the built-in synthetic world (corpus, instructions, preferences, RL prompts) as JSONL"),
-    "tokenizer": ("temper.stages.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
-    "pretrain": ("temper.recipes.pretrain", "pretrain a decoder with the causal LM objective (default: the built-in world)"),
-    "sft": ("temper.recipes.sft", "supervised fine-tuning / instruction tuning with chat templates"),
-    "dpo": ("temper.recipes.dpo", "preference optimisation: DPO, IPO, SimPO, ORPO and kin, on preference pairs"),
-    "eval": ("temper.stages.eval", "evaluate models on tasks, perplexity, judges and contamination; write a table"),
-    "eval contamination": ("temper.stages.contamination", "n-gram overlap between training data and eval sets"),
-    "merge": ("temper.stages.merge", "fold a LoRA/DoRA adapter into its base model (zero inference overhead)"),
-    "generate": ("temper.stages.generate", "generate text from a model directory (one prompt or a JSONL file)"),
-    "chat": ("temper.stages.chat", "chat with a model directory in the terminal, using its chat template"),
-    "estimate": ("temper.stages.estimate", "plan memory and compute: per-device training/inference memory breakdown, "
-                                           "Chinchilla tokens, FLOPs and time"),
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    kind: Literal["train", "tool", "workflow"]  # train: a recipe on the shared loop; workflow: runs other commands
+    description: str
+
+
+COMMANDS: dict[str, Command] = {
+    "world": Command("temper.stages.world", "tool", "write the built-in synthetic world (corpus, instructions, "
+                                                    "preferences, RL prompts) as JSONL"),
+    "tokenizer": Command("temper.stages.tokenizer", "tool", "train a byte-level BPE tokenizer on text or JSONL files"),
+    "pretrain": Command("temper.recipes.pretrain", "train", "pretrain a decoder with the causal LM objective "
+                                                            "(default: the built-in world)"),
+    "sft": Command("temper.recipes.sft", "train", "supervised fine-tuning / instruction tuning with chat templates"),
+    "dpo": Command("temper.recipes.dpo", "train", "preference optimisation: DPO, IPO, SimPO, ORPO, KTO and kin, on "
+                                                  "preference pairs"),
+    "online-dpo": Command("temper.workflows.online_dpo", "workflow", "iterative DPO: the policy samples, a judge "
+                                                                     "(or AI feedback) pairs, DPO trains; repeat"),
+    "eval": Command("temper.stages.eval", "tool", "evaluate models on tasks, perplexity, judges and contamination; "
+                                                  "write a table"),
+    "eval contamination": Command("temper.stages.contamination", "tool", "n-gram overlap between training data and "
+                                                                         "eval sets"),
+    "merge": Command("temper.stages.merge", "tool", "fold a LoRA/DoRA adapter into its base model (zero inference "
+                                                    "overhead)"),
+    "generate": Command("temper.stages.generate", "tool", "generate text from a model directory (one prompt or a "
+                                                          "JSONL file)"),
+    "chat": Command("temper.stages.chat", "tool", "chat with a model directory in the terminal, using its chat "
+                                                  "template"),
+    "estimate": Command("temper.stages.estimate", "tool", "plan memory and compute: per-device training/inference "
+                                                          "memory breakdown, Chinchilla tokens, FLOPs and time"),
 }
+
+
+def training_commands() -> list[str]:
+    """The commands that train on the shared loop (the recipes), in registry order."""
+    return [name for name, c in COMMANDS.items() if c.kind == "train"]
+
+
+class Commands:
+    """What a workflow runs other commands with, in this process: a command's config from a mapping
+    of its keys (checked as on the command line), and its run."""
+
+    def config(self, name: str, settings: dict[str, Any] | list[str], *, source: str | None = None):
+        """`name`'s config from a mapping of its keys, or from `key=value` strings as typed; `source`
+        names where the settings came from in an error (default: the command)."""
+        if isinstance(settings, list):
+            return load_config(_stage_module(name).Config, None, settings)
+        return from_dict(_stage_module(name).Config, settings, source=source or f"temper {name}")
+
+    def run(self, name: str, config) -> Any:
+        return _run_module(name, config)
+
+
+def _run_module(name: str, config) -> Any:
+    module = _stage_module(name)
+    if COMMANDS[name].kind == "workflow":
+        return module.run(config, Commands())
+    return module.run(config)
+
 
 USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
 
 
 def _stage_module(name: str):
-    return importlib.import_module(STAGES[name][0])
+    return importlib.import_module(COMMANDS[name].module)
 
 
 def print_main_help() -> None:
     print(f"temper {__version__}: the training lifecycle of a language model, one stage at a time.\n")
     print(USAGE + "\n")
     print("stages:")
-    width = max(map(len, STAGES))
-    for name, (_, desc) in STAGES.items():
-        print(f"  {name.ljust(width)}  {desc}")
+    width = max(map(len, COMMANDS))
+    for name, command in COMMANDS.items():
+        print(f"  {name.ljust(width)}  {command.description}")
     print("\noptions:\n  --help, -h     show this help\n  --version      print the version")
     print("\nSet TEMPER_DEBUG=1 to see a traceback with an error.")
 
@@ -56,7 +103,7 @@ def print_main_help() -> None:
 def print_stage_help(name: str) -> None:
     module = _stage_module(name)
     print(f"usage: temper {name} [--config FILE.yaml|NAME] [--print-config] [key=value ...]\n")
-    doc = (module.__doc__ or STAGES[name][1]).strip()
+    doc = (module.__doc__ or COMMANDS[name].description).strip()
     print(textwrap.fill(" ".join(doc.split("\n\n")[0].split()), 88) + "\n")  # the first paragraph
     rows = config_help(module.Config)
     key_w = min(max(len(r[0]) for r in rows), 30)
@@ -133,14 +180,14 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"temper {__version__}")
         return 0
     stage = argv[0]
-    if len(argv) > 1 and f"{stage} {argv[1]}" in STAGES:  # a sub-stage: `temper eval contamination`
+    if len(argv) > 1 and f"{stage} {argv[1]}" in COMMANDS:  # a sub-stage: `temper eval contamination`
         stage, argv = f"{stage} {argv[1]}", [f"{stage} {argv[1]}", *argv[2:]]
-    if stage not in STAGES:
+    if stage not in COMMANDS:
         import difflib
 
-        close = difflib.get_close_matches(stage, list(STAGES), n=1)
+        close = difflib.get_close_matches(stage, list(COMMANDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        print(f"temper: error: unknown stage '{stage}'{hint}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        print(f"temper: error: unknown stage '{stage}'{hint}; stages: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         _, overrides, flags = parse_args(argv[1:])
@@ -152,7 +199,7 @@ def _main(argv: list[str] | None = None) -> int:
         if flags["print_config"]:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0
-        module.run(config)
+        _run_module(stage, config)
         return 0
     except BrokenPipeError:  # the reader left (`| head`): main() ends quietly
         raise

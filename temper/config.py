@@ -314,10 +314,20 @@ RENAMED_KEYS = {"val_data": "eval_data", "val_fraction": "eval_fraction", "max_s
                 "general_eval_batches": "eval_batches"}
 
 
+# Keys of `temper dpo` that moved to the iterative-DPO workflow's own command: old -> its name there.
+MOVED_TO_ONLINE_DPO = {"rounds": "rounds", "judge": "judge", "constitution": "constitution",
+                       "online_prompts": "prompts", "prompts_per_round": "prompts_per_round",
+                       "samples_per_prompt": "samples_per_prompt", "monitor_judge": "monitor_judge",
+                       "skip_bad_judgements": "skip_bad_judgements"}
+
+
 def _unknown_key(root: type, key: str, source: str) -> str:
     new = RENAMED_KEYS.get(key)
     if new is not None and new in {f.name for f in fields(root)}:
         return f"{source}: key '{key}' is now called '{new}' (one name in every recipe)"
+    if key in MOVED_TO_ONLINE_DPO and "beta" in {f.name for f in fields(root)}:
+        return (f"{source}: key '{key}' belongs to iterative DPO, which is its own command now: temper online-dpo "
+                f"{MOVED_TO_ONLINE_DPO[key]}=... (and dpo.KEY=... for each round's DPO settings)")
     candidates = _all_keys(root)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # try the last part alone: `lrr` -> `optim.lr`
@@ -395,7 +405,7 @@ def _coerce(value: Any, t: Any, key: str, source: str, root: type | None = None)
         value = _parse_raw(value)
         if not isinstance(value, dict):
             raise fail("a mapping")
-        return {k: _parse_raw(v) for k, v in value.items()}
+        return {k: _parse_nested(v) for k, v in value.items()}
     if t is str:
         if isinstance(value, (dict, list)):
             raise fail("a string")
@@ -447,6 +457,16 @@ def _parse_raw(value: Any) -> Any:
             return yaml.safe_load(str(value))
         except yaml.YAMLError:
             return str(value)
+    return value
+
+
+def _parse_nested(value: Any) -> Any:
+    """A free-form mapping's values as YAML would give them, at every depth (`dpo.optim.lr=1e-3`)."""
+    value = _parse_raw(value)
+    if isinstance(value, dict):
+        return {k: _parse_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_parse_nested(v) for v in value]
     return value
 
 

@@ -109,7 +109,7 @@ def test_bench_dpo_trl_peers_see_the_same_tokens(tmp_path, tiny_model_dir, monke
 def test_bench_online_dpo_checks_greedy_and_sampled_replies(tmp_path, tiny_model_dir, monkeypatch):
     import json
 
-    import temper.align.online as online
+    import temper.train.rollout as online
 
     bench = _load("bench_online_dpo")
     prompts = tmp_path / "rl.jsonl"

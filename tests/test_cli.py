@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from temper.cli import STAGES, main
+from temper.cli import COMMANDS, main
 from temper.config import config_help
 
 
@@ -20,22 +20,22 @@ def run_cli(capsys, *args):
 def test_main_help_lists_every_stage(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for stage in STAGES:
+    for stage in COMMANDS:
         assert f"  {stage}" in out
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted(COMMANDS))
 def test_stage_help_lists_every_option_with_type_and_default(capsys, stage):
     import importlib
 
     code, out, _ = run_cli(capsys, stage, "--help")
     assert code == 0
-    for key, typ, _default, _help in config_help(importlib.import_module(STAGES[stage][0]).Config):
+    for key, typ, _default, _help in config_help(importlib.import_module(COMMANDS[stage].module).Config):
         line = next((ln for ln in out.splitlines() if ln.startswith("  " + key + " ")), None)
         assert line is not None, f"{key} missing from help"
         assert typ in line
     flat = " ".join(out.split())  # help text wraps; compare with whitespace collapsed
-    for key, _typ, default, _help in config_help(importlib.import_module(STAGES[stage][0]).Config):
+    for key, _typ, default, _help in config_help(importlib.import_module(COMMANDS[stage].module).Config):
         assert f"[default: {' '.join(default.split())}]" in flat, key
 
 

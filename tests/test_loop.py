@@ -10,29 +10,61 @@ import typing
 import pytest
 import torch
 
+from temper.cli import COMMANDS, training_commands
 from temper.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, load_config
+from temper.train.loop import TrainLoop
+from temper.train.recipe import SHARED_HELP, SHARED_KEYS, TrainingConfig
 from temper.train.rundir import read_metrics
-from temper.train.loop import SHARED_KEYS, TrainLoop
 
-TRAINING_RECIPES = ["temper.recipes.pretrain", "temper.recipes.sft", "temper.recipes.dpo"]
+TRAINING_COMMANDS = training_commands()  # every recipe on the shared loop, from the CLI's registry
 
 
-@pytest.mark.parametrize("module_name", TRAINING_RECIPES)
-def test_every_training_recipe_declares_the_shared_keys(module_name):
+def test_the_registry_lists_the_training_recipes():
+    assert {"pretrain", "sft", "dpo"} <= set(TRAINING_COMMANDS)
+    assert "online-dpo" not in TRAINING_COMMANDS and COMMANDS["online-dpo"].kind == "workflow"
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS)
+def test_every_training_recipe_declares_the_shared_keys(command):
+    """One skeleton: every recipe's Config is a TrainingConfig, so each shared key exists with one
+    help text (SHARED_HELP) and each section has one schema; a recipe may change a default only."""
     import importlib
 
-    from temper.cli import STAGES
-
-    module = importlib.import_module(module_name)
-    assert module_name in {m for m, _ in STAGES.values()}  # registered as a command
-    hints = typing.get_type_hints(module.Config)
-    names = {f.name for f in dataclasses.fields(module.Config)}
-    missing = [k for k in SHARED_KEYS if k not in names]
-    assert not missing, f"{module_name}.Config lacks {missing}"
+    config = importlib.import_module(COMMANDS[command].module).Config
+    assert issubclass(config, TrainingConfig) and config.command == command
+    hints = typing.get_type_hints(config)
+    by_name = {f.name: f for f in dataclasses.fields(config)}
+    base = typing.get_type_hints(TrainingConfig)
+    for key in SHARED_KEYS:
+        assert key in by_name, f"{command} lacks {key}"
+        assert hints[key] == base[key], f"{command}.{key} has another type"
+    for key, f in by_name.items():  # a key several recipes share has one help text wherever it is declared
+        if key in SHARED_HELP:
+            assert f.metadata["help"] == SHARED_HELP[key], f"{command}.{key} has its own help text"
     sections = {"optim": OptimConfig, "schedule": ScheduleConfig, "checkpoint": CheckpointConfig,
                 "logging": LoggingConfig}
     for key, cls in sections.items():
         assert hints[key] is cls  # one schema for every recipe
+
+
+def test_one_refusal_for_what_a_recipe_cannot_do():
+    """Capabilities, not copied refusals: the same words in every recipe that lacks a feature."""
+    import importlib
+
+    from temper.errors import TemperError
+
+    for command in TRAINING_COMMANDS:
+        config = importlib.import_module(COMMANDS[command].module).Config
+        caps = config.capabilities
+        args = ["model=x"]
+        if not caps.tensor_parallel:
+            with pytest.raises(TemperError, match=f"parallel.tp: temper {command} has no tensor parallelism yet"):
+                load_config(config, None, [*args, "parallel.tp=2"])
+        if caps.peft and not caps.peft_with_fsdp:
+            with pytest.raises(TemperError, match="peft.method=lora with strategy=fsdp is not supported yet"):
+                load_config(config, None, [*args, "peft.method=lora", "strategy=fsdp"])
+        with pytest.raises(TemperError, match="batch_size must be at least 1, got 0"):
+            load_config(config, None, [*args, "batch_size=0"])
 
 
 def test_renamed_keys_say_their_new_name():
@@ -205,17 +237,25 @@ def recipe_runs(tmp_path, tiny_model_dir):
                           {"role": "assistant", "content": f"{i + 1}"}]} for i in range(24)]
     sft_data = tmp_path / "sft.jsonl"
     sft_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+              "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
+              "rejected": [{"role": "assistant", "content": f"{i + 7} or so"}]} for i in range(24)]
+    pref_data = tmp_path / "pairs.jsonl"
+    pref_data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     return {
         "pretrain": ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", f"data={corpus}",
                      "samples=0", "eval_fraction=0.2"],
         "sft": [f"model={tiny_model_dir}", f"data={sft_data}", "batch_size=4", "seq_len=64", "eval_samples=2",
                 "eval_max_new_tokens=2"],
+        "dpo": [f"model={tiny_model_dir}", f"data={pref_data}", "batch_size=4", "seq_len=64", "eval_fraction=0.2"],
     }
 
 
-@pytest.mark.parametrize("recipe", ["pretrain", "sft"])
+@pytest.mark.parametrize("recipe", TRAINING_COMMANDS)
 def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, monkeypatch, capsys):
     import importlib
+
+    assert recipe in recipe_runs, f"add a tiny run of temper {recipe} to recipe_runs"
 
     written = []
 
@@ -230,7 +270,7 @@ def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, 
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
-    module = importlib.import_module(f"temper.recipes.{recipe}")
+    module = importlib.import_module(COMMANDS[recipe].module)
     out = tmp_path / recipe
     args = [*recipe_runs[recipe], f"output_dir={out}", "max_steps=4", "peak_flops=1e9", "logging.every=2",
             "logging.eval_every=3", "logging.eval_at_start=true", "logging.tensorboard=true",

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from temper.rewards.judges import LLMJudge, Prompt, make_judge
-from temper.align.online import best_vs_worst, read_prompts, revision_pairs, sample_responses
-from temper.cli import main
+from temper.cli import Commands, main
 from temper.config import load_config
+from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
 from temper.eval.world_checker import check_reply
-from temper.recipes import dpo
+from temper.rewards.judges import LLMJudge, make_judge
+from temper.train.rollout import sample_responses
+from temper.workflows.online_dpo import best_vs_worst, revision_pairs
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,19 @@ def reviser_module(tmp_path, monkeypatch, body: str, name: str) -> str:
 
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("temper dpo: error: ")]
+    errors = [line for line in err if line.startswith(("temper dpo: error: ", "temper online-dpo: error: "))]
     assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
     return errors[0]
 
 
 def online(tmp_path, model_dir, *extra, out="online"):
-    cfg = load_config(dpo.Config, None, [f"model={model_dir}", f"output_dir={tmp_path / out}", "rounds=1",
-                                         "batch_size=2", "seq_len=96", "max_steps=2", "max_new_tokens=12",
-                                         "logging.progress=false", "logging.every=1", "optim.lr=1e-3", *extra])
-    return dpo.run(cfg)
+    """`temper online-dpo` in this process, through the command runner the CLI gives workflows."""
+    commands = Commands()
+    cfg = commands.config("online-dpo", [f"model={model_dir}", f"output_dir={tmp_path / out}", "rounds=1",
+                                         "dpo.batch_size=2", "dpo.seq_len=96", "dpo.max_steps=2", "max_new_tokens=12",
+                                         "dpo.logging.progress=false", "dpo.logging.every=1", "dpo.optim.lr=1e-3",
+                                         *extra])
+    return commands.run("online-dpo", cfg)
 
 
 # ----------------------------------------------------------------------------- the world's checker
@@ -175,7 +179,7 @@ def test_online_round_with_the_world_rule(tmp_path, tiny_model_dir, world, monke
     """A stand-in policy answers in the world's styles (the tiny model only writes noise): the rule
     judge pairs correct-and-polite over wrong, a prompt answered alike is a counted tie, one DPO round
     trains from the policy into round_1 and the report carries before/after numbers."""
-    import temper.align.online as online_module
+    import temper.workflows.online_dpo as online_module
 
     world_dir, _ = world
     calls = []
@@ -187,7 +191,7 @@ def test_online_round_with_the_world_rule(tmp_path, tiny_model_dir, world, monke
         return [[styles[j % 4](p.answer) if i % 3 else "Same." for j in range(k)] for i, p in enumerate(prompts)]
 
     monkeypatch.setattr(online_module, "sample_responses", stand_in)
-    result = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}",
+    result = online(tmp_path, tiny_model_dir, f"prompts={world_dir / 'rl' / 'train.jsonl'}",
                     "prompts_per_round=9", "samples_per_prompt=4", f"eval_data={world_dir / 'preference' / 'test.jsonl'}")
     out = tmp_path / "online"
     report, = result["rounds"]
@@ -202,9 +206,9 @@ def test_online_round_with_the_world_rule(tmp_path, tiny_model_dir, world, monke
     assert dpo_summary["pairs"] == 6 and dpo_summary["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert report["dpo"]["eval_rewards/accuracies_after"] is not None
     assert json.loads((out / "rounds.jsonl").read_text())["round"] == 1
-    with pytest.raises(TemperError, match="holds earlier rounds"):  # never mixed with a new run silently
-        online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}")
-    again = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}", "resume=auto")
+    with pytest.raises(TemperError, match=r"holds an earlier run \(round_1, summary.json\)"):  # never mixed with a new run silently
+        online(tmp_path, tiny_model_dir, f"prompts={world_dir / 'rl' / 'train.jsonl'}")
+    again = online(tmp_path, tiny_model_dir, f"prompts={world_dir / 'rl' / 'train.jsonl'}", "resume=auto")
     assert again["rounds"] == result["rounds"]  # the finished round is kept, not trained again
 
 
@@ -216,9 +220,9 @@ def test_lora_rounds_merge_each_adapter_into_the_next_policy(tmp_path, tiny_mode
     from temper.loading import load_for_inference
 
     world_dir, _ = world
-    lora = ["peft.method=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj]"]
-    result = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}", "rounds=2",
-                    "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]", "optim.lr=5e-2", *lora)
+    lora = ["dpo.peft.method=lora", "dpo.peft.r=4", "dpo.peft.target_modules=[q_proj,v_proj]"]
+    result = online(tmp_path, tiny_model_dir, f"prompts={world_dir / 'rl' / 'train.jsonl'}", "rounds=2",
+                    "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]", "dpo.optim.lr=5e-2", *lora)
     out = tmp_path / "online"
     first, second = result["rounds"]
     assert first["model"] == str(out / "round_1" / "merged") and second["policy"] == first["model"]
@@ -245,8 +249,8 @@ def test_lora_rounds_merge_each_adapter_into_the_next_policy(tmp_path, tiny_mode
     merged_before = load_file(out / "round_2" / "merged" / "model.safetensors")
     (out / "round_2" / "round.json").unlink()
     shutil.rmtree(out / "round_2" / "merged")
-    again = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}", "rounds=2",
-                   "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]", "optim.lr=5e-2", *lora,
+    again = online(tmp_path, tiny_model_dir, f"prompts={world_dir / 'rl' / 'train.jsonl'}", "rounds=2",
+                   "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]", "dpo.optim.lr=5e-2", *lora,
                    "resume=auto")
     assert again["final_model"] == result["final_model"]
     torch.testing.assert_close(load_file(out / "round_2" / "merged" / "model.safetensors"), merged_before)
@@ -254,7 +258,7 @@ def test_lora_rounds_merge_each_adapter_into_the_next_policy(tmp_path, tiny_mode
 
 def test_online_round_with_real_sampling_and_a_regex_judge(tmp_path, tiny_model_dir, world):
     world_dir, _ = world
-    result = online(tmp_path, tiny_model_dir, f"online_prompts={world_dir / 'rl' / 'train.jsonl'}",
+    result = online(tmp_path, tiny_model_dir, f"prompts={world_dir / 'rl' / 'train.jsonl'}",
                     "prompts_per_round=6", "samples_per_prompt=4", "judge=regex:[aeiou]")
     report, = result["rounds"]
     samples = [json.loads(line) for line in (tmp_path / "online" / "round_1" / "samples.jsonl").read_text().splitlines()]
@@ -270,9 +274,9 @@ def test_a_judge_that_fails_on_every_sample_is_one_line_naming_the_bad_judgement
             raise RuntimeError("judge service timed out")
     """, "always_failing_judge")
     with pytest.warns(UserWarning, match=r"6 samples skipped \(6 exception\)"):
-        code = main(["dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1", "max_new_tokens=4",
-                     f"online_prompts={world[0] / 'rl' / 'train.jsonl'}", "prompts_per_round=3", "samples_per_prompt=2",
-                     f"judge=callable:{name}:score", "logging.progress=false"])
+        code = main(["online-dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1",
+                     "max_new_tokens=4", f"prompts={world[0] / 'rl' / 'train.jsonl'}", "prompts_per_round=3",
+                     "samples_per_prompt=2", f"judge=callable:{name}:score", "dpo.logging.progress=false"])
     assert code == 2
     assert (f"round 1: the judge made no pairs (skipped: 3 unscored; judge callable:{name}:score: 6 bad judgements "
             "(6 exception))") in one_line_error(capsys)
@@ -294,8 +298,8 @@ def test_ai_feedback_round_with_a_stand_in_reviser(tmp_path, tiny_model_dir, mon
     """, "stand_in_reviser")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i} please?"}) + "\n" for i in range(10)))
-    result = online(tmp_path, tiny_model_dir, f"online_prompts={prompts}", f"judge=constitution:callable:{name}:revise",
-                    "samples_per_prompt=1", "prompts_per_round=0", "eval_fraction=0.0")
+    result = online(tmp_path, tiny_model_dir, f"prompts={prompts}", f"judge=constitution:callable:{name}:revise",
+                    "samples_per_prompt=1", "prompts_per_round=0", "dpo.eval_fraction=0.0")
     report, = result["rounds"]
     round_dir = tmp_path / "online" / "round_1"
     pairs = [json.loads(line) for line in (round_dir / "pairs.jsonl").read_text().splitlines()]
@@ -356,27 +360,32 @@ def test_a_revision_that_repeats_its_critique_is_skipped():
     (["temperature=0"], r"temperature=0 \(greedy\) samples the same response 4 times"),
     (["judge=constitution:/no/such/dir"], r"judge=constitution:/no/such/dir: no such model directory"),
     (["judge=constitution:callable:json:loads", "constitution=/no/such.md"], r"constitution not found: /no/such.md"),
-    (["data=pairs.jsonl"], r"data= is for offline DPO"),
-    (["peft.method=prefix"], r"rounds=N with peft.method=prefix: .*only lora, dora and qlora merge into weights"),
-    (["columns.chosen=good"], r"columns= renames the columns of data=; with rounds=N the pairs are the judge's"),
+    (["dpo.data=pairs.jsonl"], r"dpo.data: the rounds set it .*drop it"),
+    (["dpo.peft.method=prefix"], r"dpo.peft.method=prefix: .*only lora, dora and qlora merge into weights"),
+    (["dpo.columns.chosen=good"], r"dpo.columns: the rounds set it"),
+    (["dpo.betta=0.2"], r"dpo.\* \(temper dpo\): unknown key 'betta' \(did you mean 'beta'\?\)"),
 ])
 def test_bad_online_settings_are_one_line(tmp_path, tiny_model_dir, world, capsys, extra, message):
-    code = main(["dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1",
-                 f"online_prompts={world[0] / 'rl' / 'train.jsonl'}", *extra])
+    code = main(["online-dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1",
+                 f"prompts={world[0] / 'rl' / 'train.jsonl'}", *extra])
     assert code == 2
     assert re.search(message, one_line_error(capsys))
     assert not (tmp_path / "o").exists()  # a refused run leaves no output_dir behind
 
 
-def test_prompts_without_answers_are_refused_for_the_rule_and_online_keys_warn_offline(tmp_path, tiny_model_dir,
+def test_prompts_without_answers_are_refused_and_old_online_keys_of_dpo_say_where_they_went(tmp_path, tiny_model_dir,
                                                                                         capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hi?", "answer": "Hello"}) + "\n" + json.dumps({"prompt": "Bye?"}) + "\n")
-    assert main(["dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1",
-                 f"online_prompts={prompts}"]) == 2
+    assert main(["online-dpo", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", "rounds=1",
+                 f"prompts={prompts}"]) == 2
     assert "p.jsonl:2: judge rule:world needs an 'answer' in every prompt row" in one_line_error(capsys)
-    with pytest.warns(UserWarning, match=r"judge, samples_per_prompt apply to online rounds only"):
-        load_config(dpo.Config, None, ["judge=regex:x", "samples_per_prompt=8"])
+    from temper.recipes import dpo  # the offline command says where its old online keys went
+
+    with pytest.raises(TemperError, match=r"key 'rounds' belongs to iterative DPO, .*temper online-dpo rounds="):
+        load_config(dpo.Config, None, ["rounds=2"])
+    with pytest.raises(TemperError, match=r"key 'online_prompts' belongs to iterative DPO, .*online-dpo prompts="):
+        load_config(dpo.Config, None, ["online_prompts=p.jsonl"])
 
 
 # ----------------------------------------------------------------------------- shared with temper eval

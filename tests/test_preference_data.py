@@ -552,8 +552,8 @@ def test_packed_logprobs_and_gradients_equal_padded(tiny_tokenizer, family):
     """pair_logps on a padding-free batch gives the padded batch's log-probs, logit sums and
     gradients (rotary and learned positions both restart per sequence); KTO's rows too."""
     from temper.data.preference import collate_unpaired
+    from temper.losses.logprobs import completion_logprobs as pair_logps
     from temper.models import build_model, preset
-    from temper.recipes.dpo import pair_logps
 
     torch.manual_seed(0)
     model = build_model(preset(family, vocab_size=tiny_tokenizer.vocab_size))

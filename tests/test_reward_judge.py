@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from temper.rewards.judges import Prompt, RewardJudge, make_judge
 from temper.cli import main
 from temper.errors import TemperError
 from temper.models.reward import build_reward_model, load_reward_model, save_reward_model
+from temper.rewards.judges import Prompt, RewardJudge, make_judge
 
 transformers = pytest.importorskip("transformers")
 
@@ -229,16 +229,17 @@ def test_non_finite_rewards_take_the_bad_judgement_path(rm_dir):
 
 
 def test_online_dpo_round_with_a_reward_judge(tmp_path, tiny_model_dir, rm_dir):
-    from temper.config import load_config
-    from temper.recipes import dpo
+    from temper.cli import Commands
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Where does person {i} live?"}) + "\n" for i in range(3)))
-    cfg = load_config(dpo.Config, None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'online'}", "rounds=1",
-                                         f"judge=reward:{rm_dir}", f"online_prompts={prompts}", "prompts_per_round=0",
-                                         "samples_per_prompt=2", "max_new_tokens=8", "batch_size=2", "seq_len=64",
-                                         "max_steps=1", "eval_fraction=0.0", "logging.progress=false"])
-    report, = dpo.run(cfg)["rounds"]
+    commands = Commands()
+    cfg = commands.config("online-dpo", [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'online'}", "rounds=1",
+                                         f"judge=reward:{rm_dir}", f"prompts={prompts}", "prompts_per_round=0",
+                                         "samples_per_prompt=2", "max_new_tokens=8", "dpo.batch_size=2",
+                                         "dpo.seq_len=64", "dpo.max_steps=1", "dpo.eval_fraction=0.0",
+                                         "dpo.logging.progress=false"])
+    report, = commands.run("online-dpo", cfg)["rounds"]
     assert report["pairs"] >= 1 and report["bad_judgements"] == {f"reward:{rm_dir}": {}}
     samples = [json.loads(line) for line in (tmp_path / "online" / "round_1" / "samples.jsonl").read_text().splitlines()]
     judge = make_judge(f"reward:{rm_dir}")  # the scores written are the reward model's

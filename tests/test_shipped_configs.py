@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from temper.cli import STAGES
+from temper.cli import COMMANDS
 from temper.config import load_config
 from temper.configs import shipped_dir
 
@@ -18,8 +18,8 @@ def test_there_are_shipped_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_is_valid(path):
     stage = path.stem.split("-")[0]
-    assert stage in STAGES, f"{path.name}: no stage named {stage}"
-    cfg = load_config(importlib.import_module(STAGES[stage][0]).Config, path)
+    assert stage in COMMANDS, f"{path.name}: no stage named {stage}"
+    cfg = load_config(importlib.import_module(COMMANDS[stage].module).Config, path)
     assert cfg is not None
 
 

@@ -29,6 +29,7 @@ import torch
 
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
+from temper.masks import build_attention_mask
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "self_instruct", "text")
 
@@ -252,8 +253,6 @@ class Batch:
         return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.segments))
 
     def attention_mask(self) -> torch.Tensor | None:
-        from temper.models.common import build_attention_mask
-
         if self.segments is None:
             return None  # right padding: causal attention never looks at later padding
         T = self.inputs.shape[1]

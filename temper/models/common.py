@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from temper.errors import TemperError
+from temper.masks import build_attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -147,42 +148,6 @@ def _with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     seen = torch.ones(mask.shape[0], 1, T, P, dtype=torch.bool, device=mask.device)
     mask = torch.cat([seen, mask.expand(-1, -1, T, S)], dim=-1)  # (B|1, 1, T, P + S)
     return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask
-
-
-def build_attention_mask(
-    key_valid: torch.Tensor | None,
-    query_len: int,
-    key_len: int,
-    *,
-    segment_ids: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor | None:
-    """A boolean SDPA mask (B or 1, 1, T, S), True where a query may look, or None if plain causal.
-
-    The queries are the last `query_len` of `key_len` slots. `key_valid` (B, S) marks real
-    tokens (False for left padding). `segment_ids` (B, S) keeps packed examples apart.
-    Every query may always see itself, so padded rows never produce NaN.
-    """
-    needs_window = sliding_window is not None and key_len > sliding_window
-    if key_valid is None and segment_ids is None and not needs_window:
-        return None
-    if key_valid is not None:
-        device = key_valid.device
-    elif segment_ids is not None:
-        device = segment_ids.device
-    q_slot = torch.arange(key_len - query_len, key_len, device=device)[:, None]
-    k_slot = torch.arange(key_len, device=device)[None, :]
-    allowed = k_slot <= q_slot  # (T, S)
-    if needs_window:
-        allowed = allowed & (q_slot - k_slot < sliding_window)
-    allowed = allowed[None, None]  # (1, 1, T, S)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :key_len]
-    if segment_ids is not None:
-        q_seg = segment_ids[:, key_len - query_len:key_len]
-        allowed = allowed & (q_seg[:, None, :, None] == segment_ids[:, None, None, :key_len])
-    return allowed | (k_slot == q_slot)[None, None]
 
 
 def positions_from_valid(key_valid: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from temper.data.prompts import Prompt
-from temper.rewards.judges import check_model_dir, import_callable
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.rewards.judges import check_model_dir, import_callable
 
 CRITIQUE_REQUEST = ("Critique your last answer against this principle: {principle} "
                     "Say briefly what in the answer breaks the principle, if anything.")

@@ -236,8 +236,8 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
 def scored_pairwise(spec: str, task: str, questions, references, answers_1, answers_2, device) -> dict:
     """`pairwise`'s report from a scoring judge: a system wins a question when its answer scores higher;
     an answer the judge fails on (counted, warned) makes the question a tie."""
-    from temper.rewards.judges import Prompt, make_judge
     from temper.eval.judge import summarize
+    from temper.rewards.judges import Prompt, make_judge
 
     judge = make_judge(spec, device=device)
     prompts = [Prompt.from_text(q, answer=None if r is None else str(r), source=f"{task} row {i + 1}")

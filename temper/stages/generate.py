@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from temper.config import check_utf8, opt
+from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
 
 
@@ -65,34 +66,9 @@ class Config:
             raise TemperError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
-Prompt = str | list[dict[str, Any]]  # text, or a conversation to answer
-
-
-def read_prompts(path: str, field: str) -> list[Prompt]:
-    """The prompts of a JSONL file: strings, or conversations (a list under `field` or `messages`)."""
-    from temper.data.chat import check_messages
-    from temper.data.readers import iter_records
-
-    prompts: list[Prompt] = []
-    for rec in iter_records(path):
-        value = rec.data.get(field)
-        if value is None and isinstance(rec.data.get("messages"), list):
-            value = rec.data["messages"]
-        if isinstance(value, list):
-            check_messages(value, rec.source, prompt=True)
-        elif not isinstance(value, str) or not value:
-            raise TemperError(
-                f"{rec.source}: expected a non-empty string field '{field}' (or a 'messages' list)"
-            )
-        prompts.append(value)
-    if not prompts:
-        raise TemperError(f"{path}: no prompts (the file is empty)")
-    return prompts
-
-
 def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
     """A prompt as a conversation: a string becomes one user message; `system` leads unless it has one."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = list(prompt.messages)
     if system and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": system}, *messages]
     return messages
@@ -106,8 +82,9 @@ def run(cfg: Config) -> None:
     from temper.models.generate import SamplingConfig, generate_text
     from temper.runtime import resolve_device
 
-    prompts: list[Prompt] = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file, cfg.prompt_field)
-    use_chat = cfg.chat or any(isinstance(p, list) for p in prompts)
+    prompts = [Prompt(cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts_file,
+                                                                               field_name=cfg.prompt_field)
+    use_chat = cfg.chat or any(isinstance(p.prompt, list) for p in prompts)
     if not use_chat and (cfg.template or cfg.system):
         raise TemperError("template= and system= are for chat prompts: add chat=true")
     device = resolve_device(cfg.device)
@@ -119,7 +96,7 @@ def run(cfg: Config) -> None:
             warnings.warn(f"{cfg.model} was fine-tuned with a chat template; a raw prompt bypasses it "
                           "and the model will look worse than it is: add chat=true", stacklevel=2)
     stops, eos_ids = list(cfg.stop), []
-    texts: list[str] = [p for p in prompts if isinstance(p, str)]
+    texts: list[str] = [p.prompt for p in prompts if isinstance(p.prompt, str)]
     if use_chat:  # what the model reads: each conversation rendered with its generation prompt
         from temper.data.chat import chat_template_for, render, render_kwargs, stop_settings
 
@@ -163,7 +140,7 @@ def run(cfg: Config) -> None:
             completions = generate_text(model, tokenizer, texts[start:start + cfg.batch_size], sampling,
                                         batch_size=cfg.batch_size)
             for prompt, completion in zip(chunk, completions):
-                out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
+                out.write(json.dumps({"prompt": prompt.prompt, "completion": completion}, ensure_ascii=False) + "\n")
             out.flush()
             bar.update(len(chunk))
         bar.close()

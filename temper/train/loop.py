@@ -20,7 +20,7 @@ progress bar (plain lines when stderr is not a terminal), the final evaluation a
 checkpoint, and the summary. What stays in the recipe: its data, its model setup, its loss.
 
 The settings it reads are the ones every training recipe's config declares under the same
-names (`SHARED_KEYS`, checked by a test): max_steps, resume, peak_flops and the sections
+names (`temper.train.recipe.TrainingConfig`): max_steps, resume, peak_flops and the sections
 optim, schedule, checkpoint and logging.
 """
 
@@ -41,12 +41,6 @@ from temper.train import engine
 from temper.train.optim import lr_at, set_lr
 from temper.train.rundir import RunDir
 
-# Every training recipe's Config has these keys, with the same meaning (tests/test_loop.py).
-SHARED_KEYS = (
-    "model", "data", "eval_data", "output_dir", "seq_len", "batch_size", "grad_accum", "global_batch_size",
-    "max_steps", "seed", "resume", "overwrite", "device", "precision", "compile", "activation_checkpointing",
-    "strategy", "parallel", "eval_batches", "peak_flops", "optim", "schedule", "checkpoint", "logging",
-)
 # What makes two runs the same run: a checkpoint resumes only a run that agrees on all of these
 # (plus what the recipe adds: its tokenizer, its data's fingerprint).
 IDENTITY_KEYS = ("seq_len", "seed")  # and the global batch: sequences per optimiser step over all ranks

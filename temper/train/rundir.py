@@ -20,10 +20,11 @@ workflow does with the directory it writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import yaml
 
 from temper.config import to_dict
 from temper.errors import TemperError
-from temper.io import atomic_write_text, claim_output_dir, release_output_dir
+from temper.io import atomic_write_text, claim_output_dir, owned_output_dir, release_output_dir
 from temper.train.checkpoint import latest_checkpoint, list_checkpoints
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
@@ -92,6 +93,16 @@ class RunDir:
             release_output_dir(self.path)
             raise
         return self.path
+
+    @classmethod
+    @contextlib.contextmanager
+    def owned(cls, path: str | Path, *, resume: str, overwrite: bool,
+              earlier: Callable[[Path], list[str]] = earlier_run_files) -> Iterator[RunDir]:
+        """A workflow's directory for the length of a block: claimed and checked as `claim` does,
+        released at the end; a directory the block created is removed again if it fails."""
+        with owned_output_dir(path) as out:
+            check_earlier_run(out, resume, overwrite, earlier)
+            yield cls(out)
 
     def begin(self, cfg: Any, *, start_over: bool, names: Iterable[str] = RUN_FILES) -> None:
         """Training starts: clear the earlier run's files when starting over; write `config.yaml`."""

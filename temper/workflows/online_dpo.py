@@ -1,20 +1,23 @@
-"""Iterative (online) DPO: the policy answers, a judge ranks, DPO trains, and again.
+"""Iterative (online) DPO: the policy answers, a judge ranks, DPO trains, and again. A workflow:
+each round runs the `temper dpo` command (and, with LoRA, `temper merge`) through the command
+runner the CLI hands it; nothing here imports a recipe.
 
-    temper dpo model=runs/sft rounds=2                                  # judge=rule:world, the world's rl prompts
-    temper dpo model=runs/sft rounds=1 judge=regex:'^[A-Z][^.]*\\.$'
-    temper dpo model=runs/sft rounds=1 judge=callable:my_judges:score online_prompts=prompts.jsonl
-    temper dpo model=runs/sft rounds=1 judge=llm:runs/judge
-    temper dpo model=runs/sft rounds=1 judge=reward:runs/rm               # a reward model (temper.models.reward)
-    temper dpo model=runs/sft rounds=1 judge=constitution:runs/sft      # AI feedback (temper.align.feedback)
+    temper online-dpo model=runs/sft rounds=2                           # judge=rule:world, the world's rl prompts
+    temper online-dpo model=runs/sft judge=regex:'^[A-Z][^.]*\\.$'
+    temper online-dpo model=runs/sft judge=callable:my_judges:score prompts=prompts.jsonl
+    temper online-dpo model=runs/sft judge=llm:runs/judge
+    temper online-dpo model=runs/sft judge=reward:runs/rm                # a reward model (temper.models.reward)
+    temper online-dpo model=runs/sft judge=constitution:runs/sft         # AI feedback (temper.rewards.feedback)
+    temper online-dpo model=runs/sft dpo.beta=0.2 dpo.max_steps=50 dpo.peft.method=lora   # each round's DPO
 
 Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's model:
 
-1. take the next `prompts_per_round` prompts of a seeded shuffle of `online_prompts` (rows
+1. take the next `prompts_per_round` prompts of a seeded shuffle of `prompts` (rows
    with `prompt` (text or messages) or `messages`, and `answer` where the judge needs one;
    default: the built-in world's rl/train.jsonl);
 2. sample `samples_per_prompt` responses to each with the policy (temper's batched
    generation, the policy's chat template, its stop strings, `temperature`, `top_p`);
-3. make pairs. A scoring judge (`temper.align.judges`) scores every response; the pair is
+3. make pairs. A scoring judge (`temper.rewards.judges`) scores every response; the pair is
    the best-scored response over the worst-scored one. A prompt makes no pair (counted) when
    fewer than two responses have a score (`unscored`: the judge failed on them), or when the
    best and worst scores are equal (`tie`, all its responses alike to the judge); among
@@ -23,10 +26,10 @@ Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's m
    is the original, or repeats the critique word for word (the judge followed neither
    request). Empty responses never take part (counted in `empty_responses`);
 4. write them to `output_dir/round_k/pairs.jsonl` and train one DPO round on them with the
-   single-round recipe (`temper.recipes.dpo.run`, every DPO setting as given), into
+   `temper dpo` command (every `dpo.*` setting as given), into
    `output_dir/round_k`. The reference is the round's starting policy (the on-policy
    choice of iterative DPO, e.g. Xu et al. 2023 "Some things are more CRINGE than others",
-   Yuan et al. 2024 "Self-Rewarding Language Models"), unless `ref_model=` pins one for all
+   Yuan et al. 2024 "Self-Rewarding Language Models"), unless `dpo.ref_model=` pins one for all
    rounds. Held-out pairs: eval_data=, else the world's preference/test.jsonl (so held-out
    preference accuracy is comparable between rounds), else a share of the round's pairs;
 5. report: the monitor judge's mean score of the policy's samples before the round (the
@@ -36,117 +39,112 @@ Round k (1..rounds), starting from the policy `model` (round 1) or round k-1's m
    one line per round, `output_dir/summary.json` all of them.
 
 `resume=auto` keeps the rounds that finished (their `round.json`) and resumes the one that did
-not from its pairs and checkpoints. One process only (no torchrun). With `peft.method=lora`
+not from its pairs and checkpoints. One process only (no torchrun). With `dpo.peft.method=lora`
 (dora, qlora) each round trains an adapter on the round's policy, whose reference is that
 policy with the adapter disabled (no second copy), and the adapter is merged into
-`round_k/merged`, the next round's policy (`temper merge`'s code; a QLoRA round merges into
+`round_k/merged`, the next round's policy (`temper merge`; a QLoRA round merges into
 the dequantised NF4 base it trained against, and the next round quantises again).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
-import warnings
 from collections import Counter
-from dataclasses import fields, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from temper.align.judges import Judge, Prompt, make_judge, split_spec
+from temper.config import check_range, opt
+from temper.data.chat import chat_template_for
+from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
+from temper.io import atomic_write_text, refuse_same_dir
+from temper.lineage import read_lineage
+from temper.loading import load_for_inference
+from temper.rewards.feedback import make_reviser, read_constitution, same_text
+from temper.rewards.judges import Judge, make_judge, split_spec
+from temper.runtime import resolve_device
+from temper.train.distributed import launched_world
+from temper.train.rollout import sample_responses
+from temper.train.rundir import RunDir
 
-ONLINE_KEYS = ("judge", "constitution", "online_prompts", "prompts_per_round", "samples_per_prompt", "temperature",
-               "top_p", "max_new_tokens", "skip_bad_judgements", "monitor_judge")
+# `dpo.*` keys the workflow sets for every round itself
+ROUND_KEYS = ("model", "data", "eval_data", "output_dir", "resume", "overwrite", "seed", "device", "template",
+              "columns")
+MERGEABLE = ("none", "lora", "dora", "qlora")
 
 
-# ----------------------------------------------------------------------------- settings
+@dataclass
+class Config:
+    model: str = opt("runs/sft", "the starting policy: a model directory (usually SFT's)")
+    output_dir: str = opt("runs/online-dpo", "where round_1/, round_2/, ..., rounds.jsonl and summary.json go")
+    rounds: int = opt(1, "rounds: sample from the policy, judge, pair, train a DPO round, repeat")
+    judge: str = opt("rule:world", "what makes a round's pairs: rule:world, regex:PATTERN, callable:MODULE:FUNC, "
+                                   "llm:MODEL_DIR, reward:MODEL_DIR (a reward model), or constitution:MODEL_DIR "
+                                   "(AI feedback)")
+    constitution: str = opt("", "principles for judge=constitution:... (default: the shipped constitutions/default.md)")
+    prompts: list[str] = opt([], "prompt rows for the rounds (default: the built-in world's rl/train.jsonl)")
+    prompts_per_round: int = opt(64, "prompts answered each round: the next ones of a seeded shuffle (0: all)")
+    samples_per_prompt: int = opt(4, "responses sampled per prompt each round")
+    temperature: float = opt(1.0, "sampling temperature of the policy's responses")
+    top_p: float = opt(1.0, "nucleus sampling of the policy's responses (1: off)")
+    max_new_tokens: int = opt(48, "longest sampled response (and critique, and revision)")
+    skip_bad_judgements: bool = opt(True, "skip and count responses the judge fails on (false: stop at the first)")
+    monitor_judge: str = opt("", "a scoring judge reported before and after each round (default: judge, if it scores)")
+    eval_data: list[str] = opt([], "held-out preference pairs scored by every round (default: the built-in world's "
+                                    "preference/test.jsonl, else a share of the round's pairs)")
+    template: str | None = opt(None, "chat template the policy answers with (default: the model's)")
+    dpo: dict = opt({}, "each round's `temper dpo` settings, e.g. dpo.beta=0.2 dpo.max_steps=50 dpo.peft.method=lora "
+                        "(any key of temper dpo --help but the ones the rounds set: " + ", ".join(ROUND_KEYS) + ")")
+    seed: int = opt(0, "seed for the prompts' order, sampling and each round's training")
+    resume: str = opt("", "'auto' keeps the finished rounds and resumes the unfinished one from its checkpoints")
+    overwrite: bool = opt(False, "start over in an output_dir that holds earlier rounds")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
+    def validate(self) -> None:
+        check_range("rounds", self.rounds, low=1)
+        check_range("samples_per_prompt", self.samples_per_prompt, low=1)
+        check_range("prompts_per_round", self.prompts_per_round, low=0)
+        check_range("temperature", self.temperature, low=0.0)
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_range("max_new_tokens", self.max_new_tokens, low=1)
+        kind, _ = split_spec(self.judge)
+        if kind != "constitution" and self.samples_per_prompt < 2:
+            raise TemperError(f"judge={self.judge} pairs the best and worst of several responses: samples_per_prompt "
+                              f"must be at least 2, got {self.samples_per_prompt}")
+        if kind != "constitution" and self.temperature == 0:
+            raise TemperError(f"temperature=0 (greedy) samples the same response {self.samples_per_prompt} times: "
+                              f"judge={self.judge} needs different responses to rank (temperature > 0)")
+        if kind != "constitution" and self.constitution:
+            raise TemperError(f"constitution= is read by judge=constitution:MODEL_DIR, not by judge={self.judge}")
+        if self.monitor_judge and split_spec(self.monitor_judge, "monitor_judge=")[0] == "constitution":
+            raise TemperError("monitor_judge= reports scores: use rule:world, regex:, callable:, llm: or reward:, "
+                              "not constitution:")
+        for key in ROUND_KEYS:
+            if key in self.dpo:
+                raise TemperError(f"dpo.{key}: the rounds set it (the round's policy, its pairs, its directory); "
+                                  + ("use the workflow's own key" if key in ("eval_data", "seed", "device", "template",
+                                                                             "resume", "overwrite") else "drop it"))
+        if self.peft_method not in MERGEABLE:
+            raise TemperError(f"dpo.peft.method={self.peft_method}: each round's adapter is merged into the next round's policy, "
+                              "and only lora, dora and qlora merge into weights")
+        if self.resume not in ("", "auto"):
+            raise TemperError(f"resume={self.resume}: resume=auto continues the rounds (each round resumes from its "
+                              "own checkpoints)")
+        if self.resume and self.overwrite:
+            raise TemperError("resume= and overwrite=true contradict each other: continue the rounds, or start over")
+        if str(self.dpo.get("strategy", "none")) in ("ddp", "fsdp") or launched_world()[1] > 1:
+            raise TemperError("online rounds run in one process for now: drop dpo.strategy and run without torchrun")
 
-def check_config(cfg) -> None:
-    """dpo.Config.validate's part for the online keys."""
-    from temper.config import check_range
-
-    check_range("rounds", cfg.rounds, low=0)
-    if not cfg.rounds:
-        defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
-                    for f in fields(type(cfg)) if f.name in ONLINE_KEYS}
-        changed = [k for k in ONLINE_KEYS if getattr(cfg, k) != defaults[k]]
-        if changed:
-            warnings.warn(f"{', '.join(changed)} apply to online rounds only (rounds=N); with rounds=0 they are "
-                          "ignored", UserWarning, stacklevel=3)
-        return
-    check_range("samples_per_prompt", cfg.samples_per_prompt, low=1)
-    check_range("prompts_per_round", cfg.prompts_per_round, low=0)
-    check_range("temperature", cfg.temperature, low=0.0)
-    check_range("top_p", cfg.top_p, low=0.0, high=1.0, low_open=True)
-    check_range("max_new_tokens", cfg.max_new_tokens, low=1)
-    kind, _ = split_spec(cfg.judge)
-    if kind != "constitution" and cfg.samples_per_prompt < 2:
-        raise TemperError(f"judge={cfg.judge} pairs the best and worst of several responses: samples_per_prompt "
-                          f"must be at least 2, got {cfg.samples_per_prompt}")
-    if kind != "constitution" and cfg.temperature == 0:
-        raise TemperError(f"temperature=0 (greedy) samples the same response {cfg.samples_per_prompt} times: judge="
-                          f"{cfg.judge} needs different responses to rank (temperature > 0)")
-    if kind != "constitution" and cfg.constitution:
-        raise TemperError(f"constitution= is read by judge=constitution:MODEL_DIR, not by judge={cfg.judge}")
-    if cfg.monitor_judge and split_spec(cfg.monitor_judge, "monitor_judge=")[0] == "constitution":
-        raise TemperError("monitor_judge= reports scores: use rule:world, regex:, callable:, llm: or reward:, "
-                          "not constitution:")
-    if cfg.data:
-        raise TemperError("data= is for offline DPO; with rounds=N the pairs come from the policy's answers to "
-                          "online_prompts= (drop data=)")
-    if cfg.columns:
-        raise TemperError("columns= renames the columns of data=; with rounds=N the pairs are the judge's, in "
-                          "temper's own columns (give eval_data= with prompt, chosen and rejected)")
-    if cfg.peft.method not in ("none", "lora", "dora", "qlora"):
-        raise TemperError(f"rounds=N with peft.method={cfg.peft.method}: each round's adapter is merged into the next "
-                          "round's policy, and only lora, dora and qlora merge into weights")
-    if cfg.resume not in ("", "auto"):
-        raise TemperError(f"resume={cfg.resume}: with rounds=N, resume=auto continues the rounds (each round "
-                          "resumes from its own checkpoints)")
-    if cfg.resume and cfg.overwrite:
-        raise TemperError("resume= and overwrite=true contradict each other: continue the rounds, or start over")
-    if cfg.strategy in ("ddp", "fsdp") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TemperError(f"rounds=N runs in one process for now: drop strategy={cfg.strategy} and run it without "
-                          "torchrun")
+    @property
+    def peft_method(self) -> str:
+        peft = self.dpo.get("peft")
+        return str(peft.get("method", "none")) if isinstance(peft, dict) else "none"
 
 
 # ----------------------------------------------------------------------------- prompts
-
-
-def read_prompts(spec) -> list[Prompt]:
-    """Prompt rows: `prompt` (text or messages) or `messages` (cut after the last user turn),
-    with an optional `answer`; a bad row is one line naming file:line."""
-    from temper.data.chat import check_messages
-    from temper.data.readers import iter_records, json_type
-
-    prompts = []
-    for rec in iter_records(spec):
-        row = rec.data
-        value = row.get("prompt", row.get("messages"))
-        if isinstance(value, str):
-            if not value.strip():
-                raise TemperError(f"{rec.source}: the prompt is empty")
-            messages = [{"role": "user", "content": value}]
-        elif isinstance(value, list):
-            last_user = max((i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"),
-                            default=None)
-            if last_user is None:
-                raise TemperError(f"{rec.source}: the prompt has no user message")
-            messages = value[:last_user + 1]
-            check_messages(messages, rec.source, prompt=True)
-        else:
-            raise TemperError(f"{rec.source}: expected a 'prompt' (text or messages) or 'messages' field, got "
-                              f"{json_type(value) if value is not None else 'keys ' + ', '.join(row)}")
-        answer = row.get("answer")
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise TemperError(f"{rec.source}: 'answer' is {json_type(answer)} (expected text or a number)")
-        prompts.append(Prompt(messages, rec.source, None if answer is None else str(answer), row))
-    if not prompts:
-        raise TemperError(f"{spec}: no prompt rows")
-    return prompts
 
 
 def round_prompts(prompts: list[Prompt], per_round: int, round_index: int, seed: int) -> list[Prompt]:
@@ -157,31 +155,6 @@ def round_prompts(prompts: list[Prompt], per_round: int, round_index: int, seed:
     random.Random(seed).shuffle(order)
     start = (round_index - 1) * per_round
     return [prompts[order[(start + i) % len(order)]] for i in range(per_round)]
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: int, *, temperature: float,
-                     top_p: float, max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[str]]:
-    """k responses to each prompt (stripped), sampled in batches that keep a prompt's copies together."""
-    import torch
-
-    from temper.data.chat import render, render_kwargs, stop_settings
-    from temper.models.generate import SamplingConfig, generate_text
-
-    texts = [render(template, p.messages, add_generation_prompt=True, **render_kwargs(tokenizer)) for p in prompts]
-    stops, eos_ids = stop_settings(tokenizer, template)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stops,
-                              eos_token_ids=eos_ids)
-    torch.manual_seed(seed)  # one stream for all batches (a per-call seed would repeat itself batch after batch)
-    was_training = model.training
-    model.eval()
-    flat = generate_text(model, tokenizer, [t for t in texts for _ in range(k)], sampling,
-                         batch_size=max(k, batch_size // k * k))
-    model.train(was_training)
-    flat = [r.strip() for r in flat]
-    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -218,8 +191,6 @@ def revision_pairs(prompts: list[Prompt], responses: list[list[str]], reviser, p
                    round_index: int) -> tuple[list[dict], Counter, dict]:
     """(revised > original) for every non-empty response; the responses that make none, counted by
     reason, and the first of each reason."""
-    from temper.align.feedback import same_text
-
     items = [(p, r, (i * len(rs) + j + round_index - 1) % len(principles))
              for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs)]
     skipped, first = Counter(), {}
@@ -262,36 +233,39 @@ def _earlier_rounds(out: Path) -> list[str]:
         ["summary.json"] if (out / "summary.json").is_file() else [])
 
 
-def run_online(cfg) -> dict:
-    from temper.config import to_dict
-    from temper.data.chat import chat_template_for
-    from temper.io import atomic_write_text, owned_output_dir, refuse_same_dir
-    from temper.lineage import read_lineage
-    from temper.loading import load_for_inference
-    from temper.recipes import dpo
-    from temper.runtime import resolve_device
+def round_settings(cfg: Config, *, policy: str, pairs: Path, eval_spec: list[str], round_dir: Path) -> dict:
+    """Round k's `temper dpo` settings: the `dpo.*` section plus what the round sets."""
+    settings: dict[str, Any] = {**cfg.dpo, "model": policy, "data": [str(pairs)], "eval_data": list(eval_spec),
+                                "output_dir": str(round_dir), "resume": "auto" if cfg.resume else "",
+                                "overwrite": False, "skip_bad_rows": True, "seed": cfg.seed, "device": cfg.device}
+    if cfg.template is not None:
+        settings["template"] = cfg.template
+    return settings
 
+
+def run(cfg: Config, commands) -> dict:
+    """The rounds. `commands` (given by the CLI) runs other temper commands in this process:
+    `commands.config(name, settings)` builds and checks a command's config from a mapping of its
+    keys, `commands.run(name, config)` runs it and returns its summary."""
     refuse_same_dir(cfg.output_dir, cfg.model, "model")
     device = resolve_device(cfg.device)
     lineage = read_lineage(cfg.model)
     world = lineage.get("world_dir")
-    prompt_spec = cfg.online_prompts or ([str(Path(world) / "rl" / "train.jsonl")] if world else [])
+    prompt_spec = cfg.prompts or ([str(Path(world) / "rl" / "train.jsonl")] if world else [])
     if not prompt_spec:
-        raise TemperError("online_prompts= is required: the model records no built-in world to take prompts from")
+        raise TemperError("prompts= is required: the model records no built-in world to take prompts from")
     eval_spec = cfg.eval_data or ([str(Path(world) / "preference" / "test.jsonl")] if world else [])
     kind, _ = split_spec(cfg.judge)
+    # every round's DPO settings are checked now, before anything is sampled
+    commands.config("dpo", round_settings(cfg, policy=cfg.model, pairs=Path("pairs.jsonl"), eval_spec=eval_spec,
+                                          round_dir=Path(cfg.output_dir) / "round_1"), source="dpo.* (temper dpo)")
 
-    with owned_output_dir(cfg.output_dir) as out:
+    with RunDir.owned(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, earlier=_earlier_rounds) as run_dir:
+        out = run_dir.path
         earlier = _earlier_rounds(out)
-        if earlier and not (cfg.resume or cfg.overwrite):
-            raise TemperError(f"output_dir {out} holds earlier rounds ({', '.join(earlier)}): resume=auto continues "
-                              "them, overwrite=true starts over, or choose another output_dir")
-
         # the judges: one that makes pairs, one that reports scores (the same when it scores)
         judge = reviser = None
         if kind == "constitution":
-            from temper.align.feedback import make_reviser, read_constitution
-
             principles = read_constitution(cfg.constitution or None)
             reviser = make_reviser(cfg.judge, device=device, max_new_tokens=cfg.max_new_tokens)
         else:
@@ -304,14 +278,8 @@ def run_online(cfg) -> dict:
         for j in (judge, monitor):
             if j is not None:
                 j.check_prompts(prompts)
-        if cfg.overwrite:  # only now: a run refused above leaves the earlier one as it was
-            import shutil
-
-            for name in earlier:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            (out / "rounds.jsonl").unlink(missing_ok=True)
-        atomic_write_text(out / "config.yaml", _yaml(to_dict(cfg)))
+        # only now: a run refused above leaves the earlier one as it was
+        run_dir.begin(cfg, start_over=cfg.overwrite, names=[*earlier, "rounds.jsonl"])
 
         reports, policy = [], cfg.model
         for k in range(1, cfg.rounds + 1):
@@ -373,18 +341,15 @@ def run_online(cfg) -> dict:
                 raise TemperError(f"round {k}: the judge made no pairs (skipped: {_counts(skipped)}{failed}); sample "
                                   "more (samples_per_prompt, prompts_per_round, temperature) or use another judge")
 
-            # 4: one DPO round on the pairs, from this round's policy (the reference: the same, or ref_model)
-            round_cfg = replace(cfg, rounds=0, model=policy, data=[str(pairs_path)], eval_data=list(eval_spec),
-                                output_dir=str(round_dir), resume="auto" if cfg.resume else "", overwrite=False,
-                                skip_bad_rows=True)
-            summary = dpo.run(round_cfg)
+            # 4: one DPO round on the pairs, from this round's policy (the reference: the same, or dpo.ref_model)
+            settings = round_settings(cfg, policy=policy, pairs=pairs_path, eval_spec=eval_spec, round_dir=round_dir)
+            summary = commands.run("dpo", commands.config("dpo", settings))
             report["dpo"] = _dpo_report(summary)
             trained = round_dir
-            if cfg.peft.method != "none":  # the adapter folded into its base: the next round's policy, a full model
-                from temper.stages import merge
-
+            if cfg.peft_method != "none":  # the adapter folded into its base: the next round's policy, a full model
                 trained = round_dir / "merged"
-                merge.run(merge.Config(model=policy, adapter=str(round_dir), output_dir=str(trained), overwrite=True))
+                commands.run("merge", commands.config("merge", {"model": policy, "adapter": str(round_dir),
+                                                                "output_dir": str(trained), "overwrite": True}))
 
             # 5: the trained policy on the same prompts, with the same seed
             if monitor is not None:
@@ -405,7 +370,7 @@ def run_online(cfg) -> dict:
             j.close()
         result = {"rounds": reports, "final_model": policy, "judge": cfg.judge,
                   "monitor_judge": cfg.monitor_judge or (cfg.judge if judge is not None else None)}
-        atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+        run_dir.write_summary(result)
         print(round_table(reports), file=sys.stderr)
         return result
 
@@ -420,12 +385,6 @@ def _dpo_report(summary: dict) -> dict:
 
 def _counts(counter: Counter | dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items())) or "none"
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _fmt(value) -> str:
@@ -444,7 +403,3 @@ def round_table(reports: list[dict]) -> str:
                      f"{_fmt(d.get('eval_rewards/accuracies_before'))} -> {_fmt(d.get('eval_rewards/accuracies_after'))} | "
                      f"{_fmt(d.get('general_ppl_before'))} -> {_fmt(d.get('general_ppl_after'))} |")
     return "\n".join(lines)
-
-
-__all__ = ["best_vs_worst", "check_config", "read_prompts", "revision_pairs", "round_prompts", "round_table",
-           "run_online", "sample_responses"]
