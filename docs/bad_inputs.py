@@ -26,7 +26,8 @@ TEXT = "\n\n".join(f"Paragraph {i}: the river runs past the mill and the miller 
 TINY = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", "samples=0", "peak_flops=1e9",
         "logging.progress=false"]
 DPO = ["seq_len=64", "batch_size=2", "max_steps=1", "peak_flops=1e9", "logging.progress=false"]
-ONLINE = ["rounds=1", "online_prompts=questions.jsonl", "samples_per_prompt=2", "max_new_tokens=8"]
+ONLINE = ["rounds=1", "prompts=questions.jsonl", "samples_per_prompt=2", "max_new_tokens=8",
+          *(f"dpo.{setting}" for setting in DPO)]
 SHORTHANDS = {"$TINY": TINY, "$DPO": DPO, "$ONLINE": ONLINE}
 JUDGES = """calls = 0
 
@@ -215,15 +216,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("fewer loss weights than losses", ["dpo", "loss_type=[sigmoid,sft]", "loss_weights=[1]"], "error"),
     ("the adapter as reference, without an adapter", ["dpo", "reference=adapter"], "error"),
     ("a judge that raises, with skip_bad_judgements=false",
-     ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:raises", "skip_bad_judgements=false", *DPO,
+     ["online-dpo", "model=base", *ONLINE, "judge=callable:my_judges:raises", "skip_bad_judgements=false",
       "output_dir=o30"], "error"),
     ("a judge that returns text, with skip_bad_judgements=false",
-     ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:text", "skip_bad_judgements=false", *DPO,
+     ["online-dpo", "model=base", *ONLINE, "judge=callable:my_judges:text", "skip_bad_judgements=false",
       "output_dir=o31"], "error"),
     ("a judge that raises or returns text or NaN on a few samples (skipped and counted)",
-     ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:flaky", *DPO, "output_dir=o32"], "ok"),
-    ("a judge that fails on every sample", ["dpo", "model=base", *ONLINE, "judge=callable:my_judges:raises", *DPO,
+     ["online-dpo", "model=base", *ONLINE, "judge=callable:my_judges:flaky", "output_dir=o32"], "ok"),
+    ("a judge that fails on every sample", ["online-dpo", "model=base", *ONLINE, "judge=callable:my_judges:raises",
                                             "output_dir=o33"], "error"),
+    ("an online-DPO key given to offline DPO", ["dpo", "rounds=2", "judge=rule:world"], "error"),
+    ("a round's DPO setting the rounds set themselves", ["online-dpo", "model=base", "dpo.data=pairs.jsonl"], "error"),
 ]
 
 

@@ -183,3 +183,75 @@ def test_mfu_counts_each_position_once_and_the_reference_forward(tmp_path, tiny_
     row = [r for r in read_metrics(tmp_path / reference / "metrics.jsonl") if "mfu" in r][-1]
     expected = row["tokens_per_second"] * share * flops_per_token(load_model(tiny_model_dir), 64) / 1e9
     assert row["mfu"] == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the reference component
+
+
+def test_adapter_reference_uses_the_original_modules_to_save(tmp_path, tiny_model_dir, pairs):
+    """With peft.modules_to_save=[lm_head] the adapter-disabled reference is the untrained base, as a
+    frozen copy is (PEFT disables a modules_to_save wrapper to its original module): both references
+    give the same training. Before the fix the trained lm_head leaked into the reference."""
+    train, _ = pairs
+    common = [f"data={train}", "max_steps=6", "eval_fraction=0.1", "logging.eval_at_start=false",
+              "peft.method=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj]", "peft.modules_to_save=[lm_head]"]
+    run_dpo(tmp_path, tiny_model_dir, *common, "reference=adapter", out="adapter")
+    run_dpo(tmp_path, tiny_model_dir, *common, "reference=copy", out="copy")
+
+    def losses(name):
+        return [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+
+    assert losses("copy")[-1] < 0.5  # the policy moved away from its reference
+    # the same sums in another order (the copy's lm_head vs the base kept beside the adapter): fp32 rounding
+    torch.testing.assert_close(losses("adapter"), losses("copy"), atol=1e-4, rtol=0)
+
+
+def test_disabled_adapters_restore_tied_modules_to_save():
+    """Unit: after training a tied lm_head in place, the disabled model's logits are the base's, and
+    enabling again gives the trained ones; the originals are not parameters and not in the state dict."""
+    from temper.config import PeftConfig
+    from temper.models import build_model, preset
+    from temper.peft.lora import disable_adapters, inject_lora, mark_trainable
+
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64))
+    assert model.config.tie_embeddings
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        base = model(ids).clone()
+    inject_lora(model, PeftConfig(method="lora", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    mark_trainable(model)
+    names = set(model.state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)  # "training" the tied weight moves the input embedding too
+        trained = model(ids).clone()
+        with disable_adapters(model):
+            disabled = model(ids)
+        again = model(ids)
+    assert (trained - base).abs().max() > 0.1
+    torch.testing.assert_close(disabled, base, atol=0, rtol=0)
+    torch.testing.assert_close(again, trained, atol=0, rtol=0)
+    assert set(model.state_dict()) == names and all(not n.startswith("lora_original") for n in names)
+
+
+def test_precomputed_reference_cache_is_keyed_on_the_weights(tmp_path, tiny_model_dir, pairs):
+    """overwrite=true keeps caches; a reference model whose weights changed at the same path must not
+    reuse the old log-probs: the loss of a policy equal to its reference starts at log 2 again."""
+    import shutil
+
+    from temper.models import load_model, save_model
+    from temper.data.tokenizer import Tokenizer
+
+    train, test = pairs
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    common = [f"data={train}", f"eval_data={test}", "max_steps=1", "reference=precomputed"]
+    first = run_dpo(tmp_path, model_dir, *common)
+    assert first["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    model = load_model(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    save_model(model, model_dir, tokenizer=Tokenizer.from_dir(model_dir))  # new weights, same path
+    again = run_dpo(tmp_path, model_dir, *common, "overwrite=true")
+    assert again["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -581,3 +581,38 @@ def test_packed_logprobs_and_gradients_equal_padded(tiny_tokenizer, family):
         packed = pair_logps(model, collate_unpaired(examples, tiny_tokenizer.pad_id, kl=True, max_len=128,
                                                     pack_len=1))[0]
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_kto_mismatched_rows_never_take_an_answer_to_the_same_prompt():
+    """KTO's KL rows pair prompt i with another example's answer. Unpaired from pairs, a prompt's
+    desirable and undesirable examples sit side by side (an unshuffled held-out loader): rotating by
+    one gave the undesirable example its own pair's chosen answer. Each KL row now takes the
+    nearest earlier example with another prompt; with one prompt in the batch, the previous one."""
+    from temper.data.preference import collate_unpaired
+
+    examples = []
+    for k in range(3):  # pairs of examples sharing a prompt, in order: (p0+, p0-), (p1+, p1-), (p2+, p2-)
+        prompt = [10 + k, 11 + k]
+        examples += [EncodedUnpaired(prompt, [20 + k, 2], True, f"f:{k}"),
+                     EncodedUnpaired(prompt, [30 + k, 2], False, f"f:{k}")]
+    batch = collate_unpaired(examples, 0, kl=True, max_len=16)
+    B = len(examples)
+    for i in range(B):  # row B + i: the prompt of example i, then an answer
+        row = batch.inputs[B + i].tolist()
+        answer = batch.targets[B + i][batch.targets[B + i] != IGNORE_INDEX].tolist()
+        assert row[:2] == examples[i].prompt_ids
+        owner = next(j for j, e in enumerate(examples) if e.completion_ids == answer)
+        assert examples[owner].prompt_ids != examples[i].prompt_ids, (i, owner)
+    alone = collate_unpaired(examples[:2], 0, kl=True, max_len=16)  # one prompt: nothing else to take
+    assert alone.inputs.shape[0] == 4
+
+
+def test_a_held_out_share_keeps_a_pairs_two_kto_examples_together():
+    from temper.data.sft import split_held_out
+
+    examples = [EncodedUnpaired([k, k + 1], [k + 2], label, f"f:{k}") for k in range(40) for label in (True, False)]
+    kept, held = split_held_out(examples, 0.2, seed=3, group=lambda e: tuple(e.prompt_ids))
+    assert len(held) == 16 and len(kept) == 64
+    assert not {tuple(e.prompt_ids) for e in kept} & {tuple(e.prompt_ids) for e in held}
+    plain_kept, plain_held = split_held_out(list(range(80)), 0.2, seed=3)  # ungrouped: unchanged behaviour
+    assert len(plain_held) == 16 and sorted(plain_kept + plain_held) == list(range(80))
