@@ -239,8 +239,8 @@ def test_precomputed_reference_cache_is_keyed_on_the_weights(tmp_path, tiny_mode
     reuse the old log-probs: the loss of a policy equal to its reference starts at log 2 again."""
     import shutil
 
-    from temper.models import load_model, save_model
     from temper.data.tokenizer import Tokenizer
+    from temper.models import load_model, save_model
 
     train, test = pairs
     model_dir = tmp_path / "model"
