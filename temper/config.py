@@ -318,7 +318,8 @@ RENAMED_KEYS = {"val_data": "eval_data", "val_fraction": "eval_fraction", "max_s
 MOVED_TO_ONLINE_DPO = {"rounds": "rounds", "judge": "judge", "constitution": "constitution",
                        "online_prompts": "prompts", "prompts_per_round": "prompts_per_round",
                        "samples_per_prompt": "samples_per_prompt", "monitor_judge": "monitor_judge",
-                       "skip_bad_judgements": "skip_bad_judgements"}
+                       "skip_bad_judgements": "skip_bad_judgements", "temperature": "temperature", "top_p": "top_p",
+                       "max_new_tokens": "max_new_tokens"}
 
 
 def _unknown_key(root: type, key: str, source: str) -> str:

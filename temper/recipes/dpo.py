@@ -29,19 +29,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 
-from temper.config import (
-    CheckpointConfig,
-    LoggingConfig,
-    OptimConfig,
-    PeftConfig,
-    ScheduleConfig,
-    check_range,
-    opt,
-)
+from temper.config import check_range, opt
 from temper.data.chat import resolve_template, stop_settings
 from temper.data.preference import (
     PreferenceLoader,
@@ -62,41 +54,18 @@ from temper.losses.preference import (
     preference_loss,
     preference_metrics,
 )
+from temper.train import recipe
 from temper.train.loop import TrainLoop
-from temper.train.recipe import (
-    Capabilities,
-    TrainingConfig,
-    load_policy,
-    make_trainable,
-    save_outputs,
-    shared,
-    start,
-)
 from temper.train.reference import Reference
 
 LORA_METHODS = ("lora", "dora", "qlora")
 
 
 @dataclass
-class Config(TrainingConfig):
-    command: ClassVar[str] = "dpo"
-    capabilities: ClassVar[Capabilities] = Capabilities(peft=True)
-
-    model: str = shared("model", "runs/sft")
-    output_dir: str = shared("output_dir", "runs/dpo")
-    seq_len: int = shared("seq_len", 512)
-    batch_size: int = shared("batch_size", 8)
-    max_steps: int = shared("max_steps", 200)
-    eval_batches: int = shared("eval_batches", 8)
-    optim: OptimConfig = shared("optim", OptimConfig(lr=5e-6, weight_decay=0.0))
-    schedule: ScheduleConfig = shared("schedule", ScheduleConfig(warmup_ratio=0.1))
-    checkpoint: CheckpointConfig = shared("checkpoint", CheckpointConfig(every=0))
-    logging: LoggingConfig = shared("logging", LoggingConfig(every=10, eval_every=50, eval_at_start=True))
-    peft: PeftConfig = shared("peft", PeftConfig())
-    columns: dict = shared("columns", {})
-    skip_bad_rows: bool = shared("skip_bad_rows", False)
-    template: str | None = shared("template", None)
-    general_data: list[str] = shared("general_data", [])
+class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilities(peft=True),
+             defaults=dict(model="runs/sft", output_dir="runs/dpo", max_steps=200, optim=dict(lr=5e-6, weight_decay=0.0),
+                           schedule=dict(warmup_ratio=0.1), logging=dict(every=10, eval_every=50, eval_at_start=True),
+                           peft={}, columns={}, skip_bad_rows=False, template=None, general_data=[])):
     ref_model: str | None = opt(None, "the reference model directory (default: model)")
     reference: Literal["auto", "copy", "adapter", "precomputed"] = opt(
         "auto", "the frozen reference: a copy, the adapter disabled, or log-probs computed once "
@@ -194,11 +163,11 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
 
 
 def run(cfg: Config) -> dict:
-    run = start(cfg, inputs=("model", "ref_model"))
+    run = recipe.start(cfg, inputs=("model", "ref_model"))
     mode = cfg.reference_mode()
 
     # model, tokenizer, template (message rows only; string rows are used as they are)
-    policy = load_policy(cfg, run)
+    policy = recipe.load_policy(cfg, run)
     tokenizer, lineage = policy.tokenizer, policy.lineage
     template = None if cfg.template == "none" else resolve_template(cfg.template, tokenizer)
 
@@ -223,7 +192,7 @@ def run(cfg: Config) -> dict:
 
     # the trainable part; per position run (chosen and rejected rows both count as positions): the policy's
     # forward and backward, plus a reference model's forward (a third of that) when one runs in training
-    trainable = make_trainable(policy.model, cfg, run, tokenizer=tokenizer,
+    trainable = recipe.make_trainable(policy.model, cfg, run, tokenizer=tokenizer,
                                flops_factor=4 / 3 if reference.needs_model_forward else 1)
     model = trainable.model
 
@@ -290,7 +259,7 @@ def run(cfg: Config) -> dict:
         loop.optimizer_step({"loss": result["loss"], **mean_preference_metrics(sums, result["count"])},
                             tokens=sum(b.inputs.numel() for b in micro))
 
-    save_outputs(loop, cfg, "dpo", tokenizer, lineage, template=template,
+    recipe.save_outputs(loop, cfg, "dpo", tokenizer, lineage, template=template,
                  eos_ids=stop_settings(tokenizer, template)[1] if template else None)
     return loop.finish({"loss_type": cfg.loss_type, "beta": cfg.beta, "reference": mode, "pairs": len(train),
                         "held_out_pairs": len(held), "skipped_rows": dict(stats.skipped),

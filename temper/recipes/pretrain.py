@@ -18,16 +18,12 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from temper.config import (
-    CheckpointConfig,
-    LoggingConfig,
-    OptimConfig,
-    ScheduleConfig,
     check_keys,
     check_range,
     opt,
@@ -44,32 +40,16 @@ from temper.models import build_model, load_model, preset
 from temper.models.config import ModelConfig
 from temper.models.generate import SamplingConfig, generate_text
 from temper.runtime import seed_everything
+from temper.train import recipe
 from temper.train.loop import TrainLoop
-from temper.train.recipe import (
-    Capabilities,
-    TrainingConfig,
-    make_trainable,
-    save_outputs,
-    shared,
-    start,
-)
 
 
 @dataclass
-class Config(TrainingConfig):
-    command: ClassVar[str] = "pretrain"
-    capabilities: ClassVar[Capabilities] = Capabilities(tensor_parallel=True, pipeline=True)
-
-    model: str = shared("model", "llama-3m")
-    output_dir: str = shared("output_dir", "runs/pretrain")
-    seq_len: int = shared("seq_len", 256)
-    batch_size: int = shared("batch_size", 16)
-    max_steps: int = shared("max_steps", 500)
-    eval_batches: int = shared("eval_batches", 0)
-    optim: OptimConfig = shared("optim", OptimConfig(lr=3e-3, weight_decay=0.1))
-    schedule: ScheduleConfig = shared("schedule", ScheduleConfig())
-    checkpoint: CheckpointConfig = shared("checkpoint", CheckpointConfig(every=200))
-    logging: LoggingConfig = shared("logging", LoggingConfig(every=20, eval_every=200))
+class Config(recipe.TrainingConfig, command="pretrain",
+             capabilities=recipe.Capabilities(tensor_parallel=True, pipeline=True),
+             defaults=dict(model="llama-3m", output_dir="runs/pretrain", seq_len=256, batch_size=16, max_steps=500,
+                           eval_batches=0, optim=dict(lr=3e-3, weight_decay=0.1), checkpoint=dict(every=200),
+                           logging=dict(every=20, eval_every=200))):
     model_config: dict = opt({}, "override preset fields, e.g. model_config.num_layers=6")
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
@@ -170,7 +150,7 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 
 
 def run(cfg: Config) -> dict:
-    run = start(cfg)
+    run = recipe.start(cfg)
 
     # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
     def prepare():
@@ -185,7 +165,7 @@ def run(cfg: Config) -> dict:
     train_files, val_files, cfg.text_field, world_facts, tokenizer, shard_dir = prepare()
     seed_everything(cfg.seed)  # the model's init does not depend on how data preparation went
     core = prepare_model(cfg, tokenizer, run.device, torch.float32)  # fp32 master weights
-    trainable = make_trainable(core, cfg, run, pipeline_microbatches=run.grad_accum, loss_chunk=cfg.loss_chunk)
+    trainable = recipe.make_trainable(core, cfg, run, pipeline_microbatches=run.grad_accum, loss_chunk=cfg.loss_chunk)
     model, par = trainable.model, run.par
     loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          rank=par.dp_rank, world_size=par.dp, grad_accum=run.grad_accum)
@@ -224,7 +204,7 @@ def run(cfg: Config) -> dict:
     # the model directory (one, whatever the layout), its lineage and samples: rank 0
     lineage = {"pretrain_shards": str(shard_dir.resolve()),
                "world_dir": str((run.out / "world").resolve()) if world_facts is not None else None}
-    plain = save_outputs(loop, cfg, "pretrain", tokenizer, lineage)
+    plain = recipe.save_outputs(loop, cfg, "pretrain", tokenizer, lineage)
     summary: dict = {}
     if plain is not None:
         summary = {"params": plain.num_parameters()}

@@ -16,17 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
-from temper.config import (
-    CheckpointConfig,
-    LoggingConfig,
-    OptimConfig,
-    PeftConfig,
-    ScheduleConfig,
-    check_range,
-    opt,
-)
+from temper.config import check_range, opt
 from temper.data.chat import resolve_template, stop_settings
 from temper.data.sft import (
     SFTLoader,
@@ -39,52 +31,27 @@ from temper.errors import TemperError
 from temper.eval.drift import DriftMonitor
 from temper.eval.generation import evaluate_instructions
 from temper.losses import causal_lm_loss
+from temper.train import recipe
 from temper.train.distributed import unwrap
 from temper.train.loop import TrainLoop
-from temper.train.recipe import (
-    Capabilities,
-    TrainingConfig,
-    load_policy,
-    make_trainable,
-    save_outputs,
-    shared,
-    start,
-)
 
 
 @dataclass
-class Config(TrainingConfig):
-    command: ClassVar[str] = "sft"
-    capabilities: ClassVar[Capabilities] = Capabilities(peft=True)
-
-    model: str = shared("model", "")
-    eval_fraction: float = shared("eval_fraction", 0.1)
-    output_dir: str = shared("output_dir", "runs/sft")
-    seq_len: int = shared("seq_len", 512)
-    batch_size: int = shared("batch_size", 16)
-    max_steps: int = shared("max_steps", 400)
-    eval_batches: int = shared("eval_batches", 8)
-    optim: OptimConfig = shared("optim", OptimConfig(lr=3e-4, weight_decay=0.0))
-    schedule: ScheduleConfig = shared("schedule", ScheduleConfig(warmup_ratio=0.05))
-    checkpoint: CheckpointConfig = shared("checkpoint", CheckpointConfig(every=0))
-    logging: LoggingConfig = shared("logging", LoggingConfig(every=20, eval_every=100, eval_at_start=True))
-    peft: PeftConfig = shared("peft", PeftConfig())
-    columns: dict = shared("columns", {})
-    skip_bad_rows: bool = shared("skip_bad_rows", False)
-    template: str | None = shared("template", None)
-    general_data: list[str] = shared("general_data", [])
-    loss_on: Literal["completion", "assistant", "all"] = opt(
-        "completion", "train on the last reply, on every assistant turn, or on every token")
+class Config(recipe.TrainingConfig, command="sft", capabilities=recipe.Capabilities(peft=True),
+             defaults=dict(model="", eval_fraction=0.1, output_dir="runs/sft", batch_size=16, max_steps=400,
+                           optim=dict(lr=3e-4, weight_decay=0.0), schedule=dict(warmup_ratio=0.05),
+                           logging=dict(every=20, eval_every=100, eval_at_start=True), peft={}, columns={},
+                           skip_bad_rows=False, template=None, general_data=[])):
     packing: bool = opt(False, "pack several examples per row (positions reset, attention kept inside each)")
     replay_weight: float = opt(0.0, "weight of a pretraining-data loss mixed into every step (0: no replay)")
     replay_batch_size: int = opt(8, "pretraining windows per step (per rank) when replaying")
     eval_samples: int = opt(100, "held-out instructions generated at each evaluation")
     eval_max_new_tokens: int = opt(40, "longest generated reply during evaluation")
+    loss_on: Literal["completion", "assistant", "all"] = opt(
+        "completion", "train on the last reply, on every assistant turn, or on every token")
 
     def validate(self) -> None:
         super().validate()
-        if not self.model:
-            raise TemperError("model= is required: the model directory to fine-tune")
         check_range("replay_weight", self.replay_weight, low=0.0, high=1.0, high_open=True)
         for key in ("replay_batch_size", "eval_max_new_tokens"):
             check_range(key, getattr(self, key), low=1)
@@ -111,10 +78,10 @@ def resolve_data(cfg: Config, lineage: dict):
 
 
 def run(cfg: Config) -> dict:
-    run = start(cfg)
+    run = recipe.start(cfg)
 
     # model, tokenizer, template
-    policy = load_policy(cfg, run)
+    policy = recipe.load_policy(cfg, run)
     tokenizer, lineage = policy.tokenizer, policy.lineage
     template = resolve_template(cfg.template, tokenizer)
     if template is None:
@@ -142,7 +109,7 @@ def run(cfg: Config) -> dict:
                                      world_size=run.par.dp)
 
     # the trainable part
-    trainable = make_trainable(policy.model, cfg, run, tokenizer=tokenizer)
+    trainable = recipe.make_trainable(policy.model, cfg, run, tokenizer=tokenizer)
     model = trainable.model
 
     def evaluate(step: int) -> dict:
@@ -180,7 +147,7 @@ def run(cfg: Config) -> dict:
         loop.optimizer_step(row, tokens=sum(b.inputs.numel() for b in micro))
 
     # generation stops at the template's end of turn, in transformers too
-    save_outputs(loop, cfg, "sft", tokenizer, lineage, eos_ids=stop_settings(tokenizer, template)[1],
+    recipe.save_outputs(loop, cfg, "sft", tokenizer, lineage, eos_ids=stop_settings(tokenizer, template)[1],
                  template=template)
     return loop.finish({
         "peft": cfg.peft.method, "trainable_parameters": trainable.trainable_parameters,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -39,6 +40,7 @@ from temper.config import (
     CheckpointConfig,
     LoggingConfig,
     OptimConfig,
+    PeftConfig,
     ScheduleConfig,
     check_range,
     opt,
@@ -121,12 +123,49 @@ class Capabilities:
     peft_with_fsdp: bool = False
 
 
+# The keys several (not all) recipes share, with their types: a recipe that has one names it in `defaults`.
+SHARED_TYPES: dict[str, Any] = {"peft": PeftConfig, "general_data": list[str], "columns": dict,
+                                "skip_bad_rows": bool, "template": str | None}
+
+
 @dataclass
 class TrainingConfig:
-    """The keys every training recipe has, with one meaning (and one help text) each."""
+    """The keys every training recipe has, with one meaning (and one help text) each.
+
+    A recipe's config is a subclass that names its command, its capabilities and its defaults:
+
+        @dataclass
+        class Config(TrainingConfig, command="sft", capabilities=Capabilities(peft=True),
+                     defaults=dict(max_steps=400, peft={}, optim=dict(lr=3e-4))):
+            loss_on: str = opt("completion", "...")         # the recipe's own keys
+
+    `defaults` changes a shared key's default (its type and help stay the ones declared here) or
+    adds one of the keys several recipes share (`SHARED_TYPES`), so a key never has two help texts; a
+    section's default is given as the keys that differ from the section's own defaults.
+    """
 
     command: ClassVar[str] = "train"
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, *, command: str | None = None, capabilities: Capabilities | None = None,
+                          defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if command is not None:
+            cls.command = command
+        if capabilities is not None:
+            cls.capabilities = capabilities
+        base = typing.get_type_hints(TrainingConfig)
+        shared_fields: dict[str, Any] = {}
+        for key, value in (defaults or {}).items():
+            if key not in base and key not in SHARED_TYPES:
+                raise TypeError(f"{cls.__name__}: defaults names {key!r}, which is not a shared key")
+            shared_fields[key] = kind = base.get(key, SHARED_TYPES.get(key))
+            if dataclasses.is_dataclass(kind) and isinstance(value, dict):  # a section: its defaults, changed here
+                start = field_default(TrainingConfig, key) if key in base else kind()
+                value = dataclasses.replace(start, **value)
+            setattr(cls, key, shared(key, value))  # the field @dataclass then finds: this default, the one help
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        cls.__annotations__ = {**shared_fields, **{k: v for k, v in own.items() if k not in shared_fields}}
 
     model: str = shared("model", "")
     data: list[str] = shared("data", [])
@@ -157,6 +196,8 @@ class TrainingConfig:
     def validate(self) -> None:
         """The checks every recipe shares; a recipe calls this first, then checks its own keys."""
         name, caps = self.command, self.capabilities
+        if not self.model:
+            raise TemperError("model= is required: the model directory to train")
         for key in ("batch_size", "grad_accum", "max_steps", "seq_len"):
             check_range(key, getattr(self, key), low=1)
         for key in ("global_batch_size", "eval_batches", "peak_flops"):
