@@ -258,10 +258,14 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token, PaLM's count (Chowdhery et al. 2022, appendix B):
     6 x (weights of the matrix multiplies) + 12 x layers x heads x head_dim x seq_len.
 
-    The matmul weights are every linear layer's (a tied output layer once; a 4-bit linear by
-    its shape); embedding and learned-position lookups, norms and biases are not matmuls. The
-    second term is attention's two (T x T) products, forward and backward, not halved for the
-    causal mask (as PaLM and nanoGPT count).
+    The matmul weights are every linear layer's, each once (a tied output layer once; a 4-bit
+    linear by its shape); embedding and learned-position lookups, norms and biases are not
+    matmuls. A wrapper of linear layers (a LoRA layer around its base) is not a matmul of its
+    own: its base counts once, and its LoRA A and B matrices count as the two small matmuls
+    they are. Frozen weights count 6 like trained ones (PaLM's convention: MFU compares runs
+    by model size, though a frozen weight's backward skips its weight gradient). The second
+    term is attention's two (T x T) products, forward and backward, not halved for the causal
+    mask (as PaLM and nanoGPT count).
     """
     seen: set[int] = set()
     matmul_weights = 0
@@ -270,7 +274,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
             if id(module.weight) not in seen:
                 seen.add(id(module.weight))
                 matmul_weights += module.weight.numel()
-        elif hasattr(module, "in_features") and not any(isinstance(c, torch.nn.Linear) for c in module.children()):
+        elif hasattr(module, "in_features") and hasattr(module, "out_features") and not any(
+                hasattr(inner, "in_features") for inner in module.modules() if inner is not module):
             matmul_weights += module.in_features * module.out_features  # quantised: weights are buffers
     c = model.config
     return 6 * matmul_weights + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
