@@ -179,7 +179,7 @@ def test_mfu_counts_each_position_once_and_the_reference_forward(tmp_path, tiny_
 
     train, _ = pairs
     run_dpo(tmp_path, tiny_model_dir, f"data={train}", "max_steps=2", "eval_fraction=0",
-            "logging.eval_at_start=false", "peak_flops=1e9", f"reference={reference}", out=reference)
+            "logging.eval_at_start=false", "peak_flops=1e12", f"reference={reference}", out=reference)
     row = [r for r in read_metrics(tmp_path / reference / "metrics.jsonl") if "mfu" in r][-1]
-    expected = row["tokens_per_second"] * share * flops_per_token(load_model(tiny_model_dir), 64) / 1e9
+    expected = row["tokens_per_second"] * share * flops_per_token(load_model(tiny_model_dir), 64) / 1e12
     assert row["mfu"] == pytest.approx(expected, rel=1e-6)

@@ -284,9 +284,12 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5,
                         size: int = 1024, trials: int = 5) -> float:
     """Achievable dense matmul FLOP/s on this device and dtype: the best of `trials` short windows
-    (a shared machine's neighbours only ever make a window slower)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    (a shared machine's neighbours only ever make a window slower). The matrices come from a
+    generator of its own: measuring never moves the global random state (a run may re-measure
+    mid-training, see `TrainLoop`)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     for _ in range(3):
         a @ b
     best = 0.0
