@@ -170,6 +170,22 @@ def test_padding_free_trains_as_padded(tmp_path, tiny_model_dir):
     assert packed["train_tokens"] < 0.8 * padded["train_tokens"]  # positions run, padding included
 
 
+def test_lora_on_lm_head_trains(tmp_path, tiny_model_dir, pairs):
+    """peft.target_modules=[lm_head] was a traceback (the log-probs read lm_head.weight of a LoRA
+    wrapper): the policy's log-probs go through the adapted output layer, the reference's through
+    the adapter switched off."""
+    from safetensors.torch import load_file
+
+    train, _ = pairs
+    run_dpo(tmp_path, tiny_model_dir, f"data={train}", "max_steps=2", "eval_fraction=0", "logging.eval_at_start=false",
+            "peft.method=lora", "peft.target_modules=[lm_head]", "optim.lr=1e-2")
+    rows = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
+    saved = load_file(tmp_path / "dpo" / "adapter_model.safetensors")
+    assert sorted(saved) == ["base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"]
+    assert saved["base_model.model.lm_head.lora_B.weight"].abs().max() > 0
+
+
 @pytest.mark.parametrize("reference, share", [("copy", 4 / 3), ("precomputed", 1.0)])
 def test_mfu_counts_each_position_once_and_the_reference_forward(tmp_path, tiny_model_dir, pairs, reference, share):
     """tokens are every position run (chosen and rejected rows); a reference model adds its forward
@@ -179,9 +195,9 @@ def test_mfu_counts_each_position_once_and_the_reference_forward(tmp_path, tiny_
 
     train, _ = pairs
     run_dpo(tmp_path, tiny_model_dir, f"data={train}", "max_steps=2", "eval_fraction=0",
-            "logging.eval_at_start=false", "peak_flops=1e9", f"reference={reference}", out=reference)
+            "logging.eval_at_start=false", "peak_flops=1e12", f"reference={reference}", out=reference)
     row = [r for r in read_metrics(tmp_path / reference / "metrics.jsonl") if "mfu" in r][-1]
-    expected = row["tokens_per_second"] * share * flops_per_token(load_model(tiny_model_dir), 64) / 1e9
+    expected = row["tokens_per_second"] * share * flops_per_token(load_model(tiny_model_dir), 64) / 1e12
     assert row["mfu"] == pytest.approx(expected, rel=1e-6)
 
 

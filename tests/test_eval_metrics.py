@@ -219,6 +219,23 @@ def test_evaluate_batches_bits_per_byte_leaves_eos_out():
     assert "val_bpb" not in no_bytes and no_bytes["val_loss"] == pytest.approx(out["val_loss"])
 
 
+
+def test_evaluate_batches_counts_a_documents_first_token_without_the_dummy_prefix():
+    """A SentencePiece-style tokenizer puts a space in front of every document: its first token
+    (the target after EOS) stands for one byte less than mid-text. Its NLL still counts (a text
+    token), and a dummy space alone (0 bytes at the start) is not taken for a special token."""
+    probs = torch.full((4, 4), 1 / 4)
+    model = TableModel(probs)  # every transition costs 2 bits
+    token_bytes, start_token_bytes = torch.tensor([0, 1, 3, 4]), torch.tensor([0, 0, 3, 3])
+    inputs = torch.tensor([[2, 0, 3, 2, 0]])
+    targets = torch.tensor([[0, 3, 2, 0, 1]])  # EOS, a document's "▁word" (3 bytes there), 3, EOS, a lone "▁"
+    out = evaluate_batches(model, [(inputs, targets)], device=torch.device("cpu"), token_bytes=token_bytes,
+                           start_token_bytes=start_token_bytes, eos_id=0)
+    assert out["val_bpb"] == pytest.approx(3 * 2 / (3 + 3 + 0))
+    mid_only = evaluate_batches(model, [(inputs, targets)], device=torch.device("cpu"), token_bytes=token_bytes)
+    assert mid_only["val_bpb"] == pytest.approx(3 * 2 / (4 + 3 + 1))
+
+
 # -- text metrics
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 import types
 import typing
+import warnings
 
 import pytest
 import torch
@@ -186,6 +187,41 @@ def test_nothing_draws_from_the_restored_rng_before_training_continues(tmp_path)
     toy_run(tmp_path / "b", dataclasses.replace(cfg, resume="auto"), noisy=True)
     rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in "ab")
     assert [r.get("loss") for r in rows_a] == [r.get("loss") for r in rows_b]
+
+
+@pytest.mark.parametrize("remeasured", [1e15, 1.0])
+def test_mfu_above_one_is_never_logged(tmp_path, monkeypatch, remeasured):
+    """An under-estimated peak (a busy machine while it was measured at start) gives MFU > 100%:
+    the peak is measured once more and the larger kept; if the MFU still exceeds 1, the rows say
+    `mfu: null` and a warning says why, instead of a figure above 100%."""
+    from temper.train import engine
+
+    peaks = iter([1.0, remeasured])  # FLOP/s: the first is far below what the toy run reaches
+    calls = []
+    monkeypatch.setattr(engine, "measure_matmul_peak", lambda *a, **k: calls.append(a) or next(peaks))
+    cfg = dataclasses.replace(ToyConfig(), peak_flops=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        toy_run(tmp_path, cfg)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(calls) == 2  # at start, and once more at the first MFU above 1
+    mfu_warnings = [w for w in caught if "MFU came out at" in str(w.message)]
+    if remeasured > 1.0:
+        assert all(0 < r["mfu"] <= 1 for r in rows) and not mfu_warnings
+        assert rows[-1]["mfu"] == pytest.approx(rows[-1]["tokens_per_second"] * 10.0 / remeasured)
+    else:
+        assert all(r["mfu"] is None for r in rows)
+        assert len(mfu_warnings) == 1 and "peak_flops=" in str(mfu_warnings[0].message)
+
+
+def test_mfu_above_one_with_a_given_peak_is_null_and_warned(tmp_path, monkeypatch):
+    from temper.train import engine
+
+    monkeypatch.setattr(engine, "measure_matmul_peak", lambda *a, **k: pytest.fail("a given peak is not measured"))
+    with pytest.warns(UserWarning, match=r"MFU came out at .*peak_flops=1\)"):
+        toy_run(tmp_path, dataclasses.replace(ToyConfig(), peak_flops=1.0))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert rows and all(r["mfu"] is None for r in rows)
 
 
 def test_fp16_gradient_scaler_state_travels_with_the_checkpoint(tmp_path):

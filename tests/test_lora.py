@@ -286,6 +286,69 @@ def test_quantised_base_inject_and_merge(method):
         torch.testing.assert_close(model(x), before, atol=ATOL, rtol=0)
 
 
+def tiny_llama_like(tied: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(preset("llama-tiny", vocab_size=128, tie_embeddings=tied))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_on_lm_head_scores_as_its_merged_model(method, tied):
+    """The fused loss and the chunked log-probs take the output layer's weight, not the module: with
+    LoRA on lm_head they take its effective weight (W + s B A, DoRA's rescaled), so the log-probs
+    are the adapted model's (its forward and its merged copy), the gradients are those of the
+    unfused logits, and with the adapter disabled they are the base's. Merging a tied lm_head
+    unties it. (`output_weight` used to read `lm_head.weight`: an AttributeError.)"""
+    import contextlib
+    import copy
+
+    import torch.nn.functional as F
+
+    from temper.losses import IGNORE_INDEX, causal_lm_loss
+    from temper.losses.logprobs import causal_lm_token_logprobs
+
+    model = tiny_llama_like(tied)
+    inject_lora(model, lora_cfg(method=method, target_modules=["lm_head", "q_proj"]))
+    randomise(model)
+    mark_trainable(model)
+    x, targets = ids(), ids(seed=1)
+    targets[0, :4] = IGNORE_INDEX
+    scored = targets != IGNORE_INDEX
+
+    def reference(m):  # from the full logits of the forward
+        logps = F.log_softmax(m(x).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return logps * scored
+
+    with torch.no_grad():
+        ours = causal_lm_token_logprobs(model, x, targets)
+        torch.testing.assert_close(ours, reference(model), atol=ATOL, rtol=0)
+        assert (ours - reference(tiny_llama_like(tied))).abs().max() > 1e-2  # the adapter matters here
+        with pytest.warns(UserWarning, match="unties it") if tied else contextlib.nullcontext():
+            merged = merge_lora(copy.deepcopy(model))
+        assert merged.config.tie_embeddings is False and merged.lm_head.weight is not merged.input_embeddings.weight
+        torch.testing.assert_close(causal_lm_token_logprobs(merged, x, targets), ours, atol=ATOL, rtol=0)
+        with disable_adapters(model):
+            torch.testing.assert_close(causal_lm_token_logprobs(model, x, targets), reference(tiny_llama_like(tied)),
+                                       atol=ATOL, rtol=0)
+
+    head = model.lm_head
+    trained = [head.lora_A["default"].weight, head.lora_B["default"].weight, *head.lora_magnitude.values()]
+    causal_lm_loss(model, x, targets)[0].backward()
+    fused = [p.grad.clone() for p in trained]
+    model.zero_grad()
+    F.cross_entropy(model(x).flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    for a, b in zip(fused, [p.grad for p in trained]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_dropout_on_lm_head_is_refused():
+    from temper.peft import apply_peft
+
+    with pytest.raises(TemperError, match=r"peft.dropout=0.1 cannot apply to lm_head.*peft.target_modules"):
+        apply_peft(tiny_llama(), lora_cfg(target_modules=["lm_head"], dropout=0.1))
+    apply_peft(tiny_llama(), lora_cfg(target_modules=["q_proj"], dropout=0.1))  # elsewhere it applies
+
+
 # ----------------------------------------------------------------------------- several adapters
 
 

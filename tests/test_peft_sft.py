@@ -95,6 +95,31 @@ def test_merge_and_peft_library_agree(tmp_path, tiny_model_dir, sft_rows, capsys
         torch.testing.assert_close(with_adapter(x).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_lora_on_a_tied_lm_head_trains_and_merges_untied(tmp_path, tiny_model_dir, sft_rows, capsys):
+    """peft.target_modules=[lm_head] (was a traceback: the fused loss read lm_head.weight of a LoRA
+    wrapper): the loss goes through the adapted output layer, and `temper merge` unties the tied
+    output layer, or the adapter's effect on it would be lost."""
+    from temper.cli import main
+    from temper.models import load_model
+    from temper.peft import load_peft
+
+    run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "peft.target_modules=[lm_head]", "max_steps=2",
+            "optim.lr=1e-2", out="lora")
+    x = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        adapted = load_model(tiny_model_dir).eval()
+        load_peft(adapted, tmp_path / "lora")
+        expected = adapted(x)
+        assert (expected - load_model(tiny_model_dir).eval()(x)).abs().max() > 1e-3  # the adapter trained
+        capsys.readouterr()
+        assert main(["merge", f"model={tiny_model_dir}", f"adapter={tmp_path / 'lora'}",
+                     f"output_dir={tmp_path / 'merged'}"]) == 0
+        assert "unties it from the input embedding" in capsys.readouterr().err
+        merged = load_model(tmp_path / "merged").eval()
+        assert not merged.config.tie_embeddings
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=0)
+
+
 def test_qlora_merge_says_it_dequantises(tmp_path, tiny_model_dir, sft_rows, capsys):
     from temper.cli import main
 

@@ -285,6 +285,36 @@ def test_metrics_are_sums_and_accuracy_is_strict():
     assert not any(k.startswith("count/") for k in means)
 
 
+@pytest.mark.parametrize("kind", ["simpo", "orpo", ("simpo", "sft")])
+def test_simpo_and_orpo_log_per_token_mean_logps_as_trl(kind):
+    """TRL's CPO (simpo) and ORPO trainers log the per-token *mean* log-probs as logps/*: Σ_i
+    logp_i / n_i over pairs, divided by the pairs; ORPO adds log_odds_ratio = mean log σ(L) and
+    log_odds_chosen = mean L, L = log odds(y_w) − log odds(y_l). No logits/*: TRL's average over
+    every position of padded rows (prompt and padding included)."""
+    chosen, rejected = _t([-2.0, -9.0]), _t([-6.0, -4.0])
+    chosen_tokens, rejected_tokens = _t([2, 3], torch.long), _t([4, 1], torch.long)  # means -1, -3; -1.5, -4
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        kind, chosen, rejected, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, beta=BETA)
+    sums = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, chosen_logits_sum=_t([1.0, 2.0]),
+                              rejected_logits_sum=_t([1.0, 2.0]), chosen_tokens=chosen_tokens,
+                              rejected_tokens=rejected_tokens, loss_type=kind)
+    means = mean_preference_metrics({k: float(v) for k, v in sums.items()}, count=2)
+    assert means["logps/chosen"] == pytest.approx((-1.0 - 3.0) / 2)
+    assert means["logps/rejected"] == pytest.approx((-1.5 - 4.0) / 2)
+    assert means["rewards/chosen"] == pytest.approx(BETA * (-1.0 - 3.0) / 2)
+    assert not any(k.startswith(("logits/", "count/")) for k in sums)
+    if kind == "orpo":
+        log_odds = [(c - math.log(1 - math.exp(c))) - (r - math.log(1 - math.exp(r))) for c, r in ((-1, -1.5), (-3, -4))]
+        assert means["log_odds_chosen"] == pytest.approx(sum(log_odds) / 2, rel=1e-6)
+        assert means["log_odds_ratio"] == pytest.approx(sum(math.log(_sigmoid(x)) for x in log_odds) / 2, rel=1e-6)
+    else:
+        assert "log_odds_ratio" not in means
+    dpo = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)  # the DPO family: sums
+    assert float(dpo["logps/chosen"]) == -11.0
+    with pytest.raises(ValueError, match="per-token mean log-probs"):
+        preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, loss_type=kind)
+
+
 def test_metrics_sum_over_micro_batches_to_the_whole_batch():
     rewards = _t([0.5, -0.25, 0.3, 0.1]), _t([-0.25, 0.25, 0.2, 0.0])
     logps = _t([-1.0, -2.0, -3.0, -4.0]), _t([-5.0, -6.0, -7.0, -8.0])

@@ -138,3 +138,82 @@ def test_orpo_matches_trl_odds_ratio_loss():
     torch.testing.assert_close(losses, -chosen_avg - trl_ratio_terms.double(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(chosen_rewards, trl_chosen_rewards.double(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rejected_rewards, trl_rejected_rewards.double(), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- SimPO / ORPO metrics, TRL's whole path
+
+V = 11
+
+
+def _padded_pairs():
+    """TRL's padded batch (prompt + completion, right padding, labels -100 on prompt and padding)
+    and a bigram table whose row for the input token is the next position's logits."""
+    g = torch.Generator().manual_seed(2)
+    prompt, completion = [3, 2, 4, 3], ([4, 1, 5, 2], [2, 5, 1, 3])
+    batch = {}
+    for side, lengths in zip(("chosen", "rejected"), completion):
+        ids = torch.zeros(B, T, dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for row, (p, n) in enumerate(zip(prompt, lengths)):
+            ids[row, :p + n] = torch.randint(1, V, (p + n,), generator=g)
+            mask[row, :p + n] = 1
+            labels[row, p:p + n] = ids[row, p:p + n]
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    table = torch.randn(V, V, generator=g, dtype=torch.float64)
+    return batch, table
+
+
+def _trl_metrics(trainer_class, batch, table, **settings):
+    from types import MethodType
+
+    trainer = SimpleNamespace(
+        is_encoder_decoder=False, pad_token_id=0, padding_value=0, aux_loss_enabled=False, alpha=0.0,
+        label_smoothing=0.0, accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x),
+        concatenated_inputs=trainer_class.concatenated_inputs, get_batch_logps=trainer_class.get_batch_logps,
+        **settings)
+    for name in ("concatenated_forward", "get_batch_loss_metrics", "cpo_loss", "odds_ratio_loss"):
+        if hasattr(trainer_class, name):
+            setattr(trainer, name, MethodType(getattr(trainer_class, name), trainer))
+    model = lambda input_ids, **kwargs: SimpleNamespace(logits=table[input_ids])  # noqa: E731
+    return trainer.get_batch_loss_metrics(model, batch)
+
+
+def _our_metrics(kind, batch, table, **settings):
+    from temper.losses.logprobs import sequence_logprobs
+
+    inputs = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    # the table's rows are the logits: hidden = table[input], output layer = identity
+    logps, counts = sequence_logprobs(table[inputs][:, :-1], torch.eye(V, dtype=torch.float64), labels[:, 1:])
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        kind, logps[:B], logps[B:], chosen_tokens=counts[:B], rejected_tokens=counts[B:], **settings)
+    sums = preference_metrics(chosen_rewards, rejected_rewards, logps[:B], logps[B:], chosen_logits_sum=logps[:B],
+                              rejected_logits_sum=logps[B:], chosen_tokens=counts[:B], rejected_tokens=counts[B:],
+                              loss_type=[kind])
+    return losses, mean_preference_metrics({k: float(v) for k, v in sums.items()}, count=B)
+
+
+def test_simpo_and_orpo_metrics_are_trls():
+    """logps/chosen and logps/rejected are the per-token mean log-probs TRL's CPO (simpo) and ORPO
+    trainers log, rewards β times them; ORPO's log_odds_* too. logits/* are not logged: TRL's
+    average every position of its padded rows, prompt and padding included."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    batch, table = _padded_pairs()
+    trl_loss, trl = _trl_metrics(CPOTrainer, batch, table, loss_type="simpo", beta=2.0, simpo_gamma=0.5,
+                                 cpo_alpha=0.0)
+    losses, ours = _our_metrics("simpo", batch, table, beta=2.0, simpo_gamma=0.5)
+    # temper's log-prob primitive sums in float32, hence the tolerances
+    torch.testing.assert_close(losses.mean().double(), trl_loss, rtol=1e-6, atol=1e-6)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected"]
+    for name in names:
+        assert ours[name] == pytest.approx(trl[name], rel=1e-6, abs=1e-6), name
+    assert not any(k.startswith("logits/") for k in ours)
+
+    _, trl = _trl_metrics(ORPOTrainer, batch, table, beta=0.1)
+    _, ours = _our_metrics("orpo", batch, table, beta=0.1)
+    for name in [*names, "log_odds_ratio", "log_odds_chosen"]:
+        assert ours[name] == pytest.approx(trl[name], rel=1e-6, abs=1e-6), name
+    assert not any(k.startswith("logits/") for k in ours)

@@ -216,3 +216,22 @@ def test_flops_per_token_equals_counted_flops(name):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         causal_lm_loss(model, x, y)[0].backward()
     assert engine.flops_per_token(model, T) * B * T == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_flops_per_token_counts_each_matmul_weight_once_under_lora(method):
+    """A LoRA wrapper is not a matmul of its own: the base (plain or NF4) counts once, and the
+    adapter's A and B (r x in, out x r) count as the two small matmuls they are. QLoRA used to
+    count the 4-bit base and its wrapper both (1.63x the plain model's FLOPs)."""
+    from temper.config import PeftConfig
+    from temper.peft import apply_peft
+    from temper.peft.lora import lora_modules
+
+    torch.manual_seed(0)
+    plain = engine.flops_per_token(build_model(preset("llama-tiny", vocab_size=64)), 32)
+    model = build_model(preset("llama-tiny", vocab_size=64))
+    apply_peft(model, PeftConfig(method=method, r=4, target_modules=["all-linear"]))
+    adapters = sum(m.lora_A[m.active].weight.numel() + m.lora_B[m.active].weight.numel()
+                   for _, m in lora_modules(model))
+    assert adapters == 4 * sum(m.in_features + m.out_features for _, m in lora_modules(model))
+    assert engine.flops_per_token(model, 32) == plain + 6 * adapters

@@ -99,20 +99,56 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def token_byte_lengths(self) -> list[int]:
-        """UTF-8 bytes of text each token stands for (0 for special tokens): for bits per byte."""
+    def token_byte_lengths(self, *, at_start: bool = False) -> list[int]:
+        """UTF-8 bytes of text each token stands for (0 for special tokens): for bits per byte.
+
+        Byte-level BPE (a ByteLevel decoder): one symbol per byte. Other tokenizers (SentencePiece
+        style, `▁word` pieces with a Metaspace or Replace decoder; WordPiece): the bytes a token adds
+        to a decoded text after another token, len(decode([i, i])) - len(decode([i])), so `▁word`
+        counts its space (decoding one token alone drops a leading space); a byte-fallback piece
+        `<0xNN>` is one byte.
+
+        `at_start`: the bytes as the first token of a text. A tokenizer that puts a dummy space in
+        front of every text (SentencePiece's add_dummy_prefix, Metaspace's prepend_scheme
+        first/always, ByteLevel's add_prefix_space) makes a text's first token carry a space that
+        stands for no byte of the text: there the decoder's first-token form counts (decode([i]),
+        or a byte-level piece without its leading "Ġ"). Otherwise the same lengths as mid-text.
+        """
+        import re
+
+        spec = json.loads(self.backend.to_str())
+        byte_level = '"ByteLevel"' in json.dumps(spec.get("decoder"))
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
         byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
         special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
-        lengths = []
-        for i in range(self.vocab_size):
-            piece = self.backend.id_to_token(i)
+        pieces = [self.backend.id_to_token(i) for i in range(self.vocab_size)]
+        lengths: list = []
+        for piece in pieces:
             if piece is None or piece in special:
                 lengths.append(0)
-            elif all(ch in byte_of for ch in piece):  # byte-level BPE: one symbol per byte
+            elif byte_level and all(ch in byte_of for ch in piece):  # one symbol per byte
                 lengths.append(len(piece))
+            elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                lengths.append(1)
             else:
-                lengths.append(len(self.backend.decode([i]).encode("utf-8")))
-        return lengths
+                lengths.append(None)  # decoded below, all at once
+        todo = [i for i, n in enumerate(lengths) if n is None]
+        alone = self.backend.decode_batch([[i] for i in todo], skip_special_tokens=False)
+        twice = self.backend.decode_batch([[i, i] for i in todo], skip_special_tokens=False)
+        for i, one, two in zip(todo, alone, twice):
+            lengths[i] = len(two.encode("utf-8")) - len(one.encode("utf-8"))
+        probe = self.backend.encode("a", add_special_tokens=False).ids
+        if not at_start or sum(lengths[i] for i in probe) <= 1:  # no dummy prefix: the same everywhere
+            return lengths
+        first = list(lengths)
+        for i, one in zip(todo, alone):
+            first[i] = len(one.encode("utf-8"))
+        if byte_level:
+            space = _bytes_to_unicode()[ord(" ")]
+            for i, piece in enumerate(pieces):
+                if first[i] and piece.startswith(space) and all(ch in byte_of for ch in piece):
+                    first[i] -= 1
+        return first
 
     # -- files
     @classmethod

@@ -8,7 +8,10 @@ i.e. whose `token_bytes` is > 0. EOS (and any other zero-byte special token) is 
 of the numerator as well as the denominator: lm-evaluation-harness's bits per byte scores
 the tokens of a text and never an end-of-text token, so this val_bpb measures the same
 thing as `temper eval data=` and lm-eval on the same text (up to the windowing), and
-does not charge a document boundary's cost to the text's bytes.
+does not charge a document boundary's cost to the text's bytes. A tokenizer that puts a
+dummy space in front of each text (SentencePiece style) gives its documents' first tokens
+(targets after EOS) their first-token byte lengths (`start_token_bytes`), so the bytes
+are the documents' own.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from temper.losses.clm import output_weight
 @torch.no_grad()
 def evaluate_batches(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
                      autocast: Callable = None, token_bytes: torch.Tensor | None = None,
+                     start_token_bytes: torch.Tensor | None = None, eos_id: int | None = None,
                      max_batches: int = 0) -> dict[str, float]:
     """val_loss / val_ppl / val_tokens over `batches` (up to `max_batches`, 0: all), plus
-    val_bpb when `token_bytes` (V,) gives each token's UTF-8 byte length (0 for EOS)."""
+    val_bpb when `token_bytes` (V,) gives each token's UTF-8 byte length (0 for EOS);
+    `start_token_bytes` (V,) the lengths of a document's first token (a target whose input
+    is `eos_id`), when they differ (`Tokenizer.token_byte_lengths(at_start=True)`)."""
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
@@ -43,8 +49,12 @@ def evaluate_batches(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
             nll += batch_nll
             if token_bytes is not None:
                 hidden, flat = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
-                sizes = token_bytes.to(flat.device)[flat.clamp(min=0)] * (flat != IGNORE_INDEX)  # (N,)
-                zero = (sizes == 0) & (flat != IGNORE_INDEX)  # EOS and other special targets: few rows
+                scored = flat != IGNORE_INDEX
+                sizes = token_bytes.to(flat.device)[flat.clamp(min=0)] * scored  # (N,)
+                zero = (sizes == 0) & scored  # EOS and other special targets: few rows
+                if start_token_bytes is not None and eos_id is not None:  # a document's first tokens
+                    starts = inputs.reshape(-1) == eos_id
+                    sizes = torch.where(starts, start_token_bytes.to(flat.device)[flat.clamp(min=0)] * scored, sizes)
                 zero_nll = fused_linear_cross_entropy(hidden[zero], output_weight(model), flat[zero]).item() \
                     if bool(zero.any()) else 0.0
                 text_nll += batch_nll - zero_nll

@@ -115,9 +115,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
 def output_weight(model) -> torch.Tensor:
     """The output layer's weight (V, C) of a temper decoder, also through a
-    DistributedDataParallel wrapper (whose `module` is the model)."""
+    DistributedDataParallel wrapper (whose `module` is the model). A LoRA-adapted output layer
+    gives its effective weight (W + s B A, or DoRA's), through which the adapter's gradients flow."""
     inner = getattr(model, "module", None)
-    return (inner if isinstance(inner, torch.nn.Module) and hasattr(inner, "lm_head") else model).lm_head.weight
+    head = (inner if isinstance(inner, torch.nn.Module) and hasattr(inner, "lm_head") else model).lm_head
+    effective = getattr(head, "effective_weight", None)
+    return effective() if effective is not None else head.weight
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,

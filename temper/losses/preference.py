@@ -27,6 +27,8 @@ and Δ̄ the same with each log-ratio divided by its completion's token count (c
 Where this departs from TRL 1.16 (each also said in the function's docstring):
 - `sigmoid` honours `label_smoothing` (cDPO, as earlier TRL releases); TRL 1.16 applies ε only to
   `robust` and `exo_pair`. With the default ε = 0 both agree.
+- SimPO and ORPO do not log logits/*: TRL's CPO and ORPO trainers average the logits over every
+  position of padded rows, prompt and padding included (see `preference_metrics`).
 - `sft` (and ORPO's NLL) is the mean token NLL *of each chosen completion*, one value per pair;
   TRL averages over all chosen tokens of the device's micro-batch, which cannot be summed per
   pair and weighs long answers more. RPO's and ORPO's papers normalise per example, as here.
@@ -263,18 +265,37 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
                        chosen_logits_sum: torch.Tensor | None = None,
                        rejected_logits_sum: torch.Tensor | None = None,
                        chosen_tokens: torch.Tensor | None = None,
-                       rejected_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """TRL's DPO metrics as sums over the batch (detached scalars), to be summed over micro-batches
-    and ranks and then turned into means by `mean_preference_metrics`.
+                       rejected_tokens: torch.Tensor | None = None,
+                       loss_type: str | Sequence[str] = "sigmoid") -> dict[str, torch.Tensor]:
+    """TRL's metrics for `loss_type` as sums over the batch (detached scalars), to be summed over
+    micro-batches and ranks and then turned into means by `mean_preference_metrics`.
 
+    policy_*_logps are summed over each completion's tokens, as `preference_loss` takes them.
     rewards/chosen, rewards/rejected: Σ rewards; rewards/accuracies: Σ [chosen > rejected], a tie
-    counts 0 (TRL's strict >); rewards/margins: Σ (chosen − rejected); logps/chosen, logps/rejected:
-    Σ policy log-probs as given (summed for the reference losses; TRL's CPO/ORPO log averaged ones).
+    counts 0 (TRL's strict >); rewards/margins: Σ (chosen − rejected).
+
+    The DPO family (`DPOTrainer`): logps/chosen, logps/rejected: Σ summed log-probs.
     logits/chosen, logits/rejected (optional): TRL's is a *token* mean, Σ over completion tokens of
     the logit averaged over the vocabulary, divided by the number of completion tokens. Pass each
     pair's Σ over its completion tokens of mean_v z_v (B,) and the token counts; the counts come
     back as count/chosen_tokens and count/rejected_tokens, the denominators.
+
+    `simpo` (`CPOTrainer`) and `orpo` (`ORPOTrainer`): logps/* are Σ of each completion's *per-token
+    mean* log-prob (TRL's `average_log_prob=True`), which needs the token counts; for `orpo` also
+    log_odds_ratio = Σ log σ(log odds(y_w) − log odds(y_l)) and log_odds_chosen = Σ (log odds(y_w) −
+    log odds(y_l)), per pair as TRL averages them. logits/* are left out: those trainers average the
+    logits over every position of the padded rows (prompt and padding included), which packed
+    batches do not have and the completion-only scoring never computes. Their nll_loss (the
+    chosen's cross-entropy, ORPO's over prompt and completion) is not logged either.
     """
+    kinds = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    reference_free = bool(set(kinds) & set(REFERENCE_FREE_LOSS_TYPES))
+    if reference_free:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError(f"loss_type {kinds} logs per-token mean log-probs: pass chosen_tokens and "
+                             "rejected_tokens")
+        policy_chosen_logps = _per_token(policy_chosen_logps, chosen_tokens)
+        policy_rejected_logps = _per_token(policy_rejected_logps, rejected_tokens)
     metrics = {
         "rewards/chosen": chosen_rewards.detach().sum(),
         "rewards/rejected": rejected_rewards.detach().sum(),
@@ -283,6 +304,13 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
         "logps/chosen": policy_chosen_logps.detach().sum(),
         "logps/rejected": policy_rejected_logps.detach().sum(),
     }
+    if "orpo" in kinds:  # in float32, as TRL's odds_ratio_loss
+        chosen, rejected = policy_chosen_logps.detach().float(), policy_rejected_logps.detach().float()
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        metrics["log_odds_ratio"] = F.logsigmoid(log_odds).sum()
+        metrics["log_odds_chosen"] = log_odds.sum()
+    if reference_free:
+        return metrics
     for side, logits_sum, tokens in (("chosen", chosen_logits_sum, chosen_tokens),
                                      ("rejected", rejected_logits_sum, rejected_tokens)):
         if logits_sum is None:

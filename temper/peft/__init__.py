@@ -55,6 +55,12 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[
                                                        double_quant=cfg.double_quant)
         info["modules"] = inject_lora(model, cfg)
         mark_trainable(model)
+        head = getattr(model, "lm_head", None)
+        if cfg.dropout > 0 and head is not None and any(model.get_submodule(n) is head for n in info["modules"]):
+            # training computes the output layer fused, from its effective weight: no dropout there
+            raise TemperError(f"peft.dropout={cfg.dropout:g} cannot apply to lm_head, whose loss is computed "
+                              "fused from the adapted weight: set peft.dropout=0 or take lm_head out of "
+                              "peft.target_modules")
     else:
         from temper.peft import adapters
 

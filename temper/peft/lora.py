@@ -100,6 +100,24 @@ class LoRALinear(nn.Module):
             merged = (self.lora_magnitude[name] / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
         return merged.to(w.dtype)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight this layer applies now, differentiable in the adapter's tensors (for
+        a fused output layer that takes a weight, not a module): W when no adapter is active or
+        adapters are disabled; W + s B A (LoRA); (m / ||W + s B A||_c) (W + s B A) with the norm a
+        constant, as in `forward` (DoRA). In the adapter's dtype. Dropout has no place in a
+        weight: `forward` with an active dropout differs (`temper.peft.apply_peft` refuses that
+        for the output layer)."""
+        w = base_weight(self.base)
+        name = self.active
+        if self.disabled or name is None:
+            return w
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        merged = w.to(A.dtype) + s * (B @ A)
+        if name in self.lora_magnitude:
+            norm = torch.linalg.norm(merged.detach(), dim=1)
+            merged = (self.lora_magnitude[name] / norm).view(-1, 1) * merged
+        return merged
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         name = self.active
@@ -334,7 +352,9 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Replace every `LoRALinear` by an nn.Linear holding the merged weight of `adapter_name`
     (default: each module's active adapter): W + s B A, or DoRA's m (W + s B A) / ||W + s B A||_c.
-    Other adapters are dropped. A 4-bit base is dequantised: the result is full precision."""
+    Other adapters are dropped. A 4-bit base is dequantised: the result is full precision. An
+    adapted output layer that was tied to the input embedding is untied (the adapter changes the
+    output layer only, as in its forward): the model's config says tie_embeddings=False."""
     if adapter_name is not None and adapter_name not in adapter_names(model):
         raise TemperError(f"no adapter named {adapter_name!r}; adapters here: {', '.join(adapter_names(model))}")
     warned = False
@@ -359,4 +379,10 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         del model.lora_modules_to_save
     if hasattr(model, "lora_original_modules"):
         del model.lora_original_modules
+    config, head = getattr(model, "config", None), getattr(model, "lm_head", None)
+    if getattr(config, "tie_embeddings", False) and isinstance(head, nn.Linear) \
+            and head.weight is not model.input_embeddings.weight:  # the adapted output layer, merged alone
+        model.config = config.replace(tie_embeddings=False)
+        warnings.warn("the LoRA on lm_head is merged into the output layer only: the merged model unties it "
+                      "from the input embedding and stores both (tie_word_embeddings false)", stacklevel=2)
     return model

@@ -220,7 +220,7 @@ def run(cfg: Config) -> dict:
             label_smoothing=cfg.label_smoothing, loss_weights=cfg.loss_weights or None, simpo_gamma=cfg.simpo_gamma)
         metrics = preference_metrics(chosen_rewards, rejected_rewards, logps[:B], logps[B:],
                                      chosen_logits_sum=logits_sum[:B], rejected_logits_sum=logits_sum[B:],
-                                     chosen_tokens=counts[:B], rejected_tokens=counts[B:])
+                                     chosen_tokens=counts[:B], rejected_tokens=counts[B:], loss_type=cfg.loss_type)
         return losses.sum(), B, metrics
 
     def evaluate(step: int) -> dict:

@@ -170,7 +170,9 @@ def run(cfg: Config) -> dict:
     loader = TokenLoader(shard_dir, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          rank=par.dp_rank, world_size=par.dp, grad_accum=run.grad_accum)
     has_val = _has_split(shard_dir, "val")
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths() + [0] * (core.config.vocab_size - tokenizer.vocab_size))
+    unused = [0] * (core.config.vocab_size - tokenizer.vocab_size)
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths() + unused)
+    start_token_bytes = torch.tensor(tokenizer.token_byte_lengths(at_start=True) + unused)  # after EOS
 
     def evaluate(step: int) -> dict:
         if not has_val:
@@ -182,6 +184,7 @@ def run(cfg: Config) -> dict:
         val = TokenLoader(shard_dir, "val", seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle=False,
                           drop_last=False)
         return evaluate_batches(scored, val, device=run.device, autocast=loop.autocast, token_bytes=token_bytes,
+                                start_token_bytes=start_token_bytes, eos_id=tokenizer.eos_id,
                                 max_batches=cfg.eval_batches)
 
     def lm_loss(batch):  # (summed next-token NLL, number of target tokens)

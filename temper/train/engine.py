@@ -173,10 +173,14 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token, PaLM's count (Chowdhery et al. 2022, appendix B):
     6 x (weights of the matrix multiplies) + 12 x layers x heads x head_dim x seq_len.
 
-    The matmul weights are every linear layer's (a tied output layer once; a 4-bit linear by
-    its shape); embedding and learned-position lookups, norms and biases are not matmuls. The
-    second term is attention's two (T x T) products, forward and backward, not halved for the
-    causal mask (as PaLM and nanoGPT count).
+    The matmul weights are every linear layer's, each once (a tied output layer once; a 4-bit
+    linear by its shape); embedding and learned-position lookups, norms and biases are not
+    matmuls. A wrapper of linear layers (a LoRA layer around its base) is not a matmul of its
+    own: its base counts once, and its LoRA A and B matrices count as the two small matmuls
+    they are. Frozen weights count 6 like trained ones (PaLM's convention: MFU compares runs
+    by model size, though a frozen weight's backward skips its weight gradient). The second
+    term is attention's two (T x T) products, forward and backward, not halved for the causal
+    mask (as PaLM and nanoGPT count).
     """
     seen: set[int] = set()
     matmul_weights = 0
@@ -185,7 +189,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
             if id(module.weight) not in seen:
                 seen.add(id(module.weight))
                 matmul_weights += module.weight.numel()
-        elif hasattr(module, "in_features") and not any(isinstance(c, torch.nn.Linear) for c in module.children()):
+        elif hasattr(module, "in_features") and hasattr(module, "out_features") and not any(
+                hasattr(inner, "in_features") for inner in module.modules() if inner is not module):
             matmul_weights += module.in_features * module.out_features  # quantised: weights are buffers
     c = model.config
     return 6 * matmul_weights + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
@@ -194,9 +199,12 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5,
                         size: int = 1024, trials: int = 5) -> float:
     """Achievable dense matmul FLOP/s on this device and dtype: the best of `trials` short windows
-    (a shared machine's neighbours only ever make a window slower)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    (a shared machine's neighbours only ever make a window slower). The matrices come from a
+    generator of its own: measuring never moves the global random state (a run may re-measure
+    mid-training, see `TrainLoop`)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     for _ in range(3):
         a @ b
     best = 0.0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,14 @@ class TrainLoop:
         described = getattr(unwrap(model), "decoder", unwrap(model))  # a pipeline stage's: the whole model's config
         self.identity = run_identity(cfg, described, {"global_batch": global_batch, **(identity or {})})
         self.max_steps = cfg.max_steps
-        # measured before anything is restored: the measurement draws random numbers
+        # the device's peak for MFU: given (peak_flops), or measured now and, should a logged MFU
+        # come out above 100% (the machine was busy during this measurement), once more then
         self.peak_flops = None
+        self._peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self._peak_remeasured = False
+        self._mfu_warned = False
         if flops_per_token:
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            self.peak_flops = cfg.peak_flops or engine.measure_matmul_peak(device, dtype)
+            self.peak_flops = cfg.peak_flops or engine.measure_matmul_peak(device, self._peak_dtype)
 
         self.checkpoints = self.out / "checkpoints"
         self.start_step = 0
@@ -183,12 +187,12 @@ class TrainLoop:
             window_seconds = sum(s for s, _ in self._window)
             tokens_per_second = sum(n for _, n in self._window) / window_seconds
             full = {"step": done, **row, "tokens_per_second": tokens_per_second}
-            if self.peak_flops:  # of every device: each is measured (or given) alike
-                full["mfu"] = tokens_per_second * self.flops_per_token / (self.peak_flops * self.par.world_size)
+            if self.peak_flops:
+                full["mfu"] = self._mfu(tokens_per_second)
             full["memory_mb"] = engine.peak_memory_mb(self.device)
             self._window = []
             if cfg.logging.progress and not self.interactive and self.main:
-                mfu = f" mfu {full['mfu']:.1%}" if "mfu" in full else ""
+                mfu = f" mfu {full['mfu']:.1%}" if full.get("mfu") is not None else ""
                 print(f"step {done}/{self.max_steps} loss {row['loss']:.4f} lr {self.lr:.2e} "
                       f"{tokens_per_second:,.0f} tok/s{mfu}", file=sys.stderr)
             if eval_now and self._evaluate is not None:
@@ -196,6 +200,31 @@ class TrainLoop:
             self._log(full)
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             self.save_checkpoint(done)
+
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilisation against the peak of every device (each measured, or given, alike).
+
+        Above 100% the peak is an under-estimate, never a real figure: a measured peak is measured
+        once more (the larger of the two is kept); if the MFU still exceeds 1, or the peak was
+        given by `peak_flops`, the row logs `mfu: null` and a warning says why, once."""
+        def mfu() -> float:
+            return tokens_per_second * self.flops_per_token / (self.peak_flops * self.par.world_size)
+
+        if mfu() <= 1.0:
+            return mfu()
+        if not self.cfg.peak_flops and not self._peak_remeasured:
+            self._peak_remeasured = True
+            self.peak_flops = max(self.peak_flops, engine.measure_matmul_peak(self.device, self._peak_dtype))
+            if mfu() <= 1.0:
+                return mfu()
+        if not self._mfu_warned and self.main:
+            self._mfu_warned = True
+            source = (f"peak_flops={self.cfg.peak_flops:g}" if self.cfg.peak_flops
+                      else "the matmul peak measured on this device, twice")
+            warnings.warn(f"MFU came out at {mfu():.0%}: the peak it divides by ({self.peak_flops / 1e12:.4g} TFLOP/s, "
+                          f"{source}) is below what this run reaches, so mfu is logged as null; give the "
+                          f"device's peak FLOP/s with peak_flops=", stacklevel=3)
+        return None
 
     # ------------------------------------------------------------------------- evaluation, checkpoints, files
 
