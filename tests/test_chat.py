@@ -491,7 +491,8 @@ def test_generate_and_chat_use_a_template_saved_as_jinja_without_the_chat_stage(
 
 def test_generate_prompts_file_with_conversations(monkeypatch, capsys, tmp_path, tiny_model_dir):
     rows = [
-        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "first"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "first"},
+                      {"role": "assistant", "content": "a reply the model writes again"}]},  # a whole chat row
         {"prompt": [{"role": "user", "content": "second"}]},  # TRL's conversational prompt
         {"prompt": "third"},  # a string row is wrapped as a user message too
     ]
@@ -509,7 +510,7 @@ def test_generate_prompts_file_with_conversations(monkeypatch, capsys, tmp_path,
         "<|im_start|>user\nthird<|im_end|>\n<|im_start|>assistant\n",
     ]
     results = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [r["prompt"] for r in results] == [rows[0]["messages"], rows[1]["prompt"], "third"]
+    assert [r["prompt"] for r in results] == [rows[0]["messages"][:2], rows[1]["prompt"], "third"]
     assert all(isinstance(r["completion"], str) for r in results)
 
 
@@ -523,7 +524,7 @@ def test_generate_chat_errors(capsys, tmp_path, tiny_model_dir):
     assert "add chat=true" in one_line_error("prompt=hi", "template=chatml")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
     assert f"{bad}:2: a prompt must end with a user message" in one_line_error(f"prompts_file={bad}")
     assert "unknown chat template 'chatm'" in one_line_error("prompt=hi", "chat=true", "template=chatm")
 

@@ -1,8 +1,8 @@
 """Prompt rows: what generation, online preference rounds and RL recipes answer.
 
-A row holds the prompt under `prompt` (or another field, `field=`) as text or as a
-conversation, or a `messages` conversation, which is cut after its last user turn (a full
-chat row becomes the prompt of its last reply, as TRL's prompt-only datasets are read);
+A row holds the prompt under `prompt` (or another field, `field_name=`) as text or as a
+conversation ending with a user turn, or a `messages` conversation, which is cut after its last
+user turn (a whole chat row becomes the prompt of its last reply);
 `answer` (text or a number) is kept for judges and verifiable rewards that check one. A bad
 row is one line naming `file:line`.
 """
@@ -44,19 +44,20 @@ class Prompt:
 
 def row_prompt(row: dict, source: str, field_name: str = "prompt") -> Prompt:
     """The Prompt of one row, or one line naming `source` and what was expected."""
-    value = row.get(field_name)
+    value, chat_row = row.get(field_name), False
     if value is None and "messages" in row:
-        value = row["messages"]
+        value, chat_row = row["messages"], True
     if isinstance(value, str):
         if not value.strip():
             raise TemperError(f"{source}: the prompt is empty")
     elif isinstance(value, list):
-        last_user = max((i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"),
-                        default=None)
-        if last_user is None:
-            raise TemperError(f"{source}: the prompt has no user message")
-        value = value[:last_user + 1]
-        check_messages(value, source, prompt=True)
+        if chat_row:  # a whole conversation: the prompt of its last reply
+            last_user = max((i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"),
+                            default=None)
+            if last_user is None:
+                raise TemperError(f"{source}: the conversation has no user message")
+            value = value[:last_user + 1]
+        check_messages(value, source, prompt=True)  # a prompt given as messages ends with the user's turn
     else:
         got = json_type(value) if value is not None else "keys " + ", ".join(map(str, row)) if row else "an empty row"
         raise TemperError(f"{source}: expected a '{field_name}' field (text or messages) or 'messages', got {got}")
@@ -70,5 +71,5 @@ def read_prompts(spec: Any, *, field_name: str = "prompt") -> list[Prompt]:
     """Every prompt row of `spec` (files, globs, directories: JSONL, JSON, parquet)."""
     prompts = [row_prompt(rec.data, rec.source, field_name) for rec in iter_records(spec)]
     if not prompts:
-        raise TemperError(f"{spec if isinstance(spec, str) else ', '.join(map(str, spec))}: no prompt rows")
+        raise TemperError(f"{spec if isinstance(spec, str) else ', '.join(map(str, spec))}: no prompts (the file is empty)")
     return prompts
