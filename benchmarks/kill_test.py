@@ -55,7 +55,7 @@ from temper.train.checkpoint import STEP_DIR, checkpoint_problem, latest_checkpo
 
 TINY = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", "logging.every=1", "samples=0",
         "logging.progress=false", "peak_flops=1e9", "eval_fraction=0.1", "logging.eval_every=0"]
-TIMING_FIELDS = ("tokens_per_second", "mfu", "memory_mb")  # differ between any two runs
+TIMING_FIELDS = ("tokens_per_second", "step_tokens_per_second", "mfu", "memory_mb")  # differ between any two runs
 POLL_S = 0.0002
 
 
@@ -111,7 +111,7 @@ def last_row_step(path: Path) -> int:
 
 
 def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS and not k.startswith("time/")} for r in rows]
 
 
 def leftovers(out: Path) -> list[str]:

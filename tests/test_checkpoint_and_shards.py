@@ -39,6 +39,56 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
             assert torch.equal(sa[k][name], sb[k][name])
 
 
+def test_tensors_in_state_round_trip_exactly_without_pickle(tmp_path):
+    """A stateful part's state may hold tensors at any depth: they go to state.safetensors under
+    their path, the rest stays in state.json, and they come back with dtype, shape and values."""
+    model, opt = trained_pair()
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "f32": torch.randn(3, 4, generator=g), "bf16": torch.randn(5, generator=g).to(torch.bfloat16),
+        "i64": torch.arange(7), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 3), "transposed": torch.randn(3, 2, generator=g).t(), "generator": g.get_state(),
+    }
+    state = {"rollout": {**tensors, "nested": [torch.ones(2, dtype=torch.int8), (torch.full((1,), 3.0), "text", 4)],
+                         "position": 11, "a/b": torch.tensor([1.0]), "a": {"b": torch.tensor([2.0])}}}
+    path = ckpt.save_checkpoint(tmp_path, 3, model=model, optimizer=opt, state=state)
+    saved = json.loads((path / "state.json").read_text())
+    assert saved["rollout"]["position"] == 11 and saved["rollout"]["nested"][1][1:] == ["text", 4]
+    assert saved["rollout"]["a/b"] == {"__tensor__": "rollout/a~1b", "device": "cpu"}  # no clash with a -> b
+    assert {p.suffix for p in path.iterdir()} == {".safetensors", ".json"}  # nothing pickled
+    back = ckpt.load_checkpoint(path, model=model, optimizer=None)["rollout"]
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t), name
+    assert torch.equal(back["nested"][0], torch.ones(2, dtype=torch.int8)) and back["nested"][0].dtype == torch.int8
+    assert torch.equal(back["nested"][1][0], torch.full((1,), 3.0)) and back["nested"][1][1:] == ["text", 4]
+    assert float(back["a/b"]) == 1.0 and float(back["a"]["b"]) == 2.0
+    g2 = torch.Generator()
+    g2.set_state(back["generator"])
+    assert torch.equal(torch.rand(4, generator=g2), torch.rand(4, generator=g))
+
+
+def test_state_tensors_come_back_on_the_cpu_or_on_this_runs_device():
+    state, tensors = ckpt.split_tensors({"on_cpu": torch.ones(2), "on_gpu": torch.zeros(3)})
+    state["on_gpu"]["device"] = "cuda"  # as a GPU run writes it; resumed here on the "meta" device
+    back = ckpt.join_tensors(state, tensors, "meta")
+    assert back["on_cpu"].device.type == "cpu" and back["on_gpu"].device.type == "meta"
+
+
+def test_several_named_modules_one_file_each(tmp_path):
+    policy, value = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+    opt = build_optimizer({"policy": policy, "value": value}, OptimConfig(lr=1e-2))
+    path = ckpt.save_checkpoint(tmp_path, 1, model={"policy": policy, "value": value}, optimizer=opt, state={})
+    assert {"policy.safetensors", "value.safetensors"} <= {p.name for p in path.iterdir()}
+    assert not (path / "model.safetensors").exists() and ckpt.checkpoint_problem(path) is None
+    fresh = {"policy": torch.nn.Linear(3, 2), "value": torch.nn.Linear(3, 1)}
+    ckpt.load_checkpoint(path, model=fresh, optimizer=None)
+    assert torch.equal(fresh["value"].weight, value.weight) and torch.equal(fresh["policy"].bias, policy.bias)
+    (path / "value.safetensors").unlink()
+    assert ckpt.checkpoint_problem(path) == "value.safetensors is missing"
+    with pytest.raises(TemperError, match="trained module name 'rng'"):
+        ckpt.save_checkpoint(tmp_path, 2, model={"rng": policy}, optimizer=opt, state={})
+
+
 def test_keep_last_and_latest(tmp_path):
     model, opt = trained_pair()
     for step in (1, 2, 3):

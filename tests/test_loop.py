@@ -316,6 +316,10 @@ def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, 
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 2, 3, 4]
     assert all("mfu" in r and "tokens_per_second" in r for r in rows[1:])
+    if recipe == "pretrain":  # one phase: throughput over the whole steps, as before phases existed
+        for r in rows[1:]:
+            assert "step_tokens_per_second" not in r and "time/rollout" not in r
+            assert r["tokens_per_second"] == pytest.approx(4 * 32 * 2 / r["time/train"], rel=1e-9)
     assert written == [str(out / "tensorboard")]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep_last=1
 
@@ -359,3 +363,284 @@ def test_resume_names_every_key_that_makes_it_another_run(tmp_path):
     for part in ("belongs to another run", "data '0123456789abcdef' -> 'fedcba9876543210'", "model.num_layers 2 -> 3",
                  "seq_len 32 -> 64", "tokenizer 'aaaaaaaaaaaaaaaa' -> 'bbbbbbbbbbbbbbbb'", "overwrite=true"):
         assert part in message, (part, message)
+
+
+# ----------------------------------------------------------------------------- online: two modules, a rollout buffer
+
+
+def online_config(**changes):
+    cfg = ToyConfig(max_steps=9, checkpoint=CheckpointConfig(every=1, keep_last=2),
+                    logging=LoggingConfig(every=1, eval_every=0, eval_at_start=False, progress=False))
+    return dataclasses.replace(cfg, **changes)
+
+
+def online_run(out, cfg, *, kill_at=None, crash_at=None, clock=None, par=None):
+    """A toy actor-critic: a policy (3 -> 2 actions) and a value head (3 -> 1) trained together by
+    one optimiser, on slices of a buffered generation batch: 6 rows, 3 slices per pass, 2 passes,
+    a new order each pass. generate() samples from the global RNG (what the checkpoint's RNG
+    state restores) and counts its calls. `kill_at`: in that step, after its slice and its
+    gradients, say so on stdout and wait to be killed; `crash_at`: raise KeyboardInterrupt as that
+    step begins. `clock`: a fake clock the phases advance."""
+    from temper.train.optim import build_optimizer
+    from temper.train.rollout import RolloutSource
+
+    torch.manual_seed(0)
+    policy, value = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+    modules = {"policy": policy, "value": value}
+    if par is not None and par.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        modules = {k: DistributedDataParallel(m) for k, m in modules.items()}
+    optimizer = build_optimizer(modules, cfg.optim)
+    generated = []
+
+    def generate():
+        generated.append(len(generated))
+        if clock is not None:
+            clock.now += 5.0
+        with torch.no_grad():
+            x = torch.randn(6, 3)
+            logp = torch.log_softmax(policy(x), -1)
+            actions = torch.multinomial(logp.exp(), 1).squeeze(-1)
+            return {"x": x, "actions": actions, "old_logp": logp.gather(1, actions[:, None]).squeeze(1),
+                    "returns": torch.randn(6), "mask": actions == 0, "ids": [f"row{len(generated)}.{i}" for i in range(6)]}
+
+    source = RolloutSource(generate, steps_per_generation=3, num_iterations=2, shuffle="pass", seed=1)
+
+    def loss_fn(batch):
+        if clock is not None:
+            clock.now += 1.0
+        x = batch["x"]
+        logp = torch.log_softmax(modules["policy"](x), -1).gather(1, batch["actions"][:, None]).squeeze(1)
+        values = modules["value"](x).squeeze(-1)
+        advantages = batch["returns"] - values.detach()
+        policy_loss = -(torch.exp(logp - batch["old_logp"]) * advantages).sum()
+        value_loss = ((values - batch["returns"]) ** 2).sum()
+        return policy_loss + 0.5 * value_loss, x.shape[0], {"value_loss": value_loss.detach()}
+
+    loop = TrainLoop(cfg, "online", out, modules, optimizer, torch.device("cpu"), "fp32", state={"rollout": source},
+                     flops_per_token=10.0, par=par)
+    for step in loop:
+        if step == crash_at:
+            raise KeyboardInterrupt
+        batch = source.next()
+        with loop.phase("score"):
+            if clock is not None:
+                clock.now += 2.0
+            score = float(batch["mask"].sum())
+        result = loop.accumulate([{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}], loss_fn)
+        if step == kill_at:
+            print(f"in step {step}, slice {source.served} of the buffer", flush=True)
+            import time
+
+            time.sleep(120)
+        loop.optimizer_step({"loss": result["loss"], "value_loss": result["value_loss"] / result["count"],
+                             "score": score, "generations": source.generations}, tokens=2)
+    summary = loop.finish({})
+    return summary, loop.export_model(), generated
+
+
+TRAIN_KEYS = ("step", "loss", "value_loss", "grad_norm", "lr", "score", "generations")
+
+
+def train_rows(out):
+    return [tuple(r.get(k) for k in TRAIN_KEYS) for r in read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_two_modules_and_a_rollout_buffer_resume_bitwise_after_sigkill_mid_buffer(tmp_path):
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    _, straight, generated = online_run(tmp_path / "a", online_config())
+    assert len(generated) == 2  # steps 0 and 6: 3 slices x 2 passes per generation batch
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]), "OMP_NUM_THREADS": "1"}
+    code = ("import sys; from test_loop import online_run, online_config; "
+            "online_run(sys.argv[1], online_config(), kill_at=5)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "b")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        import select
+
+        ready, _, _ = select.select([child.stdout], [], [], 120)  # never hang the suite on a stuck child
+        said = child.stdout.readline() if ready else ""
+        if not said:
+            child.kill()
+        assert said.startswith("in step 5, slice 6 of the buffer"), (said, child.stderr.read() if not said else "")
+        os.kill(child.pid, signal.SIGKILL)  # mid-step, mid-buffer (the generation boundaries are steps 0 and 6)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+        child.stderr.close()
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000005"]
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step_00000005" / "state.json").read_text())
+    assert state["rollout"]["served"] == 5 and state["rollout"]["generations"] == 1
+
+    _, resumed, generated = online_run(tmp_path / "b", online_config(resume="auto"))
+    assert len(generated) == 1  # step 6's: the buffer of step 5 came from the checkpoint, not a new generation
+    assert train_rows(tmp_path / "b") == train_rows(tmp_path / "a")  # exact floats, every row
+    assert [r[0] for r in train_rows(tmp_path / "b")] == list(range(1, 10))
+    for name in ("policy", "value"):
+        for (key, a), (_, b) in zip(straight[name].state_dict().items(), resumed[name].state_dict().items()):
+            assert torch.equal(a, b), (name, key)
+
+
+def test_one_safetensors_file_per_trained_module_and_the_buffer_in_state_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from temper.train import checkpoint as ckpt
+
+    _, modules, _ = online_run(tmp_path, online_config(max_steps=5))
+    last = tmp_path / "checkpoints" / "step_00000005"
+    assert sorted(p.name for p in last.iterdir()) == ["optimizer.safetensors", "policy.safetensors", "rng.safetensors",
+                                                      "state.json", "state.safetensors", "value.safetensors"]
+    for name in ("policy", "value"):
+        saved = load_file(last / f"{name}.safetensors")
+        assert saved.keys() == {"weight", "bias"}
+        assert all(torch.equal(saved[k], v) for k, v in modules[name].state_dict().items())
+    state = json.loads((last / "state.json").read_text())
+    assert state["modules"] == ["policy", "value"]
+    assert state["rollout"]["buffer"]["x"] == {"__tensor__": "rollout/buffer/x", "device": "cpu"}
+    assert state["rollout"]["buffer"]["ids"] == [f"row1.{i}" for i in range(6)]  # lists stay JSON
+    tensors = load_file(last / "state.safetensors")
+    assert {"rollout/buffer/x", "rollout/buffer/actions", "rollout/buffer/mask", "rollout/order",
+            "rollout/generator"} <= tensors.keys()
+    assert tensors["rollout/buffer/actions"].dtype == torch.int64 and tensors["rollout/buffer/mask"].dtype == torch.bool
+    # a run training other modules is refused by name
+    with pytest.raises(ValueError, match=r"holds the trained modules \['policy', 'value'\], this run trains \['model'\]"):
+        ckpt.load_checkpoint(last, model=torch.nn.Linear(3, 2), optimizer=None)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_phase_times_in_rows_and_mfu_over_the_train_phase_only(tmp_path, monkeypatch):
+    """A fake clock: every step's loss takes 2 x 1 s (two micro-batches), scoring 2 s, a generation
+    5 s (steps 0 and 6). Rows give each phase's seconds per step; tokens/s and MFU count the
+    train phase only, so they do not move on the steps that generate."""
+    from temper.train import loop as loop_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+    cfg = online_config(max_steps=7)
+    cfg.logging.every = 3
+    summary, _, _ = online_run(tmp_path, cfg, clock=clock)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    for r, rollout in zip(rows, [5.0 / 3, 0.0, 5.0]):  # generation in step 0 (window 1-3) and step 6 (window 7)
+        assert r["time/train"] == 2.0 and r["time/score"] == 2.0 and r["time/rollout"] == pytest.approx(rollout)
+        assert r["tokens_per_second"] == 1.0  # 2 tokens per 2 s of training, whatever the rollout took
+        assert r["mfu"] == 1.0 * 10.0 / 1e9
+        assert r["step_tokens_per_second"] == pytest.approx(2.0 / (4.0 + rollout))
+    assert summary["time"] == {"train": 14.0, "rollout": 10.0, "score": 14.0}
+    assert summary["train_seconds"] == 38.0 and summary["tokens_per_second"] == 1.0
+
+
+def test_without_phases_throughput_is_the_whole_step_as_before(tmp_path, monkeypatch):
+    """A recipe with no named phases: train is the whole step, so tokens/s and MFU are computed
+    exactly as before phases existed (tokens of the window / seconds of the window's steps)."""
+    from temper.train import loop as loop_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+    real_next = Counter.next_batch
+
+    def slow_batch(self):  # the recipe's batch preparation is part of the step, as it always was
+        clock.now += 0.25
+        return real_next(self)
+
+    monkeypatch.setattr(Counter, "next_batch", slow_batch)
+    cfg = ToyConfig()
+    cfg.logging.eval_at_start = False
+    summary, _, _ = toy_run(tmp_path, cfg)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    for r in rows:
+        assert r["time/train"] == 0.5 and "step_tokens_per_second" not in r
+        assert r["tokens_per_second"] == 8 / 0.5 and r["mfu"] == 16.0 * 10.0 / 1e9
+    assert "time" not in summary and summary["tokens_per_second"] == 16.0
+
+
+def test_phase_names_and_nesting(tmp_path, monkeypatch):
+    from temper.train import loop as loop_module
+    from temper.train.optim import build_optimizer
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+    model = torch.nn.Linear(3, 1)
+    cfg = online_config(max_steps=1)
+    loop = TrainLoop(cfg, "toy", tmp_path, model, build_optimizer(model, cfg.optim), torch.device("cpu"), "fp32")
+    with pytest.raises(ValueError, match="'train' is the time of a step outside its named phases"):
+        with loop.phase("train"):
+            pass
+    with loop.phase("outside"):  # not in a step: nothing counted
+        clock.now += 50.0
+    for _ in loop:
+        with loop.phase("rollout"):
+            clock.now += 1.0
+            with loop.phase("score"):  # the inner phase's time is the inner phase's
+                clock.now += 2.0
+            clock.now += 4.0
+        loop.accumulate([torch.ones(1, 3)], lambda x: (model(x).sum(), 1))
+        clock.now += 8.0
+        loop.optimizer_step({"loss": 0.0}, tokens=1)
+    loop.finish({})
+    row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert (row["time/rollout"], row["time/score"], row["time/train"]) == (5.0, 2.0, 8.0)
+    assert "time/outside" not in row
+
+
+def test_state_names_of_the_checkpoint_itself_are_refused(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match=r"state names \['rng'\] are the checkpoint's own"):
+        TrainLoop(online_config(), "toy", tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                  torch.device("cpu"), "fp32", state={"rng": Counter()})
+    with pytest.raises(ValueError, match="trained module name 'optimizer'"):
+        TrainLoop(online_config(), "toy", tmp_path, {"optimizer": model}, torch.optim.SGD(model.parameters(), lr=0.1),
+                  torch.device("cpu"), "fp32")
+
+
+def test_two_modules_resume_through_a_distributed_checkpoint(tmp_path):
+    """strategy=ddp in one process (a one-process group): each module wrapped in DDP, the
+    checkpoint written by torch.distributed.checkpoint with keys `model.policy.*`, the buffer's
+    tensors in state.rank00000.safetensors; the resumed run matches bitwise."""
+    import torch.distributed as dist
+
+    from temper.train.distributed import Parallel, ParallelConfig
+
+    def par():
+        return Parallel("ddp", ParallelConfig(), torch.device("cpu"))
+
+    _, straight, _ = online_run(tmp_path / "a", online_config(max_steps=7), par=par())
+    first = par()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            online_run(tmp_path / "b", online_config(max_steps=7), par=first, crash_at=5)
+    finally:
+        first.close()
+    assert not dist.is_initialized()
+    last = tmp_path / "b" / "checkpoints" / "step_00000005"
+    assert (last / "dcp").is_dir() and (last / "state.rank00000.safetensors").is_file()
+    from safetensors import safe_open
+
+    keys = set()
+    for shard in (last / "dcp").glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            keys |= set(f.keys())
+    assert {"model.policy.weight", "model.value.bias", "optim.policy.weight.exp_avg"} <= keys
+    _, resumed, generated = online_run(tmp_path / "b", online_config(max_steps=7, resume="auto"), par=par())
+    assert len(generated) == 1
+    assert train_rows(tmp_path / "b") == train_rows(tmp_path / "a")
+    for name in ("policy", "value"):
+        assert all(torch.equal(a, b) for a, b in zip(straight[name].parameters(), resumed[name].parameters()))

@@ -167,6 +167,41 @@ def test_clipping_reports_norm_and_clips(clip):
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
 
 
+def test_several_trained_modules_one_optimiser_one_global_norm():
+    """A policy and a value head sharing a trunk: one optimiser (decay groups, the shared trunk
+    once), accumulation normalised over both, and one clipping norm over every parameter."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 4)
+    policy = torch.nn.Sequential(trunk, torch.nn.Linear(4, 3))
+    value = torch.nn.Sequential(trunk, torch.nn.Linear(4, 1))
+    modules = {"policy": policy, "value": value}
+    opt = build_optimizer(modules, OptimConfig(lr=1.0, weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert len(decay["params"]) == 3 and len(no_decay["params"]) == 3  # the trunk once: 3 weights, 3 biases
+    x = torch.randn(5, 4)
+
+    def loss(rows):
+        return policy(rows).square().sum() + value(rows).square().sum(), rows.shape[0]
+
+    nullcontext = engine.contextlib.nullcontext
+    engine.accumulate(modules, [x[:2], x[2:]], loss, autocast=nullcontext)
+    got = {id(p): p.grad.clone() for g in opt.param_groups for p in g["params"]}
+    opt.zero_grad()
+    (loss(x)[0] / 5).backward()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            torch.testing.assert_close(got[id(p)], p.grad)
+    expected = math.sqrt(sum(float(p.grad.square().sum()) for g in opt.param_groups for p in g["params"]))
+    grads = [p.grad.clone() for g in opt.param_groups for p in g["params"]]
+    opt = torch.optim.SGD([p for g in opt.param_groups for p in g["params"]], lr=1.0)
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    norm = engine.optimizer_step(modules, opt, grad_clip=0.5)
+    assert norm == pytest.approx(expected, rel=1e-6)  # every module's gradients, the trunk's counted once
+    after = [p.detach() for g in opt.param_groups for p in g["params"]]
+    for b, a, g in zip(before, after, grads):  # every module clipped by the same global factor
+        torch.testing.assert_close(b - a, g * 0.5 / expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("method", ["none", "adapter", "prefix", "prompt"])
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_activation_checkpointing_gives_same_loss_and_gradients(name, method):

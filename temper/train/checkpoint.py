@@ -1,10 +1,18 @@
 """Checkpoints that are atomic and hold everything needed to continue bit for bit.
 
 A checkpoint is a directory `checkpoints/step_00000100/` with
-  model.safetensors      every model tensor (temper names; tied tensors stored once)
+  model.safetensors      every model tensor (temper names; tied tensors stored once); a run that
+                         trains several named modules (`model={"policy": p, "value": v}`) has one
+                         file per module instead: policy.safetensors, value.safetensors
   optimizer.safetensors  every optimiser state tensor, and `state.json` its groups
   rng.safetensors        torch (CPU and CUDA) generator states
-  state.json             step, data position, Python and NumPy RNG states, the resolved config
+  state.json             step, data position, Python and NumPy RNG states, the resolved config,
+                         the module names (`modules`)
+  state.safetensors      only when a stateful part's state holds tensors (a rollout buffer, a
+                         generator state): each tensor under its path in the state
+                         (`rollout/buffer/advantages`), and in state.json in its place
+                         `{"__tensor__": path, "device": "cuda"}`; restored with its dtype,
+                         shape and values, on the CPU if it was there, else on the run's device
 It is written to a temporary directory, every file and the directory fsynced, and renamed
 into place, so a crash, a power cut or a full disk never leaves a half-written checkpoint
 that `resume=auto` could pick up; a checkpoint counts as valid only when every
@@ -78,6 +86,66 @@ def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, to
     return tensors
 
 
+# ----------------------------------------------------------------------------- named modules, tensors in state
+
+TENSOR = "__tensor__"  # state.json's stand-in for a tensor kept in state.safetensors
+RESERVED_FILES = ("optimizer", "rng", "state")
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def named_modules(model: torch.nn.Module | dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """{file stem: module}: `model` for one module (model.safetensors, as ever), else the dict's names."""
+    if isinstance(model, torch.nn.Module):
+        return {"model": model}
+    if not isinstance(model, dict) or not model:
+        raise TemperError("the trained model is a module or a non-empty dict of named modules")
+    for name, module in model.items():
+        if not isinstance(name, str) or not MODULE_NAME.match(name) or name in RESERVED_FILES:
+            raise TemperError(f"trained module name {name!r}: use letters, digits, _ or - (not "
+                              f"{', '.join(RESERVED_FILES)}): it names the checkpoint file NAME.safetensors")
+        if not isinstance(module, torch.nn.Module):
+            raise TemperError(f"trained module {name!r} is a {type(module).__name__}, not a torch.nn.Module")
+    return dict(model)
+
+
+def _escape(key: str) -> str:  # JSON pointer's (RFC 6901): a '/' inside a key cannot fake a level
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def split_tensors(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(the state with each tensor replaced by `{"__tensor__": path, "device": type}`, {path: tensor}).
+    Dicts and lists (tuples become lists, as in JSON) are walked to any depth."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if torch.is_tensor(value):
+            tensors[path] = value.detach()
+            return {TENSOR: path, "device": value.device.type}
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}/{_escape(str(k))}" if path else _escape(str(k))) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        return value
+
+    return walk(state, ""), tensors
+
+
+def join_tensors(state: Any, tensors: dict[str, torch.Tensor], device: torch.device | str) -> Any:
+    """`split_tensors` undone: a tensor saved from the CPU comes back on the CPU, one saved from an
+    accelerator on `device` (this run's)."""
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if TENSOR in value and set(value) == {TENSOR, "device"}:
+                tensor = tensors[value[TENSOR]]
+                return tensor if value["device"] == "cpu" else tensor.to(device)
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(state)
+
+
 # ----------------------------------------------------------------------------- optimiser and RNG state
 
 
@@ -130,9 +198,13 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 # ----------------------------------------------------------------------------- save / find / load
 
 
-def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write `root/step_{step}` atomically and durably; then drop all but the newest `keep_last`."""
+def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module | dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write `root/step_{step}` atomically and durably; then drop all but the newest `keep_last`.
+    `model`: one module, or a dict of named ones (a file each); `state`: JSON-able, tensors
+    anywhere inside it going to state.safetensors."""
+    modules = named_modules(model)
+    state, state_tensors = split_tensors(state)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     clean_leftovers(root)
@@ -140,12 +212,17 @@ def save_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module, opti
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     try:
         tmp.mkdir()
-        save_tensors(model.state_dict(), tmp / "model.safetensors")
+        for name, module in modules.items():
+            save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_meta = rng_state()
         save_tensors(rng_tensors, tmp / "rng.safetensors")
-        _publish(root, tmp, final, step, {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta})
+        if state_tensors:
+            save_tensors(state_tensors, tmp / "state.safetensors")
+        _publish(root, tmp, final, step, {"step": step, **state, "modules": list(modules),
+                                          "state_tensors": len(state_tensors), "optimizer": opt_meta,
+                                          "rng": rng_meta})
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         trash = root / f".old-step_{step:08d}-{os.getpid()}"
@@ -209,33 +286,51 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+CHECKPOINT_FILES = ("optimizer.safetensors", "rng.safetensors", "state.json")  # and each module's file
 
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` is not a usable checkpoint (a missing, empty, truncated or unparsable file), or None."""
     from safetensors import SafetensorError, safe_open
 
-    if is_distributed_checkpoint(path):
+    distributed = is_distributed_checkpoint(path)
+    if distributed:
         problem = _distributed_problem(path)
         if problem is not None:
             return problem
-    for name in () if is_distributed_checkpoint(path) else CHECKPOINT_FILES:
+    for name in () if distributed else CHECKPOINT_FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
-    for name in () if is_distributed_checkpoint(path) else CHECKPOINT_FILES[:3]:
-        try:  # the header must parse and its tensors must cover the file exactly
-            with safe_open(str(path / name), framework="pt") as f:
-                f.metadata()
-        except (SafetensorError, OSError) as e:
-            return f"{name} is damaged ({e})"
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         return f"state.json is damaged ({e})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         return "state.json has no step"
+    files = _state_tensor_files(state) if distributed else \
+        [*(f"{m}.safetensors" for m in state.get("modules", ["model"])), *CHECKPOINT_FILES[:2],
+         *_state_tensor_files(state)]
+    for name in files:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        try:  # the header must parse and its tensors must cover the file exactly
+            with safe_open(str(path / name), framework="pt") as f:
+                f.metadata()
+        except (SafetensorError, OSError) as e:
+            return f"{name} is damaged ({e})"
     return None
+
+
+def _state_tensor_files(state: dict) -> list[str]:
+    """The files holding the tensors of stateful parts: state.safetensors in one process; one per
+    rank (state.rank00001.safetensors) in a distributed checkpoint."""
+    if state.get("format") == "dcp":
+        return [_rank_state_file(r) for r in state.get("state_tensor_ranks", [])]
+    return ["state.safetensors"] if state.get("state_tensors") else []
+
+
+def _rank_state_file(rank: int) -> str:
+    return f"state.rank{rank:05d}.safetensors"
 
 
 _warned: set[tuple[str, str]] = set()  # (checkpoint, problem): say it once per process
@@ -253,23 +348,38 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    device: torch.device | str = "cpu", restore_rng: bool = True) -> dict[str, Any]:
-    """Restore model, optimiser and RNG from `path`; return its state.json payload."""
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module | dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None, device: torch.device | str = "cpu",
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Restore model(s), optimiser and RNG from `path`; return its state.json payload with the
+    tensors of stateful parts back in place (on `device` unless saved from the CPU)."""
     path = Path(path)
     problem = checkpoint_problem(path)
     if problem is not None:
         raise TemperError(f"{path}: not a usable checkpoint: {problem}")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    weights = load_tensors(path / "model.safetensors", device)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise TemperError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    modules = named_modules(model)
+    _check_modules(path, state, modules)
+    for name, module in modules.items():
+        weights = load_tensors(path / f"{name}.safetensors", device)
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            which = "the model" if len(modules) == 1 else f"module {name!r}"
+            raise TemperError(f"{path}: checkpoint does not fit {which} (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
+    if state.get("state_tensors"):
+        state = join_tensors(state, load_tensors(path / "state.safetensors"), device)
     if optimizer is not None:
         optimizer_from_files(optimizer, load_tensors(path / "optimizer.safetensors", device), state["optimizer"])
     if restore_rng:
         set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
     return state
+
+
+def _check_modules(path: Path, state: dict, modules: dict[str, torch.nn.Module]) -> None:
+    saved = state.get("modules", ["model"])
+    if sorted(saved) != sorted(modules):
+        raise TemperError(f"{path}: the checkpoint holds the trained modules {saved}, this run trains {list(modules)}")
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -291,7 +401,16 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 #                                     nothing pickled), re-sharded on load to any world size
 #   rng.safetensors, state.json       as above (rank 0's RNG), plus `world_size` and `ranks`:
 #                                     every rank's own state (its data position)
+#   state.rank00000.safetensors       each rank's tensors of its stateful parts, when they hold any
+# Several named modules are saved as one `torch.nn.ModuleDict`: their tensors are named
+# `model.policy.<fqn>`, `optim.value.<fqn>.<state>`; one module keeps `model.<fqn>`.
 # The same atomic protocol: written under .tmp-, fsynced, renamed by rank 0.
+
+
+def _as_one_module(model: torch.nn.Module | dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """Several named modules as one ModuleDict (their names become the first part of each key)."""
+    modules = named_modules(model)
+    return model if isinstance(model, torch.nn.Module) else torch.nn.ModuleDict(modules)
 
 
 def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict, dict]:
@@ -322,12 +441,15 @@ def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     return flat, msd, osd
 
 
-def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
+def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module | dict[str, torch.nn.Module],
                                 optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int,
                                 par: Any) -> Path:
-    """Every rank writes its shards; rank 0 writes the rest and renames the directory into place."""
+    """Every rank writes its shards (and the tensors of its stateful parts); rank 0 writes the rest
+    and renames the directory into place."""
     import torch.distributed.checkpoint as dcp
 
+    modules = list(named_modules(model))
+    model = _as_one_module(model)
     root = Path(root)
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}-dist"
 
@@ -338,9 +460,13 @@ def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.
 
     par.agree(prepare)
     flat, _, osd = _dcp_tensors(model, optimizer)
+    state, own_tensors = split_tensors(state)  # every rank's tensor paths are its own state's
     own = {k: v for k, v in state.items() if k not in ("run", "config")}
     ranks = par.gather_objects(json.loads(json.dumps(own)))
+    tensor_ranks = [r for r, n in enumerate(par.gather_objects(len(own_tensors))) if n]
     try:
+        if own_tensors:
+            save_tensors(own_tensors, tmp / _rank_state_file(par.rank))
         dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "dcp"), save_distributed=True))
         error = None
     except OSError as e:
@@ -358,6 +484,7 @@ def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.
         save_tensors(rng_tensors, tmp / "rng.safetensors")
         fsync_path(tmp / "dcp")
         _publish(root, tmp, final, step, {"step": step, **state, "world_size": par.world_size, "ranks": ranks,
+                                          "modules": modules, "state_tensor_ranks": tensor_ranks,
                                           "optimizer": {"param_groups": groups}, "rng": rng_meta, "format": "dcp"})
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             remove_checkpoint(old)
@@ -388,15 +515,17 @@ def _distributed_problem(path: Path) -> str | None:
     return None
 
 
-def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                                par: Any) -> dict[str, Any]:
+def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module | dict[str, torch.nn.Module],
+                                optimizer: torch.optim.Optimizer | None, par: Any) -> dict[str, Any]:
     """Restore a DCP checkpoint into this run's layout (any world size, any strategy, one process
-    included); each rank's own state comes back as saved when the world size is the same, else
-    rank 0's (data positions are global: the loaders convert them)."""
+    included); each rank's own state (tensors included) comes back as saved when the world size
+    is the same, else rank 0's (data positions are global: the loaders convert them)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    _check_modules(path, state, named_modules(model))
+    model = _as_one_module(model)
     flat, msd, osd = _dcp_tensors(model, optimizer)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -428,12 +557,16 @@ def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module, optimizer
         set_state_dict(model, [], model_state_dict=msd, optim_state_dict={})
     set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
     ranks = state.get("ranks") or []
+    rank = 0
     if state.get("world_size") == par.world_size and len(ranks) == par.world_size:
         state.update(ranks[par.rank])
+        rank = par.rank
+    if rank in state.get("state_tensor_ranks", []):
+        state = join_tensors(state, load_tensors(path / _rank_state_file(rank)), par.device)
     return state
 
 
-def load_any_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def load_any_checkpoint(path: str | Path, *, model: torch.nn.Module | dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
                         device: torch.device | str, par: Any) -> dict[str, Any]:
     """A single-process checkpoint or a distributed one, into this run's layout."""
     path = Path(path)

@@ -7,6 +7,10 @@
   accumulation gives the same gradient as one big batch even when micro-batches hold
   different numbers of target tokens.
 - `optimizer_step`: unscale, clip, step, zero.
+Both take the trained model as one module or as several named ones (`{"policy": policy,
+"value": value}`, one optimiser over all): the gradient normalisation, the set-aside of
+earlier gradients, DDP's no_sync and the clipping (one global norm over every module's
+parameters) cover them all, a parameter shared by two modules counted once.
 - `apply_activation_checkpointing`, `compile_model`: applied from outside the model.
 - throughput: FLOPs per token (PaLM's 6N + 12·L·H·Q·T), a measured matmul peak for MFU,
   peak memory.
@@ -55,6 +59,32 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+# ----------------------------------------------------------------------------- the trained modules
+
+Modules = torch.nn.Module | dict[str, torch.nn.Module]
+
+
+def module_list(model: Modules) -> list[torch.nn.Module]:
+    """The trained modules of a run: one module, or the values of a dict of named ones."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    assert isinstance(model, dict) and model, "the trained model is a module or a non-empty dict of named modules"
+    return list(model.values())
+
+
+def trained_parameters(model: Modules) -> list[torch.nn.Parameter]:
+    """Every parameter that trains, over all modules, each once (a shared one, e.g. a trunk two
+    heads use, is the first module's)."""
+    seen: set[int] = set()
+    params = []
+    for module in module_list(model):
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
 # ----------------------------------------------------------------------------- accumulation
 
 
@@ -66,7 +96,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate(
-    model: torch.nn.Module,
+    model: Modules,
     micro_batches: list[Any],
     loss_fn: Callable[[Any], tuple],
     *,
@@ -88,11 +118,13 @@ def accumulate(
     Metrics are summed over micro-batches.
 
     With `par` (a `temper.train.distributed.Parallel`), the count is summed over the
-    data-parallel ranks, every micro-batch but the last runs without gradient reduction, and
+    data-parallel ranks, every micro-batch but the last runs without gradient reduction (in
+    every module, each wrapped on its own), and
     since DDP and FSDP average the reduced gradients over those ranks, the division is by
     count / dp: the gradient is exactly that of one process on the whole global batch.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained_parameters(model)
+    modules = module_list(model)
     earlier = {p: p.grad for p in params if p.grad is not None}
     for p in earlier:
         p.grad = None
@@ -100,8 +132,10 @@ def accumulate(
     totals = None  # (summed loss, count), kept on the loss's device: read back once, not per micro-batch
     extras: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
-        sync = par.no_sync(model, last=i == len(micro_batches) - 1) if par is not None else contextlib.nullcontext()
-        with sync:
+        with contextlib.ExitStack() as sync:
+            if par is not None:
+                for module in modules:
+                    sync.enter_context(par.no_sync(module, last=i == len(micro_batches) - 1))
             with autocast():
                 loss_sum, count, *rest = loss_fn(batch)
             (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
@@ -125,17 +159,35 @@ def accumulate(
     return {"loss": total[0] / total[1], "count": total[1], **extras}
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float,
+def optimizer_step(model: Modules, optimizer: torch.optim.Optimizer, *, grad_clip: float,
                    scaler: torch.amp.GradScaler | None = None) -> float:
-    """Clip the global gradient norm, step and zero the gradients; returns the norm before clipping."""
+    """Clip the global gradient norm (over every trained module's parameters together), step and
+    zero the gradients; returns the norm before clipping."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if hasattr(norm, "full_tensor"):  # sharded (FSDP) or split (TP) gradients: the norm of the whole
-        norm = norm.full_tensor()
+    # per module (one may hold sharded DTensor gradients, another plain ones), then the norm of the norms
+    seen: set[int] = set()
+    groups = []
+    for module in module_list(model):
+        params = [p for p in module.parameters() if p.grad is not None and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append(params)
+    norms = []
+    for params in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(norm, "full_tensor"):  # sharded (FSDP) or split (TP) gradients: the norm of the whole
+            norm = norm.full_tensor()
+        norms.append(norm)
+    if not norms:
+        norm = torch.tensor(0.0)
+    elif len(norms) == 1:
+        norm = norms[0]
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     if grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+        for params in groups:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm.to(params[0].grad.device), foreach=True)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

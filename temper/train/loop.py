@@ -19,6 +19,38 @@ row per logged step, evaluation results merged into it; TensorBoard when asked),
 progress bar (plain lines when stderr is not a terminal), the final evaluation and
 checkpoint, and the summary. What stays in the recipe: its data, its model setup, its loss.
 
+Online methods (PPO, GRPO) use the same loop:
+
+    loop = TrainLoop(cfg, "ppo", out, {"policy": policy, "value": value}, optimizer, ...,
+                     state={"rollout": source})                   # source: train/rollout.py
+    for step in loop:
+        batch = source.next()                                     # generates every k steps: phase "rollout"
+        with loop.phase("score"):
+            rewards = score(batch)
+        result = loop.accumulate(micro_batches(batch, rewards), loss_fn)
+        loop.optimizer_step({...}, tokens=...)
+
+- **Several trained modules**: `model` is one module or a dict of named ones, with ONE
+  optimiser over all (`build_optimizer` takes the same dict). Accumulation, clipping (one
+  global norm over every module's parameters), checkpoints (one `NAME.safetensors` per
+  module; `model.safetensors` for one module) and `export_model` (the dict of plain modules)
+  cover each. Frozen modules (a reference, a reward model) are not passed: they do not train.
+  Distributed checkpoints save the modules as one ModuleDict (keys `model.policy.<fqn>`).
+  Pipeline parallelism takes one module.
+- **Stateful parts** (`state={name: obj}`, `obj.state_dict()` / `obj.load_state_dict()`) may
+  hold tensors anywhere in nested dicts and lists: they are saved to `state.safetensors` and
+  come back exactly (dtype, shape, values; on the CPU if saved from it, else on the run's
+  device). A part with a `use_phases(phase)` method is handed `loop.phase`, so its own work is
+  timed (the rollout source's generation goes to `rollout`).
+- **Phases**: `with loop.phase("rollout"):` charges the time inside to that phase (nested
+  phases: the inner one's time is the inner one's); `train` is the rest of the step (the
+  accumulation, the optimiser step, the recipe's batch preparation), so a recipe without
+  phases times exactly as before. Boundaries are CUDA-synchronised. Each row has
+  `time/train` and `time/NAME` for every phase used: seconds per step, averaged over the
+  steps since the previous row (the same window as the throughput). `tokens_per_second` and
+  `mfu` are over the train phase only; with other phases a row also has
+  `step_tokens_per_second`, over the whole steps.
+
 The settings it reads are the ones every training recipe's config declares under the same
 names (`temper.train.recipe.TrainingConfig`): max_steps, resume, peak_flops and the sections
 optim, schedule, checkpoint and logging.
@@ -26,6 +58,7 @@ optim, schedule, checkpoint and logging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -45,12 +78,16 @@ from temper.train.rundir import RunDir
 # What makes two runs the same run: a checkpoint resumes only a run that agrees on all of these
 # (plus what the recipe adds: its tokenizer, its data's fingerprint).
 IDENTITY_KEYS = ("seq_len", "seed")  # and the global batch: sequences per optimiser step over all ranks
+# what state.json holds besides the stateful parts: no part may take these names
+RESERVED_STATE = ("step", "run", "config", "optimizer", "rng", "modules", "state_tensors", "world_size", "ranks",
+                  "format", "state_tensor_ranks")
 
 
 class TrainLoop:
     """Iterate over the optimiser steps of a run; see the module docstring."""
 
-    def __init__(self, cfg: Any, name: str, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, cfg: Any, name: str, out: Path, model: torch.nn.Module | dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str, *, state: dict[str, Any] | None = None,
                  evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None,
                  identity: dict[str, Any] | None = None, par: Any = None, global_batch: int | None = None) -> None:
@@ -66,12 +103,20 @@ class TrainLoop:
         self._evaluate, self.flops_per_token = evaluate, flops_per_token
         self.autocast = engine.precision_context(precision, device)
         self.scaler = engine.grad_scaler(precision, device)
+        self.modules = ckpt.named_modules(model)  # {"model": model} for one module
+        if not isinstance(model, torch.nn.Module) and self.par.pipeline is not None:
+            raise TemperError("pipeline parallelism (parallel.pp > 1) trains one module, not several")
+        clash = sorted(set(state or {}) & {*RESERVED_STATE, "grad_scaler"})
+        if clash:
+            raise TemperError(f"state names {clash} are the checkpoint's own: name the stateful parts otherwise")
         self.stateful = {k: v for k, v in {**(state or {}), "grad_scaler": self.scaler}.items() if v is not None}
         if global_batch is None and hasattr(cfg, "batch_size"):
             global_batch = cfg.batch_size * getattr(cfg, "grad_accum", 1)
         from temper.train.distributed import unwrap
 
-        described = getattr(unwrap(model), "decoder", unwrap(model))  # a pipeline stage's: the whole model's config
+        # a pipeline stage's: the whole model's config
+        described = getattr(unwrap(model), "decoder", unwrap(model)) if isinstance(model, torch.nn.Module) else \
+            {k: unwrap(m) for k, m in model.items()}
         self.identity = run_identity(cfg, described, {"global_batch": global_batch, **(identity or {})})
         self.max_steps = cfg.max_steps
         # the device's peak for MFU: given (peak_flops), or measured now and, should a logged MFU
@@ -118,11 +163,19 @@ class TrainLoop:
         self.lr = 0.0
         self.first_eval: dict = {}  # logging.eval_at_start: the numbers before training
         self.last_eval: dict = {}
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # of the whole steps, every phase
         self.train_tokens = 0
-        self._window: list[tuple[float, int]] = []  # (seconds, tokens) of the steps since the last row
+        self.phase_seconds: dict[str, float] = {"train": 0.0}  # the run's total per phase
+        self._phase_names: list[str] = []  # the named phases used so far, in order of first use
+        self._step_phases: dict[str, float] = {}  # this step's seconds per phase
+        self._phase_stack: list[str] = []  # the phases open now, innermost last
+        self._mark: float | None = None  # time of the last phase boundary of the running step (None: no step)
+        self._window: list[tuple[float, dict[str, float], int]] = []  # (seconds, phases, tokens) since the last row
         self._row: dict | None = None  # this step's metrics, set by optimizer_step
         self._tokens = 0  # this step's processed tokens, set by optimizer_step
+        for obj in self.stateful.values():  # e.g. the rollout source: its generation is the rollout phase
+            if hasattr(obj, "use_phases"):
+                obj.use_phases(self.phase)
 
     # ------------------------------------------------------------------------- the steps
 
@@ -135,18 +188,48 @@ class TrainLoop:
             self.lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.max_steps)
             set_lr(self.optimizer, self.lr)
             self._row = None
-            start = time.perf_counter()
+            self._step_phases, self._phase_stack = {"train": 0.0}, []
+            start = self._mark = time.perf_counter()
             yield step
             assert self._row is not None, "a step ended without loop.optimizer_step()"
-            if self.device.type == "cuda":  # the step's kernels, not their launches
-                torch.cuda.synchronize(self.device)
-            self._end_step(step + 1, time.perf_counter() - start)
+            end = self._phase_boundary()  # the step's kernels, not their launches
+            self._mark = None
+            self._end_step(step + 1, end - start)
         self.bar.close()
         if self.start_step >= self.max_steps and self._evaluate is not None:  # resumed a finished run
             self.evaluate(self.max_steps)
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Charge the time inside to phase `name` of the running step (see the module docstring);
+        outside a step (evaluation, setup) nothing is counted."""
+        if name == "train":
+            raise TemperError("'train' is the time of a step outside its named phases: give the phase another name")
+        if self._mark is None:
+            yield
+            return
+        self._phase_boundary()
+        self._phase_stack.append(name)
+        if name not in self._phase_names:
+            self._phase_names.append(name)
+        try:
+            yield
+        finally:
+            self._phase_boundary()
+            self._phase_stack.pop()
+
+    def _phase_boundary(self) -> float:
+        """Charge the time since the last boundary to the phase open now (train when none); returns now."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        current = self._phase_stack[-1] if self._phase_stack else "train"
+        self._step_phases[current] = self._step_phases.get(current, 0.0) + now - self._mark
+        self._mark = now
+        return now
+
     def accumulate(self, micro_batches: list, loss_fn: Callable, *, weight: float = 1.0) -> dict[str, float]:
-        """`engine.accumulate` with this run's model, precision and gradient scaler. Under pipeline
+        """`engine.accumulate` with this run's model(s), precision and gradient scaler. Under pipeline
         parallelism the micro-batches ((inputs, targets) pairs) are the pipeline's micro-batches
         and the schedule runs them through the stages (`loss_fn` is the stages' own: the fused
         next-token loss)."""
@@ -177,18 +260,25 @@ class TrainLoop:
         cfg, row = self.cfg, self._row
         self.train_seconds += seconds
         self.train_tokens += self._tokens
-        self._window.append((seconds, self._tokens))
+        for phase, spent in self._step_phases.items():
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + spent
+        self._window.append((seconds, self._step_phases, self._tokens))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{self.lr:.2e}")
         last = done == self.max_steps
         log_now = done % cfg.logging.every == 0 or last
         eval_now = last or (cfg.logging.eval_every and done % cfg.logging.eval_every == 0)
         if log_now or eval_now:
-            window_seconds = sum(s for s, _ in self._window)
-            tokens_per_second = sum(n for _, n in self._window) / window_seconds
+            tokens = sum(n for _, _, n in self._window)
+            train_seconds = sum(phases["train"] for _, phases, _ in self._window)
+            tokens_per_second = tokens / train_seconds  # the train phase's: what the FLOPs per token count
             full = {"step": done, **row, "tokens_per_second": tokens_per_second}
             if self.peak_flops:
                 full["mfu"] = self._mfu(tokens_per_second)
+            if self._phase_names:
+                full["step_tokens_per_second"] = tokens / sum(s for s, _, _ in self._window)
+            for phase in ("train", *self._phase_names):  # seconds per step over the window
+                full[f"time/{phase}"] = sum(phases.get(phase, 0.0) for _, phases, _ in self._window) / len(self._window)
             full["memory_mb"] = engine.peak_memory_mb(self.device)
             self._window = []
             if cfg.logging.progress and not self.interactive and self.main:
@@ -255,12 +345,15 @@ class TrainLoop:
             self.metrics.log(row)
 
     def summary(self) -> dict[str, Any]:
-        """What every run reports: steps, time, throughput, peak memory, the final evaluation (and
-        under `before` the evaluation at the start, when there was one)."""
+        """What every run reports: steps, time (`train_seconds`: the whole steps'; with named phases,
+        `time`: the seconds of each phase), throughput (over the train phase), peak memory, the
+        final evaluation (and under `before` the evaluation at the start, when there was one)."""
         result: dict[str, Any] = {"steps": self.max_steps, "train_seconds": self.train_seconds,
                                   "train_tokens": self.train_tokens}
-        if self.train_seconds:
-            result["tokens_per_second"] = self.train_tokens / self.train_seconds
+        if self.phase_seconds["train"]:
+            result["tokens_per_second"] = self.train_tokens / self.phase_seconds["train"]
+        if self._phase_names:
+            result["time"] = dict(self.phase_seconds)
         result["peak_memory_mb"] = engine.peak_memory_mb(self.device)
         result.update({k: v for k, v in self.last_eval.items() if k != "samples"})
         if self.first_eval:
@@ -280,23 +373,32 @@ class TrainLoop:
         self.par.close()
         return summary
 
-    def export_model(self) -> torch.nn.Module | None:
-        """The trained model as one plain module for saving as a model directory: the model itself
-        in one process; in several, every rank takes part in gathering the full weights and rank 0
-        gets a plain copy (the others None)."""
+    def export_model(self) -> torch.nn.Module | dict[str, torch.nn.Module] | None:
+        """The trained model as one plain module for saving as a model directory (a dict of them
+        for several named modules): the model itself in one process; in several, every rank takes
+        part in gathering the full weights and rank 0 gets a plain copy (the others None)."""
         from temper.train.distributed import export_model
 
-        return export_model(self.model, self.par)
+        if isinstance(self.model, torch.nn.Module):
+            return export_model(self.model, self.par)
+        plain = {name: export_model(module, self.par) for name, module in self.model.items()}
+        return plain if self.main else None
 
 
-def run_identity(cfg: Any, model: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
-    """The facts a checkpoint must share with the run that resumes it (JSON-able)."""
+def run_identity(cfg: Any, model: torch.nn.Module | dict[str, torch.nn.Module], extra: dict[str, Any]) -> dict[str, Any]:
+    """The facts a checkpoint must share with the run that resumes it (JSON-able). Several named
+    modules: each one's config under `model` as `NAME.key`."""
     import dataclasses
 
     identity: dict[str, Any] = {k: getattr(cfg, k) for k in IDENTITY_KEYS if hasattr(cfg, k)}
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config):
-        identity["model"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+    described: dict[str, Any] = {}
+    for prefix, module in ([("", model)] if isinstance(model, torch.nn.Module) else
+                           [(f"{name}.", m) for name, m in model.items()]):
+        config = getattr(module, "config", None)
+        if dataclasses.is_dataclass(config):
+            described.update({prefix + k: v for k, v in dataclasses.asdict(config).items() if k != "extra"})
+    if described:
+        identity["model"] = described
     identity.update(extra)
     return json.loads(json.dumps(identity))  # tuples -> lists, as they come back from state.json
 

@@ -1,4 +1,9 @@
-"""AdamW with decay / no-decay groups, and learning-rate schedules as pure functions of the step."""
+"""AdamW with decay / no-decay groups, and learning-rate schedules as pure functions of the step.
+
+`build_optimizer(model, cfg)` takes the trained model as one module or as a dict of named
+modules (`{"policy": policy, "value": value_head}`): one optimiser over all of them, with the
+same two groups (matrices decay, vectors do not), each parameter once.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,20 @@ import torch
 
 from temper.config import OptimConfig, ScheduleConfig
 from temper.errors import TemperError
+from temper.train.engine import trained_parameters
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (dim >= 2) decay; biases, norms and other vectors do not (tied weights once)."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
+def parameter_groups(model: torch.nn.Module | dict[str, torch.nn.Module], weight_decay: float) -> list[dict]:
+    """Matrices (dim >= 2) decay; biases, norms and other vectors do not (tied weights once, a
+    parameter two modules share once)."""
+    decay, no_decay = [], []
+    for p in trained_parameters(model):
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module | dict[str, torch.nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay)
     if not groups:
         raise TemperError("the model has no trainable parameters")

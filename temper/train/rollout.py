@@ -7,14 +7,40 @@ GRPO and PPO next).
 Sampling is temper's batched generation (`temper.models.generate`: KV cache, left padding)
 with the policy's chat template and its stop strings; one seeded stream for the whole call,
 so the same seed gives the same answers.
+
+`RolloutSource` is what the training loop pulls its rollouts from: every
+`steps_per_generation x num_iterations` optimiser steps it calls `generate()` for one
+generation batch, keeps it, and serves one slice per step:
+
+    source = RolloutSource(generate, steps_per_generation=4, num_iterations=2, shuffle="generation", seed=0)
+    loop = TrainLoop(..., state={"rollout": source})     # checkpointed; its generation timed as "rollout"
+    for step in loop:
+        batch = source.next()                            # a slice: the same keys, 1/4 of the rows
+
+A generation batch is a dict (or list, or tuple) of tensors sharing their first dimension
+(the rows: prompts, completions, old log-probs, advantages), and of lists as long (prompt
+texts, say). Each of the `num_iterations` passes over it is split into `steps_per_generation`
+equal slices (TRL's GRPO `steps_per_generation` and `num_iterations`; PPO's minibatches and
+epochs). `shuffle`: "none" keeps the generated order; "generation" draws one order per
+generation batch, the same slices in every pass (TRL's GRPO); "pass" draws a new order for
+every pass (PPO's minibatch epochs). The orders come from the source's own seeded generator.
+Its `state_dict()` holds the buffer (tensors, saved by the loop's checkpoints in
+safetensors), the position in it, the order and the generator's state: a run resumed
+mid-buffer serves exactly the slices an uninterrupted run would have, without generating
+again. Generic: the method's maths (advantages, clipping) stays in its recipe.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from temper.data.chat import render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt
+from temper.errors import TemperError
 from temper.models.generate import SamplingConfig, generate_text
 
 
@@ -33,3 +59,109 @@ def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: 
     model.train(was_training)
     flat = [r.strip() for r in flat]
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+SHUFFLES = ("none", "generation", "pass")
+
+
+class RolloutSource:
+    """A buffer of generation batches served in slices; see the module docstring."""
+
+    def __init__(self, generate: Callable[[], Any], *, steps_per_generation: int, num_iterations: int = 1,
+                 shuffle: str = "none", seed: int = 0) -> None:
+        if steps_per_generation < 1 or num_iterations < 1:
+            raise TemperError(f"steps_per_generation and num_iterations must be at least 1, got "
+                              f"{steps_per_generation} and {num_iterations}")
+        if shuffle not in SHUFFLES:
+            raise TemperError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+        self.generate = generate
+        self.steps_per_generation, self.num_iterations, self.shuffle = steps_per_generation, num_iterations, shuffle
+        self.generator = torch.Generator().manual_seed(seed)  # CPU: the orders are the same on every device
+        self.buffer: Any = None  # the current generation batch
+        self.order: torch.Tensor | None = None  # the current pass's row order
+        self.served = 0  # slices served from the current buffer (0 .. steps_per_generation x num_iterations)
+        self.generations = 0  # generation batches made so far (in this run and the runs it resumes)
+        self._phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
+
+    @property
+    def slices_per_generation(self) -> int:
+        return self.steps_per_generation * self.num_iterations
+
+    def use_phases(self, phase: Callable[[str], contextlib.AbstractContextManager]) -> None:
+        """The training loop hands its `phase`: generation is timed as the `rollout` phase."""
+        self._phase = phase
+
+    def next(self) -> Any:
+        """The slice for this optimiser step; generates first when the buffer is spent (or empty)."""
+        if self.buffer is None or self.served == self.slices_per_generation:
+            with self._phase("rollout"):
+                batch = self.generate()
+            self.buffer = _check_batch(batch, self.steps_per_generation)
+            self.generations += 1
+            self.served = 0
+        index = self.served % self.steps_per_generation
+        if index == 0 and (self.served == 0 or self.shuffle == "pass"):
+            rows = _rows(self.buffer)
+            self.order = torch.randperm(rows, generator=self.generator) if self.shuffle != "none" else \
+                torch.arange(rows)
+        self.served += 1
+        size = len(self.order) // self.steps_per_generation
+        return _take(self.buffer, self.order[index * size:(index + 1) * size])
+
+    def state_dict(self) -> dict[str, Any]:
+        buffer = self.buffer
+        kind = type(buffer).__name__ if buffer is not None else None
+        return {"buffer": list(buffer) if isinstance(buffer, tuple) else buffer, "kind": kind, "order": self.order,
+                "served": self.served, "generations": self.generations, "generator": self.generator.get_state(),
+                "steps_per_generation": self.steps_per_generation, "num_iterations": self.num_iterations,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = (state["steps_per_generation"], state["num_iterations"], state["shuffle"])
+        if saved != (self.steps_per_generation, self.num_iterations, self.shuffle):
+            raise TemperError(f"the checkpoint's rollout source served steps_per_generation, num_iterations, shuffle "
+                              f"= {saved}; this run asks for {(self.steps_per_generation, self.num_iterations, self.shuffle)}")
+        buffer = state["buffer"]
+        self.buffer = tuple(buffer) if state["kind"] == "tuple" else buffer
+        self.order = state["order"]
+        self.served, self.generations = state["served"], state["generations"]
+        self.generator.set_state(state["generator"])
+
+
+def _rows(batch: Any) -> int:
+    values = batch.values() if isinstance(batch, dict) else batch
+    return len(next(iter(values)))
+
+
+def _check_batch(batch: Any, steps_per_generation: int) -> Any:
+    if not isinstance(batch, (dict, list, tuple)) or not batch:
+        raise TemperError(f"generate() must return a non-empty dict, list or tuple of tensors (and lists), got "
+                          f"{type(batch).__name__}")
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch)
+    sizes = {}
+    for key, value in items:
+        if torch.is_tensor(value) and value.dim() > 0:
+            sizes[key] = value.shape[0]
+        elif isinstance(value, list):
+            sizes[key] = len(value)
+        else:
+            raise TemperError(f"generate(): {key!r} is a {type(value).__name__}; each entry is a tensor or a list, "
+                              "one row per example")
+    if len(set(sizes.values())) != 1:
+        raise TemperError(f"generate(): the entries hold different numbers of rows: {sizes}")
+    rows = next(iter(sizes.values()))
+    if rows % steps_per_generation:
+        raise TemperError(f"a generation batch of {rows} rows does not split into steps_per_generation="
+                          f"{steps_per_generation} equal slices")
+    return batch
+
+
+def _take(batch: Any, rows: torch.Tensor) -> Any:
+    def take(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return value[rows.to(value.device)]
+        return [value[i] for i in rows.tolist()]
+
+    if isinstance(batch, dict):
+        return {k: take(v) for k, v in batch.items()}
+    return type(batch)(take(v) for v in batch)
