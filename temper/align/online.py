@@ -376,7 +376,7 @@ def run_online(cfg) -> dict:
             # 4: one DPO round on the pairs, from this round's policy (the reference: the same, or ref_model)
             round_cfg = replace(cfg, rounds=0, model=policy, data=[str(pairs_path)], eval_data=list(eval_spec),
                                 output_dir=str(round_dir), resume="auto" if cfg.resume else "", overwrite=False,
-                                skip_bad_rows=True)
+                                skip_bad_rows=True, max_bad_row_fraction=1.0)  # the round's own pairs: all counted
             summary = dpo.run(round_cfg)
             report["dpo"] = _dpo_report(summary)
             trained = round_dir

@@ -56,15 +56,19 @@ class Config:
     eval_fraction: float = opt(0.05, "share of pairs held out when eval_data is empty")
     eval_pairs: int = opt(200, "held-out pairs scored at each evaluation (0: all)")
     columns: dict = opt({}, "rename columns to temper's, e.g. columns.chosen=good columns.rejected=bad")
-    skip_bad_rows: bool = opt(False, "skip (and count) bad pairs instead of stopping at the first")
+    skip_bad_rows: bool = opt(True, "skip bad rows (an empty answer, identical answers, ...), count them and warn "
+                                    "naming the first of each reason (false: stop at the first bad row)")
+    max_bad_row_fraction: float = opt(0.1, "stop when more than this share of the rows read is bad (skipped rows "
+                                           "are expected to be few; many mean a wrong format or columns=)")
     limit: int = opt(0, "read at most this many rows of data (0: all)")
     implicit_prompt: Literal["turn", "common_prefix"] = opt(
         "turn", "implicit prompts end at the last shared '\\n\\nAssistant:' (turn) or are TRL's common prefix")
     template: str | None = opt(None, "chat template for message rows (default: the model's; string rows use none)")
-    seq_len: int = opt(512, "longest prompt + answer in tokens")
+    seq_len: int = opt(512, "longest prompt + answer in tokens: a longer pair is cut, never dropped: its prompt "
+                            "keeps its end (down to seq_len/2), then its answers keep their start")
     padding_free: bool = opt(True, "pack each batch's sequences into as few rows of seq_len as hold them (same "
                                    "log-probs, no work on padding; false: one right-padded row a sequence, as TRL)")
-    max_prompt_len: int = opt(0, "keep only the end of longer prompts (0: no limit but seq_len)")
+    max_prompt_len: int = opt(0, "keep only the end of longer prompts (0: cut only to fit seq_len)")
     loss_type: list[str] = opt(["sigmoid"], "sigmoid, robust, hinge, ipo, sigmoid_norm, sft, simpo, orpo; "
                                             "several are summed with loss_weights; or kto (unpaired data)")
     loss_weights: list[float] = opt([], "one weight per loss_type (default: 1 each)")
@@ -127,6 +131,7 @@ class Config:
         check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
         for key in ("eval_pairs", "eval_batches", "peak_flops", "max_prompt_len", "limit"):
             check_range(key, getattr(self, key), low=0)
+        check_range("max_bad_row_fraction", self.max_bad_row_fraction, low=0.0, high=1.0)
         check_range("beta", self.beta, low=0.0, low_open=True)
         check_range("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
         if not self.loss_type:
@@ -198,7 +203,8 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
     if not train_spec:
         raise TemperError("data= is required: the model records no built-in world to take preference pairs from")
     options = dict(max_len=cfg.seq_len, max_prompt_len=cfg.max_prompt_len, columns=cfg.columns,
-                   skip_bad_rows=cfg.skip_bad_rows, implicit_prompt=cfg.implicit_prompt, unpaired=cfg.kto)
+                   skip_bad_rows=cfg.skip_bad_rows, max_bad_row_fraction=cfg.max_bad_row_fraction,
+                   implicit_prompt=cfg.implicit_prompt, unpaired=cfg.kto)
     train, stats = load_preferences(train_spec, tokenizer, template, limit=cfg.limit, **options)
     eval_spec = cfg.eval_data or ([str(Path(world) / "preference" / "test.jsonl")] if world and not cfg.data else [])
     held_stats = None
@@ -468,5 +474,5 @@ def run(cfg: Config) -> dict:
         write_lineage(out, {**lineage, "stage": "dpo", "parent": cfg.model, "chat_template_trained": template,
                             "peft": cfg.peft.method})
     return loop.finish({"loss_type": cfg.loss_type, "beta": cfg.beta, "reference": mode, "pairs": len(train),
-                        "held_out_pairs": len(held), "skipped_rows": dict(stats.skipped),
+                        "held_out_pairs": len(held), **stats.counts(),
                         "peft": cfg.peft.method, "trainable_parameters": peft_info["trainable"]})

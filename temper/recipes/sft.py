@@ -39,12 +39,16 @@ class Config:
     eval_data: list[str] = opt([], "held-out rows for generation eval (empty: the world's test split, or eval_fraction of data)")
     eval_fraction: float = opt(0.1, "share of data held out for evaluation when eval_data is empty")
     columns: dict = opt({}, "rename columns to temper's, e.g. columns.prompt=question columns.completion=answer")
-    skip_bad_rows: bool = opt(False, "skip (and count) rows that fail validation instead of stopping")
+    skip_bad_rows: bool = opt(True, "skip rows that fail validation, count them and warn naming the first of each "
+                                    "reason (false: stop at the first bad row)")
+    max_bad_row_fraction: float = opt(0.1, "stop when more than this share of the rows read is bad (skipped rows "
+                                           "are expected to be few; many mean a wrong format or columns=)")
     template: str | None = opt(None, "chat template: chatml, llama3, plain, a .jinja file (default: the model's)")
     loss_on: Literal["completion", "assistant", "all"] = opt(
         "completion", "train on the last reply, on every assistant turn, or on every token")
     packing: bool = opt(False, "pack several examples per row (positions reset, attention kept inside each)")
-    seq_len: int = opt(512, "longest training sequence in tokens (shorter rows are padded, or packed)")
+    seq_len: int = opt(512, "longest training sequence in tokens (shorter rows are padded, or packed); a longer "
+                            "one is cut: its prompt keeps its end (down to seq_len/2), then the reply its start")
     general_data: list[str] = opt([], "general text for the forgetting perplexity and replay (default: the pretraining shards)")
     replay_weight: float = opt(0.0, "weight of a pretraining-data loss mixed into every step (0: no replay)")
     replay_batch_size: int = opt(8, "pretraining windows per step (per rank) when replaying")
@@ -87,6 +91,7 @@ class Config:
         if self.replay_weight == 0 and self.replay_batch_size != Config.replay_batch_size:
             raise TemperError("replay_batch_size is used only with replay_weight > 0")
         check_range("global_batch_size", self.global_batch_size, low=0)
+        check_range("max_bad_row_fraction", self.max_bad_row_fraction, low=0.0, high=1.0)
         if self.parallel.pp > 1 or self.parallel.tp > 1:
             raise TemperError("parallel.pp and parallel.tp are for pretraining for now (fine-tuning evaluates by "
                               "generating, which needs whole attention heads): fine-tune with strategy=fsdp or ddp")
@@ -99,18 +104,22 @@ class Config:
 
 
 def resolve_data(cfg: Config, lineage: dict):
-    """(train conversations, eval conversations, skipped rows)."""
+    """(train conversations, eval conversations, bad rows skipped by reason)."""
+    from collections import Counter
+
     from temper.data.sft import read_conversations
 
     world = lineage.get("world_dir")
     train_spec = cfg.data or ([str(Path(world) / "sft" / "train.jsonl")] if world else [])
     if not train_spec:
         raise TemperError("data= is required: the model records no built-in world to take instructions from")
-    train, skipped = read_conversations(train_spec, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
+    rules = dict(columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows, max_bad_row_fraction=cfg.max_bad_row_fraction)
+    train, bad = read_conversations(train_spec, **rules)
+    skipped = Counter(bad.skipped)
     eval_spec = cfg.eval_data or ([str(Path(world) / "sft" / "test.jsonl")] if world and not cfg.data else [])
     if eval_spec:
-        held_out, more = read_conversations(eval_spec, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
-        skipped += more
+        held_out, more = read_conversations(eval_spec, **rules)
+        skipped += more.skipped
     else:  # hold out a deterministic share of the training rows
         from temper.data.sft import split_held_out
 
@@ -158,11 +167,12 @@ def run(cfg: Config) -> dict:
     train_convs, eval_convs, skipped = resolve_data(cfg, lineage)
     examples, stats = encode_all(train_convs, tokenizer, template, loss_on=cfg.loss_on, max_len=cfg.seq_len)
     if par.is_main:
-        print(f"sft data: {stats.summary()}; {skipped} bad rows skipped; {len(eval_convs)} held-out instructions",
-              file=sys.stderr)
+        print(f"sft data: {stats.summary()}; {sum(skipped.values())} bad rows skipped; {len(eval_convs)} held-out "
+              "instructions", file=sys.stderr)
     if (stats.truncated or stats.dropped) and par.is_main:
-        print(f"warning: {stats.truncated} examples truncated and {stats.dropped} dropped at seq_len="
-              f"{cfg.seq_len}", file=sys.stderr)
+        print(f"note: {stats.truncated} of {stats.examples + stats.dropped} examples truncated to fit seq_len="
+              f"{cfg.seq_len}: replies keep their start; {stats.prompt_truncated} prompts kept only their end"
+              + (f"; {stats.dropped} dropped with nothing left to train" if stats.dropped else ""), file=sys.stderr)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     loader = SFTLoader(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad_id,
                        seed=cfg.seed, packing=cfg.packing, rank=par.dp_rank, world_size=par.dp, grad_accum=grad_accum)
@@ -238,7 +248,8 @@ def run(cfg: Config) -> dict:
     return loop.finish({
         "peft": cfg.peft.method, "trainable_parameters": peft_info["trainable"],
         "total_parameters": peft_info["total"], "examples": stats.examples, "truncated": stats.truncated,
-        "dropped": stats.dropped, "skipped_rows": skipped, "samples": loop.last_eval.get("samples", [])})
+        "prompt_truncated": stats.prompt_truncated, "dropped": stats.dropped, "skipped_rows": dict(skipped),
+        "samples": loop.last_eval.get("samples", [])})
 
 
 def resolve_general_text(cfg: Config, lineage: dict, tokenizer, out: Path) -> Path | None:
