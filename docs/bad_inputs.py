@@ -93,6 +93,12 @@ def setup(work: Path) -> None:
     for name, row in bad.items():  # a bad row among good ones
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*good[:2], row, *good[2:]]))
     (work / "all-bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*good, *bad.values()]))
+    many = [{**good[i % 4], "prompt": f"Row {i}: the river"} for i in range(12)]  # one bad row in thirteen
+    (work / "one-in-13.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*many[:6], bad["empty-answer"],
+                                                                                 *many[6:]]))
+    (work / "gsm8k-like.jsonl").write_text("".join(json.dumps({"question": f"What is {i} plus 1?",
+                                                               "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n"
+                                                   for i in range(8)))
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
     chat_pairs = [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
                    "chosen": [{"role": "assistant", "content": str(i + 1)}],
@@ -171,6 +177,8 @@ CASES: list[tuple[str, list[str], str]] = [
                                                   "output_dir=o10"], "error"),
     ("a conversation without an assistant turn", ["sft", "model=base", "data=no-assistant.jsonl",
                                                   "output_dir=o11"], "error"),
+    ("SFT rows of another format (GSM8K's question/answer, no columns=)",
+     ["sft", "model=base", "data=gsm8k-like.jsonl", "output_dir=o34"], "error"),
     ("a choice that is not offered", ["sft", "model=base", "data=chats.jsonl", "loss_on=answers"], "error"),
     ("a prompt that is not UTF-8", ["generate", "model=base", "prompt=caf\udce9"], "error"),
     ("an empty prompt", ["generate", "model=base", "prompt="], "error"),
@@ -195,18 +203,20 @@ CASES: list[tuple[str, list[str], str]] = [
                                                    "grad_accum=2", "output_dir=o21"], "error"),
     ("pipeline stages for fine-tuning", ["sft", "model=base", "data=chats.jsonl", "parallel.pp=2"], "error"),
     ("adapters with FSDP", ["sft", "model=base", "data=chats.jsonl", "peft.method=lora", "strategy=fsdp"], "error"),
-    ("a preference pair whose chosen equals its rejected",
+    ("one preference pair in five whose chosen equals its rejected (20%: above max_bad_row_fraction=0.1)",
      ["dpo", "model=base", "data=same.jsonl", *DPO, "output_dir=o22"], "error"),
-    ("a preference pair with an empty answer", ["dpo", "model=base", "data=empty-answer.jsonl", *DPO,
-                                                "output_dir=o23"], "error"),
-    ("a preference prompt longer than the context", ["dpo", "model=base", "data=long-prompt.jsonl", *DPO,
-                                                     "output_dir=o24"], "error"),
+    ("a preference pair with an empty answer, with skip_bad_rows=false (strict: the first bad row stops)",
+     ["dpo", "model=base", "data=empty-answer.jsonl", "skip_bad_rows=false", *DPO, "output_dir=o23"], "error"),
+    ("one preference pair in thirteen with an empty answer (skipped, counted, named)",
+     ["dpo", "model=base", "data=one-in-13.jsonl", *DPO, "output_dir=o35"], "ok"),
+    ("a preference prompt longer than the context (its end kept, counted as truncated)",
+     ["dpo", "model=base", "data=long-prompt.jsonl", *DPO, "output_dir=o24"], "ok"),
     ("an implicit-prompt pair (chosen + rejected only) with no shared start",
      ["dpo", "model=base", "data=no-shared-prompt.jsonl", *DPO, "output_dir=o25"], "error"),
     ("a prompt repeated at the start of one answer but not the other",
      ["dpo", "model=base", "data=prompt-in-one-answer.jsonl", *DPO, "output_dir=o26"], "error"),
-    ("each of the five bad pairs above, with skip_bad_rows=true (skipped and counted)",
-     ["dpo", "model=base", "data=all-bad.jsonl", "skip_bad_rows=true", *DPO, "output_dir=o27"], "ok"),
+    ("each of the bad pairs above, with max_bad_row_fraction=1 (skipped and counted, however many)",
+     ["dpo", "model=base", "data=all-bad.jsonl", "max_bad_row_fraction=1", *DPO, "output_dir=o27"], "ok"),
     ("message rows for a model without a chat template", ["dpo", "model=no-template", "data=chat-pairs.jsonl",
                                                           *DPO, "output_dir=o28"], "error"),
     ("a column rename to a column the file lacks", ["dpo", "model=base", "data=pairs.jsonl", "columns.chosen=good",
@@ -258,7 +268,7 @@ def main() -> int:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             last = lines[-1] if lines else "(nothing)"
             if expected == "ok":  # handled: show what it said about it, if anything
-                said = [line for line in lines if line.startswith(("warning:", "note:", "resumed from"))]
+                said = [line for line in lines if line.startswith(("warning:", "note:", "resumed from", "dpo data:"))]
                 last = " / ".join(said) if said else "(handled without a message)"
             traceback = "Traceback" in done.stderr
             fine = (done.returncode == 0) if expected == "ok" else (done.returncode == 2 and not traceback)
@@ -270,7 +280,9 @@ def main() -> int:
              "Generated by `python docs/bad_inputs.py` (tiny inputs made in a scratch directory; "
              "`base` and `other-base` are two-step pretrained models, `lora` a LoRA adapter of `base`; "
              "`no-template` is `base` without its chat template; each `dpo` data file holds four good pairs "
-             "and the bad one its name says; `my_judges.py` holds stand-in judges for "
+             "and the bad one its name says (`one-in-13.jsonl`: twelve good pairs and one with an empty answer, "
+             "`all-bad.jsonl`: four good pairs and each of the others' bad one); `gsm8k-like.jsonl` holds "
+             "`question`/`answer` rows; `my_judges.py` holds stand-in judges for "
              "online DPO: `raises` always raises, `text` returns \"7/10\", `flaky` raises, returns text and NaN "
              "on its first three samples and a number after; "
              + ", ".join(f"`{name}` stands for `{' '.join(settings)}`" for name, settings in SHORTHANDS.items())

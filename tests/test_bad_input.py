@@ -107,6 +107,95 @@ def test_corrupt_parquet_is_one_line_naming_the_file(tmp_path, capsys):
         list(iter_texts(tmp_path / "nulls.parquet"))
 
 
+# ----------------------------------------------------------------------------- bad rows and long rows in training data
+
+
+def test_sft_and_dpo_share_one_rule_for_bad_rows(tmp_path, tiny_model_dir, capsys):
+    """One rule (temper.data.rows.BadRows) for `temper sft` and `temper dpo`: above max_bad_row_fraction of the
+    rows read bad, one line with the counts and the first of each reason; skip_bad_rows=false, one line naming
+    the first bad row. Both stop before any model work."""
+    from temper.data import preference, rows, sft
+
+    assert preference.BadRows is sft.BadRows is rows.BadRows
+    chats = [{"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": f"{i}."}]}
+             for i in range(8)]
+    empty = {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": ""}]}
+    pairs = [{"prompt": f"{i}?", "chosen": f" {i}.", "rejected": " no."} for i in range(8)]
+    cases = [("sft", chats, empty, "template=chatml", "SFT rows", "bad_messages"),
+             ("dpo", pairs, {"prompt": "?", "chosen": " same", "rejected": " same"}, "template=none",
+              "preference rows", "identical")]
+    for stage, good, bad, template, what, reason in cases:
+        data = tmp_path / f"{stage}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in [*good[:2], bad, bad, *good[2:]]))  # 2 of 10 bad
+        common = [stage, f"model={tiny_model_dir}", f"data={data}", template, f"output_dir={tmp_path / stage}"]
+        assert main(common) == 2
+        line = one_line_error(capsys, stage)
+        assert (f"too many bad {what}: 2 of 10 read (20.0%, above max_bad_row_fraction=0.1): 2 {reason}; "
+                f"first of each: {data}:3: ") in line
+        assert main([*common, "skip_bad_rows=false"]) == 2
+        line = one_line_error(capsys, stage)
+        assert f"error: {data}:3: " in line and "(set skip_bad_rows=true to skip and count such rows)" in line
+        assert main([*common, "max_bad_row_fraction=1.5"]) == 2
+        assert "max_bad_row_fraction must be in [0, 1], got 1.5" in one_line_error(capsys, stage)
+
+
+def test_the_bad_row_rule_in_numbers():
+    from collections import Counter
+
+    from temper.data.rows import BadRow, BadRows
+
+    bad = BadRows("rows", max_fraction=0.25)
+    for i in range(3):
+        bad.add(BadRow("empty", f"row {i} is empty"), f"f:{i + 1}")
+    bad.add(BadRow("bad_type", "a number", source="f:9 instance 2"), "f:9")  # the raiser's own source wins
+    assert dict(bad.skipped) == {"empty": 3, "bad_type": 1} and bad.total == 4
+    assert bad.first == {"empty": "f:1: row 0 is empty", "bad_type": "f:9 instance 2: a number"}
+    with pytest.warns(UserWarning, match=r"^4 bad rows skipped \(1 bad_type, 3 empty; first of each: "
+                                         r"f:9 instance 2: a number; f:1: row 0 is empty\)$"):
+        bad.check(16)  # 4 of 16: exactly the share, not above it
+    with pytest.warns(UserWarning, match=r"^1 bad rows skipped \(1 empty;"):
+        bad.check(16, since=Counter({"empty": 2, "bad_type": 1}))  # only what is new since the snapshot
+    with pytest.raises(TemperError, match=r"^too many bad rows: 4 of 15 read \(26.7%, above max_bad_row_fraction"
+                                          r"=0.25\): 1 bad_type, 3 empty; first of each: "):
+        bad.check(15)
+    strict = BadRows("rows", skip=False)
+    with pytest.raises(TemperError, match=r"^f:3: row 2 is empty \(set skip_bad_rows=true"):
+        strict.add(BadRow("empty", "row 2 is empty"), "f:3")
+    none = BadRows("rows", max_fraction=0.0)
+    none.add(BadRow("empty", "x"), "f:1")
+    with pytest.raises(TemperError, match="1 of 1000 read"):
+        none.check(1000)  # 0: any bad row stops, after all of them are counted
+    with pytest.raises(TemperError, match="between 0 and 1"):
+        BadRows(max_fraction=-0.1)
+
+
+def test_fit_to_context_property():
+    """Any prompt + answer fits the context after the cut; what fits is never cut; the prompt keeps at least
+    half the context (or all it has), the answer at least one token; a BOS stays first."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from temper.data.rows import fit_to_context, keep_end
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(st.integers(0, 3000), st.integers(1, 3000), st.integers(1, 2048))
+    def check(prompt, answer, max_len):
+        kept_prompt, kept_answer = fit_to_context(prompt, answer, max_len)
+        assert kept_prompt + kept_answer <= max_len + 1 and kept_answer >= 1
+        if prompt + answer <= max_len + 1:
+            assert (kept_prompt, kept_answer) == (prompt, answer)
+        else:
+            assert kept_prompt + kept_answer == max_len + 1  # the context is used to the full
+            assert kept_prompt >= min(prompt, max_len // 2)
+            assert kept_answer == min(answer, max_len + 1 - kept_prompt)
+            assert kept_prompt >= 1 or prompt == 0
+
+    check()
+    ids = [1, 10, 11, 12, 13]
+    assert keep_end(ids, 3, bos_id=1) == [1, 12, 13] and keep_end(ids, 3, bos_id=None) == [11, 12, 13]
+    assert keep_end(ids, 1, bos_id=1) == [13] and keep_end(ids, 9, bos_id=1) == ids
+
+
 # ----------------------------------------------------------------------------- huge documents
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

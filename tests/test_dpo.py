@@ -92,20 +92,34 @@ def test_kto_on_unpaired_examples(tmp_path, tiny_model_dir, pairs):
     assert summary["eval_loss"] < 0.45 and all(r["kl"] >= 0 for r in rows)
 
 
-def test_hh_rlhf_pairs_without_a_template(tmp_path, tiny_model_dir):
-    """HH-RLHF read straight from gzip (implicit prompts ending at '\\n\\nAssistant:'): the loss
-    starts at log 2 and the margin grows."""
+def test_hh_rlhf_pairs_train_at_the_default_settings(tmp_path, tiny_model_dir):
+    """HH-RLHF read straight from gzip (implicit prompts ending at '\\n\\nAssistant:') with the data defaults,
+    by a model that has a chat template (string rows use none: `template=none` is not needed): the row with
+    an empty answer is skipped and counted, the long ones are cut to fit and counted, none is dropped; the
+    loss starts at log 2 and the margin grows."""
+    import shutil
+
+    from temper.data.chat import BUILTIN_TEMPLATES
+    from temper.data.tokenizer import Tokenizer
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = Tokenizer.from_dir(model)
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
+    tokenizer.save(model)
     data = shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")
-    summary = run_dpo(tmp_path, tiny_model_dir, f"data={data}", "limit=20", "template=none", "seq_len=256",
-                      "max_prompt_len=128", "max_steps=12", "logging.eval_every=0", "eval_fraction=0.2",
-                      "skip_bad_rows=true", "optim.lr=1e-3")
+    with pytest.warns(UserWarning, match=r"1 bad preference rows skipped \(1 empty_response; first of each: "
+                                         r".*harmless-base-test.jsonl.gz:87: 'chosen' is empty\)"):
+        summary = run_dpo(tmp_path, model, f"data={data}", "limit=100", "seq_len=128", "max_steps=16",
+                          "logging.eval_every=0", "eval_fraction=0.8", "eval_pairs=8", "optim.lr=1e-3")
     assert summary["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert summary["pairs"] == 16  # 20 rows, 1 skipped (an empty answer), 3 held out
+    assert summary["rows_read"] == 101 and summary["skipped_rows"] == {"empty_response": 1}  # limit: 100 pairs
+    assert (summary["pairs"], summary["held_out_pairs"]) == (20, 8)  # 80 held out: every other row is kept
+    assert summary["truncated"] >= 50 and summary["prompt_truncated"] > 0 and summary["answer_truncated"] > 0
     rows = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["rewards/margins"] == 0.0
-    # 4 epochs over 16 pairs: the margin of the pairs trained on grows, the loss falls below log 2
-    late = rows[-4:]
-    assert min(r["rewards/margins"] for r in late) > 0.1 and max(r["loss"] for r in late) < math.log(2) - 0.02
+    late = rows[-4:]  # 3 epochs over 20 pairs: the margin of the pairs trained on grows, the loss falls
+    assert min(r["rewards/margins"] for r in late) > 0.05 and max(r["loss"] for r in late) < math.log(2) - 0.01
 
 
 def test_bad_settings_are_one_line(tmp_path, tiny_model_dir, pairs):

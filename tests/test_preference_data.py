@@ -194,9 +194,12 @@ def test_a_rename_to_a_column_the_row_lacks_is_a_bad_row_not_ignored(tmp_path):
     f = write_jsonl(tmp_path / "f.jsonl", rows)
     with pytest.raises(TemperError, match=r"f.jsonl:2: columns.chosen=good: the row has no column 'good' "
                                           r"\(keys: prompt, chosen, rejected\) \(set skip_bad_rows=true"):
+        read_preferences(f, columns={"chosen": "good"}, skip_bad_rows=False)
+    with pytest.raises(TemperError, match=r"too many bad preference rows: 1 of 2 read \(50.0%, above "
+                                          r"max_bad_row_fraction=0.1\): 1 missing_column; first of each: .*f.jsonl:2"):
         read_preferences(f, columns={"chosen": "good"})
-    with pytest.warns(UserWarning, match=r"1 bad preference rows skipped \(1 missing_column\); .*f.jsonl:2"):
-        pairs, stats = read_preferences(f, columns={"chosen": "good"}, skip_bad_rows=True)
+    with pytest.warns(UserWarning, match=r"1 bad preference rows skipped \(1 missing_column; first of each: .*f.jsonl:2"):
+        pairs, stats = read_preferences(f, columns={"chosen": "good"}, max_bad_row_fraction=0.5)
     assert only(pairs).chosen == " 7" and dict(stats.skipped) == {"missing_column": 1}
     with pytest.raises(TemperError, match=r"f.jsonl:1: columns.completion=answer: the row has no column 'answer'"):
         read_unpaired(f, columns={"completion": "answer"})
@@ -294,7 +297,7 @@ def test_hh_rlhf_gzip_reads_with_turn_prompts(tiny_tokenizer):
 
     path = shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")
     with pytest.warns(UserWarning, match="4 bad preference rows skipped"):
-        pairs, stats = read_preferences(path, skip_bad_rows=True)
+        pairs, stats = read_preferences(path)
     assert stats.rows == 2312 and len(pairs) == 2308
     assert dict(stats.skipped) == {"empty_response": 4}  # chosen is a lone space after "Assistant:" in 4 rows
     raw = {rec.source: rec.data for rec in iter_records(path)}
@@ -304,10 +307,62 @@ def test_hh_rlhf_gzip_reads_with_turn_prompts(tiny_tokenizer):
         assert pair.prompt + pair.rejected == raw[pair.source]["rejected"]
         assert pair.chosen.startswith(" ") and pair.chosen.strip() and pair.rejected.strip()
     with pytest.raises(TemperError, match=r"harmless-base-test.jsonl.gz:87: 'chosen' is empty \(set skip_bad_rows"):
-        read_preferences(path)
+        read_preferences(path, skip_bad_rows=False)
     encoded, stats = encode_pairs(pairs[:150], tiny_tokenizer, None, max_len=4096, stats=stats)
     assert len(encoded) == 150 and dict(stats.skipped) == {"empty_response": 4}  # no token-boundary losses
     assert all(e.chosen_ids[-1] == tiny_tokenizer.eos_id for e in encoded)
+
+
+def test_string_rows_use_no_template_whatever_the_model_has(tiny_tokenizer):
+    """HH-RLHF's rows are strings with their own Human:/Assistant: markers: a model's chat template does not
+    touch them (no `template=none` needed)."""
+    path = shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")
+    plain, _ = load_preferences(path, tiny_tokenizer, None, max_len=512, limit=30)
+    chat, _ = load_preferences(path, tiny_tokenizer, CHATML, max_len=512, limit=30)
+    assert plain == chat and preference_fingerprint(plain) == preference_fingerprint(chat)
+
+
+def _load_recording_cuts(path, tokenizer, **options):
+    """load_preferences with its defaults, and the (prompt tokens, longest answer tokens) of every kept pair
+    before any cut: what `fit_to_context` was asked to fit."""
+    from unittest import mock
+
+    from temper.data import preference
+
+    with mock.patch.object(preference, "fit_to_context", wraps=preference.fit_to_context) as fit:
+        encoded, stats = load_preferences(path, tokenizer, None, **options)
+    return encoded, stats, [c.args[:2] for c in fit.call_args_list]
+
+
+@pytest.mark.parametrize("unpaired,limit", [(False, 0), (True, 400)], ids=["pairs", "kto"])
+def test_hh_rlhf_trains_on_every_good_row_at_the_default_settings(tiny_tokenizer, unpaired, limit):
+    """`temper dpo data=harmless-base-test.jsonl.gz` with its defaults (seq_len=512, bad rows skipped up to
+    10%): the 4 rows with an empty answer are skipped and named, every other row is kept, and the long ones
+    (half of them, with this 300-token vocabulary) are cut to fit, counted, never dropped. KTO: the first
+    400 rows (a paired row gives two examples), to keep the test short."""
+    path = shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")
+    with pytest.warns(UserWarning, match=r"bad preference rows skipped \(\d empty_response; first of each: "
+                                         r".*harmless-base-test.jsonl.gz:87: 'chosen' is empty\)"):
+        encoded, stats, asked = _load_recording_cuts(path, tiny_tokenizer, max_len=512, unpaired=unpaired,
+                                                     limit=limit * 2)
+    rows, bad = (2312, 4) if not unpaired else (stats.rows, stats.skipped["empty_response"])
+    assert stats.rows == rows and dict(stats.skipped) == {"empty_response": bad} and bad >= 1
+    assert len(encoded) == stats.pairs == len(asked) == (rows - bad) * (2 if unpaired else 1)
+    too_long = [(p, a) for p, a in asked if p + a > 513]  # 512 input positions hold 513 tokens
+    assert len(too_long) > 0.3 * len(asked) and stats.truncated == len(too_long)
+    assert stats.prompt_truncated == sum(p > max(513 - a, 256) for p, a in too_long) > 0
+    assert stats.answer_truncated == sum(a > 513 - min(p, max(513 - a, 256)) for p, a in too_long) > 0
+    for enc, (p, a) in zip(encoded, asked):
+        longest = max(len(enc.chosen_ids), len(enc.rejected_ids)) if not unpaired else len(enc.completion_ids)
+        assert len(enc.prompt_ids) == min(p, max(513 - a, 256))  # the prompt's end, down to seq_len / 2
+        assert longest == min(a, 513 - len(enc.prompt_ids))  # then the answers' start
+        assert len(enc.prompt_ids) + longest <= 513
+    what = "examples" if unpaired else "pairs"
+    assert f"{rows} rows read; {len(encoded)} {what} kept; skipped: {bad} empty_response; {len(too_long)} " \
+           f"{what} truncated to fit seq_len=512" in stats.summary()
+    assert stats.counts() == {"rows_read": rows, "skipped_rows": {"empty_response": bad},
+                              "truncated": stats.truncated, "prompt_truncated": stats.prompt_truncated,
+                              "answer_truncated": stats.answer_truncated}
 
 
 def test_world_preference_files_read_and_tokenise(tmp_path, tiny_tokenizer):
@@ -353,8 +408,6 @@ BAD_ROWS = [
      "prompt: message 1: user and assistant must alternate"),
     ("no_columns", {"foo": 1}, "no preference columns found \\(keys: foo\\)"),
     ("empty_prompt", {"prompt": "", "chosen": " a", "rejected": " b"}, "the prompt gives no tokens"),
-    ("prompt_too_long", {"prompt": "word " * 40, "chosen": " a", "rejected": " b"},
-     "the prompt is \\d+ tokens, longer than the context seq_len=16: no room for an answer \\(raise seq_len"),
     ("token_boundary", {"prompt": "Alic", "chosen": "e lives", "rejected": " lives"},
      "not the start of the tokens of prompt\\+chosen"),
     ("identical_after_truncation", {"prompt": "Q", "chosen": " same same same same same same same same X",
@@ -365,17 +418,48 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("reason,row,message", BAD_ROWS, ids=[f"{r}-{i}" for i, (r, _, _) in enumerate(BAD_ROWS)])
 def test_bad_pair_rows_are_counted_or_refused(tmp_path, tiny_tokenizer, reason, row, message):
-    f = write_jsonl(tmp_path / "f.jsonl", [GOOD, row, GOOD])
-    with pytest.warns(UserWarning, match=f"1 bad preference rows skipped \\(1 {reason}\\); first of each: .*f.jsonl:2"):
-        encoded, stats = load_preferences(f, tiny_tokenizer, CHATML, max_len=16, skip_bad_rows=True)
-    assert len(encoded) == 2 and stats.rows == 3 and dict(stats.skipped) == {reason: 1}
-    assert f"1 {reason}" in stats.summary()
+    import re
+
+    # a few bad rows (1 of 11, under max_bad_row_fraction=0.1): skipped, counted, named in one warning
+    f = write_jsonl(tmp_path / "f.jsonl", [GOOD, row, *[GOOD] * 9])
+    with pytest.warns(UserWarning, match=f"1 bad preference rows skipped \\(1 {reason}; first of each: .*f.jsonl:2: "):
+        encoded, stats = load_preferences(f, tiny_tokenizer, CHATML, max_len=16)
+    assert len(encoded) == 10 and stats.rows == 11 and dict(stats.skipped) == {reason: 1}
+    assert f"1 {reason}" in stats.summary() and re.search(message, stats.first_bad[reason])
+    # strict: the first bad row stops, with its file:line
+    with pytest.raises(TemperError) as err:
+        load_preferences(f, tiny_tokenizer, CHATML, max_len=16, skip_bad_rows=False)
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and text.startswith(f"{f}:2: ")
+    assert re.search(message, text), text
+    assert "skip_bad_rows=true" in text
+    # a large share bad (1 of 3): refused, with the counts and the first row of the reason
+    f = write_jsonl(tmp_path / "g.jsonl", [GOOD, row, GOOD])
     with pytest.raises(TemperError) as err:
         load_preferences(f, tiny_tokenizer, CHATML, max_len=16)
     text = str(err.value)
-    assert len(text.splitlines()) == 1 and text.startswith(f"{f}:2: ")
-    assert pytest.importorskip("re").search(message, text), text
-    assert "skip_bad_rows=true" in text
+    assert len(text.splitlines()) == 1
+    assert text.startswith(f"too many bad preference rows: 1 of 3 read (33.3%, above max_bad_row_fraction=0.1): "
+                           f"1 {reason}; first of each: {f}:2: ")
+    assert re.search(message, text) and "raise max_bad_row_fraction" in text
+
+
+def test_a_long_prompt_is_cut_to_its_end_not_dropped(tmp_path, tiny_tokenizer):
+    """A prompt longer than the context (a bad row once, `prompt_too_long`) keeps its end, down to half the
+    context, and its answers keep their start: the pair trains, counted as truncated."""
+    tok = tiny_tokenizer
+    long = {"prompt": "word " * 40, "chosen": " a", "rejected": " b"}
+    f = write_jsonl(tmp_path / "f.jsonl", [GOOD, long, GOOD])
+    encoded, stats = load_preferences(f, tok, CHATML, max_len=16)
+    assert len(encoded) == 3 and not stats.skipped
+    whole = only(encode_pairs(read_preferences(f)[0][1:2], tok, None, max_len=1000)[0])
+    assert len(whole.prompt_ids) > 16 and (whole.chosen_ids, whole.rejected_ids) == (encoded[1].chosen_ids,
+                                                                                       encoded[1].rejected_ids)
+    room = 17 - max(len(whole.chosen_ids), len(whole.rejected_ids))  # 16 input positions: 17 tokens
+    assert encoded[1].prompt_ids == whole.prompt_ids[-room:]  # the prompt's end, the answers whole
+    assert (stats.truncated, stats.prompt_truncated, stats.answer_truncated) == (1, 1, 0)
+    assert "1 pairs truncated to fit seq_len=16 (1 prompts kept their end, 0 with an answer that lost its end)" \
+        in stats.summary()
 
 
 @pytest.mark.parametrize("label", ["yes", 1, None])
@@ -383,9 +467,11 @@ def test_a_kto_label_must_be_a_boolean(tmp_path, tiny_tokenizer, label):
     f = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Q", "completion": " A", "label": True},
                                            {"prompt": "Q", "completion": " B", "label": label}])
     with pytest.warns(UserWarning, match="1 bad_label"):
-        examples, stats = read_unpaired(f, skip_bad_rows=True)
+        examples, stats = read_unpaired(f, max_bad_row_fraction=0.5)
     assert len(examples) == 1 and dict(stats.skipped) == {"bad_label": 1}
-    with pytest.raises(TemperError, match=r"k.jsonl:2: field 'label' is .* \(expected true or false\)"):
+    with pytest.raises(TemperError, match=r"k.jsonl:2: field 'label' is .* \(expected true or false\) \(set skip"):
+        read_unpaired(f, skip_bad_rows=False)
+    with pytest.raises(TemperError, match=r"too many bad preference rows: 1 of 2 read .*k.jsonl:2: field 'label'"):
         read_unpaired(f)
 
 
@@ -400,7 +486,7 @@ def test_truncation_keeps_the_prompt_end_and_counts(tiny_tokenizer):
     assert len(enc.prompt_ids) + len(enc.chosen_ids) == 12 + 1  # 12 input positions
     assert enc.chosen_ids == (tok.encode(" yes " * 20) + [tok.eos_id])[:8]  # cut at the end, EOS lost
     assert enc.rejected_ids == tok.encode(" no") + [tok.eos_id]
-    assert (stats.truncated, stats.prompt_truncated) == (1, 1)
+    assert (stats.truncated, stats.prompt_truncated, stats.answer_truncated) == (1, 1, 1)
     assert collate_pairs([enc], tok.pad_id).inputs.shape == (2, 12)
 
 

@@ -69,13 +69,47 @@ def test_a_rename_to_a_missing_column_is_an_error_not_ignored():
         row_to_conversations(row, "f.jsonl:3", {"completion": "answer"})
 
 
-def test_skip_bad_rows_counts(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"bad": 1}) + "\n")
-    with pytest.raises(TemperError, match="d.jsonl:2"):
-        read_conversations(f)
-    convs, skipped = read_conversations(f, skip_bad_rows=True)
-    assert len(convs) == 1 and skipped == 1
+def test_bad_rows_are_skipped_up_to_a_share_and_refused_above(tmp_path):
+    """The rule DPO's data follows too (temper.data.rows.BadRows): a few bad rows skipped, counted and named;
+    more than max_bad_row_fraction of the rows read refused; skip_bad_rows=False stops at the first."""
+    empty_reply = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}
+    rows = [{"messages": CHAT}, {"bad": 1}, *[{"messages": CHAT}] * 8, empty_reply, {"messages": CHAT}, {"text": 3}]
+    few = tmp_path / "few.jsonl"  # 3 bad of 13 (23%)
+    few.write_text("".join(json.dumps(r) + "\n" for r in rows * 2 + [{"messages": CHAT}] * 4))  # 6 of 30: 20%
+    with pytest.warns(UserWarning, match=r"6 bad SFT rows skipped \(2 bad_messages, 2 bad_type, 2 no_columns; first "
+                                         r"of each: .*few.jsonl:11: message 1: the assistant's content is empty; "
+                                         r".*few.jsonl:13: field 'text' is a number \(3\) \(expected a string\); "
+                                         r".*few.jsonl:2: no SFT columns found \(keys: bad\)"):
+        convs, bad = read_conversations(few, max_bad_row_fraction=0.2)
+    assert len(convs) == 24 and bad.total == 6 and dict(bad.skipped) == {"bad_messages": 2, "bad_type": 2,
+                                                                          "no_columns": 2}
+    with pytest.raises(TemperError, match=r"too many bad SFT rows: 6 of 30 read \(20.0%, above max_bad_row_fraction"
+                                          r"=0.1\): 2 bad_messages, 2 bad_type, 2 no_columns; first of each: "):
+        read_conversations(few)
+    with pytest.raises(TemperError, match=r"few.jsonl:2: no SFT columns found .* \(set skip_bad_rows=true"):
+        read_conversations(few, skip_bad_rows=False)
+    one = tmp_path / "one.jsonl"  # 1 bad of 11: under the default share
+    one.write_text("".join(json.dumps(r) + "\n" for r in [{"messages": CHAT}] * 5 + [{"bad": 1}]
+                           + [{"messages": CHAT}] * 5))
+    with pytest.warns(UserWarning, match=r"1 bad SFT rows skipped \(1 no_columns; first of each: .*one.jsonl:6: "):
+        convs, bad = read_conversations(one)
+    assert len(convs) == 10 and bad.total == 1
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"instruction": "Sum", "output": None}, "bad_type"),  # once trained on the text "None"
+    ({"instruction": ["Sum"], "output": "5"}, "bad_type"),
+    ({"instruction": "Sum", "instances": []}, "no_instances"),
+    ({"instruction": "Sum", "instances": [{"input": "1", "output": ""}]}, "bad_messages"),
+    ({"text": ""}, "empty_text"),
+    ({"prompt": 3, "completion": "A"}, "bad_type"),
+])
+def test_sft_bad_row_reasons(row, reason):
+    from temper.data.rows import BadRow
+
+    with pytest.raises(BadRow) as err:
+        row_to_conversations(row, "f.jsonl:3")
+    assert err.value.reason == reason and str(err.value).startswith("f.jsonl:3")
 
 
 def test_loss_masks(tiny_tokenizer):
@@ -152,10 +186,22 @@ def test_truncation_is_counted_never_silent(tiny_tokenizer):
     long_prompt = row_to_conversations({"prompt": "word " * 200, "completion": "short"}, "x")[0]
     long_reply = row_to_conversations({"prompt": "Q", "completion": "answer " * 200}, "y")[0]
     stats = EncodeStats()
-    assert encode_conversation(long_prompt, tiny_tokenizer, tpl, max_len=32, stats=stats) is None
-    kept = encode_conversation(long_reply, tiny_tokenizer, tpl, max_len=32, stats=stats)
-    assert len(kept.inputs) == 32 and kept.num_targets > 0
-    assert (stats.dropped, stats.truncated) == (1, 1)
+    whole = encode_conversation(long_prompt, tiny_tokenizer, tpl, max_len=10_000)
+    cut = encode_conversation(long_prompt, tiny_tokenizer, tpl, max_len=32, stats=stats)
+    # the prompt keeps its end (the turn that leads into the reply), the reply is whole: it trains, not dropped
+    assert len(cut.inputs) == 32 and trained_text(cut, tiny_tokenizer) == "short<|im_end|>\n"
+    assert cut.inputs == whole.inputs[-len(cut.inputs):] and cut.targets == whole.targets[-len(cut.targets):]
+    kept = encode_conversation(long_reply, tiny_tokenizer, tpl, max_len=48, stats=stats)  # a prompt under 24 tokens
+    assert len(kept.inputs) == 48 and kept.num_targets > 0
+    assert kept.inputs[:5] == encode_conversation(long_reply, tiny_tokenizer, tpl, max_len=10_000).inputs[:5]
+    reply = [t for t in encode_conversation(long_reply, tiny_tokenizer, tpl, max_len=10_000).targets if t >= 0]
+    assert [t for t in kept.targets if t >= 0] == reply[:kept.num_targets]  # the reply keeps its start
+    assert (stats.examples, stats.dropped, stats.truncated, stats.prompt_truncated) == (2, 0, 2, 1)
+    # a prompt and a reply both long: the prompt keeps half the context (its end), the reply the rest (its start)
+    both = row_to_conversations({"prompt": "word " * 200, "completion": "answer " * 200}, "z")[0]
+    example = encode_conversation(both, tiny_tokenizer, tpl, max_len=32)
+    assert len(example.inputs) == 32 and example.targets[:15] == [IGNORE_INDEX] * 15
+    assert all(t != IGNORE_INDEX for t in example.targets[15:])  # 16 prompt tokens, then 17 of the reply
 
 
 def test_packed_batch_gives_the_same_per_example_loss(tiny_tokenizer):
@@ -199,10 +245,43 @@ def test_loader_is_deterministic_and_resumable(tiny_tokenizer):
 def test_real_data_formats_read():
     si = shared_file("self-instruct", "seed_tasks.jsonl")
     convs, skipped = read_conversations(si)
-    assert len(convs) >= 175 and skipped == 0
+    assert len(convs) >= 175 and skipped.total == 0
     gsm = shared_file("gsm8k", "test.jsonl")
     convs, _ = read_conversations(gsm, columns={"prompt": "question", "completion": "answer"})
     assert len(convs) == 1319 and "####" in convs[0].messages[1]["content"]
+
+
+@pytest.mark.parametrize("parts,columns,rows", [
+    (("gsm8k", "test.jsonl"), {"prompt": "question", "completion": "answer"}, 1319),
+    (("self-instruct", "seed_tasks.jsonl"), {}, 175),
+    (("self-instruct", "user_oriented_instructions.jsonl"), {}, 252),
+])
+def test_real_data_trains_whole_at_the_default_settings(tiny_tokenizer, parts, columns, rows):
+    """GSM8K and self-instruct with `temper sft`'s defaults (seq_len=512, bad rows skipped up to 10%): every
+    row is read, every conversation trains; the long ones (a 300-token vocabulary makes many) are cut and
+    counted, none dropped (a prompt filling the context once dropped 32 of GSM8K's train rows)."""
+    import warnings
+
+    from temper.data.chat import BUILTIN_TEMPLATES
+
+    path = shared_file(*parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bad rows: no warning
+        convs, bad = read_conversations(path, columns=columns)
+    assert bad.total == 0 and len({c.source.split(" instance")[0] for c in convs}) == rows
+    examples, stats = encode_all(convs, tiny_tokenizer, BUILTIN_TEMPLATES["chatml"], loss_on="completion",
+                                 max_len=512)
+    assert len(examples) == stats.examples == len(convs) and stats.dropped == 0
+    assert stats.truncated > 0 and stats.prompt_truncated > 0
+    assert all(len(e.inputs) <= 512 and e.num_targets > 0 for e in examples)
+    assert f"{len(convs)} examples; {stats.truncated} truncated to fit seq_len" in stats.summary()
+
+
+def test_gsm8k_without_columns_is_refused_with_the_mapping_to_use():
+    with pytest.raises(TemperError, match=r"too many bad SFT rows: 1319 of 1319 read \(100.0%.*1319 no_columns; "
+                                          r"first of each: .*test.jsonl:1: no SFT columns found \(keys: question, "
+                                          r"answer\).*remap with columns.prompt=question columns.completion=answer"):
+        read_conversations(shared_file("gsm8k", "test.jsonl"))
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -47,18 +47,26 @@ Tokens (what TRL 1.x's DPO trainer computes, so a pair scores the tokens SFT tra
 
 Truncation (`max_len`: the context, `seq_len` in `temper dpo` and so named in messages, i.e.
 at most max_len input positions, so a sequence holds at most max_len + 1 tokens;
-`max_prompt_len`: optional):
-  a prompt over max_prompt_len keeps its end (TRL's keep_end for prompts), and its
-  leading BOS, if any (`prompt_truncated`); a prompt longer than max_len leaves no room
-  for an answer token: bad row `prompt_too_long`; answers are cut at the end to fit
-  (`truncated` counts pairs with an answer cut; a cut answer loses its EOS).
+`max_prompt_len`: optional), `temper.data.rows.fit_to_context`'s rule: long rows are cut and
+counted, never dropped:
+  a prompt over max_prompt_len keeps its last max_prompt_len tokens (and its leading BOS);
+  a pair whose prompt + longer answer does not fit max_len then cuts its prompt's start
+  (keeping the end that leads into the answers) down to half the context, or to the room the
+  answers leave where that is more; then its answers keep their start, cut at the end to fit
+  (a cut answer loses its EOS). Counted: `truncated` (pairs with any cut), `prompt_truncated`
+  (prompts that lost their start), `answer_truncated` (pairs with an answer that lost its end).
+  TRL 1.x (`max_length`, `truncation_mode="keep_start"`, no `max_prompt_length`) keeps the start
+  of each prompt + answer, so a long prompt stays whole and a prompt that fills `max_length` is
+  filtered out uncounted; here that prompt keeps its end and the pair trains. An unpaired
+  example (KTO) is cut the same way, with its one completion.
 
-Bad rows are never trained silently: with `skip_bad_rows=True` they are counted by reason
-(`PreferenceStats.skipped`) and one warning names the first row of each reason; otherwise
-the first one stops with `file:line: what is wrong`. Reasons: missing_column (a `columns=`
-rename names a column the row lacks), no_columns, bad_type,
-bad_messages, empty_response, identical, no_common_prefix, prompt_not_prefix,
-empty_prompt, prompt_too_long, token_boundary, identical_after_truncation, bad_label.
+Bad rows are never trained silently (`temper.data.rows.BadRows`): by default they are
+skipped, counted by reason (`PreferenceStats.skipped`), and one warning names the first row
+of each reason; more than `max_bad_row_fraction` (0.1) of the rows read bad stops the run
+with the counts; `skip_bad_rows=False` stops at the first with `file:line: what is wrong`.
+Reasons: missing_column (a `columns=` rename names a column the row lacks), no_columns,
+bad_type, bad_messages, empty_response, identical, no_common_prefix, prompt_not_prefix,
+empty_prompt, token_boundary, identical_after_truncation, bad_label.
 
 Batches: `PreferenceLoader` yields `PairBatch`es holding B pairs as 2B right-padded rows,
 the B chosen first and then the B rejected (one concatenated forward), with targets
@@ -70,7 +78,6 @@ mismatched rows for KTO's KL estimate, as TRL builds them).
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -78,6 +85,7 @@ from typing import Any
 
 import torch
 
+from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, fit_to_context, keep_end
 from temper.data.sft import Batch, SFTLoader, _ends_with_end_marker, _remap, missing_column
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
@@ -85,17 +93,8 @@ from temper.losses import IGNORE_INDEX
 IMPLICIT_PROMPT_RULES = ("turn", "common_prefix")
 # Where a string dialogue hands the turn to the assistant (HH-RLHF's format).
 ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
-SKIP_HINT = "set skip_bad_rows=true to skip and count such rows"
 # The columns a row may carry, which `columns=` may rename.
 COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "system")
-
-
-class BadRow(TemperError):
-    """A row that cannot be trained on; `reason` is its stats key, the message says why."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- rows
@@ -129,32 +128,37 @@ class UnpairedExample:
 class PreferenceStats:
     rows: int = 0  # rows read
     pairs: int = 0  # pairs (or unpaired examples) encoded and kept
-    skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
-    first_bad: dict[str, str] = field(default_factory=dict)  # reason -> "file:line: message" of its first row
-    truncated: int = 0  # kept pairs with an answer cut at max_len (the recipe's seq_len)
-    prompt_truncated: int = 0  # prompts cut to max_prompt_len (their start dropped)
+    bad: BadRows = field(default_factory=lambda: BadRows("preference rows"))  # skipped rows by reason
+    truncated: int = 0  # kept pairs with any cut (a prompt's start, an answer's end) to fit max_len
+    prompt_truncated: int = 0  # of those, prompts that lost their start (max_prompt_len, or to fit max_len)
+    answer_truncated: int = 0  # of those, pairs with an answer that lost its end to fit max_len
     prompt_stripped: int = 0  # rows that repeated their prompt at the start of the answers
     unpaired: bool = False
+    max_len: int = 0  # the context the pairs were cut to (for the summary)
 
-    def skip(self, error: BadRow, source: str) -> None:
-        self.skipped[error.reason] += 1
-        self.first_bad.setdefault(error.reason, f"{source}: {error}")
+    @property
+    def skipped(self) -> Counter:  # reason -> rows skipped
+        return self.bad.skipped
 
-    def warn_skipped(self, since: Counter | None = None) -> None:
-        """One warning for the rows skipped (since a snapshot of `skipped`), naming the first of each reason."""
-        new = self.skipped - (since or Counter())
-        if new:
-            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(new.items()))
-            firsts = "; ".join(self.first_bad[reason] for reason in sorted(new))
-            warnings.warn(f"{sum(new.values())} bad preference rows skipped ({counts}); first of each: {firsts}",
-                          UserWarning, stacklevel=3)
+    @property
+    def first_bad(self) -> dict[str, str]:  # reason -> "file:line: message" of its first row
+        return self.bad.first
 
     def summary(self) -> str:
         what = "examples" if self.unpaired else "pairs"
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
-        return (f"{self.rows} rows read; {self.pairs} {what} kept; skipped: {skipped}; {self.truncated} truncated "
-                f"(an answer cut at seq_len); {self.prompt_truncated} prompts cut to max_prompt_len; "
-                f"{self.prompt_stripped} rows repeated their prompt in the answers (stripped)")
+        context = f"seq_len={self.max_len}" if self.max_len else "seq_len"
+        answers = "an answer that lost its end" if not self.unpaired else "a completion that lost its end"
+        cuts = (f" ({self.prompt_truncated} prompts kept their end, {self.answer_truncated} with {answers})"
+                if self.truncated else "")
+        return (f"{self.rows} rows read; {self.pairs} {what} kept; skipped: {skipped}; {self.truncated} {what} "
+                f"truncated to fit {context}{cuts}; {self.prompt_stripped} rows repeated their prompt in the answers "
+                "(stripped)")
+
+    def counts(self) -> dict:
+        """The numbers of `summary()`, for a run's summary.json."""
+        return {"rows_read": self.rows, "skipped_rows": dict(self.skipped), "truncated": self.truncated,
+                "prompt_truncated": self.prompt_truncated, "answer_truncated": self.answer_truncated}
 
 
 def _kind(value: Any) -> str:
@@ -370,34 +374,37 @@ def row_to_unpaired(row: dict, source: str, columns: dict[str, str] | None = Non
     return [UnpairedExample(prompt, completion, label, source)]
 
 
-def _refuse(error: BadRow, source: str) -> TemperError:
-    return TemperError(f"{source}: {error} ({SKIP_HINT})")
-
-
-def _read(spec, convert, *, skip_bad_rows: bool, limit: int, stats: PreferenceStats) -> list:
+def _read(spec, convert, *, skip_bad_rows: bool, max_bad_row_fraction: float, limit: int,
+          stats: PreferenceStats) -> list:
+    """Every row of `spec` through `convert`; bad rows counted (or the first refused) by `stats.bad`'s rule."""
     from temper.data.readers import iter_records
 
+    bad = stats.bad.set_rule(skip_bad_rows, max_bad_row_fraction)
+    before = Counter(bad.skipped)
     out: list = []
     for rec in iter_records(spec):
         stats.rows += 1
         try:
             out += convert(rec)
         except BadRow as e:
-            if not skip_bad_rows:
-                raise _refuse(e, rec.source) from None
-            stats.skip(e, rec.source)
+            bad.add(e, rec.source)
         if limit and len(out) >= limit:
             out = out[:limit]
             break
+    bad.check(stats.rows, before)
     if not out:
         raise TemperError(f"{spec}: no usable preference rows ({stats.summary()})")
     return out
 
 
-def read_preferences(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
+def read_preferences(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = True,
+                     max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION, limit: int = 0,
                      implicit_prompt: str = "turn", stats: PreferenceStats | None = None
                      ) -> tuple[list[PreferencePair], PreferenceStats]:
-    """The preference pairs of the data files, and the stats (rows read, bad rows skipped by reason)."""
+    """The preference pairs of the data files, and the stats (rows read, bad rows skipped by reason).
+
+    Bad rows: skipped, counted and warned about, refused above `max_bad_row_fraction` of the rows
+    read; `skip_bad_rows=False` stops at the first (`temper.data.rows.BadRows`)."""
     stats = stats if stats is not None else PreferenceStats()
     if implicit_prompt not in IMPLICIT_PROMPT_RULES:
         raise TemperError(f"implicit_prompt={implicit_prompt!r}: expected one of {', '.join(IMPLICIT_PROMPT_RULES)}")
@@ -408,23 +415,22 @@ def read_preferences(spec, *, columns: dict[str, str] | None = None, skip_bad_ro
                                        "chosen and rejected (KTO reads unpaired rows)")
         return [row_to_pair(rec.data, rec.source, columns, implicit_prompt=implicit_prompt, stats=stats)]
 
-    before = Counter(stats.skipped)
-    pairs = _read(spec, convert, skip_bad_rows=skip_bad_rows, limit=limit, stats=stats)
-    stats.warn_skipped(before)
+    pairs = _read(spec, convert, skip_bad_rows=skip_bad_rows, max_bad_row_fraction=max_bad_row_fraction, limit=limit,
+                  stats=stats)
     return pairs, stats
 
 
-def read_unpaired(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
+def read_unpaired(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = True,
+                  max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION, limit: int = 0,
                   implicit_prompt: str = "turn", stats: PreferenceStats | None = None
                   ) -> tuple[list[UnpairedExample], PreferenceStats]:
-    """KTO's examples: unpaired rows as they are, paired rows as a desirable and an undesirable example."""
+    """KTO's examples: unpaired rows as they are, paired rows as a desirable and an undesirable example
+    (bad rows as `read_preferences` treats them)."""
     stats = stats if stats is not None else PreferenceStats(unpaired=True)
     stats.unpaired = True
-    before = Counter(stats.skipped)
     examples = _read(spec, lambda rec: row_to_unpaired(rec.data, rec.source, columns, implicit_prompt=implicit_prompt,
                                                        stats=stats),
-                     skip_bad_rows=skip_bad_rows, limit=limit, stats=stats)
-    stats.warn_skipped(before)
+                     skip_bad_rows=skip_bad_rows, max_bad_row_fraction=max_bad_row_fraction, limit=limit, stats=stats)
     return examples, stats
 
 
@@ -520,85 +526,94 @@ class PreferenceEncoder:
             ids.append(tokenizer.eos_id)  # the one end marker of an answer that has none (TRL: add_eos)
         return ids
 
-    def fit_prompt(self, ids: list[int], stats: PreferenceStats) -> list[int]:
-        if not ids:
+    def fit(self, prompt_ids: list[int], answers: list[list[int]]) -> tuple[list[int], list[list[int]], bool, bool]:
+        """(prompt ids, answers' ids, prompt cut, an answer cut) cut to fit the context: a prompt over
+        max_prompt_len keeps its end, then `temper.data.rows.fit_to_context` (the prompt gives up its start
+        down to half the context, the answers their end)."""
+        if not prompt_ids:
             raise BadRow("empty_prompt", "the prompt gives no tokens (and the tokenizer adds no BOS): the first "
                                          "answer token would have nothing to follow")
-        if self.max_prompt_len and len(ids) > self.max_prompt_len:
-            stats.prompt_truncated += 1
-            bos = self.tokenizer.bos_id
-            keep_bos = bos is not None and ids[0] == bos and self.max_prompt_len > 1
-            ids = [bos, *ids[len(ids) - self.max_prompt_len + 1:]] if keep_bos else ids[-self.max_prompt_len:]
-        if len(ids) > self.max_len:
-            raise BadRow("prompt_too_long", f"the prompt is {len(ids)} tokens, longer than the context "
-                                            f"seq_len={self.max_len}: no room for an answer (raise seq_len, or set "
-                                            "max_prompt_len to keep the prompt's end)")
-        return ids
+        bos, full = self.tokenizer.bos_id, len(prompt_ids)
+        if self.max_prompt_len:
+            prompt_ids = keep_end(prompt_ids, self.max_prompt_len, bos)
+        prompt_kept, answer_kept = fit_to_context(len(prompt_ids), max(map(len, answers)), self.max_len)
+        prompt_ids = keep_end(prompt_ids, prompt_kept, bos)
+        cut = [a[:answer_kept] for a in answers]
+        return prompt_ids, cut, len(prompt_ids) < full, any(len(a) > answer_kept for a in answers)
 
-    def fit_answer(self, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], bool]:
-        room = self.max_len + 1 - len(prompt_ids)  # a sequence of n tokens has n - 1 input positions
-        return (ids[:room], True) if len(ids) > room else (ids, False)
+
+def _count_cuts(stats: PreferenceStats, prompt_cut: bool, answer_cut: bool) -> None:
+    stats.truncated += prompt_cut or answer_cut
+    stats.prompt_truncated += prompt_cut
+    stats.answer_truncated += answer_cut
 
 
 def encode_pairs(pairs: Iterable[PreferencePair], tokenizer, template: str | None, *, max_len: int,
-                 max_prompt_len: int = 0, skip_bad_rows: bool = False, stats: PreferenceStats | None = None
+                 max_prompt_len: int = 0, skip_bad_rows: bool = True,
+                 max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION, stats: PreferenceStats | None = None
                  ) -> tuple[list[EncodedPair], PreferenceStats]:
-    """Token ids of every pair (answers only in chosen_ids/rejected_ids), truncated to fit max_len."""
+    """Token ids of every pair (answers only in chosen_ids/rejected_ids), cut to fit max_len (the module
+    docstring says how; every cut counted in `stats`); bad pairs as `read_preferences` treats bad rows."""
     stats = stats if stats is not None else PreferenceStats()
+    stats.max_len = max_len
     encoder = PreferenceEncoder(tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len)
+    bad = stats.bad.set_rule(skip_bad_rows, max_bad_row_fraction)
     out: list[EncodedPair] = []
-    before = Counter(stats.skipped)
+    before, seen = Counter(bad.skipped), 0
     for pair in pairs:
+        seen += 1
         try:
             prompt_text, tokens = encoder.prompt(pair.prompt, pair.source)
             chosen = encoder.answer(pair.prompt, prompt_text, tokens, pair.chosen, "chosen", pair.source)
             rejected = encoder.answer(pair.prompt, prompt_text, tokens, pair.rejected, "rejected", pair.source)
             if chosen == rejected:
                 raise BadRow("identical", "'chosen' and 'rejected' give the same tokens")
-            prompt_ids = encoder.fit_prompt(encoder.prompt_ids(pair.prompt, tokens), stats)
-            chosen, cut_chosen = encoder.fit_answer(prompt_ids, chosen)
-            rejected, cut_rejected = encoder.fit_answer(prompt_ids, rejected)
+            prompt_ids, (chosen, rejected), prompt_cut, answer_cut = encoder.fit(
+                encoder.prompt_ids(pair.prompt, tokens), [chosen, rejected])
             if chosen == rejected:
                 raise BadRow("identical_after_truncation", f"'chosen' and 'rejected' are the same within seq_len="
                                                            f"{max_len} (they differ only beyond it)")
         except BadRow as e:
-            if not skip_bad_rows:
-                raise _refuse(e, pair.source) from None
-            stats.skip(e, pair.source)
+            bad.add(e, pair.source)
             continue
-        stats.truncated += cut_chosen or cut_rejected
+        _count_cuts(stats, prompt_cut, answer_cut)
         out.append(EncodedPair(prompt_ids, chosen, rejected, pair.source))
     stats.pairs += len(out)
-    stats.warn_skipped(before)
+    bad.check(max(stats.rows, seen + sum(before.values())), before)
     if not out:
         raise TemperError(f"no trainable preference pairs: {stats.summary()}")
     return out, stats
 
 
 def encode_unpaired(examples: Iterable[UnpairedExample], tokenizer, template: str | None, *, max_len: int,
-                    max_prompt_len: int = 0, skip_bad_rows: bool = False, stats: PreferenceStats | None = None
+                    max_prompt_len: int = 0, skip_bad_rows: bool = True,
+                    max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION, stats: PreferenceStats | None = None
                     ) -> tuple[list[EncodedUnpaired], PreferenceStats]:
-    """Token ids of every unpaired example (KTO), tokenised and truncated as pairs are."""
+    """Token ids of every unpaired example (KTO), tokenised, cut and counted as pairs are (the prompt and
+    its one completion). The bad share counts an example as a row (a paired row gives two)."""
     stats = stats if stats is not None else PreferenceStats(unpaired=True)
-    stats.unpaired = True
+    stats.unpaired, stats.max_len = True, max_len
     encoder = PreferenceEncoder(tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len)
+    bad = stats.bad.set_rule(skip_bad_rows, max_bad_row_fraction)
     out: list[EncodedUnpaired] = []
-    before = Counter(stats.skipped)
+    before, seen = Counter(bad.skipped), 0
+    last: tuple = (None, None)  # the examples of a paired row share their prompt: tokenised once
     for ex in examples:
+        seen += 1
         try:
-            prompt_text, tokens = encoder.prompt(ex.prompt, ex.source)
+            if last[0] is not ex.prompt:
+                last = (ex.prompt, encoder.prompt(ex.prompt, ex.source))
+            prompt_text, tokens = last[1]
             completion = encoder.answer(ex.prompt, prompt_text, tokens, ex.completion, "completion", ex.source)
-            prompt_ids = encoder.fit_prompt(encoder.prompt_ids(ex.prompt, tokens), stats)
-            completion, cut = encoder.fit_answer(prompt_ids, completion)
+            prompt_ids, (completion,), prompt_cut, answer_cut = encoder.fit(encoder.prompt_ids(ex.prompt, tokens),
+                                                                            [completion])
         except BadRow as e:
-            if not skip_bad_rows:
-                raise _refuse(e, ex.source) from None
-            stats.skip(e, ex.source)
+            bad.add(e, ex.source)
             continue
-        stats.truncated += cut
+        _count_cuts(stats, prompt_cut, answer_cut)
         out.append(EncodedUnpaired(prompt_ids, completion, ex.label, ex.source))
     stats.pairs += len(out)
-    stats.warn_skipped(before)
+    bad.check(max(stats.rows, seen + sum(before.values())), before)
     if not out:
         raise TemperError(f"no trainable examples: {stats.summary()}")
     return out, stats
@@ -795,16 +810,16 @@ class PreferenceLoader(SFTLoader):
 
 
 def load_preferences(spec, tokenizer, template: str | None, *, max_len: int, max_prompt_len: int = 0,
-                     columns: dict[str, str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
+                     columns: dict[str, str] | None = None, skip_bad_rows: bool = True,
+                     max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION, limit: int = 0,
                      implicit_prompt: str = "turn", unpaired: bool = False
                      ) -> tuple[list[EncodedPair] | list[EncodedUnpaired], PreferenceStats]:
     """Read and encode in one call: what a recipe needs (pairs for the DPO family, examples for KTO)."""
     stats = PreferenceStats(unpaired=unpaired)
     read, encode = (read_unpaired, encode_unpaired) if unpaired else (read_preferences, encode_pairs)
-    rows, _ = read(spec, columns=columns, skip_bad_rows=skip_bad_rows, limit=limit, implicit_prompt=implicit_prompt,
-                   stats=stats)
-    return encode(rows, tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len,
-                  skip_bad_rows=skip_bad_rows, stats=stats)
+    rules = dict(skip_bad_rows=skip_bad_rows, max_bad_row_fraction=max_bad_row_fraction)
+    rows, _ = read(spec, columns=columns, limit=limit, implicit_prompt=implicit_prompt, stats=stats, **rules)
+    return encode(rows, tokenizer, template, max_len=max_len, max_prompt_len=max_prompt_len, stats=stats, **rules)
 
 
 __all__ = [

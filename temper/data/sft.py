@@ -16,6 +16,16 @@ a template that renders none after the last reply (and for plain text rows), an 
 EOS. Padding is masked by position, never by id, so the marker is trained even where
 pad == eos. Examples are shifted into (inputs, targets) *before* packing, so a packed
 row never asks one example to predict the next.
+
+Real data (`temper.data.rows`, the rule DPO's data follows too): bad rows (no known columns,
+a field of the wrong type, messages that do not alternate, an empty reply) are skipped,
+counted by reason and warned about with the first `file:line` of each; more than
+`max_bad_row_fraction` of the rows read bad stops the run; `skip_bad_rows=False` stops at the
+first. A conversation longer than `max_len` is cut, never dropped for being long: the part
+before the first trained token (the prompt) keeps its end, down to half the context, then the
+rest keeps its start (TRL's `truncation_mode="keep_start"` keeps the start of the whole and
+drops, uncounted, the examples left with nothing to train; here the prompt gives up its start
+so the reply stays). Counted in `EncodeStats`.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any
 
 import torch
 
+from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, fit_to_context, keep_end
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
 from temper.masks import build_attention_mask
@@ -85,25 +96,49 @@ def _as_messages(value: Any, role: str) -> list[dict[str, str]]:
     raise TypeError
 
 
+# Column names that usually hold a prompt / an answer, for the hint of a row with no SFT columns.
+_PROMPT_LIKE = ("question", "query", "problem", "input", "instruction")
+_ANSWER_LIKE = ("answer", "response", "solution", "output", "target")
+
+
+def _no_columns(row: dict, source: str) -> BadRow:
+    keys = ", ".join(map(str, row)) or "none"
+    prompt = next((k for k in _PROMPT_LIKE if k in row), None)
+    answer = next((k for k in _ANSWER_LIKE if k in row and k != prompt), None)
+    hint = (f"columns.prompt={prompt} columns.completion={answer}" if prompt and answer
+            else "columns.prompt=... etc.")
+    return BadRow("no_columns", f"no SFT columns found (keys: {keys}); expected messages, prompt+completion, "
+                                f"instruction+output, instruction+instances or text (remap with {hint})", source)
+
+
+def _string(row: dict, name: str, source: str, *, optional: bool = False) -> str:
+    from temper.data.readers import json_type
+
+    value = row.get(name)
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRow("bad_type", f"field '{name}' is {json_type(value)} (expected a string)", source)
+    return value
+
+
 def row_to_conversations(row: dict, source: str, columns: dict[str, str] | None = None) -> list[Conversation]:
-    """One row -> conversations (self-instruct rows give one per instance)."""
+    """One row -> conversations (self-instruct rows give one per instance); a bad row raises `BadRow`
+    (a TemperError whose message starts with `source`), its `reason` one of missing_column, no_columns,
+    bad_type, empty_text, no_instances, bad_messages."""
     from temper.data.chat import check_messages
 
     if why := missing_column(row, columns):
-        raise TemperError(f"{source}: {why}")
+        raise BadRow("missing_column", why, source)
     row = _remap(row, columns or {})
     kind = detect_format(row)
     answer = row.get("answer") if isinstance(row.get("answer"), str) else None
     task = row.get("task") if isinstance(row.get("task"), str) else None
     if kind is None:
-        keys = ", ".join(map(str, row)) or "none"
-        raise TemperError(
-            f"{source}: no SFT columns found (keys: {keys}); expected messages, prompt+completion, "
-            "instruction+output, instruction+instances or text (remap with columns.prompt=... etc.)"
-        )
+        raise _no_columns(row, source)
     if kind == "text":
-        if not isinstance(row["text"], str) or not row["text"].strip():
-            raise TemperError(f"{source}: field 'text' must be a non-empty string")
+        if not _string(row, "text", source).strip():
+            raise BadRow("empty_text", "field 'text' is empty", source)
         return [Conversation(None, row["text"], source)]
     if kind == "messages":
         messages = row["messages"]
@@ -111,46 +146,56 @@ def row_to_conversations(row: dict, source: str, columns: dict[str, str] | None 
         try:
             messages = _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
         except TypeError:
-            raise TemperError(f"{source}: prompt and completion must be strings or lists of messages") from None
+            raise BadRow("bad_type", "prompt and completion must be strings or lists of messages", source) from None
     elif kind == "alpaca":
-        instruction, extra = str(row["instruction"]), str(row.get("input") or "")
+        instruction, extra = _string(row, "instruction", source), _string(row, "input", source, optional=True)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(row["output"])}]
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": _string(row, "output", source)}]
     else:  # self_instruct
         instances = row["instances"]
         if not isinstance(instances, list) or not instances:
-            raise TemperError(f"{source}: 'instances' must be a non-empty list")
+            raise BadRow("no_instances", "'instances' must be a non-empty list", source)
         conversations = []
         for i, inst in enumerate(instances):
-            alpaca = {"instruction": row["instruction"], "input": inst.get("input", ""), "output": inst.get("output", "")}
+            if not isinstance(inst, dict):
+                raise BadRow("bad_type", f"instance {i} is not an object", source)
+            alpaca = {"instruction": row["instruction"], "input": inst.get("input"), "output": inst.get("output")}
             conversations += row_to_conversations(alpaca, f"{source} instance {i}")
         return conversations
     if row.get("system") and isinstance(row["system"], str) and messages and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": row["system"]}, *messages]
-    check_messages(messages, source)
+    try:
+        check_messages(messages, source)
+    except TemperError as e:
+        raise BadRow("bad_messages", str(e).removeprefix(f"{source}: "), source) from None
     return [Conversation(messages, None, source, answer, task)]
 
 
-def read_conversations(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = False,
-                       limit: int = 0) -> tuple[list[Conversation], int]:
-    """All conversations of the data files, and how many bad rows were skipped."""
+def read_conversations(spec, *, columns: dict[str, str] | None = None, skip_bad_rows: bool = True,
+                       max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION, limit: int = 0
+                       ) -> tuple[list[Conversation], BadRows]:
+    """All conversations of the data files, and the bad rows skipped (`BadRows`: by reason, the first of
+    each): warned about, refused above `max_bad_row_fraction` of the rows read; `skip_bad_rows=False`
+    stops at the first."""
     from temper.data.readers import iter_records
 
+    bad = BadRows("SFT rows", skip_bad_rows, max_bad_row_fraction)
     conversations: list[Conversation] = []
-    skipped = 0
+    rows = 0
     for rec in iter_records(spec):
+        rows += 1
         try:
             conversations += row_to_conversations(rec.data, rec.source, columns)
-        except TemperError:
-            if not skip_bad_rows:
-                raise
-            skipped += 1
+        except BadRow as e:
+            bad.add(e, rec.source)
         if limit and len(conversations) >= limit:
             conversations = conversations[:limit]
             break
+    bad.check(rows)
     if not conversations:
         raise TemperError(f"{spec}: no usable rows")
-    return conversations, skipped
+    return conversations, bad
 
 
 # ----------------------------------------------------------------------------- tokenising with masks
@@ -169,18 +214,20 @@ class Example:
 @dataclass
 class EncodeStats:
     examples: int = 0
-    truncated: int = 0  # response partly cut off
-    dropped: int = 0  # response entirely cut off: not trained on
+    truncated: int = 0  # examples cut to fit max_len (the start of their prompt, the end of the rest)
+    prompt_truncated: int = 0  # of those, examples whose prompt (the part before the first trained token) lost its start
+    dropped: int = 0  # nothing left to train after the cut: not trained on (not expected: the reply keeps its room)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.examples} examples; {self.truncated} truncated (response partly cut); "
-                f"{self.dropped} dropped (response entirely beyond seq_len)")
+        return (f"{self.examples} examples; {self.truncated} truncated to fit seq_len ({self.prompt_truncated} "
+                f"prompts kept their end); {self.dropped} dropped (nothing left to train)")
 
 
 def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, loss_on: str = "completion",
                         max_len: int, stats: EncodeStats | None = None) -> Example | None:
-    """Token ids and next-token targets for one conversation (None when nothing is left to train)."""
+    """Token ids and next-token targets for one conversation, cut to fit max_len as the module docstring
+    says (None when nothing is left to train)."""
     from temper.data.chat import assistant_spans, render_kwargs
 
     stats = stats if stats is not None else EncodeStats()
@@ -209,12 +256,16 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
         trained[-1] = True  # a trailing EOS is always learned, even with loss_on=completion
     labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
     if len(ids) > max_len + 1:
-        kept = labels[:max_len + 1]
-        if all(x == IGNORE_INDEX for x in kept[1:]):
+        first = next((i for i, keep in enumerate(trained) if keep), len(ids))  # the prompt: ids[:first]
+        prompt_kept, rest_kept = fit_to_context(first, len(ids) - first, max_len)
+        head = keep_end(ids[:first], prompt_kept, tokenizer.bos_id)
+        ids = head + ids[first:first + rest_kept]
+        labels = [IGNORE_INDEX] * len(head) + labels[first:first + rest_kept]
+        stats.truncated += 1
+        stats.prompt_truncated += prompt_kept < first
+        if all(x == IGNORE_INDEX for x in labels[1:]):
             stats.dropped += 1
             return None
-        stats.truncated += 1
-        ids, labels = ids[:max_len + 1], kept
     stats.examples += 1
     example = Example(ids[:-1], labels[1:])
     return example if example.num_targets else None

@@ -5,7 +5,7 @@ reward model, no RL (Rafailov et al. 2023):
 
     temper dpo model=runs/sft                                     # the built-in world's pairs
     temper dpo model=DIR data=pairs.jsonl loss_type=ipo beta=0.5
-    temper dpo model=DIR data=hh-rlhf/harmless-base-test.jsonl.gz template=none
+    temper dpo model=DIR data=hh-rlhf/harmless-base-test.jsonl.gz                # string rows: no template
     temper dpo model=DIR peft.method=lora                         # reference: the adapter disabled
     temper dpo model=DIR loss_type=[sigmoid,sft] loss_weights=[1,0.2]   # RPO: DPO + NLL on the chosen
     temper online-dpo model=runs/sft rounds=2 judge=rule:world           # iterative: temper.workflows.online_dpo
@@ -65,7 +65,8 @@ LORA_METHODS = ("lora", "dora", "qlora")
 class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilities(peft=True),
              defaults=dict(model="runs/sft", output_dir="runs/dpo", max_steps=200, optim=dict(lr=5e-6, weight_decay=0.0),
                            schedule=dict(warmup_ratio=0.1), logging=dict(every=10, eval_every=50, eval_at_start=True),
-                           peft={}, columns={}, skip_bad_rows=False, template=None, general_data=[])):
+                           peft={}, columns={}, skip_bad_rows=True, max_bad_row_fraction=0.1, template=None,
+                           general_data=[])):
     ref_model: str | None = opt(None, "the reference model directory (default: model)")
     reference: Literal["auto", "copy", "adapter", "precomputed"] = opt(
         "auto", "the frozen reference: a copy, the adapter disabled, or log-probs computed once "
@@ -76,7 +77,7 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
         "turn", "implicit prompts end at the last shared '\\n\\nAssistant:' (turn) or are TRL's common prefix")
     padding_free: bool = opt(True, "pack each batch's sequences into as few rows of seq_len as hold them (same "
                                    "log-probs, no work on padding; false: one right-padded row a sequence, as TRL)")
-    max_prompt_len: int = opt(0, "keep only the end of longer prompts (0: no limit but seq_len)")
+    max_prompt_len: int = opt(0, "keep only the end of longer prompts (0: cut only to fit seq_len)")
     loss_type: list[str] = opt(["sigmoid"], "sigmoid, robust, hinge, ipo, sigmoid_norm, sft, simpo, orpo; "
                                             "several are summed with loss_weights; or kto (unpaired data)")
     loss_weights: list[float] = opt([], "one weight per loss_type (default: 1 each)")
@@ -145,7 +146,8 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
     if not train_spec:
         raise TemperError("data= is required: the model records no built-in world to take preference pairs from")
     options = dict(max_len=cfg.seq_len, max_prompt_len=cfg.max_prompt_len, columns=cfg.columns,
-                   skip_bad_rows=cfg.skip_bad_rows, implicit_prompt=cfg.implicit_prompt, unpaired=cfg.kto)
+                   skip_bad_rows=cfg.skip_bad_rows, max_bad_row_fraction=cfg.max_bad_row_fraction,
+                   implicit_prompt=cfg.implicit_prompt, unpaired=cfg.kto)
     train, stats = load_preferences(train_spec, tokenizer, template, limit=cfg.limit, **options)
     eval_spec = cfg.eval_data or ([str(Path(world) / "preference" / "test.jsonl")] if world and not cfg.data else [])
     held_stats = None
@@ -262,5 +264,5 @@ def run(cfg: Config) -> dict:
     recipe.save_outputs(loop, cfg, "dpo", tokenizer, lineage, template=template,
                  eos_ids=stop_settings(tokenizer, template)[1] if template else None)
     return loop.finish({"loss_type": cfg.loss_type, "beta": cfg.beta, "reference": mode, "pairs": len(train),
-                        "held_out_pairs": len(held), "skipped_rows": dict(stats.skipped),
+                        "held_out_pairs": len(held), **stats.counts(),
                         "peft": cfg.peft.method, "trainable_parameters": trainable.trainable_parameters})

@@ -14,6 +14,7 @@ pretraining validation split recorded with the model), so forgetting shows as it
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,7 +42,7 @@ class Config(recipe.TrainingConfig, command="sft", capabilities=recipe.Capabilit
              defaults=dict(model="", eval_fraction=0.1, output_dir="runs/sft", batch_size=16, max_steps=400,
                            optim=dict(lr=3e-4, weight_decay=0.0), schedule=dict(warmup_ratio=0.05),
                            logging=dict(every=20, eval_every=100, eval_at_start=True), peft={}, columns={},
-                           skip_bad_rows=False, template=None, general_data=[])):
+                           skip_bad_rows=True, max_bad_row_fraction=0.1, template=None, general_data=[])):
     packing: bool = opt(False, "pack several examples per row (positions reset, attention kept inside each)")
     replay_weight: float = opt(0.0, "weight of a pretraining-data loss mixed into every step (0: no replay)")
     replay_batch_size: int = opt(8, "pretraining windows per step (per rank) when replaying")
@@ -61,16 +62,18 @@ class Config(recipe.TrainingConfig, command="sft", capabilities=recipe.Capabilit
 
 
 def resolve_data(cfg: Config, lineage: dict):
-    """(train conversations, eval conversations, skipped rows)."""
+    """(train conversations, eval conversations, bad rows skipped by reason)."""
     world = lineage.get("world_dir")
     train_spec = cfg.data or ([str(Path(world) / "sft" / "train.jsonl")] if world else [])
     if not train_spec:
         raise TemperError("data= is required: the model records no built-in world to take instructions from")
-    train, skipped = read_conversations(train_spec, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
+    rules = dict(columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows, max_bad_row_fraction=cfg.max_bad_row_fraction)
+    train, bad = read_conversations(train_spec, **rules)
+    skipped = Counter(bad.skipped)
     eval_spec = cfg.eval_data or ([str(Path(world) / "sft" / "test.jsonl")] if world and not cfg.data else [])
     if eval_spec:
-        held_out, more = read_conversations(eval_spec, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
-        skipped += more
+        held_out, more = read_conversations(eval_spec, **rules)
+        skipped += more.skipped
     else:  # hold out a deterministic share of the training rows
         train, held_out = split_held_out(train, cfg.eval_fraction, cfg.seed)
     held_out = [c for c in held_out if c.messages is not None][:cfg.eval_samples]
@@ -93,9 +96,12 @@ def run(cfg: Config) -> dict:
     # data
     train_convs, eval_convs, skipped = resolve_data(cfg, lineage)
     examples, stats = encode_all(train_convs, tokenizer, template, loss_on=cfg.loss_on, max_len=cfg.seq_len)
-    run.say(f"sft data: {stats.summary()}; {skipped} bad rows skipped; {len(eval_convs)} held-out instructions")
+    run.say(f"sft data: {stats.summary()}; {sum(skipped.values())} bad rows skipped; {len(eval_convs)} held-out "
+            "instructions")
     if stats.truncated or stats.dropped:
-        run.say(f"warning: {stats.truncated} examples truncated and {stats.dropped} dropped at seq_len={cfg.seq_len}")
+        run.say(f"note: {stats.truncated} of {stats.examples + stats.dropped} examples truncated to fit seq_len="
+                f"{cfg.seq_len}: replies keep their start; {stats.prompt_truncated} prompts kept only their end"
+                + (f"; {stats.dropped} dropped with nothing left to train" if stats.dropped else ""))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     loader = SFTLoader(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad_id, seed=cfg.seed,
                        packing=cfg.packing, rank=run.par.dp_rank, world_size=run.par.dp, grad_accum=run.grad_accum)
@@ -152,4 +158,5 @@ def run(cfg: Config) -> dict:
     return loop.finish({
         "peft": cfg.peft.method, "trainable_parameters": trainable.trainable_parameters,
         "total_parameters": trainable.total_parameters, "examples": stats.examples, "truncated": stats.truncated,
-        "dropped": stats.dropped, "skipped_rows": skipped, "samples": loop.last_eval.get("samples", [])})
+        "prompt_truncated": stats.prompt_truncated, "dropped": stats.dropped, "skipped_rows": dict(skipped),
+        "samples": loop.last_eval.get("samples", [])})

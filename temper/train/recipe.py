@@ -72,7 +72,8 @@ SHARED_HELP: dict[str, str] = {
     "eval_data": "held-out data (empty: the built-in world's test split, or eval_fraction of data)",
     "eval_fraction": "share of data held out for evaluation when eval_data is empty",
     "output_dir": "where the model directory, metrics and checkpoints go",
-    "seq_len": "longest training sequence in tokens",
+    "seq_len": "longest training sequence in tokens; a longer example is cut, never dropped: its prompt keeps its "
+               "end (down to seq_len/2), then its reply keeps its start (pretraining: tokens per window)",
     "batch_size": "examples per micro-batch on each rank (the recipe's unit: sequences, conversations or pairs)",
     "grad_accum": "micro-batches per optimiser step",
     "global_batch_size": "examples per optimiser step over all ranks (0: batch_size x grad_accum x data-parallel "
@@ -98,7 +99,10 @@ SHARED_HELP: dict[str, str] = {
     "general_data": "general text for the drift perplexity (and replay) (default: the pretraining shards recorded "
                     "with the model)",
     "columns": "rename columns to temper's, e.g. columns.prompt=question",
-    "skip_bad_rows": "skip (and count) bad rows instead of stopping at the first",
+    "skip_bad_rows": "skip bad rows (an empty answer, a malformed conversation, ...), count them and warn naming the "
+                     "first of each reason (false: stop at the first bad row)",
+    "max_bad_row_fraction": "stop when more than this share of the rows read is bad (skipped rows are expected to "
+                            "be few; many mean a wrong format or columns=)",
     "template": "chat template: chatml, llama3, plain, a .jinja file, or none (default: the model's)",
 }
 
@@ -125,7 +129,7 @@ class Capabilities:
 
 # The keys several (not all) recipes share, with their types: a recipe that has one names it in `defaults`.
 SHARED_TYPES: dict[str, Any] = {"peft": PeftConfig, "general_data": list[str], "columns": dict,
-                                "skip_bad_rows": bool, "template": str | None}
+                                "skip_bad_rows": bool, "max_bad_row_fraction": float, "template": str | None}
 
 
 @dataclass
@@ -203,6 +207,8 @@ class TrainingConfig:
         for key in ("global_batch_size", "eval_batches", "peak_flops"):
             check_range(key, getattr(self, key), low=0)
         check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
+        if hasattr(self, "max_bad_row_fraction"):
+            check_range("max_bad_row_fraction", self.max_bad_row_fraction, low=0.0, high=1.0)
         default_fraction = type(self).__dataclass_fields__["eval_fraction"].default
         if self.eval_data and self.eval_fraction != default_fraction:
             raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")

@@ -72,7 +72,7 @@ from temper.train.rundir import RunDir
 
 # `dpo.*` keys the workflow sets for every round itself
 ROUND_KEYS = ("model", "data", "eval_data", "output_dir", "resume", "overwrite", "seed", "device", "template",
-              "columns")
+              "columns", "skip_bad_rows", "max_bad_row_fraction")
 MERGEABLE = ("none", "lora", "dora", "qlora")
 
 
@@ -237,7 +237,8 @@ def round_settings(cfg: Config, *, policy: str, pairs: Path, eval_spec: list[str
     """Round k's `temper dpo` settings: the `dpo.*` section plus what the round sets."""
     settings: dict[str, Any] = {**cfg.dpo, "model": policy, "data": [str(pairs)], "eval_data": list(eval_spec),
                                 "output_dir": str(round_dir), "resume": "auto" if cfg.resume else "",
-                                "overwrite": False, "skip_bad_rows": True, "seed": cfg.seed, "device": cfg.device}
+                                "overwrite": False, "skip_bad_rows": True, "max_bad_row_fraction": 1.0,  # its own pairs:
+                                "seed": cfg.seed, "device": cfg.device}                                 # all counted
     if cfg.template is not None:
         settings["template"] = cfg.template
     return settings
