@@ -308,7 +308,7 @@ def test_each_recipe_honours_the_shared_sections(recipe, recipe_runs, tmp_path, 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
     module = importlib.import_module(COMMANDS[recipe].module)
     out = tmp_path / recipe
-    args = [*recipe_runs[recipe], f"output_dir={out}", "max_steps=4", "peak_flops=1e9", "logging.every=2",
+    args = [*recipe_runs[recipe], f"output_dir={out}", "max_steps=4", "peak_flops=1e12", "logging.every=2",
             "logging.eval_every=3", "logging.eval_at_start=true", "logging.tensorboard=true",
             "logging.progress=false", "checkpoint.every=2", "checkpoint.keep_last=1", "grad_accum=2",
             "activation_checkpointing=true"]
