@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from temper.errors import TemperError
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX (Windows): output directories are not locked
+    fcntl = None
 
 LOCK_NAME = ".temper.lock"
 _held: dict[str, int] = {}  # resolved directory -> the open, locked file descriptor
@@ -62,9 +69,7 @@ def claim_output_dir(path: str | Path) -> Path:
     key = str(out.resolve())
     if key in _held:  # this process ran here before (a library user, a test): take it afresh
         release_output_dir(out)
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no locking, as before
+    if fcntl is None:  # not on POSIX: no locking, as before
         return out
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -85,9 +90,6 @@ def remove_partial_writes(out: Path) -> list[str]:
     """What a killed writer left in `out`: `.NAME.tmp-PID` files of `atomic_writer` and `NAME.tmp-PID`
     directories of shard building. Only called with the directory's lock held, so no live
     process is writing them."""
-    import re
-    import shutil
-
     removed = []
     for p in out.iterdir():
         if (p.is_file() and re.fullmatch(r"\..+\.tmp-\d+", p.name)) or (

@@ -539,7 +539,7 @@ def no_model_evaluated(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("temper.loading.load_for_inference", refuse)
+    monkeypatch.setattr("temper.stages.eval.load_for_inference", refuse)
 
 
 @pytest.mark.parametrize("content", ["", " \n\n\t\n"])
@@ -592,7 +592,7 @@ def test_a_failed_eval_leaves_no_empty_output_dir(tmp_path, tiny_model_dir, caps
     def fail(*args, **kwargs):
         raise TemperError("scoring failed")
 
-    monkeypatch.setattr("temper.eval.sliding.sliding_window_perplexity", fail)
+    monkeypatch.setattr("temper.stages.eval.sliding_window_perplexity", fail)
     text = tmp_path / "t.txt"
     text.write_text("Some text.\n")
     assert main(["eval", f"model={tiny_model_dir}", f"data={text}", f"output_dir={tmp_path / 'e'}"]) == 2
@@ -625,7 +625,7 @@ def test_eval_results_are_written_whole_and_output_dir_is_claimed(tmp_path, tiny
 
 
 def test_eval_judge_model_is_loaded_once_for_every_task(tmp_path, tiny_model_dir, monkeypatch):
-    import temper.loading
+    import temper.stages.eval
     from temper.stages.eval import Config, run
 
     rows = tmp_path / "qa.jsonl"
@@ -636,8 +636,8 @@ def test_eval_judge_model_is_loaded_once_for_every_task(tmp_path, tiny_model_dir
                                                "prompt: 'Q: {question}\\nA:'\ngeneration: {max_new_tokens: 2}\n")
         tasks.append(str(tmp_path / f"{name}.yaml"))
     loads = []
-    real = temper.loading.load_for_inference
-    monkeypatch.setattr(temper.loading, "load_for_inference", lambda path, **kw: loads.append(path) or real(path, **kw))
+    real = temper.stages.eval.load_for_inference
+    monkeypatch.setattr(temper.stages.eval, "load_for_inference", lambda path, **kw: loads.append(path) or real(path, **kw))
     results = run(Config(models=[str(tiny_model_dir)] * 2, tasks=tasks, judge=str(tiny_model_dir), device="cpu",
                          output_dir=str(tmp_path / "e")))
     assert set(results["judge"]) == {"qa_one", "qa_two"} and results["judge"]["qa_one"]["n"] == 2

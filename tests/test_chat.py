@@ -363,8 +363,10 @@ def test_stop_writer_holds_back_a_possible_stop_string():
 # ----------------------------------------------------------------------------- temper chat
 
 
-def _spy_generate_text(monkeypatch):
-    """Record every (prompt, sampling) given to generate_text; the real generation still runs."""
+def _spy_generate_text(monkeypatch, stages=("chat", "generate")):
+    """Record every (prompt, sampling) the `stages` give generate_text; the real generation still runs."""
+    import importlib
+
     import temper.models.generate as gen
 
     calls: list[tuple[str, object]] = []
@@ -374,7 +376,8 @@ def _spy_generate_text(monkeypatch):
         calls.extend((p, cfg) for p in prompts)
         return real(model, tokenizer, prompts, cfg, **kwargs)
 
-    monkeypatch.setattr(gen, "generate_text", spy)
+    for stage in stages:  # the stage modules call the name they imported; the CLI finds them in sys.modules
+        monkeypatch.setattr(importlib.import_module(f"temper.stages.{stage}"), "generate_text", spy)
     return calls
 
 
@@ -476,14 +479,14 @@ def test_generate_and_chat_use_a_template_saved_as_jinja_without_the_chat_stage(
     assert (model_dir / "chat_template.jinja").is_file()
     expected = render(ZEPHYR_TEMPLATE, [{"role": "user", "content": "hi"}], add_generation_prompt=True,
                       bos_token="<|bos|>", eos_token="<|eos|>")
-    calls = _spy_generate_text(monkeypatch)
     monkeypatch.delitem(sys.modules, "temper.stages.chat", raising=False)
+    calls = _spy_generate_text(monkeypatch, stages=("generate",))
     code = main(["generate", f"model={model_dir}", "prompt=hi", "chat=true", "max_new_tokens=2",
                  "temperature=0", "stream=false"])
     assert code == 0, capsys.readouterr().err
     assert calls[0][0] == expected
     assert "temper.stages.chat" not in sys.modules
-    calls.clear()
+    calls = _spy_generate_text(monkeypatch, stages=("chat",))
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", f"model={model_dir}", "max_new_tokens=2", "temperature=0"]) == 0
     assert calls[0][0] == expected
@@ -551,13 +554,13 @@ def test_non_utf8_chat_line_is_skipped_with_one_line(monkeypatch, capsys, tiny_m
 
 
 def test_generate_output_file_is_whole_or_untouched(monkeypatch, capsys, tmp_path, tiny_model_dir):
-    import temper.models.generate as gen
+    import temper.stages.generate as generate_stage
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(4)))
     out = tmp_path / "out.jsonl"
     out.write_text("the previous results\n")
-    real = gen.generate_text
+    real = generate_stage.generate_text
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -566,13 +569,13 @@ def test_generate_output_file_is_whole_or_untouched(monkeypatch, capsys, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "generate_text", interrupted)
+    monkeypatch.setattr(generate_stage, "generate_text", interrupted)
     args = ["generate", f"model={tiny_model_dir}", f"prompts_file={prompts}", f"output_file={out}", "batch_size=2",
             "max_new_tokens=2", "temperature=0"]
     assert main(args) == 130
     assert out.read_text() == "the previous results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "p.jsonl"]  # no temporary file left
-    monkeypatch.setattr(gen, "generate_text", real)
+    monkeypatch.setattr(generate_stage, "generate_text", real)
     assert main(args) == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["p0", "p1", "p2", "p3"]
 

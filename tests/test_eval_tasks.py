@@ -219,7 +219,7 @@ def test_few_shot_from_data_and_separate_file(tmp_path, model, tiny_tokenizer):
 
 
 def test_generation_task_and_metrics(tmp_path, model, tiny_tokenizer, monkeypatch):
-    import temper.models.generate as gen
+    import temper.eval.tasks as tasks_module
 
     rows = [{"q": "capital?", "answer": "Paris"}, {"q": "sum?", "answer": "7"}]
     write_jsonl(tmp_path / "g.jsonl", rows)
@@ -227,18 +227,13 @@ def test_generation_task_and_metrics(tmp_path, model, tiny_tokenizer, monkeypatc
             "answer_pattern": r"answer is (\w+)", "metrics": ["exact_match", "answer_accuracy"]}
     task = task_from_dict(spec, base_dir=tmp_path)
     replies = {"capital?": "I think the answer is Paris.", "sum?": "the answer is 8 or 7"}
-    monkeypatch.setattr(gen, "generate_text", lambda m, t, prompts, cfg, batch_size=16: [replies[p] for p in prompts])
+    monkeypatch.setattr(tasks_module, "generate_text",
+                        lambda m, t, prompts, cfg, batch_size=16: [replies[p] for p in prompts])
     out = run_task(model, tiny_tokenizer, task)
     assert out["exact_match"] == 0.5 and out["answer_accuracy"] == 0.5 and out["examples"] == 2
 
-    import sys
-
     task = task_from_dict({**spec, "metrics": ["f1"]}, base_dir=tmp_path)
     assert run_task(model, tiny_tokenizer, task)["f1"] == pytest.approx(0.5)  # "Paris" vs "Paris"; "8" vs "7"
-    monkeypatch.setitem(sys.modules, "temper.eval.metrics", None)  # as if the module were absent
-    task = task_from_dict({**spec, "metrics": ["f1"]}, base_dir=tmp_path)
-    with pytest.raises(TemperError, match="metric 'f1' needs temper.eval.metrics"):
-        run_task(model, tiny_tokenizer, task)
 
 
 def test_build_world_mc(world_dir):

@@ -148,20 +148,20 @@ def test_prefix_adapter_cannot_merge(tmp_path, tiny_model_dir, sft_rows, capsys)
 def test_generate_from_an_adapter_directory(tmp_path, tiny_model_dir, sft_rows, capsys, monkeypatch):
     import json as _json
 
-    import temper.models.generate as gen
+    import temper.stages.generate as generate_stage
     from temper.cli import main
     from temper.loading import load_model_or_adapter
     from temper.peft.lora import LoRALinear
 
     run_sft(tmp_path, tiny_model_dir, sft_rows, "peft.method=lora", "max_steps=2", out="lora")
     seen = {}
-    real = gen.generate_text
+    real = generate_stage.generate_text
 
     def spy(model, *args, **kwargs):
         seen["lora"] = sum(isinstance(m, LoRALinear) for m in model.modules())
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(gen, "generate_text", spy)
+    monkeypatch.setattr(generate_stage, "generate_text", spy)
     code = main(["generate", f"model={tmp_path / 'lora'}", "chat=true", "prompt=What is 3 plus 1?",
                  "max_new_tokens=4", "temperature=0"])
     assert code == 0 and seen["lora"] == 2 * 2  # q_proj and v_proj of both layers carry the adapter

@@ -24,6 +24,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from temper.data.templates import (
     BUILTIN_END_OF_TURN,
     BUILTIN_TEMPLATES,
@@ -31,6 +36,7 @@ from temper.data.templates import (
     read_chat_template,
 )
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.lineage import check_template
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -116,42 +122,41 @@ def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
 # ----------------------------------------------------------------------------- rendering
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant mask marker): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # like transformers: no HTML escaping, and the json.dumps options exposed
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
 @lru_cache(maxsize=32)
 def _compile(template: str):
     """Compile a template in the environment `transformers` renders chat templates in."""
-    import jinja2
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (transformers' assistant mask marker): renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # like transformers: no HTML escaping, and the json.dumps options exposed
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
@@ -324,8 +329,6 @@ def chat_template_for(model_dir: str | Path, tokenizer: Any, spec: str | None) -
         raise TemperError(
             f"{model_dir}: the model has no chat template; pass template=chatml|llama3|plain (or a .jinja file)"
         )
-    from temper.lineage import check_template  # lazily: lineage is not needed to render
-
     check_template(model_dir, template)  # warns when it is not the template the model was tuned with
     return template
 

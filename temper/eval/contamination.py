@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from temper.data.readers import iter_texts
+
 __all__ = ["words", "ngrams", "build_index", "contamination_report", "MIN_SHORT_WORDS"]
 
 MIN_SHORT_WORDS = 8
@@ -47,8 +49,6 @@ def _hash(gram: Sequence[str]) -> int:
 
 def _texts(train: Iterable[str] | str | Path) -> Iterable[str]:
     if isinstance(train, (str, Path)):  # a data spec: files, a glob, a directory
-        from temper.data.readers import iter_texts
-
         return iter_texts(train)
     return train
 

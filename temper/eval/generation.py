@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 import string
 
+from temper.data.chat import end_of_turn_strings, render
+from temper.models.generate import SamplingConfig, generate_text
+
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -29,9 +32,6 @@ def evaluate_instructions(model, tokenizer, template: str, conversations, *, max
                           batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
     """Greedy replies to the last user turn of each conversation, scored against its last
     assistant turn. Returns (metrics, rows with prompt/reply/reference)."""
-    from temper.data.chat import end_of_turn_strings, render
-    from temper.models.generate import SamplingConfig, generate_text
-
     prompts, references, answers = [], [], []
     for conv in conversations:
         *context, last = conv.messages

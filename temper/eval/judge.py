@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from temper.data.chat import render, resolve_template
 from temper.errors import TemperError
 from temper.eval.generation import contains_answer, normalize
 
@@ -49,8 +50,6 @@ def choice_token_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def _prompt(tokenizer, question: str, answer_a: str, answer_b: str, template: str | None) -> str:
-    from temper.data.chat import render, resolve_template
-
     text = JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
     chat = resolve_template(template, tokenizer)
     if not chat:

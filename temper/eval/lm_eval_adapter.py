@@ -29,6 +29,9 @@ from typing import Any
 import torch
 
 from temper.errors import TemperError
+from temper.eval.sliding import rolling_windows
+from temper.loading import load_for_inference
+from temper.models.generate import SamplingConfig, generate_text
 
 try:  # lm_eval is optional
     from lm_eval.api.model import LM as _Base
@@ -72,8 +75,6 @@ class TemperLM(_Base):
         if model is None:
             if pretrained is None:
                 raise TemperError("TemperLM needs pretrained=DIR or model= and tokenizer=")
-            from temper.loading import load_for_inference
-
             model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype)
         elif tokenizer is None:
             raise TemperError("TemperLM(model=...) needs its tokenizer too")
@@ -154,8 +155,6 @@ class TemperLM(_Base):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) over all its tokens, the first conditioned on the BOS (else EOS) token,
         by lm-eval's rolling windows of `max_length` tokens."""
-        from temper.eval.sliding import rolling_windows
-
         results = []
         for req in requests:
             tokens = self.tokenizer.encode(req.args[0])
@@ -167,8 +166,6 @@ class TemperLM(_Base):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with do_sample and a temperature, sampled) continuations cut at `until`."""
-        from temper.models.generate import SamplingConfig, generate_text
-
         eos = self.tokenizer.eos_token
         results: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

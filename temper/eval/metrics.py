@@ -9,6 +9,7 @@ and imported only when used.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -26,8 +27,7 @@ _INSTALL = "pip install sacrebleu rouge-score"
 
 
 def _require(module: str):
-    import importlib
-
+    """An optional package (sacrebleu, rouge_score), imported when a metric that needs it is asked for."""
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,8 +31,14 @@ from pathlib import Path
 from typing import Literal
 
 from temper.config import from_dict, load_yaml, opt
+from temper.configs import shipped_names, shipped_path
+from temper.data.chat import end_of_turn_strings, render
 from temper.data.readers import iter_records
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.eval import metrics
+from temper.eval.generation import contains_answer, normalize
+from temper.eval.multiple_choice import evaluate_multiple_choice
+from temper.models.generate import SamplingConfig, generate_text
 
 MC_METRICS = ("acc", "acc_norm")
 GEN_METRICS = ("exact_match", "answer_accuracy", "f1", "bleu", "chrf", "rouge")
@@ -94,8 +101,6 @@ class TaskConfig:
 
 def resolve_task(spec: str) -> Path:
     """A task YAML file, or the name of one shipped in the package (temper/configs/tasks/NAME.yaml)."""
-    from temper.configs import shipped_names, shipped_path
-
     path = Path(spec)
     if path.is_file():
         return path
@@ -109,8 +114,6 @@ def resolve_task(spec: str) -> Path:
 def _format_fields(task: str, key: str, template: str) -> set[str]:
     """The top-level field names of a Python format string; a malformed one is named here, at load,
     instead of failing on the first row after the model is loaded."""
-    import string
-
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
@@ -251,20 +254,14 @@ def extract_answer(task: TaskConfig, text: str) -> str:
 
 
 def _external_metrics(task: TaskConfig, name: str, predictions: list[str], references: list[str]) -> dict:
-    """f1 / bleu / chrf / rouge from temper.eval.metrics, imported only when asked for.
+    """f1 / bleu / chrf / rouge from temper.eval.metrics (sacrebleu and rouge-score are imported
+    there, only when asked for).
 
     f1: mean SQuAD token F1 (0-1); bleu, chrf: sacrebleu corpus scores (0-100) plus their
     signature; rouge: ROUGE-L F (0-1) plus rouge1/rouge2/rougeL."""
-    import importlib
-
-    try:
-        mod = importlib.import_module("temper.eval.metrics")
-    except ImportError as e:
-        raise TemperError(f"task {task.name}: metric {name!r} needs temper.eval.metrics, which is "
-                          f"not available ({e})") from None
     if name == "f1":
-        return {"f1": sum(mod.token_f1(p, r) for p, r in zip(predictions, references)) / len(predictions)}
-    fn = getattr(mod, name, None)
+        return {"f1": sum(metrics.token_f1(p, r) for p, r in zip(predictions, references)) / len(predictions)}
+    fn = getattr(metrics, name, None)
     if fn is None:
         raise TemperError(f"task {task.name}: metric {name!r} is not provided by temper.eval.metrics")
     value = fn(predictions, references)
@@ -278,13 +275,9 @@ def _external_metrics(task: TaskConfig, name: str, predictions: list[str], refer
 def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None = None,
              batch_size: int = 16, use_cache: bool = True) -> dict:
     """Score `task`; returns its metrics plus examples and examples_per_second."""
-    from temper.eval.generation import contains_answer, normalize
-
     prefix = task_few_shot(task, world_dir=world_dir)
     rows = list(iter_task_rows(task, world_dir=world_dir))
     if task.type == "multiple_choice":
-        from temper.eval.multiple_choice import evaluate_multiple_choice
-
         items = [{"context": r.context, "gold": r.gold,
                   "choices": [task.answer_template.format(answer=c) for c in r.choices],
                   "answers": [str(c) for c in r.choices]} for r in rows]  # acc_norm counts the bare answer
@@ -293,8 +286,6 @@ def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None
         out.update(examples=result["examples"], examples_per_second=result["examples_per_second"])
         return out
 
-    from temper.models.generate import SamplingConfig, generate_text
-
     cfg = SamplingConfig(max_new_tokens=task.generation.max_new_tokens, stop=tuple(task.generation.stop))
     was_training = model.training
     model.eval()
@@ -302,8 +293,6 @@ def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None
     try:
         prompts = [prefix + r.context for r in rows]
         if task.chat:  # an instruction-tuned model reads its own template (a mismatch looks like a broken model)
-            from temper.data.chat import end_of_turn_strings, render
-
             if not tokenizer.chat_template:
                 raise TemperError(f"task {task.name}: chat=true but the model has no chat template")
             prompts = [render(tokenizer.chat_template, [{"role": "user", "content": p}], add_generation_prompt=True,

@@ -11,6 +11,7 @@ and peft).
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -83,8 +84,6 @@ def load_model(spec: str | Path, *, device: torch.device | str = "cpu",
     if not spec_path.exists() and str(spec) in PRESETS:
         return build_model(preset(str(spec)), device=device, dtype=dtype)
     if not spec_path.exists() and not any(sep in str(spec) for sep in "/\\."):
-        import difflib
-
         close = difflib.get_close_matches(str(spec), list(PRESETS), n=1)
         also = f"did you mean the preset '{close[0]}'?" if close else f"presets: {', '.join(PRESETS)}"
         raise TemperError(f"model directory not found: {spec} (nor is it a preset name; {also})")

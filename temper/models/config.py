@@ -8,6 +8,7 @@ always a Hugging Face model directory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,8 +125,6 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A copy of a named preset, with fields changed."""
     if name not in PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise TemperError(

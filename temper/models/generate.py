@@ -7,6 +7,7 @@ temperature, top-k, top-p), so a seeded run means the same thing in both.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -108,8 +109,6 @@ def generate(
                    f"{model.config.max_seq_len} positions")
         if model.config.family == "gpt2":  # learned positions end there
             raise ValueError(message)
-        import warnings
-
         warnings.warn(f"{message}; tokens beyond them are positions it never trained on and degrade",
                       stacklevel=2)
     padded = any(n != prompt_len for n in lengths)

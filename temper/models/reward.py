@@ -25,8 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.models import (
     FAMILIES,
@@ -151,10 +153,6 @@ def read_reward_config(model_dir: str | Path) -> ModelConfig:
 def check_reward_model_dir(model_dir: str | Path) -> None:
     """Cheap checks that `model_dir` will load as a reward model (config, weight files holding
     score.weight, tokenizer), without reading the weights."""
-    from safetensors import safe_open
-
-    from temper.data.tokenizer import Tokenizer
-
     read_reward_config(model_dir)
     files = weight_files(Path(model_dir))
     names = set()

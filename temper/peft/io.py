@@ -29,6 +29,8 @@ from torch import nn
 
 from temper.config import PeftConfig
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.io import atomic_write_bytes, atomic_write_text
+from temper.models.hf import ADAPTERS
 from temper.peft.lora import inject_lora, linear_modules, lora_modules
 
 __all__ = ["save_adapter", "load_adapter"]
@@ -105,8 +107,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from temper.io import atomic_write_bytes, atomic_write_text
-
     atomic_write_bytes(out / "adapter_model.safetensors",
                        save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"}))
     atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
@@ -114,8 +114,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base
 
 
 def _family_adapter(model: nn.Module):
-    from temper.models.hf import ADAPTERS
-
     family = getattr(getattr(model, "config", None), "family", None)
     if family not in ADAPTERS:
         raise TemperError(f"PEFT adapters need a temper model of a known family ({', '.join(ADAPTERS)})")

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from temper.configs import shipped_dir
+from temper.data.chat import chat_template_for, render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.loading import load_for_inference
+from temper.models.generate import SamplingConfig, generate_text
 from temper.rewards.judges import check_model_dir, import_callable
 
 CRITIQUE_REQUEST = ("Critique your last answer against this principle: {principle} "
@@ -41,8 +45,6 @@ _ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+(.*\S)\s*$")
 
 
 def default_constitution() -> Path:
-    from temper.configs import shipped_dir
-
     return shipped_dir("constitutions") / "default.md"
 
 
@@ -109,9 +111,6 @@ class LLMReviser(Reviser):
 
     def __init__(self, model_dir: str, *, device: Any = "cpu", max_new_tokens: int = 48,
                  template: str | None = None, batch_size: int = 32) -> None:
-        from temper.data.chat import chat_template_for, stop_settings
-        from temper.loading import load_for_inference
-
         self.model, self.tokenizer = load_for_inference(model_dir, device=device)
         self.template = chat_template_for(model_dir, self.tokenizer, template)
         self.stops, self.eos_ids = stop_settings(self.tokenizer, self.template)
@@ -119,9 +118,6 @@ class LLMReviser(Reviser):
         self.name = f"constitution:{model_dir}"
 
     def _reply(self, conversations: list[list[dict]]) -> list[str]:
-        from temper.data.chat import render, render_kwargs
-        from temper.models.generate import SamplingConfig, generate_text
-
         texts = [render(self.template, c, add_generation_prompt=True, **render_kwargs(self.tokenizer))
                  for c in conversations]
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, stop=self.stops, eos_token_ids=self.eos_ids)

@@ -38,10 +38,21 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from temper.data.chat import model_chat_template, render, render_kwargs
+from temper.data.preference import _leading_special_ids
 from temper.data.prompts import Prompt
+from temper.data.sft import _ends_with_end_marker
+from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
+from temper.eval.judge import judge_pair
+from temper.eval.world_checker import check_reply
+from temper.loading import load_for_inference
+from temper.models.reward import load_reward_model
 
 KINDS = ("rule", "regex", "callable", "llm", "constitution", "reward")
 SKIP_HINT = "set skip_bad_judgements=true to skip and count such samples"
@@ -133,8 +144,6 @@ class WorldRuleJudge(Judge):
     needs_answer = True
 
     def score(self, prompt: Prompt, response: str) -> float:
-        from temper.eval.world_checker import check_reply
-
         if prompt.answer is None:
             raise TemperError(f"{prompt.source}: judge rule:world needs the row's 'answer'")
         return check_reply(response, prompt.answer)["score"]
@@ -205,15 +214,11 @@ class LLMJudge(Judge):
 
     def __init__(self, model_dir: str, *, device: Any = "cpu", template: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        from temper.loading import load_for_inference
-
         self.model, self.tokenizer = load_for_inference(model_dir, device=device)
         self.template = template
         self.name = f"llm:{model_dir}"
 
     def rank(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list[list[float | None]]:
-        from temper.eval.judge import judge_pair
-
         if len(prompts) != len(responses):
             raise TemperError(f"{len(prompts)} prompts but {len(responses)} lists of responses")
         before = Counter(self.stats.bad)
@@ -275,11 +280,6 @@ class RewardJudge(Judge):
     def __init__(self, model_dir: str, *, device: Any = "cpu", dtype: Any = None, batch_size: int = 16,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        from temper.data.chat import model_chat_template
-        from temper.data.preference import _leading_special_ids
-        from temper.data.tokenizer import Tokenizer
-        from temper.models.reward import load_reward_model
-
         self.model = load_reward_model(model_dir, device=device, dtype=dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
@@ -293,9 +293,6 @@ class RewardJudge(Judge):
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """The token ids the reward model reads for `response` to `prompt` (see the class docstring)."""
-        from temper.data.chat import render, render_kwargs
-        from temper.data.sft import _ends_with_end_marker
-
         tokenizer = self.tokenizer
         if self.template:
             text = render(self.template, [*prompt.messages, {"role": "assistant", "content": response}],
@@ -316,8 +313,6 @@ class RewardJudge(Judge):
         return ids
 
     def rank(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list[list[float | None]]:
-        import torch
-
         if len(prompts) != len(responses):
             raise TemperError(f"{len(prompts)} prompts but {len(responses)} lists of responses")
         before, truncated_before = Counter(self.stats.bad), self.truncated
@@ -401,8 +396,6 @@ def make_judge(spec: str, *, device: Any = "cpu", skip_bad: bool = True, option:
 
 
 def check_model_dir(path: str, option: str) -> None:
-    from pathlib import Path
-
     if not Path(path).expanduser().is_dir():
         raise TemperError(f"{option}{path}: no such model directory")
 

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from temper.config import check_utf8, opt
-from temper.data.chat import StopWriter, chat_template_for, render_kwargs, stop_settings
+from temper.data.chat import StopWriter, chat_template_for, render, render_kwargs, stop_settings
 from temper.errors import TemperError
+from temper.loading import load_for_inference
+from temper.models.generate import SamplingConfig, generate_text
+from temper.runtime import resolve_device
 
 PROMPT = "you> "
 REPLY_PREFIX = "model> "
@@ -72,8 +77,6 @@ class Session:
 
     def prompt_for(self, user: str) -> tuple[str, list[dict[str, str]]]:
         """The rendered prompt for a new user message, dropping the oldest exchanges that do not fit."""
-        from temper.data.chat import render
-
         history = [*self.history, {"role": "user", "content": user}]
         limit = self.model.config.max_seq_len - self.sampling.max_new_tokens
         while True:
@@ -87,10 +90,6 @@ class Session:
 
     def reply(self, user: str, write: Callable[[str], Any]) -> str:
         """Answer `user`, streaming the reply through `write`; the exchange joins the history."""
-        from dataclasses import replace
-
-        from temper.models.generate import generate_text
-
         prompt, history = self.prompt_for(user)
         sampling = replace(self.sampling, seed=None if self.sampling.seed is None else self.sampling.seed + self.turns)
         writer = StopWriter(sampling.stop, write)
@@ -146,13 +145,6 @@ def chat_loop(session: Session, read: Callable[[str], str] = input) -> None:
 
 
 def run(cfg: Config) -> None:
-    import torch
-
-    from temper.data.chat import render
-    from temper.loading import load_for_inference
-    from temper.models.generate import SamplingConfig
-    from temper.runtime import resolve_device
-
     device = resolve_device(cfg.device)
     model, tokenizer = load_for_inference(cfg.model, device=device, dtype=cfg.dtype)
     template = chat_template_for(cfg.model, tokenizer, cfg.template)
@@ -175,6 +167,7 @@ def run(cfg: Config) -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         try:
+            # lazy: importing readline changes input() for the whole process; only at a terminal
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass

@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 
 from temper.config import opt
+from temper.data.readers import iter_records, iter_texts
 from temper.errors import TemperError
+from temper.eval.contamination import contamination_report
+from temper.io import atomic_write_text
 
 
 @dataclass
@@ -42,16 +45,11 @@ def row_text(row: dict, fields: list[str]) -> str:
 
 
 def run(cfg: Config) -> dict:
-    from temper.data.readers import iter_records, iter_texts
-    from temper.eval.contamination import contamination_report
-
     eval_sets = {str(p): [row_text(r.data, cfg.eval_fields) for r in iter_records(p)] for p in cfg.eval}
     report = contamination_report(iter_texts(cfg.train, field=cfg.text_field), eval_sets, n=cfg.n)
     for name, rep in report.items():
         print(f"{name}: {rep['contaminated']}/{rep['checked']} rows share a {cfg.n}-gram with the training data "
               f"({rep['fraction']:.1%}); {rep['skipped_short']} rows too short to check")
     if cfg.output:
-        from temper.io import atomic_write_text
-
         atomic_write_text(cfg.output, json.dumps(report, indent=2) + "\n")
     return report

@@ -18,13 +18,23 @@ part is counted, and how the counts were checked against measured runs, is in do
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal
+
+import torch
+import yaml
 
 from temper.config import check_keys, check_range, opt
 from temper.errors import TemperError
+from temper.models.config import ModelConfig
+from temper.runtime import resolve_device
+from temper.train import memory
+from temper.train.engine import measure_matmul_peak, resolve_precision
+from temper.train.rundir import read_metrics
 
 TRAINING_KEYS = ("micro_batch", "seq_len", "grad_accum", "activation_checkpointing", "cross_entropy", "loss_chunk",
                  "packing",
@@ -134,8 +144,6 @@ def _default(key: str):
 
 def plan_from(cfg: Config, shape) -> object:
     """The `Plan` of `cfg` for model shape `shape`, with the model-dependent checks."""
-    from temper.train.memory import Plan, lora_targets
-
     zero = cfg.zero
     if cfg.strategy == "fsdp":
         zero = 2 if cfg.reshard_after_forward is False else 3
@@ -155,14 +163,14 @@ def plan_from(cfg: Config, shape) -> object:
         key = "context" if cfg.inference else "seq_len"
         warnings.warn(f"{key}={longest} is beyond the model's context of {shape.max_seq_len} positions", stacklevel=2)
     mixed = cfg.mixed_precision if cfg.mixed_precision is not None else (cfg.method == "full" and cfg.dtype != "fp32")
-    plan = Plan(method=cfg.method, dtype=cfg.dtype, mixed_precision=mixed, optimizer=cfg.optimizer, zero=zero,
+    plan = memory.Plan(method=cfg.method, dtype=cfg.dtype, mixed_precision=mixed, optimizer=cfg.optimizer, zero=zero,
                 dp=cfg.dp, tp=cfg.tp, micro_batch=cfg.micro_batch, seq_len=seq_len, grad_accum=cfg.grad_accum,
                 activation_checkpointing=cfg.checkpointing, cross_entropy=cfg.cross_entropy,
                 loss_chunk=cfg.loss_chunk, packing=cfg.packing, lora_r=cfg.lora_r, lora_targets=list(cfg.lora_targets),
                 quant_block_size=cfg.quant_block_size, double_quant=cfg.double_quant, inference=cfg.inference,
                 batch=cfg.batch, context=context)
     if cfg.method != "full":
-        smallest = min(min(i, o) for _, i, o, _ in lora_targets(shape, plan.lora_targets))
+        smallest = min(min(i, o) for _, i, o, _ in memory.lora_targets(shape, plan.lora_targets))
         if cfg.lora_r > smallest:
             raise TemperError(f"lora_r={cfg.lora_r} is larger than the smallest wrapped linear dimension ({smallest})")
     return plan
@@ -170,9 +178,7 @@ def plan_from(cfg: Config, shape) -> object:
 
 def estimate(cfg: Config) -> dict:
     """Everything `temper estimate` reports, as plain data (sizes in bytes)."""
-    from temper.train import memory
-
-    check_keys(cfg.model_config, _model_config_type(), "model_config")
+    check_keys(cfg.model_config, ModelConfig, "model_config")
     shape, source = memory.resolve_model(cfg.model, cfg.model_config)
     plan = plan_from(cfg, shape)
     counts = memory.parameter_counts(shape)
@@ -222,16 +228,8 @@ def estimate(cfg: Config) -> dict:
     return report
 
 
-def _model_config_type():
-    from temper.models.config import ModelConfig
-
-    return ModelConfig
-
-
 def _size(n: float) -> str:
-    from temper.train.memory import _mib
-
-    return _mib(n)
+    return memory._mib(n)
 
 
 def _count(n: float) -> str:
@@ -321,13 +319,6 @@ def measured_mfu(run_dir: str) -> dict:
     """The MFU a temper training run logged (median over its rows) and the peak it was measured
     against: the run's `peak_flops` when it gave one, else this machine's matmul peak measured
     now in the run's precision (the same measurement the run made)."""
-    import statistics
-    from pathlib import Path
-
-    import yaml
-
-    from temper.train.rundir import read_metrics
-
     path = Path(run_dir)
     metrics, config = path / "metrics.jsonl", path / "config.yaml"
     if not metrics.is_file() or not config.is_file():
@@ -336,11 +327,6 @@ def measured_mfu(run_dir: str) -> dict:
     if not rows:
         raise TemperError(f"mfu_from={run_dir}: its metrics.jsonl logs no mfu")
     run_cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    import torch
-
-    from temper.runtime import resolve_device
-    from temper.train.engine import measure_matmul_peak, resolve_precision
-
     device = resolve_device(str(run_cfg.get("device", "auto")))
     precision = resolve_precision(str(run_cfg.get("precision", "auto")), device)
     if run_cfg.get("peak_flops"):

@@ -24,7 +24,22 @@ from pathlib import Path
 from typing import Literal
 
 from temper.config import opt
+from temper.data.prompts import Prompt
+from temper.data.readers import expand_paths, iter_texts
+from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.eval.contamination import contamination_report
+from temper.eval.judge import pairwise, rule_pairwise, summarize
+from temper.eval.sliding import sliding_window_perplexity
+from temper.eval.tasks import iter_task_rows, load_task, resolve_data, resolve_task, run_task
+from temper.io import atomic_write_text, owned_output_dir
+from temper.lineage import read_lineage
+from temper.loading import load_for_inference
+from temper.models.hf import config_from_hf, read_hf_config, weight_files
+from temper.models.reward import check_reward_model_dir
+from temper.peft import read_adapter_config
+from temper.rewards.judges import KINDS, make_judge, split_spec
+from temper.runtime import resolve_device
 
 
 @dataclass
@@ -59,12 +74,6 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    from temper.data.readers import expand_paths
-    from temper.eval.tasks import load_task, resolve_data, resolve_task
-    from temper.io import owned_output_dir
-    from temper.lineage import read_lineage
-    from temper.runtime import resolve_device
-
     # everything the run will need is checked before the first model is evaluated
     model_dirs = cfg.models or [cfg.model]
     for model_dir in model_dirs:
@@ -89,13 +98,6 @@ def run(cfg: Config) -> dict:
 
 
 def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[str], device) -> dict:
-    from temper.data.readers import iter_texts
-    from temper.eval.sliding import sliding_window_perplexity
-    from temper.eval.tasks import iter_task_rows, run_task
-    from temper.io import atomic_write_text
-    from temper.lineage import read_lineage
-    from temper.loading import load_for_inference
-
     results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {}}
     for model_dir in model_dirs:
         model, tokenizer = load_for_inference(model_dir, device=device, dtype=cfg.dtype)
@@ -112,8 +114,6 @@ def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[
     if cfg.judge:
         results["judge"] = judge_models(cfg, model_dirs, tasks, results, device)
     if cfg.contamination:
-        from temper.eval.contamination import contamination_report
-
         world = cfg.world or read_lineage(model_dirs[0]).get("world_dir")
         eval_sets = {t.name: [f"{r.context} {r.target or ''}".strip() for r in iter_task_rows(t, world_dir=world)]
                      for t in tasks}
@@ -129,8 +129,6 @@ def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[
 
 def read_eval_texts(cfg: Config) -> list[str]:
     """The texts of `data=`; a file with no text in it is an error naming it (not an empty table)."""
-    from temper.data.readers import expand_paths, iter_texts
-
     texts: list[str] = []
     for path in expand_paths(cfg.data):
         found = [t for t in iter_texts(path, field=cfg.text_field, text_mode=cfg.text_mode) if t.strip()]
@@ -144,16 +142,11 @@ def read_eval_texts(cfg: Config) -> list[str]:
 def check_model_dir(path: str, option: str) -> None:
     """Cheap checks that `path` will load (config, weight files, tokenizer), so a typo in the last
     of several models is found before the first is evaluated. Weights are read later."""
-    from temper.data.tokenizer import Tokenizer
-    from temper.models.hf import config_from_hf, read_hf_config, weight_files
-
     p = Path(path).expanduser()
     try:
         if not p.exists():
             raise TemperError(f"{p}: no such directory")
         if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
-            from temper.peft import read_adapter_config
-
             base = read_adapter_config(p).get("base_model_name_or_path")
             if not base or not Path(base).is_dir():
                 raise TemperError(f"{p}: the adapter's base model {base!r} is not a directory here")
@@ -176,8 +169,6 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
     if not any(t.type == "generation" for t in tasks):
         raise TemperError("judge= compares generated answers, but no task in tasks= is a generation task")
     if scoring_judge(cfg.judge):
-        from temper.rewards.judges import split_spec
-
         kind, arg = split_spec(cfg.judge)
         if kind == "constitution":
             raise TemperError(f"judge={cfg.judge}: temper eval compares answers with rule:world, regex:, callable:, "
@@ -185,15 +176,11 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
         if kind == "llm":
             check_model_dir(arg, "judge=")
         elif kind == "reward":  # its config, weight files and tokenizer, before any model is evaluated
-            from temper.models.reward import check_reward_model_dir
-
             try:
                 check_reward_model_dir(arg)
             except TemperError as e:
                 raise TemperError(f"judge={cfg.judge}: {e}") from None
         else:  # a bad pattern, module or function is found before any model is evaluated
-            from temper.rewards.judges import make_judge
-
             make_judge(cfg.judge)
     elif cfg.judge != "rule":
         check_model_dir(cfg.judge, "judge=")
@@ -201,14 +188,10 @@ def check_judge(cfg: Config, model_dirs: list[str], tasks) -> None:
 
 def scoring_judge(spec: str) -> bool:
     """A `KIND:ARGUMENT` judge of temper.rewards.judges (a directory path has no such prefix)."""
-    from temper.rewards.judges import KINDS
-
     return spec.partition(":")[0] in KINDS and ":" in spec
 
 
 def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, device) -> dict:
-    from temper.eval.judge import pairwise, rule_pairwise
-
     check_judge(cfg, model_dirs, tasks)
     judge = None  # (model, tokenizer), loaded once for every task
     reports = {}
@@ -225,8 +208,6 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
                                                  answers[0], answers[1], device)
         else:
             if judge is None:
-                from temper.loading import load_for_inference
-
                 judge = load_for_inference(cfg.judge.removeprefix("llm:"), device=device)
             reports[task.name] = pairwise(*judge, questions, answers[0], answers[1])
         reports[task.name].pop("verdicts", None)
@@ -236,9 +217,6 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
 def scored_pairwise(spec: str, task: str, questions, references, answers_1, answers_2, device) -> dict:
     """`pairwise`'s report from a scoring judge: a system wins a question when its answer scores higher;
     an answer the judge fails on (counted, warned) makes the question a tie."""
-    from temper.eval.judge import summarize
-    from temper.rewards.judges import Prompt, make_judge
-
     judge = make_judge(spec, device=device)
     prompts = [Prompt.from_text(q, answer=None if r is None else str(r), source=f"{task} row {i + 1}")
                for i, (q, r) in enumerate(zip(questions, references))]

@@ -24,9 +24,18 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
 from temper.config import check_utf8, opt
+from temper.data.chat import StopWriter, chat_template_for, render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
+from temper.io import atomic_writer
+from temper.lineage import read_lineage
+from temper.loading import load_for_inference
+from temper.models.generate import SamplingConfig, generate_text
+from temper.runtime import resolve_device
 
 
 @dataclass
@@ -75,13 +84,6 @@ def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
 
 
 def run(cfg: Config) -> None:
-    import torch
-    from tqdm import tqdm
-
-    from temper.loading import load_for_inference
-    from temper.models.generate import SamplingConfig, generate_text
-    from temper.runtime import resolve_device
-
     prompts = [Prompt(cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts_file,
                                                                                field_name=cfg.prompt_field)
     use_chat = cfg.chat or any(isinstance(p.prompt, list) for p in prompts)
@@ -90,16 +92,12 @@ def run(cfg: Config) -> None:
     device = resolve_device(cfg.device)
     model, tokenizer = load_for_inference(cfg.model, device=device, dtype=cfg.dtype)
     if not use_chat:
-        from temper.lineage import read_lineage
-
         if read_lineage(cfg.model).get("chat_template_trained"):
             warnings.warn(f"{cfg.model} was fine-tuned with a chat template; a raw prompt bypasses it "
                           "and the model will look worse than it is: add chat=true", stacklevel=2)
     stops, eos_ids = list(cfg.stop), []
     texts: list[str] = [p.prompt for p in prompts if isinstance(p.prompt, str)]
     if use_chat:  # what the model reads: each conversation rendered with its generation prompt
-        from temper.data.chat import chat_template_for, render, render_kwargs, stop_settings
-
         template = chat_template_for(cfg.model, tokenizer, cfg.template)
         texts = [render(template, chat_messages(p, cfg.system), add_generation_prompt=True,
                         **render_kwargs(tokenizer)) for p in prompts]
@@ -116,8 +114,6 @@ def run(cfg: Config) -> None:
 
     if cfg.prompt is not None:
         if cfg.stream and sys.stdout.isatty():
-            from temper.data.chat import StopWriter
-
             def show(text: str) -> None:
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -130,8 +126,6 @@ def run(cfg: Config) -> None:
         return
 
     # a file appears whole when every prompt is done, or not at all (an old one stays as it was)
-    from temper.io import atomic_writer
-
     with atomic_writer(cfg.output_file) if cfg.output_file else contextlib.nullcontext(sys.stdout) as out:
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
                    disable=not sys.stderr.isatty())

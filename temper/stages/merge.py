@@ -26,11 +26,23 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from temper.config import opt
+from temper.data.chat import stop_settings
+from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.io import owned_output_dir, refuse_same_dir
+from temper.lineage import read_lineage, write_lineage
+from temper.loading import check_lora_config
+from temper.models import load_model, save_model
+from temper.models.hf import check_weights_file
+from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
+from temper.peft.lora import merge_lora
+from temper.quant.nf4 import dequantize_model
+from temper.train.checkpoint import fsync_path
 
 
 @dataclass
@@ -47,17 +59,6 @@ class Config:
 
 
 def run(cfg: Config) -> None:
-    import warnings
-
-    from temper.data.tokenizer import Tokenizer
-    from temper.io import owned_output_dir, refuse_same_dir
-    from temper.lineage import read_lineage
-    from temper.loading import check_lora_config
-    from temper.models import load_model
-    from temper.models.hf import check_weights_file
-    from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
-    from temper.peft.lora import merge_lora
-
     adapter = Path(cfg.adapter).expanduser()
     if not adapter.is_dir():
         raise TemperFileNotFoundError(f"adapter= directory not found: {adapter}")
@@ -96,8 +97,6 @@ def run(cfg: Config) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             merged = merge_lora(model)
-            from temper.quant.nf4 import dequantize_model
-
             if dequantize_model(merged):  # the 4-bit layers LoRA did not touch
                 warnings.warn("the NF4 base layers without LoRA are dequantised to full precision too", stacklevel=1)
         for w in caught:
@@ -195,16 +194,10 @@ def _merges(tok: dict) -> list[str]:
 def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:
     """Save into a temporary directory inside `out`, then move the files in, `config.json` last
     (it is what makes a directory a model), dropping weight shards of an earlier model there."""
-    from temper.lineage import write_lineage
-    from temper.models import save_model
-    from temper.train.checkpoint import fsync_path
-
     tmp = out / f".merge.tmp-{os.getpid()}"  # the name a later claim of `out` cleans up after a kill
     shutil.rmtree(tmp, ignore_errors=True)
     eos_ids = None
     if tokenizer is not None and lineage.get("chat_template_trained"):  # stop where the tuned model ends a turn
-        from temper.data.chat import stop_settings
-
         eos_ids = stop_settings(tokenizer, lineage["chat_template_trained"])[1]
     try:
         save_model(model, tmp, tokenizer=tokenizer, eos_ids=eos_ids)

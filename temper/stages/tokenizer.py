@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from temper.config import opt
+from temper.data.readers import iter_texts
+from temper.data.tokenizer import train_tokenizer
 from temper.errors import TemperError
 
 
@@ -32,9 +34,6 @@ class Config:
 
 
 def run(cfg: Config) -> None:
-    from temper.data.readers import iter_texts
-    from temper.data.tokenizer import train_tokenizer
-
     texts = iter_texts(cfg.data, field=cfg.text_field, encoding_errors=cfg.encoding_errors,
                        text_mode=cfg.text_mode)
     if cfg.max_documents > 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from temper.config import opt
+from temper.data.world import WorldConfig, build_world, write_world
 
 
 @dataclass
@@ -38,8 +39,6 @@ class Config:
                                       "(still correct; the row's `style` says which), like scraped instruction data")
 
     def world_config(self):
-        from temper.data.world import WorldConfig
-
         names = {f.name for f in fields(WorldConfig)}
         return WorldConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
 
@@ -48,8 +47,6 @@ class Config:
 
 
 def run(cfg: Config) -> None:
-    from temper.data.world import build_world, write_world
-
     world = build_world(cfg.world_config())
     paths = write_world(world, cfg.output_dir)
     for name, path in paths.items():

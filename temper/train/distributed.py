@@ -39,15 +39,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
 
 from temper.config import check_range, opt
 from temper.errors import TemperError, error_line
+from temper.models import _finish_meta_load, build_model
+from temper.train import engine
+from temper.train.pipeline import PipelineRunner
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -143,8 +150,6 @@ class Parallel:
             else:  # one process asked for a strategy: a group of one
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             self._own_group = True
-        from torch.distributed.device_mesh import init_device_mesh
-
         self.mesh = init_device_mesh(self.device.type, (self.pp, self.dp, self.tp),
                                      mesh_dim_names=("pp", "dp", "tp"))
 
@@ -241,8 +246,6 @@ class Parallel:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The temper model inside a DDP wrapper (FSDP2 and DTensor work in place)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -251,16 +254,12 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
     """Apply TP, activation checkpointing, compile and DDP/FSDP (see the module docstring); the
     optimiser is built after this, over the parameters it leaves. Returns the module to call
     (under pipeline parallelism: this rank's stage, driven by `par.pipeline`)."""
-    import logging
-    import warnings
-
-    from temper.train import engine
-
     # advice that does not apply here: the loss never changes the returned hidden states in place, and
     # a norm over a 2-D mesh of small degrees costs two all-reduces
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if par.tp > 1:
+        # lazy: tensor_parallel imports torch.distributed.tensor at load (~2 s), needed only when tp > 1
         from temper.train.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 
         check_tensor_parallel(model.config, par.tp)
@@ -268,8 +267,6 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
     if activation_checkpointing:
         engine.apply_activation_checkpointing(model)
     if par.pp > 1:
-        from temper.train.pipeline import PipelineRunner
-
         if compile or precision == "fp16":
             raise TemperError("parallel.pp runs without compile, in fp32 or bf16")
         par.pipeline = PipelineRunner(model, n_microbatches=pipeline_microbatches, pp_group=par.mesh["pp"],
@@ -279,6 +276,7 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
     if compile:
         engine.compile_model(model)
     if par.strategy == "fsdp":
+        # lazy: torch.distributed.fsdp takes ~2 s to import; only FSDP runs need it
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -298,8 +296,6 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
         fully_shard(model, **options)
         return model
     if par.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [par.device.index] if par.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, process_group=par.dp_group)
     return model
@@ -316,6 +312,7 @@ def full_state_dict(model: torch.nn.Module, par: Parallel) -> dict[str, torch.Te
     own names (DDP's `module.` and FSDP's wrapping left out), the others None."""
     if not par.distributed:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # lazy: torch.distributed.checkpoint takes ~2 s to import; only distributed runs need it
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -336,8 +333,6 @@ def export_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module | Non
         weights = full_state_dict(model, par)
     if not par.is_main:
         return None
-    from temper.models import _finish_meta_load, build_model
-
     core = unwrap(model)
     plain = build_model(core.config, device=torch.device("meta"))
     plain.load_state_dict(weights, assign=True, strict=not core.config.tie_embeddings)

@@ -1,5 +1,5 @@
 """The memory planner: what a training or inference run holds on each device, and what
-compute-optimal training costs, worked out from the model's shape alone (no weights, no torch).
+compute-optimal training costs, worked out from the model's shape alone (no weights read, no tensor made).
 
 Per device, in bytes:
 
@@ -40,12 +40,15 @@ C = 6 N D FLOPs, and the time this takes at a model-FLOPs utilisation on a numbe
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from temper.errors import TemperError
 from temper.models.config import PRESETS, ModelConfig
+from temper.models.hf import config_from_hf, read_hf_config
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -215,16 +218,12 @@ def parse_count(spec: str) -> float | None:
 def resolve_model(spec: str, overrides: dict | None = None) -> tuple[ModelConfig, str]:
     """(shape, how it was found) for a planner preset, a temper preset, a model directory
     (its config.json only; no weights are read) or a bare parameter count."""
-    from pathlib import Path
-
     overrides = dict(overrides or {})
     if spec in SHAPES:
         return SHAPES[spec].replace(**overrides), f"{spec} (published shape)"
     if spec in PRESETS:
         return PRESETS[spec].replace(**overrides), f"{spec} (temper preset)"
     if Path(spec).is_dir():
-        from temper.models.hf import config_from_hf, read_hf_config
-
         if overrides:
             raise TemperError(f"model_config.* changes a preset's shape; model={spec} is a directory whose "
                               "config.json fixes it")
@@ -233,8 +232,6 @@ def resolve_model(spec: str, overrides: dict | None = None) -> tuple[ModelConfig
     if count is not None:
         shape = scaled_llama(count).replace(**overrides)
         return shape, f"{spec} (scaled Llama-2-like shape)"
-    import difflib
-
     names = [*SHAPES, *PRESETS]
     close = difflib.get_close_matches(spec, names, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""

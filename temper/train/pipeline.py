@@ -260,6 +260,7 @@ class PipelineRunner:
         """A PipelineStage and schedule for micro-batches of `shape`: torch infers the shapes of
         the tensors sent between stages at the first step and keeps them, so a batch of another
         shape needs new ones (every rank sees the same batch shape, so all rebuild together)."""
+        # lazy: torch.distributed.pipelining takes ~2-3 s to import; only pipeline-parallel runs get here
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.stage = PipelineStage(self.module, self.pp_rank, self.pp_size, self.device, group=self.group)

@@ -223,8 +223,6 @@ def _mean(scores: list[list[float | None]]) -> float | None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from temper.io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
