@@ -6,6 +6,7 @@ imported only when used, so `temper --help` stays fast.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import shutil
@@ -19,6 +20,7 @@ import yaml
 
 from temper import __version__
 from temper.config import config_help, from_dict, load_config, to_dict
+from temper.configs import shipped_names, shipped_path
 from temper.errors import TemperError, error_line
 
 
@@ -150,8 +152,6 @@ def config_file(spec: str | None) -> str | None:
     """`--config` value: a YAML file, else the name of a config shipped in the package (temper/configs)."""
     if spec is None or os.path.isfile(spec):
         return spec
-    from temper.configs import shipped_names, shipped_path
-
     shipped = shipped_path(spec)
     if shipped is None:
         raise TemperError(f"config file not found: {spec} (shipped configs: {', '.join(shipped_names())})")
@@ -183,8 +183,6 @@ def _main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 and f"{stage} {argv[1]}" in COMMANDS:  # a sub-stage: `temper eval contamination`
         stage, argv = f"{stage} {argv[1]}", [f"{stage} {argv[1]}", *argv[2:]]
     if stage not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(stage, list(COMMANDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"temper: error: unknown stage '{stage}'{hint}; stages: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -78,13 +78,17 @@ mismatched rows for KTO's KL estimate, as TRL builds them).
 from __future__ import annotations
 
 import difflib
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from temper.data.chat import check_messages, render, render_kwargs
+from temper.data.readers import iter_records, json_type
 from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, fit_to_context, keep_end
 from temper.data.sft import Batch, SFTLoader, _ends_with_end_marker, _remap, missing_column
 from temper.errors import TemperError
@@ -162,8 +166,6 @@ class PreferenceStats:
 
 
 def _kind(value: Any) -> str:
-    from temper.data.readers import json_type
-
     return json_type(value)
 
 
@@ -179,8 +181,6 @@ def _messages(value: str | list, role: str) -> list[dict]:
 
 
 def _check(messages: list[dict], what: str, *, prompt: bool = False) -> None:
-    from temper.data.chat import check_messages
-
     try:
         check_messages(messages, what, prompt=prompt)
     except TemperError as e:
@@ -377,8 +377,6 @@ def row_to_unpaired(row: dict, source: str, columns: dict[str, str] | None = Non
 def _read(spec, convert, *, skip_bad_rows: bool, max_bad_row_fraction: float, limit: int,
           stats: PreferenceStats) -> list:
     """Every row of `spec` through `convert`; bad rows counted (or the first refused) by `stats.bad`'s rule."""
-    from temper.data.readers import iter_records
-
     bad = stats.bad.set_rule(skip_bad_rows, max_bad_row_fraction)
     before = Counter(bad.skipped)
     out: list = []
@@ -468,8 +466,6 @@ class PreferenceEncoder:
     """Token ids of a prompt and of its answers, as described in the module docstring."""
 
     def __init__(self, tokenizer, template: str | None, *, max_len: int, max_prompt_len: int = 0) -> None:
-        from temper.data.chat import render_kwargs
-
         if max_len < 1:
             raise TemperError(f"max_len must be >= 1, got {max_len}")
         if max_prompt_len < 0:
@@ -486,8 +482,6 @@ class PreferenceEncoder:
         """(prompt text, its tokens): the chat template's render for messages, the text itself for a string."""
         if isinstance(prompt, str):
             return prompt, self._encode(prompt)
-        from temper.data.chat import render
-
         if self.template is None:
             raise TemperError(f"{source}: conversational data needs a chat template, and the model has none: "
                               "pass template=chatml (or llama3, plain, a .jinja file)")
@@ -505,8 +499,6 @@ class PreferenceEncoder:
         if isinstance(answer, str):
             full_text, has_marker = prompt_text + answer, False
         else:
-            from temper.data.chat import render
-
             full_text = render(self.template, prompt + answer, add_generation_prompt=False, **self.render_kwargs)
             if not full_text.startswith(prompt_text):
                 at = _common_prefix_length(full_text, prompt_text)
@@ -622,10 +614,6 @@ def encode_unpaired(examples: Iterable[UnpairedExample], tokenizer, template: st
 def preference_fingerprint(encoded: list[EncodedPair] | list[EncodedUnpaired]) -> str:
     """A short hash of every pair's (or example's) prompt and answer ids and label: the data's identity
     for a run (template, truncation, prompt extraction and data all change it)."""
-    import hashlib
-
-    import numpy as np
-
     h = hashlib.sha256()
     for e in encoded:
         answers = (e.chosen_ids, e.rejected_ids) if isinstance(e, EncodedPair) else (e.completion_ids,)

@@ -30,14 +30,19 @@ so the reply stays). Counted in `EncodeStats`.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from temper.data.chat import assistant_spans, check_messages, end_of_turn_strings, render_kwargs
+from temper.data.readers import iter_records, json_type
 from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, fit_to_context, keep_end
+from temper.data.shards import convert_position
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
 from temper.masks import build_attention_mask
@@ -112,8 +117,6 @@ def _no_columns(row: dict, source: str) -> BadRow:
 
 
 def _string(row: dict, name: str, source: str, *, optional: bool = False) -> str:
-    from temper.data.readers import json_type
-
     value = row.get(name)
     if optional and value is None:
         return ""
@@ -126,8 +129,6 @@ def row_to_conversations(row: dict, source: str, columns: dict[str, str] | None 
     """One row -> conversations (self-instruct rows give one per instance); a bad row raises `BadRow`
     (a TemperError whose message starts with `source`), its `reason` one of missing_column, no_columns,
     bad_type, empty_text, no_instances, bad_messages."""
-    from temper.data.chat import check_messages
-
     if why := missing_column(row, columns):
         raise BadRow("missing_column", why, source)
     row = _remap(row, columns or {})
@@ -178,8 +179,6 @@ def read_conversations(spec, *, columns: dict[str, str] | None = None, skip_bad_
     """All conversations of the data files, and the bad rows skipped (`BadRows`: by reason, the first of
     each): warned about, refused above `max_bad_row_fraction` of the rows read; `skip_bad_rows=False`
     stops at the first."""
-    from temper.data.readers import iter_records
-
     bad = BadRows("SFT rows", skip_bad_rows, max_bad_row_fraction)
     conversations: list[Conversation] = []
     rows = 0
@@ -228,8 +227,6 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
                         max_len: int, stats: EncodeStats | None = None) -> Example | None:
     """Token ids and next-token targets for one conversation, cut to fit max_len as the module docstring
     says (None when nothing is left to train)."""
-    from temper.data.chat import assistant_spans, render_kwargs
-
     stats = stats if stats is not None else EncodeStats()
     ends_with_marker = False  # does the last reply already end with an end-of-turn marker?
     if conv.messages is None:  # plain text: every token is a target
@@ -273,8 +270,6 @@ def encode_conversation(conv: Conversation, tokenizer, template: str | None, *, 
 
 def _ends_with_end_marker(span_text: str, template: str, tokenizer) -> bool:
     """Whether a rendered reply ends (trailing whitespace aside) with EOS or the template's end of turn."""
-    from temper.data.chat import end_of_turn_strings
-
     markers = [m for m in (tokenizer.eos_token, *end_of_turn_strings(template)) if m]
     return any(span_text.rstrip().endswith(m) for m in markers)
 
@@ -354,10 +349,6 @@ def packed_batch(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batch:
 def examples_fingerprint(examples: list[Example]) -> str:
     """A short hash of every example's token ids and loss mask (template, masking, truncation and
     data all change it); hashed as int32 bytes, so it costs little even for large data sets."""
-    import hashlib
-
-    import numpy as np
-
     h = hashlib.sha256()
     for e in examples:
         h.update(np.asarray(e.inputs, dtype=np.int32).tobytes())
@@ -425,8 +416,6 @@ class SFTLoader:
                 "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        from temper.data.shards import convert_position
-
         self.epoch, self._batches = int(state["epoch"]), None
         self.position = convert_position(state, self.world_size, self.batch_size)
 

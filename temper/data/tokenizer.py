@@ -9,8 +9,10 @@ saves both so that `transformers.AutoTokenizer.from_pretrained(dir)` encodes the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,8 +61,6 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A short hash of the whole tokenizer (vocabulary, merges, special tokens): what a
         checkpoint records to refuse being resumed with another tokenizer."""
-        import hashlib
-
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
 
     @property
@@ -114,8 +114,6 @@ class Tokenizer:
         stands for no byte of the text: there the decoder's first-token form counts (decode([i]),
         or a byte-level piece without its leading "Ġ"). Otherwise the same lengths as mid-text.
         """
-        import re
-
         spec = json.loads(self.backend.to_str())
         byte_level = '"ByteLevel"' in json.dumps(spec.get("decoder"))
         byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))

@@ -88,7 +88,10 @@ def replicated_local(weight: torch.Tensor) -> torch.Tensor:
     """The output layer's weight as a plain tensor: a tensor-parallel model's is a Replicate()
     DTensor (every rank holds all of it), whose local copy is taken; its gradient flows back."""
     if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import (  # lazy: ~2 s to import, only tensor parallelism
+            DTensor,
+            Replicate,
+        )
 
         if isinstance(weight, DTensor):
             assert all(isinstance(p, Replicate) for p in weight.placements), \

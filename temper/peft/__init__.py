@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from temper.config import PeftConfig, to_dict
+from temper.config import PeftConfig, from_dict, to_dict
 from temper.errors import TemperError
+from temper.peft import adapters
+from temper.peft.io import load_adapter, save_adapter
+from temper.peft.lora import inject_lora, mark_trainable
+from temper.quant.nf4 import quantize_model
 
 LORA_FAMILY = ("lora", "dora", "qlora")
 TEMPER_PEFT_FILE = "temper_peft.json"
@@ -46,11 +51,7 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[
     _, base_total = count_parameters(model)
     base_ids = {id(p) for p in model.parameters()}
     if cfg.method in LORA_FAMILY:
-        from temper.peft.lora import inject_lora, mark_trainable
-
         if cfg.method == "qlora":
-            from temper.quant.nf4 import quantize_model
-
             info["quantized_linears"] = quantize_model(model, block_size=cfg.quant_block_size,
                                                        double_quant=cfg.double_quant)
         info["modules"] = inject_lora(model, cfg)
@@ -62,8 +63,6 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, tokenizer=None) -> dict[
                               "fused from the adapted weight: set peft.dropout=0 or take lm_head out of "
                               "peft.target_modules")
     else:
-        from temper.peft import adapters
-
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.method == "adapter":
@@ -102,12 +101,8 @@ def save_peft(model: torch.nn.Module, out_dir: str | Path, cfg: PeftConfig, *, b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.method in LORA_FAMILY:
-        from temper.peft.io import save_adapter
-
         save_adapter(model, out, cfg, base_model_name_or_path=str(base_model))
     else:
-        from safetensors.torch import save_file
-
         tensors = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
         tmp = out / "adapter_model.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -127,8 +122,6 @@ def save_peft(model: torch.nn.Module, out_dir: str | Path, cfg: PeftConfig, *, b
 
 def read_temper_peft(adapter_dir: str | Path) -> PeftConfig | None:
     """The PeftConfig temper trained with, if the adapter was written by temper."""
-    from temper.config import from_dict
-
     path = Path(adapter_dir) / TEMPER_PEFT_FILE
     if not path.is_file():
         return None
@@ -155,15 +148,9 @@ def load_peft(model: torch.nn.Module, adapter_dir: str | Path, *, tokenizer=None
     method = cfg.method if cfg else ("dora" if config.get("use_dora") else "lora")
     if method in LORA_FAMILY:
         if quantize if quantize is not None else method == "qlora":
-            from temper.quant.nf4 import quantize_model
-
             quantize_model(model, block_size=cfg.quant_block_size if cfg else 64,
                            double_quant=cfg.double_quant if cfg else True)
-        from temper.peft.io import load_adapter
-
         return load_adapter(model, adapter_dir, adapter_name=adapter_name)
-    from safetensors.torch import load_file
-
     apply_peft(model, cfg, tokenizer)
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     missing = [n for n in trainable_state_dict(model) if n not in weights]

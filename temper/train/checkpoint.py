@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from temper.errors import TemperError
@@ -76,8 +77,6 @@ def fsync_path(path: Path) -> None:
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     tensors = load_file(str(path), device=str(device))
@@ -291,8 +290,6 @@ CHECKPOINT_FILES = ("optimizer.safetensors", "rng.safetensors", "state.json")  #
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` is not a usable checkpoint (a missing, empty, truncated or unparsable file), or None."""
-    from safetensors import SafetensorError, safe_open
-
     distributed = is_distributed_checkpoint(path)
     if distributed:
         problem = _distributed_problem(path)
@@ -416,7 +413,7 @@ def _as_one_module(model: torch.nn.Module | dict[str, torch.nn.Module]) -> torch
 def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict, dict]:
     """(flat name -> tensor for DCP, the model state dict, the optimiser state dict), the names
     being the model's own (`model.<fqn>`, `optim.<fqn>.<state>`) whatever the wrapping."""
-    from torch.distributed.checkpoint.state_dict import (
+    from torch.distributed.checkpoint.state_dict import (  # lazy: ~2 s to import, distributed runs only
         get_model_state_dict,
         get_optimizer_state_dict,
     )
@@ -446,7 +443,7 @@ def save_distributed_checkpoint(root: str | Path, step: int, *, model: torch.nn.
                                 par: Any) -> Path:
     """Every rank writes its shards (and the tensors of its stateful parts); rank 0 writes the rest
     and renames the directory into place."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # lazy: ~2 s to import, distributed runs only
 
     modules = list(named_modules(model))
     model = _as_one_module(model)
@@ -498,8 +495,6 @@ def is_distributed_checkpoint(path: Path) -> bool:
 
 
 def _distributed_problem(path: Path) -> str | None:
-    from safetensors import SafetensorError, safe_open
-
     for name in ("state.json", "rng.safetensors"):
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -520,7 +515,7 @@ def load_distributed_checkpoint(path: Path, *, model: torch.nn.Module | dict[str
     """Restore a DCP checkpoint into this run's layout (any world size, any strategy, one process
     included); each rank's own state (tensors included) comes back as saved when the world size
     is the same, else rank 0's (data positions are global: the loaders convert them)."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # lazy: ~2 s to import, distributed runs only
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))

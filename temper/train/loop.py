@@ -59,6 +59,7 @@ optim, schedule, checkpoint and logging.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -68,10 +69,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from temper.config import to_dict
 from temper.errors import TemperError
 from temper.train import checkpoint as ckpt
 from temper.train import engine
+from temper.train.distributed import Parallel, ParallelConfig, export_model, unwrap
 from temper.train.optim import lr_at, set_lr
 from temper.train.rundir import RunDir
 
@@ -91,10 +95,6 @@ class TrainLoop:
                  device: torch.device, precision: str, *, state: dict[str, Any] | None = None,
                  evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None,
                  identity: dict[str, Any] | None = None, par: Any = None, global_batch: int | None = None) -> None:
-        from tqdm import tqdm
-
-        from temper.train.distributed import Parallel, ParallelConfig
-
         self.cfg, self.name, self.out, self.model, self.optimizer = cfg, name, Path(out), model, optimizer
         self.device, self.precision = device, precision
         # one process unless the recipe passes its Parallel; rank 0 alone writes files and logs
@@ -112,8 +112,6 @@ class TrainLoop:
         self.stateful = {k: v for k, v in {**(state or {}), "grad_scaler": self.scaler}.items() if v is not None}
         if global_batch is None and hasattr(cfg, "batch_size"):
             global_batch = cfg.batch_size * getattr(cfg, "grad_accum", 1)
-        from temper.train.distributed import unwrap
-
         # a pipeline stage's: the whole model's config
         described = getattr(unwrap(model), "decoder", unwrap(model)) if isinstance(model, torch.nn.Module) else \
             {k: unwrap(m) for k, m in model.items()}
@@ -330,8 +328,6 @@ class TrainLoop:
         return result
 
     def save_checkpoint(self, step: int) -> Path:
-        from temper.config import to_dict
-
         state = {k: obj.state_dict() for k, obj in self.stateful.items()}
         state = {**state, "run": self.identity, "config": to_dict(self.cfg)}
         if self.par.distributed:  # sharded tensors through torch.distributed.checkpoint; every rank's data position
@@ -377,8 +373,6 @@ class TrainLoop:
         """The trained model as one plain module for saving as a model directory (a dict of them
         for several named modules): the model itself in one process; in several, every rank takes
         part in gathering the full weights and rank 0 gets a plain copy (the others None)."""
-        from temper.train.distributed import export_model
-
         if isinstance(self.model, torch.nn.Module):
             return export_model(self.model, self.par)
         plain = {name: export_model(module, self.par) for name, module in self.model.items()}
@@ -388,8 +382,6 @@ class TrainLoop:
 def run_identity(cfg: Any, model: torch.nn.Module | dict[str, torch.nn.Module], extra: dict[str, Any]) -> dict[str, Any]:
     """The facts a checkpoint must share with the run that resumes it (JSON-able). Several named
     modules: each one's config under `model` as `NAME.key`."""
-    import dataclasses
-
     identity: dict[str, Any] = {k: getattr(cfg, k) for k in IDENTITY_KEYS if hasattr(cfg, k)}
     described: dict[str, Any] = {}
     for prefix, module in ([("", model)] if isinstance(model, torch.nn.Module) else
