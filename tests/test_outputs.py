@@ -182,7 +182,9 @@ def test_os_errors_are_one_line_without_leftovers(tmp_path, capsys, monkeypatch)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, text)
 
-    monkeypatch.setattr(io, "atomic_write_text", full_disk)
+    from temper.train import rundir
+
+    monkeypatch.setattr(rundir, "atomic_write_text", full_disk)  # where config.yaml is written
     args = ["pretrain", "model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", f"data={corpus}",
             "max_steps=1", "samples=0", "peak_flops=1e9", "logging.progress=false", f"output_dir={out}"]
     code = main(args)
