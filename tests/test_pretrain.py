@@ -8,6 +8,7 @@ from conftest import (
     SAMPLE_TEXT,
     adamw_drift,
     approx_reordered,
+    assert_reorder_close,
     assert_weights_close,
     decoder_lengths,
 )
@@ -58,7 +59,7 @@ def test_pretrain_learns_and_writes_a_model_directory(tmp_path, corpus):
     ours = load_model(out).eval()
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-5, rtol=0)
+        assert_reorder_close(hf(x).logits, ours(x), decoder_lengths(ours, x.shape[1]))  # transformers' kernels
 
 
 def test_interrupted_and_resumed_run_logs_identical_losses(tmp_path, corpus, monkeypatch):
