@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_reorder_close, decoder_lengths
 
 from temper.errors import TemperError
 from temper.losses import causal_lm_loss
@@ -54,7 +55,7 @@ def assert_ragged_cache_matches(model):
     for t in (W - 2, W - 1):
         parts.append(model(ids[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache,
                            mask=valid[:, None, None, :t + 1]))
-    torch.testing.assert_close(torch.cat(parts, 1)[valid], full[valid], atol=1e-5, rtol=1e-4)
+    assert_reorder_close(torch.cat(parts, 1)[valid], full[valid], decoder_lengths(model, W))
 
 
 def norms(block):
@@ -133,7 +134,7 @@ def test_adapters_identity_at_init_then_match_reference(name):
 
     ref = reference_decoder(model, ids, positions, attention,
                             lambda m, h: adapted(m, type(m).forward(m, h)))
-    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-4)
+    assert_reorder_close(after, ref, decoder_lengths(model, ids.shape[1]) + (c.hidden_size, dim))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -201,14 +202,13 @@ def test_prefix_matches_reference_attention(name, projection):
     with torch.no_grad():
         out = model(ids, positions=positions, mask=mask)
         assert not torch.allclose(out, base, atol=1e-3)
-        torch.testing.assert_close(out, prefix_reference(model, encoder, ids, positions, mask),
-                                   atol=1e-5, rtol=1e-4)
+        assert_reorder_close(out, prefix_reference(model, encoder, ids, positions, mask),
+                             decoder_lengths(model, P + ids.shape[1]))
         plain = torch.randint(1, 64, (2, 9))  # no mask: the causal default
         T = plain.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
-        torch.testing.assert_close(model(plain), prefix_reference(model, encoder, plain,
-                                                                  torch.arange(T)[None], causal),
-                                   atol=1e-5, rtol=1e-4)
+        assert_reorder_close(model(plain), prefix_reference(model, encoder, plain, torch.arange(T)[None], causal),
+                             decoder_lengths(model, P + T))
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -223,7 +223,7 @@ def test_prefix_cache_and_generation(name, projection):
         first = model(ids[:, :5], cache=cache)
         second = model(ids[:, 5:], cache=cache)
     assert cache.length == 12  # the prefix is never cached
-    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-4)
+    assert_reorder_close(torch.cat([first, second], 1), full, decoder_lengths(model, 4 + 12))
     assert_ragged_cache_matches(model)
     cfg = SamplingConfig(max_new_tokens=10)
     cached = generate(model, PROMPTS, cfg)
@@ -259,7 +259,7 @@ def test_prefix_survives_deepcopy():
     twin = copy.deepcopy(model)
     ids = torch.randint(1, 64, (1, 6))
     with torch.no_grad():
-        torch.testing.assert_close(twin(ids), model(ids))
+        torch.testing.assert_close(twin(ids), model(ids), rtol=0, atol=0)  # the same code and shapes
         twin.prefix_encoder.embedding.weight.mul_(3.0)  # the copy uses its own prefix
         assert not torch.allclose(twin(ids), model(ids), atol=1e-3)
 
@@ -279,13 +279,13 @@ def test_prompt_from_init_ids_equals_base_on_longer_input(name):
         encoder = inject_prompt_tuning(model, P, init_ids=init)
         assert sum(p.numel() for p in encoder.parameters()) == P * model.config.hidden_size
         assert "prompt_encoder.embedding.weight" in model.state_dict()
-        torch.testing.assert_close(model(torch.tensor([PROMPTS[0]])), base_rows[0][None], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(model(torch.tensor([PROMPTS[0]]), return_hidden=True), base_hidden,
-                                   atol=1e-5, rtol=1e-4)
+        forward = decoder_lengths(model, P + max(map(len, PROMPTS)))  # the same positions, another order
+        assert_reorder_close(model(torch.tensor([PROMPTS[0]])), base_rows[0][None], forward)
+        assert_reorder_close(model(torch.tensor([PROMPTS[0]]), return_hidden=True), base_hidden, forward)
         out = model(ids, positions=positions, mask=mask)  # left padding, generation-style mask
         assert out.shape == (len(PROMPTS), ids.shape[1], 64)
         for row, ref in enumerate(base_rows):
-            torch.testing.assert_close(out[row, -len(PROMPTS[row]):], ref, atol=1e-5, rtol=1e-4)
+            assert_reorder_close(out[row, -len(PROMPTS[row]):], ref, forward)
         last = model(ids, positions=positions, mask=mask, return_hidden=True, last_only=True)
         assert last.shape == (len(PROMPTS), 1, model.config.hidden_size)
 
@@ -295,7 +295,7 @@ def test_prompt_init_ids_repeat_and_random_init(name):
     model = tiny(name)
     embed = model.input_embeddings
     enc = inject_prompt_tuning(model, 5, init_ids=[7, 3])
-    torch.testing.assert_close(enc.embedding.weight, embed.weight[[7, 3, 7, 3, 7]])
+    torch.testing.assert_close(enc.embedding.weight, embed.weight[[7, 3, 7, 3, 7]], rtol=0, atol=0)  # copied
     other = tiny(name)
     rand = inject_prompt_tuning(other, 400)
     assert abs(rand.embedding.weight.std().item() - 0.02) < 0.002
@@ -321,7 +321,7 @@ def test_prompt_generation_cached_uncached_and_equal_to_base(name):
         cache = model.new_cache(2, 10)
         parts = [model(ids[:, :4], cache=cache), model(ids[:, 4:], cache=cache)]
         assert cache.length == 10 + 3
-        torch.testing.assert_close(torch.cat(parts, 1), model(ids), atol=1e-5, rtol=1e-4)
+        assert_reorder_close(torch.cat(parts, 1), model(ids), decoder_lengths(model, 3 + 10))
     assert_ragged_cache_matches(model)
 
 
@@ -356,7 +356,7 @@ def test_prompt_survives_deepcopy():
     twin = copy.deepcopy(model)
     ids = torch.randint(1, 64, (1, 6))
     with torch.no_grad():
-        torch.testing.assert_close(twin(ids), model(ids))
+        torch.testing.assert_close(twin(ids), model(ids), rtol=0, atol=0)  # the same code and shapes
         twin.prompt_encoder.embedding.weight.mul_(3.0)  # the copy's hooks use the copy's prompt
         assert not torch.allclose(twin(ids), model(ids), atol=1e-3)
         assert twin.new_cache(1, 6).max_len == 6 + 3

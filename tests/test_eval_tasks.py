@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import approx_reordered, assert_reorder_close, decoder_lengths
 
 from temper.configs import shipped_dir
 from temper.errors import TemperError
@@ -57,8 +58,14 @@ def bigram(tiny_tokenizer):
             layer.mlp.down_proj.weight.zero_()
         table = torch.log_softmax(m(torch.arange(tiny_tokenizer.vocab_size)[:, None])[:, 0].float(), -1)  # (V, V)
         seq = torch.randint(0, tiny_tokenizer.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
-        assert torch.allclose(torch.log_softmax(m(seq)[0].float(), -1), table[seq[0]], atol=1e-5)
+        # a row of 20 vs 300 rows of 1: the final norm, the head and the log-softmax in another order
+        assert_reorder_close(torch.log_softmax(m(seq)[0].float(), -1), table[seq[0]], bigram_lengths(m))
     return m, table
+
+
+def bigram_lengths(m) -> tuple[int, ...]:
+    """The bigram model's reductions: the final norm, the output layer, the log-softmax."""
+    return (m.config.hidden_size, m.config.hidden_size, m.config.vocab_size)
 
 
 def bigram_score(tokenizer, table: torch.Tensor, context: str, choice: str) -> float:
@@ -82,15 +89,18 @@ def test_cached_batch_equals_scoring_from_scratch(tiny_tokenizer, family):
     cached = score_choices(m, tiny_tokenizer, context, choices)
     naive = score_choices(m, tiny_tokenizer, context, choices, use_cache=False)
     assert [n for _, n in cached] == [n for _, n in naive] == [len(c) for c in choices]  # characters
+    # cached and uncached, batched and alone: the same sums in another order, over the choice's tokens
+    ctx, longest = tiny_tokenizer.encode(context), max(len(tiny_tokenizer.encode(c)) for c in choices)
+    lengths = decoder_lengths(m, len(ctx) + longest) + (longest,)
     for (a, _), (b, _) in zip(cached, naive):
         assert math.isfinite(a) and a < 0
-        assert a == pytest.approx(b, abs=1e-4)
+        assert a == approx_reordered(b, lengths)
     # by hand: the sum of the choice's token log-probabilities after the context tokens
     ctx, cont = tiny_tokenizer.encode(context), tiny_tokenizer.encode(choices[1])
     with torch.no_grad():
         logp = torch.log_softmax(m(torch.tensor([ctx + cont]))[0].float(), -1)
     manual = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
-    assert cached[1][0] == pytest.approx(manual, abs=1e-4)
+    assert cached[1][0] == approx_reordered(manual, lengths)
 
 
 def test_acc_and_acc_norm(model, tiny_tokenizer, monkeypatch):
@@ -115,7 +125,7 @@ def test_acc_norm_divides_by_characters_not_bytes(bigram, tiny_tokenizer):
     for use_cache in (True, False):
         scores = score_choices(m, tiny_tokenizer, context, choices, use_cache=use_cache)
         assert [n for _, n in scores] == [8, 2]
-        assert [s for s, _ in scores] == pytest.approx(sums, abs=1e-3)
+        assert [s for s, _ in scores] == approx_reordered(sums, bigram_lengths(m) + (8,))  # 8 tokens at most
         out = evaluate_multiple_choice(m, tiny_tokenizer, [{"context": context, "choices": choices, "gold": 0}],
                                        use_cache=use_cache)
         assert out["acc"] == 0.0 and out["acc_norm"] == 1.0

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_reorder_close, decoder_lengths
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,6 +20,12 @@ from temper.models import build_model, preset
 
 B, T, C, V = 3, 7, 16, 50  # N = 21 tokens: chunk sizes 5 and 8 do not divide it
 ALL_GRADS = [(True, True), (True, False), (False, True), (False, False)]
+# Chunked vs whole, fused vs F.cross_entropy: the same sums in another order (conftest.reorder_tol).
+# A token's log-prob: hidden @ W^T over C, a logsumexp over V; its gradients sum over the V classes
+# (hidden) or the N tokens (weight); a loss sums over the tokens.
+TOKEN = (C, V)
+LOSS = TOKEN + (B * T,)
+GRAD = {"hidden": (V,), "weight": (B * T,)}
 
 
 def _inputs(hidden_grad: bool = True, weight_grad: bool = True, seed: int = 0):
@@ -68,7 +75,7 @@ def test_fused_cross_entropy_each_requires_grad_combination(hidden_grad, weight_
     expected = F.cross_entropy((hidden @ weight.t()).reshape(-1, V), targets.reshape(-1), reduction="sum",
                                ignore_index=IGNORE_INDEX)
     got = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert_reorder_close(got, expected, LOSS)
     assert got.requires_grad == (hidden_grad or weight_grad)
     if not got.requires_grad:
         return
@@ -76,11 +83,11 @@ def test_fused_cross_entropy_each_requires_grad_combination(hidden_grad, weight_
     want_h, want_w = _grads(hidden, weight)
     (got * 0.7).backward()
     got_h, got_w = _grads(hidden, weight)
-    for g, want in ((got_h, want_h), (got_w, want_w)):
+    for g, want, name in ((got_h, want_h, "hidden"), (got_w, want_w, "weight")):
         if want is None:
             assert g is None
         else:
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+            assert_reorder_close(g, want, LOSS + GRAD[name])
     if hidden_grad:
         assert (got_h[0, :4] == 0).all()  # ignored targets pass no gradient
 
@@ -92,7 +99,7 @@ def test_fused_cross_entropy_under_no_grad_is_the_loss_alone():
     with torch.no_grad():
         got = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=8)
     assert got.grad_fn is None and not got.requires_grad
-    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-4)
+    assert_reorder_close(got, expected.detach(), LOSS)
 
 
 @pytest.mark.parametrize("hidden_grad,weight_grad,grad_mode,matmuls", [
@@ -136,11 +143,11 @@ def test_token_logprobs_match_log_softmax_gather_with_gradients(chunk, temperatu
     got = token_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk)
     assert got.shape == (B, T) and got.dtype == torch.float32
     assert (got[targets == IGNORE_INDEX] == 0).all()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_reorder_close(got, expected, TOKEN)
     (got * upstream).sum().backward()
     got_h, got_w = _grads(hidden, weight)
-    torch.testing.assert_close(got_h, want_h, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5)
+    assert_reorder_close(got_h, want_h, TOKEN + GRAD["hidden"])
+    assert_reorder_close(got_w, want_w, TOKEN + GRAD["weight"])
     assert (got_h[0, :4] == 0).all()  # ignored targets pass no gradient
 
 
@@ -155,16 +162,16 @@ def test_sequence_logprobs_per_sequence_sums_and_gradients(hidden_grad, weight_g
     want_h, want_w = _grads(hidden, weight)
     sums, counts = sequence_logprobs(hidden, weight, targets, chunk_size=5)
     assert counts.tolist() == [3, 7, 6]
-    torch.testing.assert_close(sums, naive.sum(-1), rtol=1e-5, atol=1e-4)
+    assert_reorder_close(sums, naive.sum(-1), TOKEN + (T,))
     assert sums.requires_grad == (hidden_grad or weight_grad)
     if sums.requires_grad:
         (sums * per_sequence).sum().backward()
     got_h, got_w = _grads(hidden, weight)
-    for g, want in ((got_h, want_h), (got_w, want_w)):
+    for g, want, name in ((got_h, want_h, "hidden"), (got_w, want_w, "weight")):
         if want is None:
             assert g is None
         else:
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+            assert_reorder_close(g, want, TOKEN + (T,) + GRAD[name])
 
 
 @pytest.mark.parametrize("hidden_grad,weight_grad,grad_mode,matmuls", [
@@ -251,11 +258,12 @@ def test_causal_lm_logprobs_agree_with_model_logits_and_the_loss():
     got = causal_lm_token_logprobs(model, ids, targets, chunk_size=7)
     expected = model(ids).float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     expected = expected.masked_fill(targets == IGNORE_INDEX, 0.0)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    forward = decoder_lengths(model, 10)  # the model's logits, then log-softmax: another order
+    assert_reorder_close(got, expected, forward)
     sums, counts = causal_lm_sequence_logprobs(model, ids, targets, chunk_size=7)
     assert counts.tolist() == [10, 4]
     loss_sum, n = causal_lm_loss(model, ids, targets)
-    torch.testing.assert_close(-sums.sum(), loss_sum, rtol=1e-5, atol=1e-4)
+    assert_reorder_close(-sums.sum(), loss_sum, forward + (ids.numel(),))
     assert int(n) == int(counts.sum())
     sums.sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0

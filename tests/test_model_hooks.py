@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_reorder_close, decoder_lengths
 from test_adapters import FAMILIES, qkv, ragged_batch, reference_decoder, softmax_attention, tiny
 
 from temper.errors import TemperError
@@ -93,18 +94,18 @@ def test_prefix_kv_matches_hand_attention(name):
             prefix = random_prefix(model, 3, batch)
             out = model(ids, positions=positions, mask=mask, prefix_kv=prefix)
             assert not torch.allclose(out, base, atol=1e-3)
-            torch.testing.assert_close(out, prefix_kv_reference(model, prefix, ids, positions, mask),
-                                       atol=1e-5, rtol=1e-4)
+            assert_reorder_close(out, prefix_kv_reference(model, prefix, ids, positions, mask),
+                                 decoder_lengths(model, 3 + ids.shape[1]))
         plain = torch.randint(1, 64, (2, 7))  # no mask given: the causal default
         T = plain.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
         prefix = random_prefix(model, 2)
-        torch.testing.assert_close(model(plain, prefix_kv=prefix),
-                                   prefix_kv_reference(model, prefix, plain, torch.arange(T)[None], causal),
-                                   atol=1e-5, rtol=1e-4)
+        assert_reorder_close(model(plain, prefix_kv=prefix),
+                             prefix_kv_reference(model, prefix, plain, torch.arange(T)[None], causal),
+                             decoder_lengths(model, 2 + T))
         # a zero-length prefix changes nothing
-        torch.testing.assert_close(model(ids, positions=positions, mask=mask, prefix_kv=random_prefix(model, 0)),
-                                   base, atol=1e-5, rtol=1e-4)
+        assert_reorder_close(model(ids, positions=positions, mask=mask, prefix_kv=random_prefix(model, 0)),
+                             base, decoder_lengths(model, ids.shape[1]))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -118,7 +119,7 @@ def test_prefix_kv_is_not_cached(name):
         parts = [model(ids[:, :5], prefix_kv=prefix, cache=cache)]
         parts += [model(ids[:, t:t + 1], prefix_kv=prefix, cache=cache) for t in range(5, 9)]
     assert cache.length == 9  # only the real tokens took cache slots
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+    assert_reorder_close(torch.cat(parts, 1), full, decoder_lengths(model, 4 + 9))
 
 
 def test_extra_cache_slots_reserve_room():

@@ -3,7 +3,15 @@
 import json
 
 import pytest
-from conftest import SAMPLE_TEXT
+from conftest import (
+    ADAMW_EPS,
+    SAMPLE_TEXT,
+    adamw_drift,
+    approx_reordered,
+    assert_reorder_close,
+    assert_weights_close,
+    decoder_lengths,
+)
 
 from temper.cli import main
 from temper.config import load_config
@@ -51,7 +59,7 @@ def test_pretrain_learns_and_writes_a_model_directory(tmp_path, corpus):
     ours = load_model(out).eval()
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-5, rtol=0)
+        assert_reorder_close(hf(x).logits, ours(x), decoder_lengths(ours, x.shape[1]))  # transformers' kernels
 
 
 def test_interrupted_and_resumed_run_logs_identical_losses(tmp_path, corpus, monkeypatch):
@@ -83,24 +91,31 @@ def test_interrupted_and_resumed_run_logs_identical_losses(tmp_path, corpus, mon
 
 
 def test_grad_accum_equals_bigger_batch(tmp_path, corpus):
-    """4 x 2 accumulated micro-batches train exactly like batches of 8 (same windows, same order)."""
-    import torch
+    """4 x 2 accumulated micro-batches train like batches of 8 (same windows, same order): the same
+    maths summed in another order, so the losses, gradient norms and weights agree step after step
+    within the reordering bounds of conftest (AdamW with ADAMW_EPS, so the weights can agree)."""
     from safetensors.torch import load_file
 
-    common = ["max_steps=3", "logging.every=1", "eval_fraction=0.2", "samples=0"]
+    from temper.models import preset
+
+    common = ["max_steps=3", "logging.every=1", "eval_fraction=0.2", "samples=0", f"optim.eps={ADAMW_EPS}"]
     run(tmp_path, corpus, *common, "batch_size=4", "grad_accum=2", out="accum")
     run(tmp_path, corpus, *common, "batch_size=8", "grad_accum=1", out="big")
     accum, big = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("accum", "big"))
     assert [r["step"] for r in accum] == [r["step"] for r in big] == [1, 2, 3]
-    for a, b in zip(accum, big):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    assert accum[-1]["val_loss"] == pytest.approx(big[-1]["val_loss"], rel=1e-5)
+    config, tokens = preset("llama-tiny", vocab_size=300), 8 * 32
+    forward, step = decoder_lengths(config, 32), decoder_lengths(config, 32, tokens=tokens)
+    params = sum(t.numel() for t in load_file(tmp_path / "big" / "model.safetensors").values())
+    for t, (a, b) in enumerate(zip(accum, big)):  # after t steps that differed only in rounding
+        assert a["lr"] == b["lr"]
+        assert a["loss"] == approx_reordered(b["loss"], step * t + forward + (tokens,))
+        assert a["grad_norm"] == approx_reordered(b["grad_norm"], step * (t + 1) + (params,))
+    assert accum[-1]["val_loss"] == approx_reordered(big[-1]["val_loss"], step * 3 + forward + (tokens,))
+    drift = adamw_drift([r["lr"] for r in big], [r["grad_norm"] for r in big], step)
     wa, wb = (load_file(tmp_path / d / "model.safetensors") for d in ("accum", "big"))
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+    assert_weights_close(wa, wb, drift, steps=3)
     # and the weights did move: a step that did nothing would also "match"
-    assert any(r["grad_norm"] > 0 for r in accum) and accum[0]["loss"] != accum[-1]["loss"]
+    assert any(r["grad_norm"] > 0 for r in accum) and accum[0]["loss"] - accum[-1]["loss"] > 0.1
 
 
 def test_bad_input(tmp_path, corpus, capsys):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import approx_reordered, assert_reorder_close, decoder_lengths
 
 from temper.cli import main
 from temper.errors import TemperError
@@ -74,8 +75,9 @@ def test_rewards_match_transformers_on_a_right_padded_batch(tmp_path, kind):
         # whatever the padding value: each row is read within its length
         from_mask = rm(ids.masked_fill(~mask, 0), attention_mask=mask)
     assert expected.abs().max() > 0.1  # rewards big enough for the comparison to mean something
-    torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(from_mask, expected, rtol=0, atol=1e-5)
+    forward = decoder_lengths(rm, ids.shape[1])  # transformers' kernels: the same sums in another order
+    assert_reorder_close(rewards, expected, forward)
+    assert_reorder_close(from_mask, expected, forward)
     with pytest.raises(TemperError, match="attention_mask row 1 is not right-padded"):
         rm(ids, attention_mask=torch.tensor([[1] * 9, [0] + [1] * 8, [1] * 9, [1] * 9]))
 
@@ -88,7 +90,7 @@ def test_without_a_pad_id_the_last_token_of_each_row_is_read(tmp_path):
     with torch.no_grad():
         rewards = rm(ids, lengths)
         one_by_one = torch.cat([hf(input_ids=ids[i:i + 1, :n]).logits[:, 0] for i, n in enumerate(lengths)])
-    torch.testing.assert_close(rewards, one_by_one, rtol=0, atol=1e-5)
+    assert_reorder_close(rewards, one_by_one, decoder_lengths(rm, ids.shape[1]))
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -106,8 +108,8 @@ def test_save_round_trip_through_transformers(tmp_path, tiny_tokenizer, kind):
     mask = torch.arange(9)[None, :] < lengths[:, None]
     with torch.no_grad():
         expected = rm(ids, lengths)
-        torch.testing.assert_close(loaded.eval()(input_ids=ids, attention_mask=mask.long()).logits.squeeze(-1),
-                                   expected, rtol=0, atol=1e-5)
+        assert_reorder_close(loaded.eval()(input_ids=ids, attention_mask=mask.long()).logits.squeeze(-1),
+                             expected, decoder_lengths(rm, ids.shape[1]))
         torch.testing.assert_close(load_reward_model(tmp_path / "out")(ids, lengths), expected, rtol=0, atol=0)
     # a fresh model (what a reward-model trainer starts from) saved with a tokenizer: its pad id is written
     from temper.models import preset
@@ -121,8 +123,9 @@ def test_save_round_trip_through_transformers(tmp_path, tiny_tokenizer, kind):
     ids = ids.masked_fill(~mask, tiny_tokenizer.pad_id)  # padded as transformers now expects
     with torch.no_grad():
         expected = again(input_ids=ids, attention_mask=mask.long()).logits.squeeze(-1)
-        torch.testing.assert_close(load_reward_model(tmp_path / "fresh")(ids, lengths), expected, rtol=0, atol=1e-5)
-        torch.testing.assert_close(fresh(ids, lengths), expected, rtol=0, atol=1e-5)
+        forward = decoder_lengths(fresh, ids.shape[1])
+        assert_reorder_close(load_reward_model(tmp_path / "fresh")(ids, lengths), expected, forward)
+        assert_reorder_close(fresh(ids, lengths), expected, forward)
 
 
 def test_what_is_not_a_one_label_reward_model_is_refused_in_one_line(tmp_path, hf_model_dir):
@@ -170,6 +173,12 @@ def flat(scores: list[list[float | None]]) -> list[float | None]:
     return [s for ss in scores for s in ss]
 
 
+def judge_lengths(judge: RewardJudge, prompts=PROMPTS, responses=RESPONSES) -> tuple[int, ...]:
+    """A padded batch vs each sequence alone: the reward model's sums in another order."""
+    longest = max(len(judge.encode(p, r)) for p, rs in zip(prompts, responses) for r in rs)
+    return decoder_lengths(judge.model, longest)
+
+
 def direct_rewards(judge: RewardJudge) -> list[list[float]]:
     """Each sequence alone (no padding) through the model: what the batched judge must give."""
     with torch.no_grad():
@@ -185,14 +194,15 @@ def test_reward_judge_scores_are_the_models_rewards_with_its_chat_template(rm_di
     judge.batch_size = 2  # sequences of different lengths share a padded batch
     scores = judge.rank(PROMPTS, RESPONSES)
     expected = direct_rewards(judge)
-    assert flat(scores) == pytest.approx(flat(expected), abs=1e-5) and judge.stats.judged == 6
-    assert scores[1][0] == pytest.approx(scores[1][2], abs=1e-5) and len({round(s, 4) for s in scores[0]}) == 3
+    assert flat(scores) == approx_reordered(flat(expected), judge_lengths(judge)) and judge.stats.judged == 6
+    assert scores[1][0] == scores[1][2]  # "7" twice: one sequence, scored once, whatever its rows and batches
+    assert len({round(s, 4) for s in scores[0]}) == 3
     # the text: the whole conversation in the reward model's template, ending with its end-of-turn marker
     text = render(tiny_tokenizer.chat_template, [*PROMPTS[1].messages, {"role": "assistant", "content": "7"}])
     assert judge.encode(PROMPTS[1], "7") == tiny_tokenizer.encode(text) and text.endswith("<|im_end|>\n")
     with torch.no_grad():  # the scores follow the head: flipped, they rank the other way round
         judge.model.score.weight.neg_()
-    assert flat(judge.rank(PROMPTS, RESPONSES)) == pytest.approx([-s for s in flat(scores)], abs=1e-5)
+    assert flat(judge.rank(PROMPTS, RESPONSES)) == approx_reordered([-s for s in flat(scores)], judge_lengths(judge))
 
 
 def test_reward_judge_without_a_template_reads_question_newline_response_eos(tmp_path, rm_dir, tiny_tokenizer):
@@ -207,7 +217,7 @@ def test_reward_judge_without_a_template_reads_question_newline_response_eos(tmp
     judge = make_judge(f"reward:{tmp_path}")
     assert judge.template is None
     assert judge.encode(PROMPTS[1], "7") == tiny_tokenizer.encode("What is 3 and 4?\n7") + [tiny_tokenizer.eos_id]
-    assert flat(judge.rank(PROMPTS, RESPONSES)) == pytest.approx(flat(direct_rewards(judge)), abs=1e-5)
+    assert flat(judge.rank(PROMPTS, RESPONSES)) == approx_reordered(flat(direct_rewards(judge)), judge_lengths(judge))
 
 
 def test_non_finite_rewards_take_the_bad_judgement_path(rm_dir):
@@ -245,7 +255,8 @@ def test_online_dpo_round_with_a_reward_judge(tmp_path, tiny_model_dir, rm_dir):
     judge = make_judge(f"reward:{rm_dir}")  # the scores written are the reward model's
     prompt_rows = [Prompt.from_text(s["question"]) for s in samples]
     rescored = judge.rank(prompt_rows, [s["responses"] for s in samples])
-    assert flat([s["scores"] for s in samples]) == pytest.approx(flat(rescored), abs=1e-5)
+    lengths = judge_lengths(judge, prompt_rows, [s["responses"] for s in samples])
+    assert flat([s["scores"] for s in samples]) == approx_reordered(flat(rescored), lengths)
     assert report["judge_score_before"] is not None and report["judge_score_after"] is not None
 
 

@@ -324,32 +324,36 @@ class RewardJudge(Judge):
                 encoded[i, j] = self.encode(prompts[i], responses[i][j])
             except Exception as e:  # a template that fails on this prompt: that sample is judged bad
                 failed[i, j] = f"{type(e).__name__}: {e}"
-        rewards: dict[tuple[int, int], float] = {}
-        order = sorted(encoded, key=lambda key: len(encoded[key]))  # similar lengths share a batch: less padding
+        # each distinct sequence scored once: the same text gets the same reward (a tie against
+        # itself), not one that depends on its row and batch, whose sums another CPU orders otherwise
+        rewards: dict[tuple[int, ...], float] = {}
+        errors: dict[tuple[int, ...], str] = {}
+        order = sorted({tuple(ids) for ids in encoded.values()}, key=len)  # similar lengths share a batch
         device = next(self.model.parameters()).device
         pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.model.eval()
         for start in range(0, len(order), self.batch_size):
-            keys = order[start:start + self.batch_size]
-            lengths = [len(encoded[k]) for k in keys]
-            ids = torch.full((len(keys), max(lengths)), pad, dtype=torch.long)
-            for row, k in enumerate(keys):
-                ids[row, :lengths[row]] = torch.tensor(encoded[k])
+            seqs = order[start:start + self.batch_size]
+            lengths = [len(seq) for seq in seqs]
+            ids = torch.full((len(seqs), max(lengths)), pad, dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, :lengths[row]] = torch.tensor(seq)
             try:
                 with torch.no_grad():
                     values = self.model(ids.to(device), torch.tensor(lengths, device=device)).float().tolist()
             except TemperError:
                 raise
             except Exception as e:  # e.g. out of memory: this batch's samples are judged bad
-                failed.update({k: f"{type(e).__name__}: {e}" for k in keys})
+                errors.update({seq: f"{type(e).__name__}: {e}" for seq in seqs})
                 continue
-            rewards.update(zip(keys, values))
+            rewards.update(zip(seqs, values))
+        failed.update({key: errors[tuple(ids)] for key, ids in encoded.items() if tuple(ids) in errors})
         out: list[list[float | None]] = [[None] * len(rs) for rs in responses]
         for i, j in items:
             if (i, j) in failed:
                 out[i][j] = self.bad(prompts[i], j, "exception", failed[i, j])
             else:
-                out[i][j] = self._checked(prompts[i], j, lambda value=rewards[i, j]: value)
+                out[i][j] = self._checked(prompts[i], j, lambda value=rewards[tuple(encoded[i, j])]: value)
         if self.truncated > truncated_before:
             warnings.warn(f"judge {self.name}: {self.truncated - truncated_before} of {len(items)} sequences are "
                           f"longer than the reward model's {self.model.config.max_seq_len} positions and kept their "
