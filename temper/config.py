@@ -314,21 +314,13 @@ RENAMED_KEYS = {"val_data": "eval_data", "val_fraction": "eval_fraction", "max_s
                 "general_eval_batches": "eval_batches"}
 
 
-# Keys of `temper dpo` that moved to the iterative-DPO workflow's own command: old -> its name there.
-MOVED_TO_ONLINE_DPO = {"rounds": "rounds", "judge": "judge", "constitution": "constitution",
-                       "online_prompts": "prompts", "prompts_per_round": "prompts_per_round",
-                       "samples_per_prompt": "samples_per_prompt", "monitor_judge": "monitor_judge",
-                       "skip_bad_judgements": "skip_bad_judgements", "temperature": "temperature", "top_p": "top_p",
-                       "max_new_tokens": "max_new_tokens"}
-
-
 def _unknown_key(root: type, key: str, source: str) -> str:
     new = RENAMED_KEYS.get(key)
     if new is not None and new in {f.name for f in fields(root)}:
         return f"{source}: key '{key}' is now called '{new}' (one name in every recipe)"
-    if key in MOVED_TO_ONLINE_DPO and "beta" in {f.name for f in fields(root)}:
-        return (f"{source}: key '{key}' belongs to iterative DPO, which is its own command now: temper online-dpo "
-                f"{MOVED_TO_ONLINE_DPO[key]}=... (and dpo.KEY=... for each round's DPO settings)")
+    moved = getattr(root, "moved_keys", {})  # a config's own record of keys that left it: key -> where they went
+    if key in moved:
+        return f"{source}: key '{key}' {moved[key]}"
     candidates = _all_keys(root)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # try the last part alone: `lrr` -> `optim.lr`

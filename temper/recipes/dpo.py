@@ -29,7 +29,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -67,6 +67,14 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
                            schedule=dict(warmup_ratio=0.1), logging=dict(every=10, eval_every=50, eval_at_start=True),
                            peft={}, columns={}, skip_bad_rows=True, max_bad_row_fraction=0.1, template=None,
                            general_data=[])):
+    # the keys iterative DPO had here, now settings of its own command: where each went
+    moved_keys: ClassVar[dict[str, str]] = {
+        old: f"belongs to iterative DPO, which is its own command now: temper online-dpo {new}=... (and dpo.KEY=... "
+             "for each round's DPO settings)"
+        for old, new in {"rounds": "rounds", "judge": "judge", "constitution": "constitution", "online_prompts": "prompts",
+                         "prompts_per_round": "prompts_per_round", "samples_per_prompt": "samples_per_prompt",
+                         "monitor_judge": "monitor_judge", "skip_bad_judgements": "skip_bad_judgements",
+                         "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens"}.items()}
     ref_model: str | None = opt(None, "the reference model directory (default: model)")
     reference: Literal["auto", "copy", "adapter", "precomputed"] = opt(
         "auto", "the frozen reference: a copy, the adapter disabled, or log-probs computed once "
