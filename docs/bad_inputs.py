@@ -131,10 +131,13 @@ def setup(work: Path) -> None:
     newest.write_bytes(newest.read_bytes()[:100])
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
+    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs):
+        extra(work)
 
 
 # (input, command args, expected: "error" = exit 2 and one line, "ok" = exit 0)
-CASES: list[tuple[str, list[str], str]] = [
+# The cases come in sections, one per class of mistake; `--section NAME` runs one.
+FIRST_ROUND: list[tuple[str, list[str], str]] = [
     ("a misspelt key", ["pretrain", "optim.lrr=1e-3"], "error"),
     ("a renamed key", ["pretrain", "val_data=corpus.txt"], "error"),
     ("a value of the wrong type", ["pretrain", "max_steps=ten"], "error"),
@@ -240,6 +243,58 @@ CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+# ----------------------------------------------------------------------------- writes
+# Every file or directory a command writes is claimed: never a device, an input, a model it did not make.
+
+
+def setup_writes(work: Path) -> None:
+    pass
+
+
+WRITES: list[tuple[str, list[str], str]] = [
+]
+
+
+# ----------------------------------------------------------------------------- divergence
+# A non-finite loss or gradient stops the run; no NaN model is saved.
+
+
+def setup_divergence(work: Path) -> None:
+    pass
+
+
+DIVERGENCE: list[tuple[str, list[str], str]] = [
+]
+
+
+# ----------------------------------------------------------------------------- settings
+# Settings refused at load with the key named.
+
+
+def setup_settings(work: Path) -> None:
+    pass
+
+
+SETTINGS: list[tuple[str, list[str], str]] = [
+]
+
+
+# ----------------------------------------------------------------------------- inputs
+# Special, endless or huge inputs, judges that hang, and messages that say what and where.
+
+
+def setup_inputs(work: Path) -> None:
+    pass
+
+
+INPUTS: list[tuple[str, list[str], str]] = [
+]
+
+
+SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
+            "inputs": INPUTS}
+
+
 def shown(args: list[str]) -> str:
     for name, settings in SHORTHANDS.items():  # the tiny-run settings, spelled out once in the header
         n = len(settings)
@@ -258,12 +313,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if any case misbehaves")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bad-inputs.md"))
+    parser.add_argument("--section", choices=sorted(SECTIONS), help="run one section's cases (no table written)")
     args = parser.parse_args()
+    cases = SECTIONS[args.section] if args.section else [case for section in SECTIONS.values() for case in section]
     rows, bad = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         setup(work)
-        for what, argv, expected in CASES:
+        for what, argv, expected in cases:
             done = temper(argv, work)
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             last = lines[-1] if lines else "(nothing)"
@@ -291,8 +348,10 @@ def main() -> int:
              "(exit 0). Rerun the script after changing a message.", "",
              "| input | command | exit | the line temper prints |", "|---|---|---|---|"]
     table += [f"| {w} | `{c}` | {code} | {line} |" for w, c, code, line in rows]
-    Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}: {len(rows)} cases, {len(bad)} misbehaving", file=sys.stderr)
+    if not args.section:
+        Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
+    print(f"{'ran' if args.section else 'wrote ' + args.out + ':'} {len(rows)} cases, {len(bad)} misbehaving",
+          file=sys.stderr)
     for b in bad:
         print("  " + b, file=sys.stderr)
     return 1 if (args.check and bad) else 0
