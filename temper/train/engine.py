@@ -6,7 +6,9 @@
   tokens in the *whole* accumulated batch (all micro-batches, all ranks), so gradient
   accumulation gives the same gradient as one big batch even when micro-batches hold
   different numbers of target tokens.
-- `optimizer_step`: unscale, clip, step, zero.
+- `optimizer_step`: unscale, clip, step, zero; in two halves (`clip_gradients`, then
+  `apply_update` or `skip_update`) for a caller that looks at the norm before the update.
+- `nonfinite_parameters`: which trained weights hold a NaN or an Inf (one read-back).
 Both take the trained model as one module or as several named ones (`{"policy": policy,
 "value": value}`, one optimiser over all): the gradient normalisation, the set-aside of
 earlier gradients, DDP's no_sync and the clipping (one global norm over every module's
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import resource
 import sys
 import time
@@ -163,6 +166,16 @@ def optimizer_step(model: Modules, optimizer: torch.optim.Optimizer, *, grad_cli
                    scaler: torch.amp.GradScaler | None = None) -> float:
     """Clip the global gradient norm (over every trained module's parameters together), step and
     zero the gradients; returns the norm before clipping."""
+    norm = clip_gradients(model, optimizer, grad_clip=grad_clip, scaler=scaler)
+    apply_update(optimizer, scaler=scaler)
+    return float(norm)
+
+
+def clip_gradients(model: Modules, optimizer: torch.optim.Optimizer, *, grad_clip: float,
+                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Unscale (fp16) and clip the global gradient norm, over every trained module's parameters
+    together; returns the norm before clipping, a tensor (NaN or Inf when a gradient is).
+    `apply_update` (or `skip_update`) follows."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     # per module (one may hold sharded DTensor gradients, another plain ones), then the norm of the norms
@@ -188,13 +201,52 @@ def optimizer_step(model: Modules, optimizer: torch.optim.Optimizer, *, grad_cli
     if grad_clip > 0:
         for params in groups:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm.to(params[0].grad.device), foreach=True)
+    return norm
+
+
+def apply_update(optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Step (through the fp16 scaler, which itself skips a step whose gradients overflowed) and zero."""
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+
+
+def skip_update(optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Drop this step's gradients without touching the weights or the optimiser's moments; the
+    fp16 scaler, whose `unscale_` ran, backs its scale off as for an overflow."""
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def nonfinite_parameters(model: Modules) -> list[str]:
+    """The names of this process's trained parameters that hold a NaN or an Inf (a sharded
+    parameter: its local shard). One read-back for all of them, no temporary the size of a
+    weight: the largest magnitude of each (NaN propagates through it, a finite value never
+    overflows it)."""
+    named: dict[int, tuple[str, torch.Tensor]] = {}
+    for module in module_list(model):
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in named:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if local.numel():
+                    named[id(p)] = (name.removeprefix("module."), local.detach())
+    if not named:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    tensors = [t for _, t in named.values()]
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    largest = [0.0] * len(tensors)
+    for indices in by_device.values():  # _foreach_norm takes one device's tensors
+        norms = torch._foreach_norm([tensors[i] for i in indices], ord=float("inf"))
+        for i, value in zip(indices, torch.stack([n.float() for n in norms]).tolist()):
+            largest[i] = value
+    names = [name for name, _ in named.values()]
+    return [names[i] for i, value in enumerate(largest) if not math.isfinite(value)]
 
 
 # ----------------------------------------------------------------------------- applied from outside

@@ -50,6 +50,21 @@ Online methods (PPO, GRPO) use the same loop:
   steps since the previous row (the same window as the throughput). `tokens_per_second` and
   `mfu` are over the train phase only; with other phases a row also has
   `step_tokens_per_second`, over the whole steps.
+- **Divergence**: a step whose loss or global gradient norm is NaN or infinite is never applied
+  (the norm is read once per step, before the update: the step's one read-back). With
+  `on_nonfinite=stop` (the default) the run stops there with one line naming the step, what
+  was not finite and the likely causes (the learning rate, a loss weight, a bad data row);
+  its row goes to `metrics.jsonl` (`nonfinite`: loss or grad_norm), the checkpoints written so
+  far stay, no model is saved. With `on_nonfinite=skip` the gradients are dropped (weights and
+  optimiser moments untouched; the step counts and the learning-rate schedule moves on, so the
+  run still ends at max_steps), rows carry `skipped_steps` (the run's count, kept across
+  resume) and the summary too; `MAX_SKIPPED_IN_A_ROW` non-finite steps in a row stop the run
+  anyway (then the weights, not one batch, are broken). Under fp16 the gradient scaler skips
+  overflowing gradients itself, so only the loss is checked. Every rank reaches the same
+  verdict: the loss is summed over the ranks and the norm is of the whole gradient. An update
+  can also leave finite losses but broken weights: a held-out loss (any evaluation metric
+  named `*loss*`, or a perplexity) that is NaN stops the run before that step's checkpoint,
+  and no checkpoint and no exported model is written whose trained weights hold a NaN or Inf.
 
 The settings it reads are the ones every training recipe's config declares under the same
 names (`temper.train.recipe.TrainingConfig`): max_steps, resume, peak_flops and the sections
@@ -61,6 +76,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 import warnings
@@ -69,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from temper.config import to_dict
@@ -84,7 +101,11 @@ from temper.train.rundir import RunDir
 IDENTITY_KEYS = ("seq_len", "seed")  # and the global batch: sequences per optimiser step over all ranks
 # what state.json holds besides the stateful parts: no part may take these names
 RESERVED_STATE = ("step", "run", "config", "optimizer", "rng", "modules", "state_tensors", "world_size", "ranks",
-                  "format", "state_tensor_ranks")
+                  "format", "state_tensor_ranks", "skipped_steps")
+# on_nonfinite=skip: this many non-finite steps in a row stop the run all the same (one bad batch
+# gives one; the next batches failing too means the weights or the learning rate are the cause)
+MAX_SKIPPED_IN_A_ROW = 5
+LIKELY_CAUSES = "likely causes: a learning rate too high (optim.lr={lr:g}), a loss weight, a bad data row"
 
 
 class TrainLoop:
@@ -128,6 +149,11 @@ class TrainLoop:
 
         self.checkpoints = self.out / "checkpoints"
         self.start_step = 0
+        self.on_nonfinite = getattr(cfg, "on_nonfinite", "stop")
+        self.skipped_steps = 0  # the run's steps not applied for a NaN / Inf loss or gradient norm
+        self._skipped_in_a_row = 0
+        self._last_checkpoint: int | None = None  # the step of the newest checkpoint this run has
+        self._step = 0  # 0-based index of the running step
 
         def find_checkpoint():  # rank 0 looks; every rank gets its answer (or its error)
             self.out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +170,8 @@ class TrainLoop:
                                              par=self.par)
             for key, obj in self.stateful.items():
                 obj.load_state_dict(saved[key])
-            self.start_step = saved["step"]
+            self.start_step = self._last_checkpoint = saved["step"]
+            self.skipped_steps = int(saved.get("skipped_steps", 0))
             if self.main:
                 print(f"resumed from {resume_from} at step {self.start_step}", file=sys.stderr)
         # training starts: an earlier run being started over goes now (the claim allowed it), not before
@@ -185,7 +212,7 @@ class TrainLoop:
         for step in range(self.start_step, self.max_steps):
             self.lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.max_steps)
             set_lr(self.optimizer, self.lr)
-            self._row = None
+            self._row, self._step = None, step
             self._step_phases, self._phase_stack = {"train": 0.0}, []
             start = self._mark = time.perf_counter()
             yield step
@@ -242,17 +269,77 @@ class TrainLoop:
 
     def optimizer_step(self, metrics: dict[str, float], *, tokens: int) -> dict[str, float]:
         """Clip and step; `metrics` (loss and the recipe's extras) and `tokens` (processed this step by
-        one data-parallel replica, padding included, for tokens/s and MFU) go into this step's row."""
-        if self.par.pipeline is not None:  # the norm of every stage's gradients
+        one data-parallel replica, padding included, for tokens/s and MFU) go into this step's row.
+        A NaN or infinite loss or gradient norm: no update, then stop or skip (module docstring)."""
+        if self.par.pipeline is not None:  # the norm of every stage's gradients, the same on every rank
             grad_norm = self.par.pipeline.clip_grad_norm_(self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            scaler = None
+        else:  # the norm of the whole gradient (reduced over the ranks), read before the update
+            grad_norm = float(engine.clip_gradients(self.model, self.optimizer, grad_clip=self.cfg.optim.grad_clip,
+                                                    scaler=self.scaler))
+            scaler = self.scaler
+        row = {**metrics, "lr": self.lr, "grad_norm": grad_norm}
+        loss = metrics.get("loss")
+        bad = ("loss" if loss is not None and not math.isfinite(loss) else
+               "grad_norm" if scaler is None and not math.isfinite(grad_norm) else None)  # fp16: the scaler's
+        if bad is None:
+            engine.apply_update(self.optimizer, scaler=scaler)
+            self._skipped_in_a_row = 0
         else:
-            grad_norm = engine.optimizer_step(self.model, self.optimizer, grad_clip=self.cfg.optim.grad_clip,
-                                              scaler=self.scaler)
-        self._row = {**metrics, "lr": self.lr, "grad_norm": grad_norm}
+            engine.skip_update(self.optimizer, scaler=scaler)
+            self.skipped_steps += 1
+            self._skipped_in_a_row += 1
+            if self.on_nonfinite != "skip" or self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                self._log({"step": self._step + 1, **row, "nonfinite": bad})
+                what = (f"the loss is {_shown(loss)}" if bad == "loss" else
+                        f"the gradient norm is {_shown(grad_norm)} (the loss {loss:.4g})")
+                if self.on_nonfinite == "skip":
+                    what = f"non-finite {MAX_SKIPPED_IN_A_ROW} steps in a row, {what}: the weights diverged"
+                    tail = "no model is saved"
+                else:
+                    tail = "the update was not applied and no model is saved"
+                    if self.par.pipeline is None:
+                        tail += "; on_nonfinite=skip skips such steps"
+                self._stop(f"step {self._step + 1}: {what}: training diverged ({self._causes()}); {tail}; "
+                           f"{self._kept()}")
+        if self.on_nonfinite == "skip":
+            row["skipped_steps"] = self.skipped_steps
+        self._row = row
         self._tokens = tokens * self.par.dp  # every replica's
         return self._row
+
+    def _causes(self) -> str:
+        return LIKELY_CAUSES.format(lr=self.cfg.optim.lr)
+
+    def _kept(self) -> str:
+        if self._last_checkpoint is None:
+            return "no checkpoint was written before it"
+        return (f"the checkpoint of step {self._last_checkpoint} is kept: resume=auto continues from it (a lower "
+                "optim.lr allowed), overwrite=true starts over")
+
+    def _stop(self, message: str) -> None:
+        """End the run with `message`: the bar and metrics closed, the output directory released
+        (what was written stays: metrics rows, checkpoints)."""
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.run_dir.release()
+        raise TemperError(message)
+
+    def check_weights(self, when: str) -> None:
+        """Stop if a trained weight holds a NaN or an Inf, on every rank alike (each checks its own
+        shard; the count is summed over all ranks)."""
+        bad = engine.nonfinite_parameters(self.model)
+        count = len(bad)
+        if self.par.distributed and dist.is_initialized():  # (not after `finish` closed the group)
+            total = torch.tensor([float(count)], device=self.par.device)
+            dist.all_reduce(total)  # every rank: shards of one weight may sit on different ranks
+            count = int(total.item())
+        if count:
+            named = f"'{bad[0]}'" if bad else "on another rank"
+            more = f" and {count - 1} more" if count > 1 else ""
+            self._stop(f"{when}: the trained weights hold NaN or Inf ({named}{more}): training diverged "
+                       f"({self._causes()}); it is not saved; {self._kept()}")
 
     def _end_step(self, done: int, seconds: float) -> None:
         cfg, row = self.cfg, self._row
@@ -325,11 +412,24 @@ class TrainLoop:
         shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
         if self.main:
             self.bar.write(f"eval step {step}: {shown}", file=sys.stderr)
+        broken = [k for k, v in result.items() if isinstance(v, float) and (
+            ("loss" in k and not math.isfinite(v)) or ("ppl" in k and math.isnan(v)))]
+        if broken:  # finite training losses so far, but the weights give NaN on held-out data
+            self._log({"step": step, **{k: v for k, v in result.items() if k != "samples"}, "nonfinite": broken[0]})
+            self._stop(f"step {step}: the held-out {broken[0]} is {_shown(result[broken[0]])}: the weights diverged "
+                       f"({self._causes()}); no model is saved; {self._kept()}")
         return result
 
     def save_checkpoint(self, step: int) -> Path:
+        """A checkpoint of this step (never of weights holding a NaN or an Inf)."""
+        self.check_weights(f"step {step}")
+        path = self._write_checkpoint(step)
+        self._last_checkpoint = step
+        return path
+
+    def _write_checkpoint(self, step: int) -> Path:
         state = {k: obj.state_dict() for k, obj in self.stateful.items()}
-        state = {**state, "run": self.identity, "config": to_dict(self.cfg)}
+        state = {**state, "skipped_steps": self.skipped_steps, "run": self.identity, "config": to_dict(self.cfg)}
         if self.par.distributed:  # sharded tensors through torch.distributed.checkpoint; every rank's data position
             return ckpt.save_distributed_checkpoint(self.checkpoints, step, model=self.model, optimizer=self.optimizer,
                                                     keep_last=self.cfg.checkpoint.keep_last, state=state, par=self.par)
@@ -346,6 +446,8 @@ class TrainLoop:
         final evaluation (and under `before` the evaluation at the start, when there was one)."""
         result: dict[str, Any] = {"steps": self.max_steps, "train_seconds": self.train_seconds,
                                   "train_tokens": self.train_tokens}
+        if self.on_nonfinite == "skip":
+            result["skipped_steps"] = self.skipped_steps
         if self.phase_seconds["train"]:
             result["tokens_per_second"] = self.train_tokens / self.phase_seconds["train"]
         if self._phase_names:
@@ -372,11 +474,17 @@ class TrainLoop:
     def export_model(self) -> torch.nn.Module | dict[str, torch.nn.Module] | None:
         """The trained model as one plain module for saving as a model directory (a dict of them
         for several named modules): the model itself in one process; in several, every rank takes
-        part in gathering the full weights and rank 0 gets a plain copy (the others None)."""
+        part in gathering the full weights and rank 0 gets a plain copy (the others None). Weights
+        holding a NaN or an Inf are refused (`check_weights`), on every rank alike."""
+        self.check_weights(f"after step {self.max_steps}")
         if isinstance(self.model, torch.nn.Module):
             return export_model(self.model, self.par)
         plain = {name: export_model(module, self.par) for name, module in self.model.items()}
         return plain if self.main else None
+
+
+def _shown(value: float) -> str:
+    return "NaN" if math.isnan(value) else "infinite" if math.isinf(value) else f"{value:.4g}"
 
 
 def run_identity(cfg: Any, model: torch.nn.Module | dict[str, torch.nn.Module], extra: dict[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,8 @@ SHARED_HELP: dict[str, str] = {
     "schedule": "learning-rate schedule",
     "checkpoint": "checkpointing",
     "logging": "logging and evaluation",
+    "on_nonfinite": "a step whose loss or gradient norm is NaN or infinite: stop (the run ends there, its checkpoints "
+                    "kept, no model saved) or skip (no update, counted as skipped_steps; 5 in a row still stop)",
     # keys several recipes share
     "peft": "parameter-efficient training (peft.method=lora|dora|qlora|adapter|prefix|prompt)",
     "general_data": "general text for the drift perplexity (and replay) (default: the pretraining shards recorded "
@@ -109,7 +111,7 @@ SHARED_HELP: dict[str, str] = {
 SHARED_KEYS = ("model", "data", "eval_data", "eval_fraction", "output_dir", "seq_len", "batch_size", "grad_accum",
                "global_batch_size", "max_steps", "seed", "resume", "overwrite", "device", "precision", "compile",
                "activation_checkpointing", "strategy", "parallel", "eval_batches", "peak_flops", "optim", "schedule",
-               "checkpoint", "logging")
+               "checkpoint", "logging", "on_nonfinite")
 
 
 def shared(key: str, default: Any) -> Any:
@@ -196,6 +198,7 @@ class TrainingConfig:
     schedule: ScheduleConfig = shared("schedule", ScheduleConfig())
     checkpoint: CheckpointConfig = shared("checkpoint", CheckpointConfig())
     logging: LoggingConfig = shared("logging", LoggingConfig())
+    on_nonfinite: Literal["stop", "skip"] = shared("on_nonfinite", "stop")
 
     def validate(self) -> None:
         """The checks every recipe shares; a recipe calls this first, then checks its own keys."""
