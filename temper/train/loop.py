@@ -53,7 +53,8 @@ Online methods (PPO, GRPO) use the same loop:
 - **Divergence**: a step whose loss or global gradient norm is NaN or infinite is never applied
   (the norm is read once per step, before the update: the step's one read-back). With
   `on_nonfinite=stop` (the default) the run stops there with one line naming the step, what
-  was not finite and the likely causes (the learning rate, a loss weight, a bad data row);
+  was not finite and the likely causes (the learning rate, the loss's settings such as `beta` or
+  `loss_weights` where the recipe has them, a bad data row);
   its row goes to `metrics.jsonl` (`nonfinite`: loss or grad_norm), the checkpoints written so
   far stay, no model is saved. With `on_nonfinite=skip` the gradients are dropped (weights and
   optimiser moments untouched; the step counts and the learning-rate schedule moves on, so the
@@ -105,7 +106,12 @@ RESERVED_STATE = ("step", "run", "config", "optimizer", "rng", "modules", "state
 # on_nonfinite=skip: this many non-finite steps in a row stop the run all the same (one bad batch
 # gives one; the next batches failing too means the weights or the learning rate are the cause)
 MAX_SKIPPED_IN_A_ROW = 5
-LIKELY_CAUSES = "likely causes: a learning rate too high (optim.lr={lr:g}), a loss weight, a bad data row"
+# the settings of a recipe's loss that can blow it up, named in the divergence message when the recipe has them
+LOSS_SETTINGS = ("beta", "loss_weights", "replay_weight")
+
+
+class Diverged(TemperError):
+    """The run stopped at a NaN or infinite loss, gradient norm, held-out loss or weight."""
 
 
 class TrainLoop:
@@ -208,6 +214,7 @@ class TrainLoop:
         """Yield the 0-based index of each remaining step; after the body, run the cadence."""
         if self.start_step == 0 and self.cfg.logging.eval_at_start and self._evaluate is not None:
             self.first_eval = self.evaluate(0)
+            self._check_held_out(0, self.first_eval, {"step": 0, **self.first_eval})
             self._log({"step": 0, **self.first_eval})
         for step in range(self.start_step, self.max_steps):
             self.lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.max_steps)
@@ -294,7 +301,7 @@ class TrainLoop:
                 what = (f"the loss is {_shown(loss)}" if bad == "loss" else
                         f"the gradient norm is {_shown(grad_norm)} (the loss {loss:.4g})")
                 if self.on_nonfinite == "skip":
-                    what = f"non-finite {MAX_SKIPPED_IN_A_ROW} steps in a row, {what}: the weights diverged"
+                    what += f", the {MAX_SKIPPED_IN_A_ROW}th such step in a row (on_nonfinite=skip)"
                     tail = "no model is saved"
                 else:
                     tail = "the update was not applied and no model is saved"
@@ -309,7 +316,10 @@ class TrainLoop:
         return self._row
 
     def _causes(self) -> str:
-        return LIKELY_CAUSES.format(lr=self.cfg.optim.lr)
+        shown = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                 for k in LOSS_SETTINGS if (v := getattr(self.cfg, k, None)) not in (None, [], (), 0)]
+        loss = f"a loss setting ({', '.join(shown)}), " if shown else ""
+        return f"likely causes: a learning rate too high (optim.lr={self.cfg.optim.lr:g}), {loss}a bad data row"
 
     def _kept(self) -> str:
         if self._last_checkpoint is None:
@@ -324,7 +334,7 @@ class TrainLoop:
         if self.metrics is not None:
             self.metrics.close()
         self.run_dir.release()
-        raise TemperError(message)
+        raise Diverged(message)
 
     def check_weights(self, when: str) -> None:
         """Stop if a trained weight holds a NaN or an Inf, on every rank alike (each checks its own
@@ -371,7 +381,9 @@ class TrainLoop:
                 print(f"step {done}/{self.max_steps} loss {row['loss']:.4f} lr {self.lr:.2e} "
                       f"{tokens_per_second:,.0f} tok/s{mfu}", file=sys.stderr)
             if eval_now and self._evaluate is not None:
-                full.update(self.evaluate(done))
+                result = self.evaluate(done)
+                full.update(result)
+                self._check_held_out(done, result, full)
             self._log(full)
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             self.save_checkpoint(done)
@@ -412,13 +424,17 @@ class TrainLoop:
         shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
         if self.main:
             self.bar.write(f"eval step {step}: {shown}", file=sys.stderr)
+        return result
+
+    def _check_held_out(self, step: int, result: dict, row: dict) -> None:
+        """Finite training losses so far, but weights that give a NaN on held-out data: log `row`
+        (marked) and stop. Run after each evaluation, before that step's checkpoint."""
         broken = [k for k, v in result.items() if isinstance(v, float) and (
             ("loss" in k and not math.isfinite(v)) or ("ppl" in k and math.isnan(v)))]
-        if broken:  # finite training losses so far, but the weights give NaN on held-out data
-            self._log({"step": step, **{k: v for k, v in result.items() if k != "samples"}, "nonfinite": broken[0]})
+        if broken:
+            self._log({**row, "nonfinite": broken[0]})
             self._stop(f"step {step}: the held-out {broken[0]} is {_shown(result[broken[0]])}: the weights diverged "
                        f"({self._causes()}); no model is saved; {self._kept()}")
-        return result
 
     def save_checkpoint(self, step: int) -> Path:
         """A checkpoint of this step (never of weights holding a NaN or an Inf)."""

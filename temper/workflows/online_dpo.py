@@ -67,6 +67,7 @@ from temper.rewards.feedback import make_reviser, read_constitution, same_text
 from temper.rewards.judges import Judge, make_judge, split_spec
 from temper.runtime import resolve_device
 from temper.train.distributed import launched_world
+from temper.train.loop import Diverged
 from temper.train.rollout import sample_responses
 from temper.train.rundir import RunDir
 
@@ -342,7 +343,10 @@ def run(cfg: Config, commands) -> dict:
 
             # 4: one DPO round on the pairs, from this round's policy (the reference: the same, or dpo.ref_model)
             settings = round_settings(cfg, policy=policy, pairs=pairs_path, eval_spec=eval_spec, round_dir=round_dir)
-            summary = commands.run("dpo", commands.config("dpo", settings))
+            try:
+                summary = commands.run("dpo", commands.config("dpo", settings))
+            except Diverged as e:  # which round's training
+                raise Diverged(f"round {k}: dpo {e}") from None
             report["dpo"] = _dpo_report(summary)
             trained = round_dir
             if cfg.peft_method != "none":  # the adapter folded into its base: the next round's policy, a full model
