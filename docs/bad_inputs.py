@@ -260,10 +260,52 @@ WRITES: list[tuple[str, list[str], str]] = [
 
 
 def setup_divergence(work: Path) -> None:
-    pass
+    """`stopped`: a run stopped at a NaN loss (no model); `stopped-late`: `base` continued at
+    optim.lr=1e9, stopped at step 4 with its step-2 checkpoint kept; a judge that always scores."""
+    pretrain = ["pretrain", *TINY, "data=corpus.txt"]
+    done = temper([*pretrain, "max_steps=3", "optim.lr=1e9", "output_dir=stopped"], work)
+    assert done.returncode == 2 and not (work / "stopped" / "model.safetensors").exists(), done.stderr
+    shutil.copytree(work / "base", work / "stopped-late")
+    done = temper([*pretrain, "max_steps=4", "checkpoint.every=2", "optim.lr=1e9", "resume=auto",
+                   "output_dir=stopped-late"], work)
+    assert done.returncode == 2 and "error: step 4: " in done.stderr, done.stderr
+    (work / "length_judge.py").write_text("def score(prompt, response):\n    return float(len(response))\n")
 
 
 DIVERGENCE: list[tuple[str, list[str], str]] = [
+    ("a learning rate of 1e9: the loss turns NaN at step 2",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=3", "optim.lr=1e9", "output_dir=div1"], "error"),
+    ("a learning rate of 1e30: a finite loss, a NaN gradient",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=3", "optim.lr=1e30", "output_dir=div2"], "error"),
+    ("a learning rate that breaks the weights in the last step (finite losses, a NaN held-out loss)",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=1", "optim.lr=1e9", "output_dir=div3"], "error"),
+    ("on_nonfinite=skip with weights that stay broken: NaN steps in a row still stop",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=8", "optim.lr=1e9", "on_nonfinite=skip",
+      "output_dir=div4"], "error"),
+    ("on_nonfinite=skip on a run that stays finite (skipped_steps: 0 in its metrics)",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=2", "on_nonfinite=skip", "output_dir=div5"], "ok"),
+    ("on_nonfinite= a value it does not have",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=2", "on_nonfinite=ignore", "output_dir=div6"], "error"),
+    ("sft with a learning rate of 1e9",
+     ["sft", "model=base", "data=chats.jsonl", "max_steps=3", "batch_size=4", "seq_len=64", "eval_samples=0",
+      "logging.progress=false", "optim.lr=1e9", "output_dir=div7"], "error"),
+    ("dpo with a learning rate of 1e9",
+     ["dpo", "model=base", "data=pairs.jsonl", "seq_len=64", "batch_size=2", "max_steps=3", "peak_flops=1e9",
+      "logging.progress=false", "optim.lr=1e9", "output_dir=div8"], "error"),
+    ("dpo with beta=1e30: an infinite gradient at step 1",
+     ["dpo", "model=base", "data=pairs.jsonl", *DPO, "beta=1e30", "output_dir=div9"], "error"),
+    ("online DPO whose round diverges (dpo.optim.lr=1e9)",
+     ["online-dpo", "model=base", "rounds=1", "prompts=questions.jsonl", "samples_per_prompt=2", "max_new_tokens=8",
+      "judge=callable:length_judge:score", "dpo.seq_len=64", "dpo.batch_size=2", "dpo.max_steps=3",
+      "dpo.peak_flops=1e9", "dpo.logging.progress=false", "dpo.optim.lr=1e9", "output_dir=div10"], "error"),
+    ("generate from a run that stopped at a NaN loss (it saved no model)",
+     ["generate", "model=stopped", "prompt=The river", "max_new_tokens=4"], "error"),
+    ("resume a stopped run at the same learning rate: it stops again",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=4", "checkpoint.every=2", "optim.lr=1e9", "resume=auto",
+      "output_dir=stopped-late"], "error"),
+    ("resume a stopped run from its last good checkpoint with a lower learning rate",
+     ["pretrain", *TINY, "data=corpus.txt", "max_steps=4", "checkpoint.every=2", "optim.lr=1e-3", "resume=auto",
+      "output_dir=stopped-late"], "ok"),
 ]
 
 
