@@ -131,13 +131,18 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
             flags["help"] = True
         elif arg == "--print-config":
             flags["print_config"] = True
-        elif arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
+        elif arg in ("--config", "-c") or arg.startswith("--config="):
+            if arg.startswith("--config="):
+                value = arg.split("=", 1)[1]
+            elif i + 1 >= len(argv):
                 raise ValueError("--config needs a file name")
-            flags["config"] = argv[i + 1]
-            i += 1
-        elif arg.startswith("--config="):
-            flags["config"] = arg.split("=", 1)[1]
+            else:
+                value = argv[i + 1]
+                i += 1
+            if flags["config"] is not None:  # one file: a second would silently replace the first
+                raise ValueError(f"--config is given twice ({flags['config']} and {value}): give one file, and "
+                                 "override its keys with key=value")
+            flags["config"] = value
         elif arg.startswith("--") and "=" in arg:  # tolerate --key=value
             overrides.append(arg[2:])
         elif "=" in arg:

@@ -171,7 +171,7 @@ def test_bad_settings_are_one_line(tmp_path, tiny_model_dir, pairs):
         (["loss_type=[sigmod]"], r"loss_type 'sigmod' is not one of .*did you mean 'sigmoid'"),
         (["loss_type=[sigmoid,sft]", "loss_weights=[1]"], "loss_weights has 1 numbers for 2 loss types"),
         (["reference=adapter"], "reference=adapter disables a LoRA adapter"),
-        (["loss_type=[simpo]", "reference=copy"], "needs no reference model"),
+        (["loss_type=[simpo]", "reference=copy"], "reference is used only with a loss that uses a reference"),
         (["beta=0"], "beta must be greater than 0"),
         (["loss_type=[kto,sigmoid]"], "loss_type=kto trains on unpaired examples"),
         (["loss_type=[kto]", "reference=precomputed"], "reference=precomputed is for pair losses"),
