@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from temper import __version__
-from temper.config import config_help, from_dict, load_config, to_dict
+from temper.config import check_given_once, config_help, from_dict, load_config, to_dict
 from temper.configs import shipped_names, shipped_path
 from temper.errors import TemperError, error_line
 
@@ -150,6 +150,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
         else:
             raise ValueError(f"unexpected argument {arg!r}; options are key=value")
         i += 1
+    check_given_once(overrides)
     return None, overrides, flags
 
 

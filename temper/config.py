@@ -31,6 +31,7 @@ __all__ = [
     "to_dict",
     "config_help",
     "parse_overrides",
+    "check_given_once",
     "OnlyWith",
     "OptimConfig",
     "ScheduleConfig",
@@ -253,7 +254,6 @@ class _Raw(str):
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["a.b=1", "c=x"]` -> nested dict of raw strings."""
     out: dict[str, Any] = {}
-    given: dict[str, str] = {}  # key -> the item that set it
     for item in items:
         if "=" not in item:
             raise TemperError(f"expected key=value, got {item!r}")
@@ -261,15 +261,23 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise TemperError(f"empty key in {item!r}")
-        # one value per key: a key given twice, or a section and a key inside it, would silently lose one
+        _set_dotted(out, key.split("."), _Raw(value))
+    return out
+
+
+def check_given_once(items: list[str]) -> None:
+    """One value per key on a command line: a key typed twice, or a section and a key inside it
+    (`optim=...` and `optim.lr=...`), would silently lose one of them. (Programs that build a list
+    of overrides may let a later one win; a person typing both made a mistake.)"""
+    given: dict[str, str] = {}  # key -> the item that set it
+    for item in items:
+        key = item.split("=", 1)[0].strip()
         for other, earlier in given.items():
             if other == key or other.startswith(key + ".") or key.startswith(other + "."):
                 both = f"{earlier!r} and {item!r}"
                 raise TemperError(f"key '{key}' is given twice on the command line ({both}): give it once"
                                   if other == key else f"{both} both set '{min(key, other, key=len)}': give one")
         given[key] = item
-        _set_dotted(out, key.split("."), _Raw(value))
-    return out
 
 
 def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:

@@ -73,7 +73,6 @@ class Config(recipe.TrainingConfig, command="pretrain",
                  lambda c: not Path(c.model).is_dir()),
         OnlyWith(("vocab_size",), "a tokenizer trained here (no tokenizer=, and a model= without one)",
                  lambda c: not c.tokenizer and not (Path(c.model) / "tokenizer.json").is_file()),
-        OnlyWith(("sample_prompts", "sample_tokens"), "samples > 0", lambda c: c.samples > 0),
     )
 
     def validate(self) -> None:

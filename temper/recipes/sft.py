@@ -53,7 +53,6 @@ class Config(recipe.TrainingConfig, command="sft", capabilities=recipe.Capabilit
 
     only_with: ClassVar = (
         OnlyWith(("replay_batch_size",), "replay_weight > 0", lambda c: c.replay_weight > 0),
-        OnlyWith(("eval_max_new_tokens",), "eval_samples > 0", lambda c: c.eval_samples > 0),
     )
 
     def validate(self) -> None:
