@@ -314,10 +314,100 @@ DIVERGENCE: list[tuple[str, list[str], str]] = [
 
 
 def setup_settings(work: Path) -> None:
-    pass
+    """`other-tok`: `base` with a tokenizer trained on other text (`other-base` shares `base`'s: same
+    corpus, same vocab_size); `printed.yaml`: what `temper sft --print-config` writes."""
+    from temper.data.tokenizer import train_tokenizer
+
+    shutil.copytree(work / "base", work / "other-tok")
+    train_tokenizer(["Zebras graze quietly near the old stone bridge at dawn."] * 40, vocab_size=300).save(
+        work / "other-tok")
+    (work / "other-tok" / ".temper.lock").unlink(missing_ok=True)
+    printed = temper(["sft", "model=base", "--print-config"], work)
+    assert printed.returncode == 0, printed.stderr
+    (work / "printed.yaml").write_text(printed.stdout)
 
 
+NO_VOCAB = [a for a in TINY if not a.startswith("vocab_size=")]
+DPO_ANY_LEN = [a for a in DPO if not a.startswith("seq_len=")]
 SETTINGS: list[tuple[str, list[str], str]] = [
+    # numbers that are not numbers: refused for every float key, by the one parser
+    ("a NaN temperature", ["generate", "model=base", "prompt=The river", "temperature=nan"], "error"),
+    ("a NaN top_p", ["generate", "model=base", "prompt=The river", "top_p=nan"], "error"),
+    ("a NaN repetition penalty", ["generate", "model=base", "prompt=The river", "repetition_penalty=nan"], "error"),
+    ("a NaN top_p in chat", ["chat", "model=base", "top_p=nan"], "error"),
+    ("an infinite learning rate", ["pretrain", "optim.lr=inf"], "error"),
+    ("a negative temperature (checked at load, before the model loads)",
+     ["generate", "model=base", "prompt=The river", "temperature=-1"], "error"),
+    # preference losses
+    ("the same DPO loss twice", ["dpo", "model=base", "data=pairs.jsonl", "loss_type=[sigmoid,sigmoid]", *DPO,
+                                 "output_dir=s1"], "error"),
+    ("a negative loss weight", ["dpo", "model=base", "data=pairs.jsonl", "loss_type=[sigmoid,sft]",
+                                "loss_weights=[1,-0.5]", *DPO, "output_dir=s2"], "error"),
+    ("a zero loss weight", ["dpo", "model=base", "data=pairs.jsonl", "loss_type=[sigmoid,sft]", "loss_weights=[1,0]",
+                            *DPO, "output_dir=s3"], "error"),
+    ("a NaN loss weight", ["dpo", "model=base", "data=pairs.jsonl", "loss_weights=nan", *DPO, "output_dir=s4"],
+     "error"),
+    ("a negative SimPO margin", ["dpo", "model=base", "data=pairs.jsonl", "loss_type=[simpo]", "simpo_gamma=-1", *DPO,
+                                 "output_dir=s5"], "error"),
+    # shapes and vocabularies
+    ("zero layers", ["pretrain", *TINY, "data=corpus.txt", "model_config.num_layers=0", "output_dir=s6"], "error"),
+    ("a negative width", ["pretrain", *TINY, "data=corpus.txt", "model_config.hidden_size=-64", "output_dir=s7"],
+     "error"),
+    ("a layer count that is not a number", ["pretrain", *TINY, "data=corpus.txt", "model_config.num_layers=two",
+                                            "output_dir=s8"], "error"),
+    ("a vocabulary the tokenizer trainer cannot reserve (was a Rust abort, exit 134)",
+     ["pretrain", *NO_VOCAB, "data=corpus.txt", "vocab_size=1000000000", "output_dir=s9"], "error"),
+    ("a vocabulary past the trainer's u32 ids", ["tokenizer", "data=corpus.txt", "vocab_size=4294967296",
+                                                  "output_dir=s10"], "error"),
+    ("estimate with zero layers (was negative memory)", ["estimate", "model=llama-14m", "model_config.num_layers=0"],
+     "error"),
+    ("estimate with a negative width", ["estimate", "model=7b", "model_config.hidden_size=-4096"], "error"),
+    ("estimate of a 50T-parameter count (was called too small)", ["estimate", "model=50t"], "error"),
+    # the reference and the positions
+    ("a reference model with another tokenizer", ["dpo", "model=base", "data=pairs.jsonl", "ref_model=other-tok",
+                                                  *DPO, "output_dir=s11"], "error"),
+    ("a reference model with the same tokenizer (another base)",
+     ["dpo", "model=base", "data=pairs.jsonl", "ref_model=other-base", *DPO, "output_dir=s12"], "ok"),
+    ("DPO sequences longer than the model's positions", ["dpo", "model=base", "data=pairs.jsonl", "seq_len=1024",
+                                                         *DPO_ANY_LEN, "output_dir=s13"], "error"),
+    ("SFT sequences longer than the model's positions", ["sft", "model=base", "data=chats.jsonl", "seq_len=1024",
+                                                         "output_dir=s14"], "error"),
+    # options a mode ignores
+    ("a LoRA rank without LoRA", ["sft", "model=base", "data=chats.jsonl", "peft.r=4"], "error"),
+    ("an adapter width with LoRA", ["sft", "model=base", "data=chats.jsonl", "peft.method=lora",
+                                    "peft.adapter_dim=8"], "error"),
+    ("a SimPO margin without SimPO", ["dpo", "model=base", "data=pairs.jsonl", "simpo_gamma=1"], "error"),
+    ("label smoothing with IPO", ["dpo", "model=base", "data=pairs.jsonl", "loss_type=[ipo]", "label_smoothing=0.1"],
+     "error"),
+    ("KTO weights without KTO", ["dpo", "model=base", "data=pairs.jsonl", "desirable_weight=2"], "error"),
+    ("top_k with greedy decoding", ["generate", "model=base", "prompt=The river", "temperature=0", "top_k=5"],
+     "error"),
+    ("an output file for a single prompt", ["generate", "model=base", "prompt=The river", "output_file=out.jsonl"],
+     "error"),
+    ("a perplexity window without perplexity data", ["eval", "model=base", "tasks=world_qa", "window=128"], "error"),
+    ("vocab_size with a given tokenizer", ["pretrain", "tokenizer=base", "data=corpus.txt", "vocab_size=512"],
+     "error"),
+    ("a shape change for a model directory", ["pretrain", "model=base", "data=corpus.txt",
+                                              "model_config.num_layers=4"], "error"),
+    ("a warmup ratio beside warmup steps", ["sft", "model=base", "data=chats.jsonl", "schedule.warmup_steps=5",
+                                            "schedule.warmup_ratio=0.2"], "error"),
+    ("a pipeline schedule without pipeline stages", ["pretrain", "parallel.pp_schedule=gpipe"], "error"),
+    ("an FSDP option with DDP", ["pretrain", "strategy=ddp", "parallel.cpu_offload=true"], "error"),
+    ("a held-out share beside held-out data", ["sft", "model=base", "data=chats.jsonl", "eval_data=chats.jsonl",
+                                               "eval_fraction=0.3"], "error"),
+    ("a printed config read back (every key at its default is not a mode mistake)",
+     ["sft", "--config", "printed.yaml", "--print-config"], "ok"),
+    # one value per key, a value for every name
+    ("a key given twice", ["pretrain", "max_steps=10", "max_steps=20"], "error"),
+    ("a section and a key inside it", ["pretrain", "optim={lr: 1.0e-3}", "optim.lr=2.0e-3"], "error"),
+    ("--config given twice", ["pretrain", "--config", "pretrain", "--config", "pretrain-shakespeare"], "error"),
+    ("a config file's key overridden on the command line (the point of overrides)",
+     ["pretrain", "--config", "pretrain", "max_steps=5", "--print-config"], "ok"),
+    ("an empty output_dir (pretrain)", ["pretrain", *TINY, "data=corpus.txt", "output_dir="], "error"),
+    ("an empty output_dir (merge)", ["merge", "adapter=lora", "output_dir="], "error"),
+    ("an empty output_dir (tokenizer)", ["tokenizer", "data=corpus.txt", "output_dir="], "error"),
+    ("an empty output_dir (world)", ["world", "output_dir="], "error"),
+    ("an empty device", ["generate", "model=base", "prompt=The river", "device="], "error"),
 ]
 
 

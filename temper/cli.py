@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from temper import __version__
-from temper.config import config_help, from_dict, load_config, to_dict
+from temper.config import check_given_once, config_help, from_dict, load_config, to_dict
 from temper.configs import shipped_names, shipped_path
 from temper.errors import TemperError, error_line
 
@@ -131,13 +131,18 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
             flags["help"] = True
         elif arg == "--print-config":
             flags["print_config"] = True
-        elif arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
+        elif arg in ("--config", "-c") or arg.startswith("--config="):
+            if arg.startswith("--config="):
+                value = arg.split("=", 1)[1]
+            elif i + 1 >= len(argv):
                 raise ValueError("--config needs a file name")
-            flags["config"] = argv[i + 1]
-            i += 1
-        elif arg.startswith("--config="):
-            flags["config"] = arg.split("=", 1)[1]
+            else:
+                value = argv[i + 1]
+                i += 1
+            if flags["config"] is not None:  # one file: a second would silently replace the first
+                raise ValueError(f"--config is given twice ({flags['config']} and {value}): give one file, and "
+                                 "override its keys with key=value")
+            flags["config"] = value
         elif arg.startswith("--") and "=" in arg:  # tolerate --key=value
             overrides.append(arg[2:])
         elif "=" in arg:
@@ -145,6 +150,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
         else:
             raise ValueError(f"unexpected argument {arg!r}; options are key=value")
         i += 1
+    check_given_once(overrides)
     return None, overrides, flags
 
 

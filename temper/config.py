@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -29,6 +31,8 @@ __all__ = [
     "to_dict",
     "config_help",
     "parse_overrides",
+    "check_given_once",
+    "OnlyWith",
     "OptimConfig",
     "ScheduleConfig",
     "CheckpointConfig",
@@ -83,6 +87,64 @@ def check_utf8(key: str, value: str | None) -> None:
                           "give the text in UTF-8") from None
 
 
+@dataclass(frozen=True)
+class OnlyWith:
+    """Keys that only one mode of a command reads. Set to anything but their default while the mode
+    is off, they would be ignored, so loading refuses them in one line naming the mode that reads them.
+
+    A config class lists its rules in `only_with` (a subclass adds to its bases'; a section's rules
+    name its own keys and apply wherever it is embedded); `active(config)` says whether the mode is
+    on, for the config that declares the rule. `why`, if given, replaces the generic ending."""
+
+    keys: tuple[str, ...]
+    mode: str  # what turns the mode on, as a user writes it: "peft.method=lora, dora or qlora"
+    active: Callable[[Any], bool]
+    why: str = ""
+
+
+def _rules(cls: type) -> list[OnlyWith]:
+    return [rule for klass in reversed(cls.__mro__) for rule in vars(klass).get("only_with", ())]
+
+
+def check_only_with(obj: Any) -> None:
+    """Refuse every key of a rule (`OnlyWith`) that is set while its mode is off, in `obj` and its
+    sections; "set" is "differs from the default of the top-level class", so a value spelled out
+    as the default (`--print-config` output read back) is not a mistake."""
+    root = type(obj)
+
+    def default_at(path: list[str]) -> Any:
+        value = field_default(root, path[0])
+        for part in path[1:]:
+            value = getattr(value, part)
+        return value
+
+    def walk(node: Any, prefix: list[str]) -> None:
+        for rule in _rules(type(node)):
+            if rule.active(node):
+                continue
+            for key in rule.keys:
+                path = [*prefix, *key.split(".")]
+                value = node
+                for part in key.split("."):
+                    value = getattr(value, part)
+                if value != default_at(path):
+                    name = ".".join(path) + (".*" if isinstance(value, dict) else "")
+                    ending = f"; {rule.why}" if rule.why else ": here it would be ignored; drop it"
+                    raise TemperError(f"{name} is used only with {rule.mode}{ending}")
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value) and not isinstance(value, type):
+                walk(value, [*prefix, f.name])
+
+    walk(obj, [])
+
+
+def field_default(cls: type, key: str) -> Any:
+    """A config class's default for `key` (a factory's product for lists and sections)."""
+    f = cls.__dataclass_fields__[key]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 # ----------------------------------------------------------------------------- shared sections
 # One schema for what every training stage shares; each training recipe embeds these.
 
@@ -114,6 +176,13 @@ class ScheduleConfig:
     warmup_steps: int = opt(-1, "linear warmup steps (-1: warmup_ratio of max_steps)")
     warmup_ratio: float = opt(0.02, "warmup as a fraction of max_steps when warmup_steps is -1")
     min_lr_ratio: float = opt(0.1, "floor of the decay as a fraction of the peak lr")
+
+    only_with: ClassVar = (
+        OnlyWith(("warmup_ratio",), "schedule.warmup_steps=-1", lambda s: s.warmup_steps == -1,
+                 "schedule.warmup_steps sets the warmup here: give one of them"),
+        OnlyWith(("min_lr_ratio",), "schedule.name=cosine or linear", lambda s: s.name != "constant",
+                 "a constant schedule keeps the peak lr after warmup"),
+    )
 
     def validate(self) -> None:
         if self.warmup_steps < -1:
@@ -164,6 +233,16 @@ class PeftConfig:
     quant_block_size: int = opt(64, "QLoRA: NF4 block size")
     double_quant: bool = opt(True, "QLoRA: quantise the block scales too (8-bit, blocks of 256)")
 
+    only_with: ClassVar = (
+        OnlyWith(("r", "alpha", "dropout", "target_modules", "rslora", "modules_to_save"),
+                 "peft.method=lora, dora or qlora", lambda p: p.method in ("lora", "dora", "qlora")),
+        OnlyWith(("quant_block_size", "double_quant"), "peft.method=qlora", lambda p: p.method == "qlora"),
+        OnlyWith(("adapter_dim",), "peft.method=adapter", lambda p: p.method == "adapter"),
+        OnlyWith(("num_virtual_tokens",), "peft.method=prefix or prompt", lambda p: p.method in ("prefix", "prompt")),
+        OnlyWith(("prefix_projection", "prefix_hidden"), "peft.method=prefix", lambda p: p.method == "prefix"),
+        OnlyWith(("prompt_init_text",), "peft.method=prompt", lambda p: p.method == "prompt"),
+    )
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -184,6 +263,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise TemperError(f"empty key in {item!r}")
         _set_dotted(out, key.split("."), _Raw(value))
     return out
+
+
+def check_given_once(items: list[str]) -> None:
+    """One value per key on a command line: a key typed twice, or a section and a key inside it
+    (`optim=...` and `optim.lr=...`), would silently lose one of them. (Programs that build a list
+    of overrides may let a later one win; a person typing both made a mistake.)"""
+    given: dict[str, str] = {}  # key -> the item that set it
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        for other, earlier in given.items():
+            if other == key or other.startswith(key + ".") or key.startswith(other + "."):
+                both = f"{earlier!r} and {item!r}"
+                raise TemperError(f"key '{key}' is given twice on the command line ({both}): give it once"
+                                  if other == key else f"{both} both set '{min(key, other, key=len)}': give one")
+        given[key] = item
 
 
 def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
@@ -256,8 +350,10 @@ def load_config(cls: type, config_file: str | Path | None = None, overrides: lis
     return from_dict(cls, data, source=source)
 
 
-def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config", root: type | None = None):
-    """Check keys and coerce values of `data` into dataclass `cls`."""
+def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config", root: type | None = None,
+              check_modes: bool = True):
+    """Check keys and coerce values of `data` into dataclass `cls`; `check_modes=False` skips the
+    `OnlyWith` rules (for a record written by temper itself, not typed by a user)."""
     root = root or cls
     if not isinstance(data, dict):
         raise TemperError(f"{source}: '{prefix.rstrip('.') or cls.__name__}' must be a mapping")
@@ -275,6 +371,9 @@ def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config"
             kwargs[key] = dataclasses.replace(f.default_factory(), **given)
             continue
         kwargs[key] = _coerce(value, hints[key], prefix + key, source, root)
+        if hints[key] is str and not kwargs[key].strip() and isinstance(f.default, str) and f.default.strip():
+            # `output_dir=$UNSET`: an empty value where the default names something is a value left out
+            raise TemperError(f"{source}: key '{prefix}{key}' is empty; give a value (default: {f.default})")
     try:
         obj = cls(**kwargs)
     except TypeError:  # a required field is missing
@@ -285,17 +384,22 @@ def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "config"
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
+    if not prefix and check_modes:  # the whole config: its keys that a mode it is not in would ignore
+        check_only_with(obj)
     return obj
 
 
-def check_keys(given: dict, dataclass_type: type, prefix: str) -> None:
-    """A free-form mapping of overrides (e.g. `model_config.*`) must name fields of `dataclass_type`."""
+def check_keys(given: dict, dataclass_type: type, prefix: str, source: str = "config") -> dict:
+    """A free-form mapping of overrides (e.g. `model_config.*`) must name fields of `dataclass_type`;
+    returns the values coerced to the fields' types (a wrong type is one line naming the key)."""
     known = sorted(f.name for f in fields(dataclass_type))
     for key in given:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else ""
             raise TemperError(f"unknown key '{prefix}.{key}'{hint}")
+    hints = typing.get_type_hints(dataclass_type)
+    return {key: _coerce(value, hints[key], f"{prefix}.{key}", source) for key, value in given.items()}
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -432,13 +536,17 @@ def _coerce(value: Any, t: Any, key: str, source: str, root: type | None = None)
         if isinstance(value, bool):
             raise fail("a number")
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 raise fail("a number") from None
-        raise fail("a number")
+        else:
+            raise fail("a number")
+        if not math.isfinite(number):  # no setting means anything by NaN or infinity
+            raise fail("a finite number")
+        return number
     if t is Path:
         return Path(str(value))
     raise AssertionError(f"config type {t!r} of '{key}' is not supported")

@@ -271,8 +271,9 @@ def test_checkpoint_of_another_world_layout_or_model_is_refused(runs, tmp_path):
     common = [*runs["common"], f"output_dir={other}", "strategy=fsdp", "global_batch_size=4"]
     check(temper("pretrain", *common, "max_steps=1"))
     ckpt = other / "checkpoints" / "step_00000001"
+    common = [*runs["common"], f"output_dir={tmp_path / 'other2'}", "strategy=fsdp", "global_batch_size=4"]
     result = temper("pretrain", *common, "max_steps=2", f"resume={ckpt}", "model_config.intermediate_size=96",
-                    f"output_dir={tmp_path / 'other2'}", ranks=2)
+                    ranks=2)
     assert result.returncode != 0
     assert "belongs to another run (model.intermediate_size 128 -> 96" in result.stderr
 

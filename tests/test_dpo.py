@@ -1,9 +1,12 @@
 """`temper dpo`: the loss starts at log 2, held-out preference accuracy rises, the three
 reference modes agree, HH-RLHF pairs without a chat template train, and two processes equal one."""
 
+import importlib
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +24,7 @@ from conftest import (
 from safetensors.torch import load_file
 
 from temper.config import load_config
+from temper.data.tokenizer import Tokenizer, train_tokenizer
 from temper.errors import TemperError
 from temper.models import preset
 from temper.recipes import dpo
@@ -171,7 +175,7 @@ def test_bad_settings_are_one_line(tmp_path, tiny_model_dir, pairs):
         (["loss_type=[sigmod]"], r"loss_type 'sigmod' is not one of .*did you mean 'sigmoid'"),
         (["loss_type=[sigmoid,sft]", "loss_weights=[1]"], "loss_weights has 1 numbers for 2 loss types"),
         (["reference=adapter"], "reference=adapter disables a LoRA adapter"),
-        (["loss_type=[simpo]", "reference=copy"], "needs no reference model"),
+        (["loss_type=[simpo]", "reference=copy"], "reference is used only with a loss that uses a reference"),
         (["beta=0"], "beta must be greater than 0"),
         (["loss_type=[kto,sigmoid]"], "loss_type=kto trains on unpaired examples"),
         (["loss_type=[kto]", "reference=precomputed"], "reference=precomputed is for pair losses"),
@@ -328,3 +332,56 @@ def test_precomputed_reference_cache_is_keyed_on_the_weights(tmp_path, tiny_mode
     save_model(model, model_dir, tokenizer=Tokenizer.from_dir(model_dir))  # new weights, same path
     again = run_dpo(tmp_path, model_dir, *common, "overwrite=true")
     assert again["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the reference and the positions, at load
+
+
+def test_a_reference_with_another_tokenizer_is_refused_before_anything_runs(tmp_path, tiny_model_dir, pairs):
+    """The reference scores the policy's token ids: the same tokenizer (a copy of the policy) trains; a
+    tokenizer with other tokens, or the same tokens with another end-of-sequence token, is refused
+    naming what differs, before the output directory is made."""
+    train, _ = pairs
+    same = tmp_path / "same"
+    shutil.copytree(tiny_model_dir, same)
+    summary = run_dpo(tmp_path, tiny_model_dir, f"data={train}", f"ref_model={same}", "max_steps=1", out="ok")
+    assert summary["reference"] == "copy"
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    train_tokenizer(["Zebras graze quietly near the old stone bridge."] * 40, vocab_size=300).save(other)
+    with pytest.raises(TemperError, match=rf"ref_model={other} has another tokenizer than model={tiny_model_dir} "
+                                          r"\((\d+ tokens vs \d+|token \d+ is .* in ref_model's, .* in model's)\)"):
+        run_dpo(tmp_path, tiny_model_dir, f"data={train}", f"ref_model={other}", out="o1")
+    assert not (tmp_path / "o1").exists()
+
+    eos = tmp_path / "eos"
+    shutil.copytree(tiny_model_dir, eos)
+    tokenizer = Tokenizer.from_dir(eos)
+    tokenizer.eos_token = tokenizer.pad_token
+    tokenizer.save(eos)
+    with pytest.raises(TemperError, match=r"has another tokenizer .*\(eos_token is '<\|pad\|>' in ref_model's, "
+                                          r"'<\|eos\|>' in model's\)"):
+        run_dpo(tmp_path, tiny_model_dir, f"data={train}", f"ref_model={eos}", "reference=precomputed", out="o2")
+
+
+@pytest.mark.parametrize("command", ["dpo", "sft"])
+def test_sequences_longer_than_the_models_positions_are_refused_at_load(tmp_path, tiny_model_dir, pairs, command):
+    """Pretraining refused a seq_len beyond the model's positions; fine-tuning trained it. Every recipe
+    checks it as it starts, for each model it feeds (DPO's reference too), before the output directory."""
+    train, _ = pairs
+    positions = preset("llama-tiny").max_seq_len
+    module = dpo if command == "dpo" else importlib.import_module("temper.recipes.sft")
+    args = [f"model={tiny_model_dir}", f"data={train}", f"output_dir={tmp_path / 'out'}", f"seq_len={positions + 1}"]
+    with pytest.raises(TemperError, match=rf"seq_len {positions + 1} is larger than the context of "
+                                          rf"model={re.escape(str(tiny_model_dir))} \({positions} positions\)"):
+        module.run(load_config(module.Config, None, args))
+    assert not (tmp_path / "out").exists()
+    if command == "dpo":  # a reference with fewer positions than the policy
+        short = tmp_path / "short"
+        shutil.copytree(tiny_model_dir, short)
+        config = json.loads((short / "config.json").read_text())
+        config["max_position_embeddings"] = 32
+        (short / "config.json").write_text(json.dumps(config))
+        with pytest.raises(TemperError, match=rf"seq_len 64 is larger than the context of ref_model={short} \(32 "):
+            run_dpo(tmp_path, tiny_model_dir, f"data={train}", f"ref_model={short}")

@@ -338,3 +338,17 @@ def test_compute_time_at_the_mfu_a_temper_run_measured(tmp_path, capsys):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     assert main(["estimate", "model=llama-14m", f"mfu_from={run}"]) == 2
     assert "logs no mfu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, key", [
+    (["model=llama-14m", "model_config.num_layers=0"], "model_config.num_layers must be at least 1, got 0"),
+    (["model=7b", "model_config.hidden_size=-4096"], "model_config.hidden_size must be at least 1, got -4096"),
+    (["model=llama3.1-8b", "model_config.intermediate_size=-1"], "model_config.intermediate_size must be at least 1"),
+    (["model=llama-14m", "model_config.vocab_size=0"], "model_config.vocab_size must be at least 1, got 0"),
+    (["model=50t"], "50.00T parameters is too large for the scaled Llama-like shapes (at most ~30.86T"),
+])
+def test_shapes_that_cannot_be_are_refused_not_estimated(capsys, args, key):
+    """Zero layers or negative widths once gave negative memory; a 50T count was called too small."""
+    assert main(["estimate", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err

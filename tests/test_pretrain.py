@@ -131,7 +131,7 @@ def test_bad_input(tmp_path, corpus, capsys):
     rows.write_text('{"text": "fine"}\n{"body": "no text here"}\n')
     with pytest.raises(TemperError, match=r"rows.jsonl:2: field 'text' is missing"):
         run(tmp_path, rows, "max_steps=1")
-    with pytest.raises(TemperError, match="seq_len 1024 is larger than the model's context of 512"):
+    with pytest.raises(TemperError, match=r"seq_len 1024 is larger than the context of model=llama-tiny \(512 positions\)"):
         run(tmp_path, corpus, "max_steps=1", "seq_len=1024")
     with pytest.raises(TemperError, match=r"unknown key 'model_config.num_layer' \(did you mean 'model_config.num_layers'\?\)"):
         run(tmp_path, corpus, "max_steps=1", "model_config.num_layer=3")

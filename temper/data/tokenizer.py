@@ -29,6 +29,14 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # the chat roles (so role names are one token each and cannot be split by BPE).
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
 
+
+def check_vocab_size(key: str, vocab_size: int) -> None:
+    """A vocabulary size the tokenizer trainer can take (see MAX_VOCAB_SIZE), or one line naming `key`."""
+    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise TemperError(f"{key} must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE:,}] (every byte and the special "
+                          f"tokens; the tokenizer trainer reserves memory for every token up front), got {vocab_size:,}")
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -206,6 +214,62 @@ class Tokenizer:
         (out / "special_tokens_map.json").write_text(json.dumps(sp, indent=2) + "\n", encoding="utf-8")
 
 
+def tokenizer_difference(a: str | Path | Tokenizer, b: str | Path | Tokenizer,
+                         names: tuple[str, str] = ("the first's", "the second's")) -> str | None:
+    """What differs between two tokenizers in what decides the ids, or None: the vocabulary (token by
+    token), the BPE merges, the normaliser and pre-tokeniser, and for loaded tokenizers the
+    BOS/EOS/PAD tokens. `a` and `b` are `tokenizer.json` files or `Tokenizer`s; `names` say whose
+    each is in the message ("the adapter's", "the base's")."""
+    ja, jb = _tokenizer_json(a), _tokenizer_json(b)
+    va, vb = _id_to_token(ja), _id_to_token(jb)
+    if len(va) != len(vb):
+        return f"{len(va)} tokens vs {len(vb)}"
+    for i in sorted(va):
+        if va[i] != vb.get(i):
+            return f"token {i} is {va[i]!r} in {names[0]}, {vb.get(i)!r} in {names[1]}"
+    if _merges(ja) != _merges(jb):
+        return "the same tokens but different BPE merges"
+    for part in ("normalizer", "pre_tokenizer"):
+        if ja.get(part) != jb.get(part):
+            return f"a different {part}"
+    if isinstance(a, Tokenizer) and isinstance(b, Tokenizer):
+        for role in ("bos_token", "eos_token", "pad_token"):
+            if getattr(a, role) != getattr(b, role):
+                return f"{role} is {getattr(a, role)!r} in {names[0]}, {getattr(b, role)!r} in {names[1]}"
+    return None
+
+
+def _tokenizer_json(t: str | Path | Tokenizer) -> dict:
+    if isinstance(t, Tokenizer):
+        return json.loads(t.backend.to_str())
+    try:
+        return json.loads(Path(t).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TemperError(f"{t}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _id_to_token(tok: dict) -> dict[int, str]:
+    model = tok.get("model") or {}
+    vocab = model.get("vocab") or {}
+    ids = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {
+        i: (t[0] if isinstance(t, list) else t) for i, t in enumerate(vocab)}  # Unigram: [piece, score]
+    ids.update({t["id"]: t["content"] for t in tok.get("added_tokens") or [] if "id" in t and "content" in t})
+    return ids
+
+
+def _merges(tok: dict) -> list[str]:
+    return [" ".join(m) if isinstance(m, list) else m for m in (tok.get("model") or {}).get("merges") or []]
+
+
+# The trainer (tokenizers' BpeTrainer) reserves its tables for `vocab_size` tokens before it reads a merge:
+# a HashMap<String, u32> and a Vec<String> with that capacity, about 33 bytes x the power of two above 8/7 of
+# vocab_size plus 24 bytes x vocab_size. Its ids are u32 (at most 2**32 tokens), but memory runs out long
+# before: 10**9 asks for one 71 GB block at once and a refused allocation aborts the process (exit 134,
+# no Python error). 2**24 reserves ~1.5 GB, 64 times the largest vocabularies in use (262,144).
+MAX_VOCAB_SIZE = 2**24
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus temper's special tokens
+
+
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
                     special_tokens: Sequence[str] = SPECIAL_TOKENS, model_max_length: int | None = None,
                     show_progress: bool = False) -> Tokenizer:
@@ -215,6 +279,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int
             f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 256 bytes "
             f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}"
         )
+    check_vocab_size("vocab_size", vocab_size)
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -12,7 +12,22 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from temper.config import check_keys, check_range
 from temper.errors import TemperError
+
+# sizes that are positive integers (None: derived from the others, or off)
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "max_seq_len", "sliding_window")
+
+
+def check_shape(values: dict[str, Any], prefix: str = "") -> None:
+    """Every size in `values` a positive integer, norm_eps and rope_theta positive: one line naming the key."""
+    for key in POSITIVE_SIZES:
+        if values.get(key) is not None:
+            check_range(prefix + key, values[key], low=1)
+    for key in ("norm_eps", "rope_theta"):
+        if values.get(key) is not None:
+            check_range(prefix + key, values[key], low=0.0, low_open=True)
 
 
 @dataclass
@@ -41,6 +56,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # HF config keys carried through untouched
 
     def __post_init__(self) -> None:
+        check_shape(vars(self))
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -63,6 +79,16 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, given: dict[str, Any], prefix: str = "model_config") -> ModelConfig:
+        """This shape with the user's `model_config.*` overrides: keys, types and sizes checked, each
+        mistake one line naming `prefix.KEY`."""
+        values = check_keys(given, ModelConfig, prefix)
+        check_shape(values, prefix + ".")
+        try:
+            return self.replace(**values)
+        except TemperError as e:
+            raise TemperError(f"{prefix}: {e}") from None
 
 
 def _llama(**kw: Any) -> ModelConfig:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from temper.config import OnlyWith, check_range
 from temper.models.common import DecoderBase, KVCache, build_attention_mask, positions_from_valid
 
 
@@ -28,16 +29,28 @@ class SamplingConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Each setting in its range and finite (NaN compares false with every bound), named as the
+        generate and chat commands name it."""
+        check_range("max_new_tokens", self.max_new_tokens, low=1)
+        check_range("temperature", self.temperature, low=0.0)
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_range("top_k", self.top_k, low=0)
+        check_range("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+
+    @classmethod
+    def of(cls, settings, *, eos_token_ids: Sequence[int] = (), stop: Sequence[str] = ()) -> SamplingConfig:
+        """The sampling settings of a command's config (max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, seed), checked."""
+        sampling = cls(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                       top_k=settings.top_k, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+                       eos_token_ids=tuple(eos_token_ids), stop=tuple(stop), seed=settings.seed)
+        sampling.validate()
+        return sampling
+
+
+# a command whose config has the sampling settings refuses the ones greedy decoding ignores
+GREEDY_IGNORES = OnlyWith(("top_k", "top_p"), "temperature > 0", lambda c: c.temperature > 0,
+                          "temperature=0 decodes greedily (the most likely token, whatever the others)")
 
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:

@@ -125,7 +125,7 @@ def read_temper_peft(adapter_dir: str | Path) -> PeftConfig | None:
     path = Path(adapter_dir) / TEMPER_PEFT_FILE
     if not path.is_file():
         return None
-    return from_dict(PeftConfig, json.loads(path.read_text()), source=str(path))
+    return from_dict(PeftConfig, json.loads(path.read_text()), source=str(path), check_modes=False)  # temper wrote it
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def inject_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default"
             raise TemperError(f"no linear module named {name!r} in this model")
         m = linears[name]
         if not 1 <= cfg.r <= min(m.in_features, m.out_features):
-            raise TemperError(f"LoRA rank r={cfg.r} does not fit {name} of shape (out={m.out_features}, "
+            raise TemperError(f"LoRA rank peft.r={cfg.r} does not fit {name} of shape (out={m.out_features}, "
                               f"in={m.in_features}); expected 1 <= r <= {min(m.in_features, m.out_features)}")
     save = _resolve_modules_to_save(model, cfg.modules_to_save, names)
     previous = _active_adapter(model)

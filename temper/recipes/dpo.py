@@ -33,7 +33,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from temper.config import check_range, opt
+from temper.config import OnlyWith, check_range, opt
 from temper.data.chat import resolve_template, stop_settings
 from temper.data.preference import (
     PreferenceLoader,
@@ -56,7 +56,7 @@ from temper.losses.preference import (
 )
 from temper.train import recipe
 from temper.train.loop import TrainLoop
-from temper.train.reference import Reference
+from temper.train.reference import Reference, check_same_tokenizer
 
 LORA_METHODS = ("lora", "dora", "qlora")
 
@@ -95,11 +95,21 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
     desirable_weight: float = opt(1.0, "KTO: the weight of desirable examples' losses (lambda_D)")
     undesirable_weight: float = opt(1.0, "KTO: the weight of undesirable examples' losses (lambda_U)")
 
+    only_with: ClassVar = (
+        OnlyWith(("ref_model", "reference"), "a loss that uses a reference (every loss_type but simpo and orpo)",
+                 lambda c: c.needs_reference),
+        OnlyWith(("simpo_gamma",), "loss_type=simpo", lambda c: "simpo" in c.loss_type),
+        OnlyWith(("label_smoothing",), "loss_type=sigmoid, robust or simpo",
+                 lambda c: bool({"sigmoid", "robust", "simpo"} & set(c.loss_type))),
+        OnlyWith(("desirable_weight", "undesirable_weight"), "loss_type=kto", lambda c: c.kto),
+    )
+
     def validate(self) -> None:
         super().validate()
         for key in ("eval_pairs", "max_prompt_len", "limit"):
             check_range(key, getattr(self, key), low=0)
         check_range("beta", self.beta, low=0.0, low_open=True)
+        check_range("simpo_gamma", self.simpo_gamma, low=0.0)
         check_range("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
         for key in ("desirable_weight", "undesirable_weight"):
             check_range(key, getattr(self, key), low=0.0)
@@ -110,6 +120,10 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
                 close = difflib.get_close_matches(kind, (*LOSS_TYPES, "kto"), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise TemperError(f"loss_type '{kind}' is not one of {', '.join(LOSS_TYPES)}, kto{hint}")
+        twice = sorted({kind for kind in self.loss_type if self.loss_type.count(kind) > 1})
+        if twice:
+            raise TemperError(f"loss_type names {', '.join(twice)} more than once: give each loss once (loss_weights "
+                              "weighs them)")
         if "kto" in self.loss_type and self.loss_type != ["kto"]:
             raise TemperError("loss_type=kto trains on unpaired examples: it does not combine with pair losses")
         if self.kto and self.reference == "precomputed":
@@ -119,8 +133,8 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
         if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
             raise TemperError(f"loss_weights has {len(self.loss_weights)} numbers for {len(self.loss_type)} loss "
                               "types: give one weight per loss_type")
-        if not self.needs_reference and (self.reference != "auto" or self.ref_model):
-            raise TemperError(f"loss_type={self.loss_type} needs no reference model: drop reference= and ref_model=")
+        for i, weight in enumerate(self.loss_weights):  # a zero weight is a loss_type left out
+            check_range(f"loss_weights[{i}]", weight, low=0.0, low_open=True)
         if self.reference == "adapter" and self.peft.method not in LORA_METHODS:
             raise TemperError("reference=adapter disables a LoRA adapter to get the reference: it needs "
                               "peft.method=lora, dora or qlora")
@@ -173,8 +187,10 @@ def resolve_pairs(cfg: Config, lineage: dict, tokenizer, template: str | None):
 
 
 def run(cfg: Config) -> dict:
-    run = recipe.start(cfg, inputs=("model", "ref_model"))
     mode = cfg.reference_mode()
+    if cfg.ref_model and mode in ("copy", "precomputed"):  # log-ratios compare token by token: one tokenizer
+        check_same_tokenizer(cfg.model, cfg.ref_model)
+    run = recipe.start(cfg, inputs=("model", "ref_model"))
 
     # model, tokenizer, template (message rows only; string rows are used as they are)
     policy = recipe.load_policy(cfg, run)

@@ -18,19 +18,20 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 from temper.config import (
+    OnlyWith,
     check_keys,
     check_range,
     opt,
 )
 from temper.data.readers import expand_paths, iter_texts
 from temper.data.shards import TokenLoader, build_shards, files_fingerprint, fingerprint, read_index
-from temper.data.tokenizer import Tokenizer, train_tokenizer
+from temper.data.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from temper.data.world import WorldConfig, build_world, fact_probes, write_world
 from temper.errors import TemperError
 from temper.eval.perplexity import evaluate_batches
@@ -62,16 +63,27 @@ class Config(recipe.TrainingConfig, command="pretrain",
     sample_prompts: list[str] = opt([], "prompts for the samples (default: the opening tokens of validation documents)")
     sample_tokens: int = opt(40, "tokens per sample")
 
+    only_with: ClassVar = (
+        OnlyWith(("eval_data",), "data=", lambda c: bool(c.data),
+                 "the built-in world brings its own validation split (set data= to train on your own text)"),
+        OnlyWith(("world",), "the built-in world (data= empty)", lambda c: not c.data),
+        OnlyWith(("text_field", "text_mode", "encoding_errors"), "data=", lambda c: bool(c.data),
+                 "the built-in world is JSONL of UTF-8 text"),
+        OnlyWith(("model_config",), "a preset model (model= a directory has its config.json)",
+                 lambda c: not Path(c.model).is_dir()),
+        OnlyWith(("vocab_size",), "a tokenizer trained here (no tokenizer=, and a model= without one)",
+                 lambda c: not c.tokenizer and not (Path(c.model) / "tokenizer.json").is_file()),
+    )
+
     def validate(self) -> None:
         super().validate()
-        for key in ("loss_chunk", "vocab_size", "sample_tokens"):
+        for key in ("loss_chunk", "sample_tokens"):
             check_range(key, getattr(self, key), low=1)
+        check_vocab_size("vocab_size", self.vocab_size)
         check_range("samples", self.samples, low=0)
-        if self.eval_data and not self.data:
-            raise TemperError("eval_data is used only with data=; the built-in world brings its own validation "
-                              "split (set data= to train on your own text)")
-        if self.world and self.data:
-            raise TemperError("world.* settings apply to the built-in world, which is not used with data=")
+        if self.model_config and not Path(self.model).is_dir():
+            preset(self.model).with_overrides(self.model_config)  # the changed shape, checked now: keys, types, sizes
+            self.model_config = check_keys(self.model_config, ModelConfig, "model_config")  # as typed values
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
@@ -126,23 +138,16 @@ def prepare_shards(cfg: Config, out: Path, tokenizer, train_files: list[str], va
 
 def prepare_model(cfg: Config, tokenizer, device, dtype):
     if Path(cfg.model).is_dir():
-        if cfg.model_config:
-            raise TemperError(f"model_config.* sets a preset's shape; model={cfg.model} is a directory whose "
-                              "config.json fixes it (drop model_config, or name a preset)")
         model = load_model(cfg.model, device=device, dtype=dtype)
     else:
-        check_keys(cfg.model_config, ModelConfig, "model_config")
         vocab = 64 * math.ceil(tokenizer.vocab_size / 64)  # a multiple of 64 keeps the matmuls fast
         config = preset(cfg.model, vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                        pad_token_id=tokenizer.pad_id, **cfg.model_config)
+                        pad_token_id=tokenizer.pad_id).with_overrides(cfg.model_config)
         model = build_model(config, device=device, dtype=dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TemperError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} embeddings")
-    if cfg.seq_len > model.config.max_seq_len:
-        raise TemperError(
-            f"seq_len {cfg.seq_len} is larger than the model's context of {model.config.max_seq_len} positions "
-            "(lower seq_len, or for a preset raise model_config.max_seq_len)"
-        )
+    recipe.check_positions(cfg.seq_len, model.config, f"model={cfg.model}",
+                           "lower seq_len, or for a preset raise model_config.max_seq_len")
     return model
 
 

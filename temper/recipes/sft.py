@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from temper.config import check_range, opt
+from temper.config import OnlyWith, check_range, opt
 from temper.data.chat import resolve_template, stop_settings
 from temper.data.sft import (
     SFTLoader,
@@ -51,14 +51,16 @@ class Config(recipe.TrainingConfig, command="sft", capabilities=recipe.Capabilit
     loss_on: Literal["completion", "assistant", "all"] = opt(
         "completion", "train on the last reply, on every assistant turn, or on every token")
 
+    only_with: ClassVar = (
+        OnlyWith(("replay_batch_size",), "replay_weight > 0", lambda c: c.replay_weight > 0),
+    )
+
     def validate(self) -> None:
         super().validate()
         check_range("replay_weight", self.replay_weight, low=0.0, high=1.0, high_open=True)
         for key in ("replay_batch_size", "eval_max_new_tokens"):
             check_range(key, getattr(self, key), low=1)
         check_range("eval_samples", self.eval_samples, low=0)
-        if self.replay_weight == 0 and self.replay_batch_size != Config.replay_batch_size:
-            raise TemperError("replay_batch_size is used only with replay_weight > 0")
 
 
 def resolve_data(cfg: Config, lineage: dict):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,7 +24,7 @@ from temper.config import check_utf8, opt
 from temper.data.chat import StopWriter, chat_template_for, render, render_kwargs, stop_settings
 from temper.errors import TemperError
 from temper.loading import load_for_inference
-from temper.models.generate import SamplingConfig, generate_text
+from temper.models.generate import GREEDY_IGNORES, SamplingConfig, generate_text
 from temper.runtime import resolve_device
 
 PROMPT = "you> "
@@ -47,10 +47,13 @@ class Config:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16")
 
+    only_with: ClassVar = (GREEDY_IGNORES,)
+
     def validate(self) -> None:
         if not self.model:
             raise TemperError("model= is required: a model directory")
         check_utf8("system=", self.system)
+        SamplingConfig.of(self)
 
 
 # ----------------------------------------------------------------------------- the chat loop
@@ -151,15 +154,7 @@ def run(cfg: Config) -> None:
     probe = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": "hi"}]
     render(template, probe, add_generation_prompt=True, **render_kwargs(tokenizer))  # fail now, not mid-chat
     stops, eos_ids = stop_settings(tokenizer, template)
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty, eos_token_ids=tuple(eos_ids), stop=tuple(stops),
-        seed=cfg.seed,
-    )
-    try:
-        sampling.validate()
-    except ValueError as e:
-        raise TemperError(str(e)) from None
+    sampling = SamplingConfig.of(cfg, eos_token_ids=eos_ids, stop=stops)
     torch.manual_seed(cfg.seed)
 
     # undecodable input bytes become surrogates that chat_loop names, instead of a decoding traceback

@@ -21,16 +21,15 @@ import json
 import statistics
 import sys
 import warnings
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import yaml
 
-from temper.config import check_keys, check_range, opt
+from temper.config import OnlyWith, check_range, opt
 from temper.errors import TemperError
-from temper.models.config import ModelConfig
 from temper.runtime import resolve_device
 from temper.train import memory
 from temper.train.engine import measure_matmul_peak, resolve_precision
@@ -85,6 +84,18 @@ class Config:
     tokens_per_param: float = opt(20.0, "Chinchilla's compute-optimal tokens per parameter")
     format: Literal["table", "json"] = opt("table", "a readable table, or JSON (sizes in bytes) on stdout")
 
+    only_with: ClassVar = (
+        OnlyWith(("mixed_precision",), "method=full", lambda c: c.method == "full",
+                 "method=lora and qlora train fp32 adapters whatever the base dtype"),
+        OnlyWith(("lora_r", "lora_targets"), "method=lora or method=qlora", lambda c: c.method != "full"),
+        OnlyWith(("quant_block_size", "double_quant"), "method=qlora", lambda c: c.method == "qlora"),
+        OnlyWith(("reshard_after_forward",), "strategy=fsdp", lambda c: c.strategy == "fsdp"),
+        OnlyWith(TRAINING_KEYS, "inference=false", lambda c: not c.inference,
+                 "inference=true plans weights + KV cache (batch=, context=)"),
+        OnlyWith(("batch", "context"), "inference=true", lambda c: c.inference,
+                 "training uses micro_batch= and seq_len="),
+    )
+
     def validate(self) -> None:
         if not self.model:
             raise TemperError("model= is required: a preset, a model directory or a parameter count (7b)")
@@ -102,32 +113,9 @@ class Config:
                               f"{self.activation_checkpointing!r}")
         if self.strategy is not None and self.zero != 0:
             raise TemperError(f"strategy={self.strategy} and zero={self.zero} both set the sharding; give one of them")
-        if self.reshard_after_forward is not None and self.strategy != "fsdp":
-            raise TemperError("reshard_after_forward is an FSDP setting: add strategy=fsdp")
         if self.mixed_precision and self.dtype == "fp32":
             raise TemperError("mixed_precision=true keeps fp32 master weights beside bf16/fp16 ones; with "
                               "dtype=fp32 there is nothing to mix (set dtype=bf16, or drop mixed_precision)")
-        if self.mixed_precision is not None and self.method != "full":
-            raise TemperError(f"mixed_precision is a full fine-tuning setting; method={self.method} trains fp32 "
-                              "adapters whatever the base dtype")
-        if self.method == "full":
-            for key in ("lora_r", "lora_targets"):
-                if getattr(self, key) != _default(key):
-                    raise TemperError(f"{key} is a LoRA setting; add method=lora or method=qlora")
-        if self.method != "qlora":
-            for key in ("quant_block_size", "double_quant"):
-                if getattr(self, key) != _default(key):
-                    raise TemperError(f"{key} is a QLoRA setting; add method=qlora")
-        if self.inference:
-            for key in TRAINING_KEYS:
-                if getattr(self, key) != _default(key):
-                    raise TemperError(f"{key} is a training setting; inference=true plans weights + KV cache "
-                                      "(batch=, context=)")
-        else:
-            for key in ("batch", "context"):
-                if getattr(self, key) != _default(key):
-                    raise TemperError(f"{key} is an inference setting (add inference=true); training uses "
-                                      "micro_batch= and seq_len=")
 
     @property
     def checkpointing(self) -> str:
@@ -135,11 +123,6 @@ class Config:
         if isinstance(value, bool):
             return "full" if value else "none"
         return value
-
-
-def _default(key: str):
-    f = next(f for f in fields(Config) if f.name == key)
-    return f.default_factory() if f.default is MISSING else f.default
 
 
 def plan_from(cfg: Config, shape) -> object:
@@ -178,7 +161,6 @@ def plan_from(cfg: Config, shape) -> object:
 
 def estimate(cfg: Config) -> dict:
     """Everything `temper estimate` reports, as plain data (sizes in bytes)."""
-    check_keys(cfg.model_config, ModelConfig, "model_config")
     shape, source = memory.resolve_model(cfg.model, cfg.model_config)
     plan = plan_from(cfg, shape)
     counts = memory.parameter_counts(shape)

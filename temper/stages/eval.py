@@ -21,9 +21,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from temper.config import opt
+from temper.config import OnlyWith, opt
 from temper.data.prompts import Prompt
 from temper.data.readers import expand_paths, iter_texts
 from temper.data.tokenizer import Tokenizer
@@ -63,6 +63,11 @@ class Config:
     output_dir: str = opt("runs/eval", "where results.json and results.md are written")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
+
+    only_with: ClassVar = (
+        OnlyWith(("text_field", "text_mode", "window", "stride"), "data= (perplexity)", lambda c: bool(c.data)),
+        OnlyWith(("ngram",), "contamination=", lambda c: bool(c.contamination)),
+    )
 
     def validate(self) -> None:
         if not self.model and not self.models:

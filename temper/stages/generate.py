@@ -22,19 +22,19 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 
-from temper.config import check_utf8, opt
+from temper.config import OnlyWith, check_range, check_utf8, opt
 from temper.data.chat import StopWriter, chat_template_for, render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
 from temper.io import atomic_writer
 from temper.lineage import read_lineage
 from temper.loading import load_for_inference
-from temper.models.generate import SamplingConfig, generate_text
+from temper.models.generate import GREEDY_IGNORES, SamplingConfig, generate_text
 from temper.runtime import resolve_device
 
 
@@ -60,6 +60,12 @@ class Config:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16")
 
+    only_with: ClassVar = (
+        GREEDY_IGNORES,
+        OnlyWith(("stream",), "prompt=", lambda c: c.prompt is not None, "a prompts file is written as JSONL"),
+        OnlyWith(("output_file", "prompt_field", "batch_size"), "prompts_file=", lambda c: c.prompts_file is not None),
+    )
+
     def validate(self) -> None:
         if not self.model:
             raise TemperError("model= is required: a model directory")
@@ -71,8 +77,8 @@ class Config:
         check_utf8("system=", self.system)
         for i, stop in enumerate(self.stop):
             check_utf8(f"stop[{i}]=", stop)
-        if self.batch_size < 1:
-            raise TemperError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_range("batch_size", self.batch_size, low=1)
+        SamplingConfig.of(self)
 
 
 def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
@@ -102,14 +108,7 @@ def run(cfg: Config) -> None:
         texts = [render(template, chat_messages(p, cfg.system), add_generation_prompt=True,
                         **render_kwargs(tokenizer)) for p in prompts]
         stops, eos_ids = stop_settings(tokenizer, template, cfg.stop)
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty, eos_token_ids=tuple(eos_ids), stop=tuple(stops), seed=cfg.seed,
-    )
-    try:
-        sampling.validate()
-    except ValueError as e:
-        raise TemperError(str(e)) from None
+    sampling = SamplingConfig.of(cfg, eos_token_ids=eos_ids, stop=stops)
     torch.manual_seed(cfg.seed)
 
     if cfg.prompt is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from temper.config import opt
 from temper.data.chat import stop_settings
-from temper.data.tokenizer import Tokenizer
+from temper.data.tokenizer import Tokenizer, tokenizer_difference
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import owned_output_dir, refuse_same_dir
 from temper.lineage import read_lineage, write_lineage
@@ -149,46 +149,10 @@ def check_same_tokenizer(adapter: Path, base: Path) -> None:
     a, b = adapter / "tokenizer.json", base / "tokenizer.json"
     if not (a.is_file() and b.is_file()):
         return
-    difference = tokenizer_difference(a, b)
+    difference = tokenizer_difference(a, b, ("the adapter's", "the base's"))
     if difference:
         raise TemperError(f"{a} differs from the base's {b}: {difference} (was the adapter trained on another "
                           "base model?)")
-
-
-def tokenizer_difference(a: Path, b: Path) -> str | None:
-    """What differs between two tokenizer.json files in what decides the ids, or None."""
-    def load(p: Path) -> dict:
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TemperError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-    ja, jb = load(a), load(b)
-    va, vb = _id_to_token(ja), _id_to_token(jb)
-    if len(va) != len(vb):
-        return f"{len(va)} tokens vs {len(vb)}"
-    for i in sorted(va):
-        if va[i] != vb.get(i):
-            return f"token {i} is {va[i]!r} in the adapter's, {vb.get(i)!r} in the base's"
-    if _merges(ja) != _merges(jb):
-        return "the same tokens but different BPE merges"
-    for part in ("normalizer", "pre_tokenizer"):
-        if ja.get(part) != jb.get(part):
-            return f"a different {part}"
-    return None
-
-
-def _id_to_token(tok: dict) -> dict[int, str]:
-    model = tok.get("model") or {}
-    vocab = model.get("vocab") or {}
-    ids = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {
-        i: (t[0] if isinstance(t, list) else t) for i, t in enumerate(vocab)}  # Unigram: [piece, score]
-    ids.update({t["id"]: t["content"] for t in tok.get("added_tokens") or [] if "id" in t and "content" in t})
-    return ids
-
-
-def _merges(tok: dict) -> list[str]:
-    return [" ".join(m) if isinstance(m, list) else m for m in (tok.get("model") or {}).get("merges") or []]
 
 
 def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:

@@ -10,9 +10,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Literal
 
-from temper.config import opt
+from temper.config import check_range, opt
 from temper.data.readers import iter_texts
-from temper.data.tokenizer import train_tokenizer
+from temper.data.tokenizer import check_vocab_size, train_tokenizer
 from temper.errors import TemperError
 
 
@@ -31,6 +31,10 @@ class Config:
     def validate(self) -> None:
         if not self.data:
             raise TemperError("data= is required: text files, JSONL files, directories or globs")
+        check_vocab_size("vocab_size", self.vocab_size)
+        for key in ("min_frequency", "max_documents"):
+            check_range(key, getattr(self, key), low=0)
+        check_range("model_max_length", self.model_max_length, low=1)
 
 
 def run(cfg: Config) -> None:

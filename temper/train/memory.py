@@ -193,7 +193,15 @@ def scaled_llama(n_params: float) -> ModelConfig:
         score = abs(math.log(inter / hidden / (8 / 3)))
         if best is None or score < best[0]:
             best = (score, _llama_shape(intermediate_size=inter, **shape))
-    if best is None or best[0] > math.log(1.5):  # nothing near a SwiGLU shape: the embeddings dominate
+    if best is None or best[0] > math.log(1.5):  # nothing near a SwiGLU shape
+        if n_params > 1e9:  # the rule fits every count from ~0.5B: past its widest shape, the count is too large
+            hidden = 65536
+            widest = _llama_shape(vocab_size=32000, hidden_size=hidden, num_layers=hidden // 128,
+                                  num_heads=hidden // 128, num_kv_heads=8, max_seq_len=4096, norm_eps=1e-5,
+                                  intermediate_size=256 * int(1.5 * 8 / 3 * hidden / 256))
+            raise TemperError(f"model: {_count(n_params)} parameters is too large for the scaled Llama-like shapes "
+                              f"(at most ~{_count(parameter_counts(widest).total)}: hidden {hidden}, {hidden // 128} "
+                              "layers); name a preset (llama3.1-405b, ...) and widen it with model_config.*")
         raise TemperError(f"model: {_count(n_params)} parameters is too small for a Llama-like shape (the "
                           "embeddings would dominate; at least ~0.5B); name a preset such as llama-14m")
     return best[1]
@@ -220,9 +228,9 @@ def resolve_model(spec: str, overrides: dict | None = None) -> tuple[ModelConfig
     (its config.json only; no weights are read) or a bare parameter count."""
     overrides = dict(overrides or {})
     if spec in SHAPES:
-        return SHAPES[spec].replace(**overrides), f"{spec} (published shape)"
+        return SHAPES[spec].with_overrides(overrides), f"{spec} (published shape)"
     if spec in PRESETS:
-        return PRESETS[spec].replace(**overrides), f"{spec} (temper preset)"
+        return PRESETS[spec].with_overrides(overrides), f"{spec} (temper preset)"
     if Path(spec).is_dir():
         if overrides:
             raise TemperError(f"model_config.* changes a preset's shape; model={spec} is a directory whose "
@@ -230,7 +238,7 @@ def resolve_model(spec: str, overrides: dict | None = None) -> tuple[ModelConfig
         return config_from_hf(read_hf_config(spec), str(Path(spec) / "config.json")), f"{spec} (config.json)"
     count = parse_count(spec)
     if count is not None:
-        shape = scaled_llama(count).replace(**overrides)
+        shape = scaled_llama(count).with_overrides(overrides)
         return shape, f"{spec} (scaled Llama-2-like shape)"
     names = [*SHAPES, *PRESETS]
     close = difflib.get_close_matches(spec, names, n=1)

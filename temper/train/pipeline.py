@@ -222,10 +222,10 @@ class PipelineRunner:
         self.group = _as_group(pp_group)
         self.pp_rank, self.pp_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         if n_microbatches < 1:
-            raise TemperError(f"parallel.pp_microbatches={n_microbatches} must be at least 1")
+            raise TemperError(f"grad_accum={n_microbatches}: the pipeline's micro-batches per step must be at least 1")
         if schedule == "1f1b" and n_microbatches < self.pp_size:
-            raise TemperError(f"parallel.pp_microbatches={n_microbatches} is fewer than the {self.pp_size} "
-                              "pipeline stages: 1F1B needs at least one micro-batch per stage")
+            raise TemperError(f"grad_accum={n_microbatches} (the pipeline's micro-batches per step) is fewer than "
+                              f"the {self.pp_size} pipeline stages: 1F1B needs at least one micro-batch per stage")
         self.n_microbatches, self.dp_group, self.loss_chunk, self.autocast = n_microbatches, dp_group, loss_chunk, autocast
         self.device = torch.device(device) if device is not None else model.lm_head.weight.device
         self.module = build_stage(model, self.pp_rank, self.pp_size)  # the rest of the model is freed
@@ -297,7 +297,7 @@ class PipelineRunner:
             raise TemperError(f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} must both be (B, T)")
         if input_ids.shape[0] % self.n_microbatches:
             raise TemperError(f"a batch of {input_ids.shape[0]} rows does not split into "
-                              f"parallel.pp_microbatches={self.n_microbatches} equal micro-batches")
+                              f"{self.n_microbatches} equal pipeline micro-batches (grad_accum)")
         count = (targets != IGNORE_INDEX).sum().to(self.device)  # int64: exact at any batch size
         if self.dp_group is not None:
             dist.all_reduce(count, group=self.dp_group)

@@ -39,10 +39,12 @@ import torch
 from temper.config import (
     CheckpointConfig,
     LoggingConfig,
+    OnlyWith,
     OptimConfig,
     PeftConfig,
     ScheduleConfig,
     check_range,
+    field_default,
     opt,
 )
 from temper.data.tokenizer import Tokenizer
@@ -50,6 +52,7 @@ from temper.errors import TemperError
 from temper.io import refuse_same_dir
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model, save_model
+from temper.models.hf import config_from_hf, read_hf_config
 from temper.peft import apply_peft, save_peft
 from temper.runtime import resolve_device, seed_everything
 from temper.train import engine
@@ -152,6 +155,14 @@ class TrainingConfig:
 
     command: ClassVar[str] = "train"
     capabilities: ClassVar[Capabilities] = Capabilities()
+    only_with: ClassVar = (
+        OnlyWith(("eval_fraction",), "data= and no eval_data=", lambda c: bool(c.data) and not c.eval_data,
+                 "it holds out a share of data= when eval_data= is empty (the built-in world brings its own "
+                 "held-out split): give one of them"),
+        OnlyWith(("parallel.pp_schedule",), "parallel.pp > 1", lambda c: c.parallel.pp > 1),
+        OnlyWith(("parallel.reshard_after_forward", "parallel.cpu_offload"), "strategy=fsdp (or auto under torchrun)",
+                 lambda c: c.strategy in ("fsdp", "auto")),
+    )
 
     def __init_subclass__(cls, *, command: str | None = None, capabilities: Capabilities | None = None,
                           defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -212,9 +223,6 @@ class TrainingConfig:
         check_range("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
         if hasattr(self, "max_bad_row_fraction"):
             check_range("max_bad_row_fraction", self.max_bad_row_fraction, low=0.0, high=1.0)
-        default_fraction = type(self).__dataclass_fields__["eval_fraction"].default
-        if self.eval_data and self.eval_fraction != default_fraction:
-            raise TemperError("eval_fraction splits data= only when eval_data is empty; give one of them")
         if self.parallel.tp > 1 and not caps.tensor_parallel:
             raise TemperError(f"parallel.tp: temper {name} has no tensor parallelism yet (temper pretrain has): "
                               "use strategy=fsdp or ddp")
@@ -277,6 +285,9 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
         value = getattr(cfg, key, None)
         if value and Path(value).is_dir():
             refuse_same_dir(cfg.output_dir, value, key)
+            if (Path(value) / "config.json").is_file():  # every model the run feeds seq_len tokens to has them
+                check_positions(cfg.seq_len, config_from_hf(read_hf_config(value), f"{value}/config.json"),
+                                f"{key}={value}")
     device = resolve_device(cfg.device)
     precision = engine.resolve_precision(cfg.precision, device)
     par = Parallel(cfg.strategy, cfg.parallel, device)
@@ -290,6 +301,13 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     seed_everything(cfg.seed)
     grad_accum, batch = global_batch(cfg, par.dp)
     return Run(out, par.device, precision, par, grad_accum, batch)
+
+
+def check_positions(seq_len: int, model_config: Any, whose: str, advice: str = "lower seq_len") -> None:
+    """Sequences of `seq_len` tokens fit the model's positions, or one line naming both."""
+    if seq_len > model_config.max_seq_len:
+        raise TemperError(f"seq_len {seq_len} is larger than the context of {whose} ({model_config.max_seq_len} "
+                          f"positions): {advice}")
 
 
 @dataclass
@@ -353,8 +371,3 @@ def save_outputs(loop: Any, cfg: TrainingConfig, stage: str, tokenizer: Tokenize
                              **({"peft": method} if peft is not None else {})})
     return plain
 
-
-def field_default(cls: type, key: str) -> Any:
-    """A config class's default for `key` (a factory's product for lists and sections)."""
-    f = cls.__dataclass_fields__[key]
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -32,6 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from temper.data.preference import collate_pairs
+from temper.data.tokenizer import Tokenizer, tokenizer_difference
+from temper.errors import TemperError
 from temper.io import atomic_write_bytes
 from temper.losses.logprobs import completion_logprobs
 from temper.models import load_model
@@ -53,6 +55,19 @@ def weights_fingerprint(model_dir: str | Path) -> str:
             while block := f.read(1 << 24):
                 digest.update(block)
     return digest.hexdigest()[:32]
+
+
+def check_same_tokenizer(model: str | Path, ref_model: str | Path) -> None:
+    """A reference model scores the policy's token ids: its tokenizer (vocabulary, merges, special
+    tokens) must be the policy's, or one line saying what differs. Skipped where either directory
+    has no tokenizer.json (a bare weights directory) to compare."""
+    if not ((Path(model) / "tokenizer.json").is_file() and (Path(ref_model) / "tokenizer.json").is_file()):
+        return
+    difference = tokenizer_difference(Tokenizer.from_dir(ref_model), Tokenizer.from_dir(model),
+                                      ("ref_model's", "model's"))
+    if difference:
+        raise TemperError(f"ref_model={ref_model} has another tokenizer than model={model} ({difference}): the "
+                          "reference must score the policy's token ids; give a ref_model trained with the same tokenizer")
 
 
 class Reference:

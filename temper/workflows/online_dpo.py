@@ -54,9 +54,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from temper.config import check_range, opt
+from temper.config import OnlyWith, check_range, opt
 from temper.data.chat import chat_template_for
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
@@ -104,6 +104,10 @@ class Config:
     overwrite: bool = opt(False, "start over in an output_dir that holds earlier rounds")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
+    only_with: ClassVar = (
+        OnlyWith(("constitution",), "judge=constitution:MODEL_DIR", lambda c: split_spec(c.judge)[0] == "constitution"),
+    )
+
     def validate(self) -> None:
         check_range("rounds", self.rounds, low=1)
         check_range("samples_per_prompt", self.samples_per_prompt, low=1)
@@ -118,8 +122,6 @@ class Config:
         if kind != "constitution" and self.temperature == 0:
             raise TemperError(f"temperature=0 (greedy) samples the same response {self.samples_per_prompt} times: "
                               f"judge={self.judge} needs different responses to rank (temperature > 0)")
-        if kind != "constitution" and self.constitution:
-            raise TemperError(f"constitution= is read by judge=constitution:MODEL_DIR, not by judge={self.judge}")
         if self.monitor_judge and split_spec(self.monitor_judge, "monitor_judge=")[0] == "constitution":
             raise TemperError("monitor_judge= reports scores: use rule:world, regex:, callable:, llm: or reward:, "
                               "not constitution:")
