@@ -44,10 +44,10 @@ from temper.config import (
     ScheduleConfig,
     check_range,
     opt,
+    to_dict,
 )
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
-from temper.io import refuse_same_dir
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model, save_model
 from temper.peft import apply_peft, save_peft
@@ -150,6 +150,12 @@ class TrainingConfig:
 
     command: ClassVar[str] = "train"
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # the settings a resumed run may change (how long, how fast, where, how logged); every other one
+    # must be the checkpoint's (checked at the claim, before any cache is built); a recipe adds its own
+    resume_may_change: ClassVar[tuple[str, ...]] = (
+        "max_steps", "resume", "overwrite", "output_dir", "device", "precision", "compile", "activation_checkpointing",
+        "strategy", "parallel", "eval_batches", "peak_flops", "optim", "schedule", "checkpoint", "logging",
+        "batch_size", "grad_accum", "global_batch_size")
 
     def __init_subclass__(cls, *, command: str | None = None, capabilities: Capabilities | None = None,
                           defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -267,20 +273,21 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     with an earlier one there unless told to continue (`resume=`) or start over
     (`overwrite=true`), resolve device and precision, seed everything.
 
-    `inputs` names the keys of directories the run reads, which output_dir must not be. Nothing
-    of an earlier run is changed here: `TrainLoop` clears an overwritten run's files only once
-    the model and data are ready and training starts."""
-    for key in inputs:
-        value = getattr(cfg, key, None)
-        if value and Path(value).is_dir():
-            refuse_same_dir(cfg.output_dir, value, key)
+    `inputs` names the keys of directories the run reads, which output_dir must not be; nor may
+    it hold a model another command wrote (unless `overwrite=true`); and a resumed checkpoint must
+    have recorded this run's settings (but `resume_may_change`). All of it is checked here, before
+    any cache is built. Nothing of an earlier run is changed here: `TrainLoop` clears an
+    overwritten run's files only once the model and data are ready and training starts."""
     device = resolve_device(cfg.device)
     precision = engine.resolve_precision(cfg.precision, device)
     par = Parallel(cfg.strategy, cfg.parallel, device)
     check_precision(par, precision)
     run_dir = RunDir(cfg.output_dir)
     try:
-        out = Path(par.agree(lambda: str(run_dir.claim(resume=cfg.resume, overwrite=cfg.overwrite))))
+        out = Path(par.agree(lambda: str(run_dir.claim(
+            resume=cfg.resume, overwrite=cfg.overwrite, command=cfg.command,
+            inputs={key: getattr(cfg, key, None) for key in inputs}, settings=to_dict(cfg),
+            may_change=cfg.resume_may_change))))
     except TemperError:
         par.close()
         raise
