@@ -33,7 +33,7 @@ from pathlib import Path
 from temper.config import opt
 from temper.data.chat import stop_settings
 from temper.data.tokenizer import Tokenizer
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, TemperFileNotFoundError, TemperWriteError
 from temper.io import owned_output_dir
 from temper.lineage import read_lineage, write_lineage
 from temper.loading import check_lora_config
@@ -196,8 +196,12 @@ def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:
     if tokenizer is not None and lineage.get("chat_template_trained"):  # stop where the tuned model ends a turn
         eos_ids = stop_settings(tokenizer, lineage["chat_template_trained"])[1]
     try:
-        save_model(model, tmp, tokenizer=tokenizer, eos_ids=eos_ids)
-        write_lineage(tmp, lineage)
+        try:
+            save_model(model, tmp, tokenizer=tokenizer, eos_ids=eos_ids)
+            write_lineage(tmp, lineage)
+        except TemperWriteError as e:  # name the output, not the temporary folder
+            raise TemperWriteError(f"{out}: could not write the merged model ({e.strerror}); what was there is "
+                                   "unchanged", e.errno, e.strerror) from None
         new = sorted(p.name for p in tmp.iterdir())
         for name in new:
             fsync_path(tmp / name)
