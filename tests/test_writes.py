@@ -72,8 +72,14 @@ def generate(model, prompts, output, *extra) -> int:
 # ----------------------------------------------------------------------------- output files
 
 
-@pytest.mark.parametrize("kind", ["fifo", "link-to-fifo", "weights", "prompts", "existing", "run-dir"])
+@pytest.mark.parametrize("kind", ["fifo", "link-to-fifo", "char-device", "weights", "prompts", "existing",
+                                  "run-dir"])
 def test_an_output_file_that_would_destroy_data_is_refused_untouched(tmp_path, capsys, model, prompts, kind):
+    if kind == "char-device":  # a device node of our own, in tmp_path (/dev/null's numbers): root only
+        try:
+            os.mknod(tmp_path / "device", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device node needs root")
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "results.jsonl").write_text('{"kept": true}\n')
     (tmp_path / "run").mkdir()
@@ -82,6 +88,7 @@ def test_an_output_file_that_would_destroy_data_is_refused_untouched(tmp_path, c
     os.symlink(tmp_path / "pipe", tmp_path / "link")
     target, said = {"fifo": (tmp_path / "pipe", "is a FIFO, not a regular file"),
                     "link-to-fifo": (tmp_path / "link", "is a FIFO, not a regular file"),
+                    "char-device": (tmp_path / "device", "is a character device, not a regular file"),
                     "weights": (model / "model.safetensors", "lies inside a model directory"),
                     "prompts": (prompts, "is the prompts_file= file itself"),
                     "existing": (tmp_path / "results.jsonl", "exists: overwrite=true replaces it"),
