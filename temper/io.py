@@ -66,8 +66,12 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors and tokeni
 
 def file_mode() -> int:
     """The mode a new file gets under the current umask (0644 under umask 022), as `open` gives."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux: read it, rather than set it for a moment (another thread could create a file then)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
