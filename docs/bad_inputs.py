@@ -266,6 +266,8 @@ def setup_writes(work: Path) -> None:
     except PermissionError:
         os.mkfifo(work / "char-dev")
     (work / "results.jsonl").write_text('{"an earlier": "result"}\n')
+    (work / "texts").mkdir()
+    (work / "texts" / "corpus.txt").write_text(TEXT)
     for argv in (["world", "output_dir=world", *WORLD], ["tokenizer", "data=corpus.txt", "vocab_size=300",
                                                           "output_dir=tok"],
                  ["dpo", "model=base", "data=pairs.jsonl", *DPO, "reference=precomputed", "checkpoint.every=1",
@@ -314,6 +316,10 @@ WRITES: list[tuple] = [
                                                             "overwrite=true"], "error", ["base"]),
     ("a tokenizer over an earlier tokenizer", ["tokenizer", "data=corpus.txt", "vocab_size=290", "output_dir=tok"],
      "error", ["tok"]),
+    ("pretrain into its tokenizer= directory", ["pretrain", *TINY, "data=corpus.txt", "tokenizer=tok", "max_steps=1",
+                                                "output_dir=tok", "overwrite=true"], "error", ["tok"]),
+    ("pretrain into its data directory", ["pretrain", *TINY, "data=texts", "max_steps=1", "output_dir=texts"],
+     "error", ["texts"]),
     ("a tokenizer over an earlier one with overwrite=true", ["tokenizer", "data=corpus.txt", "vocab_size=290",
                                                              "output_dir=tok", "overwrite=true"], "ok"),
     ("a world re-run into a world", ["world", "output_dir=world", "seed=1", *WORLD], "error", ["world"]),

@@ -22,6 +22,7 @@ from conftest import ROOT, SAMPLE_TEXT, trained_pair
 
 from temper import io
 from temper.cli import main
+from temper.config import to_dict
 from temper.errors import TemperError
 from temper.io import atomic_write_text, claim_output_file, write_safetensors
 from temper.models import build_model, preset, save_model
@@ -249,7 +250,7 @@ def test_a_refused_resume_touches_no_cache(tmp_path, capsys):
     time.sleep(0.01)
     for change, said in ((["vocab_size=290"], "vocab_size 300 -> 290"),
                          ([f"data={other}"], "data ["),
-                         (["model_config.num_layers=3"], "model_config.num_layers 2 -> 3")):
+                         (["model_config.num_layers=3"], "model_config {'num_layers': 2} -> {'num_layers': 3}")):
         args_now = [a for a in args if not a.startswith(tuple(c.split("=")[0] + "=" for c in change))]
         assert main([*args_now, *change, "max_steps=2", "resume=auto"]) == 2
         line = error_line(capsys, "pretrain")
@@ -258,6 +259,25 @@ def test_a_refused_resume_touches_no_cache(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".temper.lock"} == mtimes
     assert main([*args, "max_steps=2", "resume=auto", "logging.every=5", "optim.lr=1e-3"]) == 0  # how, not what
     assert "resumed from" in capsys.readouterr().err
+
+
+def test_resume_settings_compare_what_both_versions_know(tmp_path):
+    """A key one temper version did not have is no difference; a free-form section (world.*) is
+    compared whole; a section's own keys one by one; `may_change` keys are free."""
+    from temper.recipes.pretrain import Config
+    from temper.train.rundir import check_resume_settings
+
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    cfg = Config(data=["c.txt"], world={})
+    saved = {k: v for k, v in to_dict(cfg).items() if k != "loss_chunk"}  # written before loss_chunk existed
+    saved["optim"] = {k: v for k, v in saved["optim"].items() if k != "lr"} | {"betas": [0.9, 0.95]}
+    (step / "state.json").write_text(json.dumps({"config": saved}))
+    check_resume_settings(tmp_path, str(step), cfg, Config.resume_may_change)
+    cfg.world, cfg.optim.lr = {"num_people": 10}, 1.0
+    cfg.max_steps = 10**6
+    with pytest.raises(TemperError, match=r"belongs to another run \(world \{\} -> \{'num_people': 10\}\)"):
+        check_resume_settings(tmp_path, str(step), cfg, Config.resume_may_change)
 
 
 # ----------------------------------------------------------------------------- a full disk

@@ -152,7 +152,7 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 
 
 def run(cfg: Config) -> dict:
-    run = recipe.start(cfg)
+    run = recipe.start(cfg, inputs=("model", "tokenizer"))
 
     # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
     def prepare():

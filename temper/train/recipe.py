@@ -44,7 +44,6 @@ from temper.config import (
     ScheduleConfig,
     check_range,
     opt,
-    to_dict,
 )
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
@@ -267,16 +266,19 @@ class Run:
             print(text, file=sys.stderr)
 
 
+DATA_KEYS = ("data", "eval_data", "general_data")  # a directory of data is an input too
+
+
 def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     """Join the other processes (under torchrun, or with a strategy), claim the output directory
     (one run at a time; rank 0 claims and every rank hears its verdict), refuse to mix this run
     with an earlier one there unless told to continue (`resume=`) or start over
     (`overwrite=true`), resolve device and precision, seed everything.
 
-    `inputs` names the keys of directories the run reads, which output_dir must not be; nor may
-    it hold a model another command wrote (unless `overwrite=true`); and a resumed checkpoint must
-    have recorded this run's settings (but `resume_may_change`). All of it is checked here, before
-    any cache is built. Nothing of an earlier run is changed here: `TrainLoop` clears an
+    `inputs` names the keys of directories the run reads (besides its data, `DATA_KEYS`), which
+    output_dir must not be; nor may it hold a model another command wrote (unless
+    `overwrite=true`); and a resumed checkpoint must have recorded this run's settings (but
+    `resume_may_change`). All of it is checked here, before any cache is built. Nothing of an earlier run is changed here: `TrainLoop` clears an
     overwritten run's files only once the model and data are ready and training starts."""
     device = resolve_device(cfg.device)
     precision = engine.resolve_precision(cfg.precision, device)
@@ -286,7 +288,7 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     try:
         out = Path(par.agree(lambda: str(run_dir.claim(
             resume=cfg.resume, overwrite=cfg.overwrite, command=cfg.command,
-            inputs={key: getattr(cfg, key, None) for key in inputs}, settings=to_dict(cfg),
+            inputs={key: getattr(cfg, key, None) for key in (*inputs, *DATA_KEYS)}, settings=cfg,
             may_change=cfg.resume_may_change))))
     except TemperError:
         par.close()

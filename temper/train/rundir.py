@@ -25,6 +25,7 @@ workflow does with the directory it writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -72,12 +73,13 @@ def check_earlier_run(out: Path, resume: str, overwrite: bool,
                           "resume: overwrite=true starts over, or choose another output_dir")
 
 
-def check_resume_settings(out: Path, resume: str, settings: Mapping[str, Any], may_change: Iterable[str]) -> None:
+def check_resume_settings(out: Path, resume: str, cfg: Any, may_change: Iterable[str]) -> None:
     """A checkpoint resumes only the run that wrote it: every setting it recorded must be this
-    run's, except those in `may_change` (a key, or a section with all its keys: how long, how
-    fast, on what hardware and how it is logged). Checked at the claim, before the run builds or
-    rebuilds any cache from its settings; the loop checks the rest (the tokenizer and data
-    fingerprints, the global batch) once they exist."""
+    run's (`cfg`'s), except those in `may_change` (a key, or a section with all its keys: how
+    long, how fast, on what hardware and how it is logged). A key that one side's temper version
+    did not have is no difference. Checked at the claim, before the run builds or rebuilds any
+    cache from its settings; the loop checks the rest (the tokenizer and data fingerprints, the
+    global batch) once they exist."""
     found = resolve_resume(resume, out / "checkpoints") if resume else None
     if found is None:
         return
@@ -87,27 +89,25 @@ def check_resume_settings(out: Path, resume: str, settings: Mapping[str, Any], m
         return
     if not isinstance(saved, dict):
         return
-    free = tuple(may_change)
-    now, before = _flatten(json.loads(json.dumps(dict(settings), default=str))), _flatten(saved)
+    free = set(may_change)
     differ = []
-    for key in sorted(set(now) | set(before)):
-        if key in free or key.startswith(tuple(f"{m}." for m in free)):
+    for f in dataclasses.fields(cfg):
+        if f.name in free or f.name not in saved:
             continue
-        a, b = before.get(key), now.get(key)
-        if not _same_setting(a, b):
-            differ.append(f"{key} {a!r} -> {b!r}")
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):  # a section: its keys one by one
+            pairs = [(f"{f.name}.{k}", (saved[f.name] or {}).get(k), v) for k, v in _plain(to_dict(value)).items()
+                     if isinstance(saved[f.name], dict) and k in saved[f.name] and f"{f.name}.{k}" not in free]
+        else:
+            pairs = [(f.name, saved[f.name], _plain(to_dict(value)))]
+        differ += [f"{key} {a!r} -> {b!r}" for key, a, b in pairs if not _same_setting(a, b)]
     if differ:
         raise TemperError(f"{found} belongs to another run ({'; '.join(differ)}): resume it with the same settings, "
                           "or overwrite=true to start over")
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # as state.json holds it (tuples -> lists)
 
 
 def _same_setting(a: Any, b: Any) -> bool:
@@ -142,7 +142,7 @@ class RunDir:
 
     def claim(self, *, resume: str, overwrite: bool, earlier: Callable[[Path], list[str]] = earlier_run_files,
               command: str | None = None, inputs: Mapping[str, Any] | None = None,
-              settings: Mapping[str, Any] | None = None, may_change: Iterable[str] = ()) -> Path:
+              settings: Any = None, may_change: Iterable[str] = ()) -> Path:
         """Lock the directory for this process and check what an earlier run left (see module):
         `command` and `inputs` as `temper.io.claim_output_dir` takes them (a training run writes a
         model), `settings` (the run's config) against a resumed checkpoint's."""
