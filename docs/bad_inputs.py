@@ -6,7 +6,9 @@
 Every case runs the real command line (`python -m temper ...`) in a scratch directory with
 tiny inputs made here, and the table keeps the command, its exit status and the last line it
 printed on stderr. A case marked `ok` is expected to succeed (the input is handled, e.g. a
-UTF-8 BOM is dropped); every other case must exit 2 with one line and no traceback.
+UTF-8 BOM is dropped); every other case must exit 2 with one line and no traceback. A case
+may name paths (a 4th element) whose bytes and inode type must be unchanged afterwards: a
+change fails the case as "destroyed data".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -247,11 +250,105 @@ FIRST_ROUND: list[tuple[str, list[str], str]] = [
 # Every file or directory a command writes is claimed: never a device, an input, a model it did not make.
 
 
+WORLD = ["num_people=4", "num_towns=2", "docs_per_person=2", "docs_per_town=1", "num_arithmetic_docs=4",
+         "num_dialogue_docs=4", "num_sft_train=4", "num_sft_test=2", "num_pref_train=4", "num_pref_test=2",
+         "num_rl_train=4", "num_rl_test=2"]
+
+
 def setup_writes(work: Path) -> None:
-    pass
+    """Targets that must survive: special files, an earlier output, a world, a tokenizer, a model
+    temper did not write, runs with caches to resume."""
+    os.mkfifo(work / "pipe")
+    (work / "fifo-link").symlink_to(work / "pipe")
+    (work / "dev-link").symlink_to("/dev/null")
+    try:  # a character device of our own (root only): /dev/null's numbers, in the scratch directory
+        os.mknod(work / "char-dev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        os.mkfifo(work / "char-dev")
+    (work / "results.jsonl").write_text('{"an earlier": "result"}\n')
+    (work / "texts").mkdir()
+    (work / "texts" / "corpus.txt").write_text(TEXT)
+    for argv in (["world", "output_dir=world", *WORLD], ["tokenizer", "data=corpus.txt", "vocab_size=300",
+                                                          "output_dir=tok"],
+                 ["dpo", "model=base", "data=pairs.jsonl", *DPO, "reference=precomputed", "checkpoint.every=1",
+                  "output_dir=dpo-run"]):
+        done = temper(argv, work)
+        assert done.returncode == 0, done.stderr
+    shutil.copytree(work / "base", work / "resumable")  # a pretraining run with its data/ and tokenizer/ caches
+    (work / "resumable" / ".temper.lock").unlink(missing_ok=True)
+    shutil.copytree(work / "base", work / "hf-model", ignore=shutil.ignore_patterns(
+        "temper.json", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "data", "tokenizer", ".temper*"))
 
 
-WRITES: list[tuple[str, list[str], str]] = [
+RESUME = ["pretrain", *TINY, "data=corpus.txt", "max_steps=3", "checkpoint.every=1", "output_dir=resumable",
+          "resume=auto"]
+GENERATE = ["generate", "model=base", "prompts_file=questions.jsonl", "max_new_tokens=2"]
+CONTAMINATION = ["eval", "contamination", "train=corpus.txt", "eval=questions.jsonl"]
+# (input, command args, expected, the paths whose bytes and inode type must be unchanged afterwards)
+WRITES: list[tuple] = [
+    ("generate into a FIFO", [*GENERATE, "output_file=pipe"], "error", ["pipe"]),
+    ("generate into a symlink to a FIFO", [*GENERATE, "output_file=fifo-link"], "error", ["fifo-link", "pipe"]),
+    ("generate into a character device", [*GENERATE, "output_file=char-dev", "overwrite=true"], "error",
+     ["char-dev"]),
+    ("generate into a symlink to /dev/null", [*GENERATE, "output_file=dev-link", "overwrite=true"], "error",
+     ["dev-link"]),
+    ("generate into a model's weights", [*GENERATE, "output_file=base/model.safetensors", "overwrite=true"], "error",
+     ["base"]),
+    ("generate into its own prompts file", [*GENERATE, "output_file=questions.jsonl", "overwrite=true"], "error",
+     ["questions.jsonl"]),
+    ("generate into an existing file", [*GENERATE, "output_file=results.jsonl"], "error", ["results.jsonl"]),
+    ("generate into a file inside a temper output directory", [*GENERATE, "output_file=world/mine.jsonl"], "error",
+     ["world"]),
+    ("generate into a folder that does not exist", [*GENERATE, "output_file=no/such/out.jsonl"], "error"),
+    ("overwrite=true without an output file", ["generate", "model=base", "prompt=The", "overwrite=true"], "error"),
+    ("generate over an existing file with overwrite=true", [*GENERATE, "output_file=results.jsonl",
+                                                            "overwrite=true"], "ok"),
+    ("contamination report into its eval file", [*CONTAMINATION, "output=questions.jsonl", "overwrite=true"],
+     "error", ["questions.jsonl"]),
+    ("contamination report into a FIFO", [*CONTAMINATION, "output=pipe"], "error", ["pipe"]),
+    ("contamination report into an adapter's weights", [*CONTAMINATION, "output=lora/adapter_model.safetensors",
+                                                        "overwrite=true"], "error", ["lora"]),
+    ("contamination report into an existing file", [*CONTAMINATION, "output=results.jsonl"], "error",
+     ["results.jsonl"]),
+    ("contamination report into a folder that does not exist", [*CONTAMINATION, "output=no/r.json"], "error"),
+    ("a tokenizer into a model directory", ["tokenizer", "data=corpus.txt", "output_dir=base"], "error", ["base"]),
+    ("a tokenizer into a model directory, overwrite=true", ["tokenizer", "data=corpus.txt", "output_dir=base",
+                                                            "overwrite=true"], "error", ["base"]),
+    ("a tokenizer over an earlier tokenizer", ["tokenizer", "data=corpus.txt", "vocab_size=290", "output_dir=tok"],
+     "error", ["tok"]),
+    ("pretrain into its tokenizer= directory", ["pretrain", *TINY, "data=corpus.txt", "tokenizer=tok", "max_steps=1",
+                                                "output_dir=tok", "overwrite=true"], "error", ["tok"]),
+    ("pretrain into its data directory", ["pretrain", *TINY, "data=texts", "max_steps=1", "output_dir=texts"],
+     "error", ["texts"]),
+    ("a tokenizer over an earlier one with overwrite=true", ["tokenizer", "data=corpus.txt", "vocab_size=290",
+                                                             "output_dir=tok", "overwrite=true"], "ok"),
+    ("a world re-run into a world", ["world", "output_dir=world", "seed=1", *WORLD], "error", ["world"]),
+    ("a world into a model directory", ["world", "output_dir=base", "overwrite=true", *WORLD], "error", ["base"]),
+    ("a world re-run with overwrite=true", ["world", "output_dir=world", "seed=1", "overwrite=true", *WORLD], "ok"),
+    ("dpo into its reference model", ["dpo", "model=base", "ref_model=other-base", "data=pairs.jsonl", *DPO,
+                                      "output_dir=other-base"], "error", ["other-base"]),
+    ("dpo into its reference model, overwrite=true", ["dpo", "model=base", "ref_model=other-base",
+                                                      "data=pairs.jsonl", *DPO, "output_dir=other-base",
+                                                      "overwrite=true"], "error", ["other-base"]),
+    ("sft into a model temper did not write", ["sft", "model=base", "data=chats.jsonl", "max_steps=1",
+                                               "output_dir=hf-model"], "error", ["hf-model"]),
+    ("pretrain into a model temper did not write", ["pretrain", *TINY, "data=corpus.txt", "max_steps=1",
+                                                    "output_dir=hf-model"], "error", ["hf-model"]),
+    ("merge into a model temper did not write", ["merge", "adapter=lora", "output_dir=hf-model"], "error",
+     ["hf-model"]),
+    ("eval into its model's directory", ["eval", "model=base", "data=corpus.txt", "output_dir=base"], "error",
+     ["base"]),
+    ("eval into another model's directory", ["eval", "model=base", "data=corpus.txt", "output_dir=other-base"],
+     "error", ["other-base"]),
+    ("online DPO into another model's directory", ["online-dpo", "model=base", *ONLINE, "judge=rule:world",
+                                                   "output_dir=other-base"], "error", ["other-base"]),
+    ("a refused resume (another vocab_size) keeps the caches", [*RESUME[:2], "vocab_size=290", *RESUME[3:]],
+     "error", ["resumable"]),
+    ("a refused resume (other data) keeps the caches", [*RESUME[:-5], "data=bom.txt", *RESUME[-4:]], "error",
+     ["resumable"]),
+    ("a refused dpo resume (other pairs) keeps the reference cache",
+     ["dpo", "model=base", "data=chat-pairs.jsonl", *DPO[:2], "max_steps=2", *DPO[3:], "reference=precomputed",
+      "checkpoint.every=1", "output_dir=dpo-run", "resume=auto"], "error", ["dpo-run"]),
 ]
 
 
@@ -427,6 +524,19 @@ SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGEN
             "inputs": INPUTS}
 
 
+def snapshot(path: Path) -> tuple:
+    """A path's inode type (the link's own and the followed one) and a regular file's bytes; a
+    directory's every file (but its lock, which a claim rewrites)."""
+    if path.is_dir() and not path.is_symlink():
+        return tuple((str(p.relative_to(path)), snapshot(p)) for p in sorted(path.rglob("*"))
+                     if p.name != ".temper.lock")
+    if not os.path.lexists(path):
+        return ("missing",)
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    followed = os.stat(path).st_mode if os.path.exists(path) else 0
+    return kind, stat.S_IFMT(followed), path.read_bytes() if stat.S_ISREG(followed) else None
+
+
 def shown(args: list[str]) -> str:
     for name, settings in SHORTHANDS.items():  # the tiny-run settings, spelled out once in the header
         n = len(settings)
@@ -452,8 +562,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         setup(work)
-        for what, argv, expected in cases:
+        for what, argv, expected, *kept in cases:
+            before = {p: snapshot(work / p) for p in (kept[0] if kept else [])}
             done = temper(argv, work)
+            destroyed = [p for p in before if snapshot(work / p) != before[p]]
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             last = lines[-1] if lines else "(nothing)"
             if expected == "ok":  # handled: show what it said about it, if anything
@@ -461,6 +573,8 @@ def main() -> int:
                 last = " / ".join(said) if said else "(handled without a message)"
             traceback = "Traceback" in done.stderr
             fine = (done.returncode == 0) if expected == "ok" else (done.returncode == 2 and not traceback)
+            if destroyed:
+                fine, last = False, f"destroyed data: {', '.join(destroyed)} changed; {last}"
             if not fine:
                 bad.append(f"{what}: exit {done.returncode}: {last}")
             rows.append((what, shown(argv), done.returncode, last.replace(tmp, "..").replace("|", "\\|")))

@@ -19,6 +19,19 @@ class TemperFileNotFoundError(TemperError, FileNotFoundError):
     """A path the user named does not exist."""
 
 
+class TemperWriteError(TemperError, OSError):
+    """A file could not be written (a full disk, a missing folder): the message names the file the
+    user knows, never a temporary name; `errno` is the system's."""
+
+    def __init__(self, message: str, errno: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.strerror = reason or message  # the short reason ("no space left on device")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def require_path(path, what: str):
     """Return `path` as a Path, or raise a one-line error naming `what` it should be."""
     p = Path(path).expanduser()

@@ -9,10 +9,11 @@ with a different template can warn: a template mismatch makes a good model look 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from temper.io import atomic_write_text
 
 FILE = "temper.json"
 
@@ -29,10 +30,7 @@ def read_lineage(model_dir: str | Path) -> dict[str, Any]:
 
 
 def write_lineage(model_dir: str | Path, data: dict[str, Any]) -> None:
-    path = Path(model_dir) / FILE
-    tmp = path.with_name(FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(Path(model_dir) / FILE, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def check_template(model_dir: str | Path, template: str | None) -> bool:

@@ -486,10 +486,9 @@ def test_merge_writes_whole_or_not_at_all(tmp_path, tiny_model_dir, lora_dir, mo
         Path(path).write_bytes(b"half")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    monkeypatch.setattr("temper.models.hf.save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # what temper.io.write_safetensors calls
     assert main(["merge", f"adapter={lora_dir}", f"output_dir={out}"]) == 2
-    assert "No space left on device" in one_line_error(capsys, "merge")
+    assert f"{out}: could not write the merged model (no space left on device)" in one_line_error(capsys, "merge")
     assert _tree(out) == first  # the earlier merge is intact, no temporary left
     assert main(["merge", f"adapter={lora_dir}", f"output_dir={tmp_path / 'new'}"]) == 2
     assert not (tmp_path / "new").exists()
@@ -616,7 +615,7 @@ def test_eval_results_are_written_whole_and_output_dir_is_claimed(tmp_path, tiny
 
     monkeypatch.setattr(os, "fsync", full_disk)
     assert main(args) == 2
-    assert "No space left on device" in one_line_error(capsys, "eval")
+    assert f"{out / 'results.json'}: no space left on device" in one_line_error(capsys, "eval")
     monkeypatch.undo()
     assert _tree(out) == first  # the earlier results intact, no temporary file left
     with held_by_another_run(out):

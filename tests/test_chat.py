@@ -571,7 +571,7 @@ def test_generate_output_file_is_whole_or_untouched(monkeypatch, capsys, tmp_pat
 
     monkeypatch.setattr(generate_stage, "generate_text", interrupted)
     args = ["generate", f"model={tiny_model_dir}", f"prompts_file={prompts}", f"output_file={out}", "batch_size=2",
-            "max_new_tokens=2", "temperature=0"]
+            "max_new_tokens=2", "temperature=0", "overwrite=true"]  # an existing file is replaced only when asked
     assert main(args) == 130
     assert out.read_text() == "the previous results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "p.jsonl"]  # no temporary file left

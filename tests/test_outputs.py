@@ -4,6 +4,7 @@ OS errors as one line."""
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def test_every_file_and_the_directories_are_fsynced(tmp_path, monkeypatch):
         pytest.skip("needs /proc to name file descriptors")
     monkeypatch.setattr(os, "fsync", spy)
     final = ckpt.save_checkpoint(tmp_path, 3, model=model, optimizer=opt, state={})
-    names = {os.path.basename(p) for p in synced}
+    # a file is fsynced under its temporary name (.NAME.tmp-PID), before the rename that publishes it
+    names = {re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", os.path.basename(p)) for p in synced}
     assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"} <= names
     tmp_name = f".tmp-step_00000003-{os.getpid()}"
     assert tmp_name in names  # the checkpoint directory's entries, before the rename
@@ -159,7 +161,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(io.os, "fsync", no_space)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=f"^{re.escape(str(path))}: no space left on device"):  # the file, not its .tmp
         atomic_write_text(path, "new and longer")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 

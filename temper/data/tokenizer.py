@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from temper.data.templates import CHATML_TEMPLATE, read_chat_template
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.io import atomic_path, atomic_write_text
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -191,9 +191,8 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "tokenizer.json.tmp"
-        self.backend.save(str(tmp))
-        os.replace(tmp, out / "tokenizer.json")
+        with atomic_path(out / "tokenizer.json") as tmp:  # whole or not at all; a full disk in one line
+            self.backend.save(str(tmp))
         cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.extra_config}
         cfg.update(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
                    clean_up_tokenization_spaces=False)
@@ -201,17 +200,15 @@ class Tokenizer:
             cfg["model_max_length"] = self.model_max_length
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
-        tmp = out / "tokenizer_config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "tokenizer_config.json")
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         stale = out / "chat_template.jinja"  # it would take precedence over the config's entry
         if stale.is_file():
             if self.chat_template:
-                stale.write_text(self.chat_template, encoding="utf-8")
+                atomic_write_text(stale, self.chat_template)
             else:
                 stale.unlink()
         sp = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(self, k)}
-        (out / "special_tokens_map.json").write_text(json.dumps(sp, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(out / "special_tokens_map.json", json.dumps(sp, indent=2) + "\n")
 
 
 def tokenizer_difference(a: str | Path | Tokenizer, b: str | Path | Tokenizer,

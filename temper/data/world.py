@@ -27,13 +27,13 @@ but its dialogues and arithmetic only use train identities.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from temper.errors import TemperError
+from temper.io import atomic_writer
 
 JOBS = ("baker", "potter", "weaver", "fisher", "carpenter", "tailor", "miller", "glassblower",
         "beekeeper", "cartographer", "librarian", "nurse", "teacher", "gardener", "shepherd",
@@ -545,10 +545,8 @@ def build_world(cfg: WorldConfig) -> World:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_writer(path, newline="\n") as fh:  # the same bytes on every platform
         fh.write(text)
-    os.replace(tmp, path)
 
 
 README = """# The temper synthetic world

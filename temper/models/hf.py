@@ -9,7 +9,6 @@ and temper loads what `transformers` writes. Weights are read only from safetens
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from temper.errors import TemperError, TemperFileNotFoundError
+from temper.io import atomic_write_text, write_safetensors
 from temper.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------- config.json
@@ -370,9 +369,7 @@ def check_weights_file(path: str | Path) -> None:
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def save_hf_weights(model: torch.nn.Module, config: ModelConfig, out_dir: Path,
@@ -399,23 +396,24 @@ def save_hf_weights(model: torch.nn.Module, config: ModelConfig, out_dir: Path,
             size = 0
         shards[-1][name] = t
         size += nbytes
-    for stale in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
+    # the new files first, each whole (a full disk leaves the earlier model as it was), then the
+    # earlier model's files that the new one does not have
+    stale = {p.name for p in out_dir.glob("model*.safetensors")} | {"model.safetensors.index.json"}
     if len(shards) == 1:
-        tmp = out_dir / "model.safetensors.tmp"
-        save_file(shards[0], str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / "model.safetensors")
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tmp = out_dir / (fname + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / fname)
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _atomic_write_json(out_dir / "model.safetensors.index.json",
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_safetensors(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        written = {"model.safetensors"}
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(shard, out_dir / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _atomic_write_json(out_dir / "model.safetensors.index.json",
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written = {*weight_map.values(), "model.safetensors.index.json"}
+    for name in stale - written:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def write_generation_config(config: ModelConfig, out_dir: Path, eos_ids: list[int] | None = None) -> None:

@@ -12,15 +12,15 @@ methods in the same two files with temper's parameter names.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from temper.config import PeftConfig, from_dict, to_dict
 from temper.errors import TemperError
+from temper.io import atomic_write_text, write_safetensors
 from temper.peft import adapters
 from temper.peft.io import load_adapter, save_adapter
 from temper.peft.lora import inject_lora, mark_trainable
@@ -104,19 +104,13 @@ def save_peft(model: torch.nn.Module, out_dir: str | Path, cfg: PeftConfig, *, b
         save_adapter(model, out, cfg, base_model_name_or_path=str(base_model))
     else:
         tensors = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
-        tmp = out / "adapter_model.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "adapter_model.safetensors")
+        write_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
         config = {"peft_type": {"adapter": "BOTTLENECK_ADAPTER", "prefix": "PREFIX_TUNING",
                                 "prompt": "PROMPT_TUNING"}[cfg.method],
                   "base_model_name_or_path": str(base_model)}
-        tmp = out / "adapter_config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, out / "adapter_config.json")
+        atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     # temper's own record of the method (beside PEFT's config, which must stay PEFT's)
-    tmp = out / TEMPER_PEFT_FILE
-    tmp.with_suffix(".tmp").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    os.replace(tmp.with_suffix(".tmp"), tmp)
+    atomic_write_text(out / TEMPER_PEFT_FILE, json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
 
 

@@ -75,6 +75,9 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
                          "prompts_per_round": "prompts_per_round", "samples_per_prompt": "samples_per_prompt",
                          "monitor_judge": "monitor_judge", "skip_bad_judgements": "skip_bad_judgements",
                          "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens"}.items()}
+    resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "beta", "label_smoothing", "simpo_gamma",
+                                   "desirable_weight", "undesirable_weight", "loss_weights", "eval_pairs",
+                                   "reference")
     ref_model: str | None = opt(None, "the reference model directory (default: model)")
     reference: Literal["auto", "copy", "adapter", "precomputed"] = opt(
         "auto", "the frozen reference: a copy, the adapter disabled, or log-probs computed once "

@@ -51,6 +51,8 @@ class Config(recipe.TrainingConfig, command="pretrain",
              defaults=dict(model="llama-3m", output_dir="runs/pretrain", seq_len=256, batch_size=16, max_steps=500,
                            eval_batches=0, optim=dict(lr=3e-3, weight_decay=0.1), checkpoint=dict(every=200),
                            logging=dict(every=20, eval_every=200))):
+    resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "samples", "sample_prompts",
+                                   "sample_tokens", "loss_chunk")
     model_config: dict = opt({}, "override preset fields, e.g. model_config.num_layers=6")
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
@@ -155,7 +157,7 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
 
 
 def run(cfg: Config) -> dict:
-    run = recipe.start(cfg)
+    run = recipe.start(cfg, inputs=("model", "tokenizer"))
 
     # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
     def prepare():

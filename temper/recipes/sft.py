@@ -43,6 +43,7 @@ class Config(recipe.TrainingConfig, command="sft", capabilities=recipe.Capabilit
                            optim=dict(lr=3e-4, weight_decay=0.0), schedule=dict(warmup_ratio=0.05),
                            logging=dict(every=20, eval_every=100, eval_at_start=True), peft={}, columns={},
                            skip_bad_rows=True, max_bad_row_fraction=0.1, template=None, general_data=[])):
+    resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "eval_samples", "eval_max_new_tokens")
     packing: bool = opt(False, "pack several examples per row (positions reset, attention kept inside each)")
     replay_weight: float = opt(0.0, "weight of a pretraining-data loss mixed into every step (0: no replay)")
     replay_batch_size: int = opt(8, "pretraining windows per step (per rank) when replaying")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from temper.config import opt
 from temper.data.readers import iter_records, iter_texts
 from temper.errors import TemperError
 from temper.eval.contamination import contamination_report
-from temper.io import atomic_write_text
+from temper.io import atomic_write_text, claim_output_file
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Config:
     eval_fields: list[str] = opt([], "fields of eval rows to check (default: every string field, and message contents)")
     n: int = opt(13, "n-gram length in words")
     output: str | None = opt(None, "also write the report as JSON here")
+    overwrite: bool = opt(False, "replace an existing output file")
 
     def validate(self) -> None:
         if not self.train or not self.eval:
@@ -45,11 +47,22 @@ def row_text(row: dict, fields: list[str]) -> str:
 
 
 def run(cfg: Config) -> dict:
+    if not cfg.output:
+        if cfg.overwrite:
+            raise TemperError("overwrite=true replaces an existing output= file: give output=")
+        return report_overlap(cfg, None)
+    # claimed before any work: never a device, an input, a model's file, nor another writer's
+    with claim_output_file(cfg.output, key="output", inputs={"train": cfg.train, "eval": cfg.eval},
+                           overwrite=cfg.overwrite) as target:
+        return report_overlap(cfg, target)
+
+
+def report_overlap(cfg: Config, output: Path | None) -> dict:
     eval_sets = {str(p): [row_text(r.data, cfg.eval_fields) for r in iter_records(p)] for p in cfg.eval}
     report = contamination_report(iter_texts(cfg.train, field=cfg.text_field), eval_sets, n=cfg.n)
     for name, rep in report.items():
         print(f"{name}: {rep['contaminated']}/{rep['checked']} rows share a {cfg.n}-gram with the training data "
               f"({rep['fraction']:.1%}); {rep['skipped_short']} rows too short to check")
-    if cfg.output:
-        atomic_write_text(cfg.output, json.dumps(report, indent=2) + "\n")
+    if output is not None:
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return report

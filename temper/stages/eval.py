@@ -98,7 +98,7 @@ def run(cfg: Config) -> dict:
     if cfg.contamination:
         expand_paths(cfg.contamination, "contamination")
     device = resolve_device(cfg.device)
-    with owned_output_dir(cfg.output_dir) as out:
+    with owned_output_dir(cfg.output_dir, command="eval", inputs={"model": model_dirs, "world": cfg.world}) as out:
         return _evaluate(cfg, out, model_dirs, tasks, texts, device)
 
 

@@ -22,6 +22,7 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -31,7 +32,7 @@ from temper.config import OnlyWith, check_range, check_utf8, opt
 from temper.data.chat import StopWriter, chat_template_for, render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
-from temper.io import atomic_writer
+from temper.io import atomic_writer, claim_output_file
 from temper.lineage import read_lineage
 from temper.loading import load_for_inference
 from temper.models.generate import GREEDY_IGNORES, SamplingConfig, generate_text
@@ -45,6 +46,7 @@ class Config:
     prompts_file: str | None = opt(None, "JSONL file with one {\"prompt\": ...} per line, generated in batches")
     prompt_field: str = opt("prompt", "the field of prompts_file that holds the prompt")
     output_file: str | None = opt(None, "where to write the JSONL results of prompts_file (default: stdout)")
+    overwrite: bool = opt(False, "replace an existing output_file")
     max_new_tokens: int = opt(128, "the most tokens to generate per prompt")
     temperature: float = opt(0.8, "sampling temperature; 0 is greedy decoding")
     top_k: int = opt(50, "sample from the k most likely tokens (0: off)")
@@ -79,6 +81,8 @@ class Config:
             check_utf8(f"stop[{i}]=", stop)
         check_range("batch_size", self.batch_size, low=1)
         SamplingConfig.of(self)
+        if self.overwrite and not (self.output_file and self.prompts_file):
+            raise TemperError("overwrite=true replaces an existing output_file of prompts_file's results: give both")
 
 
 def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
@@ -90,6 +94,16 @@ def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
 
 
 def run(cfg: Config) -> None:
+    if not (cfg.output_file and cfg.prompts_file):
+        return generate(cfg, None)
+    # claimed before any work: never a device, an input, a model's file, nor another writer's
+    with claim_output_file(cfg.output_file, key="output_file", inputs={"prompts_file": cfg.prompts_file},
+                           overwrite=cfg.overwrite) as target:
+        return generate(cfg, target)
+
+
+def generate(cfg: Config, output: Path | None) -> None:
+    """Generate for `cfg`; a prompts file's results go to `output` (claimed), else to stdout."""
     prompts = [Prompt(cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts_file,
                                                                                field_name=cfg.prompt_field)
     use_chat = cfg.chat or any(isinstance(p.prompt, list) for p in prompts)
@@ -125,7 +139,7 @@ def run(cfg: Config) -> None:
         return
 
     # a file appears whole when every prompt is done, or not at all (an old one stays as it was)
-    with atomic_writer(cfg.output_file) if cfg.output_file else contextlib.nullcontext(sys.stdout) as out:
+    with atomic_writer(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
                    disable=not sys.stderr.isatty())
         for start in range(0, len(prompts), cfg.batch_size):

@@ -33,8 +33,8 @@ from pathlib import Path
 from temper.config import opt
 from temper.data.chat import stop_settings
 from temper.data.tokenizer import Tokenizer, tokenizer_difference
-from temper.errors import TemperError, TemperFileNotFoundError
-from temper.io import owned_output_dir, refuse_same_dir
+from temper.errors import TemperError, TemperFileNotFoundError, TemperWriteError
+from temper.io import owned_output_dir
 from temper.lineage import read_lineage, write_lineage
 from temper.loading import check_lora_config
 from temper.models import load_model, save_model
@@ -84,14 +84,10 @@ def run(cfg: Config) -> None:
     if weights.is_file():
         check_weights_file(weights)
     out = Path(cfg.output_dir).expanduser()
-    refuse_same_dir(out, base, "model")
-    refuse_same_dir(out, adapter, "adapter")
-    if (out / "config.json").is_file() and read_lineage(out).get("stage") != "merge" and not cfg.overwrite:
-        stage = read_lineage(out).get("stage")
-        raise TemperError(f"output_dir {out} already holds a model ({f'written by temper {stage}' if stage else 'not a merge'}"
-                          "): choose another output_dir, or overwrite=true to replace it")
-
-    with owned_output_dir(out):  # a failure leaves no new, empty directory behind
+    # never an input's directory; a model another command wrote only with overwrite=true; a failure
+    # leaves no new, empty directory behind
+    with owned_output_dir(out, command="merge", inputs={"model": base, "adapter": adapter}, overwrite=cfg.overwrite,
+                          writes_model=True):
         model = load_model(base)
         load_peft(model, adapter, quantize=cfg.quantize_base)
         with warnings.catch_warnings(record=True) as caught:
@@ -164,8 +160,12 @@ def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:
     if tokenizer is not None and lineage.get("chat_template_trained"):  # stop where the tuned model ends a turn
         eos_ids = stop_settings(tokenizer, lineage["chat_template_trained"])[1]
     try:
-        save_model(model, tmp, tokenizer=tokenizer, eos_ids=eos_ids)
-        write_lineage(tmp, lineage)
+        try:
+            save_model(model, tmp, tokenizer=tokenizer, eos_ids=eos_ids)
+            write_lineage(tmp, lineage)
+        except TemperWriteError as e:  # name the output, not the temporary folder
+            raise TemperWriteError(f"{out}: could not write the merged model ({e.strerror}); what was there is "
+                                   "unchanged", e.errno, e.strerror) from None
         new = sorted(p.name for p in tmp.iterdir())
         for name in new:
             fsync_path(tmp / name)

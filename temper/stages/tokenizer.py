@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from temper.config import check_range, opt
 from temper.data.readers import iter_texts
 from temper.data.tokenizer import check_vocab_size, train_tokenizer
 from temper.errors import TemperError
+from temper.io import owned_output_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Config:
     encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
     max_documents: int = opt(0, "train on at most this many documents (0: all)")
     model_max_length: int = opt(2048, "the context length recorded in tokenizer_config.json")
+    overwrite: bool = opt(False, "replace a tokenizer written earlier in output_dir (never a model's)")
 
     def validate(self) -> None:
         if not self.data:
@@ -37,12 +42,23 @@ class Config:
         check_range("model_max_length", self.model_max_length, low=1)
 
 
+def earlier_tokenizer(out: Path) -> list[str]:
+    return [name for name in TOKENIZER_FILES if (out / name).exists()]
+
+
 def run(cfg: Config) -> None:
+    # claimed before training: never a model's directory, an input's, or another run's
+    with owned_output_dir(cfg.output_dir, command="tokenizer", inputs={"data": cfg.data}, overwrite=cfg.overwrite,
+                          earlier=earlier_tokenizer) as out:
+        train(cfg, out)
+
+
+def train(cfg: Config, out: Path) -> None:
     texts = iter_texts(cfg.data, field=cfg.text_field, encoding_errors=cfg.encoding_errors,
                        text_mode=cfg.text_mode)
     if cfg.max_documents > 0:
         texts = itertools.islice(texts, cfg.max_documents)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                 model_max_length=cfg.model_max_length)
-    tokenizer.save(cfg.output_dir)
-    print(f"tokenizer: {tokenizer.vocab_size} tokens -> {cfg.output_dir}")
+    tokenizer.save(out)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens -> {out}")

@@ -11,14 +11,17 @@ Same seed, same bytes. See temper/data/world.py for what the world holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from temper.config import opt
 from temper.data.world import WorldConfig, build_world, write_world
+from temper.io import owned_output_dir
 
 
 @dataclass
 class Config:
     output_dir: str = opt("runs/world", "where the JSONL files, facts.json and README.md are written")
+    overwrite: bool = opt(False, "replace a world written earlier in output_dir")
     seed: int = opt(0, "random seed; the same seed writes byte-identical files")
     num_people: int = opt(60, "invented people, each with job, town, pet, colour, age and a friend")
     num_towns: int = opt(12, "invented towns (at most 16), each with a country and a river")
@@ -46,9 +49,16 @@ class Config:
         self.world_config().validate()
 
 
+def earlier_world(out: Path) -> list[str]:
+    """What a world written earlier left in `out` (a model trained on it may name it as its world)."""
+    return [name for name in ("facts.json", "README.md", "pretrain", "sft", "preference", "rl") if (out / name).exists()]
+
+
 def run(cfg: Config) -> None:
-    world = build_world(cfg.world_config())
-    paths = write_world(world, cfg.output_dir)
+    # claimed first: never a model's directory, nor another run's; an earlier world only with overwrite=true
+    with owned_output_dir(cfg.output_dir, command="world", overwrite=cfg.overwrite, earlier=earlier_world) as out:
+        world = build_world(cfg.world_config())
+        paths = write_world(world, out)
     for name, path in paths.items():
         if name in world.splits:
             print(f"{name}: {len(world.splits[name])} rows -> {path}")

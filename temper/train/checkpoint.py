@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from temper.errors import TemperError
+from temper.io import write_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -55,8 +56,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             continue
         by_storage[key] = name
         unique[name] = t.detach().contiguous().cpu()
-    save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
-    fsync_path(path)
+    write_safetensors(unique, path, metadata={"aliases": json.dumps(aliases)})
 
 
 def fsync_path(path: Path) -> None:

@@ -49,7 +49,6 @@ from temper.config import (
 )
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
-from temper.io import refuse_same_dir
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model, save_model
 from temper.models.hf import config_from_hf, read_hf_config
@@ -163,6 +162,12 @@ class TrainingConfig:
         OnlyWith(("parallel.reshard_after_forward", "parallel.cpu_offload"), "strategy=fsdp (or auto under torchrun)",
                  lambda c: c.strategy in ("fsdp", "auto")),
     )
+    # the settings a resumed run may change (how long, how fast, where, how logged); every other one
+    # must be the checkpoint's (checked at the claim, before any cache is built); a recipe adds its own
+    resume_may_change: ClassVar[tuple[str, ...]] = (
+        "max_steps", "resume", "overwrite", "output_dir", "device", "precision", "compile", "activation_checkpointing",
+        "strategy", "parallel", "eval_batches", "peak_flops", "optim", "schedule", "checkpoint", "logging",
+        "batch_size", "grad_accum", "global_batch_size")
 
     def __init_subclass__(cls, *, command: str | None = None, capabilities: Capabilities | None = None,
                           defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -272,29 +277,35 @@ class Run:
             print(text, file=sys.stderr)
 
 
+DATA_KEYS = ("data", "eval_data", "general_data")  # a directory of data is an input too
+
+
 def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     """Join the other processes (under torchrun, or with a strategy), claim the output directory
     (one run at a time; rank 0 claims and every rank hears its verdict), refuse to mix this run
     with an earlier one there unless told to continue (`resume=`) or start over
     (`overwrite=true`), resolve device and precision, seed everything.
 
-    `inputs` names the keys of directories the run reads, which output_dir must not be. Nothing
-    of an earlier run is changed here: `TrainLoop` clears an overwritten run's files only once
-    the model and data are ready and training starts."""
-    for key in inputs:
+    `inputs` names the keys of directories the run reads (besides its data, `DATA_KEYS`), which
+    output_dir must not be; nor may it hold a model another command wrote (unless
+    `overwrite=true`); and a resumed checkpoint must have recorded this run's settings (but
+    `resume_may_change`). All of it is checked here, before any cache is built. Nothing of an earlier run is changed here: `TrainLoop` clears an
+    overwritten run's files only once the model and data are ready and training starts."""
+    for key in inputs:  # every model the run feeds seq_len tokens to has positions enough
         value = getattr(cfg, key, None)
-        if value and Path(value).is_dir():
-            refuse_same_dir(cfg.output_dir, value, key)
-            if (Path(value) / "config.json").is_file():  # every model the run feeds seq_len tokens to has them
-                check_positions(cfg.seq_len, config_from_hf(read_hf_config(value), f"{value}/config.json"),
-                                f"{key}={value}")
+        if value and (Path(value) / "config.json").is_file():
+            check_positions(cfg.seq_len, config_from_hf(read_hf_config(value), f"{value}/config.json"),
+                            f"{key}={value}")
     device = resolve_device(cfg.device)
     precision = engine.resolve_precision(cfg.precision, device)
     par = Parallel(cfg.strategy, cfg.parallel, device)
     check_precision(par, precision)
     run_dir = RunDir(cfg.output_dir)
     try:
-        out = Path(par.agree(lambda: str(run_dir.claim(resume=cfg.resume, overwrite=cfg.overwrite))))
+        out = Path(par.agree(lambda: str(run_dir.claim(
+            resume=cfg.resume, overwrite=cfg.overwrite, command=cfg.command,
+            inputs={key: getattr(cfg, key, None) for key in (*inputs, *DATA_KEYS)}, settings=cfg,
+            may_change=cfg.resume_may_change))))
     except TemperError:
         par.close()
         raise

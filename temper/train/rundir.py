@@ -16,15 +16,21 @@ workflow does with the directory it writes.
   leaves the directory as it was.
 - What an earlier run left is a function the caller may replace (`earlier=`): a training
   run's metrics, summary and checkpoints; a workflow's rounds.
+- The claim also refuses the directories `temper.io.claim_output_dir` refuses (an input, a
+  model another command wrote), and a resume of a checkpoint whose recorded settings differ
+  from this run's (`check_resume_settings`): all of it before any cache (tokenised data, a
+  tokenizer, reference log-probs) is built, so a refused run leaves the directory as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ import yaml
 from temper.config import to_dict
 from temper.errors import TemperError
 from temper.io import atomic_write_text, claim_output_dir, owned_output_dir, release_output_dir
-from temper.train.checkpoint import latest_checkpoint, list_checkpoints
+from temper.train.checkpoint import latest_checkpoint, list_checkpoints, resolve_resume
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
 
@@ -67,6 +73,57 @@ def check_earlier_run(out: Path, resume: str, overwrite: bool,
                           "resume: overwrite=true starts over, or choose another output_dir")
 
 
+def check_resume_settings(out: Path, resume: str, cfg: Any, may_change: Iterable[str]) -> None:
+    """A checkpoint resumes only the run that wrote it: every setting it recorded must be this
+    run's (`cfg`'s), except those in `may_change` (a key, or a section with all its keys: how
+    long, how fast, on what hardware and how it is logged). A key that one side's temper version
+    did not have is no difference. Checked at the claim, before the run builds or rebuilds any
+    cache from its settings; the loop checks the rest (the tokenizer and data fingerprints, the
+    global batch) once they exist."""
+    found = resolve_resume(resume, out / "checkpoints") if resume else None
+    if found is None:
+        return
+    try:
+        saved = json.loads((found / "state.json").read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):  # damaged: the loop's own checks say so
+        return
+    if not isinstance(saved, dict):
+        return
+    free = set(may_change)
+    differ = []
+    for f in dataclasses.fields(cfg):
+        if f.name in free or f.name not in saved:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):  # a section: its keys one by one
+            pairs = [(f"{f.name}.{k}", (saved[f.name] or {}).get(k), v) for k, v in _plain(to_dict(value)).items()
+                     if isinstance(saved[f.name], dict) and k in saved[f.name] and f"{f.name}.{k}" not in free]
+        else:
+            pairs = [(f.name, saved[f.name], _plain(to_dict(value)))]
+        differ += [f"{key} {a!r} -> {b!r}" for key, a, b in pairs if not _same_setting(a, b)]
+    if differ:
+        raise TemperError(f"{found} belongs to another run ({'; '.join(differ)}): resume it with the same settings, "
+                          "or overwrite=true to start over")
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # as state.json holds it (tuples -> lists)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal, or the same files named two ways (a relative and an absolute path)."""
+    if a == b:
+        return True
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+    return False
+
+
 def clear_earlier_run(out: Path, names: Iterable[str] = RUN_FILES) -> None:
     """overwrite=true: the earlier run's files go (caches such as tokenised data stay)."""
     for name in names:
@@ -83,12 +140,17 @@ class RunDir:
     def __init__(self, path: str | Path, *, main: bool = True) -> None:
         self.path, self.main = Path(path), main
 
-    def claim(self, *, resume: str, overwrite: bool,
-              earlier: Callable[[Path], list[str]] = earlier_run_files) -> Path:
-        """Lock the directory for this process and check what an earlier run left (see module)."""
-        claim_output_dir(self.path)
+    def claim(self, *, resume: str, overwrite: bool, earlier: Callable[[Path], list[str]] = earlier_run_files,
+              command: str | None = None, inputs: Mapping[str, Any] | None = None,
+              settings: Any = None, may_change: Iterable[str] = ()) -> Path:
+        """Lock the directory for this process and check what an earlier run left (see module):
+        `command` and `inputs` as `temper.io.claim_output_dir` takes them (a training run writes a
+        model), `settings` (the run's config) against a resumed checkpoint's."""
+        claim_output_dir(self.path, command=command, inputs=inputs, overwrite=overwrite, writes_model=True)
         try:
             check_earlier_run(self.path, resume, overwrite, earlier)
+            if settings is not None:
+                check_resume_settings(self.path, resume, settings, may_change)
         except TemperError:
             release_output_dir(self.path)
             raise
@@ -97,10 +159,12 @@ class RunDir:
     @classmethod
     @contextlib.contextmanager
     def owned(cls, path: str | Path, *, resume: str, overwrite: bool,
-              earlier: Callable[[Path], list[str]] = earlier_run_files) -> Iterator[RunDir]:
-        """A workflow's directory for the length of a block: claimed and checked as `claim` does,
-        released at the end; a directory the block created is removed again if it fails."""
-        with owned_output_dir(path) as out:
+              earlier: Callable[[Path], list[str]] = earlier_run_files, command: str | None = None,
+              inputs: Mapping[str, Any] | None = None) -> Iterator[RunDir]:
+        """A workflow's directory for the length of a block: claimed and checked as `claim` does
+        (a workflow writes no model of its own there), released at the end; a directory the block
+        created is removed again if it fails."""
+        with owned_output_dir(path, command=command, inputs=inputs, overwrite=overwrite) as out:
             check_earlier_run(out, resume, overwrite, earlier)
             yield cls(out)
 

@@ -60,7 +60,7 @@ from temper.config import OnlyWith, check_range, opt
 from temper.data.chat import chat_template_for
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
-from temper.io import atomic_write_text, refuse_same_dir
+from temper.io import atomic_write_text
 from temper.lineage import read_lineage
 from temper.loading import load_for_inference
 from temper.rewards.feedback import make_reviser, read_constitution, same_text
@@ -249,7 +249,6 @@ def run(cfg: Config, commands) -> dict:
     """The rounds. `commands` (given by the CLI) runs other temper commands in this process:
     `commands.config(name, settings)` builds and checks a command's config from a mapping of its
     keys, `commands.run(name, config)` runs it and returns its summary."""
-    refuse_same_dir(cfg.output_dir, cfg.model, "model")
     device = resolve_device(cfg.device)
     lineage = read_lineage(cfg.model)
     world = lineage.get("world_dir")
@@ -262,7 +261,8 @@ def run(cfg: Config, commands) -> dict:
     commands.config("dpo", round_settings(cfg, policy=cfg.model, pairs=Path("pairs.jsonl"), eval_spec=eval_spec,
                                           round_dir=Path(cfg.output_dir) / "round_1"), source="dpo.* (temper dpo)")
 
-    with RunDir.owned(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, earlier=_earlier_rounds) as run_dir:
+    with RunDir.owned(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, earlier=_earlier_rounds,
+                      command="online-dpo", inputs={"model": cfg.model}) as run_dir:
         out = run_dir.path
         earlier = _earlier_rounds(out)
         # the judges: one that makes pairs, one that reports scores (the same when it scores)
