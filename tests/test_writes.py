@@ -161,15 +161,15 @@ def test_contamination_output_is_claimed(tmp_path, capsys):
 def test_tokenizer_never_writes_into_a_model_and_replaces_its_own_only_with_overwrite(tmp_path, capsys, model):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SAMPLE_TEXT)
-    args = ["tokenizer", f"data={corpus}", "vocab_size=300"]
+    args = ["tokenizer", f"data={corpus}"]
     before = snapshot(model)
     for extra in ([], ["overwrite=true"]):
-        assert main([*args, f"output_dir={model}", *extra]) == 2
+        assert main([*args, "vocab_size=300", f"output_dir={model}", *extra]) == 2
         assert "holds a model (not written by temper); temper tokenizer does not write models" in \
             error_line(capsys, "tokenizer")
     assert snapshot(model) == before
     out = tmp_path / "tok"
-    assert main([*args, f"output_dir={out}"]) == 0
+    assert main([*args, "vocab_size=300", f"output_dir={out}"]) == 0
     mine = snapshot(out)
     assert main([*args, f"output_dir={out}", "vocab_size=290"]) == 2
     assert "holds an earlier output (tokenizer.json" in error_line(capsys, "tokenizer")
