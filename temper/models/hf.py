@@ -265,6 +265,35 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise TemperFileNotFoundError(f"{model_dir}: no model.safetensors (or sharded index) found")
 
 
+def adapter_not_model(adapter_dir: Path) -> str:
+    """What to say when an adapter directory is given where a model directory is read."""
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    name = base if isinstance(base, str) and base else "BASE"
+    return (f"{adapter_dir}: a PEFT adapter of {name} (adapter_config.json, no config.json), not a model: train "
+            f"from its base with model={name}, or merge it first (temper merge model={name} adapter={adapter_dir} "
+            "output_dir=DIR); generate, chat and eval take the adapter directory as it is")
+
+
+def open_weights(path: str | Path, device: str = "cpu"):
+    """`safe_open` on a weights file; a failure is one line saying why. safetensors reports every
+    file it cannot open as 'No such file or directory', so an unreadable file is opened here once
+    more to name the real reason (permission denied, a directory, ...)."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own error types
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as os_error:
+            reason = (os_error.strerror or str(os_error)).lower()
+            raise TemperError(f"{path}: cannot read the weights file ({reason})") from None
+        raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     if not model_dir.exists():
@@ -273,6 +302,8 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
         raise TemperError(f"{model_dir}: expected a model directory, got a file")
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
+        if (model_dir / "adapter_config.json").is_file():
+            raise TemperError(adapter_not_model(model_dir))
         raise TemperFileNotFoundError(f"{model_dir}: no config.json; is this a model directory?")
     try:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -300,11 +331,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
     extra = extra or {}
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
-        try:
-            handle = safe_open(str(path), framework="pt", device=str(device))
-        except Exception as e:  # safetensors raises its own error types
-            raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
-        with handle as f:
+        with open_weights(path, str(device)) as f:
             for hf_name in f.keys():
                 if hf_name in extra:
                     tensor = f.get_tensor(hf_name)
@@ -360,11 +387,7 @@ def check_weight(path: str | Path, name: str, tensor: torch.Tensor) -> None:
 
 def check_weights_file(path: str | Path) -> None:
     """`check_weight` on every tensor of one safetensors file (an adapter, before it is applied)."""
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
-    with handle as f:
+    with open_weights(path) as f:
         for name in f.keys():
             check_weight(path, name, f.get_tensor(name))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from temper.config import opt
-from temper.data.readers import iter_texts
+from temper.data.readers import MAX_DOCUMENT_MB, iter_texts
 from temper.data.tokenizer import train_tokenizer
 from temper.errors import TemperError
 
@@ -25,17 +25,21 @@ class Config:
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
     encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
+    max_document_mb: int = opt(MAX_DOCUMENT_MB, "the longest line or document read from data, in MiB (a longer one "
+                                                "is an error naming its file and line)")
     max_documents: int = opt(0, "train on at most this many documents (0: all)")
     model_max_length: int = opt(2048, "the context length recorded in tokenizer_config.json")
 
     def validate(self) -> None:
         if not self.data:
             raise TemperError("data= is required: text files, JSONL files, directories or globs")
+        if self.max_document_mb < 1:
+            raise TemperError(f"max_document_mb must be >= 1, got {self.max_document_mb}")
 
 
 def run(cfg: Config) -> None:
     texts = iter_texts(cfg.data, field=cfg.text_field, encoding_errors=cfg.encoding_errors,
-                       text_mode=cfg.text_mode)
+                       text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb)
     if cfg.max_documents > 0:
         texts = itertools.islice(texts, cfg.max_documents)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
