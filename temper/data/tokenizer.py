@@ -214,9 +214,10 @@ class Tokenizer:
         (out / "special_tokens_map.json").write_text(json.dumps(sp, indent=2) + "\n", encoding="utf-8")
 
 
-def text_pieces(text: str, max_chars: int = TRAIN_PIECE_CHARS) -> Iterable[str]:
-    """`text` in pieces of at most `max_chars` characters, each cut (where it can be) just before a
-    whitespace that follows a non-space character: a place where byte-level pre-tokenisers split."""
+def text_pieces(text: str, max_chars: int = 0) -> Iterable[str]:
+    """`text` in pieces of at most `max_chars` (default `TRAIN_PIECE_CHARS`) characters, each cut (where it
+    can be) just before a whitespace that follows a non-space character, where byte-level pre-tokenisers split."""
+    max_chars = max_chars or TRAIN_PIECE_CHARS
     start = 0
     while len(text) - start > max_chars:
         target = start + max_chars
