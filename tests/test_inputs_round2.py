@@ -378,8 +378,8 @@ def test_an_adapter_directory_given_as_a_model_says_so_and_how_to_use_it(tmp_pat
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
                                                              "base_model_name_or_path": "runs/base"}))
     with pytest.raises(TemperError, match=rf"^{adapter}: a PEFT adapter of runs/base \(adapter_config.json, no "
-                                          r"config.json\), not a model: train from its base with model=runs/base, or "
-                                          rf"merge it first \(temper merge model=runs/base adapter={adapter} "):
+                                          r"config.json\), not a model: give its base, runs/base, or merge the "
+                                          rf"adapter into it first \(temper merge model=runs/base adapter={adapter} "):
         hf.read_hf_config(adapter)
     (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                    {"role": "assistant", "content": "hello"}]}) + "\n")

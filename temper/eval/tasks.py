@@ -34,7 +34,7 @@ from temper.config import from_dict, load_yaml, opt
 from temper.configs import shipped_names, shipped_path
 from temper.data.chat import end_of_turn_strings, render
 from temper.data.readers import iter_records
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.eval import metrics
 from temper.eval.generation import contains_answer, normalize
 from temper.eval.multiple_choice import evaluate_multiple_choice
@@ -102,7 +102,7 @@ class TaskConfig:
 def resolve_task(spec: str) -> Path:
     """A task YAML file, or the name of one shipped in the package (temper/configs/tasks/NAME.yaml)."""
     path = Path(spec)
-    if path.is_file():
+    if path.is_file() or (path.exists() and not path.is_dir()):  # a FIFO or a device: load_task names it
         return path
     shipped = shipped_path(spec, "tasks")
     if shipped is not None:
@@ -124,9 +124,7 @@ def _format_fields(task: str, key: str, template: str) -> set[str]:
 
 def load_task(path: str | Path) -> TaskConfig:
     """A task from its YAML file; every key is checked (unknown keys get a suggestion)."""
-    p = Path(path)
-    if not p.is_file():
-        raise TemperFileNotFoundError(f"task file not found: {p}")
+    p = require_file(path, "task file")
     data = load_yaml(p)
     return task_from_dict(data, base_dir=p.parent, source=str(p))
 

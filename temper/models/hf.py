@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------- config.json
@@ -251,12 +251,13 @@ def weight_files(model_dir: Path) -> list[Path]:
             raise TemperError(f"{index}: weight_map must map tensor names to file names")
         files = sorted({model_dir / f for f in weight_map.values()})
         for f in files:
-            if not f.is_file():
+            if not f.exists():
                 raise TemperFileNotFoundError(f"{index}: names shard {f.name}, which does not exist")
+            require_file(f, "weights")
         return files
     single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
+    if single.exists():  # a FIFO or a device there is named, not opened
+        return [require_file(single, "weights")]
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
         raise TemperError(
             f"{model_dir}: only pickled weights (*.bin / *.pt) found; temper reads safetensors only "
@@ -273,8 +274,8 @@ def adapter_not_model(adapter_dir: Path) -> str:
     except (OSError, ValueError, AttributeError):
         base = None
     name = base if isinstance(base, str) and base else "BASE"
-    return (f"{adapter_dir}: a PEFT adapter of {name} (adapter_config.json, no config.json), not a model: train "
-            f"from its base with model={name}, or merge it first (temper merge model={name} adapter={adapter_dir} "
+    return (f"{adapter_dir}: a PEFT adapter of {name} (adapter_config.json, no config.json), not a model: give its "
+            f"base, {name}, or merge the adapter into it first (temper merge model={name} adapter={adapter_dir} "
             "output_dir=DIR); generate, chat and eval take the adapter directory as it is")
 
 
@@ -301,6 +302,8 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise TemperError(f"{model_dir}: expected a model directory, got a file")
     cfg_path = model_dir / "config.json"
+    if cfg_path.exists():
+        require_file(cfg_path, "config.json")
     if not cfg_path.is_file():
         if (model_dir / "adapter_config.json").is_file():
             raise TemperError(adapter_not_model(model_dir))
