@@ -512,11 +512,148 @@ SETTINGS: list[tuple[str, list[str], str]] = [
 # Special, endless or huge inputs, judges that hang, and messages that say what and where.
 
 
+JUDGES_R2 = """import sys
+import time
+
+
+def sleeps(prompt, response):  # a judge service that never answers
+    time.sleep(3600)
+    return 1.0
+
+
+def exits(prompt, response):
+    sys.exit(3)
+
+
+def revise_slowly(prompt, response, principle):
+    time.sleep(3600)
+    return response
+"""
+
+
 def setup_inputs(work: Path) -> None:
-    pass
+    """FIFOs and device links behind data names, over-long lines, judges that hang or exit, a world."""
+    for name in ("fifo.txt", "fifo.jsonl", "fifo.yaml"):
+        os.mkfifo(work / name)
+    for name, target in (("zero.txt", "/dev/zero"), ("zero.jsonl", "/dev/zero"), ("urandom.txt", "/dev/urandom"),
+                         ("urandom.jsonl", "/dev/urandom"), ("zero.yaml", "/dev/zero"), ("zero.jinja", "/dev/zero")):
+        (work / name).symlink_to(target)
+    (work / "with-device").mkdir()  # a data folder with a device link among its files
+    (work / "with-device" / "a.txt").write_text(TEXT)
+    (work / "with-device" / "b.txt").symlink_to("/dev/zero")
+    with open(work / "nul-bytes.txt", "wb") as f:  # 1 GiB of NUL bytes, no newline (sparse: no disk used)
+        f.truncate(1 << 30)
+    words = "the river runs past the mill and the miller counts sacks of flour ".split()
+    line = " ".join(words[i % len(words)] + str(i % 97) for i in range(250_000))  # ~2.4 MB, one line
+    (work / "long-line.txt").write_text(line + "\n")
+    (work / "long-line.jsonl").write_text(json.dumps({"text": line}) + "\n")
+    (work / "long-paragraph.txt").write_text("intro\n\n" + "a line of the river and the mill\n" * 40_000)
+    good = [{"prompt": f"Paragraph {i}: the river", "chosen": " runs past the mill.", "rejected": " counts sacks."}
+            for i in range(4)]
+    (work / "long-pair.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        *good[:2], {"prompt": line, "chosen": " " + line[:1_000_000], "rejected": " " + line[1_000:1_001_000]},
+        *good[2:]]))
+    (work / "my_judges_r2.py").write_text(JUDGES_R2)
+    (work / "qa.jsonl").write_text("".join(json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)})
+                                           + "\n" for i in range(3)))
+    (work / "qa-task.yaml").write_text("name: qa\ntype: generation\ndata: qa.jsonl\nprompt: '{question}'\n"
+                                       "generation: {max_new_tokens: 2}\n")
+    (work / "test-rows.jsonl").write_text(json.dumps({"question": "the river runs past the mill", "answer": "yes"})
+                                          + "\n")
+    done = temper(["world", "output_dir=world", "num_people=8", "num_towns=4", "docs_per_person=2", "docs_per_town=1",
+                   "num_arithmetic_docs=4", "num_dialogue_docs=4", "num_sft_train=4", "num_sft_test=4",
+                   "num_pref_train=4", "num_pref_test=4", "num_rl_train=4", "num_rl_test=4"], work)
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(work / "base", work / "fifo-weights")  # weights that are a FIFO
+    (work / "fifo-weights" / "model.safetensors").unlink()
+    os.mkfifo(work / "fifo-weights" / "model.safetensors")
 
 
+EVAL_PAIR = ["eval", "models=[base,other-base]", "tasks=qa-task.yaml"]
 INPUTS: list[tuple[str, list[str], str]] = [
+    # special files: refused by name before they are opened (a FIFO would wait for a writer, a device never ends)
+    ("a FIFO as pretraining data", ["pretrain", *TINY, "data=fifo.txt", "output_dir=r2-1"], "error"),
+    ("a link named .txt to /dev/zero", ["pretrain", *TINY, "data=zero.txt", "output_dir=r2-2"], "error"),
+    ("a link named .jsonl to /dev/zero", ["pretrain", *TINY, "data=zero.jsonl", "output_dir=r2-3"], "error"),
+    ("a link named .txt to /dev/urandom", ["pretrain", *TINY, "data=urandom.txt", "output_dir=r2-4"], "error"),
+    ("a data folder holding a link to /dev/zero", ["pretrain", *TINY, "data=with-device", "output_dir=r2-5"],
+     "error"),
+    ("a glob matching a link to /dev/zero", ["pretrain", *TINY, "data=with-device/*.txt", "output_dir=r2-6"],
+     "error"),
+    ("a FIFO as tokenizer data", ["tokenizer", "data=fifo.txt", "output_dir=r2-7"], "error"),
+    ("a FIFO as SFT data", ["sft", "model=base", "data=fifo.jsonl", "output_dir=r2-8"], "error"),
+    ("a link to /dev/urandom as DPO data", ["dpo", "model=base", "data=urandom.jsonl", *DPO, "output_dir=r2-9"],
+     "error"),
+    ("a FIFO as the prompts file", ["generate", "model=base", "prompts_file=fifo.jsonl"], "error"),
+    ("a link to /dev/zero as the prompts file", ["generate", "model=base", "prompts_file=zero.jsonl"], "error"),
+    ("a link to /dev/urandom as perplexity text", ["eval", "model=base", "data=urandom.txt", "output_dir=r2-10"],
+     "error"),
+    ("a FIFO as a task file", ["eval", "model=base", "tasks=fifo.yaml", "output_dir=r2-11"], "error"),
+    ("a link to /dev/zero as --config", ["pretrain", "--config", "zero.yaml"], "error"),
+    ("a FIFO as --config", ["pretrain", "--config", "fifo.yaml"], "error"),
+    ("a link to /dev/zero as the chat template", ["sft", "model=base", "data=chats.jsonl", "template=zero.jinja",
+                                                 "output_dir=r2-12"], "error"),
+    ("a FIFO as contamination eval rows", ["eval", "contamination", "train=corpus.txt", "eval=fifo.jsonl"], "error"),
+    ("a FIFO as the constitution", ["online-dpo", "model=base", *ONLINE, "judge=constitution:callable:my_judges_r2:"
+                                    "revise_slowly", "constitution=fifo.txt", "output_dir=r2-13"], "error"),
+    ("a FIFO where a model's weights should be", ["generate", "model=fifo-weights", "prompt=The river"], "error"),
+    # a line or document past the cap: an error naming file and line, after reading that much of it only
+    ("1 GiB of NUL bytes with no newline, named .txt", ["pretrain", *TINY, "data=nul-bytes.txt", "output_dir=r2-14"],
+     "error"),
+    ("a 2.4 MB line past max_document_mb=1", ["pretrain", *TINY, "data=long-line.txt", "max_document_mb=1",
+                                              "output_dir=r2-15"], "error"),
+    ("a 2.4 MB JSONL row past max_document_mb=1", ["tokenizer", "data=long-line.jsonl", "max_document_mb=1",
+                                                   "output_dir=r2-16"], "error"),
+    ("a 1.3 MB paragraph (no blank line) past max_document_mb=1",
+     ["pretrain", *TINY, "data=long-paragraph.txt", "max_document_mb=1", "output_dir=r2-17"], "error"),
+    ("a whole file past max_document_mb=1 with text_mode=file",
+     ["pretrain", *TINY, "data=long-paragraph.txt", "text_mode=file", "max_document_mb=1", "output_dir=r2-18"],
+     "error"),
+    # long, within the cap: trained in bounded memory (the tokenizer trainer and DPO's encoder get pieces)
+    ("a 2.4 MB one-line document (trained, the tokenizer learnt in pieces)",
+     ["pretrain", *TINY, "data=long-line.jsonl", "max_steps=1", "output_dir=r2-19"], "ok"),
+    ("a DPO row of 2.4 MB (cut by characters before tokenising, counted as truncated)",
+     ["dpo", "model=base", "data=long-pair.jsonl", *DPO, "output_dir=r2-20"], "ok"),
+    # judges that hang or exit
+    ("an online-DPO judge that never returns (judge_timeout=1)",
+     ["online-dpo", "model=base", *ONLINE, "judge=callable:my_judges_r2:sleeps", "judge_timeout=1",
+      "output_dir=r2-21"], "error"),
+    ("a constitution reviser that never returns (judge_timeout=1)",
+     ["online-dpo", "model=base", *ONLINE, "judge=constitution:callable:my_judges_r2:revise_slowly",
+      "judge_timeout=1", "output_dir=r2-22"], "error"),
+    ("a judge that calls sys.exit(3), with skip_bad_judgements=false",
+     ["online-dpo", "model=base", *ONLINE, "judge=callable:my_judges_r2:exits", "skip_bad_judgements=false",
+      "output_dir=r2-23"], "error"),
+    ("a judge that calls sys.exit(3) on every sample", ["online-dpo", "model=base", *ONLINE,
+                                                        "judge=callable:my_judges_r2:exits", "output_dir=r2-24"],
+     "error"),
+    ("an eval judge that never returns (judge_timeout=1)",
+     [*EVAL_PAIR, "judge=callable:my_judges_r2:sleeps", "judge_timeout=1", "output_dir=r2-25"], "error"),
+    ("a negative judge_timeout", [*EVAL_PAIR, "judge=callable:my_judges_r2:sleeps", "judge_timeout=-1"], "error"),
+    # an eval judge that fails on every sample: no win rate (the models' scores are kept in results.md)
+    ("an eval judge that raises on every sample", [*EVAL_PAIR, "judge=callable:my_judges:raises", "output_dir=r2-26"],
+     "error"),
+    ("an eval judge that calls sys.exit on every sample", [*EVAL_PAIR, "judge=callable:my_judges_r2:exits",
+                                                            "output_dir=r2-27"], "error"),
+    ("an eval judge that fails on some samples (left out of the win rate, counted)",
+     [*EVAL_PAIR, "judge=callable:my_judges:flaky", "output_dir=r2-28"], "ok"),
+    ("contamination eval_fields naming no field of the rows",
+     ["eval", "contamination", "train=corpus.txt", "eval=test-rows.jsonl", "eval_fields=questoin"], "error"),
+    # the world task reads the world and writes only under output_dir; a relative world= is the working directory's
+    ("world_facts_mc on a world without eval/facts_mc.jsonl, world= relative",
+     ["eval", "model=base", "tasks=world_facts_mc", "world=world", "output_dir=r2-29"], "ok"),
+    # messages that say what and where
+    ("an adapter directory as SFT's model", ["sft", "model=lora", "data=chats.jsonl", "output_dir=r2-30"], "error"),
+    ("an adapter directory as DPO's model", ["dpo", "model=lora", "data=pairs.jsonl", *DPO, "output_dir=r2-31"],
+     "error"),
+    ("an adapter directory as DPO's ref_model", ["dpo", "model=base", "ref_model=lora", "data=pairs.jsonl", *DPO,
+                                                 "output_dir=r2-32"], "error"),
+    ("SFT at seq_len=256 on a model whose validation split holds 126 tokens (the drift monitor fits it)",
+     ["sft", "model=base", "data=chats.jsonl", "seq_len=256", "max_steps=1", "batch_size=4", "logging.progress=false",
+      "output_dir=r2-33"], "ok"),
+    ("DPO at seq_len=256 on the same model", ["dpo", "model=base", "data=pairs.jsonl", "seq_len=256", "batch_size=2",
+                                              "max_steps=1", "peak_flops=1e9", "logging.progress=false",
+                                              "output_dir=r2-34"], "ok"),
 ]
 
 

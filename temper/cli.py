@@ -156,8 +156,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
 
 def config_file(spec: str | None) -> str | None:
     """`--config` value: a YAML file, else the name of a config shipped in the package (temper/configs)."""
-    if spec is None or os.path.isfile(spec):
-        return spec
+    if spec is None or os.path.isfile(spec) or (os.path.exists(spec) and not os.path.isdir(spec)):
+        return spec  # a FIFO or a device is named by load_yaml's refusal, not looked up as a shipped name
     shipped = shipped_path(spec)
     if shipped is None:
         raise TemperError(f"config file not found: {spec} (shipped configs: {', '.join(shipped_names())})")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from temper.errors import TemperError
+from temper.errors import TemperError, require_file
 
 __all__ = [
     "opt",
@@ -300,9 +300,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise TemperError(f"config file not found: {p}")
+    p = require_file(path, "config file")  # a FIFO or /dev/zero behind a .yaml name is refused, not read
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except _DuplicateKey as e:

@@ -35,7 +35,7 @@ from temper.data.templates import (
     TEMPLATE_FILE_SUFFIXES,
     read_chat_template,
 )
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.lineage import check_template
 
 __all__ = [
@@ -87,6 +87,8 @@ def resolve_template(spec: str | None, tokenizer: Any = None) -> str | None:
     path = Path(spec).expanduser()
     try:
         is_file, is_dir = path.is_file(), path.is_dir()
+        if not (is_file or is_dir) and path.exists():
+            require_file(path, "chat template")  # a FIFO or a device: refused by name, not read
     except OSError:  # e.g. a name too long to be a path
         is_file = is_dir = False
     if is_dir:

@@ -44,6 +44,12 @@ Tokens (what TRL 1.x's DPO trainer computes, so a pair scores the tokens SFT tra
                 EOS (TRL appends the EOS text unless the answer ends with it).
   Where the prompt's tokens are not the start of the prompt + answer tokens (a token
   straddles the boundary) the row is bad (`token_boundary`); TRL only warns and slices.
+  Memory: the encoder needs ~200 bytes per character of one input (a 20 MB row took 4.3 GB),
+  and truncation keeps at most max_len + 1 tokens, so a prompt or answer text longer than
+  `max_chars` = 2 (max_len + 2) x the most characters one token stands for is cut by
+  characters before it is tokenised (a prompt keeps its end, and a leading BOS text; an answer
+  its start). That many characters make more tokens than the context holds, so truncation
+  then cuts the same pair (counted the same), and the tokens kept lie far from the cut.
 
 Truncation (`max_len`: the context, `seq_len` in `temper dpo` and so named in messages, i.e.
 at most max_len input positions, so a sequence holds at most max_len + 1 tokens;
@@ -452,6 +458,13 @@ class EncodedUnpaired:
     source: str
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token stands for (a special token's text included): n characters
+    make at least n / this many tokens."""
+    added = [len(t.content) for t in tokenizer.backend.get_added_tokens_decoder().values()]
+    return max([1, *tokenizer.token_byte_lengths(), *added])
+
+
 def _leading_special_ids(tokenizer) -> list[int]:
     """The ids a tokenizer puts in front of any text when asked for special tokens (BOS, or none)."""
     plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
@@ -474,19 +487,31 @@ class PreferenceEncoder:
         self.max_len, self.max_prompt_len = max_len, max_prompt_len
         self.leading = _leading_special_ids(tokenizer)
         self.render_kwargs = render_kwargs(tokenizer)
+        self.max_chars = 2 * (max_len + 2) * longest_token_chars(tokenizer)
+        self.answer_cut = False  # an answer of the last pair was cut by characters
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.backend.encode(text, add_special_tokens=False).ids)
 
+    def _prompt_end(self, text: str) -> str:
+        """The prompt text, or its last `max_chars` characters (after a leading BOS text) when longer."""
+        if len(text) <= self.max_chars:
+            return text
+        bos = self.tokenizer.bos_token
+        head = bos if bos and text.startswith(bos) else ""
+        return head + text[len(text) - self.max_chars:]
+
     def prompt(self, prompt: str | list, source: str) -> tuple[str, list[int]]:
-        """(prompt text, its tokens): the chat template's render for messages, the text itself for a string."""
+        """(prompt text, its tokens): the chat template's render for messages, the text itself for a string
+        (the tokens of its end only, when it is longer than `max_chars`)."""
+        self.answer_cut = False
         if isinstance(prompt, str):
-            return prompt, self._encode(prompt)
+            return prompt, self._encode(self._prompt_end(prompt))
         if self.template is None:
             raise TemperError(f"{source}: conversational data needs a chat template, and the model has none: "
                               "pass template=chatml (or llama3, plain, a .jinja file)")
         text = render(self.template, prompt, add_generation_prompt=True, **self.render_kwargs)
-        return text, self._encode(text)
+        return text, self._encode(self._prompt_end(text))
 
     def prompt_ids(self, prompt: str | list, prompt_tokens: list[int]) -> list[int]:
         """What the model reads before an answer: a string prompt gets the tokenizer's leading specials (BOS)."""
@@ -497,7 +522,7 @@ class PreferenceEncoder:
         """The answer's ids: those of prompt + answer after the prompt's, ending with one end marker."""
         tokenizer = self.tokenizer
         if isinstance(answer, str):
-            full_text, has_marker = prompt_text + answer, False
+            answer_text, has_marker = answer, False
         else:
             full_text = render(self.template, prompt + answer, add_generation_prompt=False, **self.render_kwargs)
             if not full_text.startswith(prompt_text):
@@ -506,8 +531,11 @@ class PreferenceEncoder:
                     f"{source}: the chat template is not prefix-stable: prompt+{name} renders differently from the "
                     f"prompt with its generation prompt (from character {at}: {prompt_text[at:at + 30]!r} vs "
                     f"{full_text[at:at + 30]!r}); use a template that renders earlier turns the same way")
-            has_marker = _ends_with_end_marker(full_text[len(prompt_text):], self.template, tokenizer)
-        full_ids = self._encode(full_text)
+            answer_text = full_text[len(prompt_text):]
+            has_marker = _ends_with_end_marker(answer_text, self.template, tokenizer)
+        if len(answer_text) > self.max_chars:  # more tokens than the context holds: its end is cut anyway
+            answer_text, self.answer_cut = answer_text[:self.max_chars], True
+        full_ids = self._encode(self._prompt_end(prompt_text) + answer_text)
         if full_ids[:len(prompt_tokens)] != prompt_tokens:
             raise BadRow("token_boundary", f"the prompt's tokens are not the start of the tokens of prompt+{name} "
                                            "(a token straddles the boundary)")
@@ -558,7 +586,7 @@ def encode_pairs(pairs: Iterable[PreferencePair], tokenizer, template: str | Non
             prompt_text, tokens = encoder.prompt(pair.prompt, pair.source)
             chosen = encoder.answer(pair.prompt, prompt_text, tokens, pair.chosen, "chosen", pair.source)
             rejected = encoder.answer(pair.prompt, prompt_text, tokens, pair.rejected, "rejected", pair.source)
-            if chosen == rejected:
+            if chosen == rejected and not encoder.answer_cut:
                 raise BadRow("identical", "'chosen' and 'rejected' give the same tokens")
             prompt_ids, (chosen, rejected), prompt_cut, answer_cut = encoder.fit(
                 encoder.prompt_ids(pair.prompt, tokens), [chosen, rejected])

@@ -5,6 +5,11 @@ token, so any text encodes, and no automatic BOS/EOS is added). `Tokenizer` wrap
 `tokenizer.json` plus its `tokenizer_config.json` (special tokens, chat template; the
 template may also be in `chat_template.jinja`, see `temper.data.templates.read_chat_template`) and
 saves both so that `transformers.AutoTokenizer.from_pretrained(dir)` encodes the same.
+
+The trainer's pre-tokeniser needs ~80 bytes of memory per character of one input (a 48 MB
+one-line document took 3.9 GB), so a text longer than `TRAIN_PIECE_CHARS` is handed to it in
+pieces cut before a whitespace that follows a non-space, where the byte-level pre-tokeniser
+splits anyway: the words counted, and so the vocabulary learnt, are those of the whole text.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Special tokens of a temper-trained tokenizer: BOS/EOS/PAD, ChatML's turn markers and
 # the chat roles (so role names are one token each and cannot be split by BPE).
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
+TRAIN_PIECE_CHARS = 1 << 17  # a longer text reaches the BPE trainer in pieces of about this many characters
+_CUT_SEARCH = 8192  # how far back from a piece's end a cut before whitespace is looked for
+_BEFORE_SPACE = re.compile(r"\S(?=\s)")
 
 
 def check_vocab_size(key: str, vocab_size: int) -> None:
@@ -267,6 +275,20 @@ MAX_VOCAB_SIZE = 2**24
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus temper's special tokens
 
 
+def text_pieces(text: str, max_chars: int = 0) -> Iterable[str]:
+    """`text` in pieces of at most `max_chars` (default `TRAIN_PIECE_CHARS`) characters, each cut (where it
+    can be) just before a whitespace that follows a non-space character, where byte-level pre-tokenisers split."""
+    max_chars = max_chars or TRAIN_PIECE_CHARS
+    start = 0
+    while len(text) - start > max_chars:
+        target = start + max_chars
+        cuts = [m.end() for m in _BEFORE_SPACE.finditer(text, max(start + 1, target - _CUT_SEARCH), target)]
+        cut = cuts[-1] if cuts else target
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
                     special_tokens: Sequence[str] = SPECIAL_TOKENS, model_max_length: int | None = None,
                     show_progress: bool = False) -> Tokenizer:
@@ -290,7 +312,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int
         nonlocal seen
         for t in texts:
             seen += 1
-            yield t
+            yield from text_pieces(t)
 
     backend.train_from_iterator(counted(), trainer=trainer)
     if seen == 0:

@@ -34,7 +34,7 @@ from temper.config import from_dict, load_yaml, opt
 from temper.configs import shipped_names, shipped_path
 from temper.data.chat import end_of_turn_strings, render
 from temper.data.readers import iter_records
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.eval import metrics
 from temper.eval.generation import contains_answer, normalize
 from temper.eval.multiple_choice import evaluate_multiple_choice
@@ -102,7 +102,7 @@ class TaskConfig:
 def resolve_task(spec: str) -> Path:
     """A task YAML file, or the name of one shipped in the package (temper/configs/tasks/NAME.yaml)."""
     path = Path(spec)
-    if path.is_file():
+    if path.is_file() or (path.exists() and not path.is_dir()):  # a FIFO or a device: load_task names it
         return path
     shipped = shipped_path(spec, "tasks")
     if shipped is not None:
@@ -124,9 +124,7 @@ def _format_fields(task: str, key: str, template: str) -> set[str]:
 
 def load_task(path: str | Path) -> TaskConfig:
     """A task from its YAML file; every key is checked (unknown keys get a suggestion)."""
-    p = Path(path)
-    if not p.is_file():
-        raise TemperFileNotFoundError(f"task file not found: {p}")
+    p = require_file(path, "task file")
     data = load_yaml(p)
     return task_from_dict(data, base_dir=p.parent, source=str(p))
 
@@ -143,19 +141,30 @@ def task_from_dict(data: dict, *, base_dir: str | Path | None = None, source: st
 
 
 def resolve_data(task: TaskConfig, spec: str, world_dir: str | Path | None = None, key: str = "data") -> Path:
+    """The file of a task's `data` (or `few_shot_data`): '{world}' is the world directory (relative to
+    the working directory, as every path the user types), another relative path is relative to the
+    task's YAML. The world's multiple-choice questions, when the world has no eval/facts_mc.jsonl, are
+    derived from its facts.json when read (checked here): nothing is written into the world."""
     if "{world}" in spec:
         if world_dir is None:
             raise TemperError(f"task {task.name}: {key} {spec!r} needs the built-in world: give world=DIR (or a model "
                               "whose temper.json records its world)")
-        spec = spec.replace("{world}", str(world_dir))
+        spec = spec.replace("{world}", str(Path(world_dir).expanduser().absolute()))
     p = Path(spec).expanduser()
     if not p.is_absolute() and task.base_dir is not None:
         p = Path(task.base_dir) / p
-    if world_dir is not None and not p.exists() and p == Path(world_dir) / "eval" / "facts_mc.jsonl":
-        build_world_mc(world_dir)  # derived from facts.json on first use
+    if _derived_world_mc(p, world_dir):
+        world_mc_rows(world_dir)
+        return p
     if not p.exists():
         raise TemperFileNotFoundError(f"task {task.name}: {key} not found: {p}")
     return p
+
+
+def _derived_world_mc(path: Path, world_dir: str | Path | None) -> bool:
+    """Whether `path` is the world's eval/facts_mc.jsonl that the world lacks (derived when read)."""
+    return (world_dir is not None and path == Path(world_dir).expanduser().absolute() / "eval" / "facts_mc.jsonl"
+            and not path.exists())
 
 
 @dataclass
@@ -194,11 +203,12 @@ def _prepare(task: TaskConfig, index: int, row: dict) -> TaskRow:
     return TaskRow(index, context, target=str(row[task.target]), row=row)
 
 
-def _read_rows(task: TaskConfig, path: Path) -> Iterator[TaskRow]:
+def _read_rows(task: TaskConfig, path: Path, world_dir: str | Path | None = None) -> Iterator[TaskRow]:
+    rows = world_mc_rows(world_dir) if _derived_world_mc(path, world_dir) else (rec.data for rec in iter_records(path))
     empty = True
-    for i, rec in enumerate(iter_records(path), 1):
+    for i, row in enumerate(rows, 1):
         empty = False
-        yield _prepare(task, i, rec.data)
+        yield _prepare(task, i, row)
     if empty:
         raise TemperError(f"task {task.name}: the data file {path} holds no rows")
 
@@ -215,7 +225,7 @@ def few_shot_prefix(task: TaskConfig, rows: list[TaskRow]) -> str:
 
 def iter_task_rows(task: TaskConfig, *, world_dir: str | Path | None = None) -> Iterator[TaskRow]:
     """The scored rows (validated; few-shot rows taken from the data are left out; `limit` applies)."""
-    rows = _read_rows(task, resolve_data(task, task.data, world_dir))
+    rows = _read_rows(task, resolve_data(task, task.data, world_dir), world_dir)
     if task.few_shot and task.few_shot_data is None:
         for _ in range(task.few_shot):
             next(rows, None)
@@ -235,7 +245,7 @@ def task_few_shot(task: TaskConfig, *, world_dir: str | Path | None = None) -> s
     spec = task.few_shot_data or task.data
     shots = []
     key = "few_shot_data" if task.few_shot_data else "data"
-    for r in _read_rows(task, resolve_data(task, spec, world_dir, key)):
+    for r in _read_rows(task, resolve_data(task, spec, world_dir, key), world_dir):
         shots.append(r)
         if len(shots) == task.few_shot:
             break
@@ -325,10 +335,10 @@ MC_FACTS = {"job": "What is {name}'s job?", "town": "In which town does {name} l
             "colour": "What is {name}'s favourite colour?"}
 
 
-def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4) -> Path:
-    """Write `world_dir/eval/facts_mc.jsonl` from facts.json: one question per person and fact
-    (job, town, colour) with the right value and `num_choices - 1` other values of that fact
-    seen in the world; the gold position is random but seeded. Returns the file's path."""
+def world_mc_rows(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4) -> list[dict]:
+    """The world's multiple-choice questions, from facts.json: one per person and fact (job, town,
+    colour) with the right value and `num_choices - 1` other values of that fact seen in the world;
+    the gold position is random but seeded."""
     world_dir = Path(world_dir)
     facts_file = world_dir / "facts.json"
     if not facts_file.is_file():
@@ -358,7 +368,14 @@ def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4
             rows.append({"question": question.format(name=p["name"]), "choices": choices, "gold": gold,
                          "answer": right, "meta": {"person": p["name"], "key": key}})
     rng.shuffle(rows)
-    out = world_dir / "eval" / "facts_mc.jsonl"
+    return rows
+
+
+def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4) -> Path:
+    """Write `world_mc_rows` to `world_dir/eval/facts_mc.jsonl` (a world's owner may keep them there; the
+    world_facts_mc task derives them when read, without writing). Returns the file's path."""
+    rows = world_mc_rows(world_dir, seed=seed, num_choices=num_choices)
+    out = Path(world_dir) / "eval" / "facts_mc.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -367,4 +384,4 @@ def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4
 
 
 __all__ = ["TaskConfig", "TaskRow", "load_task", "task_from_dict", "iter_task_rows", "run_task",
-           "build_world_mc", "extract_answer", "few_shot_prefix"]
+           "build_world_mc", "world_mc_rows", "extract_answer", "few_shot_prefix"]

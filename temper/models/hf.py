@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.io import atomic_write_text, write_safetensors
 from temper.models.config import ModelConfig
 
@@ -250,18 +250,48 @@ def weight_files(model_dir: Path) -> list[Path]:
             raise TemperError(f"{index}: weight_map must map tensor names to file names")
         files = sorted({model_dir / f for f in weight_map.values()})
         for f in files:
-            if not f.is_file():
+            if not f.exists():
                 raise TemperFileNotFoundError(f"{index}: names shard {f.name}, which does not exist")
+            require_file(f, "weights")
         return files
     single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
+    if single.exists():  # a FIFO or a device there is named, not opened
+        return [require_file(single, "weights")]
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
         raise TemperError(
             f"{model_dir}: only pickled weights (*.bin / *.pt) found; temper reads safetensors only "
             "(convert them with transformers: model.save_pretrained(dir, safe_serialization=True))"
         )
     raise TemperFileNotFoundError(f"{model_dir}: no model.safetensors (or sharded index) found")
+
+
+def adapter_not_model(adapter_dir: Path) -> str:
+    """What to say when an adapter directory is given where a model directory is read."""
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    name = base if isinstance(base, str) and base else "BASE"
+    return (f"{adapter_dir}: a PEFT adapter of {name} (adapter_config.json, no config.json), not a model: give its "
+            f"base, {name}, or merge the adapter into it first (temper merge model={name} adapter={adapter_dir} "
+            "output_dir=DIR); generate, chat and eval take the adapter directory as it is")
+
+
+def open_weights(path: str | Path, device: str = "cpu"):
+    """`safe_open` on a weights file; a failure is one line saying why. safetensors reports every
+    file it cannot open as 'No such file or directory', so an unreadable file is opened here once
+    more to name the real reason (permission denied, a directory, ...)."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own error types
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as os_error:
+            reason = (os_error.strerror or str(os_error)).lower()
+            raise TemperError(f"{path}: cannot read the weights file ({reason})") from None
+        raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
@@ -271,7 +301,11 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise TemperError(f"{model_dir}: expected a model directory, got a file")
     cfg_path = model_dir / "config.json"
+    if cfg_path.exists():
+        require_file(cfg_path, "config.json")
     if not cfg_path.is_file():
+        if (model_dir / "adapter_config.json").is_file():
+            raise TemperError(adapter_not_model(model_dir))
         raise TemperFileNotFoundError(f"{model_dir}: no config.json; is this a model directory?")
     try:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -299,11 +333,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
     extra = extra or {}
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
-        try:
-            handle = safe_open(str(path), framework="pt", device=str(device))
-        except Exception as e:  # safetensors raises its own error types
-            raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
-        with handle as f:
+        with open_weights(path, str(device)) as f:
             for hf_name in f.keys():
                 if hf_name in extra:
                     tensor = f.get_tensor(hf_name)
@@ -359,11 +389,7 @@ def check_weight(path: str | Path, name: str, tensor: torch.Tensor) -> None:
 
 def check_weights_file(path: str | Path) -> None:
     """`check_weight` on every tensor of one safetensors file (an adapter, before it is applied)."""
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
-    with handle as f:
+    with open_weights(path) as f:
         for name in f.keys():
             check_weight(path, name, f.get_tensor(name))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from temper.data.tokenizer import Tokenizer
@@ -44,6 +43,7 @@ from temper.models.hf import (
     config_from_hf,
     config_to_hf,
     load_state_dict_from_hf,
+    open_weights,
     read_hf_config,
     save_hf_weights,
     weight_files,
@@ -157,11 +157,8 @@ def check_reward_model_dir(model_dir: str | Path) -> None:
     files = weight_files(Path(model_dir))
     names = set()
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                names.update(f.keys())
-        except Exception as e:  # safetensors raises its own error types
-            raise TemperError(f"{path}: not a readable safetensors file ({e})") from None
+        with open_weights(path) as f:
+            names.update(f.keys())
     if HEAD not in names:
         raise TemperError(f"{model_dir}: tensor '{HEAD}' (the reward head) missing from the safetensors files")
     Tokenizer.from_dir(model_dir)

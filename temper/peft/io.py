@@ -23,14 +23,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
 from temper.config import PeftConfig
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import atomic_write_bytes, atomic_write_text
-from temper.models.hf import ADAPTERS
+from temper.models.hf import ADAPTERS, open_weights
 from temper.peft.lora import inject_lora, linear_modules, lora_modules
 
 __all__ = ["save_adapter", "load_adapter"]
@@ -154,7 +153,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             raise TemperError(f"{adapter_dir}: adapter_model.bin is a pickle; temper reads safetensors only "
                               "(re-save it with peft: model.save_pretrained(dir, safe_serialization=True))")
         raise TemperFileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
-    with safe_open(str(weights), framework="pt") as f:
+    with open_weights(weights) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
 
     family = _family_adapter(model)

@@ -29,7 +29,7 @@ from temper.config import (
     check_range,
     opt,
 )
-from temper.data.readers import expand_paths, iter_texts
+from temper.data.readers import MAX_DOCUMENT_MB, expand_paths, iter_texts
 from temper.data.shards import TokenLoader, build_shards, files_fingerprint, fingerprint, read_index
 from temper.data.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from temper.data.world import WorldConfig, build_world, fact_probes, write_world
@@ -57,6 +57,8 @@ class Config(recipe.TrainingConfig, command="pretrain",
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
     encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
+    max_document_mb: int = opt(MAX_DOCUMENT_MB, "the longest line or document read from data, in MiB (a longer one "
+                                                "is an error naming its file and line)")
     world: dict = opt({}, "settings of the built-in world when data is empty, e.g. world.num_people=40")
     tokenizer: str | None = opt(None, "tokenizer directory (default: the model's, else train one on the data)")
     vocab_size: int = opt(2048, "vocabulary size when a tokenizer is trained")
@@ -79,7 +81,7 @@ class Config(recipe.TrainingConfig, command="pretrain",
 
     def validate(self) -> None:
         super().validate()
-        for key in ("loss_chunk", "sample_tokens"):
+        for key in ("loss_chunk", "sample_tokens", "max_document_mb"):
             check_range(key, getattr(self, key), low=1)
         check_vocab_size("vocab_size", self.vocab_size)
         check_range("samples", self.samples, low=0)
@@ -119,7 +121,8 @@ def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
     stamp = tok_dir / "fingerprint.txt"
     if stamp.is_file() and stamp.read_text() == key:  # resume: the very same tokenizer
         return Tokenizer.from_dir(tok_dir)
-    texts = iter_texts(train_files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
+    texts = iter_texts(train_files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode,
+                       max_document_mb=cfg.max_document_mb)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, model_max_length=cfg.seq_len)
     tokenizer.save(tok_dir)
     atomic_write_text(stamp, key)
@@ -128,7 +131,8 @@ def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
 
 def prepare_shards(cfg: Config, out: Path, tokenizer, train_files: list[str], val_files: list[str] | None) -> Path:
     def texts(files):
-        return iter_texts(files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode)
+        return iter_texts(files, field=cfg.text_field, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode,
+                          max_document_mb=cfg.max_document_mb)
 
     files = expand_paths(train_files) + (expand_paths(val_files) if val_files else [])
     key = fingerprint([files_fingerprint(files), tokenizer.backend.to_str(), cfg.eval_fraction, cfg.seed,

@@ -31,10 +31,17 @@ from typing import Any
 from temper.configs import shipped_dir
 from temper.data.chat import chat_template_for, render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt
-from temper.errors import TemperError, TemperFileNotFoundError
+from temper.errors import TemperError, require_file
 from temper.loading import load_for_inference
 from temper.models.generate import SamplingConfig, generate_text
-from temper.rewards.judges import check_model_dir, import_callable
+from temper.rewards.judges import (
+    DEFAULT_TIMEOUT,
+    call_with_timeout,
+    check_model_dir,
+    check_timeout,
+    failure,
+    import_callable,
+)
 
 CRITIQUE_REQUEST = ("Critique your last answer against this principle: {principle} "
                     "Say briefly what in the answer breaks the principle, if anything.")
@@ -50,9 +57,7 @@ def default_constitution() -> Path:
 
 def read_constitution(path: str | Path | None = None) -> list[str]:
     """The principles of a constitution file (its list items), in order."""
-    p = Path(path).expanduser() if path else default_constitution()
-    if not p.is_file():
-        raise TemperFileNotFoundError(f"constitution not found: {p}")
+    p = require_file(Path(path).expanduser() if path else default_constitution(), "constitution")
     principles = [m.group(1) for line in p.read_text(encoding="utf-8").splitlines() if (m := _ITEM.match(line))]
     if not principles:
         raise TemperError(f"{p}: no principles found; write each one as a list item ('- Be concise.')")
@@ -71,6 +76,7 @@ class Reviser:
     """Critiques and revises responses; subclasses implement `critique_and_revise` or `revise_all`."""
 
     name = "reviser"
+    timeout = 0.0  # seconds per call of `critique_and_revise` (a user's function); 0: no limit
 
     def critique_and_revise(self, prompt: Prompt, response: str, principle: str) -> str | None:
         raise NotImplementedError
@@ -78,11 +84,14 @@ class Reviser:
     def revise_all(self, prompts: Sequence[Prompt], responses: Sequence[str], principles: Sequence[str]
                    ) -> list[Revision]:
         out = []
-        for prompt, response, principle in zip(prompts, responses, principles, strict=True):
+        for k, (prompt, response, principle) in enumerate(zip(prompts, responses, principles, strict=True)):
             try:
-                value = self.critique_and_revise(prompt, response, principle)
-            except Exception as e:  # a user's reviser may raise anything: that response makes no pair
-                out.append(Revision(None, failure="exception", message=f"{type(e).__name__}: {e}"))
+                value = call_with_timeout(lambda: self.critique_and_revise(prompt, response, principle),  # noqa: B023
+                                          self.timeout, self.name, f"{prompt.source} response {k}")
+            except (TemperError, KeyboardInterrupt):
+                raise
+            except (Exception, SystemExit) as e:  # a user's reviser may raise anything: that response makes no pair
+                out.append(Revision(None, failure="exception", message=failure(e)))
                 continue
             if value is None:
                 out.append(Revision(None, failure="no_revision", message="returned None"))
@@ -97,9 +106,10 @@ class Reviser:
 
 
 class CallableReviser(Reviser):
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.fn = import_callable(spec, "judge=constitution:callable:")
         self.name = f"constitution:callable:{spec}"
+        self.timeout = check_timeout(timeout)
 
     def critique_and_revise(self, prompt: Prompt, response: str, principle: str) -> str | None:
         return self.fn(prompt.question, response, principle)
@@ -147,12 +157,13 @@ class LLMReviser(Reviser):
         del self.model
 
 
-def make_reviser(spec: str, *, device: Any = "cpu", max_new_tokens: int = 48, template: str | None = None) -> Reviser:
-    """`constitution:MODEL_DIR` or `constitution:callable:MODULE:FUNC`."""
+def make_reviser(spec: str, *, device: Any = "cpu", max_new_tokens: int = 48, template: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> Reviser:
+    """`constitution:MODEL_DIR` or `constitution:callable:MODULE:FUNC` (each call limited to `timeout` seconds)."""
     kind, _, arg = spec.partition(":")
     assert kind == "constitution", spec
     if arg.startswith("callable:"):
-        return CallableReviser(arg.removeprefix("callable:"))
+        return CallableReviser(arg.removeprefix("callable:"), timeout=timeout)
     check_model_dir(arg, "judge=constitution:")
     return LLMReviser(arg, device=device, max_new_tokens=max_new_tokens, template=template)
 

@@ -24,6 +24,15 @@ Bad judgements (an exception, a value that is not a finite number) are never use
 with `skip_bad=True` the response gets no score (None: it takes part in no pair) and the
 reason is counted in `judge.stats`, and one warning per batch names the first row of each
 reason; with `skip_bad=False` the first one stops the run with `file:line sample k: why`.
+A judge that calls `sys.exit` (raises SystemExit) has failed on that sample like any
+exception; Ctrl-C (KeyboardInterrupt) still stops the run.
+
+A user's function (`callable:`, and `constitution:callable:`) runs with a time limit per call,
+`timeout` seconds (`judge_timeout=`, 60 by default; 0: none), in a worker thread the run waits
+for. A call still running at the limit stops the command with one line naming the judge and
+the sample: a Python thread cannot be stopped from outside, so the call is left behind (a
+daemon thread, it does not keep the process alive) rather than judged again or skipped. The
+limit cannot interrupt C code that holds the interpreter lock (a regex stuck backtracking).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import inspect
 import math
 import numbers
 import re
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -56,6 +66,40 @@ from temper.models.reward import load_reward_model
 
 KINDS = ("rule", "regex", "callable", "llm", "constitution", "reward")
 SKIP_HINT = "set skip_bad_judgements=true to skip and count such samples"
+DEFAULT_TIMEOUT = 60.0  # seconds one call of a user's judge may take (judge_timeout=)
+
+
+def call_with_timeout(call: Callable[[], Any], timeout: float, judge: str, where: str) -> Any:
+    """`call()`, run in a worker thread and waited for at most `timeout` seconds (0: called here, no
+    limit). What the call raises is raised here, SystemExit included; a call still running at the
+    limit is a one-line error naming `judge` and `where` (the sample), and is left running."""
+    if not timeout:
+        return call()
+    outcome: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # SystemExit too: the waiting thread decides what it means
+            outcome["error"] = e
+
+    thread = threading.Thread(target=worker, name=f"judge {where}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TemperError(f"{where}: judge {judge} did not return within judge_timeout={timeout:g} s; the run stops "
+                          "(a hung call cannot be stopped from outside): raise judge_timeout for a slow judge, "
+                          "or 0 for no limit")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def failure(e: BaseException) -> str:
+    """How a judge's exception (SystemExit too) is named in counts and messages."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit: {e.code} (the judge called sys.exit)"
+    return f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -73,6 +117,7 @@ class Judge:
 
     name = "judge"
     needs_answer = False
+    timeout = 0.0  # seconds per call of `score` (a user's function); 0: no limit
 
     def __init__(self, *, skip_bad: bool = True) -> None:
         self.skip_bad = skip_bad
@@ -101,11 +146,11 @@ class Judge:
     def _checked(self, prompt: Prompt, index: int, call: Callable[[], Any]) -> float | None:
         """The judgement as a float, or None (counted) / a one-line error for a bad one."""
         try:
-            value = call()
-        except TemperError:
+            value = call_with_timeout(call, self.timeout, self.name, f"{prompt.source} sample {index}")
+        except (TemperError, KeyboardInterrupt):
             raise
-        except Exception as e:  # a user's judge may raise anything: that sample is judged bad
-            return self.bad(prompt, index, "exception", f"{type(e).__name__}: {e}")
+        except (Exception, SystemExit) as e:  # a user's judge may raise anything: that sample is judged bad
+            return self.bad(prompt, index, "exception", failure(e))
         if isinstance(value, bool):
             value = float(value)
         if not isinstance(value, numbers.Real):
@@ -195,11 +240,12 @@ def _takes_row(fn: Callable) -> bool:
 class CallableJudge(Judge):
     """`FUNC(prompt_text, response)` (plus `row=` when it takes one) -> a number."""
 
-    def __init__(self, spec: str, **kwargs) -> None:
+    def __init__(self, spec: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs) -> None:
         super().__init__(**kwargs)
         self.fn = import_callable(spec, "judge=callable:")
         self.with_row = _takes_row(self.fn)
         self.name = f"callable:{spec}"
+        self.timeout = check_timeout(timeout)
 
     def score(self, prompt: Prompt, response: str) -> Any:
         if self.with_row:
@@ -377,8 +423,16 @@ def split_spec(spec: str, option: str = "judge=") -> tuple[str, str]:
     return kind, arg
 
 
-def make_judge(spec: str, *, device: Any = "cpu", skip_bad: bool = True, option: str = "judge=") -> Judge:
-    """The scoring judge named by `spec` (see the module docstring)."""
+def check_timeout(timeout: float) -> float:
+    if not (timeout >= 0 and math.isfinite(timeout)):
+        raise TemperError(f"judge_timeout must be a number of seconds >= 0 (0: no limit), got {timeout}")
+    return float(timeout)
+
+
+def make_judge(spec: str, *, device: Any = "cpu", skip_bad: bool = True, option: str = "judge=",
+               timeout: float = DEFAULT_TIMEOUT) -> Judge:
+    """The scoring judge named by `spec` (see the module docstring); `timeout`: seconds per call of a
+    `callable:` judge (0: no limit)."""
     kind, arg = split_spec(spec, option)
     if kind == "rule":
         if arg != "world":
@@ -388,7 +442,7 @@ def make_judge(spec: str, *, device: Any = "cpu", skip_bad: bool = True, option:
     if kind == "regex":
         return RegexJudge(arg, skip_bad=skip_bad)
     if kind == "callable":
-        return CallableJudge(arg, skip_bad=skip_bad)
+        return CallableJudge(arg, skip_bad=skip_bad, timeout=timeout)
     if kind == "llm":
         check_model_dir(arg, f"{option}llm:")
         return LLMJudge(arg, device=device, skip_bad=skip_bad)
@@ -404,5 +458,6 @@ def check_model_dir(path: str, option: str) -> None:
         raise TemperError(f"{option}{path}: no such model directory")
 
 
-__all__ = ["CallableJudge", "Judge", "JudgeStats", "KINDS", "LLMJudge", "Prompt", "RegexJudge", "RewardJudge",
-           "WorldRuleJudge", "check_model_dir", "import_callable", "make_judge", "split_spec"]
+__all__ = ["DEFAULT_TIMEOUT", "CallableJudge", "Judge", "JudgeStats", "KINDS", "LLMJudge", "Prompt", "RegexJudge", "RewardJudge",
+           "WorldRuleJudge", "call_with_timeout", "check_model_dir", "check_timeout", "failure", "import_callable",
+           "make_judge", "split_spec"]

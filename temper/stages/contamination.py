@@ -8,6 +8,7 @@ the training data, with examples.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,21 @@ def row_text(row: dict, fields: list[str]) -> str:
     return " ".join(parts)
 
 
+def read_eval_set(spec: str, fields: list[str]) -> list[str]:
+    """The texts of one eval= file's rows; a field of `fields` that no row has is an error (a typo would
+    otherwise check nothing and report 0% contamination)."""
+    rows = [r.data for r in iter_records(spec)]
+    if fields:
+        seen = {key for row in rows for key in row}
+        missing = [f for f in fields if f not in seen]
+        if missing:
+            close = difflib.get_close_matches(missing[0], sorted(map(str, seen)), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TemperError(f"eval_fields={','.join(fields)}: no row of {spec} has a field '{missing[0]}'{hint}; "
+                              f"its fields: {', '.join(sorted(map(str, seen))) or 'none'}")
+    return [row_text(row, fields) for row in rows]
+
+
 def run(cfg: Config) -> dict:
     if not cfg.output:
         if cfg.overwrite:
@@ -58,7 +74,7 @@ def run(cfg: Config) -> dict:
 
 
 def report_overlap(cfg: Config, output: Path | None) -> dict:
-    eval_sets = {str(p): [row_text(r.data, cfg.eval_fields) for r in iter_records(p)] for p in cfg.eval}
+    eval_sets = {str(p): read_eval_set(p, cfg.eval_fields) for p in cfg.eval}
     report = contamination_report(iter_texts(cfg.train, field=cfg.text_field), eval_sets, n=cfg.n)
     for name, rep in report.items():
         print(f"{name}: {rep['contaminated']}/{rep['checked']} rows share a {cfg.n}-gram with the training data "

@@ -38,7 +38,7 @@ from temper.loading import load_for_inference
 from temper.models.hf import config_from_hf, read_hf_config, weight_files
 from temper.models.reward import check_reward_model_dir
 from temper.peft import read_adapter_config
-from temper.rewards.judges import KINDS, make_judge, split_spec
+from temper.rewards.judges import DEFAULT_TIMEOUT, KINDS, check_timeout, make_judge, split_spec
 from temper.runtime import resolve_device
 
 
@@ -58,6 +58,8 @@ class Config:
     judge: str | None = opt(None, "with two models: 'rule' (checkable answers), a judge model directory, or a "
                                   "scoring judge: rule:world, regex:PATTERN, callable:MODULE:FUNC, llm:MODEL_DIR, "
                                   "reward:MODEL_DIR")
+    judge_timeout: float = opt(DEFAULT_TIMEOUT, "seconds one call of a callable: judge may take; a call still "
+                                                "running then stops the command, naming the sample (0: no limit)")
     contamination: list[str] = opt([], "training data whose 13-gram overlap with each task is reported")
     ngram: int = opt(13, "n-gram length for the contamination check")
     output_dir: str = opt("runs/eval", "where results.json and results.md are written")
@@ -76,6 +78,7 @@ class Config:
             raise TemperError("give model= or models=[...], not both")
         if not self.tasks and not self.data:
             raise TemperError("nothing to evaluate: give tasks=... and/or data=...")
+        check_timeout(self.judge_timeout)
 
 
 def run(cfg: Config) -> dict:
@@ -129,6 +132,10 @@ def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[
     table = results_table(results)
     atomic_write_text(out / "results.md", table + "\n")
     print(table)
+    failed = [(task, rep["failed"]) for task, rep in (results.get("judge") or {}).items() if rep.get("failed")]
+    if failed:  # the models' scores are kept; the command still fails, as no comparison was made
+        task, why = failed[0]
+        raise TemperError(f"{task}: {why}; no win rate written (the models' scores are in {out / 'results.md'})")
     return results
 
 
@@ -210,7 +217,7 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
             reports[task.name] = rule_pairwise([o["reference"] for o in outs[0]], answers[0], answers[1])
         elif scoring_judge(cfg.judge) and not cfg.judge.startswith("llm:"):
             reports[task.name] = scored_pairwise(cfg.judge, task.name, questions, [o["reference"] for o in outs[0]],
-                                                 answers[0], answers[1], device)
+                                                 answers[0], answers[1], device, timeout=cfg.judge_timeout)
         else:
             if judge is None:
                 judge = load_for_inference(cfg.judge.removeprefix("llm:"), device=device)
@@ -219,18 +226,30 @@ def judge_models(cfg: Config, model_dirs: list[str], tasks, results: dict, devic
     return reports
 
 
-def scored_pairwise(spec: str, task: str, questions, references, answers_1, answers_2, device) -> dict:
-    """`pairwise`'s report from a scoring judge: a system wins a question when its answer scores higher;
-    an answer the judge fails on (counted, warned) makes the question a tie."""
-    judge = make_judge(spec, device=device)
+def scored_pairwise(spec: str, task: str, questions, references, answers_1, answers_2, device, *,
+                    timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """`pairwise`'s report from a scoring judge: a system wins a question when its answer scores higher.
+
+    A question the judge fails on for either answer (counted, warned) is left out: `n` counts the
+    questions judged, `unjudged` the others. Counting them as ties would pull the win rate towards
+    0.5 with an interval that looks measured; a judge that fails on every question gives no win
+    rate at all (`win_rate_1` None, and `failed` says why)."""
+    judge = make_judge(spec, device=device, timeout=timeout)
     prompts = [Prompt.from_text(q, answer=None if r is None else str(r), source=f"{task} row {i + 1}")
                for i, (q, r) in enumerate(zip(questions, references))]
     judge.check_prompts(prompts)
     scores = judge.rank(prompts, [[a1, a2] for a1, a2 in zip(answers_1, answers_2)])
     judge.close()
-    outcomes = ["tie" if None in (s1, s2) or s1 == s2 else "1" if s1 > s2 else "2" for s1, s2 in scores]
-    report = summarize(outcomes, [{"score_1": s1, "score_2": s2} for s1, s2 in scores])
+    judged = [(i, s1, s2) for i, (s1, s2) in enumerate(scores) if s1 is not None and s2 is not None]
+    outcomes = ["tie" if s1 == s2 else "1" if s1 > s2 else "2" for _, s1, s2 in judged]
+    report = summarize(outcomes, [{"row": i + 1, "score_1": s1, "score_2": s2} for i, s1, s2 in judged])
+    report["unjudged"] = len(scores) - len(judged)
     report["bad_judgements"] = dict(judge.stats.bad)
+    if not judged:
+        firsts = "; ".join(judge.stats.first_bad[r] for r in sorted(judge.stats.first_bad))
+        report.update(win_rate_1=None, ci_95=None,
+                      failed=f"judge {judge.name} failed on every answer of {len(scores)} questions "
+                             f"({', '.join(f'{n} {r}' for r, n in sorted(judge.stats.bad.items()))}; first: {firsts})")
     return report
 
 
@@ -248,9 +267,13 @@ def results_table(results: dict) -> str:
         cells = [f"{scores.get(t, {}).get(m, float('nan')):.4g}" for t, m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     for task, rep in (results.get("judge") or {}).items():
+        if rep.get("win_rate_1") is None:
+            lines.append(f"\njudge on {task}: no win rate: {rep.get('failed', 'no question was judged')}")
+            continue
         lo, hi = rep["ci_95"]
+        unjudged = f"; {rep['unjudged']} questions left out (the judge failed on them)" if rep.get("unjudged") else ""
         lines.append(f"\njudge on {task}: model 1 win rate {rep['win_rate_1']:.3f} (95% CI {lo:.3f}-{hi:.3f}); "
-                     f"wins {rep['wins_1']} / {rep['wins_2']}, ties {rep['ties']}")
+                     f"wins {rep['wins_1']} / {rep['wins_2']}, ties {rep['ties']}{unjudged}")
     for task, rep in (results.get("contamination") or {}).items():
         lines.append(f"\ncontamination of {task}: {rep['contaminated']}/{rep['checked']} rows share a "
                      f"{results.get('contamination_n', 13)}-gram with the training data ({rep['fraction']:.1%})")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from temper.config import check_range, opt
-from temper.data.readers import iter_texts
+from temper.data.readers import MAX_DOCUMENT_MB, iter_texts
 from temper.data.tokenizer import check_vocab_size, train_tokenizer
 from temper.errors import TemperError
 from temper.io import owned_output_dir
@@ -29,6 +29,8 @@ class Config:
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
     encoding_errors: Literal["strict", "replace"] = opt("strict", "non-UTF-8 bytes: stop with the byte offset, or replace")
+    max_document_mb: int = opt(MAX_DOCUMENT_MB, "the longest line or document read from data, in MiB (a longer one "
+                                                "is an error naming its file and line)")
     max_documents: int = opt(0, "train on at most this many documents (0: all)")
     model_max_length: int = opt(2048, "the context length recorded in tokenizer_config.json")
     overwrite: bool = opt(False, "replace a tokenizer written earlier in output_dir (never a model's)")
@@ -39,7 +41,8 @@ class Config:
         check_vocab_size("vocab_size", self.vocab_size)
         for key in ("min_frequency", "max_documents"):
             check_range(key, getattr(self, key), low=0)
-        check_range("model_max_length", self.model_max_length, low=1)
+        for key in ("model_max_length", "max_document_mb"):
+            check_range(key, getattr(self, key), low=1)
 
 
 def earlier_tokenizer(out: Path) -> list[str]:
@@ -55,7 +58,7 @@ def run(cfg: Config) -> None:
 
 def train(cfg: Config, out: Path) -> None:
     texts = iter_texts(cfg.data, field=cfg.text_field, encoding_errors=cfg.encoding_errors,
-                       text_mode=cfg.text_mode)
+                       text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb)
     if cfg.max_documents > 0:
         texts = itertools.islice(texts, cfg.max_documents)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,

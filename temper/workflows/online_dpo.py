@@ -64,7 +64,7 @@ from temper.io import atomic_write_text
 from temper.lineage import read_lineage
 from temper.loading import load_for_inference
 from temper.rewards.feedback import make_reviser, read_constitution, same_text
-from temper.rewards.judges import Judge, make_judge, split_spec
+from temper.rewards.judges import DEFAULT_TIMEOUT, Judge, check_timeout, make_judge, split_spec
 from temper.runtime import resolve_device
 from temper.train.distributed import launched_world
 from temper.train.loop import Diverged
@@ -93,6 +93,8 @@ class Config:
     top_p: float = opt(1.0, "nucleus sampling of the policy's responses (1: off)")
     max_new_tokens: int = opt(48, "longest sampled response (and critique, and revision)")
     skip_bad_judgements: bool = opt(True, "skip and count responses the judge fails on (false: stop at the first)")
+    judge_timeout: float = opt(DEFAULT_TIMEOUT, "seconds one call of a callable: judge (or reviser) may take; a call "
+                                                "still running then stops the run, naming the sample (0: no limit)")
     monitor_judge: str = opt("", "a scoring judge reported before and after each round (default: judge, if it scores)")
     eval_data: list[str] = opt([], "held-out preference pairs scored by every round (default: the built-in world's "
                                     "preference/test.jsonl, else a share of the round's pairs)")
@@ -115,6 +117,7 @@ class Config:
         check_range("temperature", self.temperature, low=0.0)
         check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_range("max_new_tokens", self.max_new_tokens, low=1)
+        check_timeout(self.judge_timeout)
         kind, _ = split_spec(self.judge)
         if kind != "constitution" and self.samples_per_prompt < 2:
             raise TemperError(f"judge={self.judge} pairs the best and worst of several responses: samples_per_prompt "
@@ -269,13 +272,14 @@ def run(cfg: Config, commands) -> dict:
         judge = reviser = None
         if kind == "constitution":
             principles = read_constitution(cfg.constitution or None)
-            reviser = make_reviser(cfg.judge, device=device, max_new_tokens=cfg.max_new_tokens)
+            reviser = make_reviser(cfg.judge, device=device, max_new_tokens=cfg.max_new_tokens,
+                                   timeout=cfg.judge_timeout)
         else:
-            judge = make_judge(cfg.judge, device=device, skip_bad=cfg.skip_bad_judgements)
+            judge = make_judge(cfg.judge, device=device, skip_bad=cfg.skip_bad_judgements, timeout=cfg.judge_timeout)
         monitor: Judge | None = judge
         if cfg.monitor_judge:
             monitor = make_judge(cfg.monitor_judge, device=device, skip_bad=cfg.skip_bad_judgements,
-                                 option="monitor_judge=")
+                                 option="monitor_judge=", timeout=cfg.judge_timeout)
         prompts = read_prompts(prompt_spec)
         for j in (judge, monitor):
             if j is not None:
