@@ -406,7 +406,7 @@ def test_a_bad_return_value_stops_the_run_naming_function_and_row(user, function
 
 def test_a_function_that_never_returns_stops_at_the_timeout(user):
     start = time.perf_counter()
-    with pytest.raises(TemperError, match=r"p.jsonl:1 \(1 completions\): reward function sleepy did not return within "
+    with pytest.raises(TemperError, match=r"p.jsonl:1 \(1 completion\): reward function sleepy did not return within "
                                           r"judge_timeout=0.2 s") as e:
         RewardSet(f"{user}:sleepy", timeout=0.2).score(rows("p.jsonl:1"), ["a"])
     one_line(e)

@@ -281,7 +281,8 @@ class _Batch:
     def where(self) -> str:
         first, last = self.prompts[0].source, self.prompts[-1].source
         span = first if first == last else f"{first} ... {last}"
-        return f"{span} ({len(self.prompts)} completions)"
+        n = len(self.prompts)
+        return f"{span} ({n} completion{'' if n == 1 else 's'})"
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
