@@ -69,10 +69,12 @@ SKIP_HINT = "set skip_bad_judgements=true to skip and count such samples"
 DEFAULT_TIMEOUT = 60.0  # seconds one call of a user's judge may take (judge_timeout=)
 
 
-def call_with_timeout(call: Callable[[], Any], timeout: float, judge: str, where: str) -> Any:
+def call_with_timeout(call: Callable[[], Any], timeout: float, judge: str, where: str, *, kind: str = "judge",
+                      setting: str = "judge_timeout") -> Any:
     """`call()`, run in a worker thread and waited for at most `timeout` seconds (0: called here, no
     limit). What the call raises is raised here, SystemExit included; a call still running at the
-    limit is a one-line error naming `judge` and `where` (the sample), and is left running."""
+    limit is a one-line error naming `kind` `judge`, `where` (the sample) and the `setting` that
+    sets the limit, and is left running."""
     if not timeout:
         return call()
     outcome: dict[str, Any] = {}
@@ -87,8 +89,8 @@ def call_with_timeout(call: Callable[[], Any], timeout: float, judge: str, where
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise TemperError(f"{where}: judge {judge} did not return within judge_timeout={timeout:g} s; the run stops "
-                          "(a hung call cannot be stopped from outside): raise judge_timeout for a slow judge, "
+        raise TemperError(f"{where}: {kind} {judge} did not return within {setting}={timeout:g} s; the run stops "
+                          f"(a hung call cannot be stopped from outside): raise {setting} for a slow {kind}, "
                           "or 0 for no limit")
     if "error" in outcome:
         raise outcome["error"]
