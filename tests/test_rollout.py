@@ -1,11 +1,16 @@
 """The rollout source (temper/train/rollout.py): a generation batch every
-steps_per_generation x num_iterations steps, served in slices, resumable mid-buffer."""
+steps_per_generation x num_iterations steps, served in slices, resumable mid-buffer; grouped
+sampling with one shared prefill per prompt, finished rows leaving the batch, and the old-policy
+log-probs of a generation batch in one no-grad forward."""
 
 import pytest
 import torch
+from conftest import assert_reorder_close, decoder_lengths
 
 from temper.errors import TemperError
-from temper.train.rollout import RolloutSource
+from temper.models import build_model, preset
+from temper.models.generate import SamplingConfig, generate
+from temper.train.rollout import RolloutSource, rollout_logprobs, sample_groups
 
 
 def make(shuffle, calls, steps=3, iterations=2, rows=6, made_before=0):
@@ -69,3 +74,135 @@ def test_mistakes_are_named():
     other = make("none", [], steps=2)
     with pytest.raises(TemperError, match="this run asks for"):
         other.load_state_dict(make("none", []).state_dict())
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [3, 4, 5, 6, 7, 8, 9, 30, 31]]  # ragged: left padding
+G = 4
+
+
+def tiny_model(name="llama-tiny"):
+    torch.manual_seed(0)
+    return build_model(preset(name, vocab_size=64)).float().eval()
+
+
+def record_batches(model):
+    """(list of (rows, tokens, inference mode) per forward call, the hook's handle): a forward
+    pre-hook, so the model's forward itself is untouched."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        calls.append((ids.shape[0], ids.shape[1], torch.is_inference_mode_enabled()))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_shared_prefill_samples_exactly_what_duplicated_prompts_sample():
+    model = tiny_model()
+    cfg = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, repetition_penalty=1.2,
+                         eos_token_ids=[7, 9, 11], seed=3)
+    calls, handle = record_batches(model)
+    shared = generate(model, PROMPTS, cfg, num_return_sequences=G)
+    prefill = calls[0]
+    duplicated = generate(model, [p for p in PROMPTS for _ in range(G)], cfg)
+    handle.remove()
+    # fp32, same seed, the same (rows, vocab) draws each step: the same tokens, row for row
+    assert shared == duplicated
+    assert prefill[:2] == (len(PROMPTS), max(map(len, PROMPTS)))  # each prompt prefilled once, not G times
+    assert calls[len(calls) // 2][0] == len(PROMPTS) * G  # the duplicated run prefills P x G rows
+    assert len({tuple(shared[i]) for i in range(G)}) > 1  # the copies of a prompt sample apart
+    assert any(len(c) < 16 for c in shared) and any(len(c) == 16 for c in shared)  # some finished early
+
+
+def test_finished_rows_leave_the_batch_and_the_others_are_unchanged():
+    model = tiny_model()
+    free = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12), num_return_sequences=2)
+    eos = free[0][3]  # greedy: a token the first prompt produces at step 4
+    calls, handle = record_batches(model)
+    stopped = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, eos_token_ids=[eos]), num_return_sequences=2)
+    handle.remove()
+    ended = [full.index(eos) + 1 if eos in full[:-1] else len(full) for full in free]
+    assert min(ended) < 12 and max(ended) == 12  # some rows end early, some run to the limit
+    for full, cut, end in zip(free, stopped, ended):
+        assert cut == full[:end]  # dropping the finished rows changes nothing for the others
+    # decode call k (after the prefill) runs on the rows still going: those with more than k+1 tokens
+    decode_rows = [rows for rows, tokens, _ in calls[1:]]
+    assert decode_rows == [sum(end > k + 1 for end in ended) for k in range(len(decode_rows))]
+    assert sum(decode_rows) < len(free) * 11
+
+
+class CharTokenizer:  # decodes ids as letters: enough for stop strings
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_sample_groups_layout_and_finished_or_truncated():
+    model = tiny_model()
+    max_new = 10
+    cfg = SamplingConfig(max_new_tokens=max_new, temperature=1.0, eos_token_ids=[7, 9], stop=("q",), seed=1)
+    rollout = sample_groups(model, PROMPTS, G, cfg, pad_id=0, tokenizer=CharTokenizer())
+    N = len(PROMPTS) * G
+    assert rollout.prompt_ids.shape == (N, 9) and rollout.completion_ids.shape[0] == N
+    lengths = rollout.completion_mask.sum(-1)
+    for row in range(N):
+        prompt = PROMPTS[row // G]
+        assert rollout.prompt_ids[row, 9 - len(prompt):].tolist() == prompt
+        assert rollout.prompt_mask[row].tolist() == [False] * (9 - len(prompt)) + [True] * len(prompt)
+        n = int(lengths[row])
+        assert rollout.completion_mask[row, :n].all() and not rollout.completion_mask[row, n:].any()
+        assert (rollout.completion_ids[row, n:] == 0).all()
+        tokens = rollout.completion_ids[row, :n].tolist()
+        ends = tokens[-1] in (7, 9) or "q" in CharTokenizer().decode(tokens)
+        assert bool(rollout.finished[row]) == ends
+        if not ends:
+            assert n == max_new  # only the limit cuts a row that did not end
+    assert rollout.finished.any() and rollout.truncated.any()
+    assert torch.equal(rollout.truncated, ~rollout.finished)
+    stopped_by_string = [r for r in range(N) if rollout.finished[r] and
+                         rollout.completion_ids[r, lengths[r] - 1] not in (7, 9)]
+    assert stopped_by_string  # the stop string ended some row, flagged finished too
+
+
+def test_sampling_is_seeded_and_builds_no_autograd_graph():
+    model = tiny_model()
+    assert all(p.requires_grad for p in model.parameters())
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, eos_token_ids=[7], seed=4)
+    calls, handle = record_batches(model)
+    a = sample_groups(model, PROMPTS, G, cfg)
+    handle.remove()
+    assert calls and all(inference for _, _, inference in calls)  # decoding ran in inference mode
+    b = sample_groups(model, PROMPTS, G, cfg)
+    c = sample_groups(model, PROMPTS, G, SamplingConfig(**{**cfg.__dict__, "seed": 5}))
+    assert all(torch.equal(x, y) for x, y in zip(a.as_batch().values(), b.as_batch().values()))
+    assert a.completion_ids.tolist() != c.completion_ids.tolist()  # the seed matters
+    model.train()
+    logp, entropy = rollout_logprobs(model, a, with_entropy=True)
+    assert model.training  # sampling put it back too
+    for t in (*a.as_batch().values(), logp, entropy):
+        # ordinary tensors (not inference ones: the loss may save them for backward), no graph
+        assert not t.requires_grad and t.grad_fn is None and not t.is_inference()
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])  # gpt2: learned positions see a shift that rotary hides
+def test_old_logprobs_equal_a_fresh_forward_of_each_completion(name):
+    model = tiny_model(name)
+    temperature = 0.7
+    cfg = SamplingConfig(max_new_tokens=10, temperature=temperature, eos_token_ids=[7, 9], seed=2)
+    rollout = sample_groups(model, PROMPTS, 2, cfg)
+    logp, entropy = rollout_logprobs(model, rollout, temperature=temperature, with_entropy=True)
+    in_batches, _ = rollout_logprobs(model, rollout, temperature=temperature, batch_size=4)
+    N, T = rollout.completion_ids.shape
+    assert logp.shape == entropy.shape == (N, T)
+    for row in range(N):  # each sequence alone: no padding, no mask, the plain log-softmax
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row]]
+        completion = rollout.completion_ids[row][rollout.completion_mask[row]]
+        n = len(completion)
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, completion])[None])[0, len(prompt) - 1:-1].float() / temperature
+        expected = logits.log_softmax(-1).gather(-1, completion[:, None]).squeeze(-1)
+        expected_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        lengths = decoder_lengths(model, len(prompt) + n)
+        assert_reorder_close(logp[row, :n], expected, lengths)
+        assert_reorder_close(entropy[row, :n], expected_entropy, lengths)
+        assert (logp[row, n:] == 0).all() and (entropy[row, n:] == 0).all()
+    assert_reorder_close(in_batches, logp, decoder_lengths(model, 9 + T))

@@ -123,6 +123,28 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return logp.reshape(shape)
 
 
+def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0,
+                  chunk_size: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(hidden @ weight^T / temperature) at every position, fp32, no gradient
+    (a metric: TRL's `entropy`): H = logsumexp(z) - sum_v softmax(z)_v z_v.
+
+    hidden (..., C), weight (V, C) -> (...); memory O(chunk_size x V).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = hidden.shape[:-1]
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (N, C)
+    dtype = _compute_dtype(flat)
+    w = replicated_local(weight).detach().to(dtype)
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    with torch.no_grad():
+        for start in range(0, flat.shape[0], chunk_size):
+            logits = (flat[start:start + chunk_size].to(dtype) @ w.t()).float() / temperature  # (n, V)
+            probs = logits.softmax(-1)
+            entropy[start:start + chunk_size] = logits.logsumexp(-1) - (probs * logits).sum(-1)
+    return entropy.reshape(shape)
+
+
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                       sequence_index: torch.Tensor | None = None, num_sequences: int | None = None,
                       ignore_index: int = IGNORE_INDEX, temperature: float = 1.0,

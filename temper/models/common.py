@@ -110,7 +110,8 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows `rows` (finished sequences leave the batch)."""
+        """Keep batch rows `rows`, in that order: finished sequences leave the batch, and a row
+        named G times is copied G times (the G completions of a prompt share its prefill)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
 

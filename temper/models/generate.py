@@ -103,15 +103,24 @@ def generate(
     use_cache: bool = True,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    num_return_sequences: int = 1,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS included when it ended the sequence).
 
     `should_stop(row, new_tokens)` may end a row early (stop strings); `on_token(row, token)`
     is called for every token as it is chosen (streaming).
+
+    `num_return_sequences=G` samples G completions of each prompt, rows prompt-major (row
+    b*G + g is prompt b's g-th): each prompt is prefilled once, and its KV cache, tokens and
+    next-token logits are repeated G times before decoding. Row for row this is the same work,
+    the same logits and (seeded) the same tokens as passing each prompt G times, less the
+    prefill of the copies. Rows that finish (EOS, a stop) leave the batch and its cache.
     """
     cfg.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be at least 1, got {num_return_sequences}")
     device = next(model.parameters()).device
     B = len(prompts)
     lengths = [len(p) for p in prompts]
@@ -145,6 +154,16 @@ def generate(
     next_position = key_valid[:, :prompt_len].sum(-1, keepdim=True)  # (B, 1): left padding does not count
     mask = build_attention_mask(key_valid, prompt_len, prompt_len) if padded else None
     logits = model(ids[:, :prompt_len], positions=positions, mask=mask, cache=cache, last_only=True)[:, -1].float()
+    if num_return_sequences > 1:  # the copies share the prefill: repeat its results, not its work
+        copies = torch.arange(B, device=device).repeat_interleave(num_return_sequences)  # (B*G,)
+        ids, key_valid, next_position, logits = ids[copies], key_valid[copies], next_position[copies], logits[copies]
+        if seen is not None:
+            seen = seen[copies]
+        if cache is not None:
+            cache.select(copies)
+        B = B * num_return_sequences
+        rows = torch.arange(B, device=device)
+        outputs = [[] for _ in range(B)]
 
     for step in range(cfg.max_new_tokens):
         S = prompt_len + step  # tokens so far

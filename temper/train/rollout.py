@@ -4,6 +4,17 @@ GRPO and PPO next).
     responses = sample_responses(model, tokenizer, template, prompts, k=4, temperature=1.0, top_p=1.0,
                                  max_new_tokens=48, seed=0)    # k answers to each prompt
 
+    rollout = sample_groups(model, prompt_ids, group_size=8, sampling=SamplingConfig(...), pad_id=0)
+    old_logps, _ = rollout_logprobs(model, rollout, temperature=1.0)   # once per generation batch
+
+`sample_groups` is the token-level path for RL (GRPO's G completions of each prompt): each
+prompt is prefilled once and its KV cache repeated G times (`generate(num_return_sequences=G)`),
+decoding runs in inference mode, and rows that end (EOS, a stop) leave the batch. It returns
+tensors (`Rollout`: left-padded prompts, right-padded completions, their masks, and whether
+each row finished or was cut at max_new_tokens). `rollout_logprobs` scores the completions under
+the current policy in one no-grad forward (in row batches), for the buffer: the old-policy
+log-probs of every iteration over it, computed once.
+
 Sampling is temper's batched generation (`temper.models.generate`: KV cache, left padding)
 with the policy's chat template and its stop strings; one seeded stream for the whole call,
 so the same seed gives the same answers.
@@ -33,7 +44,8 @@ again. Generic: the method's maths (advantages, clipping) stays in its recipe.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +53,11 @@ import torch
 from temper.data.chat import render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt
 from temper.errors import TemperError
-from temper.models.generate import SamplingConfig, generate_text
+from temper.losses.clm import IGNORE_INDEX, output_weight
+from temper.losses.logprobs import token_entropy, token_logprobs
+from temper.masks import build_attention_mask
+from temper.models.common import positions_from_valid
+from temper.models.generate import SamplingConfig, generate, generate_text
 
 
 def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: int, *, temperature: float,
@@ -59,6 +75,112 @@ def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: 
     model.train(was_training)
     flat = [r.strip() for r in flat]
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+@dataclass
+class Rollout:
+    """G sampled completions of each of P prompts: N = P x G rows, prompt-major (row p*G + g)."""
+
+    prompt_ids: torch.Tensor  # (N, Lp) long, left-padded with pad_id
+    prompt_mask: torch.Tensor  # (N, Lp) bool, True on the prompt's tokens
+    completion_ids: torch.Tensor  # (N, T) long, right-padded with pad_id; T: the longest completion
+    completion_mask: torch.Tensor  # (N, T) bool, True on the completion's tokens (the EOS or stop included)
+    finished: torch.Tensor  # (N,) bool: ended by EOS or a stop; False: cut at max_new_tokens
+    group_size: int
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """(N,) bool: cut at max_new_tokens before EOS or a stop (`mask_truncated_completions`)."""
+        return ~self.finished
+
+    def as_batch(self) -> dict[str, torch.Tensor]:
+        """The tensors, one row per completion, as `RolloutSource` keeps and slices them."""
+        return {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask,
+                "completion_ids": self.completion_ids, "completion_mask": self.completion_mask,
+                "finished": self.finished}
+
+
+def sample_groups(model, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingConfig, *,
+                  pad_id: int = 0, tokenizer=None) -> Rollout:
+    """`group_size` completions of each tokenised prompt, sampled with one shared prefill per prompt.
+
+    In inference mode and eval mode (restored after). `sampling.seed` seeds one stream for the
+    whole call (same seed, same completions); None draws from torch's global generator. Stop
+    strings (`sampling.stop`) need `tokenizer`; a row ends at the token that completes one.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    if sampling.stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer: sample_groups(..., tokenizer=tokenizer)")
+    eos = set(sampling.eos_token_ids)
+    stops = [s for s in sampling.stop if s]
+    stopped: set[int] = set()
+
+    def should_stop(row: int, new: list[int]) -> bool:
+        if any(s in tokenizer.decode(new[-64:]) for s in stops):  # a window is enough for short stops
+            stopped.add(row)
+            return True
+        return False
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            completions = generate(model, prompts, sampling, pad_id=pad_id, num_return_sequences=group_size,
+                                   should_stop=should_stop if stops else None)
+    finally:
+        model.train(was_training)
+    # built outside inference mode: ordinary tensors, which the loss may save for its backward
+    N, Lp = len(completions), max(len(p) for p in prompts)
+    T = max(len(c) for c in completions)
+    prompt_ids = torch.full((N, Lp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((N, Lp), dtype=torch.bool)
+    completion_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((N, T), dtype=torch.bool)
+    finished = torch.zeros(N, dtype=torch.bool)
+    for row, tokens in enumerate(completions):
+        prompt = list(prompts[row // group_size])
+        prompt_ids[row, Lp - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        prompt_mask[row, Lp - len(prompt):] = True
+        completion_ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        completion_mask[row, :len(tokens)] = True
+        finished[row] = tokens[-1] in eos or row in stopped
+    device = next(model.parameters()).device
+    return Rollout(prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                   completion_mask.to(device), finished.to(device), group_size)
+
+
+def rollout_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, with_entropy: bool = False,
+                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs (N, T), entropies (N, T) or None) of the completion tokens under `model`, fp32,
+    0 where `completion_mask` is False, computed without autograd.
+
+    Once per generation batch: these are the old-policy log-probs every iteration over the buffer
+    divides by (and the reference's, called with the reference model). The logits are divided
+    by the sampling `temperature`, as the loss's will be. One forward per `batch_size` rows
+    (all at once by default), in the model's current mode (train or eval: the one the loss runs).
+    Only completion positions go through the output layer.
+    """
+    N, Lp = rollout.prompt_ids.shape
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # (N, Lp + T)
+    valid = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    targets = rollout.completion_ids.masked_fill(~rollout.completion_mask, IGNORE_INDEX)  # (N, T)
+    size = batch_size or N
+    logps, entropies = [], []
+    with torch.inference_mode():
+        weight = output_weight(model)
+        for start in range(0, N, size):
+            rows = slice(start, start + size)
+            inputs, keys = ids[rows, :-1], valid[rows, :-1]  # the last token predicts nothing
+            hidden = model(inputs, positions=positions_from_valid(keys),
+                           mask=build_attention_mask(keys, keys.shape[1], keys.shape[1]),
+                           return_hidden=True)[:, Lp - 1:]  # (n, T, C): position Lp-1+j predicts token j
+            logps.append(token_logprobs(hidden, weight, targets[rows], temperature=temperature))
+            if with_entropy:
+                entropy = token_entropy(hidden, weight, temperature=temperature)
+                entropies.append(entropy.masked_fill(~rollout.completion_mask[rows], 0.0))
+    # concatenated outside inference mode: ordinary tensors, which the loss may save for its backward
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
 SHUFFLES = ("none", "generation", "pass")
