@@ -41,7 +41,7 @@ import torch
 from temper.data.chat import render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt
 from temper.errors import TemperError
-from temper.models.generate import SamplingConfig, generate_text
+from temper.models.generate import SamplingConfig, generate, generate_text
 
 
 def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: int, *, temperature: float,
@@ -59,6 +59,39 @@ def sample_responses(model, tokenizer, template: str, prompts: list[Prompt], k: 
     model.train(was_training)
     flat = [r.strip() for r in flat]
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def prompt_ids(tokenizer, template: str | None, prompt: Prompt) -> list[int]:
+    """A prompt's token ids as the policy answers it: rendered with the chat template (generation
+    prompt added), or, for a model with no template (`template=None`), its last user turn as raw text."""
+    if template is None:
+        return tokenizer.encode(prompt.question)
+    return tokenizer.encode(render(template, prompt.messages, add_generation_prompt=True, **render_kwargs(tokenizer)))
+
+
+def sample_completions(model, prompts: list[list[int]], k: int, sampling: SamplingConfig, *, pad_id: int = 0,
+                       tokenizer=None, batch_size: int = 64) -> list[list[int]]:
+    """k completions (token ids, the EOS that ended one included) of each prompt (token ids), the
+    copies of a prompt next to each other; with `tokenizer`, a row also ends at `sampling.stop`'s
+    strings. No autograd; the model is put in eval mode for the call. One seeded stream (`sampling.seed`)."""
+    stops = [s for s in sampling.stop if s]
+
+    def should_stop(row: int, new: list[int]) -> bool:
+        text = tokenizer.decode(new[-64:])
+        return any(s in text for s in stops)
+
+    was_training = model.training
+    model.eval()
+    flat = [p for p in prompts for _ in range(k)]
+    rows = max(k, batch_size // k * k)
+    generator_seed = sampling.seed
+    out: list[list[int]] = []
+    for i, start in enumerate(range(0, len(flat), rows)):
+        part = SamplingConfig(**{**sampling.__dict__, "seed": None if generator_seed is None else generator_seed + i})
+        out.extend(generate(model, flat[start:start + rows], part, pad_id=pad_id,
+                            should_stop=should_stop if stops and tokenizer is not None else None))
+    model.train(was_training)
+    return out
 
 
 SHUFFLES = ("none", "generation", "pass")
