@@ -677,8 +677,9 @@ def setup_grpo(work: Path) -> None:
                                                    + "\n" for i in range(8)))
 
 
-GRPO_RUN = ["grpo", "model=base", "prompts=rl-prompts.jsonl", "num_generations=4", "batch_size=4",
-            "max_completion_length=4", "max_steps=1", "peak_flops=1e9", "logging.progress=false"]
+GRPO_BASE = ["grpo", "model=base", "prompts=rl-prompts.jsonl", "num_generations=4", "max_steps=1", "peak_flops=1e9",
+             "logging.progress=false"]
+GRPO_RUN = [*GRPO_BASE, "batch_size=4", "max_completion_length=4"]
 GRPO: list[tuple[str, list[str], str]] = [
     ("a reward function that raises", [*GRPO_RUN, "rewards=my_rewards:raises", "output_dir=g-1"], "error"),
     ("a reward function returning one value for 4 completions", [*GRPO_RUN, "rewards=my_rewards:one_value",
@@ -686,9 +687,10 @@ GRPO: list[tuple[str, list[str], str]] = [
     ("a reward function returning NaN", [*GRPO_RUN, "rewards=my_rewards:nan", "output_dir=g-3"], "error"),
     ("a reward import path that does not resolve", [*GRPO_RUN, "rewards=my_rewardz:exact", "output_dir=g-4"],
      "error"),
-    ("a generation batch that does not divide into groups of G", [*GRPO_RUN, "rewards=world", "batch_size=6",
+    ("a generation batch that does not divide into groups of G", [*GRPO_BASE, "rewards=world", "batch_size=6",
+                                                                   "max_completion_length=4",
                                                                    "output_dir=g-5"], "error"),
-    ("prompt + completion longer than the model's positions", [*GRPO_RUN, "rewards=world",
+    ("prompt + completion longer than the model's positions", [*GRPO_BASE, "rewards=world", "batch_size=4",
                                                                 "max_completion_length=600", "output_dir=g-6"],
      "error"),
     ("GRPO under DDP (one process for now)", [*GRPO_RUN, "rewards=world", "strategy=ddp", "output_dir=g-7"], "error"),
