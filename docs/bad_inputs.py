@@ -134,7 +134,7 @@ def setup(work: Path) -> None:
     newest.write_bytes(newest.read_bytes()[:100])
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
-    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs):
+    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo):
         extra(work)
 
 
@@ -657,8 +657,48 @@ INPUTS: list[tuple[str, list[str], str]] = [
 ]
 
 
+GRPO_REWARDS = """def raises(prompts, completions, **kwargs):
+    raise RuntimeError("checker crashed")
+
+
+def one_value(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def nan(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+"""
+
+
+def setup_grpo(work: Path) -> None:
+    """Prompt rows with answers, and reward functions that raise, miscount and return NaN."""
+    (work / "my_rewards.py").write_text(GRPO_REWARDS)
+    (work / "rl-prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "answer": str(i + 1)})
+                                                   + "\n" for i in range(8)))
+
+
+GRPO_BASE = ["grpo", "model=base", "prompts=rl-prompts.jsonl", "num_generations=4", "max_steps=1", "peak_flops=1e9",
+             "logging.progress=false"]
+GRPO_RUN = [*GRPO_BASE, "batch_size=4", "max_completion_length=4"]
+GRPO: list[tuple[str, list[str], str]] = [
+    ("a reward function that raises", [*GRPO_RUN, "rewards=my_rewards:raises", "output_dir=g-1"], "error"),
+    ("a reward function returning one value for 4 completions", [*GRPO_RUN, "rewards=my_rewards:one_value",
+                                                                  "output_dir=g-2"], "error"),
+    ("a reward function returning NaN", [*GRPO_RUN, "rewards=my_rewards:nan", "output_dir=g-3"], "error"),
+    ("a reward import path that does not resolve", [*GRPO_RUN, "rewards=my_rewardz:exact", "output_dir=g-4"],
+     "error"),
+    ("a generation batch that does not divide into groups of G", [*GRPO_BASE, "rewards=world", "batch_size=6",
+                                                                   "max_completion_length=4",
+                                                                   "output_dir=g-5"], "error"),
+    ("prompt + completion longer than the model's positions", [*GRPO_BASE, "rewards=world", "batch_size=4",
+                                                                "max_completion_length=600", "output_dir=g-6"],
+     "error"),
+    ("GRPO under DDP (one process for now)", [*GRPO_RUN, "rewards=world", "strategy=ddp", "output_dir=g-7"], "error"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
-            "inputs": INPUTS}
+            "inputs": INPUTS, "grpo": GRPO}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -666,6 +706,7 @@ TITLES = {
     "divergence": "A non-finite loss or gradient stops the run; no NaN model is saved",
     "settings": "Settings refused at load, with the key named",
     "inputs": "Special, endless or huge inputs, judges that hang, and messages that say what and where",
+    "grpo": "GRPO: reward functions that fail, and batches and lengths that do not fit",
 }
 
 

@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("temper.recipes.sft", "train", "supervised fine-tuning / instruction tuning with chat templates"),
     "dpo": Command("temper.recipes.dpo", "train", "preference optimisation: DPO, IPO, SimPO, ORPO, KTO and kin, on "
                                                   "preference pairs"),
+    "grpo": Command("temper.recipes.grpo", "train", "GRPO: G sampled completions per prompt, scored by reward "
+                                                    "functions, a clipped group-relative objective (TRL's)"),
     "online-dpo": Command("temper.workflows.online_dpo", "workflow", "iterative DPO: the policy samples, a judge "
                                                                      "(or AI feedback) pairs, DPO trains; repeat"),
     "eval": Command("temper.stages.eval", "tool", "evaluate models on tasks, perplexity, judges and contamination; "

@@ -278,12 +278,17 @@ def recipe_runs(tmp_path, tiny_model_dir):
               "rejected": [{"role": "assistant", "content": f"{i + 7} or so"}]} for i in range(24)]
     pref_data = tmp_path / "pairs.jsonl"
     pref_data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "answer": str(i + 1)}) + "\n"
+                               for i in range(8)))
     return {
         "pretrain": ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", f"data={corpus}",
                      "samples=0", "eval_fraction=0.2"],
         "sft": [f"model={tiny_model_dir}", f"data={sft_data}", "batch_size=4", "seq_len=64", "eval_samples=2",
                 "eval_max_new_tokens=2"],
         "dpo": [f"model={tiny_model_dir}", f"data={pref_data}", "batch_size=4", "seq_len=64", "eval_fraction=0.2"],
+        "grpo": [f"model={tiny_model_dir}", f"prompts={prompts}", f"eval_prompts={prompts}", "eval_limit=2",
+                 "rewards=world", "num_generations=4", "batch_size=4", "max_completion_length=4"],
     }
 
 

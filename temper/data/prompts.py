@@ -43,7 +43,10 @@ class Prompt:
 
 
 def row_prompt(row: dict, source: str, field_name: str = "prompt") -> Prompt:
-    """The Prompt of one row, or one line naming `source` and what was expected."""
+    """The Prompt of one row, or one line naming `source` and what was expected. `field_name="auto"`:
+    `prompt` where the row has one, else `question` (GSM8K's own rows), else `messages`."""
+    if field_name == "auto":
+        field_name = "question" if "prompt" not in row and "question" in row else "prompt"
     value, chat_row = row.get(field_name), False
     if value is None and "messages" in row:
         value, chat_row = row["messages"], True

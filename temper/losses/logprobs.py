@@ -217,3 +217,42 @@ def completion_logprobs(model, batch, *, with_logits: bool = False
         per_token = hidden.detach()[scored].float() @ mean_row  # (N,)
         logits_sum = per_token.new_zeros(S).index_add(0, index[scored], per_token)
     return logps, counts, logits_sum
+
+
+def rollout_token_logprobs(model, prompt_ids, completion_ids: torch.Tensor, mask: torch.Tensor, *,
+                           temperature: float = 1.0, pad_id: int = 0, with_entropy: bool = False,
+                           chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs (B, T) fp32, entropies (B, T) or None) of each completion token of a rollout batch,
+    given its prompt and the completion tokens before it; 0 where `mask` is 0.
+
+    prompt_ids: B token lists; completion_ids, mask: (B, T), right-padded. One forward over the rows
+    prompt + completion, right-padded (no attention mask needed: padding comes after every real token).
+    Only the masked-in positions go through the output layer. Entropies (the `entropy` metric of
+    RL recipes) are computed without gradient, one chunk of tokens at a time."""
+    B, T = completion_ids.shape
+    device = completion_ids.device
+    starts = [len(p) for p in prompt_ids]
+    inputs = torch.full((B, max(starts) + T), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompt_ids):
+        inputs[b, :len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        inputs[b, len(p):len(p) + T] = completion_ids[b]
+    hidden = model(inputs, return_hidden=True)  # (B, L, C)
+    # completion token j of row b is predicted at position start_b - 1 + j
+    at = torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(T, device=device)[None]  # (B, T)
+    hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, T, C)
+    scored = mask.bool()
+    weight = output_weight(model)
+    picked = hidden[scored]  # (N, C)
+    logp = token_logprobs(picked, weight, completion_ids[scored], temperature=temperature, chunk_size=chunk_size)
+    logps = torch.zeros((B, T), dtype=logp.dtype, device=device).masked_scatter(scored, logp)
+    entropies = None
+    if with_entropy:
+        with torch.no_grad():
+            w = replicated_local(weight).detach()
+            values = []
+            for start in range(0, picked.shape[0], chunk_size):
+                logits = (picked[start:start + chunk_size].detach().to(w.dtype) @ w.t()).float() / temperature
+                values.append(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1))
+            flat = torch.cat(values) if values else logp.new_zeros(0)
+            entropies = torch.zeros((B, T), dtype=flat.dtype, device=device).masked_scatter(scored, flat)
+    return logps, entropies

@@ -93,6 +93,10 @@ class Rollout:
         """(N,) bool: cut at max_new_tokens before EOS or a stop (`mask_truncated_completions`)."""
         return ~self.finished
 
+    def completions(self) -> list[list[int]]:
+        """Each row's completion as a token list (the EOS or stop token that ended it included)."""
+        return [ids[mask].tolist() for ids, mask in zip(self.completion_ids.cpu(), self.completion_mask.cpu())]
+
     def as_batch(self) -> dict[str, torch.Tensor]:
         """The tensors, one row per completion, as `RolloutSource` keeps and slices them."""
         return {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask,
@@ -181,6 +185,15 @@ def rollout_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, with_
                 entropies.append(entropy.masked_fill(~rollout.completion_mask[rows], 0.0))
     # concatenated outside inference mode: ordinary tensors, which the loss may save for its backward
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+
+
+def prompt_ids(tokenizer, template: str | None, prompt: Prompt) -> list[int]:
+    """A prompt's token ids as the policy answers it: rendered with the chat template (generation
+    prompt added), or, for a model with no template (`template=None`), its last user turn as raw text."""
+    if template is None:
+        return tokenizer.encode(prompt.question)
+    return tokenizer.encode(render(template, prompt.messages, add_generation_prompt=True, **render_kwargs(tokenizer)))
+
 
 
 SHUFFLES = ("none", "generation", "pass")

@@ -1,0 +1,351 @@
+"""Group relative policy optimisation (Shao et al. 2024, DeepSeekMath), as TRL 1.16's GRPOTrainer
+defines it: G completions per prompt, scored by reward functions; each one's advantage is its
+reward against its group's, Â_i = (r_i − mean(r)) / (std(r) + ε); a clipped importance-ratio
+objective, plus β·KL(π_θ ‖ π_ref) by the k3 estimator. No value network.
+
+    temper grpo model=runs/sft                                          # the built-in world's rl prompts, rewards=world
+    temper grpo model=DIR prompts=../shared/data/gsm8k/test.jsonl rewards=gsm8k
+    temper grpo model=DIR prompts=p.jsonl rewards=[gsm8k,format] reward_weights=[1,0.2]
+    temper grpo model=DIR rewards=my_rewards:exact beta=0.04 peft.method=lora   # reference: the adapter disabled
+
+Settings keep TRL's names and defaults (num_generations 8, temperature 1, max_completion_length
+512, num_iterations 1, epsilon 0.2, beta 0, loss_type dapo, scale_rewards group). Batches follow
+TRL: `batch_size` completions per micro-batch, `grad_accum` micro-batches per optimiser step;
+a generation batch is `steps_per_generation` (default grad_accum) micro-batches, i.e.
+batch_size × steps_per_generation / G prompts, used `num_iterations` times
+(`temper.train.rollout.RolloutSource`, shuffled once per generation batch as TRL does).
+
+Per generation batch (phase `rollout`): sample G completions per prompt (no autograd), old
+log-probs once when the batch outlives one optimiser step (else π_old = π_θ, the ratio exactly 1),
+reference log-probs once when beta > 0, rewards (phase `score`, `temper.rewards.functions`), group
+advantages. Per step: the policy's log-probs with gradient and `temper.losses.grpo.grpo_loss`.
+Logged with TRL's names: reward, reward_std, rewards/NAME/mean|std, frac_reward_zero_std, kl,
+entropy, clip_ratio/*, completions/mean_length, completions/clipped_ratio; at evaluations a greedy
+rollout on held-out prompts gives eval_reward and eval_pass_rate (the share scoring ≥ 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+
+from temper.config import OnlyWith, check_range, opt
+from temper.data.chat import resolve_template, stop_settings
+from temper.data.prompts import Prompt, read_prompts
+from temper.errors import TemperError
+from temper.losses.grpo import (
+    LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    mask_truncated_completions,
+    mean_grpo_metrics,
+)
+from temper.losses.logprobs import rollout_token_logprobs
+from temper.models.generate import SamplingConfig
+from temper.rewards.functions import RewardSet, reward_metrics
+from temper.rewards.judges import DEFAULT_TIMEOUT, check_timeout
+from temper.train import recipe
+from temper.train.distributed import launched_world, unwrap
+from temper.train.loop import TrainLoop
+from temper.train.reference import Reference
+from temper.train.rollout import RolloutSource, prompt_ids, sample_groups
+
+LORA_METHODS = ("lora", "dora", "qlora")
+
+
+@dataclass
+class Config(recipe.TrainingConfig, command="grpo", capabilities=recipe.Capabilities(peft=True),
+             defaults=dict(model="runs/sft", output_dir="runs/grpo", max_steps=200, strategy="none",
+                           optim=dict(lr=1e-6, weight_decay=0.0), logging=dict(every=10, eval_every=50, eval_at_start=True),
+                           peft={}, template=None)):
+    resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "eval_prompts", "eval_limit",
+                                   "eval_reward", "judge_timeout", "max_empty_rollouts")
+    prompts: list[str] = opt([], "prompt rows (JSONL/JSON/parquet; default: the built-in world's rl/train.jsonl)")
+    prompt_field: str = opt("auto", "the prompt column (auto: prompt, else question, else messages)")
+    rewards: list[str] = opt([], "reward functions: world, gsm8k, format, length[:C], MODULE:FUNCTION, judge:JUDGE "
+                                 "(default: world for the built-in world's prompts)")
+    reward_weights: list[float] = opt([], "one weight per reward function (default: 1 each)")
+    judge_timeout: float = opt(DEFAULT_TIMEOUT, "seconds one call of a reward function or judge may take (0: no limit)")
+    num_generations: int = opt(8, "G: completions sampled per prompt (the group)")
+    temperature: float = opt(1.0, "sampling temperature (also divides the logits of the log-probs, as TRL)")
+    top_p: float = opt(1.0, "nucleus sampling (1: off)")
+    max_completion_length: int = opt(512, "longest completion in tokens")
+    max_prompt_length: int = opt(0, "keep only the last this many tokens of a longer prompt, counted (0: the "
+                                    "model's positions minus max_completion_length)")
+    steps_per_generation: int | None = opt(None, "micro-batches served by one generation batch (default: grad_accum)")
+    num_iterations: int = opt(1, "μ: passes over each generation batch")
+    epsilon: float = opt(0.2, "the clip range's lower ε (1 − ε)")
+    epsilon_high: float | None = opt(None, "the clip range's upper ε (default: epsilon; DAPO: 0.28)")
+    beta: float = opt(0.0, "KL coefficient (0: no reference model is loaded)")
+    loss_type: str = opt("dapo", "grpo, bnpo, dr_grpo, dapo or cispo (TRL's definitions)")
+    importance_sampling_level: Literal["token", "sequence"] = opt("token", "the ratio per token, or per "
+                                                                           "sequence (GSPO)")
+    scale_rewards: Literal["group", "batch", "none"] = opt("group", "divide advantages by the group's std, the "
+                                                                    "batch's, or not at all (Dr. GRPO)")
+    mask_truncated_completions: bool = opt(False, "completions cut by max_completion_length add nothing to the loss")
+    eval_prompts: list[str] = opt([], "held-out prompts for the pass rate (default: the built-in world's "
+                                      "rl/test.jsonl when prompts= is not given)")
+    eval_limit: int = opt(64, "held-out prompts answered at each evaluation (0: all)")
+    eval_reward: str = opt("", "the reward the pass rate is scored with (default: the first of rewards)")
+    max_empty_rollouts: int = opt(3, "stop after this many generation batches in a row whose completions are all "
+                                     "empty")
+
+    only_with: ClassVar = (
+        OnlyWith(("top_p",), "temperature > 0", lambda c: c.temperature > 0),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("num_generations", self.num_generations, low=2)
+        check_range("temperature", self.temperature, low=0.0, low_open=True)
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_range("max_completion_length", self.max_completion_length, low=1)
+        for key in ("max_prompt_length", "eval_limit"):
+            check_range(key, getattr(self, key), low=0)
+        check_range("num_iterations", self.num_iterations, low=1)
+        check_range("max_empty_rollouts", self.max_empty_rollouts, low=1)
+        if self.steps_per_generation is not None:
+            check_range("steps_per_generation", self.steps_per_generation, low=1)
+        check_range("epsilon", self.epsilon, low=0.0)
+        if self.epsilon_high is not None:
+            check_range("epsilon_high", self.epsilon_high, low=0.0)
+        check_range("beta", self.beta, low=0.0)
+        check_timeout(self.judge_timeout)
+        if self.loss_type not in LOSS_TYPES:
+            raise TemperError(f"loss_type '{self.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
+        generation = self.batch_size * self.generation_steps
+        if generation % self.num_generations:
+            raise TemperError(f"a generation batch of {generation} completions (batch_size={self.batch_size} x "
+                              f"steps_per_generation={self.generation_steps}) does not divide into groups of "
+                              f"num_generations={self.num_generations}: make it a multiple of {self.num_generations}")
+        if self.strategy in ("ddp", "fsdp") or launched_world()[1] > 1:
+            raise TemperError("temper grpo runs in one process for now: use strategy=none and no torchrun")
+
+    @property
+    def generation_steps(self) -> int:
+        return self.steps_per_generation or self.grad_accum
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def resolve_prompts(cfg: Config, lineage: dict) -> tuple[list[Prompt], list[Prompt], list[str]]:
+    """(training prompts, held-out prompts, reward specs)."""
+    world = lineage.get("world_dir")
+    spec = cfg.prompts or ([str(Path(world) / "rl" / "train.jsonl")] if world else [])
+    if not spec:
+        raise TemperError("prompts= is required: the model records no built-in world to take prompts from")
+    eval_spec = cfg.eval_prompts or ([str(Path(world) / "rl" / "test.jsonl")] if world and not cfg.prompts else [])
+    rewards = cfg.rewards or (["world"] if world and not cfg.prompts else [])
+    if not rewards:
+        raise TemperError("rewards= is required: name the reward functions, e.g. rewards=gsm8k (shipped: world, "
+                          "gsm8k, format, length; or MODULE:FUNCTION, judge:JUDGE)")
+    prompts = read_prompts(spec, field_name=cfg.prompt_field)
+    held = read_prompts(eval_spec, field_name=cfg.prompt_field) if eval_spec else []
+    return prompts, held[:cfg.eval_limit] if cfg.eval_limit else held, rewards
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer, template: str | None, limit: int) -> tuple[list[list[int]], int]:
+    """Each prompt's token ids, the longer ones keeping their last `limit` tokens (TRL cuts on the
+    left too); and how many were cut."""
+    encoded, cut = [], 0
+    for p in prompts:
+        ids = prompt_ids(tokenizer, template, p)
+        if not ids:
+            raise TemperError(f"{p.source}: the prompt encodes to no tokens")
+        if len(ids) > limit:
+            ids, cut = ids[-limit:], cut + 1
+        encoded.append(ids)
+    return encoded, cut
+
+
+def prompt_order(n: int, index: int, seed: int) -> int:
+    """The prompt at position `index` of an endless stream of seeded shuffles of n prompts (one per epoch)."""
+    epoch, at = divmod(index, n)
+    return int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[at])
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (N, T), mask (N, T)) of token lists, right-padded (T at least 1)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: Config) -> dict:
+    run = recipe.start(cfg)
+    policy = recipe.load_policy(cfg, run)
+    tokenizer, lineage = policy.tokenizer, policy.lineage
+    template = None if cfg.template == "none" else resolve_template(cfg.template, tokenizer)  # None: raw text
+    stops, eos_ids = stop_settings(tokenizer, template) if template else ([], [tokenizer.eos_id])
+    eos_ids = [i for i in eos_ids if i is not None]
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    # prompts, rewards, lengths: every refusal before any sampling
+    prompts, held, reward_specs = resolve_prompts(cfg, lineage)
+    reward_options = dict(max_completion_length=cfg.max_completion_length, timeout=cfg.judge_timeout,
+                          device=run.device)
+    rewards = RewardSet(reward_specs, cfg.reward_weights or None, **reward_options)
+    rewards.check_prompts(prompts)
+    scorer = RewardSet([cfg.eval_reward or reward_specs[0]], option="eval_reward=", **reward_options) if held else None
+    if scorer is not None:
+        scorer.check_prompts(held)
+    positions = policy.model.config.max_seq_len
+    if cfg.max_completion_length >= positions or cfg.max_prompt_length + cfg.max_completion_length > positions:
+        raise TemperError(f"max_prompt_length ({cfg.max_prompt_length or 'auto'}) + max_completion_length "
+                          f"({cfg.max_completion_length}) do not fit the model's {positions} positions: lower them")
+    prompt_limit = cfg.max_prompt_length or positions - cfg.max_completion_length
+    train_ids, cut = encode_prompts(prompts, tokenizer, template, prompt_limit)
+    held_ids, held_cut = encode_prompts(held, tokenizer, template, prompt_limit)
+    G = cfg.num_generations
+    prompts_per_generation = cfg.batch_size * cfg.generation_steps // G
+    run.say(f"grpo: {len(prompts)} prompts ({cut} cut to their last {prompt_limit} tokens), {len(held)} held-out "
+            f"({held_cut} cut) | {prompts_per_generation} prompts x G={G} per generation batch, "
+            f"{cfg.generation_steps} micro-batches of {cfg.batch_size} each, x{cfg.num_iterations} | rewards "
+            f"{', '.join(rewards.names)} | loss {cfg.loss_type} beta={cfg.beta} | template: "
+            f"{'the model' if template else 'none (raw text)'}")
+
+    mode = ("adapter" if cfg.peft.method in LORA_METHODS else "copy") if cfg.beta > 0 else None
+    reference = Reference.load(mode, cfg.model, device=run.device)
+    trainable = recipe.make_trainable(policy.model, cfg, run, tokenizer=tokenizer,
+                                      flops_factor=4 / 3 if reference.needs_model_forward else 1)
+    model = trainable.model
+    # π_old differs from π_θ once the generation batch outlives one optimiser step (TRL's condition)
+    needs_old = cfg.grad_accum % (cfg.generation_steps * cfg.num_iterations) != 0
+    sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                              eos_token_ids=eos_ids, stop=stops)
+    empty_in_a_row = [0]
+
+    def logprobs(m, batch, **kw):
+        return rollout_token_logprobs(m, [train_ids[i] for i in batch["prompt_index"].tolist()],
+                                      batch["completion_ids"].to(run.device), batch["mask"].to(run.device),
+                                      temperature=cfg.temperature, pad_id=pad_id, **kw)
+
+    def texts(rows: list[list[int]]) -> list[str]:
+        out = []
+        for r in rows:
+            text = tokenizer.decode(r[:-1] if r and r[-1] in eos_ids else r)
+            cut_at = min((text.find(s) for s in stops if s in text), default=-1)
+            out.append(text[:cut_at] if cut_at >= 0 else text)
+        return out
+
+    def generate() -> dict:
+        n = source.generations
+        index = [prompt_order(len(prompts), n * prompts_per_generation + j, cfg.seed)
+                 for j in range(prompts_per_generation)]
+        seed = cfg.seed * 1_000_003 + n
+        rows = sample_groups(unwrap(model), [train_ids[i] for i in index], G,  # one shared prefill per prompt
+                             SamplingConfig(**{**sampling.__dict__, "seed": seed}), pad_id=pad_id,
+                             tokenizer=tokenizer).completions()
+        ids, mask = pad_rows(rows, pad_id)
+        truncated = torch.tensor([len(r) >= cfg.max_completion_length and r[-1] not in eos_ids for r in rows])
+        lengths = mask.sum(1)
+        if cfg.mask_truncated_completions:
+            mask, _ = mask_truncated_completions(ids, mask, eos_ids, None)
+        completions = texts(rows)
+        empty = torch.tensor([not c.strip() for c in completions])
+        empty_in_a_row[0] = empty_in_a_row[0] + 1 if bool(empty.all()) else 0
+        if empty_in_a_row[0]:
+            warnings.warn(f"generation batch {n + 1}: every one of the {len(rows)} completions is empty (the policy "
+                          f"ends at once); {empty_in_a_row[0]} such batches in a row", UserWarning, stacklevel=2)
+            if empty_in_a_row[0] >= cfg.max_empty_rollouts:
+                raise TemperError(f"generation batch {n + 1}: {empty_in_a_row[0]} generation batches in a row whose "
+                                  "completions are all empty: the policy answers nothing, so nothing can be learnt "
+                                  "(check the model's template and EOS, or raise temperature)")
+        batch = {"prompt_index": torch.tensor(index).repeat_interleave(G), "completion_ids": ids, "mask": mask,
+                 "lengths": lengths, "truncated": truncated}
+        if needs_old:
+            with torch.no_grad():
+                batch["old_logps"] = logprobs(model, batch)[0].cpu()
+        if mode is not None:
+            batch["ref_logps"] = reference.run(model, lambda m: logprobs(m, batch)[0]).cpu()
+        with loop.phase("score"):
+            repeated = [prompts[i] for i in batch["prompt_index"].tolist()]
+            total, per_function = rewards.score(repeated, completions, completion_ids=rows)
+        batch["rewards"] = total
+        for name, values in per_function.items():
+            batch[f"reward/{name}"] = values
+        batch["advantages"], _ = group_advantages(total, G, scale=cfg.scale_rewards)
+        return batch
+
+    source = RolloutSource(generate, steps_per_generation=cfg.generation_steps, num_iterations=cfg.num_iterations,
+                           shuffle="generation", seed=cfg.seed)
+    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    per_token_count = cfg.loss_type in ("dapo", "cispo")
+    step_tokens = [0]
+
+    def loss_fn(batch):
+        logps, entropies = logprobs(model, batch, with_entropy=True)
+        mask = batch["mask"].to(run.device)
+        loss, metrics = grpo_loss(
+            logps, batch["old_logps"].to(run.device) if "old_logps" in batch else None,
+            batch["ref_logps"].to(run.device) if "ref_logps" in batch else None,
+            batch["advantages"].to(run.device), mask, loss_type=cfg.loss_type,
+            importance_sampling_level=cfg.importance_sampling_level, epsilon_low=cfg.epsilon,
+            epsilon_high=epsilon_high, beta=cfg.beta, max_completion_length=cfg.max_completion_length,
+            num_items_in_batch=1 if per_token_count else None, entropies=entropies)
+        # dapo/cispo: summed over tokens, divided by the step's tokens; the others: averaged over micro-batches
+        count = mask.sum() if per_token_count and step_tokens[0] else 1
+        return loss, count, metrics
+
+    def generation_metrics() -> dict:
+        buffer = source.buffer
+        per_function = {k[len("reward/"):]: v for k, v in buffer.items() if k.startswith("reward/")}
+        out = reward_metrics(buffer["rewards"], per_function)
+        out["frac_reward_zero_std"] = float(group_advantages(buffer["rewards"], G, scale=cfg.scale_rewards)[1])
+        out["completions/mean_length"] = float(buffer["lengths"].float().mean())
+        out["completions/clipped_ratio"] = float(buffer["truncated"].float().mean())
+        return out
+
+    def evaluate(step: int) -> dict:
+        greedy = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=0.0, eos_token_ids=eos_ids,
+                                stop=stops)
+        rows = sample_groups(unwrap(model), held_ids, 1, greedy, pad_id=pad_id, tokenizer=tokenizer).completions()
+        scores, _ = scorer.score(held, texts(rows), completion_ids=rows)
+        return {"eval_reward": float(torch.nanmean(scores)), "eval_pass_rate": float((scores >= 1.0).float().mean())}
+
+    def fingerprint() -> str:
+        digest = hashlib.sha256(json.dumps(train_ids).encode())
+        return digest.hexdigest()[:16]
+
+    loop = TrainLoop(cfg, "grpo", run.out, model, trainable.optimizer, run.device, run.precision,
+                     state={"rollout": source}, evaluate=evaluate if held else None,
+                     flops_per_token=trainable.flops_per_token, par=run.par, global_batch=run.global_batch,
+                     identity={"tokenizer": tokenizer.fingerprint(), "peft": cfg.peft.method, "data": fingerprint(),
+                               "rewards": reward_specs, "num_generations": G, "loss_type": cfg.loss_type,
+                               "beta": cfg.beta})
+    last: dict = {}
+    for _ in loop:
+        micro = [source.next() for _ in range(run.grad_accum)]
+        step_tokens[0] = sum(int(b["mask"].sum()) for b in micro)
+        result = loop.accumulate(micro, loss_fn)
+        sums = {k: v for k, v in result.items() if k not in ("loss", "count")}
+        last = {"loss": result["loss"], **mean_grpo_metrics(sums), **generation_metrics()}
+        tokens = sum(len(train_ids[i]) + b["completion_ids"].shape[1] for b in micro
+                     for i in b["prompt_index"].tolist())
+        loop.optimizer_step(last, tokens=tokens)
+
+    recipe.save_outputs(loop, cfg, "grpo", tokenizer, lineage, template=template, eos_ids=eos_ids if template else None)
+    rewards.close()
+    if scorer is not None:
+        scorer.close()
+    if run.main and empty_in_a_row[0]:
+        print(f"warning: the last {empty_in_a_row[0]} generation batches held only empty completions", file=sys.stderr)
+    return loop.finish({"reward": last.get("reward"), "rewards": reward_specs, "num_generations": G,
+                        "loss_type": cfg.loss_type, "beta": cfg.beta, "prompts": len(prompts),
+                        "truncated_prompts": cut, "held_out_prompts": len(held), "generations": source.generations,
+                        "peft": cfg.peft.method, "trainable_parameters": trainable.trainable_parameters})
