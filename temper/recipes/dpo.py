@@ -54,11 +54,10 @@ from temper.losses.preference import (
     preference_loss,
     preference_metrics,
 )
+from temper.peft import LORA_FAMILY
 from temper.train import recipe
 from temper.train.loop import TrainLoop
 from temper.train.reference import Reference, check_same_tokenizer
-
-LORA_METHODS = ("lora", "dora", "qlora")
 
 
 @dataclass
@@ -138,7 +137,7 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
                               "types: give one weight per loss_type")
         for i, weight in enumerate(self.loss_weights):  # a zero weight is a loss_type left out
             check_range(f"loss_weights[{i}]", weight, low=0.0, low_open=True)
-        if self.reference == "adapter" and self.peft.method not in LORA_METHODS:
+        if self.reference == "adapter" and self.peft.method not in LORA_FAMILY:
             raise TemperError("reference=adapter disables a LoRA adapter to get the reference: it needs "
                               "peft.method=lora, dora or qlora")
         if self.reference == "adapter" and self.ref_model:
@@ -156,7 +155,7 @@ class Config(recipe.TrainingConfig, command="dpo", capabilities=recipe.Capabilit
         if not self.needs_reference:
             return None
         if self.reference == "auto":
-            return "adapter" if self.peft.method in LORA_METHODS and not self.ref_model else "copy"
+            return "adapter" if self.peft.method in LORA_FAMILY and not self.ref_model else "copy"
         return self.reference
 
 

@@ -49,6 +49,7 @@ from temper.losses.grpo import (
 )
 from temper.losses.logprobs import rollout_token_logprobs
 from temper.models.generate import SamplingConfig
+from temper.peft import LORA_FAMILY
 from temper.rewards.functions import RewardSet, reward_metrics
 from temper.rewards.judges import DEFAULT_TIMEOUT, check_timeout
 from temper.train import recipe
@@ -56,8 +57,6 @@ from temper.train.distributed import launched_world, unwrap
 from temper.train.loop import TrainLoop
 from temper.train.reference import Reference
 from temper.train.rollout import RolloutSource, prompt_ids, sample_groups
-
-LORA_METHODS = ("lora", "dora", "qlora")
 
 
 @dataclass
@@ -219,7 +218,7 @@ def run(cfg: Config) -> dict:
             f"{', '.join(rewards.names)} | loss {cfg.loss_type} beta={cfg.beta} | template: "
             f"{'the model' if template else 'none (raw text)'}")
 
-    mode = ("adapter" if cfg.peft.method in LORA_METHODS else "copy") if cfg.beta > 0 else None
+    mode = ("adapter" if cfg.peft.method in LORA_FAMILY else "copy") if cfg.beta > 0 else None
     reference = Reference.load(mode, cfg.model, device=run.device)
     trainable = recipe.make_trainable(policy.model, cfg, run, tokenizer=tokenizer,
                                       flops_factor=4 / 3 if reference.needs_model_forward else 1)
