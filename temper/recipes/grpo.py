@@ -21,7 +21,10 @@ reference log-probs once when beta > 0, rewards (phase `score`, `temper.rewards.
 advantages. Per step: the policy's log-probs with gradient and `temper.losses.grpo.grpo_loss`.
 Logged with TRL's names: reward, reward_std, rewards/NAME/mean|std, frac_reward_zero_std, kl,
 entropy, clip_ratio/*, completions/mean_length, completions/clipped_ratio; at evaluations a greedy
-rollout on held-out prompts gives eval_reward and eval_pass_rate (the share scoring ≥ 1).
+rollout on held-out prompts gives eval_reward and eval_pass_rate (the share scoring ≥ 1). The
+reward-hacking watch (`temper.eval.hacking`, the `watch.*` keys) adds hacking/* to each row and warns
+once when the reward climbs while eval_pass_rate does not, or completion lengths drift from the
+first generation batch's.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from temper.config import OnlyWith, check_range, opt
 from temper.data.chat import resolve_template, stop_settings
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
+from temper.eval.hacking import RewardHackingWatch
 from temper.losses.grpo import (
     LOSS_TYPES,
     group_advantages,
@@ -63,9 +67,9 @@ from temper.train.rollout import RolloutSource, prompt_ids, sample_groups
 class Config(recipe.TrainingConfig, command="grpo", capabilities=recipe.Capabilities(peft=True),
              defaults=dict(model="runs/sft", output_dir="runs/grpo", max_steps=200, strategy="none",
                            optim=dict(lr=1e-6, weight_decay=0.0), logging=dict(every=10, eval_every=50, eval_at_start=True),
-                           peft={}, template=None)):
+                           peft={}, template=None, watch={})):
     resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "eval_prompts", "eval_limit",
-                                   "eval_reward", "judge_timeout", "max_empty_rollouts")
+                                   "eval_reward", "judge_timeout", "max_empty_rollouts", "watch")
     prompts: list[str] = opt([], "prompt rows (JSONL/JSON/parquet; default: the built-in world's rl/train.jsonl)")
     prompt_field: str = opt("auto", "the prompt column (auto: prompt, else question, else messages)")
     rewards: list[str] = opt([], "reward functions: world, gsm8k, format, length[:C], MODULE:FUNCTION, judge:JUDGE "
@@ -228,6 +232,7 @@ def run(cfg: Config) -> dict:
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                               eos_token_ids=eos_ids, stop=stops)
     empty_in_a_row = [0]
+    watch = RewardHackingWatch(cfg.watch, main=run.main)
 
     def logprobs(m, batch, **kw):
         return rollout_token_logprobs(m, [train_ids[i] for i in batch["prompt_index"].tolist()],
@@ -253,6 +258,7 @@ def run(cfg: Config) -> dict:
         ids, mask = pad_rows(rows, pad_id)
         truncated = torch.tensor([len(r) >= cfg.max_completion_length and r[-1] not in eos_ids for r in rows])
         lengths = mask.sum(1)
+        watch.set_reference(float(lengths.float().mean()))  # the first generation batch's: the initial policy's
         if cfg.mask_truncated_completions:
             mask, _ = mask_truncated_completions(ids, mask, eos_ids, None)
         completions = texts(rows)
@@ -322,7 +328,8 @@ def run(cfg: Config) -> dict:
         return digest.hexdigest()[:16]
 
     loop = TrainLoop(cfg, "grpo", run.out, model, trainable.optimizer, run.device, run.precision,
-                     state={"rollout": source}, evaluate=evaluate if held else None,
+                     state={"rollout": source, "watch": watch}, evaluate=evaluate if held else None,
+                     on_log=watch.observe,
                      flops_per_token=trainable.flops_per_token, par=run.par, global_batch=run.global_batch,
                      identity={"tokenizer": tokenizer.fingerprint(), "peft": cfg.peft.method, "data": fingerprint(),
                                "rewards": reward_specs, "num_generations": G, "loss_type": cfg.loss_type,

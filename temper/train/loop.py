@@ -42,6 +42,9 @@ Online methods (PPO, GRPO) use the same loop:
   come back exactly (dtype, shape, values; on the CPU if saved from it, else on the run's
   device). A part with a `use_phases(phase)` method is handed `loop.phase`, so its own work is
   timed (the rollout source's generation goes to `rollout`).
+- **Adding to rows**: `on_log(row)` (say a reward-hacking watch, `temper.eval.hacking`) sees every
+  row the cadence logs, evaluation results merged and the evaluation at the start included, on
+  every rank, before it is written; the keys it returns join the row.
 - **Phases**: `with loop.phase("rollout"):` charges the time inside to that phase (nested
   phases: the inner one's time is the inner one's); `train` is the rest of the step (the
   accumulation, the optimiser step, the recipe's batch preparation), so a recipe without
@@ -121,13 +124,14 @@ class TrainLoop:
                  optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str, *, state: dict[str, Any] | None = None,
                  evaluate: Callable[[int], dict] | None = None, flops_per_token: float | None = None,
-                 identity: dict[str, Any] | None = None, par: Any = None, global_batch: int | None = None) -> None:
+                 identity: dict[str, Any] | None = None, par: Any = None, global_batch: int | None = None,
+                 on_log: Callable[[dict], dict] | None = None) -> None:
         self.cfg, self.name, self.out, self.model, self.optimizer = cfg, name, Path(out), model, optimizer
         self.device, self.precision = device, precision
         # one process unless the recipe passes its Parallel; rank 0 alone writes files and logs
         self.par = par if par is not None else Parallel("none", ParallelConfig(), device)
         self.main = self.par.is_main
-        self._evaluate, self.flops_per_token = evaluate, flops_per_token
+        self._evaluate, self.flops_per_token, self.on_log = evaluate, flops_per_token, on_log
         self.autocast = engine.precision_context(precision, device)
         self.scaler = engine.grad_scaler(precision, device)
         self.modules = ckpt.named_modules(model)  # {"model": model} for one module
@@ -215,7 +219,7 @@ class TrainLoop:
         if self.start_step == 0 and self.cfg.logging.eval_at_start and self._evaluate is not None:
             self.first_eval = self.evaluate(0)
             self._check_held_out(0, self.first_eval, {"step": 0, **self.first_eval})
-            self._log({"step": 0, **self.first_eval})
+            self._log_row({"step": 0, **self.first_eval})
         for step in range(self.start_step, self.max_steps):
             self.lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.max_steps)
             set_lr(self.optimizer, self.lr)
@@ -384,7 +388,7 @@ class TrainLoop:
                 result = self.evaluate(done)
                 full.update(result)
                 self._check_held_out(done, result, full)
-            self._log(full)
+            self._log_row(full)
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             self.save_checkpoint(done)
 
@@ -451,6 +455,12 @@ class TrainLoop:
                                                     keep_last=self.cfg.checkpoint.keep_last, state=state, par=self.par)
         return ckpt.save_checkpoint(self.checkpoints, step, model=self.model, optimizer=self.optimizer,
                                     keep_last=self.cfg.checkpoint.keep_last, state=state)
+
+    def _log_row(self, row: dict) -> None:
+        """Log a cadence row (not a divergence's), with what `on_log` adds to it."""
+        if self.on_log is not None:
+            row.update(self.on_log(row))
+        self._log(row)
 
     def _log(self, row: dict) -> None:
         if self.metrics is not None:

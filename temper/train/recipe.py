@@ -49,6 +49,7 @@ from temper.config import (
 )
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
+from temper.eval.hacking import WatchConfig
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model, save_model
 from temper.models.hf import config_from_hf, read_hf_config
@@ -108,6 +109,8 @@ SHARED_HELP: dict[str, str] = {
     "max_bad_row_fraction": "stop when more than this share of the rows read is bad (skipped rows are expected to "
                             "be few; many mean a wrong format or columns=)",
     "template": "chat template: chatml, llama3, plain, a .jinja file, or none (default: the model's)",
+    "watch": "the reward-hacking watch of online methods (temper.eval.hacking): warn and mark the log when the "
+             "reward climbs while the held-out signal does not, or completions drift far from the reference's length",
 }
 
 SHARED_KEYS = ("model", "data", "eval_data", "eval_fraction", "output_dir", "seq_len", "batch_size", "grad_accum",
@@ -133,7 +136,8 @@ class Capabilities:
 
 # The keys several (not all) recipes share, with their types: a recipe that has one names it in `defaults`.
 SHARED_TYPES: dict[str, Any] = {"peft": PeftConfig, "general_data": list[str], "columns": dict,
-                                "skip_bad_rows": bool, "max_bad_row_fraction": float, "template": str | None}
+                                "skip_bad_rows": bool, "max_bad_row_fraction": float, "template": str | None,
+                                "watch": WatchConfig}
 
 
 @dataclass
