@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 from safetensors.torch import load_file
 
 from temper.cli import main
@@ -28,7 +29,6 @@ def all_finite(path):
 
 
 def tiny_pretrain(tmp_path, out, *extra):
-    from conftest import SAMPLE_TEXT
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SAMPLE_TEXT * 3)

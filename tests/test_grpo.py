@@ -7,10 +7,16 @@ import json
 
 import pytest
 import torch
+from conftest import shared_file
 from safetensors.torch import load_file
 
 from temper.config import load_config
+from temper.data.prompts import row_prompt
+from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
+from temper.losses.clm import IGNORE_INDEX
+from temper.losses.logprobs import causal_lm_token_logprobs, rollout_token_logprobs
+from temper.models import load_model
 from temper.recipes import grpo
 from temper.train.rollout import Rollout
 
@@ -116,7 +122,6 @@ def test_resume_across_a_generation_buffer_is_exact(tiny_model_dir, prompts_file
 
 
 def test_gsm8k_rows_as_they_are(tiny_model_dir, tmp_path):
-    from conftest import shared_file
 
     gsm8k = shared_file("gsm8k", "test.jsonl")
     summary = train(f"model={tiny_model_dir}", f"prompts={gsm8k}", "rewards=gsm8k", "num_generations=4",
@@ -144,7 +149,6 @@ def test_bad_input_is_one_line(tiny_model_dir, prompts_file, tmp_path, args, mes
 
 
 def test_all_empty_rollouts_stop_the_run(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    from temper.data.tokenizer import Tokenizer
 
     eos = Tokenizer.from_dir(tiny_model_dir).eos_id
     def all_eos(model, prompts, k, *a, **kw):
@@ -167,9 +171,6 @@ def test_prompt_field_auto_takes_question_and_long_prompts_are_cut_on_the_left(t
 
 
 def test_rollout_token_logprobs_are_the_causal_lm_log_probs_of_the_completion_tokens(tiny_model_dir):
-    from temper.losses.clm import IGNORE_INDEX
-    from temper.losses.logprobs import causal_lm_token_logprobs, rollout_token_logprobs
-    from temper.models import load_model
 
     model = load_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
     prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12]]
@@ -187,7 +188,6 @@ def test_rollout_token_logprobs_are_the_causal_lm_log_probs_of_the_completion_to
 
 
 def test_prompt_field_auto():
-    from temper.data.prompts import row_prompt
 
     assert row_prompt({"question": "q?", "answer": "1"}, "f:1", "auto").prompt == "q?"
     assert row_prompt({"prompt": "p", "question": "q?"}, "f:1", "auto").prompt == "p"

@@ -5,6 +5,7 @@ and every bad input stopping the run in one line that names the function and the
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -224,8 +225,6 @@ def user(tmp_path, monkeypatch):
 
 
 def test_a_function_gets_trls_arguments_and_every_other_column(user, world_rl_rows):
-    import importlib
-
     module = importlib.import_module(user)
     chat = world_rl_rows[0]  # a conversation: {prompt: [user message], answer, task, meta}
     text = Prompt("Say hi.", "t.jsonl:1", None, {"prompt": "Say hi.", "level": 3})

@@ -26,7 +26,9 @@ from temper.config import to_dict
 from temper.errors import TemperError
 from temper.io import atomic_write_text, claim_output_file, write_safetensors
 from temper.models import build_model, preset, save_model
+from temper.recipes.pretrain import Config
 from temper.train import checkpoint as ckpt
+from temper.train.rundir import check_resume_settings
 
 PRETRAIN = ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", "samples=0", "peak_flops=1e9",
             "logging.progress=false", "model_config.num_layers=2"]
@@ -264,8 +266,6 @@ def test_a_refused_resume_touches_no_cache(tmp_path, capsys):
 def test_resume_settings_compare_what_both_versions_know(tmp_path):
     """A key one temper version did not have is no difference; a free-form section (world.*) is
     compared whole; a section's own keys one by one; `may_change` keys are free."""
-    from temper.recipes.pretrain import Config
-    from temper.train.rundir import check_resume_settings
 
     step = tmp_path / "step_00000001"
     step.mkdir()

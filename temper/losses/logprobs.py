@@ -247,12 +247,6 @@ def rollout_token_logprobs(model, prompt_ids, completion_ids: torch.Tensor, mask
     logps = torch.zeros((B, T), dtype=logp.dtype, device=device).masked_scatter(scored, logp)
     entropies = None
     if with_entropy:
-        with torch.no_grad():
-            w = replicated_local(weight).detach()
-            values = []
-            for start in range(0, picked.shape[0], chunk_size):
-                logits = (picked[start:start + chunk_size].detach().to(w.dtype) @ w.t()).float() / temperature
-                values.append(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1))
-            flat = torch.cat(values) if values else logp.new_zeros(0)
-            entropies = torch.zeros((B, T), dtype=flat.dtype, device=device).masked_scatter(scored, flat)
+        flat = token_entropy(picked, weight, temperature=temperature, chunk_size=chunk_size)
+        entropies = torch.zeros((B, T), dtype=flat.dtype, device=device).masked_scatter(scored, flat)
     return logps, entropies
