@@ -128,3 +128,27 @@ def test_bench_online_dpo_checks_greedy_and_sampled_replies(tmp_path, tiny_model
     assert set(first) == {f"checker/{how}/{c}" for how in ("greedy", "sampled") for c in criteria}
     assert bench.world_checker(tiny_model_dir, prompts) == first  # a fixed seed: the same samples
     assert bench.label("checker/sampled/polite") == "world checker, sampled (T=1, 4/prompt): polite"
+
+
+def test_bench_grpo_trl_peers_sample_the_same_prompts(tmp_path, tiny_model_dir):
+    """TRL must read temper's prompts, token for token, in temper's order, generate completions of a fixed
+    length with no EOS, and not recompute activations, cast to bf16 or use vLLM."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    import json
+
+    bench = _load("bench_grpo_trl")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}]}) + "\n"
+                               for i in range(5)))
+    order = bench.temper_order(5, 5)
+    assert sorted(order) == list(range(5))
+    lengths = bench.check_same_prompts(tiny_model_dir, prompts, order, new_tokens=4)  # exits on any difference
+    assert len(lengths) == 5 and min(lengths) > 0
+    trainer = bench.trl_trainer(tiny_model_dir, bench.read_rows(prompts), str(tmp_path / "trl"), 1, 4)
+    args = trainer.args
+    assert getattr(args, "activation_checkpointing", False) is False and args.gradient_checkpointing is False
+    assert not args.bf16 and not args.use_vllm and args.beta == 0.0 and args.loss_type == "dapo"
+    assert args.generation_batch_size == 8 and args.num_generations == 8 and args.shuffle_dataset is False
+    assert args.generation_kwargs["min_new_tokens"] == args.max_completion_length == 4
+    assert bench.crc_reward([], ["a", [{"role": "assistant", "content": "a"}]]) == [bench.crc_reward([], ["a"])[0]] * 2
