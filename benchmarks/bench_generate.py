@@ -24,28 +24,26 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=128)
+def model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The shape of the random Llama (llama-14m's by default), the threads and the device."""
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
+
+def same_weights(args):
+    """(transformers model, temper model): one random Llama of `args`' shape (seed 0), loaded into
+    temper through the HF converter; both in eval mode."""
     import transformers
 
     from temper.models import load_model
-    from temper.models.generate import SamplingConfig, generate
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 32 * 32,
@@ -56,6 +54,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_model(d, device=args.device, dtype=torch.float32).eval()
+    return hf, ours
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    model_arguments(ap)
+    args = ap.parse_args()
+
+    import transformers
+
+    from temper.models.generate import SamplingConfig, generate
+
+    hf, ours = same_weights(args)
     prompts = torch.randint(3, args.vocab, (args.batch, args.prompt_len), device=args.device)
     cfg = SamplingConfig(max_new_tokens=args.new_tokens)
 

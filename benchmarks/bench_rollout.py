@@ -20,21 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from temper.models import load_model
 from temper.models.generate import SamplingConfig, generate
 from temper.train.rollout import rollout_logprobs, sample_groups
 
-
-def timed(fn, results: list[float]) -> None:
-    start = time.perf_counter()
-    fn()
-    results.append(time.perf_counter() - start)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import model_arguments, same_weights, timed  # noqa: E402  (the same model as bench_generate)
 
 
 def bench_case(ours, hf, args, num_prompts: int, G: int) -> None:
@@ -67,7 +63,7 @@ def bench_case(ours, hf, args, num_prompts: int, G: int) -> None:
     times: dict[str, list[float]] = {"grouped": [], "duplicated": [], "transformers": []}
     for _ in range(args.repeats):  # alternate: drifts of a shared machine hit all sides alike
         for name, fn in (("grouped", grouped), ("duplicated", duplicated), ("transformers", hf_generate)):
-            timed(fn, times[name])
+            times[name].append(timed(fn))
     best = {name: min(t) for name, t in times.items()}
     rollout = sample_groups(ours, prompts.tolist(), G, cfg)
     start = time.perf_counter()
@@ -90,28 +86,10 @@ def main() -> None:
     ap.add_argument("--groups", default="1x8,8x8", help="comma-separated PROMPTSxG cases")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--device", default="cpu")
+    model_arguments(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 32 * 32,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.prompt_len + args.new_tokens, tie_word_embeddings=True,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval().to(args.device)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = load_model(d, device=args.device, dtype=torch.float32).eval()
+    hf, ours = same_weights(args)
     params = sum(p.numel() for p in hf.parameters())
     print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
           f"vocab={args.vocab} ({params / 1e6:.1f}M params), prompt={args.prompt_len}, new={args.new_tokens}, "
