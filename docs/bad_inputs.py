@@ -693,7 +693,7 @@ GRPO: list[tuple[str, list[str], str]] = [
     ("prompt + completion longer than the model's positions", [*GRPO_BASE, "rewards=world", "batch_size=4",
                                                                 "max_completion_length=600", "output_dir=g-6"],
      "error"),
-    ("GRPO under DDP (one process for now)", [*GRPO_RUN, "rewards=world", "strategy=ddp", "output_dir=g-7"], "error"),
+    ("GRPO sharded with FSDP (data-parallel only)", [*GRPO_RUN, "rewards=world", "strategy=fsdp", "output_dir=g-7"], "error"),
 ]
 
 

@@ -4,10 +4,22 @@ generation buffer, GSM8K's own rows, and bad input as one line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import (
+    ADAMW_EPS,
+    adamw_drift,
+    approx_reordered,
+    assert_weights_close,
+    decoder_lengths,
+    reorder_tol,
+    shared_file,
+)
 from safetensors.torch import load_file
 
 from temper.config import load_config
@@ -121,6 +133,55 @@ def test_resume_across_a_generation_buffer_is_exact(tiny_model_dir, prompts_file
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model_dir, prompts_file, tmp_path):
+    """DDP under torchrun: 2 ranks x 1 prompt x G=4 = 1 process x 2 prompts x G=4 per step. Each rank
+    samples its own prompts with its rows' own streams, so the completions, rewards and generation
+    metrics are the same as one process's, to the bit; advantages per group, dapo's token count
+    summed over the ranks, the held-out pass rate from 3 prompts split 2 + 1: losses, gradient norms,
+    weights and eval numbers agree within fp32 reordering."""
+    given = settings(tiny_model_dir, prompts_file, "", "rewards=test_grpo:text_length", "max_steps=3",
+                     "optim.lr=1e-2", "schedule.name=constant", "schedule.warmup_steps=0", f"optim.eps={ADAMW_EPS}",
+                     f"eval_prompts={prompts_file}", "eval_limit=3", "eval_reward=world", "logging.eval_every=3",
+                     "logging.eval_at_start=true")
+    # the command line takes each key once: the later setting wins, output_dir is each run's
+    common = [f"{k}={v}" for k, v in dict(a.split("=", 1) for a in given).items() if k not in ("output_dir", "batch_size")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(*launcher, out, extra):
+        done = subprocess.run([sys.executable, *launcher, "-m", "temper", "grpo", *common, *extra,
+                               f"output_dir={out}"], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    launch(out=tmp_path / "one", extra=["batch_size=8"])
+    log = launch("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", out=tmp_path / "two",
+                 extra=["batch_size=4", "strategy=ddp"])
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3]
+    assert log.stderr.count("on each of 2 ranks") == 1  # rank 0 alone speaks
+    same = ("reward", "reward_std", "rewards/text_length/mean", "frac_reward_zero_std", "completions/mean_length",
+            "completions/clipped_ratio")
+    seq = 40 + 6  # the longest prompt (tiny tokenizer: about a byte a token) and completion
+    for t, (a, b) in enumerate(zip(two[1:], one[1:]), start=1):
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}, t
+        lengths = decoder_lengths(load_model(tiny_model_dir).config, seq, tokens=8 * seq)
+        assert a["loss"] == pytest.approx(b["loss"], abs=reorder_tol(2.0, *lengths * t)), t  # advantages up to ~1.5
+        params = sum(x.numel() for x in load_file(tmp_path / "one" / "model.safetensors").values())
+        assert a["grad_norm"] == approx_reordered(b["grad_norm"], lengths * t + (params,)), t
+    assert one[1]["reward_std"] > 0 and one[1]["loss"] != 0  # something was learnt from
+    for step in (0, 3):
+        assert two[step if step == 0 else -1]["eval_pass_rate"] == one[step if step == 0 else -1]["eval_pass_rate"]
+    trained = [r for r in one if "loss" in r]
+    drift = adamw_drift([r["lr"] for r in trained], [r["grad_norm"] for r in trained],
+                        decoder_lengths(load_model(tiny_model_dir).config, seq, tokens=8 * seq))
+    assert_weights_close(load_file(tmp_path / "two" / "model.safetensors"),
+                         load_file(tmp_path / "one" / "model.safetensors"), drift, steps=3)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["parallel"] == "2 processes, ddp (dp=2)"
+
+
 def test_gsm8k_rows_as_they_are(tiny_model_dir, tmp_path):
 
     gsm8k = shared_file("gsm8k", "test.jsonl")
@@ -140,7 +201,7 @@ def test_gsm8k_rows_as_they_are(tiny_model_dir, tmp_path):
     (["batch_size=3"], r"a generation batch of 3 completions .* does not divide into groups of num_generations=4"),
     (["max_completion_length=600"], r"do not fit the model's 512 positions"),
     (["max_prompt_length=510"], r"max_prompt_length \(510\) \+ max_completion_length \(6\) do not fit"),
-    (["strategy=ddp"], r"runs in one process for now"),
+    (["strategy=fsdp"], r"strategy=fsdp: temper grpo trains data-parallel only"),
 ])
 def test_bad_input_is_one_line(tiny_model_dir, prompts_file, tmp_path, args, message):
     with pytest.raises(TemperError, match=message) as err:

@@ -3,10 +3,16 @@ sampled decoding (temperature, top-k, top-p, repetition penalty), EOS and stop s
 
 The order of the logit transforms follows `transformers` (repetition penalty, then
 temperature, top-k, top-p), so a seeded run means the same thing in both.
+
+Seeded sampling (`SamplingConfig.seed`) gives every row its own random stream, keyed by
+(seed, the row's index): a row's tokens depend on its own logits only, never on which other
+rows share the batch, so a batch split over processes or calls (`first_row=`) samples what
+the whole batch would have. Unseeded sampling draws from torch's global generator.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,11 +92,29 @@ def seen_tokens(ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torc
     return counts > 0
 
 
-def choose_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def row_streams(seed: int, rows: range, device: torch.device) -> list[torch.Generator]:
+    """One generator per row, seeded from (seed, row index) through a hash (nearby seeds and rows
+    give unrelated streams)."""
+    def key(row: int) -> int:
+        digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+    return [torch.Generator(device=device).manual_seed(key(r)) for r in rows]
+
+
+def choose_next(logits: torch.Tensor, cfg: SamplingConfig, streams: list[torch.Generator] | None) -> torch.Tensor:
+    """(B,) next tokens from (B, V) processed logits: the argmax (greedy); else a draw from their
+    softmax, each row from its own stream (`streams`) or all from torch's global generator."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if streams is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    # the exponential race: argmax p_v / E_v with E_v ~ Exp(1) is a draw from p (what multinomial does)
+    race = torch.empty_like(probs)
+    for i, stream in enumerate(streams):
+        race[i].exponential_(generator=stream)
+    race.clamp_(min=torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = NaN win
+    return (probs / race).argmax(-1)
 
 
 @torch.no_grad()
@@ -104,6 +128,7 @@ def generate(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     num_return_sequences: int = 1,
+    first_row: int = 0,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS included when it ended the sequence).
 
@@ -115,6 +140,9 @@ def generate(
     next-token logits are repeated G times before decoding. Row for row this is the same work,
     the same logits and (seeded) the same tokens as passing each prompt G times, less the
     prefill of the copies. Rows that finish (EOS, a stop) leave the batch and its cache.
+
+    Seeded, row r (of the B x G) samples from stream (seed, first_row + r): a caller that splits
+    one batch into parts (processes, chunks) gives each part the index of its first row.
     """
     cfg.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -143,9 +171,6 @@ def generate(
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = seen_tokens(ids[:, :prompt_len], key_valid[:, :prompt_len], model.config.vocab_size)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     rows = torch.arange(B, device=device)  # original index of each active row
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -164,10 +189,12 @@ def generate(
         B = B * num_return_sequences
         rows = torch.arange(B, device=device)
         outputs = [[] for _ in range(B)]
+    streams = row_streams(cfg.seed, range(first_row, first_row + B), device) \
+        if cfg.seed is not None and cfg.temperature > 0 else None
 
     for step in range(cfg.max_new_tokens):
         S = prompt_len + step  # tokens so far
-        next_tokens = choose_next(process_logits(logits, cfg, seen), cfg, generator)  # (B_active,)
+        next_tokens = choose_next(process_logits(logits, cfg, seen), cfg, streams)  # (B_active,)
         ids[:, S] = next_tokens
         if seen is not None:
             seen.scatter_(1, next_tokens[:, None], True)
@@ -185,6 +212,8 @@ def generate(
         if any(done):  # finished rows leave the batch
             keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
             rows, ids, key_valid, next_position = rows[keep], ids[keep], key_valid[keep], next_position[keep]
+            if streams is not None:
+                streams = [streams[i] for i in keep.tolist()]
             if seen is not None:
                 seen = seen[keep]
             if cache is not None:

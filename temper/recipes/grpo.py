@@ -25,6 +25,14 @@ rollout on held-out prompts gives eval_reward and eval_pass_rate (the share scor
 reward-hacking watch (`temper.eval.hacking`, the `watch.*` keys) adds hacking/* to each row and warns
 once when the reward climbs while eval_pass_rate does not, or completion lengths drift from the
 first generation batch's.
+
+Under torchrun (`strategy=ddp`, or auto), each rank samples its own block of the global generation
+batch (world x batch_size x steps_per_generation / G prompts), its rows drawing from the sampling
+streams one process would give them (`generate(first_row=)`): 2 ranks sample, score and train as
+one process with the same global batch (tested). Groups never straddle ranks; the rewards are
+gathered for `scale_rewards=batch` and for the logged metrics, dapo/cispo's token count is summed
+over the ranks (`engine.accumulate`), the held-out prompts are split over the ranks and their scores
+summed. FSDP is refused (ranks would decode different numbers of steps through sharded weights).
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from temper.peft import LORA_FAMILY
 from temper.rewards.functions import RewardSet, reward_metrics
 from temper.rewards.judges import DEFAULT_TIMEOUT, check_timeout
 from temper.train import recipe
-from temper.train.distributed import launched_world, unwrap
+from temper.train.distributed import unwrap
 from temper.train.loop import TrainLoop
 from temper.train.reference import Reference
 from temper.train.rollout import RolloutSource, prompt_ids, sample_groups
@@ -65,7 +73,7 @@ from temper.train.rollout import RolloutSource, prompt_ids, sample_groups
 
 @dataclass
 class Config(recipe.TrainingConfig, command="grpo", capabilities=recipe.Capabilities(peft=True),
-             defaults=dict(model="runs/sft", output_dir="runs/grpo", max_steps=200, strategy="none",
+             defaults=dict(model="runs/sft", output_dir="runs/grpo", max_steps=200,
                            optim=dict(lr=1e-6, weight_decay=0.0), logging=dict(every=10, eval_every=50, eval_at_start=True),
                            peft={}, template=None, watch={})):
     resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "eval_prompts", "eval_limit",
@@ -123,17 +131,22 @@ class Config(recipe.TrainingConfig, command="grpo", capabilities=recipe.Capabili
         check_timeout(self.judge_timeout)
         if self.loss_type not in LOSS_TYPES:
             raise TemperError(f"loss_type '{self.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
-        generation = self.batch_size * self.generation_steps
-        if generation % self.num_generations:
-            raise TemperError(f"a generation batch of {generation} completions (batch_size={self.batch_size} x "
-                              f"steps_per_generation={self.generation_steps}) does not divide into groups of "
-                              f"num_generations={self.num_generations}: make it a multiple of {self.num_generations}")
-        if self.strategy in ("ddp", "fsdp") or launched_world()[1] > 1:
-            raise TemperError("temper grpo runs in one process for now: use strategy=none and no torchrun")
+        if not self.global_batch_size:  # else grad_accum follows from the ranks: checked when they are known
+            check_groups(self, self.grad_accum)
+        if self.strategy == "fsdp":  # (parallel.tp and .pp: refused above, GRPO has neither)
+            raise TemperError("strategy=fsdp: temper grpo trains data-parallel only (each rank samples its own "
+                              "prompts with the whole model): use strategy=ddp (or auto)")
 
-    @property
-    def generation_steps(self) -> int:
-        return self.steps_per_generation or self.grad_accum
+
+def check_groups(cfg: Config, grad_accum: int) -> int:
+    """Micro-batches per generation batch, once a generation batch divides into groups of G."""
+    steps = cfg.steps_per_generation or grad_accum
+    generation = cfg.batch_size * steps
+    if generation % cfg.num_generations:
+        raise TemperError(f"a generation batch of {generation} completions (batch_size={cfg.batch_size} x "
+                          f"steps_per_generation={steps}) does not divide into groups of "
+                          f"num_generations={cfg.num_generations}: make it a multiple of {cfg.num_generations}")
+    return steps
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -215,10 +228,14 @@ def run(cfg: Config) -> dict:
     train_ids, cut = encode_prompts(prompts, tokenizer, template, prompt_limit)
     held_ids, held_cut = encode_prompts(held, tokenizer, template, prompt_limit)
     G = cfg.num_generations
-    prompts_per_generation = cfg.batch_size * cfg.generation_steps // G
+    generation_steps = check_groups(cfg, run.grad_accum)
+    prompts_per_generation = cfg.batch_size * generation_steps // G  # this rank's
+    par = run.par
+    world, rank = (par.dp, par.dp_rank) if par.distributed else (1, 0)
+    ranks = f" on each of {world} ranks" if world > 1 else ""
     run.say(f"grpo: {len(prompts)} prompts ({cut} cut to their last {prompt_limit} tokens), {len(held)} held-out "
-            f"({held_cut} cut) | {prompts_per_generation} prompts x G={G} per generation batch, "
-            f"{cfg.generation_steps} micro-batches of {cfg.batch_size} each, x{cfg.num_iterations} | rewards "
+            f"({held_cut} cut) | {prompts_per_generation} prompts x G={G} per generation batch{ranks}, "
+            f"{generation_steps} micro-batches of {cfg.batch_size} each, x{cfg.num_iterations} | rewards "
             f"{', '.join(rewards.names)} | loss {cfg.loss_type} beta={cfg.beta} | template: "
             f"{'the model' if template else 'none (raw text)'}")
 
@@ -228,7 +245,7 @@ def run(cfg: Config) -> dict:
                                       flops_factor=4 / 3 if reference.needs_model_forward else 1)
     model = trainable.model
     # π_old differs from π_θ once the generation batch outlives one optimiser step (TRL's condition)
-    needs_old = cfg.grad_accum % (cfg.generation_steps * cfg.num_iterations) != 0
+    needs_old = run.grad_accum % (generation_steps * cfg.num_iterations) != 0
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                               eos_token_ids=eos_ids, stop=stops)
     empty_in_a_row = [0]
@@ -248,26 +265,31 @@ def run(cfg: Config) -> dict:
         return out
 
     def generate() -> dict:
-        n = source.generations
-        index = [prompt_order(len(prompts), n * prompts_per_generation + j, cfg.seed)
+        # the global generation batch: world x prompts_per_generation prompts, this rank's block of them,
+        # and its rows' sampling streams where one process would have them (2 ranks sample as 1)
+        n, first = source.generations, rank * prompts_per_generation
+        index = [prompt_order(len(prompts), (n * world) * prompts_per_generation + first + j, cfg.seed)
                  for j in range(prompts_per_generation)]
         seed = cfg.seed * 1_000_003 + n
         rows = sample_groups(unwrap(model), [train_ids[i] for i in index], G,  # one shared prefill per prompt
                              SamplingConfig(**{**sampling.__dict__, "seed": seed}), pad_id=pad_id,
-                             tokenizer=tokenizer).completions()
+                             tokenizer=tokenizer, first_row=first * G).completions()
         ids, mask = pad_rows(rows, pad_id)
         truncated = torch.tensor([len(r) >= cfg.max_completion_length and r[-1] not in eos_ids for r in rows])
         lengths = mask.sum(1)
-        watch.set_reference(float(lengths.float().mean()))  # the first generation batch's: the initial policy's
+        # the first generation batch's (every rank's): the initial policy's
+        watch.set_reference(float(par.all_gather_rows(lengths).float().mean()))
         if cfg.mask_truncated_completions:
             mask, _ = mask_truncated_completions(ids, mask, eos_ids, None)
         completions = texts(rows)
-        empty = torch.tensor([not c.strip() for c in completions])
+        empty = par.all_gather_rows(torch.tensor([not c.strip() for c in completions]))  # decided by all ranks
         empty_in_a_row[0] = empty_in_a_row[0] + 1 if bool(empty.all()) else 0
         if empty_in_a_row[0]:
-            warnings.warn(f"generation batch {n + 1}: every one of the {len(rows)} completions is empty (the policy "
-                          f"ends at once); {empty_in_a_row[0]} such batches in a row", UserWarning, stacklevel=2)
-            if empty_in_a_row[0] >= cfg.max_empty_rollouts:
+            if run.main:
+                warnings.warn(f"generation batch {n + 1}: every one of the {len(empty)} completions is empty (the "
+                              f"policy ends at once); {empty_in_a_row[0]} such batches in a row", UserWarning,
+                              stacklevel=2)
+            if empty_in_a_row[0] >= cfg.max_empty_rollouts:  # on every rank at once
                 raise TemperError(f"generation batch {n + 1}: {empty_in_a_row[0]} generation batches in a row whose "
                                   "completions are all empty: the policy answers nothing, so nothing can be learnt "
                                   "(check the model's template and EOS, or raise temperature)")
@@ -284,10 +306,12 @@ def run(cfg: Config) -> dict:
         batch["rewards"] = total
         for name, values in per_function.items():
             batch[f"reward/{name}"] = values
-        batch["advantages"], _ = group_advantages(total, G, scale=cfg.scale_rewards)
+        # groups never straddle ranks; scale_rewards=batch divides by the std of every rank's rewards
+        everyone, _ = group_advantages(par.all_gather_rows(total), G, scale=cfg.scale_rewards)
+        batch["advantages"] = everyone[len(total) * rank:len(total) * (rank + 1)]
         return batch
 
-    source = RolloutSource(generate, steps_per_generation=cfg.generation_steps, num_iterations=cfg.num_iterations,
+    source = RolloutSource(generate, steps_per_generation=generation_steps, num_iterations=cfg.num_iterations,
                            shuffle="generation", seed=cfg.seed)
     epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     per_token_count = cfg.loss_type in ("dapo", "cispo")
@@ -308,7 +332,9 @@ def run(cfg: Config) -> dict:
         return loss, count, metrics
 
     def generation_metrics() -> dict:
-        buffer = source.buffer
+        """Of the whole generation batch, every rank's rows (TRL gathers them too)."""
+        buffer = {k: par.all_gather_rows(v) for k, v in source.buffer.items()
+                  if k in ("rewards", "lengths", "truncated") or k.startswith("reward/")}
         per_function = {k[len("reward/"):]: v for k, v in buffer.items() if k.startswith("reward/")}
         out = reward_metrics(buffer["rewards"], per_function)
         out["frac_reward_zero_std"] = float(group_advantages(buffer["rewards"], G, scale=cfg.scale_rewards)[1])
@@ -317,11 +343,20 @@ def run(cfg: Config) -> dict:
         return out
 
     def evaluate(step: int) -> dict:
+        """Greedy answers to the held-out prompts, every world-th on each rank; scored and summed over ranks."""
         greedy = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=0.0, eos_token_ids=eos_ids,
                                 stop=stops)
-        rows = sample_groups(unwrap(model), held_ids, 1, greedy, pad_id=pad_id, tokenizer=tokenizer).completions()
-        scores, _ = scorer.score(held, texts(rows), completion_ids=rows)
-        return {"eval_reward": float(torch.nanmean(scores)), "eval_pass_rate": float((scores >= 1.0).float().mean())}
+        mine = list(range(rank, len(held_ids), world))
+        totals = torch.zeros(4, dtype=torch.float64)  # scored, sum of scores, passed, answered
+        if mine:
+            rows = sample_groups(unwrap(model), [held_ids[i] for i in mine], 1, greedy, pad_id=pad_id,
+                                 tokenizer=tokenizer).completions()
+            scores, _ = scorer.score([held[i] for i in mine], texts(rows), completion_ids=rows)
+            scored = ~scores.isnan()
+            totals += torch.tensor([scored.sum(), scores[scored].sum(), (scores >= 1.0).sum(), len(mine)],
+                                   dtype=torch.float64)
+        scored, total, passed, answered = par.all_reduce_sum(totals.to(par.device)).tolist()
+        return {"eval_reward": total / scored if scored else float("nan"), "eval_pass_rate": passed / answered}
 
     def fingerprint() -> str:
         digest = hashlib.sha256(json.dumps(train_ids).encode())
@@ -333,11 +368,11 @@ def run(cfg: Config) -> dict:
                      flops_per_token=trainable.flops_per_token, par=run.par, global_batch=run.global_batch,
                      identity={"tokenizer": tokenizer.fingerprint(), "peft": cfg.peft.method, "data": fingerprint(),
                                "rewards": reward_specs, "num_generations": G, "loss_type": cfg.loss_type,
-                               "beta": cfg.beta})
+                               "beta": cfg.beta, "data_parallel_ranks": world})  # each rank's buffer is its own
     last: dict = {}
     for _ in loop:
         micro = [source.next() for _ in range(run.grad_accum)]
-        step_tokens[0] = sum(int(b["mask"].sum()) for b in micro)
+        step_tokens[0] = int(par.all_reduce_sum(sum(b["mask"].sum() for b in micro).to(par.device)))
         result = loop.accumulate(micro, loss_fn)
         sums = {k: v for k, v in result.items() if k not in ("loss", "count")}
         last = {"loss": result["loss"], **mean_grpo_metrics(sums), **generation_metrics()}

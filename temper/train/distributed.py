@@ -191,6 +191,16 @@ class Parallel:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group or self.dp_group)
         return value
 
+    def all_gather_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """Every data-parallel rank's `value` (the same shape on each), concatenated along dim 0 in
+        rank order: what one process holding the whole batch would hold."""
+        if not self.distributed or self.dp == 1:
+            return value
+        sent = value.to(self.device, torch.uint8 if value.dtype == torch.bool else value.dtype).contiguous()
+        parts = [torch.empty_like(sent) for _ in range(self.dp)]
+        dist.all_gather(parts, sent, group=self.dp_group)
+        return torch.cat(parts).to(value.device, value.dtype)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -53,10 +53,7 @@ import torch
 from temper.data.chat import render, render_kwargs, stop_settings
 from temper.data.prompts import Prompt
 from temper.errors import TemperError
-from temper.losses.clm import IGNORE_INDEX, output_weight
-from temper.losses.logprobs import token_entropy, token_logprobs
-from temper.masks import build_attention_mask
-from temper.models.common import positions_from_valid
+from temper.losses.logprobs import rollout_token_logprobs
 from temper.models.generate import SamplingConfig, generate, generate_text
 
 
@@ -105,12 +102,12 @@ class Rollout:
 
 
 def sample_groups(model, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingConfig, *,
-                  pad_id: int = 0, tokenizer=None) -> Rollout:
+                  pad_id: int = 0, tokenizer=None, first_row: int = 0) -> Rollout:
     """`group_size` completions of each tokenised prompt, sampled with one shared prefill per prompt.
 
-    In inference mode and eval mode (restored after). `sampling.seed` seeds one stream for the
-    whole call (same seed, same completions); None draws from torch's global generator. Stop
-    strings (`sampling.stop`) need `tokenizer`; a row ends at the token that completes one.
+    In inference mode and eval mode (restored after). Seeded (`sampling.seed`), row r draws from
+    its own stream (seed, first_row + r) (`generate`), so prompts split over ranks sample what one
+    batch would; None draws from torch's global generator. Stop strings (`sampling.stop`) need `tokenizer`; a row ends at the token that completes one.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
@@ -131,7 +128,7 @@ def sample_groups(model, prompts: Sequence[Sequence[int]], group_size: int, samp
     try:
         with torch.inference_mode():
             completions = generate(model, prompts, sampling, pad_id=pad_id, num_return_sequences=group_size,
-                                   should_stop=should_stop if stops else None)
+                                   should_stop=should_stop if stops else None, first_row=first_row)
     finally:
         model.train(was_training)
     # built outside inference mode: ordinary tensors, which the loss may save for its backward
@@ -160,29 +157,23 @@ def rollout_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, with_
     0 where `completion_mask` is False, computed without autograd.
 
     Once per generation batch: these are the old-policy log-probs every iteration over the buffer
-    divides by (and the reference's, called with the reference model). The logits are divided
-    by the sampling `temperature`, as the loss's will be. One forward per `batch_size` rows
-    (all at once by default), in the model's current mode (train or eval: the one the loss runs).
-    Only completion positions go through the output layer.
+    divides by (and the reference's, called with the reference model). The same computation as
+    the loss's (`temper.losses.logprobs.rollout_token_logprobs`: logits divided by the sampling
+    `temperature`, only completion positions through the output layer), in inference mode, one
+    forward per `batch_size` rows (all at once by default), in the model's current mode.
     """
-    N, Lp = rollout.prompt_ids.shape
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # (N, Lp + T)
-    valid = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    targets = rollout.completion_ids.masked_fill(~rollout.completion_mask, IGNORE_INDEX)  # (N, T)
+    N = rollout.prompt_ids.shape[0]
+    prompts = [ids[mask].tolist() for ids, mask in zip(rollout.prompt_ids.cpu(), rollout.prompt_mask.cpu())]
     size = batch_size or N
     logps, entropies = [], []
     with torch.inference_mode():
-        weight = output_weight(model)
         for start in range(0, N, size):
             rows = slice(start, start + size)
-            inputs, keys = ids[rows, :-1], valid[rows, :-1]  # the last token predicts nothing
-            hidden = model(inputs, positions=positions_from_valid(keys),
-                           mask=build_attention_mask(keys, keys.shape[1], keys.shape[1]),
-                           return_hidden=True)[:, Lp - 1:]  # (n, T, C): position Lp-1+j predicts token j
-            logps.append(token_logprobs(hidden, weight, targets[rows], temperature=temperature))
-            if with_entropy:
-                entropy = token_entropy(hidden, weight, temperature=temperature)
-                entropies.append(entropy.masked_fill(~rollout.completion_mask[rows], 0.0))
+            logp, entropy = rollout_token_logprobs(model, prompts[rows], rollout.completion_ids[rows],
+                                                   rollout.completion_mask[rows], temperature=temperature,
+                                                   with_entropy=with_entropy)
+            logps.append(logp)
+            entropies.append(entropy)
     # concatenated outside inference mode: ordinary tensors, which the loss may save for its backward
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
