@@ -135,7 +135,8 @@ def test_resume_across_a_generation_buffer_is_exact(tiny_model_dir, prompts_file
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model_dir, prompts_file, tmp_path):
-    """DDP under torchrun: 2 ranks x 1 prompt x G=4 = 1 process x 2 prompts x G=4 per step. Each rank
+    """DDP under torchrun: 2 ranks x 1 prompt x G=4 = 1 process x 2 prompts x G=4 per step, the 2-rank
+    run stopped after step 2 and resumed (a distributed checkpoint, each rank's rollout source). Each rank
     samples its own prompts with its rows' own streams, so the completions, rewards and generation
     metrics are the same as one process's, to the bit; advantages per group, dapo's token count
     summed over the ranks, the held-out pass rate from 3 prompts split 2 + 1: losses, gradient norms,
@@ -145,7 +146,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model_dir, 
                      f"eval_prompts={prompts_file}", "eval_limit=3", "eval_reward=world", "logging.eval_every=3",
                      "logging.eval_at_start=true")
     # the command line takes each key once: the later setting wins, output_dir is each run's
-    common = [f"{k}={v}" for k, v in dict(a.split("=", 1) for a in given).items() if k not in ("output_dir", "batch_size")]
+    common = [f"{k}={v}" for k, v in dict(a.split("=", 1) for a in given).items() if k not in ("output_dir", "batch_size", "max_steps")]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
@@ -155,9 +156,13 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model_dir, 
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    launch(out=tmp_path / "one", extra=["batch_size=8"])
-    log = launch("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", out=tmp_path / "two",
-                 extra=["batch_size=4", "strategy=ddp"])
+    launch(out=tmp_path / "one", extra=["batch_size=8", "max_steps=3"])
+    ranks = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    # the 2-rank run stops after step 2 and resumes from its checkpoint (each rank its own rollout state)
+    two = ["batch_size=4", "strategy=ddp", "checkpoint.every=1"]
+    log = launch(*ranks, out=tmp_path / "two", extra=[*two, "max_steps=2"])
+    resumed = launch(*ranks, out=tmp_path / "two", extra=[*two, "max_steps=3", "resume=auto"])
+    assert "resumed from" in resumed.stderr
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3]
     assert log.stderr.count("on each of 2 ranks") == 1  # rank 0 alone speaks
