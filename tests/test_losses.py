@@ -193,6 +193,37 @@ def test_token_logprobs_do_only_the_matmuls_needed(hidden_grad, weight_grad, gra
     assert _mm_flops(run) == matmuls * 2 * B * T * C * V
 
 
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_token_logprobs_with_entropy_reuse_the_logits(grad_mode):
+    """with_entropy=True: the entropy of softmax(z / tau) at every position (against the naive
+    formula), the same log-probs and gradients, and no extra pass through the output layer."""
+    hidden, weight, targets = _inputs()
+    temperature = 0.7
+    naive = torch.log_softmax((hidden.detach() @ weight.detach().t()).float() / temperature, -1)
+    expected_entropy = -(naive.exp() * naive).sum(-1)
+    plain = token_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=5)
+    with torch.set_grad_enabled(grad_mode):
+        got, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=5,
+                                      with_entropy=True)
+    assert entropy.shape == (B, T) and not entropy.requires_grad
+    assert_reorder_close(entropy, expected_entropy, TOKEN + (V,))
+    assert torch.equal(got.detach(), plain.detach())
+    if grad_mode:
+        plain.sum().backward()
+        want_h, want_w = _grads(hidden, weight)
+        got.sum().backward()
+        got_h, got_w = _grads(hidden, weight)
+        assert torch.equal(got_h, want_h) and torch.equal(got_w, want_w)
+
+    def run():
+        with torch.set_grad_enabled(grad_mode):
+            logp, _ = token_logprobs(hidden, weight, targets, chunk_size=5, with_entropy=True)
+        if logp.requires_grad:
+            logp.sum().backward()
+
+    assert _mm_flops(run) == (4 if grad_mode else 1) * 2 * B * T * C * V
+
+
 def test_token_logprobs_save_no_tokens_by_vocab_tensor():
     """Only O(N x C + V x C + N) is kept for backward; the naive graph keeps (N, V) log-softmax."""
     hidden, weight, targets = _inputs()

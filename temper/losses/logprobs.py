@@ -34,8 +34,10 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _logprob_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                    ignore_index: int, temperature: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p (N,), logsumexp (N,)), both fp32, one (chunk, V) block of logits at a time."""
+                    ignore_index: int, temperature: float, dtype: torch.dtype,
+                    entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p (N,), logsumexp (N,)), both fp32, one (chunk, V) block of logits at a time; with an
+    (N,) `entropy` buffer, each position's entropy from the same logits (no second matmul)."""
     # hidden (N, C), weight (V, C), targets (N,)
     w = weight.to(dtype)
     logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -48,30 +50,40 @@ def _logprob_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             logits.div_(temperature)
         target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)  # (n,)
         row_max = logits.amax(-1)  # (n,)
-        chunk_lse = logits.sub_(row_max[:, None]).exp_().sum(-1).log_().add_(row_max)  # one exp pass, in place
+        if entropy is None:
+            chunk_lse = logits.sub_(row_max[:, None]).exp_().sum(-1).log_().add_(row_max)  # one exp pass, in place
+        else:  # H = lse - sum_v p_v z_v, with p = e / sum(e), e = exp(z - max)
+            e = (logits - row_max[:, None]).exp_()
+            total = e.sum(-1)
+            chunk_lse = total.log().add_(row_max)
+            entropy[start:start + chunk_size] = chunk_lse - (e.mul_(logits)).sum(-1) / total
         lse[start:start + chunk_size] = chunk_lse
         logp[start:start + chunk_size] = (target_logit - chunk_lse).masked_fill_(t == ignore_index, 0.0)
     return logp, lse
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Saves hidden, weight, targets and the (N,) logsumexp; never an (N, V) tensor."""
+    """Saves hidden, weight, targets and the (N,) logsumexp; never an (N, V) tensor. Its second
+    output is the entropy (a metric: no gradient), or an empty tensor."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                ignore_index: int, temperature: float):
+                ignore_index: int, temperature: float, with_entropy: bool):
         dtype = _compute_dtype(hidden)
-        logp, lse = _logprob_chunks(hidden, weight, targets, chunk_size, ignore_index, temperature, dtype)
+        entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        logp, lse = _logprob_chunks(hidden, weight, targets, chunk_size, ignore_index, temperature, dtype,
+                                    entropy if with_entropy else None)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.ignore_index, ctx.temperature, ctx.dtype = chunk_size, ignore_index, temperature, dtype
-        return logp
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor):
+    def backward(ctx, grad_logp: torch.Tensor, grad_entropy: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_hidden or want_weight):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dtype, size = ctx.dtype, ctx.chunk_size
         w = weight.to(dtype)
         # g_i / tau, zero where the target is ignored, so those rows contribute nothing
@@ -94,16 +106,19 @@ class _TokenLogprobs(torch.autograd.Function):
                 grad_weight += (grad_z.t() @ h).float()
         gh = grad_hidden.to(hidden.dtype) if want_hidden else None
         gw = grad_weight.to(weight.dtype) if want_weight else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    ignore_index: int = IGNORE_INDEX, temperature: float = 1.0,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int = 1024, with_entropy: bool = False):
     """log softmax(hidden @ weight^T / temperature)[targets], fp32, 0 where targets == ignore_index.
 
     hidden (..., C), weight (V, C), targets (...) -> (...). Differentiable in hidden and
-    weight; memory O(chunk_size x V) instead of O(tokens x V).
+    weight; memory O(chunk_size x V) instead of O(tokens x V). `with_entropy=True` returns
+    (log-probs, entropies): each position's H = logsumexp(z) - sum_v softmax(z)_v z_v (no
+    gradient: a metric, TRL's `entropy`) from the same logits, with no second pass through
+    the output layer.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -116,33 +131,15 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
     weight = replicated_local(weight)  # a tensor-parallel model's output layer: this rank's copy
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        logp = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, chunk_size, ignore_index, temperature)
+        logp, entropy = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, chunk_size, ignore_index,
+                                             temperature, with_entropy)
     else:  # evaluation / a frozen reference model: nothing saved
-        logp, _ = _logprob_chunks(flat_hidden, weight, flat_targets, chunk_size, ignore_index, temperature,
-                                  _compute_dtype(flat_hidden))
-    return logp.reshape(shape)
-
-
-def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0,
-                  chunk_size: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(hidden @ weight^T / temperature) at every position, fp32, no gradient
-    (a metric: TRL's `entropy`): H = logsumexp(z) - sum_v softmax(z)_v z_v.
-
-    hidden (..., C), weight (V, C) -> (...); memory O(chunk_size x V).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    shape = hidden.shape[:-1]
-    flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (N, C)
-    dtype = _compute_dtype(flat)
-    w = replicated_local(weight).detach().to(dtype)
-    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    with torch.no_grad():
-        for start in range(0, flat.shape[0], chunk_size):
-            logits = (flat[start:start + chunk_size].to(dtype) @ w.t()).float() / temperature  # (n, V)
-            probs = logits.softmax(-1)
-            entropy[start:start + chunk_size] = logits.logsumexp(-1) - (probs * logits).sum(-1)
-    return entropy.reshape(shape)
+        entropy = torch.empty(flat_hidden.shape[0], dtype=torch.float32, device=flat_hidden.device) \
+            if with_entropy else None
+        with torch.no_grad():
+            logp, _ = _logprob_chunks(flat_hidden, weight, flat_targets, chunk_size, ignore_index, temperature,
+                                      _compute_dtype(flat_hidden), entropy)
+    return (logp.reshape(shape), entropy.reshape(shape)) if with_entropy else logp.reshape(shape)
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -228,7 +225,7 @@ def rollout_token_logprobs(model, prompt_ids, completion_ids: torch.Tensor, mask
     prompt_ids: B token lists; completion_ids, mask: (B, T), right-padded. One forward over the rows
     prompt + completion, right-padded (no attention mask needed: padding comes after every real token).
     Only the masked-in positions go through the output layer. Entropies (the `entropy` metric of
-    RL recipes) are computed without gradient, one chunk of tokens at a time."""
+    RL recipes) come from the same logits as the log-probs, without gradient."""
     B, T = completion_ids.shape
     device = completion_ids.device
     starts = [len(p) for p in prompt_ids]
@@ -243,10 +240,11 @@ def rollout_token_logprobs(model, prompt_ids, completion_ids: torch.Tensor, mask
     scored = mask.bool()
     weight = output_weight(model)
     picked = hidden[scored]  # (N, C)
-    logp = token_logprobs(picked, weight, completion_ids[scored], temperature=temperature, chunk_size=chunk_size)
+    out = token_logprobs(picked, weight, completion_ids[scored], temperature=temperature, chunk_size=chunk_size,
+                         with_entropy=with_entropy)  # the entropies from the same logits
+    logp, flat = out if with_entropy else (out, None)
     logps = torch.zeros((B, T), dtype=logp.dtype, device=device).masked_scatter(scored, logp)
     entropies = None
     if with_entropy:
-        flat = token_entropy(picked, weight, temperature=temperature, chunk_size=chunk_size)
         entropies = torch.zeros((B, T), dtype=flat.dtype, device=device).masked_scatter(scored, flat)
     return logps, entropies
