@@ -101,9 +101,9 @@ def temper_config(model_dir, prompts_path, out, steps: int, new_tokens: int):
 
 def temper_order(n_prompts: int, steps: int) -> list[int]:
     """The prompt (0-based row) temper's step k samples (one prompt per generation batch, seed 0)."""
-    from temper.recipes import grpo
+    from temper.train.rollout import prompt_order
 
-    return [grpo.prompt_order(n_prompts, k, 0) for k in range(steps)]
+    return [prompt_order(n_prompts, k, 0) for k in range(steps)]
 
 
 def temper_prompt_ids(model_dir, prompts_path) -> list[list[int]]:

@@ -206,3 +206,46 @@ def test_old_logprobs_equal_a_fresh_forward_of_each_completion(name):
         assert_reorder_close(entropy[row, :n], expected_entropy, lengths)
         assert (logp[row, n:] == 0).all() and (entropy[row, n:] == 0).all()
     assert_reorder_close(in_batches, logp, decoder_lengths(model, 9 + T))
+
+
+# ----------------------------------------------------------------------------- what GRPO and PPO share
+
+
+def test_generation_prompts_split_one_processs_stream_into_rank_blocks():
+    from temper.train.rollout import generation_prompts, prompt_order
+
+    one = [generation_prompts(10, g, 4, seed=3) for g in range(4)]
+    assert one[0] == [prompt_order(10, k, 3) for k in range(4)]
+    two = [generation_prompts(10, g, 2, world=2, rank=r, seed=3) for g in range(4) for r in range(2)]
+    assert sum(two[:2], []) == one[0] and sum(two[2:4], []) == one[1]
+    first_epoch = [prompt_order(10, k, 3) for k in range(10)]
+    assert sorted(first_epoch) == list(range(10))  # every prompt once per epoch
+
+
+def test_pad_rows_prompt_limit_and_completion_texts(tiny_tokenizer):
+    from temper.train.rollout import TextSettings, pad_rows, prompt_limit
+
+    ids, mask = pad_rows([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and mask.sum(1).tolist() == [3, 1, 0]
+    assert prompt_limit(0, 6, 64) == 58 and prompt_limit(20, 6, 64) == 20
+    with pytest.raises(TemperError, match=r"max_prompt_length \(60\) \+ max_completion_length \(6\) do not fit"):
+        prompt_limit(60, 6, 64)
+    raw = TextSettings.of(tiny_tokenizer, "none")
+    assert raw.template is None and raw.eos_ids == [tiny_tokenizer.eos_id] and raw.pad_id == tiny_tokenizer.pad_id
+    hello = tiny_tokenizer.encode("Hello")
+    assert raw.texts(tiny_tokenizer, [hello + [tiny_tokenizer.eos_id], hello]) == ["Hello", "Hello"]
+    chat = TextSettings.of(tiny_tokenizer, "chatml")
+    assert chat.stops and chat.texts(tiny_tokenizer, [tiny_tokenizer.encode("Hi<|im_end|> more")]) == ["Hi"]
+
+
+def test_empty_rollouts_warn_then_stop_and_a_non_empty_batch_resets_the_count():
+    from temper.train.rollout import EmptyRollouts
+
+    guard = EmptyRollouts(2)
+    with pytest.warns(UserWarning, match="generation batch 1: every one of the 3 completions is empty"):
+        guard.check(torch.ones(3, dtype=torch.bool), 1)
+    guard.check(torch.tensor([True, False, True]), 2)
+    assert guard.in_a_row == 0
+    with pytest.warns(UserWarning), pytest.raises(TemperError, match="2 generation batches in a row"):
+        guard.check(torch.ones(3, dtype=torch.bool), 3)
+        guard.check(torch.ones(3, dtype=torch.bool), 4)

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -48,7 +46,6 @@ from typing import ClassVar, Literal
 import torch
 
 from temper.config import OnlyWith, check_range, opt
-from temper.data.chat import resolve_template, stop_settings
 from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
 from temper.eval.hacking import RewardHackingWatch
@@ -68,7 +65,16 @@ from temper.train import recipe
 from temper.train.distributed import unwrap
 from temper.train.loop import TrainLoop
 from temper.train.reference import Reference
-from temper.train.rollout import RolloutSource, prompt_ids, sample_groups
+from temper.train.rollout import (
+    EmptyRollouts,
+    RolloutSource,
+    TextSettings,
+    encode_prompts,
+    generation_prompts,
+    pad_rows,
+    prompt_limit,
+    sample_groups,
+)
 
 
 @dataclass
@@ -168,37 +174,6 @@ def resolve_prompts(cfg: Config, lineage: dict) -> tuple[list[Prompt], list[Prom
     return prompts, held[:cfg.eval_limit] if cfg.eval_limit else held, rewards
 
 
-def encode_prompts(prompts: list[Prompt], tokenizer, template: str | None, limit: int) -> tuple[list[list[int]], int]:
-    """Each prompt's token ids, the longer ones keeping their last `limit` tokens (TRL cuts on the
-    left too); and how many were cut."""
-    encoded, cut = [], 0
-    for p in prompts:
-        ids = prompt_ids(tokenizer, template, p)
-        if not ids:
-            raise TemperError(f"{p.source}: the prompt encodes to no tokens")
-        if len(ids) > limit:
-            ids, cut = ids[-limit:], cut + 1
-        encoded.append(ids)
-    return encoded, cut
-
-
-def prompt_order(n: int, index: int, seed: int) -> int:
-    """The prompt at position `index` of an endless stream of seeded shuffles of n prompts (one per epoch)."""
-    epoch, at = divmod(index, n)
-    return int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[at])
-
-
-def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (N, T), mask (N, T)) of token lists, right-padded (T at least 1)."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -206,10 +181,8 @@ def run(cfg: Config) -> dict:
     run = recipe.start(cfg)
     policy = recipe.load_policy(cfg, run)
     tokenizer, lineage = policy.tokenizer, policy.lineage
-    template = None if cfg.template == "none" else resolve_template(cfg.template, tokenizer)  # None: raw text
-    stops, eos_ids = stop_settings(tokenizer, template) if template else ([], [tokenizer.eos_id])
-    eos_ids = [i for i in eos_ids if i is not None]
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    text = TextSettings.of(tokenizer, cfg.template)
+    template, stops, eos_ids, pad_id = text.template, text.stops, text.eos_ids, text.pad_id  # template None: raw text
 
     # prompts, rewards, lengths: every refusal before any sampling
     prompts, held, reward_specs = resolve_prompts(cfg, lineage)
@@ -220,20 +193,16 @@ def run(cfg: Config) -> dict:
     scorer = RewardSet([cfg.eval_reward or reward_specs[0]], option="eval_reward=", **reward_options) if held else None
     if scorer is not None:
         scorer.check_prompts(held)
-    positions = policy.model.config.max_seq_len
-    if cfg.max_completion_length >= positions or cfg.max_prompt_length + cfg.max_completion_length > positions:
-        raise TemperError(f"max_prompt_length ({cfg.max_prompt_length or 'auto'}) + max_completion_length "
-                          f"({cfg.max_completion_length}) do not fit the model's {positions} positions: lower them")
-    prompt_limit = cfg.max_prompt_length or positions - cfg.max_completion_length
-    train_ids, cut = encode_prompts(prompts, tokenizer, template, prompt_limit)
-    held_ids, held_cut = encode_prompts(held, tokenizer, template, prompt_limit)
+    limit = prompt_limit(cfg.max_prompt_length, cfg.max_completion_length, policy.model.config.max_seq_len)
+    train_ids, cut = encode_prompts(prompts, tokenizer, template, limit)
+    held_ids, held_cut = encode_prompts(held, tokenizer, template, limit)
     G = cfg.num_generations
     generation_steps = check_groups(cfg, run.grad_accum)
     prompts_per_generation = cfg.batch_size * generation_steps // G  # this rank's
     par = run.par
     world, rank = (par.dp, par.dp_rank) if par.distributed else (1, 0)
     ranks = f" on each of {world} ranks" if world > 1 else ""
-    run.say(f"grpo: {len(prompts)} prompts ({cut} cut to their last {prompt_limit} tokens), {len(held)} held-out "
+    run.say(f"grpo: {len(prompts)} prompts ({cut} cut to their last {limit} tokens), {len(held)} held-out "
             f"({held_cut} cut) | {prompts_per_generation} prompts x G={G} per generation batch{ranks}, "
             f"{generation_steps} micro-batches of {cfg.batch_size} each, x{cfg.num_iterations} | rewards "
             f"{', '.join(rewards.names)} | loss {cfg.loss_type} beta={cfg.beta} | template: "
@@ -248,7 +217,7 @@ def run(cfg: Config) -> dict:
     needs_old = run.grad_accum % (generation_steps * cfg.num_iterations) != 0
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                               eos_token_ids=eos_ids, stop=stops)
-    empty_in_a_row = [0]
+    empty_rollouts = EmptyRollouts(cfg.max_empty_rollouts, main=run.main)
     watch = RewardHackingWatch(cfg.watch, main=run.main)
 
     def logprobs(m, batch, **kw):
@@ -257,19 +226,13 @@ def run(cfg: Config) -> dict:
                                       temperature=cfg.temperature, pad_id=pad_id, **kw)
 
     def texts(rows: list[list[int]]) -> list[str]:
-        out = []
-        for r in rows:
-            text = tokenizer.decode(r[:-1] if r and r[-1] in eos_ids else r)
-            cut_at = min((text.find(s) for s in stops if s in text), default=-1)
-            out.append(text[:cut_at] if cut_at >= 0 else text)
-        return out
+        return text.texts(tokenizer, rows)
 
     def generate() -> dict:
         # the global generation batch: world x prompts_per_generation prompts, this rank's block of them,
         # and its rows' sampling streams where one process would have them (2 ranks sample as 1)
         n, first = source.generations, rank * prompts_per_generation
-        index = [prompt_order(len(prompts), (n * world) * prompts_per_generation + first + j, cfg.seed)
-                 for j in range(prompts_per_generation)]
+        index = generation_prompts(len(prompts), n, prompts_per_generation, world=world, rank=rank, seed=cfg.seed)
         seed = cfg.seed * 1_000_003 + n
         rows = sample_groups(unwrap(model), [train_ids[i] for i in index], G,  # one shared prefill per prompt
                              SamplingConfig(**{**sampling.__dict__, "seed": seed}), pad_id=pad_id,
@@ -282,17 +245,8 @@ def run(cfg: Config) -> dict:
         if cfg.mask_truncated_completions:
             mask, _ = mask_truncated_completions(ids, mask, eos_ids, None)
         completions = texts(rows)
-        empty = par.all_gather_rows(torch.tensor([not c.strip() for c in completions]))  # decided by all ranks
-        empty_in_a_row[0] = empty_in_a_row[0] + 1 if bool(empty.all()) else 0
-        if empty_in_a_row[0]:
-            if run.main:
-                warnings.warn(f"generation batch {n + 1}: every one of the {len(empty)} completions is empty (the "
-                              f"policy ends at once); {empty_in_a_row[0]} such batches in a row", UserWarning,
-                              stacklevel=2)
-            if empty_in_a_row[0] >= cfg.max_empty_rollouts:  # on every rank at once
-                raise TemperError(f"generation batch {n + 1}: {empty_in_a_row[0]} generation batches in a row whose "
-                                  "completions are all empty: the policy answers nothing, so nothing can be learnt "
-                                  "(check the model's template and EOS, or raise temperature)")
+        # decided by all ranks alike: each sees every rank's flags
+        empty_rollouts.check(par.all_gather_rows(torch.tensor([not c.strip() for c in completions])), n + 1)
         batch = {"prompt_index": torch.tensor(index).repeat_interleave(G), "completion_ids": ids, "mask": mask,
                  "lengths": lengths, "truncated": truncated}
         if needs_old:
@@ -384,8 +338,7 @@ def run(cfg: Config) -> dict:
     rewards.close()
     if scorer is not None:
         scorer.close()
-    if run.main and empty_in_a_row[0]:
-        print(f"warning: the last {empty_in_a_row[0]} generation batches held only empty completions", file=sys.stderr)
+    empty_rollouts.finish()
     return loop.finish({"reward": last.get("reward"), "rewards": reward_specs, "num_generations": G,
                         "loss_type": cfg.loss_type, "beta": cfg.beta, "prompts": len(prompts),
                         "truncated_prompts": cut, "held_out_prompts": len(held), "generations": source.generations,

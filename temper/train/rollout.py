@@ -44,13 +44,15 @@ again. Generic: the method's maths (advantages, clipping) stays in its recipe.
 from __future__ import annotations
 
 import contextlib
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from temper.data.chat import render, render_kwargs, stop_settings
+from temper.data.chat import render, render_kwargs, resolve_template, stop_settings
 from temper.data.prompts import Prompt
 from temper.errors import TemperError
 from temper.losses.logprobs import rollout_token_logprobs
@@ -185,6 +187,115 @@ def prompt_ids(tokenizer, template: str | None, prompt: Prompt) -> list[int]:
         return tokenizer.encode(prompt.question)
     return tokenizer.encode(render(template, prompt.messages, add_generation_prompt=True, **render_kwargs(tokenizer)))
 
+
+
+
+# ----------------------------------------------------------------------------- what online recipes share
+
+
+@dataclass
+class TextSettings:
+    """How the policy's prompts are rendered and its completions end: the chat template (None: raw
+    text), the stop strings, the ids that end a completion, and the padding id."""
+
+    template: str | None
+    stops: list[str]
+    eos_ids: list[int]
+    pad_id: int
+
+    @classmethod
+    def of(cls, tokenizer, template_setting: str | None) -> TextSettings:
+        """`template=` of an online recipe: the model's template (None), a named one, or "none" (raw text)."""
+        template = None if template_setting == "none" else resolve_template(template_setting, tokenizer)
+        stops, eos_ids = stop_settings(tokenizer, template) if template else ([], [tokenizer.eos_id])
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        return cls(template, stops, [i for i in eos_ids if i is not None], pad_id)
+
+    def texts(self, tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Each completion's text as a reward function reads it: its ending EOS dropped and the text cut
+        at the first stop string."""
+        out = []
+        for r in rows:
+            text = tokenizer.decode(list(r[:-1]) if r and r[-1] in self.eos_ids else list(r))
+            cut_at = min((text.find(s) for s in self.stops if s in text), default=-1)
+            out.append(text[:cut_at] if cut_at >= 0 else text)
+        return out
+
+
+def prompt_limit(max_prompt_length: int, max_completion_length: int, positions: int) -> int:
+    """The most prompt tokens kept (`max_prompt_length`, or 0: the positions left after the completion),
+    or one line when prompt and completion cannot both fit the model's positions."""
+    if max_completion_length >= positions or max_prompt_length + max_completion_length > positions:
+        raise TemperError(f"max_prompt_length ({max_prompt_length or 'auto'}) + max_completion_length "
+                          f"({max_completion_length}) do not fit the model's {positions} positions: lower them")
+    return max_prompt_length or positions - max_completion_length
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer, template: str | None, limit: int) -> tuple[list[list[int]], int]:
+    """Each prompt's token ids, the longer ones keeping their last `limit` tokens (TRL cuts on the
+    left too); and how many were cut."""
+    encoded, cut = [], 0
+    for p in prompts:
+        ids = prompt_ids(tokenizer, template, p)
+        if not ids:
+            raise TemperError(f"{p.source}: the prompt encodes to no tokens")
+        if len(ids) > limit:
+            ids, cut = ids[-limit:], cut + 1
+        encoded.append(ids)
+    return encoded, cut
+
+
+def prompt_order(n: int, index: int, seed: int) -> int:
+    """The prompt at position `index` of an endless stream of seeded shuffles of n prompts (one per epoch)."""
+    epoch, at = divmod(index, n)
+    return int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[at])
+
+
+def generation_prompts(n: int, generation: int, per_rank: int, *, world: int = 1, rank: int = 0,
+                       seed: int = 0) -> list[int]:
+    """The prompts (indices into n) of this rank's block of generation batch `generation`: the global
+    batch is world x per_rank prompts of the seeded stream (`prompt_order`), rank r takes block r, so
+    any number of ranks covers the prompts one process would."""
+    first = (generation * world + rank) * per_rank
+    return [prompt_order(n, first + j, seed) for j in range(per_rank)]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (N, T), mask (N, T)) of token lists, right-padded (T at least 1)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+class EmptyRollouts:
+    """Counts generation batches in a row whose completions are all empty (the policy ends at once):
+    warns at each (rank 0) and stops the run at `limit` in a row. `empty` must be every rank's flags,
+    so every rank decides alike."""
+
+    def __init__(self, limit: int, *, main: bool = True) -> None:
+        self.limit, self.main, self.in_a_row = limit, main, 0
+
+    def check(self, empty: torch.Tensor, generation: int) -> None:
+        """`empty` (N,) bool of generation batch `generation` (1-based)."""
+        self.in_a_row = self.in_a_row + 1 if bool(empty.all()) else 0
+        if not self.in_a_row:
+            return
+        if self.main:
+            warnings.warn(f"generation batch {generation}: every one of the {len(empty)} completions is empty (the "
+                          f"policy ends at once); {self.in_a_row} such batches in a row", UserWarning, stacklevel=3)
+        if self.in_a_row >= self.limit:
+            raise TemperError(f"generation batch {generation}: {self.in_a_row} generation batches in a row whose "
+                              "completions are all empty: the policy answers nothing, so nothing can be learnt "
+                              "(check the model's template and EOS, or raise temperature)")
+
+    def finish(self) -> None:
+        if self.main and self.in_a_row:
+            print(f"warning: the last {self.in_a_row} generation batches held only empty completions",
+                  file=sys.stderr)
 
 
 SHUFFLES = ("none", "generation", "pass")
