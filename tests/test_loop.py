@@ -649,3 +649,33 @@ def test_two_modules_resume_through_a_distributed_checkpoint(tmp_path):
     assert train_rows(tmp_path / "b") == train_rows(tmp_path / "a")
     for name in ("policy", "value"):
         assert all(torch.equal(a, b) for a, b in zip(straight[name].parameters(), resumed[name].parameters()))
+
+
+def test_make_trainable_takes_a_dict_of_modules_peft_on_the_named_ones_one_optimiser(tmp_path):
+    """PPO's policy (LoRA) and value model (trained in full): each wrapped on its own, one optimiser over
+    every trainable parameter of both, FLOPs and parameter counts summed."""
+    from temper.models import build_model, preset
+    from temper.recipes import sft
+    from temper.train import engine
+    from temper.train.distributed import Parallel, ParallelConfig
+    from temper.train.recipe import Run, make_trainable
+
+    cfg = load_config(sft.Config, None, ["model=m", "peft.method=lora", "seq_len=32"])
+    run = Run(tmp_path, torch.device("cpu"), "fp32", Parallel("none", ParallelConfig(), torch.device("cpu")), 1, 1)
+    torch.manual_seed(0)
+    policy, value = build_model(preset("llama-tiny", vocab_size=64)), build_model(preset("llama-tiny", vocab_size=64))
+    value_flops = engine.flops_per_token(value, 32)
+    trainable = make_trainable({"policy": policy, "value": value}, cfg, run, peft_modules=("policy",),
+                               flops_factor=2.0)
+    assert set(trainable.model) == {"policy", "value"}
+    policy_trained = [n for n, p in trainable.model["policy"].named_parameters() if p.requires_grad]
+    assert policy_trained and all("lora" in n for n in policy_trained)
+    assert all(p.requires_grad for p in trainable.model["value"].parameters())
+    optimised = {id(p) for g in trainable.optimizer.param_groups for p in g["params"]}
+    expected = {id(p) for m in trainable.model.values() for p in m.parameters() if p.requires_grad}
+    assert optimised == expected
+    value_count = sum(p.numel() for p in value.parameters())
+    assert trainable.trainable_parameters == value_count + sum(
+        p.numel() for p in trainable.model["policy"].parameters() if p.requires_grad)
+    assert trainable.flops_per_token == pytest.approx(
+        2.0 * (engine.flops_per_token(trainable.model["policy"], 32) + value_flops))

@@ -341,40 +341,70 @@ def load_policy(cfg: TrainingConfig, run: Run, path: str | None = None) -> Polic
 
 @dataclass
 class Trainable:
-    model: torch.nn.Module  # wrapped for the strategy (DDP, FSDP, ...)
+    model: torch.nn.Module | dict[str, torch.nn.Module]  # wrapped for the strategy (DDP, FSDP, ...)
     optimizer: torch.optim.Optimizer
     flops_per_token: float
     trainable_parameters: int
     total_parameters: int
 
 
-def make_trainable(model: torch.nn.Module, cfg: TrainingConfig, run: Run, *, tokenizer: Tokenizer | None = None,
-                   flops_factor: float = 1.0, **wrap_options: Any) -> Trainable:
+def make_trainable(model: torch.nn.Module | dict[str, torch.nn.Module], cfg: TrainingConfig, run: Run, *,
+                   tokenizer: Tokenizer | None = None, flops_factor: float = 1.0,
+                   peft_modules: tuple[str, ...] | None = None, **wrap_options: Any) -> Trainable:
     """PEFT (when the config has a `peft` section), training mode, FLOPs per token (times
     `flops_factor` for work the recipe adds, e.g. a reference model's forward), the strategy's
-    wrapping and the optimiser over what trains."""
+    wrapping and the optimiser over what trains.
+
+    `model` may be a dict of named modules trained together (PPO's policy and value model): each is
+    wrapped on its own, ONE optimiser covers them all (`TrainLoop` takes the same dict), their FLOPs per
+    token add up and so do their parameter counts. PEFT goes to the modules named in `peft_modules`
+    (default: every one); the others train in full."""
+    if isinstance(model, dict):
+        names = tuple(model) if peft_modules is None else peft_modules
+        unknown = sorted(set(names) - set(model))
+        assert not unknown, f"peft_modules names {unknown}, not among {sorted(model)}"
+        parts = {name: _prepare(module, cfg, run, tokenizer, name in names, name) for name, module in model.items()}
+        wrapped = {name: wrap_model(module, run.par, precision=run.precision,
+                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                    **wrap_options) for name, (module, _, _, _) in parts.items()}
+        return Trainable(wrapped, build_optimizer(wrapped, cfg.optim),
+                         sum(p[1] for p in parts.values()) * flops_factor, sum(p[2] for p in parts.values()),
+                         sum(p[3] for p in parts.values()))
+    model, flops, trainable, total = _prepare(model, cfg, run, tokenizer, True, None)
+    model = wrap_model(model, run.par, precision=run.precision, activation_checkpointing=cfg.activation_checkpointing,
+                       compile=cfg.compile, **wrap_options)
+    return Trainable(model, build_optimizer(model, cfg.optim), flops * flops_factor, trainable, total)
+
+
+def _prepare(model: torch.nn.Module, cfg: TrainingConfig, run: Run, tokenizer: Tokenizer | None, with_peft: bool,
+             name: str | None) -> tuple[torch.nn.Module, float, int, int]:
+    """One module's PEFT, training mode, FLOPs per token and (trainable, total) parameter counts."""
     peft = getattr(cfg, "peft", None)
-    if peft is not None:
+    if peft is not None and with_peft:
         info = apply_peft(model, peft, tokenizer)
         trainable, total = info["trainable"], info["total"]
-        run.say(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); "
+        whose = f"{name}: " if name else ""
+        run.say(f"{whose}trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); "
                 f"peft.method={peft.method} | {run.par.describe()}")
     else:
         trainable = total = sum(p.numel() for p in model.parameters())
+        if name:
+            run.say(f"{name}: trainable parameters: {trainable:,} (all)")
     model.train()
-    flops = engine.flops_per_token(model, cfg.seq_len) * flops_factor
-    model = wrap_model(model, run.par, precision=run.precision, activation_checkpointing=cfg.activation_checkpointing,
-                       compile=cfg.compile, **wrap_options)
-    return Trainable(model, build_optimizer(model, cfg.optim), flops, trainable, total)
+    return model, engine.flops_per_token(model, cfg.seq_len), trainable, total
 
 
 def save_outputs(loop: Any, cfg: TrainingConfig, stage: str, tokenizer: Tokenizer, lineage: dict, *,
-                 eos_ids: list[int] | None = None, template: str | None = None) -> torch.nn.Module | None:
+                 eos_ids: list[int] | None = None, template: str | None = None, module: str = "policy"
+                 ) -> torch.nn.Module | dict[str, torch.nn.Module] | None:
     """The trained model as a model directory, or only its adapter with PEFT (`temper merge` folds
-    a LoRA in), plus its lineage; written by rank 0, which gets the plain model back (others None)."""
-    plain = loop.export_model()
-    if plain is None:
+    a LoRA in), plus its lineage; written by rank 0, which gets the plain model back (others None).
+    A loop of several modules saves the one named `module` and returns the dict of them all (the
+    recipe writes the others where it wants them)."""
+    exported = loop.export_model()
+    if exported is None:
         return None
+    plain = exported[module] if isinstance(exported, dict) else exported
     peft = getattr(cfg, "peft", None)
     if peft is None or peft.method == "none":
         save_model(plain, loop.out, tokenizer=tokenizer, eos_ids=eos_ids)
@@ -384,5 +414,5 @@ def save_outputs(loop: Any, cfg: TrainingConfig, stage: str, tokenizer: Tokenize
     method = peft.method if peft is not None else "none"
     write_lineage(loop.out, {**lineage, "stage": stage, "parent": cfg.model, "chat_template_trained": template,
                              **({"peft": method} if peft is not None else {})})
-    return plain
+    return exported
 
