@@ -123,3 +123,43 @@ def test_a_grpo_run_logs_the_watch(tiny_model_dir, prompts, tmp_path):
     assert isinstance(logged[2]["hacking/reward_vs_heldout"], bool)  # two rewards, three evaluations
     state = json.loads(next((out / "checkpoints").glob("step_*/state.json")).read_text())
     assert state["watch"]["reference_length"] == logged[1]["completions/mean_length"]
+
+
+def test_the_score_climbing_with_the_kl_past_its_bound_is_flagged_once():
+    watch = RewardHackingWatch(WatchConfig(window=40, min_points=4, max_kl=5.0), reward_key="objective/scores",
+                               kl_key="objective/kl")
+    watch.set_reference(20.0)
+    rows_ = [{"step": s, "objective/scores": 0.2 + 0.006 * s, "objective/kl": 0.1 * s,
+              "completions/mean_length": 20.0} for s in range(5, 101, 5)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        added = [watch.observe(r) for r in rows_]
+    flagged = [r["step"] for r, a in zip(rows_, added) if "kl" in a["hacking"].split(",")]
+    assert flagged and min(flagged) > 50  # only once the KL is past 5 (step 50) and the climb has lasted
+    assert len(caught) == 1 and "watch.max_kl=5" in str(caught[0].message)
+    # the same climb with the KL inside the bound, and the bound off, are not flagged
+    for cfg, kl in ((WatchConfig(window=40, min_points=4, max_kl=50.0), 0.1), (WatchConfig(window=40), 0.1)):
+        quiet = RewardHackingWatch(cfg, reward_key="objective/scores", kl_key="objective/kl")
+        marks = [quiet.observe({**r, "objective/kl": kl * r["step"]}) for r in rows_]
+        assert not any("kl" in m.get("hacking", "").split(",") for m in marks)
+
+
+def test_repetition_drifting_from_the_reference_is_flagged_and_resumes_alike():
+    from temper.eval.hacking import repetition_rate
+
+    assert repetition_rate([1, 2, 3, 4, 5]) == 0.0 and repetition_rate([1, 2]) == 0.0
+    assert repetition_rate([1, 2, 3, 1, 2, 3, 1, 2, 3]) == pytest.approx(4 / 7)  # 7 3-grams, 3 distinct
+    watch = RewardHackingWatch(WatchConfig(repetition_drift=0.25))
+    watch.set_reference(20.0, repetition=0.05)
+    watch.set_reference(99.0, repetition=0.9)  # the first reference is kept
+    rows_ = [{"step": s, "reward": 0.5, "completions/mean_length": 20.0, "completions/repetition_rate": r}
+             for s, r in ((1, 0.05), (2, 0.1), (3, 0.4), (4, 0.5), (5, 0.6))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        added = [watch.observe(r) for r in rows_[:3]]
+        resumed = RewardHackingWatch(WatchConfig(repetition_drift=0.25))
+        resumed.load_state_dict(json.loads(json.dumps(watch.state_dict())))
+        added += [resumed.observe(r) for r in rows_[3:]]
+    assert [a["hacking"] for a in added] == ["", "", "", "repetition", "repetition"]
+    assert added[-1]["hacking/repetition_drift"] == pytest.approx(0.45)
+    assert len(caught) == 1 and "3-grams repeat" in str(caught[0].message)

@@ -1,6 +1,7 @@
 """The reward-hacking watch: online methods (GRPO, PPO) warn and mark the log when the reward they
-optimise climbs while a signal they do not optimise does not, or when completions drift far from
-the reference policy's length.
+optimise climbs while a signal they do not optimise does not (a held-out pass rate, or the KL to the
+reference passing a bound), or when completions drift far from the reference policy's length or
+repetition.
 
     watch = RewardHackingWatch(cfg.watch)                 # cfg.watch: WatchConfig (the `watch.*` keys)
     watch.set_reference(mean_length)                      # at the first generation batch (kept on resume)
@@ -22,10 +23,17 @@ keys that join it. The rules, each decided again at every row with a reward:
   window with the pass rate falling is flagged in 96 of 100 within 50 steps (simulated, window 40).
 - **length**: the median `completions/mean_length` of the last 3 logged rows is at least
   `length_factor` times the reference's, or at most 1/`length_factor` of it.
+- **kl** (`max_kl` > 0; PPO's default 10): the reward's trend climbs as above (`reward_rise`, `noise`,
+  `patience` rows in a row) while the median KL to the reference of the last 3 rows (`kl_key`: PPO's
+  objective/kl, GRPO's kl) is above `max_kl`: reward bought far from the reference.
+- **repetition**: the median `completions/repetition_rate` (the share of a completion's 3-grams that
+  repeat, `repetition_rate`) of the last 3 rows exceeds the reference's (the first rollout's) by
+  `repetition_drift` or more. Rows without it (GRPO logs none) never hold it.
 
 Keys added to a row: `hacking/reward_rise` and `hacking/heldout_rise` (the two trends) and
 `hacking/reward_vs_heldout` (bool) once both trends exist, `hacking/length_ratio` once a
-reference length is known, and `hacking`: the conditions holding at this row, comma-joined ("" for
+reference length is known, `hacking/kl_over_bound` (bool) when the kl rule is on and judged,
+`hacking/repetition_drift` once a reference repetition rate is known, and `hacking`: the conditions holding at this row, comma-joined ("" for
 none). The first time each condition holds, one warning line says so (never again in the run,
 resumes included). The state is JSON-able (plain lists and floats) and goes in the checkpoint.
 """
@@ -40,7 +48,7 @@ from typing import Any
 
 from temper.config import check_range, opt
 
-CONDITIONS = ("reward_vs_heldout", "length")
+CONDITIONS = ("reward_vs_heldout", "length", "kl", "repetition")
 LENGTH_ROWS = 3  # logged rows whose median length is compared with the reference's
 
 
@@ -59,6 +67,10 @@ class WatchConfig:
                                    "window (down counts too)")
     length_factor: float = opt(2.0, "flag completions this many times longer than the reference's, or shorter by "
                                     "the same factor")
+    max_kl: float = opt(0.0, "flag the reward climbing while the KL to the reference (PPO's objective/kl, GRPO's kl) "
+                             "is above this bound (0: off)")
+    repetition_drift: float = opt(0.25, "flag completions whose repetition rate (completions/repetition_rate, where "
+                                        "logged) exceeds the reference's by this much")
 
     def validate(self) -> None:
         check_range("watch.window", self.window, low=1)
@@ -67,6 +79,8 @@ class WatchConfig:
         check_range("watch.noise", self.noise, low=0.0)
         check_range("watch.patience", self.patience, low=1)
         check_range("watch.length_factor", self.length_factor, low=1.0, low_open=True)
+        check_range("watch.max_kl", self.max_kl, low=0.0)
+        check_range("watch.repetition_drift", self.repetition_drift, low=0.0, low_open=True)
 
 
 def theil_sen(points: list[list[float]]) -> tuple[float, float]:
@@ -83,28 +97,44 @@ def theil_sen(points: list[list[float]]) -> tuple[float, float]:
     return slope, scatter / spread if spread else math.inf
 
 
+def repetition_rate(tokens: list[int], n: int = 3) -> float:
+    """The share of a completion's n-grams (token n-grams, n = 3 by default) that repeat an n-gram seen
+    earlier in it: 0 for all-distinct text, toward 1 for a loop ("a b c a b c ..."); 0 when shorter than n."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 class RewardHackingWatch:
-    """See the module docstring. `reward_key` and `length_key` name the row's metrics (TRL's names by
-    default); `main`: whether this process prints the warnings (rank 0)."""
+    """See the module docstring. `reward_key`, `length_key`, `kl_key` and `repetition_key` name the row's
+    metrics (TRL's GRPO names by default; PPO passes objective/scores and objective/kl); `main`: whether
+    this process prints the warnings (rank 0)."""
 
     def __init__(self, cfg: WatchConfig, *, reward_key: str = "reward", length_key: str = "completions/mean_length",
-                 main: bool = True) -> None:
+                 kl_key: str = "kl", repetition_key: str = "completions/repetition_rate", main: bool = True) -> None:
         self.cfg, self.reward_key, self.length_key, self.main = cfg, reward_key, length_key, main
+        self.kl_key, self.repetition_key = kl_key, repetition_key
         self.reference_length: float | None = None
+        self.reference_repetition: float | None = None
+        self.kls: list[float] = []  # the last LENGTH_ROWS KLs
+        self.repetitions: list[float] = []  # the last LENGTH_ROWS repetition rates
+        self.kl_streak = 0  # logged rows in a row at which the reward climbed with the KL above watch.max_kl
         self.rewards: list[list[float]] = []  # [step, reward] inside the window
         self.heldout: list[list[float]] = []  # [step, value] inside the window, and the newest one before it
         self.lengths: list[float] = []  # the last LENGTH_ROWS mean lengths
         self.warned: list[str] = []  # the conditions already warned about
         self.streak = 0  # logged rows in a row at which the reward climbed while the held-out signal did not
 
-    def set_reference(self, mean_length: float) -> None:
-        """The reference (initial) policy's mean completion length; the first one given is kept."""
+    def set_reference(self, mean_length: float, repetition: float | None = None) -> None:
+        """The reference (initial) policy's mean completion length (and repetition rate); the first ones
+        given are kept."""
         if self.reference_length is None:
             self.reference_length = float(mean_length)
+        if self.reference_repetition is None and repetition is not None:
+            self.reference_repetition = float(repetition)
 
     def observe(self, row: dict) -> dict:
         """Take one logged row (its `step`, the reward, the held-out signal, the mean length, each
@@ -120,6 +150,11 @@ class RewardHackingWatch:
             self.rewards.append([step, reward])
         if length is not None:
             self.lengths = [*self.lengths, length][-LENGTH_ROWS:]
+        kl, repetition = _finite(row.get(self.kl_key)), _finite(row.get(self.repetition_key))
+        if kl is not None:
+            self.kls = [*self.kls, kl][-LENGTH_ROWS:]
+        if repetition is not None:
+            self.repetitions = [*self.repetitions, repetition][-LENGTH_ROWS:]
         self._prune(step)
         if reward is None and length is None:
             return {}
@@ -150,6 +185,29 @@ class RewardHackingWatch:
                            f"({statistics.median(self.lengths):.4g} vs {self.reference_length:.4g} tokens), beyond "
                            f"watch.length_factor={factor:g}: the policy may be gaming the reward with "
                            f"{'length' if ratio > 1 else 'brevity'}")
+        if self.cfg.max_kl > 0 and reward is not None and kl is not None and len(self.rewards) >= self.cfg.min_points:
+            reward_slope, error = theil_sen(self.rewards)
+            kl_now = statistics.median(self.kls)
+            climbs = (reward_slope * self.cfg.window >= self.cfg.reward_rise and reward_slope >= self.cfg.noise * error
+                      and kl_now > self.cfg.max_kl)
+            self.kl_streak = self.kl_streak + 1 if climbs else 0
+            holds = self.kl_streak >= self.cfg.patience
+            out["hacking/kl_over_bound"] = holds
+            if holds:
+                holding.append("kl")
+                self._warn("kl", f"step {row['step']}: the reward rose {reward_slope * self.cfg.window:+.3g} over the "
+                           f"last {self.cfg.window} steps while the KL to the reference is {kl_now:.4g}, above "
+                           f"watch.max_kl={self.cfg.max_kl:g}: the policy may be buying reward far from the "
+                           "reference (raise the KL coefficient, or set target_kl)")
+        if self.reference_repetition is not None and self.repetitions:
+            drift = statistics.median(self.repetitions) - self.reference_repetition
+            out["hacking/repetition_drift"] = drift
+            if drift >= self.cfg.repetition_drift:
+                holding.append("repetition")
+                self._warn("repetition", f"step {row['step']}: {statistics.median(self.repetitions):.3g} of the "
+                           f"completions' 3-grams repeat, {drift:+.3g} over the reference's "
+                           f"{self.reference_repetition:.3g} (watch.repetition_drift={self.cfg.repetition_drift:g}): "
+                           "the policy may be gaming the reward with repetition")
         out["hacking"] = ",".join(holding)
         return out
 
@@ -168,7 +226,9 @@ class RewardHackingWatch:
 
     def state_dict(self) -> dict:
         return {"reference_length": self.reference_length, "rewards": self.rewards, "heldout": self.heldout,
-                "lengths": self.lengths, "warned": self.warned, "streak": self.streak}
+                "lengths": self.lengths, "warned": self.warned, "streak": self.streak,
+                "reference_repetition": self.reference_repetition, "kls": self.kls,
+                "repetitions": self.repetitions, "kl_streak": self.kl_streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.reference_length = state["reference_length"]
@@ -177,3 +237,8 @@ class RewardHackingWatch:
         self.lengths = list(state["lengths"])
         self.warned = list(state["warned"])
         self.streak = int(state["streak"])
+        # absent from checkpoints written before the KL and repetition rules
+        self.reference_repetition = state.get("reference_repetition")
+        self.kls = list(state.get("kls", []))
+        self.repetitions = list(state.get("repetitions", []))
+        self.kl_streak = int(state.get("kl_streak", 0))

@@ -216,6 +216,21 @@ def completion_logprobs(model, batch, *, with_logits: bool = False
     return logps, counts, logits_sum
 
 
+def rollout_inputs(prompt_ids, completion_ids: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs (B, L), at (B, T)): each row's prompt then its completion, right-padded with `pad_id`, and
+    the position whose output predicts completion token j of row b (start_b − 1 + j): where a policy
+    reads that token's log-prob and a value model its state's value."""
+    B, T = completion_ids.shape
+    device = completion_ids.device
+    starts = [len(p) for p in prompt_ids]
+    inputs = torch.full((B, max(starts) + T), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompt_ids):
+        inputs[b, :len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        inputs[b, len(p):len(p) + T] = completion_ids[b]
+    at = torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(T, device=device)[None]  # (B, T)
+    return inputs, at
+
+
 def rollout_token_logprobs(model, prompt_ids, completion_ids: torch.Tensor, mask: torch.Tensor, *,
                            temperature: float = 1.0, pad_id: int = 0, with_entropy: bool = False,
                            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,14 +243,8 @@ def rollout_token_logprobs(model, prompt_ids, completion_ids: torch.Tensor, mask
     RL recipes) come from the same logits as the log-probs, without gradient."""
     B, T = completion_ids.shape
     device = completion_ids.device
-    starts = [len(p) for p in prompt_ids]
-    inputs = torch.full((B, max(starts) + T), pad_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompt_ids):
-        inputs[b, :len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
-        inputs[b, len(p):len(p) + T] = completion_ids[b]
+    inputs, at = rollout_inputs(prompt_ids, completion_ids, pad_id)
     hidden = model(inputs, return_hidden=True)  # (B, L, C)
-    # completion token j of row b is predicted at position start_b - 1 + j
-    at = torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(T, device=device)[None]  # (B, T)
     hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, T, C)
     scored = mask.bool()
     weight = output_weight(model)
