@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
                                                   "preference pairs"),
     "grpo": Command("temper.recipes.grpo", "train", "GRPO: G sampled completions per prompt, scored by reward "
                                                     "functions, a clipped group-relative objective (TRL's)"),
+    "ppo": Command("temper.recipes.ppo", "train", "PPO with a KL penalty: policy and value model against a reward "
+                                                  "model, a frozen reference (TRL's PPOTrainer)"),
     "online-dpo": Command("temper.workflows.online_dpo", "workflow", "iterative DPO: the policy samples, a judge "
                                                                      "(or AI feedback) pairs, DPO trains; repeat"),
     "eval": Command("temper.stages.eval", "tool", "evaluate models on tasks, perplexity, judges and contamination; "

@@ -40,6 +40,18 @@ class ValueModel(nn.Module):
     def config(self) -> ModelConfig:
         return self.body.config
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.body.blocks
+
+    @property
+    def activation_checkpointing(self) -> bool:  # the body's flag (`engine.apply_activation_checkpointing`)
+        return self.body.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.body.activation_checkpointing = on
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.body(input_ids, return_hidden=True)  # (B, T, C)
         return self.score(hidden).squeeze(-1)  # (B, T)

@@ -40,13 +40,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
 from temper.config import OnlyWith, check_range, opt
-from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
 from temper.eval.hacking import RewardHackingWatch
 from temper.losses.grpo import (
@@ -71,6 +69,8 @@ from temper.train.rollout import (
     TextSettings,
     encode_prompts,
     generation_prompts,
+    heldout_scores,
+    online_prompts,
     pad_rows,
     prompt_limit,
     sample_groups,
@@ -158,22 +158,6 @@ def check_groups(cfg: Config, grad_accum: int) -> int:
 # ----------------------------------------------------------------------------- prompts
 
 
-def resolve_prompts(cfg: Config, lineage: dict) -> tuple[list[Prompt], list[Prompt], list[str]]:
-    """(training prompts, held-out prompts, reward specs)."""
-    world = lineage.get("world_dir")
-    spec = cfg.prompts or ([str(Path(world) / "rl" / "train.jsonl")] if world else [])
-    if not spec:
-        raise TemperError("prompts= is required: the model records no built-in world to take prompts from")
-    eval_spec = cfg.eval_prompts or ([str(Path(world) / "rl" / "test.jsonl")] if world and not cfg.prompts else [])
-    rewards = cfg.rewards or (["world"] if world and not cfg.prompts else [])
-    if not rewards:
-        raise TemperError("rewards= is required: name the reward functions, e.g. rewards=gsm8k (shipped: world, "
-                          "gsm8k, format, length; or MODULE:FUNCTION, judge:JUDGE)")
-    prompts = read_prompts(spec, field_name=cfg.prompt_field)
-    held = read_prompts(eval_spec, field_name=cfg.prompt_field) if eval_spec else []
-    return prompts, held[:cfg.eval_limit] if cfg.eval_limit else held, rewards
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -185,7 +169,12 @@ def run(cfg: Config) -> dict:
     template, stops, eos_ids, pad_id = text.template, text.stops, text.eos_ids, text.pad_id  # template None: raw text
 
     # prompts, rewards, lengths: every refusal before any sampling
-    prompts, held, reward_specs = resolve_prompts(cfg, lineage)
+    prompts, held, from_world = online_prompts(cfg.prompts, cfg.eval_prompts, lineage=lineage,
+                                               field_name=cfg.prompt_field, eval_limit=cfg.eval_limit)
+    reward_specs = cfg.rewards or (["world"] if from_world else [])
+    if not reward_specs:
+        raise TemperError("rewards= is required: name the reward functions, e.g. rewards=gsm8k (shipped: world, "
+                          "gsm8k, format, length; or MODULE:FUNCTION, judge:JUDGE)")
     reward_options = dict(max_completion_length=cfg.max_completion_length, timeout=cfg.judge_timeout,
                           device=run.device)
     rewards = RewardSet(reward_specs, cfg.reward_weights or None, **reward_options)
@@ -297,20 +286,8 @@ def run(cfg: Config) -> dict:
         return out
 
     def evaluate(step: int) -> dict:
-        """Greedy answers to the held-out prompts, every world-th on each rank; scored and summed over ranks."""
-        greedy = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=0.0, eos_token_ids=eos_ids,
-                                stop=stops)
-        mine = list(range(rank, len(held_ids), world))
-        totals = torch.zeros(4, dtype=torch.float64)  # scored, sum of scores, passed, answered
-        if mine:
-            rows = sample_groups(unwrap(model), [held_ids[i] for i in mine], 1, greedy, pad_id=pad_id,
-                                 tokenizer=tokenizer).completions()
-            scores, _ = scorer.score([held[i] for i in mine], texts(rows), completion_ids=rows)
-            scored = ~scores.isnan()
-            totals += torch.tensor([scored.sum(), scores[scored].sum(), (scores >= 1.0).sum(), len(mine)],
-                                   dtype=torch.float64)
-        scored, total, passed, answered = par.all_reduce_sum(totals.to(par.device)).tolist()
-        return {"eval_reward": total / scored if scored else float("nan"), "eval_pass_rate": passed / answered}
+        return heldout_scores(unwrap(model), held, held_ids, scorer, text, tokenizer,
+                              max_new_tokens=cfg.max_completion_length, par=par)
 
     def fingerprint() -> str:
         digest = hashlib.sha256(json.dumps(train_ids).encode())

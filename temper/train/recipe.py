@@ -53,6 +53,7 @@ from temper.eval.hacking import WatchConfig
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model, save_model
 from temper.models.hf import config_from_hf, read_hf_config
+from temper.models.reward import REWARD_ARCHITECTURES
 from temper.peft import apply_peft, save_peft
 from temper.runtime import resolve_device, seed_everything
 from temper.train import engine
@@ -298,8 +299,10 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     for key in inputs:  # every model the run feeds seq_len tokens to has positions enough
         value = getattr(cfg, key, None)
         if value and (Path(value) / "config.json").is_file():
-            check_positions(cfg.seq_len, config_from_hf(read_hf_config(value), f"{value}/config.json"),
-                            f"{key}={value}")
+            hf = read_hf_config(value)
+            if set(hf.get("architectures") or []) & set(REWARD_ARCHITECTURES):
+                continue  # a reward model (PPO's reward_model=): scored sequences are checked where it reads them
+            check_positions(cfg.seq_len, config_from_hf(hf, f"{value}/config.json"), f"{key}={value}")
     device = resolve_device(cfg.device)
     precision = engine.resolve_precision(cfg.precision, device)
     par = Parallel(cfg.strategy, cfg.parallel, device)

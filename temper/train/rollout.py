@@ -48,12 +48,13 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from temper.data.chat import render, render_kwargs, resolve_template, stop_settings
-from temper.data.prompts import Prompt
+from temper.data.prompts import Prompt, read_prompts
 from temper.errors import TemperError
 from temper.losses.logprobs import rollout_token_logprobs
 from temper.models.generate import SamplingConfig, generate, generate_text
@@ -296,6 +297,44 @@ class EmptyRollouts:
         if self.main and self.in_a_row:
             print(f"warning: the last {self.in_a_row} generation batches held only empty completions",
                   file=sys.stderr)
+
+
+
+def online_prompts(spec: list[str], eval_spec: list[str], *, lineage: dict, field_name: str, eval_limit: int
+                   ) -> tuple[list[Prompt], list[Prompt], bool]:
+    """(training prompts, held-out prompts (the first `eval_limit`, 0: all), whether they are the built-in
+    world's): `prompts=`, else the world's rl/train.jsonl when the model records one; `eval_prompts=`,
+    else the world's rl/test.jsonl when the training prompts are the world's."""
+    world = lineage.get("world_dir")
+    from_world = not spec and bool(world)
+    spec = spec or ([str(Path(world) / "rl" / "train.jsonl")] if world else [])
+    if not spec:
+        raise TemperError("prompts= is required: the model records no built-in world to take prompts from")
+    eval_spec = eval_spec or ([str(Path(world) / "rl" / "test.jsonl")] if from_world else [])
+    prompts = read_prompts(spec, field_name=field_name)
+    held = read_prompts(eval_spec, field_name=field_name) if eval_spec else []
+    return prompts, held[:eval_limit] if eval_limit else held, from_world
+
+
+def heldout_scores(model, prompts: list[Prompt], ids: list[list[int]], scorer, text: TextSettings, tokenizer, *,
+                   max_new_tokens: int, par) -> dict[str, float]:
+    """Greedy answers to the held-out prompts, every world-th on each rank, scored by `scorer` (a
+    RewardSet) and summed over the ranks: eval_reward (the mean of the scored ones) and eval_pass_rate
+    (the share scoring >= 1)."""
+    world, rank = (par.dp, par.dp_rank) if par.distributed else (1, 0)
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=text.eos_ids,
+                            stop=text.stops)
+    mine = list(range(rank, len(ids), world))
+    totals = torch.zeros(4, dtype=torch.float64)  # scored, sum of scores, passed, answered
+    if mine:
+        rows = sample_groups(model, [ids[i] for i in mine], 1, greedy, pad_id=text.pad_id,
+                             tokenizer=tokenizer).completions()
+        scores, _ = scorer.score([prompts[i] for i in mine], text.texts(tokenizer, rows), completion_ids=rows)
+        scored = ~scores.isnan()
+        totals += torch.tensor([scored.sum(), scores[scored].sum(), (scores >= 1.0).sum(), len(mine)],
+                               dtype=torch.float64)
+    scored, total, passed, answered = par.all_reduce_sum(totals.to(par.device)).tolist()
+    return {"eval_reward": total / scored if scored else float("nan"), "eval_pass_rate": passed / answered}
 
 
 SHUFFLES = ("none", "generation", "pass")
