@@ -264,8 +264,11 @@ def test_tensorboard_is_written_when_asked(tmp_path, monkeypatch):
 
 
 @pytest.fixture()
-def recipe_runs(tmp_path, tiny_model_dir):
+def recipe_runs(tmp_path, tiny_model_dir, tiny_tokenizer):
     from conftest import SAMPLE_TEXT
+
+    from temper.models import preset
+    from temper.models.reward import build_reward_model, save_reward_model
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SAMPLE_TEXT * 3)
@@ -281,6 +284,9 @@ def recipe_runs(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "answer": str(i + 1)}) + "\n"
                                for i in range(8)))
+    torch.manual_seed(0)
+    reward_model = save_reward_model(build_reward_model(preset("llama-tiny", vocab_size=tiny_tokenizer.vocab_size)),
+                                     tmp_path / "rm", tokenizer=tiny_tokenizer)
     return {
         "pretrain": ["model=llama-tiny", "vocab_size=300", "seq_len=32", "batch_size=4", f"data={corpus}",
                      "samples=0", "eval_fraction=0.2"],
@@ -289,6 +295,9 @@ def recipe_runs(tmp_path, tiny_model_dir):
         "dpo": [f"model={tiny_model_dir}", f"data={pref_data}", "batch_size=4", "seq_len=64", "eval_fraction=0.2"],
         "grpo": [f"model={tiny_model_dir}", f"prompts={prompts}", f"eval_prompts={prompts}", "eval_limit=2",
                  "rewards=world", "num_generations=4", "batch_size=4", "max_completion_length=4"],
+        "ppo": [f"model={tiny_model_dir}", f"reward_model={reward_model}", f"prompts={prompts}",
+                f"eval_prompts={prompts}", "eval_limit=2", "eval_reward=world", "batch_size=4",
+                "max_completion_length=4", "num_ppo_epochs=1"],
     }
 
 
