@@ -134,7 +134,7 @@ def setup(work: Path) -> None:
     newest.write_bytes(newest.read_bytes()[:100])
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
-    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo):
+    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo):
         extra(work)
 
 
@@ -697,8 +697,55 @@ GRPO: list[tuple[str, list[str], str]] = [
 ]
 
 
+PPO_REWARDS = """def none(prompts, completions, **kwargs):
+    return [None] * len(completions)
+"""
+
+
+def setup_ppo(work: Path) -> None:
+    """A reward model on `base`'s body (`rm`), a value-model start whose head overflows every value to
+    infinity (`overflowing-value`), and a reward function that applies to nothing (`ppo_rewards:none`)."""
+    import torch
+
+    from temper.data.tokenizer import Tokenizer
+    from temper.models.hf import config_from_hf, read_hf_config
+    from temper.models.reward import build_reward_model, save_reward_model
+
+    tokenizer = Tokenizer.from_dir(work / "base")
+    config = config_from_hf(read_hf_config(work / "base"), "base/config.json")
+    torch.manual_seed(0)
+    save_reward_model(build_reward_model(config), work / "rm", tokenizer=tokenizer)
+    huge = build_reward_model(config)
+    with torch.no_grad():
+        huge.score.weight.fill_(3e38)  # finite weights (loading refuses NaN ones), infinite values
+    save_reward_model(huge, work / "overflowing-value", tokenizer=tokenizer)
+    (work / "ppo_rewards.py").write_text(PPO_REWARDS)
+
+
+PPO_ALL = ["ppo", "model=base", "prompts=rl-prompts.jsonl", "max_steps=1", "batch_size=4", "peak_flops=1e9",
+           "logging.progress=false"]
+PPO_BASE = [*PPO_ALL, "max_completion_length=4"]
+PPO: list[tuple[str, list[str], str]] = [
+    ("a causal LM given as the reward model (no scalar head)", [*PPO_BASE, "reward_model=base", "output_dir=p-1"],
+     "error"),
+    ("a reward-model directory that does not exist", [*PPO_BASE, "reward_model=rm-nowhere", "output_dir=p-2"],
+     "error"),
+    ("prompt + completion longer than the model's positions", [*PPO_ALL, "reward_model=rm",
+                                                                "max_completion_length=600", "output_dir=p-3"],
+     "error"),
+    ("a reward that scores no completion (NaN scores)", [*PPO_BASE, "rewards=ppo_rewards:none", "output_dir=p-4"],
+     "error"),
+    ("a value model whose values overflow to infinity", [*PPO_BASE, "reward_model=rm",
+                                                          "value_model=overflowing-value", "output_dir=p-5"], "error"),
+    ("an unknown KL estimator", [*PPO_BASE, "reward_model=rm", "kl_estimator=k2", "output_dir=p-6"], "error"),
+    ("PPO sharded with FSDP (data-parallel only)", [*PPO_BASE, "reward_model=rm", "strategy=fsdp",
+                                                    "output_dir=p-7"], "error"),
+    ("no reward model and no reward function", [*PPO_BASE, "output_dir=p-8"], "error"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
-            "inputs": INPUTS, "grpo": GRPO}
+            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -707,6 +754,7 @@ TITLES = {
     "settings": "Settings refused at load, with the key named",
     "inputs": "Special, endless or huge inputs, judges that hang, and messages that say what and where",
     "grpo": "GRPO: reward functions that fail, and batches and lengths that do not fit",
+    "ppo": "PPO: reward models without a scalar head, lengths that do not fit, NaN scores and values",
 }
 
 
