@@ -252,3 +252,23 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model_dir, 
         a, b = load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name)
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key)
+
+
+def test_the_value_model_needs_the_policys_tokenizer(tiny_model_dir, prompts_file, tmp_path):
+    """A reward model with another tokenizer still scores (it reads text), but the value model reads the
+    policy's ids: by default it then starts from model=; named as value_model=, it is refused."""
+    from conftest import SAMPLE_TEXT
+
+    from temper.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer(SAMPLE_TEXT.split("\n\n"), vocab_size=280, min_frequency=2)
+    torch.manual_seed(2)
+    other_rm = save_reward_model(build_reward_model(preset("llama-tiny", vocab_size=other.vocab_size)),
+                                 tmp_path / "other_rm", tokenizer=other)
+    summary = train(*settings(tiny_model_dir, other_rm, prompts_file, tmp_path / "run", "max_steps=1",
+                              "num_ppo_epochs=1"))
+    assert summary["value_model"] == str(tiny_model_dir) and summary["rewards"] == [f"judge:reward:{other_rm}"]
+    with pytest.raises(TemperError, match=r"value_model=.*other_rm has another tokenizer than model=.*\(280 tokens "
+                                          r"vs 300\): the value model reads the policy's token ids") as err:
+        train(*settings(tiny_model_dir, other_rm, prompts_file, tmp_path / "refused", f"value_model={other_rm}"))
+    assert "\n" not in str(err.value)

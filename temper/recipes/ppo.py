@@ -13,7 +13,9 @@ the policy with its adapter disabled); the reward model (`reward_model=`, a `*Fo
 directory scored through `temper.rewards` as `judge:reward:DIR`, which renders prompt + completion as it
 was trained; `rewards=` adds reward functions to its score); the value model (`temper.models.value`: its
 own body and a head read at every position, initialised from `value_model=`, by default the reward
-model, as TRL does; a causal LM directory gets a fresh head; trained in full, saved in `value/`).
+model, as TRL does, when its tokenizer is the policy's (the value model reads the policy's token ids;
+else `model=`, said at the start); a causal LM directory gets a fresh head; trained in full, saved
+in `value/`).
 
 Settings keep TRL's PPOConfig names and defaults (num_ppo_epochs 4, num_mini_batches 1, kl_coef 0.05,
 kl_estimator k1, cliprange 0.2, cliprange_value 0.2, vf_coef 0.1, gamma 1, lam 0.95, whiten_rewards
@@ -56,6 +58,7 @@ from typing import ClassVar
 import torch
 
 from temper.config import OnlyWith, check_range, opt
+from temper.data.tokenizer import Tokenizer, tokenizer_difference
 from temper.errors import TemperError
 from temper.eval.hacking import RewardHackingWatch, repetition_rate
 from temper.losses.logprobs import rollout_token_logprobs
@@ -72,6 +75,7 @@ from temper.losses.ppo import (
     value_loss,
 )
 from temper.models.generate import SamplingConfig
+from temper.models.hf import read_hf_config
 from temper.models.reward import check_reward_model_dir, save_reward_model
 from temper.models.value import load_value_model, rollout_token_values
 from temper.peft import LORA_FAMILY
@@ -206,6 +210,31 @@ def load_reward_specs(cfg: Config, from_world: bool) -> tuple[list[str], str | N
     return specs, cfg.eval_reward or ("world" if from_world else specs[0])
 
 
+def value_start(cfg: Config, tokenizer: Tokenizer) -> tuple[str, str]:
+    """(the directory the value model starts from, why). It reads the policy's token ids, so it needs the
+    policy's tokenizer: `value_model=` with another is refused; by default the reward model (TRL's
+    choice) when its tokenizer is the policy's, else the SFT model (`model=`) with a new head."""
+    def difference(path: str) -> str | None:
+        if not (Path(path) / "config.json").is_file():
+            raise TemperError(f"value_model={path}: no model directory (config.json) there")
+        if (Path(path) / "tokenizer.json").is_file():
+            return tokenizer_difference(Tokenizer.from_dir(path), tokenizer, (f"{path}'s", "model's"))
+        vocab = read_hf_config(Path(path)).get("vocab_size", 0)
+        return None if vocab >= tokenizer.vocab_size else f"{vocab} embeddings for {tokenizer.vocab_size} tokens"
+
+    if cfg.value_model:
+        why = difference(cfg.value_model)
+        if why:
+            raise TemperError(f"value_model={cfg.value_model} has another tokenizer than model={cfg.model} ({why}): "
+                              "the value model reads the policy's token ids; start it from model= (value_model="
+                              f"{cfg.model}) or from a reward model trained with the policy's tokenizer")
+        return cfg.value_model, "value_model="
+    if cfg.reward_model and difference(cfg.reward_model) is None:
+        return cfg.reward_model, "the reward model"
+    why = "no reward_model=" if not cfg.reward_model else "the reward model's tokenizer is not the policy's"
+    return cfg.model, f"model= with a new head ({why})"
+
+
 def run(cfg: Config) -> dict:
     run = recipe.start(cfg, inputs=("model", "reward_model", "value_model"))
     policy = recipe.load_policy(cfg, run)
@@ -217,9 +246,7 @@ def run(cfg: Config) -> dict:
     prompts, held, from_world = online_prompts(cfg.prompts, cfg.eval_prompts, lineage=lineage,
                                                field_name=cfg.prompt_field, eval_limit=cfg.eval_limit)
     specs, eval_spec = load_reward_specs(cfg, from_world)
-    value_dir = cfg.value_model or cfg.reward_model or cfg.model
-    if not (Path(value_dir) / "config.json").is_file():
-        raise TemperError(f"value_model={value_dir}: no model directory (config.json) there")
+    value_dir, value_why = value_start(cfg, tokenizer)
     reward_options = dict(max_completion_length=cfg.max_completion_length, timeout=cfg.judge_timeout,
                           device=run.device)
     rewards = RewardSet(specs, cfg.reward_weights or None, **reward_options)
@@ -238,7 +265,7 @@ def run(cfg: Config) -> dict:
             f"({held_cut} cut) | rollout batch {per_rank * world} completions ({per_rank} on each of {world} ranks), "
             f"{cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} minibatches | rewards "
             f"{', '.join(rewards.names)} | kl_coef={cfg.kl_coef} ({cfg.kl_estimator}"
-            f"{f', target {cfg.target_kl}' if cfg.target_kl else ''}) | value model from {value_dir}")
+            f"{f', target {cfg.target_kl}' if cfg.target_kl else ''}) | value model from {value_dir}: {value_why}")
 
     value = load_value_model(value_dir, device=run.device)
     reference = Reference.load("adapter" if cfg.peft.method in LORA_FAMILY else "copy", cfg.model,
