@@ -105,6 +105,15 @@ def test_lora_policy_with_the_disabled_adapter_as_reference(tiny_model_dir, rm_d
     assert logged[0]["objective/kl"] == 0.0 and logged[1]["objective/kl"] != 0.0  # the adapter moved the policy
     assert summary["peft"] == "lora" and any(out.glob("adapter*"))
     assert (out / "value" / "model.safetensors").is_file()  # a causal LM's body and a new head, trained in full
+    # value_peft: the value model through the same adapter settings (its head in full), saved merged
+    lora_value = train(*settings(tiny_model_dir, rm_dir, prompts_file, tmp_path / "both", "peft.method=lora",
+                                 "num_ppo_epochs=1", "optim.lr=1e-2", "value_peft=true", "max_steps=1"))
+    assert lora_value["trainable_parameters"] < summary["trainable_parameters"] / 10
+    merged, start = load_reward_model(tmp_path / "both" / "value"), load_reward_model(rm_dir)
+    assert not torch.equal(merged.score.weight, start.score.weight)  # the head trained
+    body, before = merged.body.state_dict(), start.body.state_dict()
+    assert torch.equal(body["layers.0.mlp.down_proj.weight"], before["layers.0.mlp.down_proj.weight"])  # frozen
+    assert not torch.equal(body["layers.0.attn.q_proj.weight"], before["layers.0.attn.q_proj.weight"])  # LoRA merged
 
 
 def test_pad_equal_to_eos_keeps_the_eos_in_the_mask_and_scores_it(tiny_model_dir, rm_dir, prompts_file, tmp_path,

@@ -12,10 +12,11 @@ Roles: the policy (`model=`, LoRA with `peft.*`); the reference (a frozen copy o
 the policy with its adapter disabled); the reward model (`reward_model=`, a `*ForSequenceClassification`
 directory scored through `temper.rewards` as `judge:reward:DIR`, which renders prompt + completion as it
 was trained; `rewards=` adds reward functions to its score); the value model (`temper.models.value`: its
-own body and a head read at every position, initialised from `value_model=`, by default the reward
+own body and a head read at every position (a value head on the policy's body is not offered),
+initialised from `value_model=`, by default the reward
 model, as TRL does, when its tokenizer is the policy's (the value model reads the policy's token ids;
-else `model=`, said at the start); a causal LM directory gets a fresh head; trained in full, saved
-in `value/`).
+else `model=`, said at the start); a causal LM directory gets a fresh head; trained in full, or with
+`value_peft=true` through the policy's adapter settings (its head in full); saved, merged, in `value/`).
 
 Settings keep TRL's PPOConfig names and defaults (num_ppo_epochs 4, num_mini_batches 1, kl_coef 0.05,
 kl_estimator k1, cliprange 0.2, cliprange_value 0.2, vf_coef 0.1, gamma 1, lam 0.95, whiten_rewards
@@ -49,6 +50,7 @@ KL controller and metrics use every rank's rows (DDP; FSDP refused, as GRPO).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ from temper.models.hf import read_hf_config
 from temper.models.reward import check_reward_model_dir, save_reward_model
 from temper.models.value import load_value_model, rollout_token_values
 from temper.peft import LORA_FAMILY
+from temper.peft.lora import merge_lora
 from temper.rewards.functions import RewardSet
 from temper.rewards.judges import DEFAULT_TIMEOUT, check_timeout
 from temper.train import recipe
@@ -114,6 +117,8 @@ class Config(recipe.TrainingConfig, command="ppo", capabilities=recipe.Capabilit
                                 "RewardTrainer)")
     value_model: str = opt("", "where the value model starts: a reward-model directory (body and head) or a causal "
                                "LM's (its body, a new head) (default: reward_model, as TRL)")
+    value_peft: bool = opt(False, "give the value model the policy's adapter settings too (its head trained in "
+                                  "full), instead of training every weight")
     rewards: list[str] = opt([], "reward functions added to the reward model's score (world, gsm8k, format, "
                                  "length[:C], MODULE:FUNCTION, judge:JUDGE)")
     reward_weights: list[float] = opt([], "one weight per reward, the reward model's first (default: 1 each)")
@@ -150,6 +155,7 @@ class Config(recipe.TrainingConfig, command="ppo", capabilities=recipe.Capabilit
     only_with: ClassVar = (
         OnlyWith(("top_p",), "temperature > 0", lambda c: c.temperature > 0),
         OnlyWith(("kl_horizon",), "target_kl > 0", lambda c: c.target_kl > 0),
+        OnlyWith(("value_peft",), "peft.method=lora, dora or qlora", lambda c: c.peft.method in LORA_FAMILY),
     )
 
     def validate(self) -> None:
@@ -272,8 +278,11 @@ def run(cfg: Config) -> dict:
                                device=run.device)
     # FLOPs of the train phase: the policy's and the value model's forward and backward (the rollout's
     # forwards are the rollout phase's)
+    peft_modules = {"policy": cfg.peft}
+    if cfg.value_peft:  # the same adapter on the value model's body; its head is new to it: trained in full
+        peft_modules["value"] = dataclasses.replace(cfg.peft, modules_to_save=["score"])
     trainable = recipe.make_trainable({"policy": policy.model, "value": value}, cfg, run, tokenizer=tokenizer,
-                                      peft_modules=("policy",))
+                                      peft_modules=peft_modules)
     model, value = trainable.model["policy"], trainable.model["value"]
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, eos_token_ids=text.eos_ids, stop=text.stops)
@@ -406,7 +415,8 @@ def run(cfg: Config) -> dict:
     exported = recipe.save_outputs(loop, cfg, "ppo", tokenizer, lineage, template=text.template,
                                    eos_ids=text.eos_ids if text.template else None, module="policy")
     if exported is not None:  # rank 0: the value model beside the policy, as a sequence-classification directory
-        save_reward_model(exported["value"], loop.out / "value", tokenizer=tokenizer)
+        value_out = merge_lora(exported["value"]) if cfg.value_peft else exported["value"]
+        save_reward_model(value_out, loop.out / "value", tokenizer=tokenizer)
     rewards.close()
     if scorer is not None:
         scorer.close()

@@ -353,37 +353,41 @@ class Trainable:
 
 def make_trainable(model: torch.nn.Module | dict[str, torch.nn.Module], cfg: TrainingConfig, run: Run, *,
                    tokenizer: Tokenizer | None = None, flops_factor: float = 1.0,
-                   peft_modules: tuple[str, ...] | None = None, **wrap_options: Any) -> Trainable:
+                   peft_modules: tuple[str, ...] | dict[str, PeftConfig] | None = None,
+                   **wrap_options: Any) -> Trainable:
     """PEFT (when the config has a `peft` section), training mode, FLOPs per token (times
     `flops_factor` for work the recipe adds, e.g. a reference model's forward), the strategy's
     wrapping and the optimiser over what trains.
 
     `model` may be a dict of named modules trained together (PPO's policy and value model): each is
     wrapped on its own, ONE optimiser covers them all (`TrainLoop` takes the same dict), their FLOPs per
-    token add up and so do their parameter counts. PEFT goes to the modules named in `peft_modules`
-    (default: every one); the others train in full."""
+    token add up and so do their parameter counts. PEFT (the config's `peft` section) goes to the modules
+    named in `peft_modules` (default: every one), or each module named in a dict gets the PEFT config
+    given there (a value model's adapter keeping its head in modules_to_save); the others train in full."""
     if isinstance(model, dict):
-        names = tuple(model) if peft_modules is None else peft_modules
-        unknown = sorted(set(names) - set(model))
+        section = getattr(cfg, "peft", None)
+        configs = dict(peft_modules) if isinstance(peft_modules, dict) else \
+            {name: section for name in (tuple(model) if peft_modules is None else peft_modules)}
+        unknown = sorted(set(configs) - set(model))
         assert not unknown, f"peft_modules names {unknown}, not among {sorted(model)}"
-        parts = {name: _prepare(module, cfg, run, tokenizer, name in names, name) for name, module in model.items()}
+        parts = {name: _prepare(module, run, tokenizer, configs.get(name), name, cfg.seq_len)
+                 for name, module in model.items()}
         wrapped = {name: wrap_model(module, run.par, precision=run.precision,
                                     activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                     **wrap_options) for name, (module, _, _, _) in parts.items()}
         return Trainable(wrapped, build_optimizer(wrapped, cfg.optim),
                          sum(p[1] for p in parts.values()) * flops_factor, sum(p[2] for p in parts.values()),
                          sum(p[3] for p in parts.values()))
-    model, flops, trainable, total = _prepare(model, cfg, run, tokenizer, True, None)
+    model, flops, trainable, total = _prepare(model, run, tokenizer, getattr(cfg, "peft", None), None, cfg.seq_len)
     model = wrap_model(model, run.par, precision=run.precision, activation_checkpointing=cfg.activation_checkpointing,
                        compile=cfg.compile, **wrap_options)
     return Trainable(model, build_optimizer(model, cfg.optim), flops * flops_factor, trainable, total)
 
 
-def _prepare(model: torch.nn.Module, cfg: TrainingConfig, run: Run, tokenizer: Tokenizer | None, with_peft: bool,
-             name: str | None) -> tuple[torch.nn.Module, float, int, int]:
-    """One module's PEFT, training mode, FLOPs per token and (trainable, total) parameter counts."""
-    peft = getattr(cfg, "peft", None)
-    if peft is not None and with_peft:
+def _prepare(model: torch.nn.Module, run: Run, tokenizer: Tokenizer | None, peft: PeftConfig | None,
+             name: str | None, seq_len: int) -> tuple[torch.nn.Module, float, int, int]:
+    """One module's PEFT (None: none), training mode, FLOPs per token and (trainable, total) parameter counts."""
+    if peft is not None:
         info = apply_peft(model, peft, tokenizer)
         trainable, total = info["trainable"], info["total"]
         whose = f"{name}: " if name else ""
@@ -394,7 +398,7 @@ def _prepare(model: torch.nn.Module, cfg: TrainingConfig, run: Run, tokenizer: T
         if name:
             run.say(f"{name}: trainable parameters: {trainable:,} (all)")
     model.train()
-    return model, engine.flops_per_token(model, cfg.seq_len), trainable, total
+    return model, engine.flops_per_token(model, seq_len), trainable, total
 
 
 def save_outputs(loop: Any, cfg: TrainingConfig, stage: str, tokenizer: Tokenizer, lineage: dict, *,
