@@ -249,3 +249,15 @@ def test_empty_rollouts_warn_then_stop_and_a_non_empty_batch_resets_the_count():
     with pytest.warns(UserWarning), pytest.raises(TemperError, match="2 generation batches in a row"):
         guard.check(torch.ones(3, dtype=torch.bool), 3)
         guard.check(torch.ones(3, dtype=torch.bool), 4)
+
+
+def test_generation_means_restart_with_each_generation_batch_and_resume():
+    from temper.train.rollout import GenerationMeans
+
+    means = GenerationMeans()
+    assert means.add(1, {"loss": 2.0}, 2) == {"loss": 1.0}
+    assert means.add(1, {"loss": 4.0}, 2) == {"loss": 1.5}
+    again = GenerationMeans()
+    again.load_state_dict(means.state_dict())
+    assert again.add(1, {"loss": 0.0}, 4) == {"loss": 0.75}
+    assert again.add(2, {"loss": 3.0}, 1) == {"loss": 3.0}  # a new generation batch starts over

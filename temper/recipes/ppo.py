@@ -39,7 +39,10 @@ Logged with TRL's names (objective/scores, objective/kl, objective/non_score_rew
 objective/rlhf_reward, objective/entropy, policy/entropy_avg, policy/approxkl_avg,
 policy/clipfrac_avg, loss/policy_avg, loss/value_avg, val/clipfrac_avg, val/ratio), plus
 val/explained_variance, beta, episode, completions/mean_length, completions/clipped_ratio and
-completions/repetition_rate (the share of repeated token 3-grams, `temper.eval.hacking`). The *_avg
+completions/repetition_rate (the share of repeated token 3-grams, `temper.eval.hacking`).
+objective/entropy is TRL's: the mean over completions of Σ_t −log π_old(y_t) over the completion's
+tokens (TRL's padding positions, filled with its INVALID_LOGPROB, enter its sum too; here they do
+not); policy/entropy_avg is the policy's entropy per token at the training forward. The *_avg
 metrics average over the micro-batches of the rollout batch's steps so far: at its last step, TRL's
 whole-update means. The reward-hacking watch (`watch.*`) reads objective/scores and objective/kl
 (`watch.max_kl`, 10 by default here), length and repetition against the first rollout's, and
@@ -90,6 +93,7 @@ from temper.train.loop import TrainLoop
 from temper.train.reference import Reference
 from temper.train.rollout import (
     EmptyRollouts,
+    GenerationMeans,
     RolloutSource,
     TextSettings,
     encode_prompts,
@@ -177,27 +181,6 @@ class Config(recipe.TrainingConfig, command="ppo", capabilities=recipe.Capabilit
         if self.strategy == "fsdp":
             raise TemperError("strategy=fsdp: temper ppo trains data-parallel only (each rank samples its own "
                               "prompts with the whole model): use strategy=ddp (or auto)")
-
-
-class RolloutMeans:
-    """Sums of the per-micro-batch metrics since the current rollout batch began (checkpointed, so a
-    resumed run logs the same means)."""
-
-    def __init__(self) -> None:
-        self.generation, self.count, self.sums = -1, 0.0, {}
-
-    def add(self, generation: int, sums: dict[str, float], count: float) -> dict[str, float]:
-        if generation != self.generation:
-            self.generation, self.count, self.sums = generation, 0.0, {}
-        self.count += count
-        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in sums.items()}
-        return {k: v / self.count for k, v in self.sums.items()}
-
-    def state_dict(self) -> dict:
-        return {"generation": self.generation, "count": self.count, "sums": self.sums}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generation, self.count, self.sums = state["generation"], state["count"], dict(state["sums"])
 
 
 def load_reward_specs(cfg: Config, from_world: bool) -> tuple[list[str], str | None]:
@@ -289,7 +272,7 @@ def run(cfg: Config) -> dict:
     controller = KLController(cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon)
     empty_rollouts = EmptyRollouts(cfg.max_empty_rollouts, main=run.main)
     watch = RewardHackingWatch(cfg.watch, reward_key="objective/scores", kl_key="objective/kl", main=run.main)
-    means = RolloutMeans()
+    means = GenerationMeans()
     step_now = [0]
     reduce = (lambda t: par.all_reduce_sum(t.to(par.device)).cpu()) if world > 1 else None
 

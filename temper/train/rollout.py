@@ -337,6 +337,29 @@ def heldout_scores(model, prompts: list[Prompt], ids: list[list[int]], scorer, t
     return {"eval_reward": total / scored if scored else float("nan"), "eval_pass_rate": passed / answered}
 
 
+
+class GenerationMeans:
+    """Running means of per-step metric sums since the current generation batch began (PPO logs TRL's
+    *_avg over its whole update this way); a stateful part of the checkpoint, so a resumed run logs
+    the same means. `add(generation, sums, count)` returns the means so far."""
+
+    def __init__(self) -> None:
+        self.generation, self.count, self.sums = -1, 0.0, {}
+
+    def add(self, generation: int, sums: dict[str, float], count: float) -> dict[str, float]:
+        if generation != self.generation:
+            self.generation, self.count, self.sums = generation, 0.0, {}
+        self.count += count
+        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in sums.items()}
+        return {k: v / self.count for k, v in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"generation": self.generation, "count": self.count, "sums": self.sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generation, self.count, self.sums = state["generation"], state["count"], dict(state["sums"])
+
+
 SHUFFLES = ("none", "generation", "pass")
 
 
