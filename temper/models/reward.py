@@ -77,6 +77,18 @@ class RewardModel(nn.Module):
     def config(self) -> ModelConfig:
         return self.body.config
 
+    @property
+    def blocks(self) -> nn.ModuleList:  # what training wrappers (FSDP, activation checkpointing) walk
+        return self.body.blocks
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.body.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.body.activation_checkpointing = value
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
@@ -175,6 +187,22 @@ def build_reward_model(config: ModelConfig, *, device: torch.device | str = "cpu
     return model.to(resolve_dtype(dtype, device))
 
 
+def reward_model_from_causal(body: DecoderBase, *, tokenizer=None, head_std: float = 0.02) -> RewardModel:
+    """A reward model on a causal LM's decoder (its output layer dropped, an input embedding it
+    was tied to kept) and a new head N(0, head_std^2), as transformers' `_init_weights` draws a
+    new `score` layer (std = the config's `initializer_range`, 0.02 by default), so
+    `AutoModelForSequenceClassification.from_pretrained(causal_dir, num_labels=1)` starts alike.
+    With a tokenizer its ids go into the config: the pad id decides which token is scored, in
+    training as in the saved directory."""
+    body.config = with_tokenizer_ids(body.config.replace(tie_embeddings=False), tokenizer)
+    weight = body.input_embeddings.weight
+    model = RewardModel(body)
+    with torch.no_grad():
+        model.score.to(device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(model.score.weight, std=head_std)
+    return model
+
+
 def load_reward_model(model_dir: str | Path, *, device: torch.device | str = "cpu",
                       dtype: str | torch.dtype | None = None) -> RewardModel:
     """A sequence-classification directory (one label, safetensors) as a RewardModel in eval mode."""
@@ -209,5 +237,5 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, *, tokenizer=None
 
 
 __all__ = ["REWARD_ARCHITECTURES", "RewardModel", "build_reward_model", "check_reward_model_dir",
-           "last_token_index", "load_reward_model", "read_reward_config", "right_padded_lengths",
-           "save_reward_model"]
+           "last_token_index", "load_reward_model", "read_reward_config", "reward_model_from_causal",
+           "right_padded_lengths", "save_reward_model"]
