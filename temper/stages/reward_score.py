@@ -21,7 +21,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -55,7 +55,7 @@ class Config:
     columns: dict = opt({}, "rename columns to temper's, e.g. columns.prompt=question (response: columns.completion)")
     template: str | None = opt(None, "chat template for message rows: chatml, llama3, plain, a .jinja file "
                                      "(default: the model's)")
-    implicit_prompt: str = opt("turn", "implicit prompts end at the last shared '\\n\\nAssistant:' (turn) or are "
+    implicit_prompt: Literal["turn", "common_prefix"] = opt("turn", "implicit prompts end at the last shared '\\n\\nAssistant:' (turn) or are "
                                        "TRL's common prefix")
     skip_bad_rows: bool = opt(True, "skip bad rows, count them and name the first of each reason (false: stop at "
                                     "the first)")
