@@ -334,3 +334,12 @@ def test_the_reward_judge_takes_the_trained_model(trained):
     judge = make_judge(f"reward:{out}")
     scores, = judge.rank([Prompt.from_text("Where does Eve 7 live?")], [["Dan lives in Paris.", "Dan lives in Rome."]])
     assert scores[1] > scores[0]  # the rule it learned, through the judge's own encoding  # the rule it learned, through the judge's own encoding
+
+
+def test_grpo_takes_the_trained_model_as_a_reward(trained):
+    from temper.rewards.functions import RewardSet
+
+    out, _ = trained
+    rewards = RewardSet([f"judge:reward:{out}"])
+    total, per_function = rewards.score(["Where does Eve 7 live?"] * 2, ["Dan lives in Paris.", "Dan lives in Rome."])
+    assert total.shape == (2,) and bool(torch.isfinite(total).all()) and total[1] > total[0]
