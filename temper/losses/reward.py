@@ -1,4 +1,5 @@
-"""The reward model's loss and metrics: pairwise Bradley–Terry on scalar rewards.
+"""Reward models' losses and metrics: pairwise Bradley–Terry on scalar rewards (outcome reward
+models), and per-step binary cross-entropy (process reward models, `step_loss`).
 
     loss_i = -log sigma(r(x, y_w) - r(x, y_l) - m_i)  +  c * (r(x, y_w) + r(x, y_l))^2
 
@@ -30,6 +31,21 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return losses
 
 
+def step_loss(step_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) per-step losses of a process reward model: binary cross-entropy of sigmoid(s) against
+    the step's label (1: the solution is still right after it), Lightman et al. 2023's step-level
+    supervision. TRL's PRMTrainer (0.13-0.19) puts a two-label token classifier on the step's
+    last token with cross-entropy; one logit s against a fixed 0 is the same softmax, and keeps
+    the head the one-label `score` a sequence-classification reward model has. In fp32."""
+    return F.binary_cross_entropy_with_logits(step_logits.float(), labels.float(), reduction="none")
+
+
+def step_metrics(step_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over the steps: `step_accuracy`, the steps whose sign (s > 0: right) matches the label."""
+    predicted = step_logits.detach().float() > 0
+    return {"step_accuracy": (predicted == labels.bool()).float().sum()}
+
+
 def reward_pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over the batch's pairs (divide by the pairs, `mean_reward_metrics`): `accuracy`, the pairs
     whose chosen reward is strictly higher (TRL's `rewards_chosen > rewards_rejected`: a tie is a
@@ -52,4 +68,5 @@ def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
 
 
-__all__ = ["bradley_terry_loss", "mean_reward_metrics", "pearson_correlation", "reward_pair_metrics"]
+__all__ = ["bradley_terry_loss", "mean_reward_metrics", "pearson_correlation", "reward_pair_metrics", "step_loss",
+           "step_metrics"]

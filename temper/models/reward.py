@@ -64,7 +64,9 @@ class RewardModel(nn.Module):
     """body (a DecoderBase without output layer) + score (hidden -> 1, no bias).
 
     forward(input_ids (B, T) right-padded, lengths (B,) | None, attention_mask (B, T) | None)
-        -> rewards (B,), in the model's dtype.
+        -> rewards (B,), in the model's dtype;
+    forward(input_ids, at=(rows (N,), positions (N,))) -> (N,) scores at those positions (a
+        process reward model's steps).
     """
 
     def __init__(self, body: DecoderBase) -> None:
@@ -90,8 +92,15 @@ class RewardModel(nn.Module):
         self.body.activation_checkpointing = value
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T = input_ids.shape
+        if at is not None:  # a process reward model's step scores: (N,) at (rows, positions)
+            # causal attention: the score at a position is the reward of the sequence cut there,
+            # as the rule below (and transformers) reads that shorter sequence
+            rows, positions = at
+            hidden = self.body(input_ids, return_hidden=True)  # (B, T, C)
+            return self.score(hidden[rows, positions]).squeeze(-1)  # (N,)
         if attention_mask is not None:
             if lengths is not None:
                 raise TemperError("give the reward model lengths or attention_mask, not both")
@@ -103,6 +112,8 @@ class RewardModel(nn.Module):
         hidden = self.body(input_ids, return_hidden=True)  # (B, T, C)
         pooled = hidden[torch.arange(B, device=hidden.device), index]  # (B, C)
         return self.score(pooled).squeeze(-1)  # (B,)
+
+
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
