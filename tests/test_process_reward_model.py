@@ -123,3 +123,32 @@ def test_prm_refuses_pair_settings(capsys, tiny_model_dir, tmp_path):
                  f"output_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
     assert "center_rewards_coefficient" in err and "objective=orm" in err and "Traceback" not in err
+
+
+def test_grpo_takes_the_prm_as_a_reward(trained_prm, tmp_path):
+    import shutil
+
+    from temper.lineage import read_lineage, write_lineage
+    from temper.rewards.functions import RewardSet
+
+    out, _ = trained_prm
+    rewards = RewardSet([f"prm:{out}"])
+    assert rewards.names == [f"prm:{out.name}"]
+    completions = ["Alice lives in Paris. ok\nAlice lives in Paris. ok", "Alice lives in Paris. ok\nAlice lives in Paris. no",
+                   "\n\n"]
+    total, _ = rewards.score(["Check 3."] * 3, completions)
+    assert 0.5 < float(total[0]) <= 1.0 and float(total[1]) < 0.5 and float(total[2]) == 0.0
+    # the reward is the lowest step's sigmoid, read from the model as training reads it
+    rm = load_reward_model(out)
+    from temper.data.tokenizer import Tokenizer
+
+    solution = StepEncoder(Tokenizer.from_dir(out), None, max_len=64).encode(
+        "Check 3.", ["Alice lives in Paris. ok", "Alice lives in Paris. no"], [True, True], "x")
+    with torch.no_grad():
+        steps = rm(torch.tensor([solution.ids]), at=(torch.zeros(2, dtype=torch.long), torch.tensor(solution.step_ends)))
+    assert float(total[1]) == pytest.approx(float(steps.sigmoid().min()), abs=1e-5)
+    orm = tmp_path / "orm"
+    shutil.copytree(out, orm, ignore=shutil.ignore_patterns("checkpoints"))
+    write_lineage(orm, {**read_lineage(orm), "reward_objective": "orm"})
+    with pytest.raises(TemperError, match=r"an outcome reward model .* judge:reward:"):
+        RewardSet([f"prm:{orm}"])
