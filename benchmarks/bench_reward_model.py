@@ -10,7 +10,11 @@ world's held-out preference/test pairs (`temper reward`'s own evaluation, before
 training): pairwise accuracy (a tie is a miss), mean margin r_w - r_l, and the Pearson
 correlation of the reward with the response's length in tokens over chosen and rejected
 responses; then `temper reward score` over the same pairs gives the accuracy by the pair's
-`reason` (why the world's rejected reply loses). Each stage's own output goes to OUT/logs/*.log.
+`reason` (why the world's rejected reply loses). With --prm-steps N > 0, also a process reward
+model from the same SFT model on the world's step-labelled arithmetic (`prm/*`, written by
+`temper world` with the pretraining world's config; `temper reward objective=prm` defaults but N
+steps): held-out step accuracy, solution accuracy (right iff every step scores > 0) and
+first-error accuracy, before and after. Each stage's own output goes to OUT/logs/*.log.
 Nothing is tuned here: the settings are the recipes' defaults, and every number is printed as
 it comes out.
 """
@@ -49,12 +53,17 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--reward-steps", type=int, default=200)
+    ap.add_argument("--prm-steps", type=int, default=0, help="also train a process reward model (0: skip)")
+    ap.add_argument("--skip-to-prm", action="store_true", help="reuse OUT's sft model; train only the PRM")
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     pre, tuned, rm = out / "pretrain", out / "sft", out / "reward"
     common = ["logging.progress=false", "overwrite=true"]
+    if args.skip_to_prm:
+        print(json.dumps(process_reward_model(out, tuned, args.prm_steps, common), indent=2))
+        return
     stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}", *common])
     stage("sft", "sft", out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={args.sft_steps}", *common])
     summary = stage("reward", "reward", out, [f"model={tuned}", f"output_dir={rm}",
@@ -75,7 +84,20 @@ def main() -> None:
               "accuracy_by_reason": {reason: {"pairs": len(v), "accuracy": sum(v) / len(v)}
                                      for reason, v in sorted(by_reason.items())},
               "reward_train_seconds": summary["train_seconds"]}
+    if args.prm_steps:
+        report["prm"] = process_reward_model(out, tuned, args.prm_steps, common)
     print(json.dumps(report, indent=2))
+
+
+def process_reward_model(out: Path, tuned: Path, steps: int, common: list[str]) -> dict:
+    world = out / "world-prm"
+    stage("world", "world", out, [f"output_dir={world}", "overwrite=true"])  # the pretraining world's config
+    summary = stage("prm", "reward", out, [f"model={tuned}", "objective=prm", f"output_dir={out / 'prm'}",
+                                           f"data={world / 'prm' / 'train.jsonl'}",
+                                           f"eval_data={world / 'prm' / 'test.jsonl'}", f"max_steps={steps}", *common])
+    keys = ("eval_step_accuracy", "eval_solution_accuracy", "eval_first_error_accuracy", "eval_loss")
+    return {"held_out_solutions": summary["held_out_solutions"], "before": {k: summary["before"].get(k) for k in keys},
+            "after": {k: summary.get(k) for k in keys}, "prm_train_seconds": summary["train_seconds"]}
 
 
 if __name__ == "__main__":
