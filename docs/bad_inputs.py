@@ -720,6 +720,10 @@ def setup_reward(work: Path) -> None:
                                                 + "\n" for i in range(3)))
     (work / "qa.yaml").write_text("name: qa\ntype: generation\ndata: qa-rows.jsonl\nprompt: 'Question: {question}\\n"
                                   "Answer:'\ntarget: answer\ngeneration: {max_new_tokens: 4}\n")
+    steps = [{"prompt": f"Start from {i}, add 2. What do you get?", "completions": [f"{i} + 2 = {i + 2}"],
+              "labels": [True]} for i in range(6)]
+    (work / "steps-miscounted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        *steps[:3], {**steps[3], "labels": [True, False]}, *steps[4:]]))
     (work / "to-score.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["chosen"]}) + "\n"
                                                  for r in pairs[:3]) + '{"question": "no prompt column"}\n')
 
@@ -745,6 +749,13 @@ REWARD_CASES: list[tuple[str, list[str], str]] = [
     ("reward score writing into the reward model's directory",
      ["reward", "score", "model=rm", "data=to-score.jsonl", "output=rm/scores.jsonl", "max_bad_row_fraction=0.5"],
      "error", ["rm"]),
+    ("a process reward model with no data= from a model without the built-in world",
+     [*REWARD, "objective=prm", "output_dir=rw-7"], "error"),
+    ("a step-labelled row with two labels for one step, skip_bad_rows=false",
+     [*REWARD, "objective=prm", "data=steps-miscounted.jsonl", "skip_bad_rows=false", "output_dir=rw-8"], "error"),
+    ("reward centring asked of a process reward model", [*REWARD, "objective=prm", "data=steps-miscounted.jsonl",
+                                                          "center_rewards_coefficient=0.1", "output_dir=rw-9"],
+     "error"),
     ("reward score over a file with one bad row in four (skipped, counted, named)",
      ["reward", "score", "model=rm", "data=to-score.jsonl", "output=scores.jsonl", "max_bad_row_fraction=0.5"],
      "ok"),
@@ -761,7 +772,8 @@ TITLES = {
     "settings": "Settings refused at load, with the key named",
     "inputs": "Special, endless or huge inputs, judges that hang, and messages that say what and where",
     "grpo": "GRPO: reward functions that fail, and batches and lengths that do not fit",
-    "reward": "Reward models: bodies that cannot be one, heads that are missing, margins and rows that are bad",
+    "reward": "Reward models (outcome and process): bodies that cannot be one, heads that are missing, margins, "
+              "steps and rows that are bad",
 }
 
 
