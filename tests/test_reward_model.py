@@ -343,3 +343,12 @@ def test_grpo_takes_the_trained_model_as_a_reward(trained):
     rewards = RewardSet([f"judge:reward:{out}"])
     total, per_function = rewards.score(["Where does Eve 7 live?"] * 2, ["Dan lives in Paris.", "Dan lives in Rome."])
     assert total.shape == (2,) and bool(torch.isfinite(total).all()) and total[1] > total[0]
+
+
+def test_a_lora_run_resumes(tmp_path, tiny_model_dir, easy_data):
+    """The head added to modules_to_save is the run's doing, not a setting: a resumed LoRA run has the same settings."""
+    common = [f"data={easy_data}", "peft.method=lora", "logging.eval_at_start=false", "eval_pairs=4",
+              "checkpoint.every=1"]
+    train(tiny_model_dir, tmp_path / "rm", *common, "max_steps=1")
+    summary = train(tiny_model_dir, tmp_path / "rm", *common, "max_steps=2", "resume=auto")
+    assert summary["steps"] == 2

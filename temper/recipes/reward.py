@@ -41,6 +41,7 @@ rejected responses (a reward that grows with length is the first step to length 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -225,9 +226,11 @@ def run(cfg: Config) -> dict:
         loader = PreferenceLoader(train, **split, sequences=True)
         fingerprint = preference_fingerprint(train)
 
-    if cfg.peft.method != "none":  # the new head trains in full, as PEFT's task_type=SEQ_CLS keeps `score`
-        cfg.peft.modules_to_save = list(dict.fromkeys([*cfg.peft.modules_to_save, "score"]))
-    trainable = recipe.make_trainable(reward_model, cfg, run, tokenizer=tokenizer)
+    setup = cfg  # with LoRA the new head trains in full, as PEFT's task_type=SEQ_CLS keeps `score` (cfg is unchanged)
+    if cfg.peft.method != "none":
+        setup = dataclasses.replace(cfg, peft=dataclasses.replace(
+            cfg.peft, modules_to_save=list(dict.fromkeys([*cfg.peft.modules_to_save, "score"]))))
+    trainable = recipe.make_trainable(reward_model, setup, run, tokenizer=tokenizer)
     model = trainable.model
 
     def rewards_of(batch):  # (B,) chosen and (B,) rejected rewards
