@@ -239,9 +239,11 @@ def test_the_world_pairs_are_the_default_data(tmp_path, tiny_model_dir):
 
 def test_hh_rlhf_trains_with_default_settings(tmp_path, tiny_model_dir):
     data = shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")
-    summary = train(tiny_model_dir, tmp_path / "rm", f"data={data}", "limit=24", "max_steps=1", "seq_len=128",
-                    "logging.eval_at_start=false")
-    assert summary["rows_read"] == 24 and summary["pairs"] + summary["held_out_pairs"] <= 24
+    args = [f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'rm'}", "limit=24", "max_steps=1",
+            "logging.progress=false", "peak_flops=1e12"]  # the defaults otherwise (seq_len 512, batch_size 8)
+    summary = reward_recipe.run(load_config(reward_recipe.Config, None, args))
+    assert summary["rows_read"] == 24 and summary["pairs"] + summary["held_out_pairs"] == 24
+    assert summary["skipped_rows"] == {} and summary["truncated"] > 0  # long dialogues: cut, never dropped
 
 
 def test_margins_are_read_and_refused_when_only_some_rows_have_one(tmp_path, tiny_model_dir):
