@@ -134,7 +134,7 @@ def setup(work: Path) -> None:
     newest.write_bytes(newest.read_bytes()[:100])
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
-    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo):
+    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward):
         extra(work)
 
 
@@ -744,8 +744,73 @@ PPO: list[tuple[str, list[str], str]] = [
 ]
 
 
+def setup_reward(work: Path) -> None:
+    """A trained reward model (`rm`), the same without its head (`rm-no-head`), pairs with bad or
+    missing margins, and rows to score."""
+    from safetensors.torch import load_file, save_file
+
+    pairs = [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+              "chosen": [{"role": "assistant", "content": str(i + 1)}],
+              "rejected": [{"role": "assistant", "content": f"{i + 7} or so"}]} for i in range(8)]
+    (work / "rm-pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    done = temper(["reward", "model=base", "data=rm-pairs.jsonl", *DPO, "output_dir=rm"], work)
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(work / "rm", work / "rm-no-head", ignore=shutil.ignore_patterns("checkpoints"))
+    weights = load_file(work / "rm-no-head" / "model.safetensors")
+    del weights["score.weight"]
+    save_file(weights, work / "rm-no-head" / "model.safetensors", metadata={"format": "pt"})
+    margins = [{**r, "margin": 1.0} for r in pairs]
+    (work / "margin-text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                                    [*margins[:3], {**pairs[3], "margin": "high"}, *margins[4:]]))
+    (work / "margin-some.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*margins[:3], *pairs[3:]]))
+    (work / "qa-rows.jsonl").write_text("".join(json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)})
+                                                + "\n" for i in range(3)))
+    (work / "qa.yaml").write_text("name: qa\ntype: generation\ndata: qa-rows.jsonl\nprompt: 'Question: {question}\\n"
+                                  "Answer:'\ntarget: answer\ngeneration: {max_new_tokens: 4}\n")
+    steps = [{"prompt": f"Start from {i}, add 2. What do you get?", "completions": [f"{i} + 2 = {i + 2}"],
+              "labels": [True]} for i in range(6)]
+    (work / "steps-miscounted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        *steps[:3], {**steps[3], "labels": [True, False]}, *steps[4:]]))
+    (work / "to-score.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["chosen"]}) + "\n"
+                                                 for r in pairs[:3]) + '{"question": "no prompt column"}\n')
+
+
+REWARD = ["reward", "model=base", *DPO]
+REWARD_CASES: list[tuple[str, list[str], str]] = [
+    ("a reward model as temper reward's model (it trains a new head on a causal LM)",
+     ["reward", "model=rm", "data=rm-pairs.jsonl", *DPO, "output_dir=rw-1"], "error"),
+    ("a LoRA adapter directory as temper reward's model", ["reward", "model=lora", "data=rm-pairs.jsonl", *DPO,
+                                                           "output_dir=rw-2"], "error"),
+    ("peft.method=prefix (a reward model trains with LoRA or in full)",
+     [*REWARD, "data=rm-pairs.jsonl", "peft.method=prefix", "output_dir=rw-3"], "error"),
+    ("a margin that is not a number, skip_bad_rows=false",
+     [*REWARD, "data=margin-text.jsonl", "skip_bad_rows=false", "output_dir=rw-4"], "error"),
+    ("a margin column on some rows only", [*REWARD, "data=margin-some.jsonl", "output_dir=rw-5"], "error"),
+    ("a causal LM given to reward score", ["reward", "score", "model=base", "data=to-score.jsonl"], "error"),
+    ("a reward-model directory without its score.weight given to reward score",
+     ["reward", "score", "model=rm-no-head", "data=to-score.jsonl"], "error"),
+    ("the same directory as eval's judge=reward:",
+     ["eval", "models=[base,base]", "tasks=qa.yaml", "judge=reward:rm-no-head", "output_dir=rw-6"], "error"),
+    ("a row to score without prompt or response, skip_bad_rows=false",
+     ["reward", "score", "model=rm", "data=to-score.jsonl", "skip_bad_rows=false"], "error"),
+    ("reward score writing into the reward model's directory",
+     ["reward", "score", "model=rm", "data=to-score.jsonl", "output=rm/scores.jsonl", "max_bad_row_fraction=0.5"],
+     "error", ["rm"]),
+    ("a process reward model with no data= from a model without the built-in world",
+     [*REWARD, "objective=prm", "output_dir=rw-7"], "error"),
+    ("a step-labelled row with two labels for one step, skip_bad_rows=false",
+     [*REWARD, "objective=prm", "data=steps-miscounted.jsonl", "skip_bad_rows=false", "output_dir=rw-8"], "error"),
+    ("reward centring asked of a process reward model", [*REWARD, "objective=prm", "data=steps-miscounted.jsonl",
+                                                          "center_rewards_coefficient=0.1", "output_dir=rw-9"],
+     "error"),
+    ("reward score over a file with one bad row in four (skipped, counted, named)",
+     ["reward", "score", "model=rm", "data=to-score.jsonl", "output=scores.jsonl", "max_bad_row_fraction=0.5"],
+     "ok"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
-            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO}
+            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -755,6 +820,8 @@ TITLES = {
     "inputs": "Special, endless or huge inputs, judges that hang, and messages that say what and where",
     "grpo": "GRPO: reward functions that fail, and batches and lengths that do not fit",
     "ppo": "PPO: reward models without a scalar head, lengths that do not fit, NaN scores and values",
+    "reward": "Reward models (outcome and process): bodies that cannot be one, heads that are missing, margins, "
+              "steps and rows that are bad",
 }
 
 

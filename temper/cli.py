@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
                                                   "preference pairs"),
     "grpo": Command("temper.recipes.grpo", "train", "GRPO: G sampled completions per prompt, scored by reward "
                                                     "functions, a clipped group-relative objective (TRL's)"),
+    "reward": Command("temper.recipes.reward", "train", "reward model: a scalar head on an SFT model, trained on "
+                                                        "preference pairs (Bradley-Terry)"),
     "ppo": Command("temper.recipes.ppo", "train", "PPO with a KL penalty: policy and value model against a reward "
                                                   "model, a frozen reference (TRL's PPOTrainer)"),
     "online-dpo": Command("temper.workflows.online_dpo", "workflow", "iterative DPO: the policy samples, a judge "
@@ -50,6 +52,8 @@ COMMANDS: dict[str, Command] = {
                                                   "write a table"),
     "eval contamination": Command("temper.stages.contamination", "tool", "n-gram overlap between training data and "
                                                                          "eval sets"),
+    "reward score": Command("temper.stages.reward_score", "tool", "score prompt/response rows (or preference "
+                                                                  "pairs) with a reward model; write JSONL"),
     "merge": Command("temper.stages.merge", "tool", "fold a LoRA/DoRA adapter into its base model (zero inference "
                                                     "overhead)"),
     "generate": Command("temper.stages.generate", "tool", "generate text from a model directory (one prompt or a "

@@ -181,7 +181,8 @@ def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path):
 
 CONFIGS = {name: importlib.import_module(command.module).Config for name, command in COMMANDS.items()}
 # the fewest keys each command needs to load (nothing is read: these are names only)
-MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "grpo": [], "ppo": [], "online-dpo": [], "eval": ["model=m", "tasks=t"],
+MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "reward": [], "reward score": ["model=m", "data=x.jsonl"],
+           "grpo": [], "ppo": [], "online-dpo": [], "eval": ["model=m", "tasks=t"],
            "eval contamination": ["train=a.txt", "eval=b.jsonl"], "merge": ["adapter=a"],
            "generate": ["model=m", "prompt=x"], "chat": ["model=m"], "estimate": ["model=7b"], "world": [],
            "tokenizer": ["data=x.txt"]}

@@ -293,6 +293,7 @@ def recipe_runs(tmp_path, tiny_model_dir, tiny_tokenizer):
         "sft": [f"model={tiny_model_dir}", f"data={sft_data}", "batch_size=4", "seq_len=64", "eval_samples=2",
                 "eval_max_new_tokens=2"],
         "dpo": [f"model={tiny_model_dir}", f"data={pref_data}", "batch_size=4", "seq_len=64", "eval_fraction=0.2"],
+        "reward": [f"model={tiny_model_dir}", f"data={pref_data}", "batch_size=4", "seq_len=64", "eval_fraction=0.2"],
         "grpo": [f"model={tiny_model_dir}", f"prompts={prompts}", f"eval_prompts={prompts}", "eval_limit=2",
                  "rewards=world", "num_generations=4", "batch_size=4", "max_completion_length=4"],
         "ppo": [f"model={tiny_model_dir}", f"reward_model={reward_model}", f"prompts={prompts}",

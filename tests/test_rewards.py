@@ -413,7 +413,7 @@ def test_a_function_that_never_returns_stops_at_the_timeout(user):
 
 
 @pytest.mark.parametrize("specs, weights, kwargs, message", [
-    (["gsm9k"], None, {}, r"rewards=gsm9k: not a shipped reward \(world, gsm8k, format, length\) \(did you mean "
+    (["gsm9k"], None, {}, r"rewards=gsm9k: not a shipped reward \(world, gsm8k, format, length, prm\) \(did you mean "
                           r"'gsm8k'\?\)"),
     (["no_such_module_xyz:score"], None, {}, r"rewards=no_such_module_xyz:score: cannot import module "
                                              r"'no_such_module_xyz'"),
@@ -471,3 +471,10 @@ def test_gsm8k_references_of_every_shipped_row_parse():
         with open(path, encoding="utf-8") as f:
             for line in f:
                 assert math.isfinite(gsm8k_reference(json.loads(line)["answer"]))
+
+
+def test_prm_needs_a_model_directory(tmp_path):
+    with pytest.raises(TemperError, match=r"rewards=prm: the prm reward takes the process reward model's directory"):
+        RewardSet(["prm"])
+    with pytest.raises(TemperError, match=r"rewards=prm:.*nowhere: no such model directory"):
+        RewardSet([f"prm:{tmp_path / 'nowhere'}"])

@@ -243,7 +243,9 @@ TINY = dict(num_people=8, num_towns=4, docs_per_person=4, docs_per_town=2, num_a
 GOLDEN = {"pretrain/train": "763964ea0cce5edb", "pretrain/val": "17b65c14ac2249e6",
           "sft/train": "dd9024a84a3b5f74", "sft/test": "b7f5343511f80ec4",
           "preference/train": "c74a8ec46f0814f3", "preference/test": "069db0bf878fffaa",
-          "rl/train": "06d1a22149f7b0ed", "rl/test": "aa110acff4d8eaf1"}
+          "rl/train": "06d1a22149f7b0ed", "rl/test": "aa110acff4d8eaf1",
+          # added with the process reward model's splits (their own random streams: the others kept their bytes)
+          "prm/train": "8c3acdef4e5c2f1a", "prm/test": "bb8bfc02ccfe48c6"}
 
 
 def test_world_bytes_are_pinned():
@@ -403,3 +405,32 @@ def test_fact_probes_are_prefixes_of_corpus_statements(tmp_path):
         assert all(c == p["answer"] for c in continuations), (p, continuations)
         stated += bool(continuations)
     assert stated >= len(probes) // 2
+
+
+def test_prm_steps_are_labelled_by_the_first_wrong_one():
+    """Every step is `x op y = z`; a step is labelled true exactly when it and every step before it
+    compute right (Math-Shepherd's rule); about half the rows hold a planted error; the first
+    operation of a test row is never a train identity."""
+    import re
+
+    world = build_world(WorldConfig(**TINY))
+    rows = world.splits["prm/train"] + world.splits["prm/test"]
+    planted = 0
+    for row in rows:
+        assert len(row["completions"]) == len(row["labels"]) == row["meta"]["ops"] >= 2
+        all_right_so_far = True
+        for step, label in zip(row["completions"], row["labels"]):
+            x, op, y, z = re.fullmatch(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)", step).groups()
+            all_right_so_far &= {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[op] == int(z)
+            assert label == all_right_so_far, row
+        assert row["labels"][-1] == (row["completions"][-1].split(" = ")[1] == row["answer"])
+        planted += row["meta"]["first_error"] is not None
+    assert 0.4 < planted / len(rows) < 0.6
+
+    def first_identity(row) -> tuple:
+        a, op, b = re.fullmatch(r"Start from (\d+), (add|subtract|multiply by) (\d+),.*", row["prompt"][0]["content"]
+                                ).groups()
+        return op, int(a), int(b)
+
+    train = {first_identity(r) for r in world.splits["prm/train"]}
+    assert not train & {first_identity(r) for r in world.splits["prm/test"]}

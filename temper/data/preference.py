@@ -72,19 +72,26 @@ of each reason; more than `max_bad_row_fraction` (0.1) of the rows read bad stop
 with the counts; `skip_bad_rows=False` stops at the first with `file:line: what is wrong`.
 Reasons: missing_column (a `columns=` rename names a column the row lacks), no_columns,
 bad_type, bad_messages, empty_response, identical, no_common_prefix, prompt_not_prefix,
-empty_prompt, token_boundary, identical_after_truncation, bad_label.
+empty_prompt, token_boundary, identical_after_truncation, bad_label, bad_margin.
+
+Margins: a paired row may carry TRL RewardTrainer's optional `margin` column (a number, or
+null), kept on the pair (`EncodedPair.margin`) for a reward model's loss; the DPO family
+ignores it. A margin that is not a finite number is a bad row (`bad_margin`).
 
 Batches: `PreferenceLoader` yields `PairBatch`es holding B pairs as 2B right-padded rows,
 the B chosen first and then the B rejected (one concatenated forward), with targets
 shifted (targets[t] = token t+1) and IGNORE_INDEX on the prompt and padding; or, for
 unpaired data, `UnpairedBatch`es of B rows with their labels (and, with `kl=True`, B more
-mismatched rows for KTO's KL estimate, as TRL builds them).
+mismatched rows for KTO's KL estimate, as TRL builds them); with `sequences=True`,
+`SequencePairBatch`es of whole right-padded sequences and their lengths, what a reward
+model reads (every token, no targets).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -104,7 +111,7 @@ IMPLICIT_PROMPT_RULES = ("turn", "common_prefix")
 # Where a string dialogue hands the turn to the assistant (HH-RLHF's format).
 ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
 # The columns a row may carry, which `columns=` may rename.
-COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "system")
+COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "system", "margin")
 
 
 # ----------------------------------------------------------------------------- rows
@@ -116,6 +123,7 @@ class PreferencePair:
     chosen: str | list[dict]  # text, or the assistant message(s)
     rejected: str | list[dict]
     source: str  # "file:line"
+    margin: float | None = None  # the optional `margin` column (reward models: r_w - r_l must pass it)
 
     @property
     def conversational(self) -> bool:
@@ -345,7 +353,18 @@ def row_to_pair(row: dict, source: str, columns: dict[str, str] | None = None, *
         _check(prompt, "prompt", prompt=True)
         _check(prompt + chosen, "prompt+chosen")
         _check(prompt + rejected, "prompt+rejected")
-    return PreferencePair(prompt, chosen, rejected, source)
+    return PreferencePair(prompt, chosen, rejected, source, _margin(row))
+
+
+def _margin(row: dict) -> float | None:
+    """The optional `margin` column (TRL RewardTrainer's): a finite number, or absent / null."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRow("bad_margin", f"field 'margin' is {_kind(value) if not isinstance(value, float) else value} "
+                                   "(expected a finite number)")
+    return float(value)
 
 
 def row_to_unpaired(row: dict, source: str, columns: dict[str, str] | None = None, *,
@@ -448,6 +467,7 @@ class EncodedPair:
     rejected_ids: list[int]
     source: str
     ref_logps: tuple[float, float] | None = None  # the reference's (chosen, rejected) log-probs, when precomputed
+    margin: float | None = None  # the row's `margin` column, if it has one
 
 
 @dataclass
@@ -597,7 +617,7 @@ def encode_pairs(pairs: Iterable[PreferencePair], tokenizer, template: str | Non
             bad.add(e, pair.source)
             continue
         _count_cuts(stats, prompt_cut, answer_cut)
-        out.append(EncodedPair(prompt_ids, chosen, rejected, pair.source))
+        out.append(EncodedPair(prompt_ids, chosen, rejected, pair.source, margin=pair.margin))
     stats.pairs += len(out)
     bad.check(max(stats.rows, seen + sum(before.values())), before)
     if not out:
@@ -650,6 +670,8 @@ def preference_fingerprint(encoded: list[EncodedPair] | list[EncodedUnpaired]) -
             h.update(b"|")
         if isinstance(e, EncodedUnpaired):
             h.update(b"+" if e.label else b"-")
+        elif e.margin is not None:  # absent margins hash as before (fingerprints of earlier runs stay)
+            h.update(f"m{e.margin!r}".encode())
         h.update(b";")
     return h.hexdigest()[:16]
 
@@ -769,6 +791,40 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int, *, pack_len: int = 0) -
     return PairBatch(**_pad_rows(rows, pad_id, pack_len), num_pairs=len(pairs), ref_logps=ref)
 
 
+@dataclass
+class SequencePairBatch:
+    """B pairs as 2B whole sequences for a reward model, which reads every token (no targets):
+    `input_ids` (2B, T) right-padded with `pad_id`, rows [0, B) prompt + chosen and [B, 2B) the
+    same prompts + rejected; `lengths` (2B,) each row's tokens; `response_tokens` (2B,) each
+    answer's; `margins` (B,) the rows' `margin` column (None when no pair has one)."""
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    response_tokens: torch.Tensor
+    num_pairs: int
+    margins: torch.Tensor | None = None
+
+    def to(self, device) -> SequencePairBatch:
+        return SequencePairBatch(self.input_ids.to(device), self.lengths.to(device), self.response_tokens.to(device),
+                                 self.num_pairs, None if self.margins is None else self.margins.to(device))
+
+
+def collate_sequence_pairs(pairs: list[EncodedPair], pad_id: int) -> SequencePairBatch:
+    """Right-padded whole sequences of `pairs` (see SequencePairBatch); a pair without a margin
+    among pairs with one is an internal error (the recipe checks the data first)."""
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    lengths = [len(s) for s in seqs]
+    input_ids = torch.full((len(seqs), max(lengths)), pad_id, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+    answers = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    margins = None
+    if any(p.margin is not None for p in pairs):
+        assert all(p.margin is not None for p in pairs), "pairs with and without a margin in one batch"
+        margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return SequencePairBatch(input_ids, torch.tensor(lengths), torch.tensor(answers), len(pairs), margins)
+
+
 def _mismatched(examples: list[EncodedUnpaired], i: int) -> int:
     """The example whose answer KTO's mismatched row i takes: the nearest earlier one (cyclically)
     with another prompt. Rotating by one alone would give a pair's rejected example its own
@@ -803,7 +859,7 @@ class PreferenceLoader(SFTLoader):
 
     def __init__(self, examples: list[EncodedPair] | list[EncodedUnpaired], *, batch_size: int, pad_id: int,
                  seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
-                 kl: bool = False, max_len: int = 0, pack_len: int = 0) -> None:
+                 kl: bool = False, max_len: int = 0, pack_len: int = 0, sequences: bool = False) -> None:
         if not examples:
             raise TemperError("no preference data to load")
         super().__init__(examples, batch_size=batch_size, seq_len=max_len, pad_id=pad_id, seed=seed, packing=False,
@@ -813,15 +869,19 @@ class PreferenceLoader(SFTLoader):
             raise TemperError("kl=True builds KTO's mismatched rows: it needs unpaired examples")
         if kl and max_len < 1:
             raise TemperError("kl=True needs max_len: a mismatched row is cut to fit the context")
-        self.kl, self.pack_len = kl, pack_len
+        if sequences and (self.unpaired or pack_len):
+            raise TemperError("sequences=True batches whole pairs for a reward model: paired data, no packing")
+        self.kl, self.pack_len, self.sequences = kl, pack_len, sequences
 
-    def next_batch(self) -> PairBatch | UnpairedBatch:
+    def next_batch(self) -> PairBatch | UnpairedBatch | SequencePairBatch:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None
         chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
         self.position += 1
         if self.unpaired:
             return collate_unpaired(chunk, self.pad_id, kl=self.kl, max_len=self.seq_len, pack_len=self.pack_len)
+        if self.sequences:
+            return collate_sequence_pairs(chunk, self.pad_id)
         return collate_pairs(chunk, self.pad_id, pack_len=self.pack_len)
 
 
@@ -840,8 +900,8 @@ def load_preferences(spec, tokenizer, template: str | None, *, max_len: int, max
 
 __all__ = [
     "ASSISTANT_TURN_MARKERS", "BadRow", "COLUMNS", "EncodedPair", "EncodedUnpaired", "PairBatch", "PreferenceEncoder",
-    "PreferenceLoader", "PreferencePair", "PreferenceStats", "UnpairedBatch", "UnpairedExample", "collate_pairs",
-    "collate_unpaired", "detect_preference_format", "encode_pairs", "encode_unpaired", "load_preferences",
+    "PreferenceLoader", "PreferencePair", "PreferenceStats", "SequencePairBatch", "UnpairedBatch", "UnpairedExample", "collate_pairs",
+    "collate_sequence_pairs", "collate_unpaired", "detect_preference_format", "encode_pairs", "encode_unpaired", "load_preferences",
     "preference_fingerprint", "read_preferences", "read_unpaired", "row_to_pair", "row_to_unpaired",
     "split_implicit_prompt",
 ]

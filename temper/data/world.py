@@ -17,6 +17,12 @@ one `random.Random` stream per part, so the same seed gives byte-identical files
   unless `sft_style_noise` > 0: then that share of sft/train rows, like scraped instruction
   data, ends on a reply in a rejected style (rambling, repetitive or rude, named in the row's
   `style`) that still holds the answer. sft/test stays clean.
+* **step-labelled solutions** (`prm/*`, TRL's stepwise-supervision columns `prompt`,
+  `completions`, `labels`) for process reward models: multi-step arithmetic, one line a step;
+  in about half the rows one step's result is planted wrong (off by 1, 2 or 10), the later
+  steps compute on from it, and every step from the wrong one on is labelled false (it can no
+  longer reach the answer, Math-Shepherd's rule). Their own random streams: the other splits
+  keep their bytes.
 
 Held-out splits are disjoint by question identity: a (person or town, fact) pair, an
 (operation, a, b) triple or a word is either train or test, for all three datasets at once.
@@ -159,7 +165,7 @@ REJECTED_STYLES = ("wrong", "rambling", "repetitive", "rude")
 NOISE_STYLES = REJECTED_STYLES[1:]
 NOISE_KINDS = ("exact_duplicate", "near_duplicate", "boilerplate", "spam", "pii")
 SPLIT_NAMES = ("pretrain/train", "pretrain/val", "sft/train", "sft/test", "preference/train",
-               "preference/test", "rl/train", "rl/test")
+               "preference/test", "rl/train", "rl/test", "prm/train", "prm/test")
 
 
 @dataclass
@@ -180,6 +186,8 @@ class WorldConfig:
     num_pref_test: int = 100
     num_rl_train: int = 1000
     num_rl_test: int = 100
+    num_prm_train: int = 1000
+    num_prm_test: int = 100
     sft_style_noise: float = 0.0
 
     def validate(self) -> None:
@@ -404,6 +412,44 @@ class _Builder:
         return [{"prompt": [{"role": "user", "content": it.question}], "answer": it.answer,
                  "task": it.task, "meta": it.meta} for it in self._items(rng, split, n, set())]
 
+    def prm(self, split: str, n: int) -> list[dict]:
+        """Step-labelled arithmetic solutions (module docstring). The first operation is an
+        (op, a, b) identity of the split (so train and test stay disjoint), then 1-3 more on the
+        running value; half the rows (seeded) carry one planted wrong step."""
+        rng = self.rng(f"prm-{split}")
+        pool = self.pools[split]["arith"]
+        symbol = {"add": "+", "sub": "-", "mul": "*"}
+        words = {"add": "add {x}", "sub": "subtract {x}", "mul": "multiply by {x}"}
+        rows = []
+        for _ in range(n):
+            op, a, b = rng.choice(pool)
+            ops = [(op, b)]
+            value = {"add": a + b, "sub": a - b, "mul": a * b}[op]
+            for _ in range(rng.randint(1, 3)):
+                choices = ["add"] + (["sub"] if value >= 1 else []) + (["mul"] if value <= 30 else [])
+                nxt = rng.choice(choices)
+                x = rng.randint(2, 5) if nxt == "mul" else rng.randint(1, 20) if nxt == "add" else \
+                    rng.randint(1, min(value, 20))  # the right values stay >= 0 (a wrong one may not)
+                ops.append((nxt, x))
+                value = {"add": value + x, "sub": value - x, "mul": value * x}[nxt]
+            wrong_at = rng.randrange(len(ops)) if rng.random() < 0.5 else None
+            delta = rng.choice((-10, -2, -1, 1, 2, 10))
+            steps, labels, value, correct = [], [], a, a
+            for i, (o, x) in enumerate(ops):
+                result = {"add": value + x, "sub": value - x, "mul": value * x}[o]
+                correct = {"add": correct + x, "sub": correct - x, "mul": correct * x}[o]
+                if i == wrong_at:
+                    result = result + delta if result + delta >= 0 else result - delta
+                steps.append(f"{value} {symbol[o]} {x} = {result}")
+                labels.append(wrong_at is None or i < wrong_at)
+                value = result
+            plan = ", ".join(words[o].format(x=x) for o, x in ops[1:])
+            question = f"Start from {a}, {words[op].format(x=b)}, then {plan}. What do you get?"
+            rows.append({"prompt": [{"role": "user", "content": question}], "completions": steps, "labels": labels,
+                         "answer": str(correct), "task": "arithmetic",
+                         "meta": {"ops": len(ops), "first_error": wrong_at}})
+        return rows
+
     # ------------------------------------------------------------------ pretraining corpus
     def person_doc(self, rng: random.Random, i: int, counts: dict[str, int]) -> str:
         f = self.fields("person", i)
@@ -540,6 +586,7 @@ def build_world(cfg: WorldConfig) -> World:
         splits[f"sft/{split}"] = b.sft(split, sft_n)
         splits[f"preference/{split}"] = b.preference(split, pref_n)
         splits[f"rl/{split}"] = b.rl(split, rl_n)
+    splits["prm/train"], splits["prm/test"] = b.prm("train", cfg.num_prm_train), b.prm("test", cfg.num_prm_test)
     return World(config=cfg, people=b.people, towns=b.towns, splits=splits)
 
 
@@ -572,6 +619,9 @@ DESCRIPTIONS = {
     "preference/train": "TRL preference pairs {prompt, chosen, rejected, reason}",
     "preference/test": "held-out preference pairs",
     "rl/train": "RL prompts with verifiable answers {prompt, answer, task}", "rl/test": "held-out RL prompts",
+    "prm/train": "step-labelled arithmetic solutions {prompt, completions, labels, answer}; meta.first_error: the "
+                 "planted wrong step (null: none)",
+    "prm/test": "held-out step-labelled solutions",
 }
 
 

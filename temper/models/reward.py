@@ -64,7 +64,9 @@ class RewardModel(nn.Module):
     """body (a DecoderBase without output layer) + score (hidden -> 1, no bias).
 
     forward(input_ids (B, T) right-padded, lengths (B,) | None, attention_mask (B, T) | None)
-        -> rewards (B,), in the model's dtype.
+        -> rewards (B,), in the model's dtype;
+    forward(input_ids, at=(rows (N,), positions (N,))) -> (N,) scores at those positions (a
+        process reward model's steps).
     """
 
     def __init__(self, body: DecoderBase) -> None:
@@ -77,9 +79,28 @@ class RewardModel(nn.Module):
     def config(self) -> ModelConfig:
         return self.body.config
 
+    @property
+    def blocks(self) -> nn.ModuleList:  # what training wrappers (FSDP, activation checkpointing) walk
+        return self.body.blocks
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.body.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.body.activation_checkpointing = value
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T = input_ids.shape
+        if at is not None:  # a process reward model's step scores: (N,) at (rows, positions)
+            # causal attention: the score at a position is the reward of the sequence cut there,
+            # as the rule below (and transformers) reads that shorter sequence
+            rows, positions = at
+            hidden = self.body(input_ids, return_hidden=True)  # (B, T, C)
+            return self.score(hidden[rows, positions]).squeeze(-1)  # (N,)
         if attention_mask is not None:
             if lengths is not None:
                 raise TemperError("give the reward model lengths or attention_mask, not both")
@@ -91,6 +112,8 @@ class RewardModel(nn.Module):
         hidden = self.body(input_ids, return_hidden=True)  # (B, T, C)
         pooled = hidden[torch.arange(B, device=hidden.device), index]  # (B, C)
         return self.score(pooled).squeeze(-1)  # (B,)
+
+
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -175,6 +198,22 @@ def build_reward_model(config: ModelConfig, *, device: torch.device | str = "cpu
     return model.to(resolve_dtype(dtype, device))
 
 
+def reward_model_from_causal(body: DecoderBase, *, tokenizer=None, head_std: float = 0.02) -> RewardModel:
+    """A reward model on a causal LM's decoder (its output layer dropped, an input embedding it
+    was tied to kept) and a new head N(0, head_std^2), as transformers' `_init_weights` draws a
+    new `score` layer (std = the config's `initializer_range`, 0.02 by default), so
+    `AutoModelForSequenceClassification.from_pretrained(causal_dir, num_labels=1)` starts alike.
+    With a tokenizer its ids go into the config: the pad id decides which token is scored, in
+    training as in the saved directory."""
+    body.config = with_tokenizer_ids(body.config.replace(tie_embeddings=False), tokenizer)
+    weight = body.input_embeddings.weight
+    model = RewardModel(body)
+    with torch.no_grad():
+        model.score.to(device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(model.score.weight, std=head_std)
+    return model
+
+
 def load_reward_model(model_dir: str | Path, *, device: torch.device | str = "cpu",
                       dtype: str | torch.dtype | None = None) -> RewardModel:
     """A sequence-classification directory (one label, safetensors) as a RewardModel in eval mode."""
@@ -209,5 +248,5 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, *, tokenizer=None
 
 
 __all__ = ["REWARD_ARCHITECTURES", "RewardModel", "build_reward_model", "check_reward_model_dir",
-           "last_token_index", "load_reward_model", "read_reward_config", "right_padded_lengths",
-           "save_reward_model"]
+           "last_token_index", "load_reward_model", "read_reward_config", "reward_model_from_causal",
+           "right_padded_lengths", "save_reward_model"]

@@ -37,6 +37,9 @@ Specs (`rewards=[...]`, `RewardSet`), with the name each is logged under (`rewar
                      recipe's max_completion_length and L_cache = C tokens (default L_max // 5, DAPO's
                      4,096 of 20,480): 0 up to L_max - L_cache, then falling linearly to -1 at L_max,
                      -1 beyond (a truncated completion gets -1)
+  prm:DIR            a process reward model (`temper reward objective=prm`): the completion's lines
+                     are its steps, the reward the lowest step's probability of being right
+                     (`temper.rewards.process`)
   MODULE:FUNCTION    your function (dots allowed in both), imported; logged under its `__name__` as
                      TRL logs it
   judge:JUDGE        any scoring judge of `temper.rewards.judges`, the same spec as `judge=`:
@@ -97,7 +100,7 @@ from temper.rewards.judges import (
     split_spec,
 )
 
-SHIPPED = ("world", "gsm8k", "format", "length")
+SHIPPED = ("world", "gsm8k", "format", "length", "prm")
 EXCLUDED_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes every column but these
 RESERVED = ("prompts", "completions", "completion_ids", "log_metric", "log_extra")
 DAPO_CACHE_FRACTION = 5  # L_cache = L_max // 5: DAPO's 4,096 of 20,480 tokens
@@ -382,6 +385,15 @@ class RewardSet:
                                       f"0 to max_completion_length={limit}")
                 cache = int(arg)
             return RewardFunction("length", spec, SoftOverlongPunishment(limit, cache))
+        if name == "prm":
+            if not arg:
+                raise TemperError(f"{self.option}{spec}: the prm reward takes the process reward model's directory: "
+                                  "prm:DIR")
+            if not Path(arg).expanduser().is_dir():
+                raise TemperError(f"{self.option}{spec}: no such model directory")
+            from temper.rewards.process import ProcessReward  # lazy: loads a model only when named
+
+            return RewardFunction(f"prm:{Path(arg.rstrip('/')).name}", spec, ProcessReward(arg, device=self.device))
         if arg is not None:
             raise TemperError(f"{self.option}{spec}: the {name} reward takes no argument; write {name}")
         fn = {"world": world_answer_reward, "gsm8k": gsm8k_reward, "format": answer_format_reward}[name]

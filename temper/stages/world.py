@@ -38,6 +38,8 @@ class Config:
     num_pref_test: int = opt(100, "preference pairs in preference/test.jsonl")
     num_rl_train: int = opt(1000, "RL prompts in rl/train.jsonl")
     num_rl_test: int = opt(100, "RL prompts in rl/test.jsonl")
+    num_prm_train: int = opt(1000, "step-labelled solutions in prm/train.jsonl (process reward models)")
+    num_prm_test: int = opt(100, "step-labelled solutions in prm/test.jsonl")
     sft_style_noise: float = opt(0.0, "share of sft/train rows whose last reply is rambling, repetitive or rude "
                                       "(still correct; the row's `style` says which), like scraped instruction data")
 
@@ -51,7 +53,7 @@ class Config:
 
 def earlier_world(out: Path) -> list[str]:
     """What a world written earlier left in `out` (a model trained on it may name it as its world)."""
-    return [name for name in ("facts.json", "README.md", "pretrain", "sft", "preference", "rl") if (out / name).exists()]
+    return [name for name in ("facts.json", "README.md", "pretrain", "sft", "preference", "rl", "prm") if (out / name).exists()]
 
 
 def run(cfg: Config) -> None:
