@@ -177,7 +177,7 @@ def main() -> None:
         stage("plot_world", "plot", out, [f"runs=[{grpo_dir}]", "names=[grpo (world rl/train)]",
                                           "metrics=[reward,eval_pass_rate,completions/mean_length,entropy]",
                                           f"output={plots / 'grpo-world.svg'}", "overwrite=true",
-                                          "title=temper grpo from the SFT llama-3m: built-in world"])
+                                          "title=temper grpo from the SFT llama-3m: built-in world", "y_zero=true"])
         if gsm is not None:
             stage("plot_gsm8k", "plot", out, [f"runs=[{gsm['dir']}]", "names=[grpo (gsm8k test)]",
                                               "metrics=[reward,frac_reward_zero_std,completions/mean_length,"

@@ -116,6 +116,12 @@ def test_render_svg_handles_a_single_point_and_only_nan():
     entropy = panel(root, "entropy")
     assert not list(entropy.iter(f"{SVG}polyline"))
     assert any(t.text == "no finite values" for t in entropy.iter(f"{SVG}text"))
+    def y_ticks(svg, metric):
+        return [float(t.text) for t in panel(ET.fromstring(svg), metric).iter(f"{SVG}text") if t.get("class") == "ytick"]
+
+    rates = Run("r", None, [{"step": s, "eval_pass_rate": v} for s, v in ((0, 0.38), (20, 0.41), (40, 0.44))])
+    assert min(y_ticks(render_svg([rates], ["eval_pass_rate"]), "eval_pass_rate")) > 0.3  # spans the values
+    assert y_ticks(render_svg([rates], ["eval_pass_rate"], y_zero=True), "eval_pass_rate")[0] == 0.0
     with pytest.raises(TemperError, match="no run logs 'reward'"):
         render_svg([one], ["reward"])
 

@@ -155,7 +155,7 @@ def tick_label(value: float, ticks: list[float]) -> str:
 
 
 def _panel(metric: str, lines: list[tuple[int, str, list[tuple[float, float]], bool]], x0: float, y0: float,
-           steps: tuple[float, float]) -> list[str]:
+           steps: tuple[float, float], y_zero: bool = False) -> list[str]:
     """One panel's SVG elements: frame, ticks, grid, one polyline (and markers) per run."""
     left, top = x0 + MARGIN_L, y0 + MARGIN_T
     width, height = PANEL_W - MARGIN_L - MARGIN_R, PANEL_H - MARGIN_T - MARGIN_B
@@ -169,6 +169,8 @@ def _panel(metric: str, lines: list[tuple[int, str, list[tuple[float, float]], b
         out.append(f'<text x="{left + width / 2:.1f}" y="{top + height / 2:.1f}" text-anchor="middle" '
                    f'font-size="12" fill="#888" {FONT}>no finite values</text></g>')
         return out
+    if y_zero:  # the axis from 0: a change looks as large as it is against the whole value
+        values.append(0.0)
     xt, yt = nice_ticks(*steps, count=6), nice_ticks(min(values), max(values), count=5)
     x_lo, x_hi, y_lo, y_hi = xt[0], xt[-1], yt[0], yt[-1]
 
@@ -205,8 +207,10 @@ def _panel(metric: str, lines: list[tuple[int, str, list[tuple[float, float]], b
     return out
 
 
-def render_svg(runs: list[Run], metrics: list[str], *, title: str = "", columns: int = 2) -> str:
-    """One panel per metric (in `columns` columns), one line per run, a legend of the runs on top."""
+def render_svg(runs: list[Run], metrics: list[str], *, title: str = "", columns: int = 2,
+               y_zero: bool = False) -> str:
+    """One panel per metric (in `columns` columns), one line per run, a legend of the runs on top;
+    `y_zero`: every y axis includes 0 (else it spans the values)."""
     if not runs or not metrics:
         raise ValueError("render_svg needs at least one run and one metric")
     check_metrics(runs, metrics)
@@ -240,6 +244,6 @@ def render_svg(runs: list[Run], metrics: list[str], *, title: str = "", columns:
         if not steps:  # no finite value anywhere: the frame over the runs' steps
             steps = [float(r["step"]) for run in runs for r in run.rows]
         x0, y0 = PANEL_W * (k % columns), head + PANEL_H * (k // columns)
-        out += _panel(metric, lines, x0, y0, (min(steps), max(steps)))
+        out += _panel(metric, lines, x0, y0, (min(steps), max(steps)), y_zero)
     out.append("</svg>")
     return "\n".join(out) + "\n"

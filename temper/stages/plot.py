@@ -32,6 +32,8 @@ class Config:
     names: list[str] = opt([], "legend names, one per run (default: each run's directory name)")
     title: str = opt("", "a title above the panels")
     columns: int = opt(2, "panels per row")
+    y_zero: bool = opt(False, "start every y axis at 0 (or end it there), so a change is seen against the whole "
+                              "value; default: the axis spans the values")
 
     def validate(self) -> None:
         if not self.runs:
@@ -57,7 +59,7 @@ def run(cfg: Config) -> dict:
         raise TemperError(f"metrics= is required: name the metrics to plot, e.g. metrics=[{logged[0] if logged else 'loss'}]"
                           f"; logged: {', '.join(logged) or 'none'}")
     check_metrics(runs, cfg.metrics)
-    svg = render_svg(runs, cfg.metrics, title=cfg.title, columns=cfg.columns)
+    svg = render_svg(runs, cfg.metrics, title=cfg.title, columns=cfg.columns, y_zero=cfg.y_zero)
     inputs = {f"runs[{i}]": str(r.path) for i, r in enumerate(runs)}
     with claim_output_file(cfg.output, key="output", inputs=inputs, overwrite=cfg.overwrite) as target:
         atomic_write_text(target, svg)
