@@ -31,6 +31,7 @@ import collections
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def grpo_settings(args) -> list[str]:
             f"batch_size={args.batch_size}", f"max_completion_length={args.max_completion_length}",
             f"temperature={args.temperature!r}", f"beta={args.beta!r}", f"seed={args.seed}",
             f"logging.every={args.log_every}", f"logging.eval_every={args.eval_every}",
-            f"eval_limit={args.eval_limit}", "logging.eval_at_start=true", "checkpoint.every=0"]
+            f"eval_limit={args.eval_limit}", "logging.eval_at_start=true", "checkpoint.every=0",
+            f"rewards=[{args.rewards}]", f"mask_truncated_completions={str(args.mask_truncated).lower()}"]
 
 
 def pass_rates(model_dir, prompts_file, max_new_tokens: int) -> dict:
@@ -79,10 +81,16 @@ def pass_rates(model_dir, prompts_file, max_new_tokens: int) -> dict:
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         replies.append(text[:cut] if cut >= 0 else text)
     scores = world_answer_reward(replies, answer=[p.answer for p in prompts])
+    # a reply that goes on past its answer may hit a right word by listing more facts: the strict
+    # score reads the first sentence only (where the SFT data puts the answer)
+    first = world_answer_reward([re.split(r"(?<=[.?!])\s+", r.strip())[0] for r in replies],
+                                answer=[p.answer for p in prompts])
     by_task = collections.defaultdict(list)
     for task, s in zip(tasks, scores):
         by_task[task].append(s >= 1.0)
-    result = {"all": sum(s >= 1.0 for s in scores) / len(scores), "n": len(scores)}
+    result = {"all": sum(s >= 1.0 for s in scores) / len(scores), "n": len(scores),
+              "first_sentence": sum(s >= 1.0 for s in first) / len(first),
+              "mean_words": sum(len(r.split()) for r in replies) / len(replies)}
     for task in sorted(by_task):
         result[task] = sum(by_task[task]) / len(by_task[task])
         result[f"n_{task}"] = len(by_task[task])
@@ -118,6 +126,9 @@ def main() -> None:
     ap.add_argument("--max-completion-length", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=0.0)
+    ap.add_argument("--rewards", default="world", help="reward functions, comma-separated (the pass rate is always "
+                                                         "scored by world), e.g. world,length:16")
+    ap.add_argument("--mask-truncated", action="store_true", help="mask_truncated_completions=true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -155,14 +166,14 @@ def main() -> None:
     test = world / "rl" / "test.jsonl"
     before, after = (pass_rates(d, test, args.max_completion_length) for d in (sft, grpo_dir))
     for name, measured, logged in (("SFT", before, evals[0][1]), ("GRPO", after, evals[-1][1])):
-        if args.eval_limit == 0 and abs(measured["all"] - logged) > 1e-9:
+        if args.eval_limit == 0 and abs(measured["all"] - logged) > 1e-6:  # logged as a float32
             print(f"note: {name}: the pass rate measured here ({measured['all']:.3f}) differs from the logged "
                   f"eval_pass_rate ({logged:.3f})")
 
     gsm = None
     if args.gsm8k:
         gsm_dir = out / "grpo_gsm8k"
-        gsm_settings = [f"prompts={GSM8K}", "rewards=gsm8k", f"max_steps={args.gsm8k_steps}", f"optim.lr={args.lr!r}",
+        gsm_settings = [f"prompts={os.path.relpath(GSM8K)}", "rewards=gsm8k", f"max_steps={args.gsm8k_steps}", f"optim.lr={args.lr!r}",
                         f"num_generations={args.num_generations}", f"batch_size={args.batch_size}",
                         f"max_completion_length={args.gsm8k_max_completion_length}", f"seed={args.seed}",
                         "logging.every=1", "checkpoint.every=0"]
@@ -199,12 +210,21 @@ def main() -> None:
           f"{threads} torch threads; seed {args.seed}")
     print("eval_pass_rate over steps (greedy, world reward, rl/test): "
           + ", ".join(f"{s}: {v:.2f}" for s, v in evals))
-    tasks = [k for k in before if k not in ("all", "n", "examples") and not k.startswith("n_")]
+    tasks = [k for k in before if k not in ("all", "n", "examples", "first_sentence", "mean_words")
+             and not k.startswith("n_")]
     print("\n| held-out pass rate (rl/test, greedy) | SFT (step 0) | GRPO (step " f"{args.steps}) | change |")
     print("|---|---|---|---|")
     for k in ("all", *tasks):
         n = before["n"] if k == "all" else before[f"n_{k}"]
         print(f"| {k} ({n} prompts) | {before[k]:.3f} | {after[k]:.3f} | {after[k] - before[k]:+.3f} |")
+    print(f"| all, first sentence of the reply only | {before['first_sentence']:.3f} | {after['first_sentence']:.3f} | "
+          f"{after['first_sentence'] - before['first_sentence']:+.3f} |")
+    print(f"| words per greedy reply | {before['mean_words']:.1f} | {after['mean_words']:.1f} | "
+          f"{after['mean_words'] - before['mean_words']:+.1f} |")
+    hacking = sorted({r["hacking"] for r in rows if r.get("hacking")})
+    if hacking:
+        print(f"the reward-hacking watch marked rows: {', '.join(hacking)} (first at step "
+              f"{next(r['step'] for r in rows if r.get('hacking'))})")
     train_rows = [r for r in rows if "reward" in r]
     if train_rows:
         first, last = train_rows[:3], train_rows[-3:]

@@ -184,11 +184,14 @@ def test_bench_grpo_world_measures_pass_rates_per_task_as_the_recipe_does(tmp_pa
     model, tokenizer = load_for_inference(str(tiny_model_dir))  # the same greedy replies as generation gives
     greedy = sample_responses(model, tokenizer, resolve_template(None, tokenizer), read_prompts(str(prompts)), 1,
                               temperature=0.0, top_p=1.0, max_new_tokens=6, seed=0)
-    assert [s.strip() for s in seen] == [r[0] for r in greedy]
+    assert [s.strip() for s in seen[:3]] == [r[0] for r in greedy]
+    assert len(seen) == 6 and all(r[0].startswith(f) for f, r in zip(seen[3:], greedy))  # then first sentences
+    assert bench.pass_rates(tiny_model_dir, prompts, max_new_tokens=6)["first_sentence"] == 1 / 3
 
     class Args:
         steps, lr, num_generations, batch_size, max_completion_length = 7, 3e-5, 4, 8, 16
         temperature, beta, seed, log_every, eval_every, eval_limit = 1.0, 0.0, 0, 1, 5, 0
+        rewards, mask_truncated = "world,length:8", True
 
     settings = bench.grpo_settings(Args)
     assert {"max_steps=7", "optim.lr=3e-05", "num_generations=4", "batch_size=8", "max_completion_length=16",
@@ -197,3 +200,4 @@ def test_bench_grpo_world_measures_pass_rates_per_task_as_the_recipe_does(tmp_pa
 
     cfg = Commands().config("grpo", [f"model={tiny_model_dir}", *settings])  # keys temper grpo takes, checked
     assert (cfg.max_steps, cfg.optim.lr, cfg.num_generations, cfg.logging.eval_at_start) == (7, 3e-5, 4, True)
+    assert cfg.rewards == ["world", "length:8"] and cfg.mask_truncated_completions is True
