@@ -2,22 +2,27 @@
 pass rate rise, in minutes on CPU?
 
     python benchmarks/bench_grpo_world.py [--out runs/bench_grpo_world] [--pretrain-steps 500 --sft-steps 400]
-        [--steps 60 --lr 5e-5 --num-generations 8 --batch-size 32 --max-completion-length 32 ...]
+        [--steps 100 --lr 3e-4 --num-generations 8 --batch-size 64 --max-completion-length 32
+         --rewards world,length:16 --eval-every 20 ...]
         [--sft DIR]            # start from this SFT model (skip pretraining and SFT)
         [--plots docs]         # write grpo-world.svg (reward, pass rate, ...) there with `temper plot`
         [--gsm8k]              # also a few GRPO steps on GSM8K's test prompts with the GSM8K checker
 
 Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps), SFTs it (`temper
 sft` defaults but --sft-steps), then runs `temper grpo model=SFT` on the world's rl/train prompts with
-the `world` reward (exact answers: fact, arithmetic, string tasks), evaluating `eval_pass_rate` (greedy
-replies to every rl/test prompt scored by the same reward; the prompts no step trains on) at the start
-and every --eval-every steps. The recipe's defaults follow TRL, whose lr 1e-6 barely moves a 2M-parameter
+the `world` reward (exact answers: fact, arithmetic, string tasks) and DAPO's soft overlong
+penalty past 16 tokens (`length:16`: with the world reward alone the replies grow, see docs/grpo.md),
+evaluating `eval_pass_rate` (greedy replies to every rl/test prompt scored by the world reward; prompts
+no step trains on) at the start and every --eval-every steps. The recipe's defaults follow TRL, whose lr 1e-6 barely moves a 2M-parameter
 model in a few dozen steps: the GRPO settings given here (printed in full, and in OUT/grpo/config.yaml)
 are what this script passes; every other key is the recipe's default.
 
 After the run, the SFT model and the GRPO model are measured again on every rl/test prompt the same
 way the recipe evaluates (greedy, the world reward), split by the prompts' `task` column; the overall
-numbers must equal the logged eval_pass_rate at step 0 and at the end, else the script says so.
+numbers must equal the logged eval_pass_rate at step 0 and at the end, else the script says so. Also
+measured: the pass rate of each reply's first sentence alone (a reply that runs on past its answer
+can hit the right word by listing more facts: the world reward looks for the answer anywhere) and
+the words per reply.
 
 --gsm8k: `temper grpo model=SFT prompts=../shared/data/gsm8k/test.jsonl rewards=gsm8k` for
 --gsm8k-steps steps (shorter completions; no evaluation): it runs and scores, and what a tiny model
@@ -119,19 +124,19 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=500)
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--sft", default=None, help="an SFT model directory to start from (skips pretrain and SFT)")
-    ap.add_argument("--steps", type=int, default=60, help="GRPO optimiser steps")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--steps", type=int, default=100, help="GRPO optimiser steps")
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--num-generations", type=int, default=8, help="G")
-    ap.add_argument("--batch-size", type=int, default=32, help="completions per step (batch_size / G prompts)")
+    ap.add_argument("--batch-size", type=int, default=64, help="completions per step (batch_size / G prompts)")
     ap.add_argument("--max-completion-length", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=0.0)
-    ap.add_argument("--rewards", default="world", help="reward functions, comma-separated (the pass rate is always "
+    ap.add_argument("--rewards", default="world,length:16", help="reward functions, comma-separated (the pass rate is always "
                                                          "scored by world), e.g. world,length:16")
     ap.add_argument("--mask-truncated", action="store_true", help="mask_truncated_completions=true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--eval-limit", type=int, default=0, help="held-out prompts per evaluation (0: all 100)")
     ap.add_argument("--plots", default=None, help="a folder for grpo-world.svg (and grpo-gsm8k.svg with --gsm8k)")
     ap.add_argument("--gsm8k", action="store_true", help="also GRPO on GSM8K's test prompts for --gsm8k-steps")
@@ -204,8 +209,9 @@ def main() -> None:
         "summary": summary, "gsm8k": None if gsm is None else {"seconds": gsm["seconds"], "rows": gsm["rows"]},
     }, indent=2, default=str) + "\n")
 
-    print(f"\nbuilt-in world, llama-3m: pretrain {args.pretrain_steps if args.sft is None else '-'} steps, SFT "
-          f"{args.sft_steps if args.sft is None else '-'} ({prep_seconds / 60:.1f} min), GRPO {args.steps} steps "
+    made = (f"pretrain {args.pretrain_steps} steps, SFT {args.sft_steps} ({prep_seconds / 60:.1f} min)"
+            if args.sft is None else f"the SFT model {sft} (--sft)")
+    print(f"\nbuilt-in world, llama-3m: {made}, GRPO {args.steps} steps "
           f"({grpo_seconds / 60:.1f} min); {total / 60:.1f} min in all; CPU: {cpu_name()}, {os.cpu_count()} cores, "
           f"{threads} torch threads; seed {args.seed}")
     print("eval_pass_rate over steps (greedy, world reward, rl/test): "
