@@ -62,6 +62,8 @@ COMMANDS: dict[str, Command] = {
                                                   "template"),
     "estimate": Command("temper.stages.estimate", "tool", "plan memory and compute: per-device training/inference "
                                                           "memory breakdown, Chinchilla tokens, FLOPs and time"),
+    "plot": Command("temper.stages.plot", "tool", "plot logged metrics over steps (one or more runs) as a "
+                                                  "self-contained SVG"),
 }
 
 

@@ -152,3 +152,52 @@ def test_bench_grpo_trl_peers_sample_the_same_prompts(tmp_path, tiny_model_dir):
     assert args.generation_batch_size == 8 and args.num_generations == 8 and args.shuffle_dataset is False
     assert args.generation_kwargs["min_new_tokens"] == args.max_completion_length == 4
     assert bench.crc_reward([], ["a", [{"role": "assistant", "content": "a"}]]) == [bench.crc_reward([], ["a"])[0]] * 2
+
+
+def test_bench_grpo_world_measures_pass_rates_per_task_as_the_recipe_does(tmp_path, tiny_model_dir, monkeypatch):
+    """Greedy replies cut as `temper grpo` cuts them, scored by the world reward, split by `task`; the
+    GRPO settings passed always include the evaluation at step 0."""
+    import json
+
+    import temper.rewards.functions as functions
+    from temper.data.chat import resolve_template
+    from temper.data.prompts import read_prompts
+    from temper.loading import load_for_inference
+    from temper.train.rollout import sample_responses
+
+    bench = _load("bench_grpo_world")
+    prompts = tmp_path / "rl.jsonl"
+    rows = [("What is 2 plus 3?", "5", "arithmetic"), ("Reverse the word 'cat'.", "tac", "string"),
+            ("What is 4 plus 4?", "8", "arithmetic")]
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": a, "task": t}) + "\n"
+                               for q, a, t in rows))
+    seen = []
+
+    def first_arithmetic_passes(completions, answer=None, **kw):  # the reward decides; the split must follow it
+        seen.extend(completions)
+        return [1.0 if a == "5" else 0.0 for a in answer]
+
+    monkeypatch.setattr(functions, "world_answer_reward", first_arithmetic_passes)
+    result = bench.pass_rates(tiny_model_dir, prompts, max_new_tokens=6)
+    assert (result["all"], result["n"]) == (1 / 3, 3)
+    assert (result["arithmetic"], result["n_arithmetic"], result["string"], result["n_string"]) == (0.5, 2, 0.0, 1)
+    model, tokenizer = load_for_inference(str(tiny_model_dir))  # the same greedy replies as generation gives
+    greedy = sample_responses(model, tokenizer, resolve_template(None, tokenizer), read_prompts(str(prompts)), 1,
+                              temperature=0.0, top_p=1.0, max_new_tokens=6, seed=0)
+    assert [s.strip() for s in seen[:3]] == [r[0] for r in greedy]
+    assert len(seen) == 6 and all(r[0].startswith(f) for f, r in zip(seen[3:], greedy))  # then first sentences
+    assert bench.pass_rates(tiny_model_dir, prompts, max_new_tokens=6)["first_sentence"] == 1 / 3
+
+    class Args:
+        steps, lr, num_generations, batch_size, max_completion_length = 7, 3e-5, 4, 8, 16
+        temperature, beta, seed, log_every, eval_every, eval_limit = 1.0, 0.0, 0, 1, 5, 0
+        rewards, mask_truncated = "world,length:8", True
+
+    settings = bench.grpo_settings(Args)
+    assert {"max_steps=7", "optim.lr=3e-05", "num_generations=4", "batch_size=8", "max_completion_length=16",
+            "logging.eval_at_start=true", "eval_limit=0", "logging.eval_every=5"} <= set(settings)
+    from temper.cli import Commands
+
+    cfg = Commands().config("grpo", [f"model={tiny_model_dir}", *settings])  # keys temper grpo takes, checked
+    assert (cfg.max_steps, cfg.optim.lr, cfg.num_generations, cfg.logging.eval_at_start) == (7, 3e-5, 4, True)
+    assert cfg.rewards == ["world", "length:8"] and cfg.mask_truncated_completions is True
