@@ -580,21 +580,25 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows of (key, type, default, help) for every field, sections flattened with dots."""
+def config_help(cls: type, prefix: str = "", values: Any = None) -> list[tuple[str, str, str, str]]:
+    """Rows of (key, type, default, help) for every field, sections flattened with dots. A
+    section's defaults are those of the instance its field defaults to (`values`: a recipe's
+    own, e.g. GRPO's optim.lr), not its class's."""
     rows, sections = [], []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         t = hints[f.name]
-        if is_dataclass(t):  # sections after the plain keys
-            sections.extend(config_help(t, prefix + f.name + "."))
-            continue
-        if f.default is not MISSING:
+        if values is not None:
+            default = getattr(values, f.name)
+        elif f.default is not MISSING:
             default = f.default
         elif f.default_factory is not MISSING:
             default = f.default_factory()
         else:
             default = "(required)"
+        if is_dataclass(t):  # sections after the plain keys
+            sections.extend(config_help(t, prefix + f.name + ".", default if is_dataclass(default) else None))
+            continue
         shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else str(default))
         rows.append((prefix + f.name, _type_name(t), shown, f.metadata.get("help", "")))
     return rows + sections

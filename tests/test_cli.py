@@ -39,6 +39,23 @@ def test_stage_help_lists_every_option_with_type_and_default(capsys, stage):
         assert f"[default: {' '.join(default.split())}]" in flat, key
 
 
+@pytest.mark.parametrize("stage", sorted(name for name, c in COMMANDS.items() if c.kind == "train"))
+def test_stage_help_shows_the_recipe_s_own_section_defaults(stage):
+    """A recipe changes a section's defaults (GRPO's optim.lr is TRL's 1e-6, SFT's 3e-4): help
+    shows the value the run uses, not the section class's."""
+    import importlib
+
+    from temper.config import config_help
+
+    config = importlib.import_module(COMMANDS[stage].module).Config()
+    for key, _typ, default, _help in config_help(type(config)):
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        shown = "null" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+        assert default == shown, key
+
+
 def test_console_script_is_installed():
     exe = shutil.which("temper")
     if exe is None:
