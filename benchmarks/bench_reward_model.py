@@ -22,29 +22,15 @@ it comes out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import time
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-
-def stage(name: str, command: str, out: Path, overrides: list[str]) -> dict:
-    """Run one temper command in-process with its output in OUT/logs/NAME.log."""
-    from temper.cli import Commands
-
-    commands = Commands()
-    cfg = commands.config(command, overrides)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"{name} ...", end=" ", flush=True)
-    with open(out / "logs" / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
-        result = commands.run(command, cfg)
-    print(f"{time.perf_counter() - start:.0f} s", flush=True)
-    return result
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_online_dpo import stage  # noqa: E402  one command in-process, its output in OUT/logs
 
 
 def main() -> None:
