@@ -703,7 +703,7 @@ PPO_REWARDS = """def none(prompts, completions, **kwargs):
 
 
 def setup_ppo(work: Path) -> None:
-    """A reward model on `base`'s body (`rm`), a value-model start whose head overflows every value to
+    """A reward model on `base`'s body (`ppo-rm`), a value-model start whose head overflows every value to
     infinity (`overflowing-value`), and a reward function that applies to nothing (`ppo_rewards:none`)."""
     import torch
 
@@ -714,7 +714,7 @@ def setup_ppo(work: Path) -> None:
     tokenizer = Tokenizer.from_dir(work / "base")
     config = config_from_hf(read_hf_config(work / "base"), "base/config.json")
     torch.manual_seed(0)
-    save_reward_model(build_reward_model(config), work / "rm", tokenizer=tokenizer)
+    save_reward_model(build_reward_model(config), work / "ppo-rm", tokenizer=tokenizer)
     huge = build_reward_model(config)
     with torch.no_grad():
         huge.score.weight.fill_(3e38)  # finite weights (loading refuses NaN ones), infinite values
@@ -730,15 +730,15 @@ PPO: list[tuple[str, list[str], str]] = [
      "error"),
     ("a reward-model directory that does not exist", [*PPO_BASE, "reward_model=rm-nowhere", "output_dir=p-2"],
      "error"),
-    ("prompt + completion longer than the model's positions", [*PPO_ALL, "reward_model=rm",
+    ("prompt + completion longer than the model's positions", [*PPO_ALL, "reward_model=ppo-rm",
                                                                 "max_completion_length=600", "output_dir=p-3"],
      "error"),
     ("a reward that scores no completion (NaN scores)", [*PPO_BASE, "rewards=ppo_rewards:none", "output_dir=p-4"],
      "error"),
-    ("a value model whose values overflow to infinity", [*PPO_BASE, "reward_model=rm",
+    ("a value model whose values overflow to infinity", [*PPO_BASE, "reward_model=ppo-rm",
                                                           "value_model=overflowing-value", "output_dir=p-5"], "error"),
-    ("an unknown KL estimator", [*PPO_BASE, "reward_model=rm", "kl_estimator=k2", "output_dir=p-6"], "error"),
-    ("PPO sharded with FSDP (data-parallel only)", [*PPO_BASE, "reward_model=rm", "strategy=fsdp",
+    ("an unknown KL estimator", [*PPO_BASE, "reward_model=ppo-rm", "kl_estimator=k2", "output_dir=p-6"], "error"),
+    ("PPO sharded with FSDP (data-parallel only)", [*PPO_BASE, "reward_model=ppo-rm", "strategy=fsdp",
                                                     "output_dir=p-7"], "error"),
     ("no reward model and no reward function", [*PPO_BASE, "output_dir=p-8"], "error"),
 ]
