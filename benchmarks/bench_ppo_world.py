@@ -99,13 +99,14 @@ def run_timing(args, sft: Path, rm: Path, out: Path) -> dict:
                *timing_settings(args, lora), "logging.progress=false", "overwrite=true"]
         print(f"timing {name}: {' '.join(cmd[2:])} ...", end=" ", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()
         with open(out / "logs" / f"timing_{name}.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
         print(f"{time.perf_counter() - start:.0f} s", flush=True)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         results[name] = {**iteration_times(rows_of(run_dir / "metrics.jsonl"), args.ppo_epochs),
-                         "trainable_parameters": summary.get("trainable_parameters"), "command": " ".join(cmd[2:])}
+                         "trainable_parameters": summary.get("trainable_parameters"), "command": " ".join(cmd[2:]),
+                         "name": name, "load_before": load_before, "load_after": os.getloadavg()}
     return results
 
 
@@ -114,6 +115,20 @@ def reward_model_report(rm: Path) -> dict:
     evals = [r for r in rows_of(rm / "metrics.jsonl") if "eval_accuracy" in r]
     keys = ("step", "eval_accuracy", "eval_margin", "eval_length_correlation")
     return {"first": {k: evals[0].get(k) for k in keys}, "last": {k: evals[-1].get(k) for k in keys}}
+
+
+def greedy_examples(model_dir, prompts_file, n: int, max_new_tokens: int) -> list[tuple[str, str, str]]:
+    """(question, answer, greedy reply) for the first n held-out prompts."""
+    from temper.data.chat import chat_template_for
+    from temper.data.prompts import read_prompts
+    from temper.loading import load_for_inference
+    from temper.train.rollout import sample_responses
+
+    prompts = read_prompts(str(prompts_file))[:n]
+    model, tokenizer = load_for_inference(str(model_dir))
+    replies = sample_responses(model, tokenizer, chat_template_for(str(model_dir), tokenizer, None), prompts, 1,
+                               temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0)
+    return [(p.messages[-1]["content"], p.answer, r[0]) for p, r in zip(prompts, replies)]
 
 
 def run_summary(rows: list[dict]) -> dict:
@@ -151,13 +166,22 @@ def main() -> None:
     ap.add_argument("--plots", default=None, help="a folder for ppo-beta.svg and ppo-beta-eval.svg")
     ap.add_argument("--timing", action="store_true", help="also time one PPO iteration by phase: full vs LoRA")
     ap.add_argument("--timing-steps", type=int, default=12)
+    ap.add_argument("--timing-only", action="store_true", help="--timing alone: no β runs (needs --sft and --rm)")
     args = ap.parse_args()
     args.kl_coefs = [float(b) for b in args.kl_coefs.split(",") if b.strip()]
     if not args.kl_coefs:
         ap.error("--kl-coefs: give at least one β")
 
+    if args.timing_only and (args.sft is None or args.rm is None):
+        ap.error("--timing-only needs --sft and --rm")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
+    if args.timing_only:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        timing = run_timing(args, Path(args.sft), Path(args.rm), out)
+        (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+        print_timing(args, timing)
+        return
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
     if args.sft is None:
@@ -193,6 +217,9 @@ def main() -> None:
         for beta, run_dir in runs.items():
             checker[f"β={beta:g}"] = world_checker(run_dir, test)
 
+    examples = {"SFT": greedy_examples(sft, test, 4, args.max_completion_length),
+                **{f"β={b:g}": greedy_examples(d, test, 4, args.max_completion_length) for b, d in runs.items()}}
+
     if args.plots:
         plots = Path(args.plots)
         plots.mkdir(parents=True, exist_ok=True)
@@ -214,7 +241,7 @@ def main() -> None:
     (out / "bench.json").write_text(json.dumps({
         "settings": {b: ppo_settings(args, b) for b in runs}, "sft": str(sft), "rm": str(rm), "rm_report": rm_report,
         "runs": {str(b): s for b, s in summaries.items()}, "seconds": {str(b): s for b, s in seconds.items()},
-        "checker": checker, "timing": timing, "prep_seconds": prep_seconds, "total_seconds": total,
+        "checker": checker, "examples": examples, "timing": timing, "prep_seconds": prep_seconds, "total_seconds": total,
     }, indent=2, default=str) + "\n")
 
     made = (f"pretrain {args.pretrain_steps} steps, SFT {args.sft_steps}" if args.sft is None
@@ -245,15 +272,27 @@ def main() -> None:
         print("|---|" + "---|" * len(names))
         for k in keys:
             print(f"| {k} | " + " | ".join(f"{checker[n][k]:.3f}" for n in names) + " |")
+    print("\ngreedy replies to the first held-out prompts:")
+    for name, rows in examples.items():
+        for q, a, r in rows:
+            print(f"  {name}: Q {q!r} (answer {a!r}) -> {r!r}")
     if timing:
-        print(f"\nPPO iteration ({args.batch_size} completions of at most {args.max_completion_length} tokens, "
-              f"{args.ppo_epochs} optimiser steps), seconds, median of {timing['full']['iterations']} iterations:")
-        print("| value model | generation (time/rollout) | scoring (time/score) | optimisation (time/train) | "
-              "iteration | peak RSS MB | trainable parameters |")
-        print("|---|---|---|---|---|---|---|")
-        for name, t in timing.items():
-            print(f"| {name} | {t['rollout']:.2f} | {t['score']:.2f} | {t['train']:.2f} | {t['total']:.2f} | "
-                  f"{t['memory_mb']:.0f} | {t['trainable_parameters']} |")
+        print_timing(args, timing)
+    sys.stdout.flush()
+
+
+def print_timing(args, timing: dict) -> None:
+    print(f"\nPPO iteration ({args.batch_size} completions of at most {args.max_completion_length} tokens, "
+          f"{args.ppo_epochs} optimiser steps), seconds, median of {timing['full']['iterations']} iterations "
+          "after the first:")
+    print("| value model | generation (time/rollout) | scoring (time/score) | optimisation (time/train) | "
+          "iteration | peak RSS MB | trainable parameters |")
+    print("|---|---|---|---|---|---|---|")
+    for name, t in timing.items():
+        print(f"| {name} | {t['rollout']:.2f} | {t['score']:.2f} | {t['train']:.2f} | {t['total']:.2f} | "
+              f"{t['memory_mb']:.0f} | {t['trainable_parameters']} |")
+    load = ", ".join(f"{t['name']}: {t['load_before'][0]:.1f} -> {t['load_after'][0]:.1f}" for t in timing.values())
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; 1-minute load average before -> after each run: {load}")
     sys.stdout.flush()
 
 
