@@ -3,7 +3,7 @@ it runs.
 
     pip install --no-deps --target /tmp/trl026 trl==0.26.0        # beside the project's TRL, never over it
     python benchmarks/bench_ppo_trl.py --sft runs/demo/sft --rm runs/ppo/rm [--trl-path /tmp/trl026]
-        [--iterations 4 --batch-size 8 --max-completion-length 24 --ppo-epochs 4 --lr 1e-4]
+        [--iterations 4 --batch-size 32 --max-completion-length 24 --ppo-epochs 4 --lr 1e-4]
 
 Each side in its own process, one after the other: the same SFT model (policy, and reference), the same
 reward model (scorer, and the value model's start, TRL's and temper's default), the first
@@ -67,6 +67,18 @@ def run_trl(args) -> dict:
             ends.append(time.perf_counter())
 
     fp32 = dict(dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(args.sft, **fp32)
+    real_generate, generated = policy.generate, []
+
+    def counting_generate(*a, **kw):  # TRL's rollouts: decoding steps, and lengths up to the stop token
+        out = real_generate(*a, **kw)
+        new = out.sequences[:, kw["input_ids"].shape[1]:]
+        hit = new == stop
+        lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, torch.full((len(new),), new.shape[1]))
+        generated.append({"decoding_steps": new.shape[1], "mean_length": float(lengths.float().mean())})
+        return out
+
+    policy.generate = counting_generate
     cfg = PPOConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=args.batch_size,
                     gradient_accumulation_steps=1, num_ppo_epochs=args.ppo_epochs, num_mini_batches=1,
                     total_episodes=len(ids), response_length=args.max_completion_length, temperature=0.7,
@@ -74,7 +86,7 @@ def run_trl(args) -> dict:
                     bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], logging_steps=1,
                     save_strategy="no", use_cpu=True, stop_token_id=stop, num_sample_generations=0,
                     seed=0, dataloader_num_workers=0)
-    trainer = PPOTrainer(args=cfg, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(args.sft, **fp32),
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy,
                          ref_model=AutoModelForCausalLM.from_pretrained(args.sft, **fp32),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(args.rm, num_labels=1, **fp32),
                          value_model=AutoModelForSequenceClassification.from_pretrained(args.rm, num_labels=1, **fp32),
@@ -83,7 +95,7 @@ def run_trl(args) -> dict:
     trainer.train()
     walls = [b - a for a, b in zip([start, *ends], ends)]
     return {"side": "trl", "version": trl.__version__, "iterations": walls,
-            "stop_token_id": stop,
+            "stop_token_id": stop, "generated": generated,
             "log": [{k: v for k, v in r.items() if k in ("objective/scores", "objective/kl", "val/num_eos_tokens")}
                     for r in trainer.state.log_history]}
 
@@ -102,7 +114,8 @@ def run_temper(args) -> dict:
     timed = [r for r in rows if "time/train" in r]
     walls = [sum(r.get(f"time/{p}", 0.0) for p in ("rollout", "score", "train")) * args.ppo_epochs for r in timed]
     return {"side": "temper", "command": " ".join(cmd[2:]), "iterations": walls,
-            "log": [{k: r.get(k) for k in ("objective/scores", "objective/kl", "completions/mean_length")} for r in timed]}
+            "log": [{k: r.get(k) for k in ("objective/scores", "objective/kl", "completions/mean_length")} for r in timed],
+            "generated": [{"mean_length": r["completions/mean_length"]} for r in timed]}
 
 
 def main() -> None:
@@ -113,7 +126,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_ppo_trl")
     ap.add_argument("--trl-path", default="/tmp/trl026", help="a folder holding an older TRL with a PPOTrainer")
     ap.add_argument("--iterations", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-completion-length", type=int, default=24)
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -142,6 +155,11 @@ def main() -> None:
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
         walls = results[side]["iterations"][1:] or results[side]["iterations"]
         results[side]["median"] = statistics.median(walls)
+        lengths = [g["mean_length"] for g in results[side]["generated"]]
+        print(f"{side}: mean completion length per iteration (tokens, the stop token counted): "
+              + ", ".join(f"{v:.1f}" for v in lengths)
+              + ("; decoding steps: " + ", ".join(str(g["decoding_steps"]) for g in results[side]["generated"])
+                 if side == "trl" else ""))
         print(f"{side}: PPO iteration median {results[side]['median']:.2f} s over {len(walls)} (after the first); "
               f"all: {', '.join(f'{w:.2f}' for w in results[side]['iterations'])}; log {results[side]['log']}")
     (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -7,7 +7,7 @@ model's score rise, does the world checker agree, and what does the KL coefficie
         [--steps 48 --lr 1e-4 --batch-size 32 --max-completion-length 24 --temperature 0.7 --ppo-epochs 4
          --kl-coefs 0.0,0.05,1.0 --eval-every 8 --eval-limit 0 --seed 0]
         [--plots docs]               # ppo-beta.svg (and ppo-beta-eval.svg) there, with `temper plot`
-        [--timing --timing-steps 12] # time per PPO iteration by phase and peak RSS: full vs LoRA-shared
+        [--timing --timing-steps 32] # time per PPO iteration by phase and peak RSS: full vs LoRA-shared
 
 Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps), SFTs it (`temper
 sft` defaults but --sft-steps), trains a reward model from the SFT model on the world's preference
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--no-checker", action="store_true", help="skip the world checker's measurement after the runs")
     ap.add_argument("--plots", default=None, help="a folder for ppo-beta.svg and ppo-beta-eval.svg")
     ap.add_argument("--timing", action="store_true", help="also time one PPO iteration by phase: full vs LoRA")
-    ap.add_argument("--timing-steps", type=int, default=12)
+    ap.add_argument("--timing-steps", type=int, default=32)
     ap.add_argument("--timing-only", action="store_true", help="--timing alone: no β runs (needs --sft and --rm)")
     args = ap.parse_args()
     args.kl_coefs = [float(b) for b in args.kl_coefs.split(",") if b.strip()]
