@@ -3,16 +3,17 @@ model's score rise, does the world checker agree, and what does the KL coefficie
 
     python benchmarks/bench_ppo_world.py [--out runs/bench_ppo_world] [--pretrain-steps 500 --sft-steps 400]
         [--sft DIR]                  # start from this SFT model (skip pretraining and SFT)
-        [--rm DIR | --reward-steps 200]   # a reward model to use, or train one from the SFT model
-        [--steps 48 --lr 1e-4 --batch-size 32 --max-completion-length 24 --temperature 0.7 --ppo-epochs 4
-         --kl-coefs 0.0,0.05,1.0 --eval-every 8 --eval-limit 0 --seed 0]
+        [--rm DIR | --reward-steps 80]   # a reward model to use, or train one from the SFT model
+        [--steps 80 --lr 1e-4 --batch-size 32 --max-completion-length 24 --temperature 0.7 --ppo-epochs 4
+         --kl-coefs 0.0,0.05,1.0 --eval-every 16 --eval-limit 0 --seed 0]
         [--plots docs]               # ppo-beta.svg (and ppo-beta-eval.svg) there, with `temper plot`
         [--timing --timing-steps 32] # time per PPO iteration by phase and peak RSS: full vs LoRA-shared
 
 Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps), SFTs it (`temper
 sft` defaults but --sft-steps), trains a reward model from the SFT model on the world's preference
-pairs (`temper reward` defaults but --reward-steps; its held-out accuracy and the reward's
-correlation with response length are printed from its own evaluation), then runs `temper ppo
+pairs (`temper reward` defaults but --reward-steps, evaluated at the start, half way and the end; its
+held-out accuracy and the reward's correlation with response length are printed from its own
+evaluation), then runs `temper ppo
 model=SFT reward_model=RM` once per β in --kl-coefs (the same seed, steps and every other setting) on
 the world's rl/train prompts. Each run evaluates `eval_pass_rate` (greedy replies to the held-out
 rl/test prompts scored by the world's exact-answer reward, `eval_reward=world`) at the start and every
@@ -151,8 +152,8 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--sft", default=None, help="an SFT model directory to start from (skips pretrain and SFT)")
     ap.add_argument("--rm", default=None, help="a reward model directory (skips training one)")
-    ap.add_argument("--reward-steps", type=int, default=200, help="temper reward's max_steps")
-    ap.add_argument("--steps", type=int, default=48, help="PPO optimiser steps (--ppo-epochs per rollout batch)")
+    ap.add_argument("--reward-steps", type=int, default=80, help="temper reward's max_steps (evaluated every half)")
+    ap.add_argument("--steps", type=int, default=80, help="PPO optimiser steps (--ppo-epochs per rollout batch)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32, help="completions per rollout batch (one per prompt)")
     ap.add_argument("--max-completion-length", type=int, default=24)
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--kl-coefs", default="0.0,0.05,1.0", help="one PPO run per β, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--eval-limit", type=int, default=0, help="held-out prompts per evaluation (0: all 100)")
     ap.add_argument("--no-checker", action="store_true", help="skip the world checker's measurement after the runs")
     ap.add_argument("--plots", default=None, help="a folder for ppo-beta.svg and ppo-beta-eval.svg")
@@ -192,7 +193,8 @@ def main() -> None:
         sft = Path(args.sft)
     if args.rm is None:
         rm = out / "rm"
-        stage("reward", "reward", out, [f"model={sft}", f"output_dir={rm}", f"max_steps={args.reward_steps}", *common])
+        stage("reward", "reward", out, [f"model={sft}", f"output_dir={rm}", f"max_steps={args.reward_steps}",
+                                         f"logging.eval_every={max(1, args.reward_steps // 2)}", *common])
     else:
         rm = Path(args.rm)
     prep_seconds = time.perf_counter() - start
