@@ -4,6 +4,7 @@ model's score rise, does the world checker agree, and what does the KL coefficie
     python benchmarks/bench_ppo_world.py [--out runs/bench_ppo_world] [--pretrain-steps 500 --sft-steps 400]
         [--sft DIR]                  # start from this SFT model (skip pretraining and SFT)
         [--rm DIR | --reward-steps 80]   # a reward model to use, or train one from the SFT model
+        [--rm-reasons wrong]         # train it on the world's pairs of these `reason`s only
         [--steps 80 --lr 1e-4 --batch-size 32 --max-completion-length 24 --temperature 0.7 --ppo-epochs 4
          --kl-coefs 0.0,0.05,1.0 --eval-every 16 --eval-limit 0 --seed 0]
         [--plots docs]               # ppo-beta.svg (and ppo-beta-eval.svg) there, with `temper plot`
@@ -13,7 +14,9 @@ Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-ste
 sft` defaults but --sft-steps), trains a reward model from the SFT model on the world's preference
 pairs (`temper reward` defaults but --reward-steps, evaluated at the start, half way and the end; its
 held-out accuracy and the reward's correlation with response length are printed from its own
-evaluation), then runs `temper ppo
+evaluation; --rm-reasons keeps only the world's train and test pairs whose `reason` (why the rejected
+reply loses: wrong, rambling, repetitive, rude) is listed, written to OUT/rm_pairs/ and passed as
+data= and eval_data=), then runs `temper ppo
 model=SFT reward_model=RM` once per β in --kl-coefs (the same seed, steps and every other setting) on
 the world's rl/train prompts. Each run evaluates `eval_pass_rate` (greedy replies to the held-out
 rl/test prompts scored by the world's exact-answer reward, `eval_reward=world`) at the start and every
@@ -111,6 +114,20 @@ def run_timing(args, sft: Path, rm: Path, out: Path) -> dict:
     return results
 
 
+def reason_pairs(sft: Path, reasons: str, folder: Path) -> list[str]:
+    """The world's preference train/test pairs of these reasons only, written to FOLDER: temper reward keys."""
+    world = Path(json.loads((Path(sft) / "temper.json").read_text())["world_dir"])
+    keep = {r.strip() for r in reasons.split(",") if r.strip()}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        lines = (world / "preference" / f"{split}.jsonl").read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("reason") in keep]
+        if not kept:
+            raise SystemExit(f"--rm-reasons {reasons}: no {split} pair has one of these reasons")
+        (folder / f"{split}.jsonl").write_text("\n".join(kept) + "\n")
+    return [f"data=[{folder / 'train.jsonl'}]", f"eval_data=[{folder / 'test.jsonl'}]"]
+
+
 def reward_model_report(rm: Path) -> dict:
     """The reward model's own held-out evaluation: the first and the last rows with eval_accuracy."""
     evals = [r for r in rows_of(rm / "metrics.jsonl") if "eval_accuracy" in r]
@@ -153,6 +170,8 @@ def main() -> None:
     ap.add_argument("--sft", default=None, help="an SFT model directory to start from (skips pretrain and SFT)")
     ap.add_argument("--rm", default=None, help="a reward model directory (skips training one)")
     ap.add_argument("--reward-steps", type=int, default=80, help="temper reward's max_steps (evaluated every half)")
+    ap.add_argument("--rm-reasons", default="", help="train the reward model on the world's pairs with these "
+                    "reasons only, comma-separated (default: all)")
     ap.add_argument("--steps", type=int, default=80, help="PPO optimiser steps (--ppo-epochs per rollout batch)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32, help="completions per rollout batch (one per prompt)")
@@ -193,7 +212,8 @@ def main() -> None:
         sft = Path(args.sft)
     if args.rm is None:
         rm = out / "rm"
-        stage("reward", "reward", out, [f"model={sft}", f"output_dir={rm}", f"max_steps={args.reward_steps}",
+        pairs = reason_pairs(sft, args.rm_reasons, out / "rm_pairs") if args.rm_reasons else []
+        stage("reward", "reward", out, [f"model={sft}", f"output_dir={rm}", f"max_steps={args.reward_steps}", *pairs,
                                          f"logging.eval_every={max(1, args.reward_steps // 2)}", *common])
     else:
         rm = Path(args.rm)
