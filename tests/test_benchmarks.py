@@ -203,10 +203,12 @@ def test_bench_grpo_world_measures_pass_rates_per_task_as_the_recipe_does(tmp_pa
     assert cfg.rewards == ["world", "length:8"] and cfg.mask_truncated_completions is True
 
 
-def test_bench_ppo_world_passes_keys_temper_ppo_takes_and_reads_its_rows(tiny_model_dir):
+def test_bench_ppo_world_passes_keys_temper_ppo_takes_and_reads_its_rows(tmp_path, tiny_model_dir):
     """One run per β with every other key the same, one logged row per PPO iteration; the timing runs
     differ only by LoRA on the policy and the value model; phase times per iteration and the watch's
     marks read from metrics rows."""
+    import json
+
     from temper.cli import Commands
 
     bench = _load("bench_ppo_world")
@@ -237,3 +239,20 @@ def test_bench_ppo_world_passes_keys_temper_ppo_takes_and_reads_its_rows(tiny_mo
     assert (t["train"], t["rollout"], t["score"], t["iterations"], t["memory_mb"]) == (4.0, 4.0, 0.5, 2, 12.0)
     assert t["total"] == 8.5
     assert bench.hacking_marks(rows) == [(4, "kl"), (6, "length,kl")]
+
+    world = tmp_path / "world"  # --rm-reasons: the world's pairs of those reasons only, as data= and eval_data=
+    (world / "preference").mkdir(parents=True)
+    for split, reasons in (("train", ["wrong", "rude", "wrong"]), ("test", ["rambling", "wrong"])):
+        (world / "preference" / f"{split}.jsonl").write_text("".join(json.dumps({"reason": r, "i": i}) + "\n"
+                                                                     for i, r in enumerate(reasons)))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "temper.json").write_text(json.dumps({"world_dir": str(world)}))
+    keys = bench.reason_pairs(sft, "wrong", tmp_path / "pairs")
+    assert keys == [f"data=[{tmp_path / 'pairs' / 'train.jsonl'}]", f"eval_data=[{tmp_path / 'pairs' / 'test.jsonl'}]"]
+    kept = [[json.loads(line)["i"] for line in (tmp_path / "pairs" / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "test")]
+    assert kept == [[0, 2], [1]]
+    with pytest.raises(SystemExit, match="no test pair"):
+        bench.reason_pairs(sft, "rude", tmp_path / "pairs")
+
