@@ -201,3 +201,58 @@ def test_bench_grpo_world_measures_pass_rates_per_task_as_the_recipe_does(tmp_pa
     cfg = Commands().config("grpo", [f"model={tiny_model_dir}", *settings])  # keys temper grpo takes, checked
     assert (cfg.max_steps, cfg.optim.lr, cfg.num_generations, cfg.logging.eval_at_start) == (7, 3e-5, 4, True)
     assert cfg.rewards == ["world", "length:8"] and cfg.mask_truncated_completions is True
+
+
+def test_bench_ppo_world_passes_keys_temper_ppo_takes_and_reads_its_rows(tmp_path, tiny_model_dir):
+    """One run per β with every other key the same, one logged row per PPO iteration; the timing runs
+    differ only by LoRA on the policy and the value model; phase times per iteration and the watch's
+    marks read from metrics rows."""
+    import json
+
+    from temper.cli import Commands
+
+    bench = _load("bench_ppo_world")
+
+    class Args:
+        steps, lr, batch_size, max_completion_length, temperature, ppo_epochs = 8, 1e-4, 4, 6, 0.7, 2
+        seed, eval_every, eval_limit, kl_coefs, timing_steps = 0, 4, 0, [0.0, 1.0], 6
+
+    configs = [Commands().config("ppo", [f"model={tiny_model_dir}", f"reward_model={tiny_model_dir}",
+                                         *bench.ppo_settings(Args, b)]) for b in Args.kl_coefs]
+    assert [c.kl_coef for c in configs] == [0.0, 1.0]
+    for cfg in configs:
+        assert (cfg.max_steps, cfg.optim.lr, cfg.batch_size, cfg.max_completion_length) == (8, 1e-4, 4, 6)
+        assert cfg.logging.every == cfg.num_ppo_epochs == 2 and cfg.logging.eval_at_start and cfg.eval_limit == 0
+    assert set(bench.ppo_settings(Args, 0.0)) ^ set(bench.ppo_settings(Args, 1.0)) == {"kl_coef=0.0", "kl_coef=1.0"}
+    full, lora = (Commands().config("ppo", [f"model={tiny_model_dir}", f"reward_model={tiny_model_dir}",
+                                            *bench.timing_settings(Args, peft)]) for peft in (False, True))
+    assert (full.peft.method, full.value_peft, lora.peft.method, lora.value_peft) == ("none", False, "lora", True)
+    for cfg in (full, lora):
+        assert cfg.max_steps == 6 and cfg.logging.eval_every == 0 and not cfg.logging.eval_at_start
+        assert cfg.kl_coef == 0.0 and cfg.logging.every == 2
+
+    rows = [{"step": 0, "eval_pass_rate": 0.4},
+            {"step": 2, "time/train": 9.0, "time/rollout": 9.0, "time/score": 9.0, "memory_mb": 10.0, "hacking": ""},
+            {"step": 4, "time/train": 1.0, "time/rollout": 2.0, "time/score": 0.5, "memory_mb": 12.0, "hacking": "kl"},
+            {"step": 6, "time/train": 3.0, "time/rollout": 2.0, "memory_mb": 11.0, "hacking": "length,kl"}]
+    t = bench.iteration_times(rows, 2)  # the first iteration (warm-up) left out; per-step means x 2 steps
+    assert (t["train"], t["rollout"], t["score"], t["iterations"], t["memory_mb"]) == (4.0, 4.0, 0.5, 2, 12.0)
+    assert t["total"] == 8.5
+    assert bench.hacking_marks(rows) == [(4, "kl"), (6, "length,kl")]
+
+    world = tmp_path / "world"  # --rm-reasons: the world's pairs of those reasons only, as data= and eval_data=
+    (world / "preference").mkdir(parents=True)
+    for split, reasons in (("train", ["wrong", "rude", "wrong"]), ("test", ["rambling", "wrong"])):
+        (world / "preference" / f"{split}.jsonl").write_text("".join(json.dumps({"reason": r, "i": i}) + "\n"
+                                                                     for i, r in enumerate(reasons)))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "temper.json").write_text(json.dumps({"world_dir": str(world)}))
+    keys = bench.reason_pairs(sft, "wrong", tmp_path / "pairs")
+    assert keys == [f"data=[{tmp_path / 'pairs' / 'train.jsonl'}]", f"eval_data=[{tmp_path / 'pairs' / 'test.jsonl'}]"]
+    kept = [[json.loads(line)["i"] for line in (tmp_path / "pairs" / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "test")]
+    assert kept == [[0, 2], [1]]
+    with pytest.raises(SystemExit, match="no test pair"):
+        bench.reason_pairs(sft, "rude", tmp_path / "pairs")
+
