@@ -215,7 +215,9 @@ def run_temper(args) -> dict:
         yield from steps(self)
 
     TrainLoop.__iter__ = metered_steps
-    grpo.stop_settings = lambda tokenizer, template: ([], [])  # no EOS, no stop strings: every completion is full
+    from temper.train import rollout as rollout_module  # where the recipe's TextSettings reads them
+
+    rollout_module.stop_settings = lambda tokenizer, template: ([], [])  # no EOS, no stop strings: every completion is full
     sample = grpo.sample_groups
 
     def timed_sample(*a, **kw):
