@@ -38,7 +38,8 @@ model in full vs `peft.method=lora value_peft=true` (the policy and the value mo
 reference the disabled adapter): the seconds of one PPO iteration split into generation
 (`time/rollout`: sampling, the old and reference log-probs, the values), scoring (`time/score`: the
 reward model) and optimisation (`time/train`: the --ppo-epochs optimiser steps), median over the
-iterations after the first, and the process's peak RSS (`memory_mb`, with all four roles loaded).
+iterations after the first, and the process's peak RSS (its VmHWM, polled every 0.1 s; with all four
+roles loaded: the logged `memory_mb` is getrusage's, which Linux starts at the parent's RSS at fork).
 Each stage's output goes to OUT/logs/*.log.
 """
 
@@ -95,6 +96,17 @@ def iteration_times(rows: list[dict], steps_per_iteration: int) -> dict:
     return result
 
 
+def vm_hwm_mb(pid: int) -> float:
+    """A live process's peak resident set size (VmHWM, Linux), MB; 0 when unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def run_timing(args, sft: Path, rm: Path, out: Path) -> dict:
     results = {}
     for name, lora in (("full", False), ("lora", True)):
@@ -105,12 +117,19 @@ def run_timing(args, sft: Path, rm: Path, out: Path) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         start, load_before = time.perf_counter(), os.getloadavg()
         with open(out / "logs" / f"timing_{name}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            peak = 0.0
+            while proc.poll() is None:  # the child's own high-water mark (getrusage's, the logged
+                peak = max(peak, vm_hwm_mb(proc.pid))  # memory_mb, starts at this process's RSS at fork)
+                time.sleep(0.1)
+            if proc.returncode:
+                raise SystemExit(f"timing {name}: temper ppo failed ({proc.returncode}): see {log.name}")
         print(f"{time.perf_counter() - start:.0f} s", flush=True)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         results[name] = {**iteration_times(rows_of(run_dir / "metrics.jsonl"), args.ppo_epochs),
                          "trainable_parameters": summary.get("trainable_parameters"), "command": " ".join(cmd[2:]),
-                         "name": name, "load_before": load_before, "load_after": os.getloadavg()}
+                         "name": name, "load_before": load_before, "load_after": os.getloadavg(),
+                         "peak_rss_mb": peak}
     return results
 
 
@@ -308,11 +327,11 @@ def print_timing(args, timing: dict) -> None:
           f"{args.ppo_epochs} optimiser steps), seconds, median of {timing['full']['iterations']} iterations "
           "after the first:")
     print("| value model | generation (time/rollout) | scoring (time/score) | optimisation (time/train) | "
-          "iteration | peak RSS MB | trainable parameters |")
+          "iteration | peak RSS MB (VmHWM) | trainable parameters |")
     print("|---|---|---|---|---|---|---|")
     for name, t in timing.items():
         print(f"| {name} | {t['rollout']:.2f} | {t['score']:.2f} | {t['train']:.2f} | {t['total']:.2f} | "
-              f"{t['memory_mb']:.0f} | {t['trainable_parameters']} |")
+              f"{t['peak_rss_mb']:.0f} | {t['trainable_parameters']} |")
     load = ", ".join(f"{t['name']}: {t['load_before'][0]:.1f} -> {t['load_after'][0]:.1f}" for t in timing.values())
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; 1-minute load average before -> after each run: {load}")
     sys.stdout.flush()
