@@ -172,8 +172,8 @@ class RewardHackingWatch:
                         "hacking/reward_vs_heldout": holds})
             if holds:
                 holding.append("reward_vs_heldout")
-                self._warn("reward_vs_heldout", f"step {row['step']}: the reward rose {reward_rise:+.3g} over the "
-                           f"last {self.cfg.window} steps while {self.cfg.heldout} moved {heldout_rise:+.3g}: the "
+                self._warn("reward_vs_heldout", f"step {row['step']}: the reward's trend is {reward_rise:+.3g} per "
+                           f"{self.cfg.window} steps while {self.cfg.heldout}'s is {heldout_rise:+.3g}: the "
                            "policy may be gaming the reward (read its completions; check the reward functions)")
         if self.reference_length is not None and self.lengths:
             ratio = statistics.median(self.lengths) / max(self.reference_length, 1.0)
@@ -195,8 +195,8 @@ class RewardHackingWatch:
             out["hacking/kl_over_bound"] = holds
             if holds:
                 holding.append("kl")
-                self._warn("kl", f"step {row['step']}: the reward rose {reward_slope * self.cfg.window:+.3g} over the "
-                           f"last {self.cfg.window} steps while the KL to the reference is {kl_now:.4g}, above "
+                self._warn("kl", f"step {row['step']}: the reward's trend is {reward_slope * self.cfg.window:+.3g} per "
+                           f"{self.cfg.window} steps while the KL to the reference is {kl_now:.4g}, above "
                            f"watch.max_kl={self.cfg.max_kl:g}: the policy may be buying reward far from the "
                            "reference (raise the KL coefficient, or set target_kl)")
         if self.reference_repetition is not None and self.repetitions:
