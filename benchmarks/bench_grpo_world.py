@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_online_dpo import stage  # noqa: E402  one temper command in-process, its output in OUT/logs
+from bench_online_dpo import stage, world_sft  # noqa: E402  one temper command in-process, its output in OUT/logs
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -150,12 +150,7 @@ def main() -> None:
     out = Path(args.out)
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
-    if args.sft is None:
-        pre, sft = out / "pretrain", out / "sft"
-        stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}", *common])
-        stage("sft", "sft", out, [f"model={pre}", f"output_dir={sft}", f"max_steps={args.sft_steps}", *common])
-    else:
-        sft = Path(args.sft)
+    sft = world_sft(out, args.pretrain_steps, args.sft_steps, common) if args.sft is None else Path(args.sft)
     prep_seconds = time.perf_counter() - start
     world = Path(json.loads((sft / "temper.json").read_text())["world_dir"])
     settings = grpo_settings(args)

@@ -63,6 +63,15 @@ def stage(name: str, command: str, out: Path, overrides: list[str]) -> dict:
     return result
 
 
+def world_sft(out: Path, pretrain_steps: int, sft_steps: int, common: list[str], *pretrain_extra: str) -> Path:
+    """Pretrain on the built-in world (OUT/pretrain, its world in OUT/pretrain/world), then SFT it
+    (OUT/sft): the SFT model's directory."""
+    pre, tuned = out / "pretrain", out / "sft"
+    stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={pretrain_steps}", *pretrain_extra, *common])
+    stage("sft", "sft", out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={sft_steps}", *common])
+    return tuned
+
+
 @torch.no_grad()
 def preference_accuracy(policy_dir, ref_dir, pairs_file) -> dict:
     """Implicit-reward accuracy (ties half) and the policy's own log-prob preference, overall and per reason."""
@@ -152,9 +161,8 @@ def main() -> None:
     pre, tuned = out / "pretrain", out / "sft"
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
-    stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}",
-                                      f"world.sft_style_noise={float(args.sft_style_noise)!r}", *common])
-    stage("sft", "sft", out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={args.sft_steps}", *common])
+    world_sft(out, args.pretrain_steps, args.sft_steps, common,
+              f"world.sft_style_noise={float(args.sft_style_noise)!r}")
     world = pre / "world"
     rounds = ["rounds=1", f"dpo.max_steps={args.round_steps}", f"prompts_per_round={args.prompts_per_round}",
               "overwrite=true"]

@@ -58,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_grpo_world import cpu_name, rows_of  # noqa: E402
-from bench_online_dpo import stage, world_checker  # noqa: E402  one temper command in-process; the checker
+from bench_online_dpo import stage, world_checker, world_sft  # noqa: E402  one temper command in-process; the checker
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("rollout", "score", "train")
@@ -223,12 +223,7 @@ def main() -> None:
         return
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
-    if args.sft is None:
-        pre, sft = out / "pretrain", out / "sft"
-        stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}", *common])
-        stage("sft", "sft", out, [f"model={pre}", f"output_dir={sft}", f"max_steps={args.sft_steps}", *common])
-    else:
-        sft = Path(args.sft)
+    sft = world_sft(out, args.pretrain_steps, args.sft_steps, common) if args.sft is None else Path(args.sft)
     if args.rm is None:
         rm = out / "rm"
         pairs = reason_pairs(sft, args.rm_reasons, out / "rm_pairs") if args.rm_reasons else []

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_online_dpo import stage  # noqa: E402  one command in-process, its output in OUT/logs
+from bench_online_dpo import stage, world_sft  # noqa: E402  one command in-process, its output in OUT/logs
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
     if args.skip_to_prm:
         print(json.dumps(process_reward_model(out, tuned, args.prm_steps, common), indent=2))
         return
-    stage("pretrain", "pretrain", out, [f"output_dir={pre}", f"max_steps={args.pretrain_steps}", *common])
-    stage("sft", "sft", out, [f"model={pre}", f"output_dir={tuned}", f"max_steps={args.sft_steps}", *common])
+    world_sft(out, args.pretrain_steps, args.sft_steps, common)
     summary = stage("reward", "reward", out, [f"model={tuned}", f"output_dir={rm}",
                                               f"max_steps={args.reward_steps}", *common])
     test_pairs = pre / "world" / "preference" / "test.jsonl"

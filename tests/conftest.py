@@ -212,3 +212,16 @@ def trained_pair():
     causal_lm_loss(model, x, x)[0].backward()
     opt.step()
     return model, opt
+
+
+def eos_only_sampler(eos: int):
+    """A stand-in for `sample_groups` whose every completion is the EOS alone (an all-empty rollout),
+    for the online recipes' "the policy answers nothing" stop."""
+    from temper.train.rollout import Rollout
+
+    def sample(model, prompts, k, *args, **kwargs):
+        n = len(prompts) * k
+        return Rollout(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool),
+                       torch.full((n, 1), eos), torch.ones(n, 1, dtype=torch.bool), torch.ones(n, dtype=torch.bool), k)
+
+    return sample

@@ -17,6 +17,7 @@ from conftest import (
     approx_reordered,
     assert_weights_close,
     decoder_lengths,
+    eos_only_sampler,
     reorder_tol,
     shared_file,
 )
@@ -30,7 +31,6 @@ from temper.losses.clm import IGNORE_INDEX
 from temper.losses.logprobs import causal_lm_token_logprobs, rollout_token_logprobs
 from temper.models import load_model
 from temper.recipes import grpo
-from temper.train.rollout import Rollout
 
 TRL_METRICS = ("loss", "reward", "reward_std", "rewards/world/mean", "rewards/world/std", "frac_reward_zero_std",
                "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
@@ -217,12 +217,7 @@ def test_bad_input_is_one_line(tiny_model_dir, prompts_file, tmp_path, args, mes
 def test_all_empty_rollouts_stop_the_run(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
 
     eos = Tokenizer.from_dir(tiny_model_dir).eos_id
-    def all_eos(model, prompts, k, *a, **kw):
-        n = len(prompts) * k
-        return Rollout(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool),
-                       torch.full((n, 1), eos), torch.ones(n, 1, dtype=torch.bool), torch.ones(n, dtype=torch.bool), k)
-
-    monkeypatch.setattr(grpo, "sample_groups", all_eos)
+    monkeypatch.setattr(grpo, "sample_groups", eos_only_sampler(eos))
     with pytest.warns(UserWarning, match="every one of the 4 completions is empty"):
         with pytest.raises(TemperError, match=r"2 generation batches in a row whose completions are all empty"):
             train(*settings(tiny_model_dir, prompts_file, tmp_path / "run", "max_empty_rollouts=2", "max_steps=4"))

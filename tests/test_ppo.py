@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import eos_only_sampler
 from safetensors.torch import load_file
 
 from temper.config import load_config
@@ -208,12 +209,7 @@ def test_bad_input_is_one_line(tiny_model_dir, rm_dir, prompts_file, tmp_path, n
 def test_a_rollout_of_only_eos_stops_the_run(tiny_model_dir, rm_dir, prompts_file, tmp_path, monkeypatch):
     eos = Tokenizer.from_dir(tiny_model_dir).eos_id
 
-    def all_eos(model, prompts, k, *a, **kw):
-        n = len(prompts) * k
-        return Rollout(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool),
-                       torch.full((n, 1), eos), torch.ones(n, 1, dtype=torch.bool), torch.ones(n, dtype=torch.bool), k)
-
-    monkeypatch.setattr(ppo, "sample_groups", all_eos)
+    monkeypatch.setattr(ppo, "sample_groups", eos_only_sampler(eos))
     with pytest.warns(UserWarning, match="every one of the 4 completions is empty"):
         with pytest.raises(TemperError, match=r"2 generation batches in a row whose completions are all empty"):
             train(*settings(tiny_model_dir, rm_dir, prompts_file, tmp_path / "run", "max_empty_rollouts=2",
