@@ -5,6 +5,7 @@ model's score rise, does the world checker agree, and what does the KL coefficie
         [--sft DIR]                  # start from this SFT model (skip pretraining and SFT)
         [--rm DIR | --reward-steps 80]   # a reward model to use, or train one from the SFT model
         [--rm-reasons wrong]         # train it on the world's pairs of these `reason`s only
+        [--rm-pairs onpolicy --rm-samples 8 --rm-temperature 1.0]   # or on the SFT model's own samples
         [--steps 80 --lr 1e-4 --batch-size 32 --max-completion-length 24 --temperature 0.7 --ppo-epochs 4
          --kl-coefs 0.0,0.05,1.0 --eval-every 16 --eval-limit 0 --seed 0]
         [--plots docs]               # ppo-beta.svg (and ppo-beta-eval.svg) there, with `temper plot`
@@ -16,7 +17,11 @@ pairs (`temper reward` defaults but --reward-steps, evaluated at the start, half
 held-out accuracy and the reward's correlation with response length are printed from its own
 evaluation; --rm-reasons keeps only the world's train and test pairs whose `reason` (why the rejected
 reply loses: wrong, rambling, repetitive, rude) is listed, written to OUT/rm_pairs/ and passed as
-data= and eval_data=), then runs `temper ppo
+data= and eval_data=; --rm-pairs onpolicy instead trains it on InstructGPT's kind of comparisons:
+the SFT model's own --rm-samples replies (temperature --rm-temperature, --max-completion-length
+tokens) to each rl/train prompt, and to each preference/test prompt for the held-out pairs, ranked by
+the world checker's score as the labeler, one pair per prompt (best over worst; ties make none)),
+then runs `temper ppo
 model=SFT reward_model=RM` once per β in --kl-coefs (the same seed, steps and every other setting) on
 the world's rl/train prompts. Each run evaluates `eval_pass_rate` (greedy replies to the held-out
 rl/test prompts scored by the world's exact-answer reward, `eval_reward=world`) at the start and every
@@ -39,7 +44,7 @@ reference the disabled adapter): the seconds of one PPO iteration split into gen
 (`time/rollout`: sampling, the old and reference log-probs, the values), scoring (`time/score`: the
 reward model) and optimisation (`time/train`: the --ppo-epochs optimiser steps), median over the
 iterations after the first, and the process's peak RSS (its VmHWM, polled every 0.1 s; with all four
-roles loaded: the logged `memory_mb` is getrusage's, which Linux starts at the parent's RSS at fork).
+roles loaded; the logged `memory_mb` is the same VmHWM, read by the process itself).
 Each stage's output goes to OUT/logs/*.log.
 """
 
@@ -119,8 +124,8 @@ def run_timing(args, sft: Path, rm: Path, out: Path) -> dict:
         with open(out / "logs" / f"timing_{name}.log", "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             peak = 0.0
-            while proc.poll() is None:  # the child's own high-water mark (getrusage's, the logged
-                peak = max(peak, vm_hwm_mb(proc.pid))  # memory_mb, starts at this process's RSS at fork)
+            while proc.poll() is None:  # the child's own high-water mark, watched from outside
+                peak = max(peak, vm_hwm_mb(proc.pid))
                 time.sleep(0.1)
             if proc.returncode:
                 raise SystemExit(f"timing {name}: temper ppo failed ({proc.returncode}): see {log.name}")
@@ -145,6 +150,41 @@ def reason_pairs(sft: Path, reasons: str, folder: Path) -> list[str]:
             raise SystemExit(f"--rm-reasons {reasons}: no {split} pair has one of these reasons")
         (folder / f"{split}.jsonl").write_text("\n".join(kept) + "\n")
     return [f"data=[{folder / 'train.jsonl'}]", f"eval_data=[{folder / 'test.jsonl'}]"]
+
+
+def onpolicy_pairs(sft: Path, folder: Path, samples: int, temperature: float, max_new_tokens: int,
+                   seed: int) -> tuple[list[str], dict]:
+    """InstructGPT's comparisons (Ouyang et al. 2022: labelers rank the SFT model's own samples),
+    with the world checker as the labeler: `samples` replies of the SFT model to each rl/train prompt
+    (train) and each preference/test prompt (held out), each scored by `check_reply`, and one pair
+    per prompt, its best-scored reply over its worst (online DPO's `best_vs_worst`: ties and empty
+    replies make none). Written to FOLDER; returns the `temper reward` keys and the counts."""
+    from temper.data.chat import chat_template_for
+    from temper.data.prompts import read_prompts
+    from temper.eval.world_checker import check_reply
+    from temper.loading import load_for_inference
+    from temper.train.rollout import sample_responses
+    from temper.workflows.online_dpo import best_vs_worst
+
+    world = Path(json.loads((Path(sft) / "temper.json").read_text())["world_dir"])
+    model, tokenizer = load_for_inference(str(sft))
+    template = chat_template_for(str(sft), tokenizer, None)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, source in (("train", world / "rl" / "train.jsonl"), ("test", world / "preference" / "test.jsonl")):
+        prompts = read_prompts(str(source))
+        replies = sample_responses(model, tokenizer, template, prompts, samples, temperature=temperature, top_p=1.0,
+                                   max_new_tokens=max_new_tokens, seed=seed + (split == "test"))
+        scores = [[check_reply(r, p.answer)["score"] for r in rs] for p, rs in zip(prompts, replies)]
+        pairs, skipped = best_vs_worst(prompts, replies, scores)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+        correct = [check_reply(r, p.answer)["correct"] for p, rs in zip(prompts, replies) for r in rs]
+        counts[split] = {"prompts": len(prompts), "pairs": len(pairs), "skipped": dict(skipped),
+                         "sampled_correct": sum(correct) / len(correct)}
+        print(f"on-policy comparisons, {split} ({source.name}): {len(prompts)} prompts x {samples} samples "
+              f"(T={temperature:g}), {sum(correct) / len(correct):.3f} correct; {len(pairs)} pairs, skipped "
+              f"{dict(skipped)}", flush=True)
+    return [f"data=[{folder / 'train.jsonl'}]", f"eval_data=[{folder / 'test.jsonl'}]"], counts
 
 
 def reward_model_report(rm: Path) -> dict:
@@ -191,6 +231,11 @@ def main() -> None:
     ap.add_argument("--reward-steps", type=int, default=80, help="temper reward's max_steps (evaluated every half)")
     ap.add_argument("--rm-reasons", default="", help="train the reward model on the world's pairs with these "
                     "reasons only, comma-separated (default: all)")
+    ap.add_argument("--rm-pairs", choices=("world", "onpolicy"), default="world",
+                    help="the reward model's comparisons: the world's preference pairs, or the SFT model's own "
+                    "samples ranked by the world checker (InstructGPT's recipe)")
+    ap.add_argument("--rm-samples", type=int, default=8, help="--rm-pairs onpolicy: samples per prompt")
+    ap.add_argument("--rm-temperature", type=float, default=1.0, help="--rm-pairs onpolicy: their temperature")
     ap.add_argument("--steps", type=int, default=80, help="PPO optimiser steps (--ppo-epochs per rollout batch)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32, help="completions per rollout batch (one per prompt)")
@@ -211,6 +256,8 @@ def main() -> None:
     if not args.kl_coefs:
         ap.error("--kl-coefs: give at least one β")
 
+    if args.rm_pairs == "onpolicy" and args.rm_reasons:
+        ap.error("--rm-reasons picks among the world's pairs: not with --rm-pairs onpolicy")
     if args.timing_only and (args.sft is None or args.rm is None):
         ap.error("--timing-only needs --sft and --rm")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -224,9 +271,14 @@ def main() -> None:
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
     sft = world_sft(out, args.pretrain_steps, args.sft_steps, common) if args.sft is None else Path(args.sft)
+    pair_counts = None
     if args.rm is None:
         rm = out / "rm"
-        pairs = reason_pairs(sft, args.rm_reasons, out / "rm_pairs") if args.rm_reasons else []
+        if args.rm_pairs == "onpolicy":
+            pairs, pair_counts = onpolicy_pairs(sft, out / "rm_pairs", args.rm_samples, args.rm_temperature,
+                                                args.max_completion_length, args.seed)
+        else:
+            pairs = reason_pairs(sft, args.rm_reasons, out / "rm_pairs") if args.rm_reasons else []
         stage("reward", "reward", out, [f"model={sft}", f"output_dir={rm}", f"max_steps={args.reward_steps}", *pairs,
                                          f"logging.eval_every={max(1, args.reward_steps // 2)}", *common])
     else:
@@ -276,6 +328,7 @@ def main() -> None:
     rm_report = reward_model_report(rm)
     (out / "bench.json").write_text(json.dumps({
         "settings": {b: ppo_settings(args, b) for b in runs}, "sft": str(sft), "rm": str(rm), "rm_report": rm_report,
+        "rm_pairs": {"source": args.rm_pairs, "counts": pair_counts},
         "runs": {str(b): s for b, s in summaries.items()}, "seconds": {str(b): s for b, s in seconds.items()},
         "checker": checker, "examples": examples, "timing": timing, "prep_seconds": prep_seconds, "total_seconds": total,
     }, indent=2, default=str) + "\n")

@@ -1,6 +1,9 @@
 """The shared training numerics: schedules, parameter groups, accumulation, the fused loss."""
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +285,29 @@ def test_flops_per_token_counts_each_matmul_weight_once_under_lora(method):
                    for _, m in lora_modules(model))
     assert adapters == 4 * sum(m.in_features + m.out_features for _, m in lora_modules(model))
     assert engine.flops_per_token(model, 32) == plain + 6 * adapters
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's")
+def test_cpu_peak_memory_is_the_process_own_not_its_parents_at_fork():
+    """A run started by fork + exec from a big process (a benchmark, a workflow) reports its own peak
+    RSS: getrusage's ru_maxrss would start at the parent's size at the fork."""
+    big = bytearray(1024 * 2**20)  # a 1 GiB parent, every page touched
+    for i in range(0, len(big), 4096):
+        big[i] = 1
+    code = "import torch; from temper.train.engine import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the trap needs fork then exec (subprocess may vfork, which inherits nothing)
+        os.close(read)
+        os.dup2(write, 1)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        os.execve(sys.executable, [sys.executable, "-c", code], env)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    child_mb = float(out.split()[-1])
+    assert 0 < child_mb < 900, f"the child reported {child_mb:.0f} MB: its parent's 1 GiB counted in"
+    del big

@@ -27,6 +27,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -329,8 +330,17 @@ def _sync(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or on CPU the process's peak resident set size."""
+    """Peak allocated GPU memory, or on CPU the process's peak resident set size: on Linux its
+    own high-water mark (VmHWM), not getrusage's ru_maxrss, which a process started by fork and
+    exec inherits from its parent's size at the fork (a small run launched by a big process would
+    report the parent's memory)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
