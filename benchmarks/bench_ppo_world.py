@@ -2,6 +2,7 @@
 model's score rise, does the world checker agree, and what does the KL coefficient β change?
 
     python benchmarks/bench_ppo_world.py [--out runs/bench_ppo_world] [--pretrain-steps 500 --sft-steps 400]
+        [--sft-style-noise 0.3]      # that share of the world's SFT replies rambling, repetitive or rude
         [--sft DIR]                  # start from this SFT model (skip pretraining and SFT)
         [--rm DIR | --reward-steps 80]   # a reward model to use, or train one from the SFT model
         [--rm-reasons wrong]         # train it on the world's pairs of these `reason`s only
@@ -11,8 +12,10 @@ model's score rise, does the world checker agree, and what does the KL coefficie
         [--plots docs]               # ppo-beta.svg (and ppo-beta-eval.svg) there, with `temper plot`
         [--timing --timing-steps 32] # time per PPO iteration by phase and peak RSS: full vs LoRA-shared
 
-Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps), SFTs it (`temper
-sft` defaults but --sft-steps), trains a reward model from the SFT model on the world's preference
+Pretrains a llama-3m on the world (`temper pretrain` defaults but --pretrain-steps, and
+`world.sft_style_noise=` --sft-style-noise: that share of the sft/train replies written in a rejected
+style, the answer still in them, as in benchmarks/bench_online_dpo.py, so that the SFT model has a
+style for RLHF to fix), SFTs it (`temper sft` defaults but --sft-steps), trains a reward model from the SFT model on the world's preference
 pairs (`temper reward` defaults but --reward-steps, evaluated at the start, half way and the end; its
 held-out accuracy and the reward's correlation with response length are printed from its own
 evaluation; --rm-reasons keeps only the world's train and test pairs whose `reason` (why the rejected
@@ -226,6 +229,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_ppo_world")
     ap.add_argument("--pretrain-steps", type=int, default=500)
     ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-style-noise", type=float, default=0.0,
+                    help="share of the world's sft/train replies written rambling, repetitive or rude (0: clean)")
     ap.add_argument("--sft", default=None, help="an SFT model directory to start from (skips pretrain and SFT)")
     ap.add_argument("--rm", default=None, help="a reward model directory (skips training one)")
     ap.add_argument("--reward-steps", type=int, default=80, help="temper reward's max_steps (evaluated every half)")
@@ -256,6 +261,10 @@ def main() -> None:
     if not args.kl_coefs:
         ap.error("--kl-coefs: give at least one β")
 
+    if not 0.0 <= args.sft_style_noise < 1.0:
+        ap.error(f"--sft-style-noise must be in [0, 1), got {args.sft_style_noise}")
+    if args.sft is not None and args.sft_style_noise:
+        ap.error("--sft-style-noise is the world the benchmark pretrains and SFTs on: not with --sft")
     if args.rm_pairs == "onpolicy" and args.rm_reasons:
         ap.error("--rm-reasons picks among the world's pairs: not with --rm-pairs onpolicy")
     if args.timing_only and (args.sft is None or args.rm is None):
@@ -270,7 +279,8 @@ def main() -> None:
         return
     common = ["logging.progress=false", "overwrite=true"]
     start = time.perf_counter()
-    sft = world_sft(out, args.pretrain_steps, args.sft_steps, common) if args.sft is None else Path(args.sft)
+    sft = (world_sft(out, args.pretrain_steps, args.sft_steps, common,
+                     f"world.sft_style_noise={float(args.sft_style_noise)!r}") if args.sft is None else Path(args.sft))
     pair_counts = None
     if args.rm is None:
         rm = out / "rm"
@@ -333,7 +343,7 @@ def main() -> None:
         "checker": checker, "examples": examples, "timing": timing, "prep_seconds": prep_seconds, "total_seconds": total,
     }, indent=2, default=str) + "\n")
 
-    made = (f"pretrain {args.pretrain_steps} steps, SFT {args.sft_steps}" if args.sft is None
+    made = (f"pretrain {args.pretrain_steps} steps, SFT {args.sft_steps} (sft_style_noise {args.sft_style_noise:g})" if args.sft is None
             else f"the SFT model {sft} (--sft)")
     made += f", reward model {rm}" + (f" ({args.reward_steps} steps)" if args.rm is None else " (--rm)")
     print(f"\nbuilt-in world, llama-3m: {made} ({prep_seconds / 60:.1f} min); PPO {args.steps} steps per β "
