@@ -210,3 +210,27 @@ def test_world_ranking_needs_answers(capsys, tmp_path, tiny_model_dir):
                  "best_of=2", "rank_by=world"]) == 2
     err = capsys.readouterr().err
     assert "reward world needs an 'answer' in every prompt row" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- the benchmark's measures
+
+
+def test_bench_best_of_n_reads_answers_and_scores_picks_as_described():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_best_of_n.py"
+    spec = importlib.util.spec_from_file_location("bench_best_of_n", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.final_value("12 + 5 = 17\n17 * 3 = 51\n") == 51
+    assert bench.final_value("3 - 5 = -2") == -2
+    assert bench.final_value("12 + 5 = 17\nso 51") is None and bench.final_value("") is None
+    assert bench.pick([0.2, 0.9, 0.9, 0.1]) == 1  # ties: the first sampled
+    right = [False, True, False, False]
+    prm, orm = [0.1, 0.8, 0.3, 0.2], [0.9, 0.1, 0.2, 0.3]
+    assert bench.per_question(right, prm, orm, 4) == {"prm": 1.0, "orm": 0.0, "random": 0.25, "oracle": 1.0}
+    # n=2: two groups, [F, T] and [F, F]; the PRM gets the first right, the ORM neither
+    assert bench.per_question(right, prm, orm, 2) == {"prm": 0.5, "orm": 0.0, "random": 0.25, "oracle": 0.5}
+    assert bench.auroc([0.9, 0.1, 0.5], [True, False, True]) == 1.0
+    assert bench.auroc([0.1, 0.9], [True, False]) == 0.0
