@@ -200,7 +200,10 @@ def main() -> None:
         "solver": {"sft_rows": len(right_rows), "steps": args.sft_steps,
                    "sampled_right": sum(flat_right) / len(flat_right),
                    "sampled_unparsed": sum(final_value(c) is None for row in generated for c in row["candidates"])
-                   / len(flat_right), "eval_loss": solver_summary.get("eval_loss")},
+                   / len(flat_right), "greedy_exact_match_held_out_sft": solver_summary.get("exact_match")},
+        "held_out_base_rates": {"solutions_right": sum(all(r["labels"]) for r in test_rows) / len(test_rows),
+                                "steps_right": sum(map(sum, (r["labels"] for r in test_rows)))
+                                / sum(len(r["labels"]) for r in test_rows)},
         "verifiers": {name: {"train_rows": s["solutions"], "held_out_rows": s["held_out_solutions"],
                              "before": {k: s["before"].get(k) for k in keys}, "after": {k: s.get(k) for k in keys},
                              "auroc_on_samples": auroc([x for r in (prm_scores if name == "prm" else orm_scores)
