@@ -177,25 +177,27 @@ def generate(cfg: Config, output: Path | None) -> None:
         return
 
     # a file appears whole when every prompt is done, or not at all (an old one stays as it was)
-    with atomic_writer(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-        for start in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[start:start + cfg.batch_size]
-            if ranker is None:
-                completions = generate_text(model, tokenizer, texts[start:start + cfg.batch_size], sampling,
-                                            batch_size=cfg.batch_size, first_prompt=start)
-                rows = [{"prompt": p.prompt, "completion": c} for p, c in zip(chunk, completions)]
-            else:
-                rows = best_of_n(model, tokenizer, chunk, texts[start:start + cfg.batch_size], sampling, cfg.best_of,
-                                 ranker, first=start)
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(len(chunk))
-        bar.close()
-    if ranker is not None:
-        ranker.close()
+    try:
+        with atomic_writer(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
+            bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
+                       disable=not sys.stderr.isatty())
+            for start in range(0, len(prompts), cfg.batch_size):
+                chunk = prompts[start:start + cfg.batch_size]
+                if ranker is None:
+                    completions = generate_text(model, tokenizer, texts[start:start + cfg.batch_size], sampling,
+                                                batch_size=cfg.batch_size, first_prompt=start)
+                    rows = [{"prompt": p.prompt, "completion": c} for p, c in zip(chunk, completions)]
+                else:
+                    rows = best_of_n(model, tokenizer, chunk, texts[start:start + cfg.batch_size], sampling,
+                                     cfg.best_of, ranker, first=start)
+                for row in rows:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(len(chunk))
+            bar.close()
+    finally:
+        if ranker is not None:
+            ranker.close()
 
 
 def best_of_n(model, tokenizer, prompts: list[Prompt], texts: list[str], sampling: SamplingConfig, n: int,
