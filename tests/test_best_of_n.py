@@ -76,7 +76,7 @@ def trained_orm(tmp_path_factory, tiny_model_dir):
 def test_an_outcome_model_trains_on_outcomes_and_says_so(trained_orm):
     out, summary = trained_orm
     assert summary["objective"] == "prm" and summary["step_labels"] == "last"
-    assert summary["steps"] == summary["rows_read"] == 96 and summary["solutions"] == 72  # one label a solution
+    assert summary["rows_read"] == 96 and summary["solutions"] == 72 and summary["held_out_solutions"] == 24
     assert "eval_first_error_accuracy" not in summary and "eval_first_error_accuracy" not in summary["before"]
     assert summary["eval_step_accuracy"] == summary["eval_solution_accuracy"]  # one scored step a solution
     assert summary["eval_loss"] < summary["before"]["eval_loss"]
