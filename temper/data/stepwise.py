@@ -17,7 +17,13 @@ the steps leave, where that is more); then the steps keep their start, and a ste
 its end loses its label (counted: `steps_dropped`). A row left with no labelled step is bad
 (`no_step_fits`). Bad rows (skipped, counted by reason, named by `file:line`; refused above
 `max_bad_row_fraction`): missing_column, no_columns, bad_type, bad_labels, empty_step,
-bad_messages, empty_prompt, no_step_fits.
+bad_messages, empty_prompt, no_step_fits, last_step_cut.
+
+Outcome labels (`step_labels="last"`, an outcome-supervised reward model on the same rows,
+Lightman et al. 2023's ORM): the whole solution is kept as above, but only its last step carries
+a label, the solution's outcome (its last label: right iff every step is); the other steps are
+unlabelled. A row whose last step is cut off by `max_len` has no place for its outcome (it must
+not sit on an earlier step): it is bad (`last_step_cut`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from temper.errors import TemperError
 
 STEP_SEPARATOR = "\n"  # TRL PRMConfig's default step_separator
 COLUMNS = ("prompt", "completions", "labels")
+STEP_LABELS = ("each", "last")  # a label on every step (process supervision) or the outcome on the last (outcome)
 
 
 @dataclass
@@ -99,9 +106,13 @@ def row_to_steps(row: dict, columns: dict[str, str] | None = None) -> tuple[str 
 class StepEncoder:
     """Token ids of a prompt and its steps (the module docstring)."""
 
-    def __init__(self, tokenizer, template: str | None, *, max_len: int, separator: str = STEP_SEPARATOR) -> None:
+    def __init__(self, tokenizer, template: str | None, *, max_len: int, separator: str = STEP_SEPARATOR,
+                 step_labels: str = "each") -> None:
         if max_len < 2:
             raise TemperError(f"max_len must be >= 2, got {max_len}")
+        if step_labels not in STEP_LABELS:
+            raise TemperError(f"step_labels={step_labels}: expected one of {', '.join(STEP_LABELS)}")
+        self.step_labels = step_labels
         self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
         self.leading = _leading_special_ids(tokenizer)
         self.separator_ids = self._encode(separator)
@@ -141,20 +152,26 @@ class StepEncoder:
             ids += step
             ends.append(len(ids) - 1)
             kept.append(label)
-        if stats is not None:
-            stats.steps_dropped += len(steps) - len(kept)
         if not kept:
             raise BadRow("no_step_fits", f"not one step ends within {self.max_len} tokens")
+        if self.step_labels == "last":  # the outcome, on the last step only
+            if len(kept) < len(steps):
+                raise BadRow("last_step_cut", f"the last step does not end within {self.max_len} tokens, so the "
+                                              "solution's outcome label has no step to sit on")
+            ends, kept = ends[-1:], [labels[-1]]
+        elif stats is not None:
+            stats.steps_dropped += len(steps) - len(kept)
         return EncodedSolution(ids, ends, kept, source)
 
 
 def load_stepwise(spec, tokenizer, template: str | None, *, max_len: int, columns: dict[str, str] | None = None,
                   skip_bad_rows: bool = True, max_bad_row_fraction: float = DEFAULT_MAX_BAD_ROW_FRACTION,
-                  limit: int = 0) -> tuple[list[EncodedSolution], StepwiseStats]:
-    """Read and encode step-labelled rows; bad rows skipped and counted (or the first refused)."""
+                  limit: int = 0, step_labels: str = "each") -> tuple[list[EncodedSolution], StepwiseStats]:
+    """Read and encode step-labelled rows, a label on each step or the outcome on the last (`step_labels`,
+    the module docstring); bad rows skipped and counted (or the first refused)."""
     stats = StepwiseStats()
     bad = stats.bad.set_rule(skip_bad_rows, max_bad_row_fraction)
-    encoder = StepEncoder(tokenizer, template, max_len=max_len)
+    encoder = StepEncoder(tokenizer, template, max_len=max_len, step_labels=step_labels)
     out: list[EncodedSolution] = []
     for rec in iter_records(spec):
         stats.rows += 1
@@ -233,5 +250,5 @@ class StepwiseLoader(SFTLoader):
         return collate_steps(chunk, self.pad_id)
 
 
-__all__ = ["COLUMNS", "STEP_SEPARATOR", "EncodedSolution", "StepBatch", "StepEncoder", "StepwiseLoader",
-           "StepwiseStats", "collate_steps", "load_stepwise", "row_to_steps", "stepwise_fingerprint"]
+__all__ = ["COLUMNS", "STEP_LABELS", "STEP_SEPARATOR", "EncodedSolution", "StepBatch", "StepEncoder",
+           "StepwiseLoader", "StepwiseStats", "collate_steps", "load_stepwise", "row_to_steps", "stepwise_fingerprint"]

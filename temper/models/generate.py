@@ -233,21 +233,29 @@ def generate(
 
 def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, *,
                   batch_size: int = 8, use_cache: bool = True,
-                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
+                  on_text: Callable[[int, str], None] | None = None, num_return_sequences: int = 1,
+                  first_prompt: int = 0) -> list[str]:
     """Completions of `prompts` (prompt not included), cut at the first stop string or EOS.
 
     `on_text(prompt_index, text)` receives the completion piece by piece as it is generated.
+    `num_return_sequences=G`: G completions of each prompt, prompt-major (`generate`'s, each prompt
+    prefilled once; `batch_size` counts prompts). Seeded, completion r of the call draws from
+    stream (seed, first_prompt * G + r) whatever the batch size: a caller that feeds one list in
+    parts gives each part the index of its first prompt, and no two completions share a stream.
     """
+    if on_text is not None and num_return_sequences != 1:
+        raise ValueError("on_text streams one completion per prompt: num_return_sequences must be 1")
     eos = list(cfg.eos_token_ids) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     cfg = SamplingConfig(**{**cfg.__dict__, "eos_token_ids": eos})
     results: list[str] = []
     for start in range(0, len(prompts), batch_size):
         results.extend(_generate_text_batch(model, tokenizer, prompts[start:start + batch_size], start,
-                                            cfg, use_cache, on_text))
+                                            cfg, use_cache, on_text, num_return_sequences, first_prompt))
     return results
 
 
-def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_text) -> list[str]:
+def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_text,
+                         num_return_sequences=1, first_prompt=0) -> list[str]:
     eos = set(cfg.eos_token_ids)
     stops = [s for s in cfg.stop if s]
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -278,7 +286,9 @@ def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_t
 
     new_tokens = generate(model, encoded, cfg, pad_id=tokenizer.pad_id or 0, use_cache=use_cache,
                           should_stop=should_stop if stops else None,
-                          on_token=on_token if on_text is not None else None)
+                          on_token=on_token if on_text is not None else None,
+                          num_return_sequences=num_return_sequences,
+                          first_row=(first_prompt + offset) * num_return_sequences)
     texts = []
     for row, tokens in enumerate(new_tokens):
         if tokens and tokens[-1] in eos:

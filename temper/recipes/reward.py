@@ -8,6 +8,7 @@ Bradley–Terry loss (Ouyang et al. 2022; TRL's RewardTrainer):
     temper reward model=DIR peft.method=lora                       # LoRA on the body; the head trains in full
     temper reward score model=runs/reward data=rows.jsonl output=scored.jsonl
     temper reward model=runs/sft objective=prm                     # a process reward model: the world's prm/* steps
+    temper reward model=runs/sft objective=prm step_labels=last    # an outcome model on the same rows (the ORM)
 
 The body is the SFT model's decoder (its output layer dropped); the head is new, drawn as
 transformers draws a new `score` layer. The reward of a sequence is the head on the last
@@ -30,6 +31,14 @@ Logged: loss and step_accuracy; held out eval_loss, eval_step_accuracy, eval_sol
 (a solution called right when every step scores > 0, against its last label) and
 eval_first_error_accuracy (of the wrong solutions, those whose first step scored < 0 is the
 first one labelled wrong).
+
+`step_labels=last` trains Lightman et al.'s outcome-supervised reward model (ORM) on the same
+rows: only the solution's last step carries a label, its outcome (the last label: every step
+right), the score read there; a row whose last step is cut off by seq_len is skipped and counted
+(`last_step_cut`), never labelled on an earlier step. Its held-out metric is
+eval_solution_accuracy (eval_step_accuracy is the same number; no first-error accuracy), and the
+directory's lineage records `reward_step_labels`, which `rewards=prm:DIR` reads to score the
+completion's last step instead of its weakest one.
 
 Outcome models log: loss, accuracy (pairs whose chosen reward is strictly higher, TRL's), margin (mean
 r_w - r_l) per step; on held-out pairs eval_loss, eval_accuracy, eval_margin, the rewards'
@@ -87,6 +96,9 @@ class Config(recipe.TrainingConfig, command="reward", capabilities=recipe.Capabi
     objective: Literal["orm", "prm"] = opt(
         "orm", "orm: an outcome reward model on preference pairs (Bradley-Terry); prm: a process reward model on "
                "step-labelled solutions (a score per step)")
+    step_labels: Literal["each", "last"] = opt(
+        "each", "prm only: each: a label on every step (process supervision); last: only the last step carries the "
+                "solution's outcome (an outcome reward model on the same rows, Lightman et al. 2023)")
     eval_pairs: int = opt(200, "held-out pairs (prm: solutions) scored at each evaluation (0: all)")
     limit: int = opt(0, "read at most this many rows of data (0: all)")
     implicit_prompt: Literal["turn", "common_prefix"] = opt(
@@ -98,6 +110,8 @@ class Config(recipe.TrainingConfig, command="reward", capabilities=recipe.Capabi
     only_with: ClassVar = (
         OnlyWith(("center_rewards_coefficient", "implicit_prompt", "max_prompt_len"), "objective=orm",
                  lambda c: c.objective == "orm", "a process reward model trains on step labels, not pairs"),
+        OnlyWith(("step_labels",), "objective=prm", lambda c: c.objective == "prm",
+                 "pairs have no steps; step_labels=last trains an outcome model on step-labelled rows"),
     )
 
     def validate(self) -> None:
@@ -158,7 +172,7 @@ def resolve_solutions(cfg: Config, lineage: dict, tokenizer, template: str | Non
                           "write one with temper world output_dir=DIR and give data=DIR/prm/train.jsonl "
                           "eval_data=DIR/prm/test.jsonl")
     options = dict(max_len=cfg.seq_len, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows,
-                   max_bad_row_fraction=cfg.max_bad_row_fraction)
+                   max_bad_row_fraction=cfg.max_bad_row_fraction, step_labels=cfg.step_labels)
     train, stats = load_stepwise(train_spec, tokenizer, template, limit=cfg.limit, **options)
     eval_spec = cfg.eval_data or ([str(Path(world) / "prm" / "test.jsonl")] if world and not cfg.data else [])
     if eval_spec:
@@ -213,8 +227,9 @@ def run(cfg: Config) -> dict:
     margins = False
     if cfg.objective == "prm":
         train, held, stats = resolve_solutions(cfg, lineage, tokenizer, template)
-        run.say(f"reward data (process): {stats.summary()}; {len(held)} held-out solutions | a score per step, "
-                "binary cross-entropy")
+        supervision = "a score per step" if cfg.step_labels == "each" else "the outcome on the last step"
+        run.say(f"reward data ({'process' if cfg.step_labels == 'each' else 'outcome'}): {stats.summary()}; "
+                f"{len(held)} held-out solutions | {supervision}, binary cross-entropy")
         loader = StepwiseLoader(train, **split)
         fingerprint = stepwise_fingerprint(train)
     else:
@@ -269,7 +284,7 @@ def run(cfg: Config) -> dict:
                         first_found += (not said.all()) and int((~said).nonzero()[0]) == int((~labels).nonzero()[0])
         return {"eval_loss": total / steps, "eval_step_accuracy": right / steps,
                 "eval_solution_accuracy": solutions_right / len(held),
-                **({"eval_first_error_accuracy": first_found / wrong} if wrong else {})}
+                **({"eval_first_error_accuracy": first_found / wrong} if wrong and cfg.step_labels == "each" else {})}
 
     def evaluate(step: int) -> dict:
         if not held:
@@ -311,6 +326,7 @@ def run(cfg: Config) -> dict:
                      par=run.par, global_batch=run.global_batch,
                      identity={"tokenizer": tokenizer.fingerprint(), "peft": cfg.peft.method,
                                "data": fingerprint, "objective": cfg.objective,
+                               **({"step_labels": "last"} if cfg.step_labels == "last" else {}),
                                "center_rewards_coefficient": cfg.center_rewards_coefficient})
     loss_fn = step_batch_loss if cfg.objective == "prm" else pair_loss
     for _ in loop:
@@ -328,9 +344,10 @@ def run(cfg: Config) -> dict:
             tokenizer.chat_template = template  # what the judge and `reward score` then render with
         save_reward_model(plain, loop.out, tokenizer=tokenizer)
         write_lineage(loop.out, {**lineage, "stage": "reward", "parent": cfg.model, "chat_template_trained": template,
-                                 "peft": cfg.peft.method, "reward_objective": cfg.objective})
+                                 "peft": cfg.peft.method, "reward_objective": cfg.objective,
+                                 **({"reward_step_labels": cfg.step_labels} if cfg.objective == "prm" else {})})
     if cfg.objective == "prm":
-        return loop.finish({"objective": "prm", "solutions": len(train), "held_out_solutions": len(held),
+        return loop.finish({"objective": "prm", "step_labels": cfg.step_labels, "solutions": len(train), "held_out_solutions": len(held),
                             **stats.counts(), "peft": cfg.peft.method,
                             "trainable_parameters": trainable.trainable_parameters})
     return loop.finish({"pairs": len(train), "held_out_pairs": len(held), "margins": margins,

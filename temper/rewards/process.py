@@ -1,7 +1,10 @@
 """A process reward model as a reward function (`rewards=prm:DIR` in GRPO): the completion's
 lines are its steps, each scored by the PRM where it ends, and the reward is the lowest step's
 probability of being right, min_k sigmoid(s_k) (Math-Shepherd's aggregation, Wang et al. 2024;
-Lightman et al. 2023 take the product): one wrong step sinks the solution.
+Lightman et al. 2023 take the product): one wrong step sinks the solution. A model trained with
+outcome labels (`temper reward objective=prm step_labels=last`, its lineage's `reward_step_labels`:
+an ORM on the same rows) learned to score only a solution's last step, so its reward is
+sigmoid(s_last), the score where the completion's last step (that fits the context) ends.
 
 Steps are encoded as `temper reward objective=prm` trained on them (`temper.data.stepwise`):
 the prompt through the directory's chat template for messages (the text itself for a string),
@@ -19,7 +22,7 @@ import torch
 
 from temper.data.chat import model_chat_template
 from temper.data.rows import BadRow
-from temper.data.stepwise import STEP_SEPARATOR, StepEncoder, collate_steps
+from temper.data.stepwise import STEP_LABELS, STEP_SEPARATOR, StepEncoder, collate_steps
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.lineage import read_lineage
@@ -27,14 +30,20 @@ from temper.models.reward import check_reward_model_dir, load_reward_model
 
 
 class ProcessReward:
-    """`fn(prompts, completions, **kwargs) -> [min_k sigmoid(s_k) per completion]` (module docstring)."""
+    """`fn(prompts, completions, **kwargs) -> [one reward per completion]`: min_k sigmoid(s_k) for a model
+    trained with a label on each step, sigmoid(s_last) for one trained on outcomes (module docstring)."""
 
     def __init__(self, model_dir: str, *, device: Any = "cpu", batch_size: int = 16) -> None:
         check_reward_model_dir(model_dir)
-        objective = read_lineage(model_dir).get("reward_objective")
+        lineage = read_lineage(model_dir)
+        objective = lineage.get("reward_objective")
         if objective not in (None, "prm"):
             raise TemperError(f"prm:{model_dir}: an outcome reward model (temper reward objective={objective}); "
                               f"score whole completions with judge:reward:{model_dir}")
+        self.step_labels = lineage.get("reward_step_labels", "each")
+        if self.step_labels not in STEP_LABELS:
+            raise TemperError(f"prm:{model_dir}: its lineage records reward_step_labels={self.step_labels!r}; "
+                              f"expected one of {', '.join(STEP_LABELS)}")
         self.model = load_reward_model(model_dir, device=device)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.encoder = StepEncoder(self.tokenizer, model_chat_template(model_dir, self.tokenizer),
@@ -65,7 +74,8 @@ class ProcessReward:
             batch = collate_steps([s for _, s in chunk], pad).to(self.device)
             scores = self.model(batch.input_ids, at=(batch.rows, batch.positions)).float().sigmoid()
             for r, (i, _) in enumerate(chunk):
-                rewards[i] = float(scores[batch.rows == r].min())
+                mine = scores[batch.rows == r]  # the steps that fit, in order
+                rewards[i] = float(mine[-1] if self.step_labels == "last" else mine.min())
         return rewards
 
 

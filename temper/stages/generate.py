@@ -13,12 +13,25 @@ that holds a conversation, as a `messages` list or as a `prompt` list of message
 conversational prompt format), is rendered the same way, chat=true or not.
 
     temper generate model=runs/sft chat=true prompt="Where does Alice live?"
+
+Best-of-N: `best_of=N rank_by=SPEC` samples N completions of each prompts-file row (at
+temperature > 0; seeded, completion r of the file draws from its own stream) and keeps the one
+that the reward SPEC scores highest, ties to the first sampled. SPEC is any `rewards=` spec of
+GRPO (`temper.rewards.functions.RewardSet`): prm:DIR (a process or outcome reward model of
+`temper reward objective=prm`), world, gsm8k, judge:reward:DIR, MODULE:FUNCTION, ...; the
+row's other columns (`answer`, ...) reach the function as in GRPO, `completion_ids` are the
+completion's text re-encoded. Each row is written as {"prompt", "completion": the best,
+"candidates": all N in sampling order, "scores": theirs (null where the function returned None;
+such a candidate ranks last)}.
+
+    temper generate model=runs/solver prompts_file=p.jsonl output_file=o.jsonl best_of=16 rank_by=prm:runs/prm
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -36,6 +49,8 @@ from temper.io import atomic_writer, claim_output_file
 from temper.lineage import read_lineage
 from temper.loading import load_for_inference
 from temper.models.generate import GREEDY_IGNORES, SamplingConfig, generate_text
+from temper.rewards.functions import RewardSet
+from temper.rewards.judges import DEFAULT_TIMEOUT, check_timeout
 from temper.runtime import resolve_device
 
 
@@ -59,6 +74,11 @@ class Config:
     chat: bool = opt(False, "wrap each prompt as a user message and render it with the model's chat template")
     template: str | None = opt(None, "chat template: chatml, llama3, plain, a .jinja file, or the model's (default)")
     system: str | None = opt(None, "system prompt of chat prompts (those without a system message of their own)")
+    best_of: int = opt(1, "sample this many completions of each prompt and write the one rank_by scores highest "
+                          "(with all of them as candidates)")
+    rank_by: str | None = opt(None, "best_of's reward: any rewards= spec of GRPO (prm:DIR, world, gsm8k, "
+                                    "judge:reward:DIR, MODULE:FUNCTION)")
+    rank_timeout: float = opt(DEFAULT_TIMEOUT, "seconds one call of rank_by's function or judge may take (0: no limit)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16")
 
@@ -66,6 +86,9 @@ class Config:
         GREEDY_IGNORES,
         OnlyWith(("stream",), "prompt=", lambda c: c.prompt is not None, "a prompts file is written as JSONL"),
         OnlyWith(("output_file", "prompt_field", "batch_size"), "prompts_file=", lambda c: c.prompts_file is not None),
+        OnlyWith(("best_of", "rank_by"), "prompts_file=", lambda c: c.prompts_file is not None,
+                 "best-of-N writes each prompt's candidates and their scores as a JSONL row"),
+        OnlyWith(("rank_timeout",), "rank_by=", lambda c: c.rank_by is not None),
     )
 
     def validate(self) -> None:
@@ -81,6 +104,16 @@ class Config:
             check_utf8(f"stop[{i}]=", stop)
         check_range("batch_size", self.batch_size, low=1)
         SamplingConfig.of(self)
+        check_range("best_of", self.best_of, low=1)
+        check_timeout(self.rank_timeout)
+        if self.best_of > 1 and not self.rank_by:
+            raise TemperError(f"best_of={self.best_of} needs rank_by=: the reward that picks the best completion "
+                              "(prm:DIR, world, judge:reward:DIR or MODULE:FUNCTION)")
+        if self.rank_by is not None and self.best_of < 2:
+            raise TemperError(f"rank_by={self.rank_by} ranks the samples of best_of=N (N > 1); give best_of=")
+        if self.best_of > 1 and self.temperature == 0:
+            raise TemperError(f"best_of={self.best_of} with temperature=0: greedy decoding gives {self.best_of} "
+                              "copies of one completion; sample with temperature > 0 (e.g. temperature=1)")
         if self.overwrite and not (self.output_file and self.prompts_file):
             raise TemperError("overwrite=true replaces an existing output_file of prompts_file's results: give both")
 
@@ -110,6 +143,11 @@ def generate(cfg: Config, output: Path | None) -> None:
     if not use_chat and (cfg.template or cfg.system):
         raise TemperError("template= and system= are for chat prompts: add chat=true")
     device = resolve_device(cfg.device)
+    ranker = None
+    if cfg.best_of > 1:  # built and checked against the rows before the model loads and samples
+        ranker = RewardSet([cfg.rank_by], option="rank_by=", max_completion_length=cfg.max_new_tokens,
+                           timeout=cfg.rank_timeout, device=device, timeout_setting="rank_timeout")
+        ranker.check_prompts(prompts)
     model, tokenizer = load_for_inference(cfg.model, device=device, dtype=cfg.dtype)
     if not use_chat:
         if read_lineage(cfg.model).get("chat_template_trained"):
@@ -139,15 +177,41 @@ def generate(cfg: Config, output: Path | None) -> None:
         return
 
     # a file appears whole when every prompt is done, or not at all (an old one stays as it was)
-    with atomic_writer(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-        for start in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[start:start + cfg.batch_size]
-            completions = generate_text(model, tokenizer, texts[start:start + cfg.batch_size], sampling,
-                                        batch_size=cfg.batch_size)
-            for prompt, completion in zip(chunk, completions):
-                out.write(json.dumps({"prompt": prompt.prompt, "completion": completion}, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(len(chunk))
-        bar.close()
+    try:
+        with atomic_writer(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
+            bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
+                       disable=not sys.stderr.isatty())
+            for start in range(0, len(prompts), cfg.batch_size):
+                chunk = prompts[start:start + cfg.batch_size]
+                if ranker is None:
+                    completions = generate_text(model, tokenizer, texts[start:start + cfg.batch_size], sampling,
+                                                batch_size=cfg.batch_size, first_prompt=start)
+                    rows = [{"prompt": p.prompt, "completion": c} for p, c in zip(chunk, completions)]
+                else:
+                    rows = best_of_n(model, tokenizer, chunk, texts[start:start + cfg.batch_size], sampling,
+                                     cfg.best_of, ranker, first=start)
+                for row in rows:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(len(chunk))
+            bar.close()
+    finally:
+        if ranker is not None:
+            ranker.close()
+
+
+def best_of_n(model, tokenizer, prompts: list[Prompt], texts: list[str], sampling: SamplingConfig, n: int,
+              ranker: RewardSet, *, first: int = 0) -> list[dict[str, Any]]:
+    """Each prompt's row: n sampled candidates, `ranker`'s total score of each, and the best (the first
+    of the highest; a candidate no function scores, NaN, ranks below every scored one)."""
+    candidates = generate_text(model, tokenizer, texts, sampling, batch_size=len(texts), num_return_sequences=n,
+                               first_prompt=first)
+    ids = [tokenizer.encode(c) for c in candidates]
+    total, _ = ranker.score([p for p in prompts for _ in range(n)], candidates, ids)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        mine = candidates[i * n:(i + 1) * n]
+        scores = [None if math.isnan(v) else v for v in total[i * n:(i + 1) * n].tolist()]
+        best = max(range(n), key=lambda k: (scores[k] is not None, scores[k] or 0.0, -k))
+        rows.append({"prompt": prompt.prompt, "completion": mine[best], "candidates": mine, "scores": scores})
+    return rows
