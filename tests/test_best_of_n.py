@@ -77,6 +77,8 @@ def test_an_outcome_model_trains_on_outcomes_and_says_so(trained_orm):
     out, summary = trained_orm
     assert summary["objective"] == "prm" and summary["step_labels"] == "last"
     assert summary["rows_read"] == 96 and summary["solutions"] == 72 and summary["held_out_solutions"] == 24
+    assert summary["labelled_steps"] == 96  # one a solution read (train and held out); `steps` is the optimiser's
+    assert summary["steps"] == 25  # max_steps=25 above
     assert "eval_first_error_accuracy" not in summary and "eval_first_error_accuracy" not in summary["before"]
     assert summary["eval_step_accuracy"] == summary["eval_solution_accuracy"]  # one scored step a solution
     assert summary["eval_loss"] < summary["before"]["eval_loss"]

@@ -61,7 +61,7 @@ class StepwiseStats:
                 f"{skipped}; {self.prompt_truncated} prompts kept their end, {self.steps_dropped} steps cut off")
 
     def counts(self) -> dict:
-        return {"rows_read": self.rows, "skipped_rows": dict(self.bad.skipped), "steps": self.steps,
+        return {"rows_read": self.rows, "skipped_rows": dict(self.bad.skipped), "labelled_steps": self.steps,
                 "steps_dropped": self.steps_dropped, "prompt_truncated": self.prompt_truncated}
 
 
