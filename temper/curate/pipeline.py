@@ -1,0 +1,517 @@
+"""The curation pipeline: raw documents in, a clean corpus, its rejects and a report out.
+
+    read (streaming) -> normalise -> exact dedup -> Gopher repetition -> Gopher quality -> C4
+    -> FineWeb -> decontamination -> MinHash near-dedup -> PII masking -> shards
+
+The first rule that fires drops the document, which is written to `rejected/RULE.jsonl` with
+the rule, its reason (e.g. `gopher_short_doc`) and where the document came from; nothing
+disappears silently. Near-deduplication needs every signature before it can decide, so the
+documents that pass the per-document rules wait in a staging file beside the output (removed
+at the end, or by the next run if this one is killed), and only their 112 x 8-byte signatures
+stay in memory. In each duplicate cluster the document read first is kept.
+
+Sizes are counted in words (whitespace-separated) and characters, not tokenizer tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import xxhash
+
+from temper.config import opt
+from temper.curate.decontam import EvalIndex
+from temper.curate.filters import c4, fineweb, gopher_quality, gopher_repetition
+from temper.curate.minhash import (
+    MinHasher,
+    UnionFind,
+    check_bands,
+    jaccard,
+    s_curve,
+    shingle_hashes,
+    threshold,
+)
+from temper.curate.text import mask_pii, normalize
+from temper.data.readers import iter_records, json_type
+from temper.eval.contamination import words as lower_words
+from temper.io import atomic_writer
+
+RULES = ("input", "exact_dedup", "gopher_repetition", "gopher_quality", "c4", "fineweb", "decontamination",
+         "line_dedup", "near_dedup")
+NOISE_TARGETS = {  # which planted kinds of the built-in world each rule exists to remove
+    "exact_dedup": ("exact_duplicate",), "near_dedup": ("near_duplicate", "exact_duplicate"),
+    "gopher_repetition": ("spam", "boilerplate"), "gopher_quality": ("spam", "boilerplate"),
+    "c4": ("spam", "boilerplate"), "fineweb": ("spam", "boilerplate"), "line_dedup": ("boilerplate", "spam"),
+    "pii": ("pii",),
+}
+MAX_EXAMPLES = 3
+EXAMPLE_CHARS = 300
+CURVE_POINTS = (0.5, 0.6, 0.7, 0.72, 0.8, 0.9)
+
+
+@dataclass
+class LineDedupConfig:
+    enabled: bool = opt(True, "drop documents made mostly of lines that many documents repeat (boilerplate: "
+                              "cookie banners, menus, footers; CCNet's paragraph hashing, at document level)")
+    min_docs: int = opt(3, "a line held by at least this many documents counts as boilerplate")
+    max_fraction: float = opt(0.5, "drop a document when more than this share of its characters is in such lines")
+
+
+@dataclass
+class NearDedupConfig:
+    enabled: bool = opt(True, "MinHash + LSH near-duplicate removal")
+    ngram: int = opt(5, "shingle length in words")
+    num_hashes: int = opt(112, "MinHash signature length; must equal bands x rows")
+    bands: int = opt(14, "LSH bands")
+    rows: int = opt(8, "rows (hashes) per band")
+    seed: int = opt(1, "seed of the hash permutations")
+    verify: bool = opt(False, "check each candidate pair's exact Jaccard similarity (re-reads its documents)")
+    verify_threshold: float = opt(0.0, "with verify: the least exact Jaccard of a duplicate pair; 0 means the "
+                                       "LSH threshold (1/bands)^(1/rows)")
+
+    def validate(self) -> None:
+        check_bands(self.num_hashes, self.bands, self.rows)
+        if self.ngram < 1:
+            from temper.errors import TemperError
+            raise TemperError(f"near_dedup.ngram must be at least 1, got {self.ngram}")
+
+    def curve(self) -> dict[str, float]:
+        return {f"{s:g}": round(s_curve(s, self.bands, self.rows), 4) for s in CURVE_POINTS}
+
+
+def describe_near_dedup(cfg: NearDedupConfig) -> str:
+    """One line: the banding, its threshold and a few points of its S-curve."""
+    t = threshold(cfg.bands, cfg.rows)
+    points = ", ".join(f"P({s})={p:.2f}" for s, p in cfg.curve().items())
+    return (f"near_dedup: {cfg.bands} bands x {cfg.rows} rows = {cfg.num_hashes} hashes over word {cfg.ngram}-grams; "
+            f"threshold (1/{cfg.bands})^(1/{cfg.rows}) = {t:.3f}; chance a pair of Jaccard s is a candidate: {points}")
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _label(data: dict) -> tuple[str | None, str | None, str | None]:
+    """(kind, id, source id) of a built-in world document's `meta`, else Nones."""
+    meta = data.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
+        return None, None, None
+    return meta["kind"], meta.get("id"), meta.get("source")
+
+
+class Rejects:
+    """rejected/RULE.jsonl writers (atomic, opened on first use), counts and examples per rule."""
+
+    def __init__(self, folder: Path, stack: contextlib.ExitStack, mask) -> None:
+        self.folder, self.stack, self.mask = folder, stack, mask
+        self.files: dict[str, IO] = {}
+        self.docs: Counter = Counter()
+        self.words: Counter = Counter()
+        self.reasons: dict[str, Counter] = defaultdict(Counter)
+        self.examples: dict[str, list] = defaultdict(list)
+
+    def write(self, i: int, rule: str, reason: str, source: str, data: dict, text: str,
+              dup_of: str | None = None) -> None:
+        if rule not in self.files:
+            self.folder.mkdir(exist_ok=True)
+            self.files[rule] = self.stack.enter_context(atomic_writer(self.folder / f"{rule}.jsonl", newline="\n"))
+        masked = self.mask(i, text)
+        row: dict[str, Any] = {"rule": rule, "reason": reason, "source": source}
+        if dup_of is not None:
+            row["duplicate_of"] = dup_of
+        row["record"] = {**data, "text": masked} if isinstance(data, dict) else data
+        self.files[rule].write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.docs[rule] += 1
+        self.words[rule] += _words(text)
+        self.reasons[rule][reason] += 1
+        if len(self.examples[rule]) < MAX_EXAMPLES:
+            example = {"source": source, "reason": reason, "text": masked[:EXAMPLE_CHARS]}
+            if dup_of is not None:
+                example["duplicate_of"] = dup_of
+            self.examples[rule].append(example)
+
+
+class Shards:
+    """Kept documents as data/part-NNNNN.jsonl, `per_shard` documents each, each written atomically."""
+
+    def __init__(self, folder: Path, per_shard: int) -> None:
+        self.folder, self.per_shard = folder, per_shard
+        self.paths: list[Path] = []
+        self._cm = None
+        self._file: IO | None = None
+        self._count = 0
+
+    def write(self, row: dict) -> None:
+        if self._file is None or self._count >= self.per_shard:
+            self.close()
+            self.folder.mkdir(exist_ok=True)
+            path = self.folder / f"part-{len(self.paths):05d}.jsonl"
+            self._cm = atomic_writer(path, newline="\n")
+            self._file = self._cm.__enter__()
+            self.paths.append(path)
+            self._count = 0
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._count += 1
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self._cm is not None:
+            cm, self._cm, self._file = self._cm, None, None
+            if error is None:
+                cm.__exit__(None, None, None)
+            else:
+                cm.__exit__(type(error), error, error.__traceback__)
+
+
+@dataclass
+class _Doc:
+    """What pass 1 remembers of a document (the text itself stays on disk)."""
+    source: str
+    kind: str | None
+    id: str | None
+    source_id: str | None
+
+
+def _read(cfg) -> Iterator[tuple[str, dict, Any]]:
+    for rec in iter_records(cfg.data, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode,
+                            max_document_mb=cfg.max_document_mb):
+        yield rec.source, rec.data, rec.data.get(cfg.text_field)
+
+
+def curate(cfg, out: Path) -> dict:
+    """Run the pipeline of `cfg` (temper.stages.curate.Config) into the claimed directory `out`."""
+    rules_on = {"gopher_repetition": cfg.gopher_repetition.enabled, "gopher_quality": cfg.gopher_quality.enabled,
+                "c4": cfg.c4.enabled, "fineweb": cfg.fineweb.enabled}
+    eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate.eval else None
+    near = cfg.near_dedup
+    hasher = MinHasher(near.num_hashes, near.seed) if near.enabled else None
+    lines_cfg = cfg.line_dedup
+    line_docs: Counter = Counter()  # line hash -> documents holding it (staged documents only)
+    stage = near.enabled or lines_cfg.enabled
+    seen_exact: dict[bytes, int] = {}
+    exact_sizes: Counter = Counter()
+    docs: list[_Doc] = []
+    signatures: list[np.ndarray] = []
+    staged_offsets: list[int] = []
+    staged_index: list[int] = []  # doc index of each staged line
+    totals = Counter()
+    pii_docs: list[int] = []
+    pii_counts: Counter = Counter()
+    c4_edited = 0
+    kept_index: set[int] = set()
+    removed_by: dict[int, tuple[str, str | None]] = {}  # doc index -> (rule, index of its duplicate kept)
+    staging = out / f".staging.jsonl.tmp-{os.getpid()}"
+    shards = Shards(out / "data", cfg.shard_docs)
+    kept_words = kept_chars = 0
+
+    def mask(i: int, text: str) -> str:
+        masked, counts = mask_pii(text, cfg.pii)
+        if counts:
+            pii_docs.append(i)
+            pii_counts.update(counts)
+        return masked
+
+    def keep(i: int, data: dict, text: str) -> None:
+        nonlocal kept_words, kept_chars
+        masked = mask(i, text)
+        shards.write({**data, cfg.text_field: masked})
+        kept_index.add(i)
+        kept_words += _words(masked)
+        kept_chars += len(masked)
+
+    with contextlib.ExitStack() as stack:
+        rejects = Rejects(out / "rejected", stack, mask)
+        stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
+        stack.callback(lambda: staging.unlink(missing_ok=True))
+        try:
+            for source, data, raw in _read(cfg):
+                i = len(docs)
+                kind, doc_id, source_id = _label(data)
+                docs.append(_Doc(source, kind, doc_id, source_id))
+                totals["documents"] += 1
+                if not isinstance(raw, str):
+                    reason = (f"field '{cfg.text_field}' missing" if cfg.text_field not in data
+                              else f"field '{cfg.text_field}' is {json_type(raw)}")
+                    rejects.write(i, "input", reason, source, data, "")
+                    removed_by[i] = ("input", None)
+                    continue
+                totals["words"] += _words(raw)
+                totals["characters"] += len(raw)
+                if "\x00" in raw:  # NUL bytes: a binary file read as text
+                    rejects.write(i, "input", "binary", source, data, raw.replace("\x00", "\\0"))
+                    removed_by[i] = ("input", None)
+                    continue
+                text = normalize(raw, cfg.normalize)
+                if not text:
+                    rejects.write(i, "input", "empty", source, data, raw)
+                    removed_by[i] = ("input", None)
+                    continue
+                if cfg.exact_dedup:
+                    digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
+                    first = seen_exact.setdefault(digest, i)
+                    if first != i:
+                        exact_sizes[first] += 1
+                        rejects.write(i, "exact_dedup", "exact_duplicate", source, data, text, docs[first].source)
+                        removed_by[i] = ("exact_dedup", first)
+                        continue
+                rule = reason = None
+                for name, check in (("gopher_repetition", gopher_repetition), ("gopher_quality", gopher_quality),
+                                    ("c4", c4), ("fineweb", fineweb)):
+                    if not rules_on[name]:
+                        continue
+                    section = getattr(cfg, name)
+                    if name == "c4":
+                        reason, edited = check(text, section)
+                        if reason is None and edited != text:
+                            c4_edited += 1
+                            text = edited
+                    else:
+                        reason = check(text, section)
+                    if reason is not None:
+                        rule = name
+                        break
+                if rule is None and eval_index is not None and eval_index.hit(text):
+                    rule, reason = "decontamination", f"shares a {eval_index.n}-gram with an eval set"
+                if rule is not None:
+                    rejects.write(i, rule, reason, source, data, text)
+                    removed_by[i] = (rule, None)
+                    continue
+                if not text:  # C4 removed every line, and min_num_sentences is off
+                    rejects.write(i, "c4", "c4_no_lines_left", source, data, raw)
+                    removed_by[i] = ("c4", None)
+                    continue
+                if not stage:
+                    keep(i, data, text)
+                    continue
+                if hasher is not None:
+                    signatures.append(hasher.signature(shingle_hashes(lower_words(text), near.ngram)))
+                if lines_cfg.enabled:
+                    line_docs.update({xxhash.xxh3_64_intdigest(line.encode("utf-8"))
+                                      for line in text.split("\n") if line.strip()})
+                staged_offsets.append(stage_file.tell())
+                staged_index.append(i)
+                stage_file.write(json.dumps({"data": data, "text": text}, ensure_ascii=False) + "\n")
+            near_report = None
+            if stage:
+                stage_file.flush()
+                boiler = _boilerplate(lines_cfg, line_docs, stage_file) if lines_cfg.enabled else {}
+                del line_docs
+                dropped: dict[int, int] = {}
+                if hasher is not None:
+                    alive = [k for k in range(len(staged_index)) if k not in boiler]
+                    near_report, dropped_alive = _near_duplicates(near, [signatures[k] for k in alive],
+                                                                  [staged_offsets[k] for k in alive], stage_file)
+                    dropped = {alive[k]: alive[rep] for k, rep in dropped_alive.items()}
+                    del signatures
+                stage_file.seek(0)
+                for k, line in enumerate(stage_file):
+                    i = staged_index[k]
+                    row = json.loads(line)
+                    if k in boiler:
+                        rejects.write(i, "line_dedup", "boilerplate_lines", docs[i].source, row["data"], row["text"])
+                        removed_by[i] = ("line_dedup", None)
+                    elif k in dropped:
+                        rep = staged_index[dropped[k]]
+                        rejects.write(i, "near_dedup", "near_duplicate", docs[i].source, row["data"], row["text"],
+                                      docs[rep].source)
+                        removed_by[i] = ("near_dedup", rep)
+                    else:
+                        keep(i, row["data"], row["text"])
+                if near_report is not None:
+                    near_report["cluster_sizes"] = {str(k): v for k, v in sorted(near_report["cluster_sizes"].items())}
+        except BaseException as e:
+            shards.close(e)
+            raise
+        shards.close()
+
+    removed_docs = sum(rejects.docs.values())
+    assert removed_docs + len(kept_index) == totals["documents"], "every document is kept or rejected"
+    report: dict[str, Any] = {
+        "sizes_are": "words = whitespace-separated words of the text; characters = Unicode code points "
+                     "(input: as read; kept: after normalisation, C4's line removal and PII masking)",
+        "input": {"data": list(map(str, cfg.data)), "documents": totals["documents"], "words": totals["words"],
+                  "characters": totals["characters"]},
+        "kept": {"documents": len(kept_index), "words": kept_words, "characters": kept_chars,
+                 "shards": [str(p.relative_to(out)) for p in shards.paths]},
+        "removed": {"documents": removed_docs, "words": sum(rejects.words.values())},
+        "rules": {rule: {"enabled": _enabled(cfg, rule), "documents": rejects.docs[rule], "words": rejects.words[rule],
+                         "reasons": dict(rejects.reasons[rule].most_common()), "examples": rejects.examples[rule],
+                         "file": f"rejected/{rule}.jsonl" if rejects.docs[rule] else None}
+                  for rule in RULES},
+        "modified": {"c4_lines_removed_documents": c4_edited,
+                     "pii": {"enabled": cfg.pii.enabled, "documents": len(pii_docs),
+                             "documents_kept": len(kept_index.intersection(pii_docs)), **dict(pii_counts)}},
+        "exact_dedup": {"enabled": cfg.exact_dedup, "clusters": len(exact_sizes),
+                        "cluster_sizes": {str(k): v for k, v in sorted(Counter(n + 1 for n in exact_sizes.values()).items())}},
+        "near_dedup": {"enabled": near.enabled, **({"bands": near.bands, "rows": near.rows,
+                       "num_hashes": near.num_hashes, "ngram": near.ngram,
+                       "threshold": round(threshold(near.bands, near.rows), 4), "s_curve": near.curve(),
+                       **(near_report or {})} if near.enabled else {})},
+        "line_dedup": {"enabled": lines_cfg.enabled, **({"min_docs": lines_cfg.min_docs,
+                       "max_fraction": lines_cfg.max_fraction} if lines_cfg.enabled else {})},
+        "decontamination": eval_index.describe() if eval_index is not None else {"enabled": False},
+    }
+    if any(d.kind is not None for d in docs):
+        report["ground_truth"] = ground_truth(docs, removed_by, set(pii_docs), exact_first=cfg.exact_dedup)
+    return report
+
+
+def _enabled(cfg, rule: str) -> bool:
+    return {"input": True, "exact_dedup": cfg.exact_dedup, "near_dedup": cfg.near_dedup.enabled,
+            "line_dedup": cfg.line_dedup.enabled,
+            "decontamination": bool(cfg.decontaminate.eval)}.get(rule) or bool(getattr(getattr(cfg, rule, None),
+                                                                                          "enabled", False))
+
+
+def _boilerplate(cfg: LineDedupConfig, line_docs: Counter, stage: IO) -> dict[int, float]:
+    """{staged index: share of its characters in lines held by >= min_docs documents} for those above
+    max_fraction (one more read of the staging file)."""
+    found: dict[int, float] = {}
+    stage.seek(0)
+    for k, line in enumerate(stage):
+        lines = [x for x in json.loads(line)["text"].split("\n") if x.strip()]
+        total = sum(map(len, lines))
+        repeated = sum(len(x) for x in lines if line_docs[xxhash.xxh3_64_intdigest(x.encode("utf-8"))] >= cfg.min_docs)
+        if total and repeated / total > cfg.max_fraction:
+            found[k] = repeated / total
+    return found
+
+
+def _near_duplicates(cfg: NearDedupConfig, signatures: list[np.ndarray], offsets: list[int], stage: IO
+                     ) -> tuple[dict, dict[int, int]]:
+    """LSH over the signatures: {staged index dropped: staged index of its cluster's kept member}, and the
+    report (candidate pairs, clusters, their sizes, pairs refused by the exact-Jaccard check)."""
+    n = len(signatures)
+    uf = UnionFind()
+    candidates = refused = 0
+    verify_at = cfg.verify_threshold or threshold(cfg.bands, cfg.rows)
+    shingle_cache: dict[int, np.ndarray] = {}
+
+    def shingles(k: int) -> np.ndarray:
+        if k not in shingle_cache:
+            stage.seek(offsets[k])
+            shingle_cache[k] = shingle_hashes(lower_words(json.loads(stage.readline())["text"]), cfg.ngram)
+        return shingle_cache[k]
+
+    if n:
+        sig = np.stack(signatures)  # (n, num_hashes)
+        for b in range(cfg.bands):
+            band = np.ascontiguousarray(sig[:, b * cfg.rows:(b + 1) * cfg.rows]).view(f"V{8 * cfg.rows}").ravel()
+            order = np.argsort(band, kind="stable")
+            sorted_band = band[order]
+            starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
+            ends = np.r_[starts[1:], n]
+            for s, e in zip(starts, ends, strict=True):
+                if e - s < 2:
+                    continue
+                members = order[s:e]  # ascending doc order (stable sort)
+                for m in members[1:]:
+                    candidates += 1
+                    if cfg.verify and uf.find(int(m)) != uf.find(int(members[0])):
+                        if jaccard(shingles(int(m)), shingles(int(members[0]))) < verify_at:
+                            refused += 1
+                            continue
+                    uf.union(int(members[0]), int(m))
+    dropped = {k: uf.find(k) for k in range(n) if uf.find(k) != k}
+    sizes = Counter(Counter(dropped.values()).values())
+    report = {"candidate_pairs": candidates, "clusters": sum(sizes.values()),
+              "cluster_sizes": Counter({k + 1: v for k, v in sizes.items()})}
+    if cfg.verify:
+        report["verified_jaccard_at_least"] = round(verify_at, 4)
+        report["candidate_pairs_refused"] = refused
+    return report, dropped
+
+
+def ground_truth(docs: list[_Doc], removed_by: dict[int, tuple[str, int | None]], pii_docs: set[int],
+                 exact_first: bool = True) -> dict:
+    """Precision and recall of each rule against the planted `meta.kind` labels of the built-in world.
+
+    A rule's true positives are the documents it removed whose kind it targets (NOISE_TARGETS). For
+    the dedup rules a removed clean document also counts when the copy kept in its place is the
+    planted duplicate made from it (`meta.source`): the pair was read in the other order, and the
+    corpus ends with one copy either way ("swapped"). PII is masked, not removed: its row counts masked
+    documents. Recall = true positives / planted documents of the target kinds. Near-dedup targets
+    exact duplicates too when exact dedup is off (`exact_first`)."""
+    kinds = Counter(d.kind for d in docs if d.kind is not None)
+    by_kind: dict[str, Counter] = defaultdict(Counter)
+    for i, (rule, _) in removed_by.items():
+        if docs[i].kind is not None:
+            by_kind[docs[i].kind][rule] += 1
+    rules: dict[str, dict] = {}
+    for rule, targets in NOISE_TARGETS.items():
+        if rule == "near_dedup" and exact_first:
+            targets = ("near_duplicate",)
+        if rule == "pii":
+            hits = [i for i in pii_docs if docs[i].kind is not None]
+            tp, swapped = sum(docs[i].kind in targets for i in hits), 0
+        else:
+            hits = [i for i, (r, _) in removed_by.items() if r == rule and docs[i].kind is not None]
+            tp = swapped = 0
+            for i in hits:
+                if docs[i].kind in targets:
+                    tp += 1
+                    continue
+                rep = removed_by[i][1]
+                if rep is not None and docs[rep].kind in targets and docs[rep].source_id == docs[i].id:
+                    tp += 1
+                    swapped += 1
+        planted = sum(kinds[k] for k in targets)
+        rules[rule] = {"targets": list(targets), "flagged": len(hits), "true_positives": tp,
+                       **({"swapped": swapped} if swapped else {}),
+                       "precision": round(tp / len(hits), 4) if hits else None,
+                       "recall": round(tp / planted, 4) if planted else None,
+                       "flagged_by_kind": dict(Counter(docs[i].kind for i in hits).most_common())}
+    table = {kind: {"documents": n, "removed": sum(by_kind[kind].values()),
+                    "removed_fraction": round(sum(by_kind[kind].values()) / n, 4),
+                    "by_rule": dict(by_kind[kind].most_common()),
+                    **({"masked_pii": sum(docs[i].kind == kind for i in pii_docs)} if kind == "pii" else {})}
+             for kind, n in sorted(kinds.items())}
+    return {"kinds": table, "rules": rules}
+
+
+def summary(report: dict) -> str:
+    """The report as a few readable lines."""
+    inp, kept, rem = report["input"], report["kept"], report["removed"]
+
+    def pct(a: int, b: int) -> str:
+        return f"{a / b:.1%}" if b else "-"
+
+    lines = [f"read {inp['documents']} documents ({inp['words']} words); kept {kept['documents']} "
+             f"({pct(kept['documents'], inp['documents'])}, {kept['words']} words) in {len(kept['shards'])} shard(s); "
+             f"removed {rem['documents']} ({rem['words']} words)",
+             f"  {'rule':<18} {'docs':>8} {'words':>10}  top reasons"]
+    for rule, r in report["rules"].items():
+        if not r["enabled"] and not r["documents"]:
+            lines.append(f"  {rule:<18} {'off':>8}")
+            continue
+        reasons = ", ".join(f"{k} {v}" for k, v in list(r["reasons"].items())[:3])
+        lines.append(f"  {rule:<18} {r['documents']:>8} {r['words']:>10}  {reasons}")
+    pii = report["modified"]["pii"]
+    if pii["enabled"]:
+        found = ", ".join(f"{k} {pii[k]}" for k in ("email", "phone", "ip") if k in pii) or "none found"
+        lines.append(f"  PII masked in {pii['documents']} documents, {pii['documents_kept']} of them kept ({found}; "
+                     "rejected/ holds masked text too)")
+    near = report["near_dedup"]
+    if near["enabled"]:
+        lines.append(f"  near-dup clusters: {near.get('clusters', 0)} (sizes {near.get('cluster_sizes', {})}); "
+                     f"exact-dup clusters: {report['exact_dedup']['clusters']} "
+                     f"(sizes {report['exact_dedup']['cluster_sizes']})")
+    truth = report.get("ground_truth")
+    if truth:
+        lines.append("  against the planted labels (meta.kind):")
+        lines.append(f"    {'rule':<18} {'flagged':>8} {'precision':>10} {'recall':>8}  targets")
+        for rule, r in truth["rules"].items():
+            p = "-" if r["precision"] is None else f"{r['precision']:.3f}"
+            rc = "-" if r["recall"] is None else f"{r['recall']:.3f}"
+            lines.append(f"    {rule:<18} {r['flagged']:>8} {p:>10} {rc:>8}  {', '.join(r['targets'])}")
+        lines.append(f"    {'kind':<18} {'docs':>8} {'removed':>10}")
+        for kind, k in truth["kinds"].items():
+            lines.append(f"    {kind:<18} {k['documents']:>8} {k['removed_fraction']:>10.1%}  {k['by_rule']}")
+    return "\n".join(lines)
