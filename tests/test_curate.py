@@ -1,0 +1,213 @@
+"""temper curate: normalisation, PII, the published filters, MinHash/LSH, decontamination, bad input,
+and precision/recall against the built-in world's planted noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from temper.cli import main
+from temper.config import load_config
+from temper.curate import filters
+from temper.curate.minhash import MinHasher, jaccard, s_curve, shingle_hashes, threshold
+from temper.curate.text import NormalizeConfig, PiiConfig, mask_pii, normalize
+from temper.data.world import WorldConfig, build_world
+from temper.errors import TemperError
+from temper.eval.contamination import contamination_report, words
+from temper.stages import curate as stage
+
+# the world's documents are one to six short sentences: the published length and stop-word rules are
+# calibrated on web pages (>= 50 words), so a world run switches them off (see README, "Data curation")
+WORLD = ["gopher_quality.enabled=false", "c4.enabled=false", "fineweb.enabled=false",
+         "gopher_repetition.top_ngram_fracs=[0,0,0]"]
+
+
+def run(data, out, *overrides: str) -> dict:
+    return stage.run(load_config(stage.Config, None, [f"data={data}", f"output_dir={out}", *overrides]))
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+PROSE = ("The history of the town is long and full of change. Many of the people who live there have "
+         "worked with the river for generations, and they say that the water shapes the way of life. "
+         "Farmers bring their produce to the market every week, and the square fills with voices. "
+         "Visitors come to see the old bridge and to walk along the banks of the quiet river in spring. "
+         "In the evening the lamps are lit and the streets grow calm again.")
+
+
+def test_normalize_nfc_controls_whitespace():
+    raw = "Cafe\u0301\x00 and\t\t tea \r\n\n\n\nnext\x07 line  "
+    assert normalize(raw, NormalizeConfig()) == "Caf\u00e9 and tea\n\nnext line"
+    assert normalize(raw, NormalizeConfig(enabled=False)) == raw
+
+
+def test_pii_masked_and_sums_left_alone():
+    text, counts = mask_pii("Mail ann.lee58@example.com, call (034) 555-0190 or +44 20 7946 0958; host 10.0.0.12.",
+                            PiiConfig())
+    assert text == "Mail <EMAIL>, call <PHONE> or <PHONE>; host <IP>."
+    assert counts == {"email": 1, "phone": 2, "ip": 1}
+    clean = "The sum of 12 and 28 is 40. Taking 11 from 44 leaves 33. It ran from 1999-2004."
+    assert mask_pii(clean, PiiConfig()) == (clean, {})
+    assert mask_pii("a@b.org", PiiConfig(email=False))[0] == "a@b.org"
+
+
+def test_published_filters_fire_on_what_they_target():
+    assert filters.gopher_quality(PROSE, filters.GopherQualityConfig()) is None
+    assert filters.gopher_quality("Too short to keep.", filters.GopherQualityConfig()) == "gopher_short_doc"
+    no_stop = " ".join(["alpha beta gamma delta"] * 15)
+    assert filters.gopher_quality(no_stop, filters.GopherQualityConfig()) == "gopher_not_enough_stop_words"
+    assert filters.gopher_repetition(PROSE, filters.GopherRepetitionConfig()) is None
+    spam = "\n".join(["BUY NOW!!! Limited offer, click here!!!"] * 10)
+    assert filters.gopher_repetition(spam, filters.GopherRepetitionConfig()) == "gopher_dup_line_frac"
+    one_line = " ".join(["Cheap deals cheap deals best price guaranteed"] * 10)
+    assert filters.gopher_repetition(one_line, filters.GopherRepetitionConfig()) == "gopher_top_2_gram"
+    no_top = filters.GopherRepetitionConfig(top_ngram_fracs=[0, 0, 0])
+    assert filters.gopher_repetition(one_line, no_top) == "gopher_duplicated_5_grams"
+    assert filters.c4(PROSE, filters.C4Config()) == (None, PROSE)
+    assert filters.c4(PROSE + " Lorem ipsum dolor.", filters.C4Config())[0] == "c4_lorem_ipsum"
+    assert filters.c4(PROSE + " {x}.", filters.C4Config())[0] == "c4_curly_bracket"
+    # C4 removes a cookie-policy line and a line without terminal punctuation, keeping the prose
+    reason, edited = filters.c4(PROSE + "\nThis site uses cookies to track you.\nHome | Shop | Contact",
+                                filters.C4Config())
+    assert reason is None and edited == PROSE
+    assert filters.fineweb(PROSE, filters.FineWebConfig()) is None
+    menu = "\n".join(["Home", "About", "Shop", "Contact", "Blog"])
+    assert filters.fineweb(menu, filters.FineWebConfig()) == "fineweb_line_punct_ratio"
+
+
+def test_minhash_estimates_jaccard_and_the_s_curve():
+    assert threshold(14, 8) == pytest.approx((1 / 14) ** (1 / 8)) and 0.71 < threshold(14, 8) < 0.72
+    assert s_curve(0.9, 14, 8) > 0.99 and s_curve(0.5, 14, 8) < 0.06
+    base = words(" ".join(f"w{i}" for i in range(300)))
+    other = base[:250] + words(" ".join(f"x{i}" for i in range(50)))
+    a, b = shingle_hashes(base, 5), shingle_hashes(other, 5)
+    exact = jaccard(a, b)
+    hasher = MinHasher(1024, seed=3)  # many hashes: the estimate's spread is ~0.015
+    estimate = float(np.mean(hasher.signature(a) == hasher.signature(b)))
+    assert abs(estimate - exact) < 0.05
+    assert np.array_equal(MinHasher(112, 1).signature(a), MinHasher(112, 1).signature(a))
+
+
+def test_bands_times_rows_must_equal_num_hashes(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": PROSE}])
+    with pytest.raises(TemperError, match=r"bands x rows = 14 x 7 = 98, but num_hashes=112"):
+        run(data, tmp_path / "out", "near_dedup.rows=7")
+    assert main(["curate", f"data={data}", f"output_dir={tmp_path / 'out'}", "near_dedup.bands=10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "10 x 8 = 80, but num_hashes=112" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_nothing_disappears_bad_rows_are_counted(tmp_path):
+    rows = [{"text": PROSE}, {"text": PROSE}, {"text": "   \n\t "}, {"title": "no text"}, {"text": 7},
+            {"text": "binary\x00\x01data"}, {"text": PROSE + " Thanks for reading."},
+            {"text": "Write to ann@example.com today about the new library, which opens on the first day of "
+                     "the month with a reading room and a garden."}]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    report = run(data, out, "gopher_quality.min_doc_words=5", "c4.enabled=false")
+    kept = [r for p in sorted((out / "data").glob("*.jsonl")) for r in jsonl(p)]
+    rejected = {p.stem: jsonl(p) for p in (out / "rejected").glob("*.jsonl")}
+    assert len(kept) + sum(map(len, rejected.values())) == len(rows) == report["input"]["documents"]
+    assert sorted(r["reason"] for r in rejected["input"]) == ["binary", "empty", "field 'text' is a number (7)",
+                                                              "field 'text' missing"]
+    assert [r["source"] for r in rejected["exact_dedup"]] == [f"{data}:2"]
+    assert rejected["exact_dedup"][0]["duplicate_of"] == f"{data}:1"
+    assert report["rules"]["exact_dedup"]["documents"] == 1 and report["exact_dedup"]["cluster_sizes"] == {"2": 1}
+    assert any("<EMAIL>" in r["text"] for r in kept) and not any("ann@example.com" in r["text"] for r in kept)
+    assert report["modified"]["pii"]["email"] == 1
+    # the near-duplicate (a sentence added) is found by MinHash, its cluster reported
+    assert [r["source"] for r in rejected["near_dedup"]] == [f"{data}:7"]
+    assert report["near_dedup"]["cluster_sizes"] == {"2": 1}
+    assert json.loads((out / "report.json").read_text())["kept"]["documents"] == len(kept)
+    assert "read 8 documents" in (out / "summary.txt").read_text()
+    assert not [p.name for p in out.rglob("*") if ".tmp-" in p.name]  # no staging or temporary file left
+    with pytest.raises(TemperError, match="holds an earlier output"):
+        run(data, out)
+
+
+def test_invalid_utf8_and_oversized_lines_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n\xff\xfe broken\n")
+    assert main(["curate", f"data={bad}", f"output_dir={tmp_path / 'o1'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not UTF-8 at byte offset 10" in err[0]
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "x" * (1 << 20)}) + "\n")
+    assert main(["curate", f"data={big}", f"output_dir={tmp_path / 'o2'}", "max_document_mb=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "longer than 1 MiB" in err[0]
+    # encoding_errors=replace reads it, with replacement characters
+    report = run(bad, tmp_path / "o3", "encoding_errors=replace", *WORLD)
+    assert report["input"]["documents"] == 1
+
+
+def test_decontamination_drops_documents_sharing_13grams(tmp_path):
+    question = ("Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May "
+                "how many clips did she sell")
+    eval_file = write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": question, "answer": "72"}])
+    leaked = "Some forum post. " + question + " in total? The answer is 72."
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": PROSE}, {"text": leaked}])
+    out = tmp_path / "out"
+    report = run(data, out, f"decontaminate.eval=[{eval_file}]", *WORLD)
+    assert report["rules"]["decontamination"]["documents"] == 1
+    assert jsonl(out / "rejected" / "decontamination.jsonl")[0]["source"] == f"{data}:2"
+    kept = [r["text"] for r in jsonl(out / "data" / "part-00000.jsonl")]
+    assert contamination_report(kept, {"gsm8k": [question]})["gsm8k"]["contaminated"] == 0
+
+
+def test_near_dedup_with_exact_jaccard_check(tmp_path):
+    base = " ".join(f"word{i}" for i in range(60))
+    rows = [{"text": base}, {"text": base + " extra"}, {"text": " ".join(f"other{i}" for i in range(60))}]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    report = run(data, tmp_path / "a", "near_dedup.verify=true", *WORLD)
+    near = report["near_dedup"]
+    assert report["rules"]["near_dedup"]["documents"] == 1 and near["cluster_sizes"] == {"2": 1}
+    assert near["candidate_pairs_refused"] == 0 and near["threshold"] == pytest.approx(0.719, abs=1e-3)
+    strict = run(data, tmp_path / "b", "near_dedup.verify=true", "near_dedup.verify_threshold=0.99", *WORLD)
+    assert strict["rules"]["near_dedup"]["documents"] == 0 and strict["near_dedup"]["candidate_pairs_refused"] >= 1
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> Path:
+    cfg = WorldConfig(num_people=8, docs_per_person=10, docs_per_town=2, num_arithmetic_docs=40, num_dialogue_docs=40,
+                      noise_fraction=0.2, num_sft_train=0, num_sft_test=0, num_pref_train=0, num_pref_test=0,
+                      num_rl_train=0, num_rl_test=0, num_prm_train=0, num_prm_test=0)
+    rows = build_world(cfg).splits["pretrain/train"]
+    return write_jsonl(tmp_path_factory.mktemp("world") / "train.jsonl", rows)
+
+
+def test_world_noise_precision_and_recall(small_world, tmp_path):
+    report = run(small_world, tmp_path / "out", *WORLD)
+    truth = report["ground_truth"]
+    rules, kinds = truth["rules"], truth["kinds"]
+    assert rules["exact_dedup"]["precision"] == 1.0 and rules["exact_dedup"]["recall"] == 1.0
+    assert rules["pii"]["precision"] == 1.0 and rules["pii"]["recall"] == 1.0
+    assert rules["line_dedup"]["precision"] == 1.0
+    assert kinds["boilerplate"]["removed_fraction"] == 1.0 and kinds["spam"]["removed_fraction"] == 1.0
+    assert rules["near_dedup"]["precision"] >= 0.75 and rules["near_dedup"]["recall"] >= 0.4
+    assert kinds["clean"]["removed_fraction"] < 0.15
+    # the kept corpus holds no planted e-mail address
+    kept = (tmp_path / "out" / "data" / "part-00000.jsonl").read_text()
+    assert "@example." not in kept and "<EMAIL>" in kept
+
+
+def test_world_with_the_published_defaults(small_world, tmp_path):
+    """The published thresholds remove every planted kind, and most clean documents with them: they are
+    calibrated on web pages, the world's documents are a few sentences (the report says so by rule)."""
+    report = run(small_world, tmp_path / "out")
+    kinds = report["ground_truth"]["kinds"]
+    for kind in ("boilerplate", "spam", "exact_duplicate", "near_duplicate"):
+        assert kinds[kind]["removed_fraction"] == 1.0
+    assert kinds["clean"]["removed_fraction"] > 0.5
+    assert report["ground_truth"]["rules"]["gopher_quality"]["flagged_by_kind"]["clean"] > 0
