@@ -211,3 +211,8 @@ def test_world_with_the_published_defaults(small_world, tmp_path):
         assert kinds[kind]["removed_fraction"] == 1.0
     assert kinds["clean"]["removed_fraction"] > 0.5
     assert report["ground_truth"]["rules"]["gopher_quality"]["flagged_by_kind"]["clean"] > 0
+
+
+def test_verify_threshold_without_verify_is_refused():
+    with pytest.raises(TemperError, match=r"near_dedup.verify_threshold is used only with near_dedup.verify=true"):
+        load_config(stage.Config, None, ["data=x.jsonl", "near_dedup.verify_threshold=0.9"])

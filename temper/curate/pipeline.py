@@ -22,12 +22,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import numpy as np
 import xxhash
 
-from temper.config import opt
+from temper.config import OnlyWith, opt
 from temper.curate.decontam import EvalIndex
 from temper.curate.filters import c4, fineweb, gopher_quality, gopher_repetition
 from temper.curate.minhash import (
@@ -76,6 +76,7 @@ class NearDedupConfig:
     verify: bool = opt(False, "check each candidate pair's exact Jaccard similarity (re-reads its documents)")
     verify_threshold: float = opt(0.0, "with verify: the least exact Jaccard of a duplicate pair; 0 means the "
                                        "LSH threshold (1/bands)^(1/rows)")
+    only_with: ClassVar = (OnlyWith(("verify_threshold",), "near_dedup.verify=true", lambda c: c.verify),)
 
     def validate(self) -> None:
         check_bands(self.num_hashes, self.bands, self.rows)
