@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import xxhash
 
+from temper.curate import xxhash
 from temper.errors import TemperError
 
 __all__ = ["MinHasher", "s_curve", "threshold", "check_bands", "UnionFind", "jaccard"]

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import numpy as np
-import xxhash
 
 from temper.config import OnlyWith, opt
+from temper.curate import xxhash
 from temper.curate.decontam import EvalIndex
 from temper.curate.filters import c4, fineweb, gopher_quality, gopher_repetition
 from temper.curate.minhash import (
