@@ -434,12 +434,15 @@ def ground_truth(docs: list[_Doc], removed_by: dict[int, tuple[str, int | None]]
                  exact_first: bool = True) -> dict:
     """Precision and recall of each rule against the planted `meta.kind` labels of the built-in world.
 
-    A rule's true positives are the documents it removed whose kind it targets (NOISE_TARGETS). For
-    the dedup rules a removed clean document also counts when the copy kept in its place is the
-    planted duplicate made from it (`meta.source`): the pair was read in the other order, and the
-    corpus ends with one copy either way ("swapped"). PII is masked, not removed: its row counts masked
-    documents. Recall = true positives / planted documents of the target kinds. Near-dedup targets
-    exact duplicates too when exact dedup is off (`exact_first`)."""
+    Precision: the share of a rule's flagged documents that are planted noise of any kind (a spam
+    document removed as an exact duplicate of another spam document is no mistake); only a clean
+    document lost is one. For the dedup rules a removed clean document is no loss either when the copy
+    kept in its place is the planted duplicate made from it (`meta.source`): the pair was read in the
+    other order and the corpus keeps one copy ("swapped"). Recall: the documents of the kinds a rule
+    targets (NOISE_TARGETS) that it flagged (with the swapped ones) / the planted documents of those
+    kinds; an earlier rule that removed one first takes it from a later rule's recall. Near-dedup
+    targets exact duplicates too when exact dedup is off (`exact_first`). PII is masked, not removed:
+    its row counts masked documents."""
     kinds = Counter(d.kind for d in docs if d.kind is not None)
     by_kind: dict[str, Counter] = defaultdict(Counter)
     for i, (rule, _) in removed_by.items():
@@ -464,12 +467,18 @@ def ground_truth(docs: list[_Doc], removed_by: dict[int, tuple[str, int | None]]
                     tp += 1
                     swapped += 1
         planted = sum(kinds[k] for k in targets)
-        rules[rule] = {"targets": list(targets), "flagged": len(hits), "true_positives": tp,
-                       **({"swapped": swapped} if swapped else {}),
-                       "precision": round(tp / len(hits), 4) if hits else None,
+        wrong = sum(docs[i].kind == "clean" for i in hits) - swapped  # clean documents lost to this rule
+        rules[rule] = {"targets": list(targets), "flagged": len(hits), "on_target": tp,
+                       **({"swapped": swapped} if swapped else {}), "clean_lost": wrong,
+                       "precision": round(1 - wrong / len(hits), 4) if hits else None,
                        "recall": round(tp / planted, 4) if planted else None,
                        "flagged_by_kind": dict(Counter(docs[i].kind for i in hits).most_common())}
+    in_place: Counter = Counter()  # planted copies kept because their source, read later, was removed
+    for i, (_rule, rep) in removed_by.items():
+        if rep is not None and rep not in removed_by and docs[i].kind == "clean" and docs[rep].source_id == docs[i].id:
+            in_place[docs[rep].kind] += 1
     table = {kind: {"documents": n, "removed": sum(by_kind[kind].values()),
+                    **({"kept_in_place_of_removed_source": in_place[kind]} if in_place[kind] else {}),
                     "removed_fraction": round(sum(by_kind[kind].values()) / n, 4),
                     "by_rule": dict(by_kind[kind].most_common()),
                     **({"masked_pii": sum(docs[i].kind == kind for i in pii_docs)} if kind == "pii" else {})}
@@ -514,5 +523,7 @@ def summary(report: dict) -> str:
             lines.append(f"    {rule:<18} {r['flagged']:>8} {p:>10} {rc:>8}  {', '.join(r['targets'])}")
         lines.append(f"    {'kind':<18} {'docs':>8} {'removed':>10}")
         for kind, k in truth["kinds"].items():
-            lines.append(f"    {kind:<18} {k['documents']:>8} {k['removed_fraction']:>10.1%}  {k['by_rule']}")
+            swapped = k.get("kept_in_place_of_removed_source")
+            note = f"; {swapped} more kept in place of their source, removed instead" if swapped else ""
+            lines.append(f"    {kind:<18} {k['documents']:>8} {k['removed_fraction']:>10.1%}  {k['by_rule']}{note}")
     return "\n".join(lines)
