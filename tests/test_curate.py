@@ -220,3 +220,17 @@ def test_world_with_the_published_defaults(small_world, tmp_path):
 def test_verify_threshold_without_verify_is_refused():
     with pytest.raises(TemperError, match=r"near_dedup.verify_threshold is used only with near_dedup.verify=true"):
         load_config(stage.Config, None, ["data=x.jsonl", "near_dedup.verify_threshold=0.9"])
+
+
+def test_workers_write_the_same_corpus(small_world, tmp_path, monkeypatch):
+    from temper.curate import pipeline
+
+    monkeypatch.setattr(pipeline, "WORKER_BATCH", 16)  # several batches
+    one = run(small_world, tmp_path / "one", config="curate-world")
+    two = run(small_world, tmp_path / "two", "workers=2", config="curate-world")
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.jsonl"))
+    assert files and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.jsonl"))
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    one.pop("config"), two.pop("config")
+    assert one == two

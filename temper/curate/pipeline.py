@@ -16,6 +16,7 @@ Sizes are counted in words (whitespace-separated) and characters, not tokenizer 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections import Counter, defaultdict
@@ -55,6 +56,7 @@ NOISE_TARGETS = {  # which planted kinds of the built-in world each rule exists 
 MAX_EXAMPLES = 3
 EXAMPLE_CHARS = 300
 CURVE_POINTS = (0.5, 0.6, 0.7, 0.72, 0.8, 0.9)
+WORKER_BATCH = 256  # documents per worker per batch (what workers>1 holds in memory at once)
 
 
 @dataclass
@@ -186,13 +188,103 @@ def _read(cfg) -> Iterator[tuple[str, dict, Any]]:
         yield rec.source, rec.data, rec.data.get(cfg.text_field)
 
 
+class DocWork:
+    """The per-document steps (normalise, the filters, decontamination, the signature and line hashes):
+    a function of the text alone, so that worker processes can run it; deduplication, which needs
+    what came before, stays in the main process."""
+
+    def __init__(self, cfg) -> None:
+        self.normalize, self.exact = cfg.normalize, cfg.exact_dedup
+        self.checks = [(name, check, getattr(cfg, name)) for name, check in (
+            ("gopher_repetition", gopher_repetition), ("gopher_quality", gopher_quality), ("c4", c4),
+            ("fineweb", fineweb)) if getattr(cfg, name).enabled]
+        self.eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate.eval else None
+        self.hasher = MinHasher(cfg.near_dedup.num_hashes, cfg.near_dedup.seed) if cfg.near_dedup.enabled else None
+        self.ngram, self.lines = cfg.near_dedup.ngram, cfg.line_dedup.enabled
+
+    def __call__(self, raw: str) -> Outcome:
+        if "\x00" in raw:  # NUL bytes: a binary file read as text
+            return Outcome("input", "binary", raw.replace("\x00", "\\0"), raw)
+        text = normalize(raw, self.normalize)
+        if not text:
+            return Outcome("input", "empty", raw, raw)
+        normalized, edited = text, False
+        digest = xxhash.xxh3_128_digest(text.encode("utf-8")) if self.exact else None
+        for name, check, section in self.checks:
+            if name == "c4":
+                reason, cut = check(text, section)
+                if reason is None and cut != text:
+                    edited, text = True, cut
+            else:
+                reason = check(text, section)
+            if reason is not None:
+                return Outcome(name, reason, text, normalized, digest)
+        if self.eval_index is not None and self.eval_index.hit(text):
+            return Outcome("decontamination", f"shares a {self.eval_index.n}-gram with an eval set", text, normalized,
+                           digest)
+        if not text:  # C4 removed every line, and min_num_sentences is off
+            return Outcome("c4", "c4_no_lines_left", raw, normalized, digest)
+        signature = None if self.hasher is None else self.hasher.signature(shingle_hashes(lower_words(text),
+                                                                                          self.ngram))
+        lines = None if not self.lines else {xxhash.xxh3_64_intdigest(line.encode("utf-8"))
+                                              for line in text.split("\n") if line.strip()}
+        return Outcome(None, None, text, normalized, digest, signature, lines, edited)
+
+
+@dataclass
+class Outcome:
+    rule: str | None  # the rule that drops the document (None: it passed every per-document rule)
+    reason: str | None
+    text: str  # what is written: the cleaned text, or what a rejected row shows
+    normalized: str  # the text after normalisation (an exact duplicate's rejected row shows it)
+    digest: bytes | None = None
+    signature: np.ndarray | None = None
+    lines: set[int] | None = None
+    c4_edited: bool = False
+
+
+_WORK: DocWork | None = None  # a worker process's DocWork
+
+
+def _init_worker(work: DocWork) -> None:
+    global _WORK
+    _WORK = work
+
+
+def _work(raw: str) -> Outcome:
+    assert _WORK is not None
+    return _WORK(raw)
+
+
+def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack) -> Iterator[tuple[str, dict, Any, Outcome | None]]:
+    """(source, row, raw text, outcome) in input order; `workers` > 1 computes the outcomes in worker processes,
+    a batch at a time (memory stays bounded by the batch, not the corpus)."""
+    records = _read(cfg)
+    if cfg.workers <= 1:
+        for source, data, raw in records:
+            yield source, data, raw, work(raw) if isinstance(raw, str) else None
+        return
+    import multiprocessing
+
+    pool = stack.enter_context(multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
+        cfg.workers, initializer=_init_worker, initargs=(work,)))
+    batch_size = WORKER_BATCH * cfg.workers
+    while True:
+        batch = list(itertools.islice(records, batch_size))
+        if not batch:
+            return
+        texts = [raw for _, _, raw in batch if isinstance(raw, str)]
+        results = iter(pool.map(_work, texts, chunksize=max(1, len(texts) // (4 * cfg.workers))))
+        for source, data, raw in batch:
+            yield source, data, raw, next(results) if isinstance(raw, str) else None
+
+
 def curate(cfg, out: Path) -> dict:
     """Run the pipeline of `cfg` (temper.stages.curate.Config) into the claimed directory `out`."""
-    rules_on = {"gopher_repetition": cfg.gopher_repetition.enabled, "gopher_quality": cfg.gopher_quality.enabled,
-                "c4": cfg.c4.enabled, "fineweb": cfg.fineweb.enabled}
-    eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate.eval else None
+    work = DocWork(cfg)
+    eval_index = work.eval_index
     near = cfg.near_dedup
-    hasher = MinHasher(near.num_hashes, near.seed) if near.enabled else None
+    hasher = work.hasher
     lines_cfg = cfg.line_dedup
     line_docs: Counter = Counter()  # line hash -> documents holding it (staged documents only)
     stage = near.enabled or lines_cfg.enabled
@@ -232,12 +324,12 @@ def curate(cfg, out: Path) -> dict:
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
         try:
-            for source, data, raw in _read(cfg):
+            for source, data, raw, done in _outcomes(cfg, work, stack):
                 i = len(docs)
                 kind, doc_id, source_id = _label(data)
                 docs.append(_Doc(source, kind, doc_id, source_id))
                 totals["documents"] += 1
-                if not isinstance(raw, str):
+                if done is None:
                     reason = (f"field '{cfg.text_field}' missing" if cfg.text_field not in data
                               else f"field '{cfg.text_field}' is {json_type(raw)}")
                     rejects.write(i, "input", reason, source, data, "")
@@ -245,57 +337,31 @@ def curate(cfg, out: Path) -> dict:
                     continue
                 totals["words"] += _words(raw)
                 totals["characters"] += len(raw)
-                if "\x00" in raw:  # NUL bytes: a binary file read as text
-                    rejects.write(i, "input", "binary", source, data, raw.replace("\x00", "\\0"))
+                if done.rule == "input":
+                    rejects.write(i, "input", done.reason, source, data, done.text)
                     removed_by[i] = ("input", None)
                     continue
-                text = normalize(raw, cfg.normalize)
-                if not text:
-                    rejects.write(i, "input", "empty", source, data, raw)
-                    removed_by[i] = ("input", None)
-                    continue
-                if cfg.exact_dedup:
-                    digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
-                    first = seen_exact.setdefault(digest, i)
+                if done.digest is not None:
+                    first = seen_exact.setdefault(done.digest, i)
                     if first != i:
                         exact_sizes[first] += 1
-                        rejects.write(i, "exact_dedup", "exact_duplicate", source, data, text, docs[first].source)
+                        rejects.write(i, "exact_dedup", "exact_duplicate", source, data, done.normalized,
+                                      docs[first].source)
                         removed_by[i] = ("exact_dedup", first)
                         continue
-                rule = reason = None
-                for name, check in (("gopher_repetition", gopher_repetition), ("gopher_quality", gopher_quality),
-                                    ("c4", c4), ("fineweb", fineweb)):
-                    if not rules_on[name]:
-                        continue
-                    section = getattr(cfg, name)
-                    if name == "c4":
-                        reason, edited = check(text, section)
-                        if reason is None and edited != text:
-                            c4_edited += 1
-                            text = edited
-                    else:
-                        reason = check(text, section)
-                    if reason is not None:
-                        rule = name
-                        break
-                if rule is None and eval_index is not None and eval_index.hit(text):
-                    rule, reason = "decontamination", f"shares a {eval_index.n}-gram with an eval set"
-                if rule is not None:
-                    rejects.write(i, rule, reason, source, data, text)
-                    removed_by[i] = (rule, None)
+                if done.rule is not None:
+                    rejects.write(i, done.rule, done.reason, source, data, done.text)
+                    removed_by[i] = (done.rule, None)
                     continue
-                if not text:  # C4 removed every line, and min_num_sentences is off
-                    rejects.write(i, "c4", "c4_no_lines_left", source, data, raw)
-                    removed_by[i] = ("c4", None)
-                    continue
+                c4_edited += done.c4_edited
+                text = done.text
                 if not stage:
                     keep(i, data, text)
                     continue
-                if hasher is not None:
-                    signatures.append(hasher.signature(shingle_hashes(lower_words(text), near.ngram)))
-                if lines_cfg.enabled:
-                    line_docs.update({xxhash.xxh3_64_intdigest(line.encode("utf-8"))
-                                      for line in text.split("\n") if line.strip()})
+                if done.signature is not None:
+                    signatures.append(done.signature)
+                if done.lines is not None:
+                    line_docs.update(done.lines)
                 staged_offsets.append(stage_file.tell())
                 staged_index.append(i)
                 stage_file.write(json.dumps({"data": data, "text": text}, ensure_ascii=False) + "\n")
