@@ -123,6 +123,8 @@ def test_nothing_disappears_bad_rows_are_counted(tmp_path):
     assert len(kept) + sum(map(len, rejected.values())) == len(rows) == report["input"]["documents"]
     assert sorted(r["reason"] for r in rejected["input"]) == ["binary", "empty", "field 'text' is a number (7)",
                                                               "field 'text' missing"]
+    assert {"title": "no text"} in [r["record"] for r in rejected["input"]]  # the row as read
+    assert {"text": 7} in [r["record"] for r in rejected["input"]]
     assert [r["source"] for r in rejected["exact_dedup"]] == [f"{data}:2"]
     assert rejected["exact_dedup"][0]["duplicate_of"] == f"{data}:1"
     assert report["rules"]["exact_dedup"]["documents"] == 1 and report["exact_dedup"]["cluster_sizes"] == {"2": 1}
@@ -159,12 +161,13 @@ def test_decontamination_drops_documents_sharing_13grams(tmp_path):
                 "how many clips did she sell")
     eval_file = write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": question, "answer": "72"}])
     leaked = "Some forum post. " + question + " in total? The answer is 72."
-    data = write_jsonl(tmp_path / "in.jsonl", [{"text": PROSE}, {"text": leaked}])
+    data = write_jsonl(tmp_path / "in.jsonl", [{"body": PROSE, "id": 1}, {"body": leaked, "id": 2}])
     out = tmp_path / "out"
-    report = run(data, out, f"decontaminate.eval=[{eval_file}]", *WORLD)
+    report = run(data, out, "text_field=body", f"decontaminate.eval=[{eval_file}]", *WORLD)
     assert report["rules"]["decontamination"]["documents"] == 1
-    assert jsonl(out / "rejected" / "decontamination.jsonl")[0]["source"] == f"{data}:2"
-    kept = [r["text"] for r in jsonl(out / "data" / "part-00000.jsonl")]
+    dropped = jsonl(out / "rejected" / "decontamination.jsonl")[0]
+    assert dropped["source"] == f"{data}:2" and dropped["record"]["id"] == 2 and "text" not in dropped["record"]
+    kept = [r["body"] for r in jsonl(out / "data" / "part-00000.jsonl")]
     assert contamination_report(kept, {"gsm8k": [question]})["gsm8k"]["contaminated"] == 0
 
 

@@ -113,27 +113,27 @@ def _label(data: dict) -> tuple[str | None, str | None, str | None]:
 class Rejects:
     """rejected/RULE.jsonl writers (atomic, opened on first use), counts and examples per rule."""
 
-    def __init__(self, folder: Path, stack: contextlib.ExitStack, mask) -> None:
-        self.folder, self.stack, self.mask = folder, stack, mask
+    def __init__(self, folder: Path, stack: contextlib.ExitStack, mask, text_field: str) -> None:
+        self.folder, self.stack, self.mask, self.field = folder, stack, mask, text_field
         self.files: dict[str, IO] = {}
         self.docs: Counter = Counter()
         self.words: Counter = Counter()
         self.reasons: dict[str, Counter] = defaultdict(Counter)
         self.examples: dict[str, list] = defaultdict(list)
 
-    def write(self, i: int, rule: str, reason: str, source: str, data: dict, text: str,
+    def write(self, i: int, rule: str, reason: str, source: str, data: dict, text: str | None,
               dup_of: str | None = None) -> None:
         if rule not in self.files:
             self.folder.mkdir(exist_ok=True)
             self.files[rule] = self.stack.enter_context(atomic_writer(self.folder / f"{rule}.jsonl", newline="\n"))
-        masked = self.mask(i, text)
+        masked = self.mask(i, text or "")
         row: dict[str, Any] = {"rule": rule, "reason": reason, "source": source}
         if dup_of is not None:
             row["duplicate_of"] = dup_of
-        row["record"] = {**data, "text": masked} if isinstance(data, dict) else data
+        row["record"] = data if text is None else {**data, self.field: masked}  # None: the row as read
         self.files[rule].write(json.dumps(row, ensure_ascii=False) + "\n")
         self.docs[rule] += 1
-        self.words[rule] += _words(text)
+        self.words[rule] += _words(text or "")
         self.reasons[rule][reason] += 1
         if len(self.examples[rule]) < MAX_EXAMPLES:
             example = {"source": source, "reason": reason, "text": masked[:EXAMPLE_CHARS]}
@@ -320,7 +320,7 @@ def curate(cfg, out: Path) -> dict:
         kept_chars += len(masked)
 
     with contextlib.ExitStack() as stack:
-        rejects = Rejects(out / "rejected", stack, mask)
+        rejects = Rejects(out / "rejected", stack, mask, cfg.text_field)
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
         try:
@@ -332,7 +332,7 @@ def curate(cfg, out: Path) -> dict:
                 if done is None:
                     reason = (f"field '{cfg.text_field}' missing" if cfg.text_field not in data
                               else f"field '{cfg.text_field}' is {json_type(raw)}")
-                    rejects.write(i, "input", reason, source, data, "")
+                    rejects.write(i, "input", reason, source, data, None)
                     removed_by[i] = ("input", None)
                     continue
                 totals["words"] += _words(raw)
