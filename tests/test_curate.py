@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from temper.cli import main
 from temper.config import load_config
@@ -237,3 +239,13 @@ def test_workers_write_the_same_corpus(small_world, tmp_path, monkeypatch):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     one.pop("config"), two.pop("config")
     assert one == two
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_normalize_and_masking_are_idempotent(text):
+    once = normalize(text, NormalizeConfig())
+    assert normalize(once, NormalizeConfig()) == once
+    assert once == once.strip() and "\n\n\n" not in once and "\x00" not in once
+    masked, _ = mask_pii(once, PiiConfig())
+    assert mask_pii(masked, PiiConfig()) == (masked, {})
