@@ -249,3 +249,13 @@ def test_normalize_and_masking_are_idempotent(text):
     assert once == once.strip() and "\n\n\n" not in once and "\x00" not in once
     masked, _ = mask_pii(once, PiiConfig())
     assert mask_pii(masked, PiiConfig()) == (masked, {})
+
+
+def test_parquet_shards_hold_the_same_rows(small_world, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    run(small_world, tmp_path / "j", "shard_docs=50", config="curate-world")
+    run(small_world, tmp_path / "p", "shard_docs=50", "output_format=parquet", config="curate-world")
+    rows = [r for p in sorted((tmp_path / "j" / "data").glob("*.jsonl")) for r in jsonl(p)]
+    shards = sorted((tmp_path / "p" / "data").glob("*.parquet"))
+    assert len(shards) == len(list((tmp_path / "j" / "data").glob("*.jsonl"))) > 1
+    assert [r["text"] for p in shards for r in pq.read_table(p).to_pylist()] == [r["text"] for r in rows]

@@ -42,8 +42,9 @@ from temper.curate.minhash import (
 )
 from temper.curate.text import mask_pii, normalize
 from temper.data.readers import iter_records, json_type
+from temper.errors import TemperError
 from temper.eval.contamination import words as lower_words
-from temper.io import atomic_writer
+from temper.io import atomic_path, atomic_writer
 
 RULES = ("input", "exact_dedup", "gopher_repetition", "gopher_quality", "c4", "fineweb", "decontamination",
          "line_dedup", "near_dedup")
@@ -83,7 +84,6 @@ class NearDedupConfig:
     def validate(self) -> None:
         check_bands(self.num_hashes, self.bands, self.rows)
         if self.ngram < 1:
-            from temper.errors import TemperError
             raise TemperError(f"near_dedup.ngram must be at least 1, got {self.ngram}")
 
     def curve(self) -> dict[str, float]:
@@ -143,34 +143,61 @@ class Rejects:
 
 
 class Shards:
-    """Kept documents as data/part-NNNNN.jsonl, `per_shard` documents each, each written atomically."""
+    """Kept documents as data/part-NNNNN.jsonl (or .parquet), `per_shard` documents each, each written
+    atomically. A parquet shard is held in memory until it is written (one shard's rows)."""
 
-    def __init__(self, folder: Path, per_shard: int) -> None:
-        self.folder, self.per_shard = folder, per_shard
+    def __init__(self, folder: Path, per_shard: int, fmt: str = "jsonl") -> None:
+        self.folder, self.per_shard, self.fmt = folder, per_shard, fmt
         self.paths: list[Path] = []
         self._cm = None
         self._file: IO | None = None
+        self._rows: list[dict] | None = None
         self._count = 0
 
     def write(self, row: dict) -> None:
-        if self._file is None or self._count >= self.per_shard:
+        if (self._file is None and self._rows is None) or self._count >= self.per_shard:
             self.close()
             self.folder.mkdir(exist_ok=True)
-            path = self.folder / f"part-{len(self.paths):05d}.jsonl"
-            self._cm = atomic_writer(path, newline="\n")
-            self._file = self._cm.__enter__()
+            path = self.folder / f"part-{len(self.paths):05d}.{self.fmt}"
             self.paths.append(path)
             self._count = 0
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if self.fmt == "parquet":
+                self._rows = []
+            else:
+                self._cm = atomic_writer(path, newline="\n")
+                self._file = self._cm.__enter__()
+        if self._rows is not None:
+            self._rows.append(row)
+        else:
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._count += 1
 
     def close(self, error: BaseException | None = None) -> None:
+        if self._rows is not None:
+            rows, self._rows = self._rows, None
+            if error is None:
+                _write_parquet(self.paths[-1], rows)
         if self._cm is not None:
             cm, self._cm, self._file = self._cm, None, None
             if error is None:
                 cm.__exit__(None, None, None)
             else:
                 cm.__exit__(type(error), error, error.__traceback__)
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TemperError("output_format=parquet needs pyarrow (pip install 'temper[parquet]')") from None
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowException, TypeError) as e:
+        raise TemperError(f"{path}: the kept rows do not fit one parquet schema ({str(e).splitlines()[0]}); "
+                          "use output_format=jsonl") from None
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 @dataclass
@@ -301,7 +328,7 @@ def curate(cfg, out: Path) -> dict:
     kept_index: set[int] = set()
     removed_by: dict[int, tuple[str, str | None]] = {}  # doc index -> (rule, index of its duplicate kept)
     staging = out / f".staging.jsonl.tmp-{os.getpid()}"
-    shards = Shards(out / "data", cfg.shard_docs)
+    shards = Shards(out / "data", cfg.shard_docs, cfg.output_format)
     kept_words = kept_chars = 0
 
     def mask(i: int, text: str) -> str:

@@ -51,6 +51,7 @@ class Config:
     encoding_errors: str = opt("strict", "invalid UTF-8: strict (an error naming file and byte) or replace")
     max_document_mb: int = opt(MAX_DOCUMENT_MB, "the longest line or document read, in MiB (longer: an error)")
     shard_docs: int = opt(100_000, "kept documents per output shard")
+    output_format: str = opt("jsonl", "kept shards as jsonl or parquet (pyarrow; a shard is held in memory)")
     workers: int = opt(1, "processes for the per-document steps (normalise, filters, signatures); the output is "
                           "the same for any number")
     normalize: NormalizeConfig = opt(NormalizeConfig(), "Unicode normal form, whitespace, control characters")
@@ -73,6 +74,8 @@ class Config:
         if self.encoding_errors not in ("strict", "replace"):
             raise TemperError(f"encoding_errors must be strict or replace; got {self.encoding_errors!r}")
         check_range("shard_docs", self.shard_docs, low=1)
+        if self.output_format not in ("jsonl", "parquet"):
+            raise TemperError(f"output_format must be jsonl or parquet; got {self.output_format!r}")
         check_range("workers", self.workers, low=1)
         check_range("max_document_mb", self.max_document_mb, low=1)
         check_range("decontaminate.n", self.decontaminate.n, low=1)
