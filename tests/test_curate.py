@@ -259,3 +259,18 @@ def test_parquet_shards_hold_the_same_rows(small_world, tmp_path):
     shards = sorted((tmp_path / "p" / "data").glob("*.parquet"))
     assert len(shards) == len(list((tmp_path / "j" / "data").glob("*.jsonl"))) > 1
     assert [r["text"] for p in shards for r in pq.read_table(p).to_pylist()] == [r["text"] for r in rows]
+
+
+def test_a_failed_run_leaves_nothing_half_written(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": PROSE}, {"text": "Spam spam spam."}])
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    out = tmp_path / "out"
+    assert main(["curate", f"data=[{good},{bad}]", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:2: not valid JSON" in err[0]
+    assert not out.exists()  # created by the failed run: removed again
+    assert main(["curate", f"data={good}", f"output_dir={out}", *WORLD]) == 0
+    assert "read 2 documents" in capsys.readouterr().out
+    assert main(["curate", f"data=[{good},{bad}]", f"output_dir={out}", "overwrite=true"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".temper.lock"]  # no stale report beside no shards

@@ -97,7 +97,11 @@ def run(cfg: Config) -> dict:
             _remove_earlier(out)
         if cfg.near_dedup.enabled:
             print(describe_near_dedup(cfg.near_dedup))
-        report = curate(cfg, out)
+        try:
+            report = curate(cfg, out)
+        except BaseException:
+            _remove_earlier(out)  # this run's own folders (an earlier run's were refused or removed above)
+            raise
         report["config"] = to_dict(cfg)
         text = summary(report)
         atomic_write_text(out / "summary.txt", text + "\n")
@@ -108,9 +112,13 @@ def run(cfg: Config) -> dict:
 
 
 def _remove_earlier(out: Path) -> None:
-    """overwrite=true: an earlier run's shards and rejects go, so no stale part-NNNNN file stays beside new ones."""
+    """overwrite=true: an earlier run's outputs go first, so no stale shard or report stays beside new ones
+    (nor alone, if this run fails)."""
     import shutil
 
-    for name in ("data", "rejected"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
