@@ -64,7 +64,7 @@ WORKER_BATCH = 256  # documents per worker per batch (what workers>1 holds in me
 class LineDedupConfig:
     enabled: bool = opt(True, "drop documents made mostly of lines that many documents repeat (boilerplate: "
                               "cookie banners, menus, footers; CCNet's paragraph hashing, at document level)")
-    min_docs: int = opt(3, "a line held by at least this many documents counts as boilerplate")
+    min_docs: int = opt(10, "a line held by at least this many documents counts as boilerplate")
     max_fraction: float = opt(0.5, "drop a document when more than this share of its characters is in such lines")
 
 
@@ -531,7 +531,8 @@ def ground_truth(docs: list[_Doc], removed_by: dict[int, tuple[str, int | None]]
     document removed as an exact duplicate of another spam document is no mistake); only a clean
     document lost is one. For the dedup rules a removed clean document is no loss either when the copy
     kept in its place is the planted duplicate made from it (`meta.source`): the pair was read in the
-    other order and the corpus keeps one copy ("swapped"). Recall: the documents of the kinds a rule
+    other order and the corpus keeps one copy ("swapped"; a copy of another planted kind, such as a
+    near-duplicate that normalisation made exact, also saves the source from counting as lost). Recall: the documents of the kinds a rule
     targets (NOISE_TARGETS) that it flagged (with the swapped ones) / the planted documents of those
     kinds; an earlier rule that removed one first takes it from a later rule's recall. Near-dedup
     targets exact duplicates too when exact dedup is off (`exact_first`). PII is masked, not removed:
@@ -547,20 +548,22 @@ def ground_truth(docs: list[_Doc], removed_by: dict[int, tuple[str, int | None]]
             targets = ("near_duplicate",)
         if rule == "pii":
             hits = [i for i in pii_docs if docs[i].kind is not None]
-            tp, swapped = sum(docs[i].kind in targets for i in hits), 0
+            tp, swapped, replaced = sum(docs[i].kind in targets for i in hits), 0, 0
         else:
             hits = [i for i, (r, _) in removed_by.items() if r == rule and docs[i].kind is not None]
-            tp = swapped = 0
+            tp = swapped = replaced = 0
             for i in hits:
                 if docs[i].kind in targets:
                     tp += 1
                     continue
                 rep = removed_by[i][1]
-                if rep is not None and docs[rep].kind in targets and docs[rep].source_id == docs[i].id:
-                    tp += 1
-                    swapped += 1
+                if rep is not None and docs[rep].kind != "clean" and docs[rep].source_id == docs[i].id:
+                    replaced += 1  # a clean source whose planted copy (of any kind) stays in its place
+                    if docs[rep].kind in targets:
+                        tp += 1
+                        swapped += 1
         planted = sum(kinds[k] for k in targets)
-        wrong = sum(docs[i].kind == "clean" for i in hits) - swapped  # clean documents lost to this rule
+        wrong = sum(docs[i].kind == "clean" for i in hits) - replaced  # clean text lost
         rules[rule] = {"targets": list(targets), "flagged": len(hits), "on_target": tp,
                        **({"swapped": swapped} if swapped else {}), "clean_lost": wrong,
                        "precision": round(1 - wrong / len(hits), 4) if hits else None,
