@@ -263,16 +263,33 @@ def test_parquet_shards_hold_the_same_rows(small_world, tmp_path):
     assert [r["text"] for p in shards for r in pq.read_table(p).to_pylist()] == [r["text"] for r in rows]
 
 
-def test_a_failed_run_leaves_nothing_half_written(tmp_path, capsys):
-    good = write_jsonl(tmp_path / "a.jsonl", [{"text": PROSE}, {"text": "Spam spam spam."}])
-    bad = tmp_path / "b.jsonl"
-    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+def test_a_failed_run_leaves_nothing_half_written_and_resumes(tmp_path, capsys, monkeypatch):
+    from temper.curate import pipeline
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": PROSE}, {"text": "Mail bob@example.org please."}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": PROSE}, {"text": "Another short document here."}])
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
     out = tmp_path / "out"
-    assert main(["curate", f"data=[{good},{bad}]", f"output_dir={out}"]) == 2
+    assert main(["curate", f"data=[{a},{b},{c}]", f"output_dir={out}", *WORLD]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{bad}:2: not valid JSON" in err[0]
-    assert not out.exists()  # created by the failed run: removed again
-    assert main(["curate", f"data={good}", f"output_dir={out}", *WORLD]) == 0
-    assert "read 2 documents" in capsys.readouterr().out
-    assert main(["curate", f"data=[{good},{bad}]", f"output_dir={out}", "overwrite=true"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == [".temper.lock"]  # no stale report beside no shards
+    assert len(err) == 1 and f"{c}:2: not valid JSON" in err[0]
+    # no shard, reject or report of the failed run; the two finished files' per-document results stay
+    assert sorted(p.name for p in out.iterdir()) == [".work"]
+    assert len(list((out / ".work").glob("*.jsonl"))) == 2 and not list((out / ".work").glob("*.tmp-*"))
+    write_jsonl(c, [{"text": "fine"}, {"text": "Call 555-0123 today for a quote."}])
+    calls = []
+    real = pipeline.DocWork.__call__
+    monkeypatch.setattr(pipeline.DocWork, "__call__", lambda self, raw: calls.append(raw) or real(self, raw))
+    report = run(f"[{a},{b},{c}]", out, *WORLD)
+    assert calls == ["fine", "Call 555-0123 today for a quote."]  # only the unfinished file is computed again
+    assert report["input"]["files_resumed"] == [str(a), str(b)] and not (out / ".work").exists()
+    fresh = run(f"[{a},{b},{c}]", tmp_path / "fresh", "resume=false", *WORLD)
+    for name in ("data/part-00000.jsonl", "rejected/exact_dedup.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    for r in (report, fresh):
+        r.pop("config"), r["input"].pop("files_resumed")
+    assert report == fresh
+    # overwrite=true and a failure: the earlier report does not stay beside no shards
+    assert main(["curate", f"data=[{a},{c},{tmp_path / 'none.jsonl'}]", f"output_dir={out}", "overwrite=true"]) == 2
+    assert not [p.name for p in out.iterdir() if p.name in ("report.json", "summary.txt", "data", "rejected")]

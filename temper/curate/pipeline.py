@@ -27,7 +27,7 @@ from typing import IO, Any, ClassVar
 
 import numpy as np
 
-from temper.config import OnlyWith, opt
+from temper.config import OnlyWith, opt, to_dict
 from temper.curate import xxhash
 from temper.curate.decontam import EvalIndex
 from temper.curate.filters import c4, fineweb, gopher_quality, gopher_repetition
@@ -41,7 +41,7 @@ from temper.curate.minhash import (
     threshold,
 )
 from temper.curate.text import mask_pii, normalize
-from temper.data.readers import iter_records, json_type
+from temper.data.readers import expand_paths, iter_records, json_type
 from temper.errors import TemperError
 from temper.eval.contamination import words as lower_words
 from temper.io import atomic_path, atomic_writer
@@ -209,12 +209,6 @@ class _Doc:
     source_id: str | None
 
 
-def _read(cfg) -> Iterator[tuple[str, dict, Any]]:
-    for rec in iter_records(cfg.data, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode,
-                            max_document_mb=cfg.max_document_mb):
-        yield rec.source, rec.data, rec.data.get(cfg.text_field)
-
-
 class DocWork:
     """The per-document steps (normalise, the filters, decontamination, the signature and line hashes):
     a function of the text alone, so that worker processes can run it; deduplication, which needs
@@ -283,27 +277,126 @@ def _work(raw: str) -> Outcome:
     return _WORK(raw)
 
 
-def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack) -> Iterator[tuple[str, dict, Any, Outcome | None]]:
-    """(source, row, raw text, outcome) in input order; `workers` > 1 computes the outcomes in worker processes,
-    a batch at a time (memory stays bounded by the batch, not the corpus)."""
-    records = _read(cfg)
-    if cfg.workers <= 1:
+WORK_DIR = ".work"  # per-input-file results of the per-document steps, kept until the run succeeds
+WORK_KEYS = ("text_field", "text_mode", "encoding_errors", "max_document_mb", "normalize", "exact_dedup",
+             "gopher_repetition", "gopher_quality", "c4", "fineweb", "decontaminate", "near_dedup", "line_dedup")
+
+
+def _work_key(cfg, path: Path) -> str:
+    """What the per-document results of `path` depend on: the file (size, mtime), the eval files and every
+    setting of the per-document steps."""
+    def stamp(p: Path) -> list:
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+    key = {"file": stamp(path), "settings": {k: to_dict(getattr(cfg, k)) for k in WORK_KEYS},
+           "eval": [stamp(p) for spec in cfg.decontaminate.eval for p in expand_paths(spec, "decontaminate.eval")]}
+    return xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True).encode("utf-8"))
+
+
+class _Recorder:
+    """Writes one input file's outcomes to .work/KEY.jsonl (+ KEY.sig, the signatures' bytes) under temporary
+    names, renamed into place when the file is finished: a finished file is never computed again."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        folder.mkdir(exist_ok=True)
+        self.final = folder / f"{key}.jsonl", folder / f"{key}.sig"
+        self.tmp = tuple(p.with_name(f"{p.name}.tmp-{os.getpid()}") for p in self.final)
+        self.rows = open(self.tmp[0], "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed in finish/abort
+        self.sigs = open(self.tmp[1], "wb")  # noqa: SIM115
+
+    def add(self, source: str, data: dict, raw: Any, done: Outcome | None) -> None:
+        o = None
+        if done is not None:
+            o = {"rule": done.rule, "reason": done.reason, "text": done.text,
+                 "normalized": None if done.normalized == done.text else done.normalized,
+                 "digest": None if done.digest is None else done.digest.hex(),
+                 "lines": None if done.lines is None else sorted(done.lines), "c4": done.c4_edited,
+                 "sig": done.signature is not None}
+            if done.signature is not None:
+                self.sigs.write(done.signature.tobytes())
+        self.rows.write(json.dumps({"s": source, "d": data, "r": raw, "o": o}, ensure_ascii=False) + "\n")
+
+    def finish(self) -> None:
+        for f in (self.rows, self.sigs):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        os.replace(self.tmp[1], self.final[1])
+        os.replace(self.tmp[0], self.final[0])  # last: the rows file says the file is finished
+
+    def abort(self) -> None:
+        for f, tmp in zip((self.rows, self.sigs), self.tmp, strict=True):
+            f.close()
+            tmp.unlink(missing_ok=True)
+
+
+def _replay(folder: Path, key: str, num_hashes: int) -> Iterator[tuple[str, dict, Any, Outcome | None]]:
+    with open(folder / f"{key}.jsonl", encoding="utf-8") as rows, open(folder / f"{key}.sig", "rb") as sigs:
+        for line in rows:
+            row = json.loads(line)
+            o = row["o"]
+            done = None
+            if o is not None:
+                signature = np.frombuffer(sigs.read(8 * num_hashes), dtype=np.uint64).copy() if o["sig"] else None
+                done = Outcome(o["rule"], o["reason"], o["text"], o["text"] if o["normalized"] is None else
+                               o["normalized"], None if o["digest"] is None else bytes.fromhex(o["digest"]),
+                               signature, None if o["lines"] is None else set(o["lines"]), o["c4"])
+            yield row["s"], row["d"], row["r"], done
+
+
+def _compute(records: Iterator[tuple[str, dict, Any]], work: DocWork, pool, workers: int
+             ) -> Iterator[tuple[str, dict, Any, Outcome | None]]:
+    if pool is None:
         for source, data, raw in records:
             yield source, data, raw, work(raw) if isinstance(raw, str) else None
         return
-    import multiprocessing
-
-    pool = stack.enter_context(multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
-        cfg.workers, initializer=_init_worker, initargs=(work,)))
-    batch_size = WORKER_BATCH * cfg.workers
     while True:
-        batch = list(itertools.islice(records, batch_size))
+        batch = list(itertools.islice(records, WORKER_BATCH * workers))
         if not batch:
             return
         texts = [raw for _, _, raw in batch if isinstance(raw, str)]
-        results = iter(pool.map(_work, texts, chunksize=max(1, len(texts) // (4 * cfg.workers))))
+        results = iter(pool.map(_work, texts, chunksize=max(1, len(texts) // (4 * workers))))
         for source, data, raw in batch:
             yield source, data, raw, next(results) if isinstance(raw, str) else None
+
+
+def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resumed: list[str]
+              ) -> Iterator[tuple[str, dict, Any, Outcome | None]]:
+    """(source, row, raw text, outcome) in input order, file by file. `workers` > 1 computes the outcomes in
+    worker processes, a batch at a time (memory stays bounded by the batch, not the corpus). With `resume`,
+    each finished input file's outcomes are kept in output_dir/.work, and a file finished by an earlier,
+    failed run with the same settings is read back from there instead of computed again (`resumed`)."""
+    pool = None
+    if cfg.workers > 1:
+        import multiprocessing
+
+        pool = stack.enter_context(multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
+            cfg.workers, initializer=_init_worker, initargs=(work,)))
+    folder = out / WORK_DIR
+    if folder.is_dir():
+        for leftover in folder.glob("*.tmp-*"):  # a killed run's unfinished file
+            leftover.unlink(missing_ok=True)
+    for path in expand_paths(cfg.data):
+        records = ((rec.source, rec.data, rec.data.get(cfg.text_field)) for rec in iter_records(
+            path, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb))
+        if not cfg.resume:
+            yield from _compute(records, work, pool, cfg.workers)
+            continue
+        key = _work_key(cfg, path)
+        if (folder / f"{key}.jsonl").is_file() and (folder / f"{key}.sig").is_file():
+            resumed.append(str(path))
+            yield from _replay(folder, key, cfg.near_dedup.num_hashes)
+            continue
+        recorder = _Recorder(folder, key)
+        try:
+            for item in _compute(records, work, pool, cfg.workers):
+                recorder.add(*item)
+                yield item
+        except BaseException:
+            recorder.abort()
+            raise
+        recorder.finish()
 
 
 def curate(cfg, out: Path) -> dict:
@@ -330,6 +423,7 @@ def curate(cfg, out: Path) -> dict:
     staging = out / f".staging.jsonl.tmp-{os.getpid()}"
     shards = Shards(out / "data", cfg.shard_docs, cfg.output_format)
     kept_words = kept_chars = 0
+    resumed: list[str] = []
 
     def mask(i: int, text: str) -> str:
         masked, counts = mask_pii(text, cfg.pii)
@@ -351,7 +445,7 @@ def curate(cfg, out: Path) -> dict:
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
         try:
-            for source, data, raw, done in _outcomes(cfg, work, stack):
+            for source, data, raw, done in _outcomes(cfg, work, stack, out, resumed):
                 i = len(docs)
                 kind, doc_id, source_id = _label(data)
                 docs.append(_Doc(source, kind, doc_id, source_id))
@@ -431,7 +525,7 @@ def curate(cfg, out: Path) -> dict:
         "sizes_are": "words = whitespace-separated words of the text; characters = Unicode code points "
                      "(input: as read; kept: after normalisation, C4's line removal and PII masking)",
         "input": {"data": list(map(str, cfg.data)), "documents": totals["documents"], "words": totals["words"],
-                  "characters": totals["characters"]},
+                  "characters": totals["characters"], "files_resumed": resumed},
         "kept": {"documents": len(kept_index), "words": kept_words, "characters": kept_chars,
                  "shards": [str(p.relative_to(out)) for p in shards.paths]},
         "removed": {"documents": removed_docs, "words": sum(rejects.words.values())},
@@ -591,7 +685,9 @@ def summary(report: dict) -> str:
 
     lines = [f"read {inp['documents']} documents ({inp['words']} words); kept {kept['documents']} "
              f"({pct(kept['documents'], inp['documents'])}, {kept['words']} words) in {len(kept['shards'])} shard(s); "
-             f"removed {rem['documents']} ({rem['words']} words)",
+             f"removed {rem['documents']} ({rem['words']} words)"
+             + (f"; {len(inp['files_resumed'])} input file(s) read back from an earlier, failed run"
+                if inp.get("files_resumed") else ""),
              f"  {'rule':<18} {'docs':>8} {'words':>10}  top reasons"]
     for rule, r in report["rules"].items():
         if not r["enabled"] and not r["documents"]:

@@ -15,6 +15,7 @@ built-in world's planted noise labels when the input carries `meta.kind`).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from temper.curate.filters import (
     GopherRepetitionConfig,
 )
 from temper.curate.pipeline import (
+    WORK_DIR,
     LineDedupConfig,
     NearDedupConfig,
     curate,
@@ -52,6 +54,8 @@ class Config:
     max_document_mb: int = opt(MAX_DOCUMENT_MB, "the longest line or document read, in MiB (longer: an error)")
     shard_docs: int = opt(100_000, "kept documents per output shard")
     output_format: str = opt("jsonl", "kept shards as jsonl or parquet (pyarrow; a shard is held in memory)")
+    resume: bool = opt(True, "keep each finished input file's per-document results in output_dir/.work until the "
+                             "run succeeds; a rerun after a failure reads them back instead of computing them")
     workers: int = opt(1, "processes for the per-document steps (normalise, filters, signatures); the output is "
                           "the same for any number")
     normalize: NormalizeConfig = opt(NormalizeConfig(), "Unicode normal form, whitespace, control characters")
@@ -102,6 +106,7 @@ def run(cfg: Config) -> dict:
         except BaseException:
             _remove_earlier(out)  # this run's own folders (an earlier run's were refused or removed above)
             raise
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # the run succeeded: nothing to resume
         report["config"] = to_dict(cfg)
         text = summary(report)
         atomic_write_text(out / "summary.txt", text + "\n")
@@ -114,8 +119,6 @@ def run(cfg: Config) -> dict:
 def _remove_earlier(out: Path) -> None:
     """overwrite=true: an earlier run's outputs go first, so no stale shard or report stays beside new ones
     (nor alone, if this run fails)."""
-    import shutil
-
     for name in OUTPUTS:
         path = out / name
         if path.is_dir():
