@@ -293,3 +293,18 @@ def test_a_failed_run_leaves_nothing_half_written_and_resumes(tmp_path, capsys, 
     # overwrite=true and a failure: the earlier report does not stay beside no shards
     assert main(["curate", f"data=[{a},{c},{tmp_path / 'none.jsonl'}]", f"output_dir={out}", "overwrite=true"]) == 2
     assert not [p.name for p in out.iterdir() if p.name in ("report.json", "summary.txt", "data", "rejected")]
+
+
+def test_bench_minhash_runs_and_compares_like_with_like(monkeypatch, capsys):
+    pytest.importorskip("datasketch")
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_minhash.py"
+    spec = importlib.util.spec_from_file_location("bench_minhash", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_minhash.py", "--docs", "40", "--words", "60", "--repeats", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "speed ratio temper / datasketch" in out and "pairs: 20" in out
