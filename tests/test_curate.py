@@ -308,3 +308,17 @@ def test_bench_minhash_runs_and_compares_like_with_like(monkeypatch, capsys):
     bench.main()
     out = capsys.readouterr().out
     assert "speed ratio temper / datasketch" in out and "pairs: 20" in out
+
+
+def test_decontamination_against_an_eval_task(tmp_path):
+    question = "Which river runs past the old mill that the baker of Pellamar bought from his neighbour last year"
+    write_jsonl(tmp_path / "rows.jsonl", [{"question": question, "answer": "the Brisk"}])
+    task = tmp_path / "mill.yaml"
+    task.write_text('name: mill\ntype: generation\ndata: rows.jsonl\nprompt: "Question: {question}\\nAnswer:"\n'
+                    "target: answer\n")
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": PROSE}, {"text": f"Quiz night! {question}? Easy."}])
+    report = run(data, tmp_path / "out", f"decontaminate.tasks=[{task}]", *WORLD)
+    assert report["rules"]["decontamination"]["documents"] == 1
+    assert report["decontamination"]["sets"] == {"task:mill": 1}
+    with pytest.raises(TemperError, match="decontaminate.world is used only with decontaminate.tasks="):
+        load_config(stage.Config, None, ["data=x.jsonl", "decontaminate.world=runs/world"])

@@ -10,8 +10,9 @@ as unchecked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from temper.config import opt
+from temper.config import OnlyWith, opt
 from temper.eval.contamination import MIN_SHORT_WORDS, ngram_hashes, read_eval_set, words
 
 
@@ -20,7 +21,28 @@ class DecontamConfig:
     eval: list[str] = opt([], "evaluation files (JSONL/JSON/parquet/text; GSM8K test, temper eval sets, any file): "
                               "a document sharing an n-gram with any of their rows is dropped")
     eval_fields: list[str] = opt([], "fields of eval rows to read (default: every string field and message contents)")
+    tasks: list[str] = opt([], "temper eval tasks (shipped names such as world_qa, or task YAMLs): each scored "
+                               "row's prompt and reference, as `temper eval contamination=` checks them")
+    world: str | None = opt(None, "the built-in world's directory, for tasks whose data is '{world}/...'")
     n: int = opt(13, "n-gram length in words (13: GPT-3's and lm-eval's convention)")
+
+    only_with: ClassVar = (OnlyWith(("world",), "decontaminate.tasks=", lambda c: bool(c.tasks)),)
+
+    def sets(self) -> dict[str, list[str]]:
+        """{eval file or task name: its row texts}."""
+        found = {spec: read_eval_set(spec, self.eval_fields) for spec in self.eval}
+        if self.tasks:
+            from temper.eval.tasks import (  # imports torch: only when asked
+                iter_task_rows,
+                load_task,
+                resolve_task,
+            )
+
+            for spec in self.tasks:
+                task = load_task(resolve_task(spec))
+                found[f"task:{task.name}"] = [f"{r.context} {r.target or ''}".strip()
+                                              for r in iter_task_rows(task, world_dir=self.world)]
+        return found
 
 
 class EvalIndex:
@@ -31,9 +53,10 @@ class EvalIndex:
         self.index: set[int] = set()
         self.short: dict[int, set[int]] = {}
         self.rows = self.unchecked = 0
-        self.files = list(cfg.eval)
-        for spec in cfg.eval:
-            for text in read_eval_set(spec, cfg.eval_fields):
+        self.sets: dict[str, int] = {}
+        for name, texts in cfg.sets().items():
+            self.sets[name] = len(texts)
+            for text in texts:
                 toks = words(text)
                 self.rows += 1
                 if len(toks) >= self.n:
@@ -50,5 +73,5 @@ class EvalIndex:
         return any(h in wanted for k, wanted in self.short.items() for h in ngram_hashes(toks, k))
 
     def describe(self) -> dict:
-        return {"files": self.files, "rows": self.rows, "n": self.n, "ngrams": len(self.index),
+        return {"sets": self.sets, "rows": self.rows, "n": self.n, "ngrams": len(self.index),
                 "short_rows_checked_whole": sum(map(len, self.short.values())), "rows_too_short": self.unchecked}

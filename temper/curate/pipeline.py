@@ -219,7 +219,7 @@ class DocWork:
         self.checks = [(name, check, getattr(cfg, name)) for name, check in (
             ("gopher_repetition", gopher_repetition), ("gopher_quality", gopher_quality), ("c4", c4),
             ("fineweb", fineweb)) if getattr(cfg, name).enabled]
-        self.eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate.eval else None
+        self.eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate.eval or cfg.decontaminate.tasks else None
         self.hasher = MinHasher(cfg.near_dedup.num_hashes, cfg.near_dedup.seed) if cfg.near_dedup.enabled else None
         self.ngram, self.lines = cfg.near_dedup.ngram, cfg.line_dedup.enabled
 
@@ -554,7 +554,7 @@ def curate(cfg, out: Path) -> dict:
 def _enabled(cfg, rule: str) -> bool:
     return {"input": True, "exact_dedup": cfg.exact_dedup, "near_dedup": cfg.near_dedup.enabled,
             "line_dedup": cfg.line_dedup.enabled,
-            "decontamination": bool(cfg.decontaminate.eval)}.get(rule) or bool(getattr(getattr(cfg, rule, None),
+            "decontamination": bool(cfg.decontaminate.eval or cfg.decontaminate.tasks)}.get(rule) or bool(getattr(getattr(cfg, rule, None),
                                                                                           "enabled", False))
 
 

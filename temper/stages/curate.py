@@ -5,7 +5,7 @@
 
 Reads text/JSONL/JSON/parquet/gzip (streaming), normalises it, removes exact duplicates, applies
 the Gopher quality and repetition, C4 and FineWeb filters with their published thresholds,
-drops documents sharing a 13-gram with the decontaminate.eval files, removes near-duplicates
+drops documents sharing a 13-gram with decontaminate.eval files or tasks, removes near-duplicates
 (MinHash + LSH, datatrove's 14 x 8), masks e-mails, phones and IPs, and writes the kept
 documents to output_dir/data/part-NNNNN.jsonl, every dropped one to output_dir/rejected/RULE.jsonl
 with its reason, and report.json with counts per rule (plus precision and recall against the
