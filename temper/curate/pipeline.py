@@ -419,7 +419,7 @@ def curate(cfg, out: Path) -> dict:
     pii_counts: Counter = Counter()
     c4_edited = 0
     kept_index: set[int] = set()
-    removed_by: dict[int, tuple[str, str | None]] = {}  # doc index -> (rule, index of its duplicate kept)
+    removed_by: dict[int, tuple[str, int | None]] = {}  # doc index -> (rule, index of the duplicate kept)
     staging = out / f".staging.jsonl.tmp-{os.getpid()}"
     shards = Shards(out / "data", cfg.shard_docs, cfg.output_format)
     kept_words = kept_chars = 0
@@ -552,10 +552,9 @@ def curate(cfg, out: Path) -> dict:
 
 
 def _enabled(cfg, rule: str) -> bool:
-    return {"input": True, "exact_dedup": cfg.exact_dedup, "near_dedup": cfg.near_dedup.enabled,
-            "line_dedup": cfg.line_dedup.enabled,
-            "decontamination": bool(cfg.decontaminate.eval or cfg.decontaminate.tasks)}.get(rule) or bool(getattr(getattr(cfg, rule, None),
-                                                                                          "enabled", False))
+    switches = {"input": True, "exact_dedup": cfg.exact_dedup,
+                "decontamination": bool(cfg.decontaminate.eval or cfg.decontaminate.tasks)}
+    return switches[rule] if rule in switches else getattr(cfg, rule).enabled
 
 
 def _boilerplate(cfg: LineDedupConfig, line_docs: Counter, stage: IO) -> dict[int, float]:
