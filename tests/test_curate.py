@@ -4,6 +4,7 @@ and precision/recall against the built-in world's planted noise."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,106 @@ def test_decontamination_against_an_eval_task(tmp_path):
     assert report["decontamination"]["sets"] == {"task:mill": 1}
     with pytest.raises(TemperError, match="decontaminate.world is used only with decontaminate.tasks="):
         load_config(stage.Config, None, ["data=x.jsonl", "decontaminate.world=runs/world"])
+
+
+# mixing, token shards and the report's images: every per-document rule off, so that what is
+# written depends on the mix alone
+PLAIN = [*WORLD, "gopher_repetition.enabled=false", "near_dedup.enabled=false", "line_dedup.enabled=false"]
+
+
+def _sources(tmp_path: Path) -> tuple[Path, Path]:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"Alpha document {i} tells of river {i * 7} and hill {i}."}
+                                           for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"Beta note {i} speaks of mill {i * 3} by the bridge."}
+                                           for i in range(10)])
+    return a, b
+
+
+def _written(out: Path) -> list[str]:
+    return [r["text"] for p in sorted((out / "data").glob("*.jsonl")) for r in jsonl(p)]
+
+
+def test_mix_weights_up_and_down_sample_and_shuffle(tmp_path):
+    a, b = _sources(tmp_path)
+    report = run(f"[{a},{b}]", tmp_path / "mix", *PLAIN, "mix.weights=[0.5,2.5]", "mix.shuffle=true", "shard_docs=16")
+    texts = _written(tmp_path / "mix")
+    alpha, beta = Counter(t for t in texts if t.startswith("Alpha")), Counter(t for t in texts if t.startswith("Beta"))
+    assert set(alpha.values()) == {1} and 8 <= len(alpha) <= 32  # about half of the 40, each once
+    assert set(beta.values()) == {2, 3} and len(beta) == 10  # every one twice, about half three times
+    mix = report["mix"]
+    assert [s["written_documents"] for s in mix["sources"]] == [len(alpha), sum(beta.values())]
+    assert mix["written_documents"] == len(texts) and report["kept"]["documents"] == 50
+    assert len(report["kept"]["shards"]) == -(-len(texts) // 16)
+    assert texts != sorted(texts, key=lambda t: not t.startswith("Alpha"))  # interleaved, not source by source
+    again = run(f"[{a},{b}]", tmp_path / "again", *PLAIN, "mix.weights=[0.5,2.5]", "mix.shuffle=true")
+    assert _written(tmp_path / "again") == texts and again["mix"] == mix  # the seed fixes both draws
+    run(f"[{a},{b}]", tmp_path / "other", *PLAIN, "mix.weights=[0.5,2.5]", "mix.shuffle=true", "mix.seed=1")
+    assert _written(tmp_path / "other") != texts
+    plain = run(f"[{a},{b}]", tmp_path / "plain", *PLAIN)  # no mix: input order, once each
+    assert _written(tmp_path / "plain") == [r["text"] for p in (a, b) for r in jsonl(p)]
+    assert plain["mix"] == {"enabled": False} and [s["kept_documents"] for s in plain["sources"]] == [40, 10]
+    assert not [p.name for p in (tmp_path / "mix").rglob("*") if ".tmp-" in p.name]
+
+
+def test_mix_weights_must_match_the_sources(tmp_path, capsys):
+    a, b = _sources(tmp_path)
+    with pytest.raises(TemperError, match=r"mix.weights has 1 value\(s\) but data= names 2 source\(s\)"):
+        run(f"[{a},{b}]", tmp_path / "out", "mix.weights=[2]")
+    assert main(["curate", f"data=[{a},{b}]", f"output_dir={tmp_path / 'out'}", "mix.weights=[1,-1]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mix.weights[1]" in err[0]
+    assert main(["curate", f"data={a}", f"output_dir={tmp_path / 'out'}", f"tokenize.tokenizer={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenize.tokenizer" in err[0] and "tokenizer.json" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenize_straight_into_pretraining_shards(tmp_path, tiny_tokenizer):
+    from temper.data.shards import TokenLoader, read_index
+
+    a, b = _sources(tmp_path)
+    tiny_tokenizer.save(tmp_path / "tok")
+    out = tmp_path / "out"
+    report = run(f"[{a},{b}]", out, *PLAIN, "mix.weights=[1,2]", "mix.shuffle=true",
+                 f"tokenize.tokenizer={tmp_path / 'tok'}", "tokenize.val_fraction=0.2")
+    texts = _written(out)
+    index = read_index(out / "tokens")
+    train, val = index["splits"]["train"], index["splits"]["val"]
+    assert train["num_docs"] + val["num_docs"] == len(texts) == 60 and val["num_docs"] > 0
+    assert report["tokens"]["train_tokens"] == train["num_tokens"]
+    shard = train["shards"][0]  # the first train document is the first written one not drawn for val
+    ids = np.fromfile(out / "tokens" / shard["file"], dtype=np.dtype(index["dtype"]))
+    ends = np.load(out / "tokens" / shard["docs"])
+    first = ids[:ends[0]]
+    assert first[-1] == tiny_tokenizer.eos_id
+    assert tiny_tokenizer.decode(first[:-1].tolist()) in texts
+    decoded = [tiny_tokenizer.decode(ids[s:e - 1].tolist()) for s, e in zip(np.r_[0, ends[:-1]], ends, strict=True)]
+    assert Counter(decoded) <= Counter(texts)  # every train document is a written one, copies included
+    loader = TokenLoader(out / "tokens", "train", seq_len=8, batch_size=2)  # what `temper pretrain` reads
+    x, y = loader.next_batch()
+    assert x.shape == (2, 8) and y.shape == (2, 8)
+
+
+def test_report_histograms_are_svg_images(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": PROSE}, {"text": PROSE}, {"text": "short one"},
+                                               {"text": PROSE + " And more."}])
+    out = tmp_path / "out"
+    report = run(data, out, "gopher_quality.min_doc_words=5", "c4.enabled=false")
+    assert report["plots"] == ["plots/words.svg", "plots/rules.svg", "plots/clusters.svg"]
+
+    def bars(name: str) -> dict[tuple[str, str], float]:
+        root = ET.parse(out / "plots" / name).getroot()
+        return {(r.get("data-series"), r.get("data-label")): float(r.get("data-value"))
+                for r in root.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"}
+
+    words = bars("words.svg")
+    assert sum(v for (s, _), v in words.items() if s == "read") == report["input"]["documents"] == 4
+    assert sum(v for (s, _), v in words.items() if s == "kept") == report["kept"]["documents"] == 1
+    assert words[("read", "2-3")] == 1  # "short one": 2 words
+    rules = bars("rules.svg")
+    assert rules[("removed", "exact_dedup")] == 1 and rules[("removed", "near_dedup")] == 1
+    assert rules[("removed", "input")] == 0 and ("removed", "c4") not in rules  # c4 off: no bar
+    assert bars("clusters.svg")[("near (MinHash)", "2")] == 1
+    assert "plots/words.svg" in (out / "summary.txt").read_text()

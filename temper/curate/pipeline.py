@@ -90,6 +90,27 @@ class NearDedupConfig:
         return {f"{s:g}": round(s_curve(s, self.bands, self.rows), 4) for s in CURVE_POINTS}
 
 
+@dataclass
+class MixConfig:
+    weights: list[float] = opt([], "one weight per data= entry (a source): each kept document of a source is "
+                                   "written floor(w) times and once more with probability w - floor(w) (0.5 "
+                                   "keeps about half, 2 writes each twice); empty: 1 each")
+    shuffle: bool = opt(False, "write the documents in a seeded random order instead of source by source")
+    seed: int = opt(0, "seed of the shuffle, of the fractional weights and of tokenize's val split")
+
+    def active(self) -> bool:
+        return self.shuffle or any(w != 1 for w in self.weights)
+
+
+@dataclass
+class TokenizeConfig:
+    tokenizer: str = opt("", "a tokenizer directory (holding tokenizer.json: a model's, or `temper pretrain`'s "
+                             "output_dir/tokenizer): also write the written documents as pretraining token shards "
+                             "to output_dir/tokens (temper.data.shards' format); empty: off")
+    val_fraction: float = opt(0.0, "share of the documents that go to the val split of the token shards")
+    shard_tokens: int = opt(1 << 24, "tokens per token shard")
+
+
 def describe_near_dedup(cfg: NearDedupConfig) -> str:
     """One line: the banding, its threshold and a few points of its S-curve."""
     t = threshold(cfg.bands, cfg.rows)
@@ -207,6 +228,19 @@ class _Doc:
     kind: str | None
     id: str | None
     source_id: str | None
+    entry: int = 0  # which data= entry (source) it was read from
+
+
+def _word_bin(words: int) -> int:
+    """Histogram bin of a word count: 0, 1, 2-3, 4-7, 8-15, ... (powers of two)."""
+    return words.bit_length()
+
+
+def _bin_label(b: int) -> str:
+    if b <= 1:
+        return str(b)
+    low, high = 1 << (b - 1), (1 << b) - 1
+    return f"{low}-{high}"
 
 
 class DocWork:
@@ -362,8 +396,8 @@ def _compute(records: Iterator[tuple[str, dict, Any]], work: DocWork, pool, work
 
 
 def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resumed: list[str]
-              ) -> Iterator[tuple[str, dict, Any, Outcome | None]]:
-    """(source, row, raw text, outcome) in input order, file by file. `workers` > 1 computes the outcomes in
+              ) -> Iterator[tuple[int, str, dict, Any, Outcome | None]]:
+    """(data= entry, source, row, raw text, outcome) in input order, file by file. `workers` > 1 computes the outcomes in
     worker processes, a batch at a time (memory stays bounded by the batch, not the corpus). With `resume`,
     each finished input file's outcomes are kept in output_dir/.work, and a file finished by an earlier,
     failed run with the same settings is read back from there instead of computed again (`resumed`)."""
@@ -377,22 +411,24 @@ def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resume
     if folder.is_dir():
         for leftover in folder.glob("*.tmp-*"):  # a killed run's unfinished file
             leftover.unlink(missing_ok=True)
-    for path in expand_paths(cfg.data):
+    for entry, path in ((j, p) for j, spec in enumerate(cfg.data) for p in expand_paths(spec)):
         records = ((rec.source, rec.data, rec.data.get(cfg.text_field)) for rec in iter_records(
             path, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb))
         if not cfg.resume:
-            yield from _compute(records, work, pool, cfg.workers)
+            for item in _compute(records, work, pool, cfg.workers):
+                yield entry, *item
             continue
         key = _work_key(cfg, path)
         if (folder / f"{key}.jsonl").is_file() and (folder / f"{key}.sig").is_file():
             resumed.append(str(path))
-            yield from _replay(folder, key, cfg.near_dedup.num_hashes)
+            for item in _replay(folder, key, cfg.near_dedup.num_hashes):
+                yield entry, *item
             continue
         recorder = _Recorder(folder, key)
         try:
             for item in _compute(records, work, pool, cfg.workers):
                 recorder.add(*item)
-                yield item
+                yield entry, *item
         except BaseException:
             recorder.abort()
             raise
@@ -424,6 +460,12 @@ def curate(cfg, out: Path) -> dict:
     shards = Shards(out / "data", cfg.shard_docs, cfg.output_format)
     kept_words = kept_chars = 0
     resumed: list[str] = []
+    input_bins: Counter = Counter()  # _word_bin -> documents read
+    kept_bins: Counter = Counter()  # _word_bin -> documents kept (once each, before mixing)
+    mixing = cfg.mix.active()
+    mix_staging = out / f".kept.jsonl.tmp-{os.getpid()}"
+    # per source: the kept documents' offsets in the mixing staging file and their words
+    per_source: list[tuple[list[int], list[int]]] = [([], []) for _ in cfg.data]
 
     def mask(i: int, text: str) -> str:
         masked, counts = mask_pii(text, cfg.pii)
@@ -435,20 +477,32 @@ def curate(cfg, out: Path) -> dict:
     def keep(i: int, data: dict, text: str) -> None:
         nonlocal kept_words, kept_chars
         masked = mask(i, text)
-        shards.write({**data, cfg.text_field: masked})
+        row = {**data, cfg.text_field: masked}
+        words = _words(masked)
+        offsets, source_words = per_source[docs[i].entry]
+        if mixing:
+            offsets.append(mix_file.tell())
+            mix_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            offsets.append(-1)
+            shards.write(row)
+        source_words.append(words)
         kept_index.add(i)
-        kept_words += _words(masked)
+        kept_bins[_word_bin(words)] += 1
+        kept_words += words
         kept_chars += len(masked)
 
     with contextlib.ExitStack() as stack:
         rejects = Rejects(out / "rejected", stack, mask, cfg.text_field)
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
+        mix_file = stack.enter_context(open(mix_staging, "w+", encoding="utf-8", newline="\n")) if mixing else None
+        stack.callback(lambda: mix_staging.unlink(missing_ok=True))
         try:
-            for source, data, raw, done in _outcomes(cfg, work, stack, out, resumed):
+            for entry, source, data, raw, done in _outcomes(cfg, work, stack, out, resumed):
                 i = len(docs)
                 kind, doc_id, source_id = _label(data)
-                docs.append(_Doc(source, kind, doc_id, source_id))
+                docs.append(_Doc(source, kind, doc_id, source_id, entry))
                 totals["documents"] += 1
                 if done is None:
                     reason = (f"field '{cfg.text_field}' missing" if cfg.text_field not in data
@@ -456,8 +510,10 @@ def curate(cfg, out: Path) -> dict:
                     rejects.write(i, "input", reason, source, data, None)
                     removed_by[i] = ("input", None)
                     continue
-                totals["words"] += _words(raw)
+                raw_words = _words(raw)
+                totals["words"] += raw_words
                 totals["characters"] += len(raw)
+                input_bins[_word_bin(raw_words)] += 1
                 if done.rule == "input":
                     rejects.write(i, "input", done.reason, source, data, done.text)
                     removed_by[i] = ("input", None)
@@ -514,11 +570,13 @@ def curate(cfg, out: Path) -> dict:
                         keep(i, row["data"], row["text"])
                 if near_report is not None:
                     near_report["cluster_sizes"] = {str(k): v for k, v in sorted(near_report["cluster_sizes"].items())}
+            mix_report = _mix(cfg, per_source, mix_file, shards) if mixing else None
         except BaseException as e:
             shards.close(e)
             raise
         shards.close()
 
+    tokens_report = _tokenize(cfg, out, shards.paths) if cfg.tokenize.tokenizer else None
     removed_docs = sum(rejects.docs.values())
     assert removed_docs + len(kept_index) == totals["documents"], "every document is kept or rejected"
     report: dict[str, Any] = {
@@ -528,6 +586,11 @@ def curate(cfg, out: Path) -> dict:
                   "characters": totals["characters"], "files_resumed": resumed},
         "kept": {"documents": len(kept_index), "words": kept_words, "characters": kept_chars,
                  "shards": [str(p.relative_to(out)) for p in shards.paths]},
+        "sources": [{"data": str(spec), "kept_documents": len(offs), "kept_words": sum(ws)}
+                    for spec, (offs, ws) in zip(cfg.data, per_source, strict=True)],
+        "mix": mix_report or {"enabled": False},
+        "tokens": tokens_report or {"enabled": False},
+        "histograms": _histograms(input_bins, kept_bins),
         "removed": {"documents": removed_docs, "words": sum(rejects.words.values())},
         "rules": {rule: {"enabled": _enabled(cfg, rule), "documents": rejects.docs[rule], "words": rejects.words[rule],
                          "reasons": dict(rejects.reasons[rule].most_common()), "examples": rejects.examples[rule],
@@ -549,6 +612,87 @@ def curate(cfg, out: Path) -> dict:
     if any(d.kind is not None for d in docs):
         report["ground_truth"] = ground_truth(docs, removed_by, set(pii_docs), exact_first=cfg.exact_dedup)
     return report
+
+
+def _mix(cfg, per_source: list[tuple[list[int], list[int]]], staged: IO, shards: Shards) -> dict:
+    """Write the kept documents (waiting in `staged`) to the shards, each source's repeated by its weight
+    (a fractional part drawn per document), shuffled if asked; the report of what was written."""
+    rng = np.random.default_rng(cfg.mix.seed)
+    weights = cfg.mix.weights or [1.0] * len(cfg.data)
+    order, sources = [], []
+    for spec, weight, (offsets, words) in zip(cfg.data, weights, per_source, strict=True):
+        whole = int(weight)
+        copies = np.full(len(offsets), whole, dtype=np.int64) + (rng.random(len(offsets)) < weight - whole)
+        order.append(np.repeat(np.asarray(offsets, dtype=np.int64), copies))
+        sources.append({"data": str(spec), "weight": weight, "kept_documents": len(offsets),
+                        "written_documents": int(copies.sum()),
+                        "written_words": int(np.dot(copies, np.asarray(words, dtype=np.int64))) if words else 0})
+    every = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+    if cfg.mix.shuffle:
+        rng.shuffle(every)
+    staged.flush()
+    for offset in every:
+        staged.seek(int(offset))
+        shards.write(json.loads(staged.readline()))
+    total = sum(s["written_documents"] for s in sources)
+    for s in sources:
+        s["share_of_written"] = round(s["written_documents"] / total, 4) if total else None
+    return {"enabled": True, "shuffle": cfg.mix.shuffle, "seed": cfg.mix.seed, "written_documents": total,
+            "sources": sources}
+
+
+def _tokenize(cfg, out: Path, shard_paths: list[Path]) -> dict:
+    """The written shards, in order, tokenised into pretraining token shards in out/tokens."""
+    from temper.data.readers import iter_texts
+    from temper.data.shards import build_shards, read_index
+    from temper.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(cfg.tokenize.tokenizer)
+    if not shard_paths:
+        raise TemperError("tokenize.tokenizer is set but no document was kept: there is nothing to tokenise")
+    texts = iter_texts([str(p) for p in shard_paths], field=cfg.text_field)
+    folder = build_shards(texts, tokenizer, out / "tokens", val_fraction=cfg.tokenize.val_fraction,
+                          seed=cfg.mix.seed, shard_tokens=cfg.tokenize.shard_tokens)
+    splits = read_index(folder)["splits"]
+    return {"enabled": True, "dir": "tokens", "tokenizer": cfg.tokenize.tokenizer, "vocab_size": tokenizer.vocab_size,
+            **{f"{name}_tokens": split["num_tokens"] for name, split in splits.items()},
+            **{f"{name}_documents": split["num_docs"] for name, split in splits.items()}}
+
+
+def _histograms(input_bins: Counter, kept_bins: Counter) -> dict:
+    top = max([*input_bins, *kept_bins, 0])
+    return {"words_per_document": {"bins": [_bin_label(b) for b in range(top + 1)],
+                                   "input": [input_bins[b] for b in range(top + 1)],
+                                   "kept": [kept_bins[b] for b in range(top + 1)]}}
+
+
+PLOTS = {"words.svg": "words per document, read and kept", "rules.svg": "documents removed per rule",
+         "clusters.svg": "duplicate cluster sizes"}
+
+
+def write_plots(report: dict, folder: Path) -> list[str]:
+    """The report's histograms as SVG images in `folder` (temper's own SVG drawing; no plotting library)."""
+    from temper.eval.plot import render_bars_svg
+    from temper.io import atomic_write_text
+
+    folder.mkdir(exist_ok=True)
+    words = report["histograms"]["words_per_document"]
+    images = {"words.svg": render_bars_svg("words per document (whitespace words)", words["bins"] or ["0"],
+                                           {"read": words["input"] or [0], "kept": words["kept"] or [0]},
+                                           x_label="words")}
+    rules = [r for r, v in report["rules"].items() if v["enabled"] or v["documents"]]
+    images["rules.svg"] = render_bars_svg("documents removed per rule", rules,
+                                          {"removed": [report["rules"][r]["documents"] for r in rules]}, x_label="rule")
+    exact = report["exact_dedup"]["cluster_sizes"]
+    near = report["near_dedup"].get("cluster_sizes", {})
+    sizes = sorted({*exact, *near}, key=int) or ["2"]
+    images["clusters.svg"] = render_bars_svg("duplicate clusters by size", sizes,
+                                             {"exact": [exact.get(k, 0) for k in sizes],
+                                              "near (MinHash)": [near.get(k, 0) for k in sizes]},
+                                             x_label="documents in the cluster", y_label="clusters")
+    for name, svg in images.items():
+        atomic_write_text(folder / name, svg)
+    return [f"{folder.name}/{name}" for name in images]
 
 
 def _enabled(cfg, rule: str) -> bool:
@@ -704,6 +848,18 @@ def summary(report: dict) -> str:
         lines.append(f"  near-dup clusters: {near.get('clusters', 0)} (sizes {near.get('cluster_sizes', {})}); "
                      f"exact-dup clusters: {report['exact_dedup']['clusters']} "
                      f"(sizes {report['exact_dedup']['cluster_sizes']})")
+    mix = report.get("mix", {})
+    if mix.get("enabled"):
+        parts = "; ".join(f"{m['data']} x{m['weight']:g}: {m['kept_documents']} kept -> {m['written_documents']} "
+                          f"written ({m['share_of_written']:.1%})" for m in mix["sources"] if m["share_of_written"] is not None)
+        lines.append(f"  mix ({'shuffled' if mix['shuffle'] else 'source by source'}, seed {mix['seed']}): "
+                     f"{mix['written_documents']} documents written; {parts or 'nothing kept'}")
+    tokens = report.get("tokens", {})
+    if tokens.get("enabled"):
+        lines.append(f"  token shards in {tokens['dir']}/: {tokens['train_tokens']} train tokens "
+                     f"({tokens['train_documents']} documents), {tokens['val_tokens']} val tokens")
+    if report.get("plots"):
+        lines.append(f"  histograms: {', '.join(report['plots'])}")
     truth = report.get("ground_truth")
     if truth:
         lines.append("  against the planted labels (meta.kind):")

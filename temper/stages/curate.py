@@ -30,17 +30,20 @@ from temper.curate.filters import (
 from temper.curate.pipeline import (
     WORK_DIR,
     LineDedupConfig,
+    MixConfig,
     NearDedupConfig,
+    TokenizeConfig,
     curate,
     describe_near_dedup,
     summary,
+    write_plots,
 )
 from temper.curate.text import NormalizeConfig, PiiConfig
 from temper.data.readers import MAX_DOCUMENT_MB
-from temper.errors import TemperError
+from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import atomic_write_text, owned_output_dir
 
-OUTPUTS = ("report.json", "summary.txt", "data", "rejected")
+OUTPUTS = ("report.json", "summary.txt", "data", "rejected", "tokens", "plots")
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Config:
                                                           "documents (boilerplate)")
     near_dedup: NearDedupConfig = opt(NearDedupConfig(), "MinHash + LSH near-duplicate removal")
     pii: PiiConfig = opt(PiiConfig(), "mask e-mail addresses, phone numbers, IP addresses")
+    mix: MixConfig = opt(MixConfig(), "weights per source (data= entry) and shuffling of the written documents")
+    tokenize: TokenizeConfig = opt(TokenizeConfig(), "also tokenise the written documents into pretraining shards")
 
     def validate(self) -> None:
         if not self.data:
@@ -87,6 +92,18 @@ class Config:
         check_range("line_dedup.max_fraction", self.line_dedup.max_fraction, low=0, high=1)
         self.normalize.validate()
         self.near_dedup.validate()
+        if self.mix.weights and len(self.mix.weights) != len(self.data):
+            raise TemperError(f"mix.weights has {len(self.mix.weights)} value(s) but data= names {len(self.data)} "
+                              "source(s); expected one weight per data= entry, in the same order")
+        for k, w in enumerate(self.mix.weights):
+            check_range(f"mix.weights[{k}]", w, low=0)
+        if self.tokenize.tokenizer:
+            if not (Path(self.tokenize.tokenizer) / "tokenizer.json").is_file():
+                raise TemperFileNotFoundError(f"tokenize.tokenizer: {self.tokenize.tokenizer} holds no tokenizer.json; "
+                                              "expected a tokenizer directory (a model's, or a `temper pretrain` "
+                                              "output_dir/tokenizer)")
+            check_range("tokenize.val_fraction", self.tokenize.val_fraction, low=0, high=0.5)
+            check_range("tokenize.shard_tokens", self.tokenize.shard_tokens, low=1)
 
 
 def earlier_curation(out: Path) -> list[str]:
@@ -108,6 +125,7 @@ def run(cfg: Config) -> dict:
             raise
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # the run succeeded: nothing to resume
         report["config"] = to_dict(cfg)
+        report["plots"] = write_plots(report, out / "plots")
         text = summary(report)
         atomic_write_text(out / "summary.txt", text + "\n")
         atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
