@@ -426,3 +426,11 @@ def test_report_histograms_are_svg_images(tmp_path):
     assert rules[("removed", "input")] == 0 and ("removed", "c4") not in rules  # c4 off: no bar
     assert bars("clusters.svg")[("near (MinHash)", "2")] == 1
     assert "plots/words.svg" in (out / "summary.txt").read_text()
+
+
+def test_gopher_repetition_blank_lines_are_not_duplicate_lines():
+    # five distinct paragraphs: as datatrove splits lines on "\n+", the four blank lines between them
+    # are not three duplicated (empty) lines out of nine (0.33 > dup_line_frac 0.3)
+    text = "\n\n".join(PROSE.split(". "))
+    assert filters.gopher_repetition(text, filters.GopherRepetitionConfig()) is None
+    assert filters.gopher_repetition(text + "\n\n" + text, filters.GopherRepetitionConfig()) == "gopher_dup_para_frac"

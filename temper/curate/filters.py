@@ -131,7 +131,7 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
         return "gopher_dup_para_frac"
     if cfg.dup_para_char_frac and chars / size > cfg.dup_para_char_frac:
         return "gopher_dup_para_char_frac"
-    lines = text.splitlines() or [""]
+    lines = re.split(r"\n+", text)  # as datatrove: blank lines are no lines (else each counts as a duplicate)
     count, chars = _duplicates(lines)
     if cfg.dup_line_frac and count / len(lines) > cfg.dup_line_frac:
         return "gopher_dup_line_frac"
