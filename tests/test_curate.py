@@ -434,3 +434,14 @@ def test_gopher_repetition_blank_lines_are_not_duplicate_lines():
     text = "\n\n".join(PROSE.split(". "))
     assert filters.gopher_repetition(text, filters.GopherRepetitionConfig()) is None
     assert filters.gopher_repetition(text + "\n\n" + text, filters.GopherRepetitionConfig()) == "gopher_dup_para_frac"
+
+
+def test_gopher_quality_counts_words_as_datatrove_does():
+    cfg = filters.GopherQualityConfig()
+    # punctuation tokens are words of the letter ratio (datatrove counts every token it splits off)
+    listy = " , ".join(PROSE.replace(",", "").replace(".", "").split()) + " and the end."
+    assert filters.gopher_quality(listy, cfg) == "gopher_below_alpha_threshold"
+    assert filters.gopher_quality(PROSE, cfg) is None
+    # stop words: at least two distinct ones, not two occurrences of one
+    one_stop_word = " ".join(["the river runs past green fields"] * 12)
+    assert filters.gopher_quality(one_stop_word, cfg) == "gopher_not_enough_stop_words"

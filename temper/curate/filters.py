@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from temper.config import opt
 
-STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher's
+STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _PUNCT = set(string.punctuation)
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
@@ -47,7 +47,8 @@ class GopherQualityConfig:
     max_bullet_lines_ratio: float = opt(0.9, "share of lines starting with a bullet above this drops it")
     max_ellipsis_lines_ratio: float = opt(0.3, "share of lines ending in an ellipsis above this drops it")
     max_non_alpha_words_ratio: float = opt(0.8, "fewer than this share of words with a letter drops it")
-    min_stop_words: int = opt(2, "fewer of Gopher's stop words (the, be, to, of, and, that, have, with) drops it")
+    min_stop_words: int = opt(2, "fewer distinct Gopher stop words (the, be, to, of, and, that, have, with; "
+                                 "case-sensitive, as datatrove) drops it")
 
 
 def gopher_quality(text: str, cfg: GopherQualityConfig) -> str | None:
@@ -65,21 +66,22 @@ def gopher_quality(text: str, cfg: GopherQualityConfig) -> str | None:
         return "gopher_below_avg_word_length"
     if cfg.max_avg_word_length and mean > cfg.max_avg_word_length:
         return "gopher_above_avg_word_length"
-    if cfg.max_symbol_word_ratio and text.count("#") / n > cfg.max_symbol_word_ratio:
+    every = len(toks)  # as datatrove: the symbol and letter ratios count punctuation tokens as words
+    if cfg.max_symbol_word_ratio and text.count("#") / every > cfg.max_symbol_word_ratio:
         return "gopher_too_many_hashes"
-    if cfg.max_symbol_word_ratio and (text.count("...") + text.count("…")) / n > cfg.max_symbol_word_ratio:
+    if cfg.max_symbol_word_ratio and (text.count("...") + text.count("…")) / every > cfg.max_symbol_word_ratio:
         return "gopher_too_many_ellipsis"
     lines = text.splitlines() or [""]
-    if cfg.max_bullet_lines_ratio and sum(s.lstrip().startswith("•") for s in lines) / len(lines) \
+    if cfg.max_bullet_lines_ratio and sum(s.lstrip().startswith(("•", "-")) for s in lines) / len(lines) \
             > cfg.max_bullet_lines_ratio:
         return "gopher_too_many_bullets"
     if cfg.max_ellipsis_lines_ratio and sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) \
             > cfg.max_ellipsis_lines_ratio:
         return "gopher_too_many_end_ellipsis"
-    if cfg.max_non_alpha_words_ratio and sum(any(c.isalpha() for c in w) for w in words) / n \
+    if cfg.max_non_alpha_words_ratio and sum(any(c.isalpha() for c in w) for w in toks) / every \
             < cfg.max_non_alpha_words_ratio:
         return "gopher_below_alpha_threshold"
-    if cfg.min_stop_words and sum(w.lower() in STOP_WORDS for w in words) < cfg.min_stop_words:
+    if cfg.min_stop_words and len(STOP_WORDS.intersection(toks)) < cfg.min_stop_words:  # distinct, as datatrove
         return "gopher_not_enough_stop_words"
     return None
 
