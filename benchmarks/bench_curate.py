@@ -159,7 +159,7 @@ def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=20, help="size of the generated corpus in MB")
-    ap.add_argument("--data", type=Path, help="a JSONL file with a `text` field, or a .txt (paragraphs), instead")
+    ap.add_argument("--data", type=Path, help="a JSONL file with a `text` field, or a wikitext .txt, instead")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_curate"))
     ap.add_argument("--datatrove", help="folders put first on the datatrove side's PYTHONPATH (os.pathsep-separated)")
     ap.add_argument("--skip-datatrove", action="store_true")
@@ -176,9 +176,9 @@ def main() -> None:
         data = args.work / f"corpus-{args.mb:g}mb.jsonl"
         if not data.is_file():
             generate(data, args.mb, WIKITEXT.resolve())
-    elif args.data.suffix == ".txt":  # paragraphs (blank-line separated blocks) as JSONL for both sides
+    elif args.data.suffix == ".txt":  # wikitext: one document per article (a " = Title = " line), as JSONL
         data = args.work / f"{args.data.stem}.jsonl"
-        blocks = [b.strip() for b in args.data.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+        blocks = [b.strip() for b in re.split(r"\n(?= = [^=])", args.data.read_text(encoding="utf-8")) if b.strip()]
         data.write_text("".join(json.dumps({"text": b, "id": str(i)}) + "\n" for i, b in enumerate(blocks)))
     else:
         data = args.data

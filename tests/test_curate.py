@@ -374,6 +374,9 @@ def test_mix_weights_must_match_the_sources(tmp_path, capsys):
     assert main(["curate", f"data={a}", f"output_dir={tmp_path / 'out'}", f"tokenize.tokenizer={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tokenize.tokenizer" in err[0] and "tokenizer.json" in err[0]
+    assert main(["curate", f"data={a}", f"output_dir={tmp_path / 'out'}", "tokenize.val_fraction=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenize.val_fraction is used only with tokenize.tokenizer" in err[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -109,6 +109,8 @@ class TokenizeConfig:
                              "to output_dir/tokens (temper.data.shards' format); empty: off")
     val_fraction: float = opt(0.0, "share of the documents that go to the val split of the token shards")
     shard_tokens: int = opt(1 << 24, "tokens per token shard")
+    only_with: ClassVar = (OnlyWith(("val_fraction", "shard_tokens"), "tokenize.tokenizer=DIR",
+                                    lambda c: bool(c.tokenizer)),)
 
 
 def describe_near_dedup(cfg: NearDedupConfig) -> str:
