@@ -2,6 +2,7 @@
 
     read (streaming) -> normalise -> exact dedup -> Gopher repetition -> Gopher quality -> C4
     -> FineWeb -> decontamination -> MinHash near-dedup -> PII masking -> shards
+    (-> mix: sources weighted, shuffled -> token shards)
 
 The first rule that fires drops the document, which is written to `rejected/RULE.jsonl` with
 the rule, its reason (e.g. `gopher_short_doc`) and where the document came from; nothing

@@ -9,7 +9,12 @@ drops documents sharing a 13-gram with decontaminate.eval files or tasks, remove
 (MinHash + LSH, datatrove's 14 x 8), masks e-mails, phones and IPs, and writes the kept
 documents to output_dir/data/part-NNNNN.jsonl, every dropped one to output_dir/rejected/RULE.jsonl
 with its reason, and report.json with counts per rule (plus precision and recall against the
-built-in world's planted noise labels when the input carries `meta.kind`).
+built-in world's planted noise labels when the input carries `meta.kind`) and its histograms as
+SVG images in plots/. `mix.weights` (one per data= entry) up- or down-samples each source's kept
+documents and `mix.shuffle` shuffles them; `tokenize.tokenizer=DIR` also writes them as
+pretraining token shards to output_dir/tokens.
+
+    temper curate data=[web/,books/] mix.weights=[0.5,2] mix.shuffle=true tokenize.tokenizer=runs/pretrain/tokenizer
 """
 
 from __future__ import annotations
