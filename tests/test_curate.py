@@ -448,3 +448,22 @@ def test_gopher_quality_counts_words_as_datatrove_does():
     # stop words: at least two distinct ones, not two occurrences of one
     one_stop_word = " ".join(["the river runs past green fields"] * 12)
     assert filters.gopher_quality(one_stop_word, cfg) == "gopher_not_enough_stop_words"
+
+
+def test_bench_curate_generates_planted_copies_that_temper_removes(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_curate.py"
+    spec = importlib.util.spec_from_file_location("bench_curate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    source = tmp_path / "wiki.txt"
+    rng, vocab = np.random.default_rng(0), PROSE.replace(".", "").replace(",", "").split()
+    source.write_text("\n".join(f" {' '.join(rng.choice(vocab, 40))} . Paragraph {i} , number {i * 13} ."
+                                 for i in range(60)), encoding="utf-8")
+    docs = bench.generate(tmp_path / "corpus.jsonl", 0.1, source)
+    rows = jsonl(tmp_path / "corpus.jsonl")
+    assert len(rows) == docs and len({r["text"] for r in rows}) < docs  # exact copies planted
+    assert "Paragraph 3, number 39." in (tmp_path / "corpus.jsonl").read_text()  # punctuation joined back
+    result = bench.run_temper(tmp_path / "corpus.jsonl", tmp_path / "out")
+    assert result["removed"].get("near_dedup", 0) > 0 and result["cpu_s"] > 0  # copies whose source passed the filters
