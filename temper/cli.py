@@ -34,6 +34,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "world": Command("temper.stages.world", "tool", "write the built-in synthetic world (corpus, instructions, "
                                                     "preferences, RL prompts) as JSONL"),
+    "curate": Command("temper.stages.curate", "tool", "clean raw text: normalise, exact + MinHash dedup, Gopher/C4/"
+                                                      "FineWeb filters, PII masking, decontamination; a report"),
     "tokenizer": Command("temper.stages.tokenizer", "tool", "train a byte-level BPE tokenizer on text or JSONL files"),
     "pretrain": Command("temper.recipes.pretrain", "train", "pretrain a decoder with the causal LM objective "
                                                             "(default: the built-in world)"),

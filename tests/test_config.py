@@ -185,7 +185,7 @@ MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "reward": [], "reward 
            "grpo": [], "ppo": [], "online-dpo": [], "eval": ["model=m", "tasks=t"],
            "eval contamination": ["train=a.txt", "eval=b.jsonl"], "merge": ["adapter=a"],
            "generate": ["model=m", "prompt=x"], "chat": ["model=m"], "estimate": ["model=7b"], "world": [],
-           "tokenizer": ["data=x.txt"], "plot": ["runs=[r]"]}
+           "tokenizer": ["data=x.txt"], "plot": ["runs=[r]"], "curate": ["data=x.jsonl"]}
 
 
 def test_every_command_has_its_minimal_keys():

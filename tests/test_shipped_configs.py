@@ -34,4 +34,4 @@ def test_config_flag_takes_a_shipped_name(capsys, tmp_path, monkeypatch):
     assert "output_dir: runs/mine" in capsys.readouterr().out
     assert main(["pretrain", "--config", "pretrain-tiny", "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert "config file not found: pretrain-tiny (shipped configs: pretrain, pretrain-shakespeare)" in err
+    assert "config file not found: pretrain-tiny (shipped configs: curate-world, pretrain, pretrain-shakespeare)" in err

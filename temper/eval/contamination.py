@@ -11,14 +11,17 @@ The default n=13 is the GPT-3 / lm-eval decontamination convention.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from temper.data.readers import iter_texts
+from temper.data.readers import iter_records, iter_texts
+from temper.errors import TemperError
 
-__all__ = ["words", "ngrams", "build_index", "contamination_report", "MIN_SHORT_WORDS"]
+__all__ = ["words", "ngrams", "ngram_hashes", "build_index", "contamination_report", "row_text", "read_eval_set",
+           "MIN_SHORT_WORDS"]
 
 MIN_SHORT_WORDS = 8
 MAX_EXAMPLES = 5
@@ -45,6 +48,11 @@ def ngrams(text: str, n: int = 13) -> list[tuple[str, ...]]:
 def _hash(gram: Sequence[str]) -> int:
     digest = hashlib.blake2b(" ".join(gram).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def ngram_hashes(tokens: Sequence[str], n: int) -> Iterator[int]:
+    """The 8-byte hash of each word n-gram of `tokens` (from `words`), in order: the keys of `build_index`."""
+    return (_hash(g) for g in _ngram_list(tokens, n))
 
 
 def _texts(train: Iterable[str] | str | Path) -> Iterable[str]:
@@ -115,3 +123,30 @@ def contamination_report(train_texts: Iterable[str] | str | Path,
                         "fraction": contaminated / checked if checked else 0.0,
                         "skipped_short": skipped, "examples": examples}
     return report
+
+
+def row_text(row: dict, fields: list[str]) -> str:
+    parts = []
+    for key, value in row.items():
+        if fields and key not in fields:
+            continue
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            parts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return " ".join(parts)
+
+
+def read_eval_set(spec: str, fields: list[str]) -> list[str]:
+    """The texts of one eval= file's rows; a field of `fields` that no row has is an error (a typo would
+    otherwise check nothing and report 0% contamination)."""
+    rows = [r.data for r in iter_records(spec)]
+    if fields:
+        seen = {key for row in rows for key in row}
+        missing = [f for f in fields if f not in seen]
+        if missing:
+            close = difflib.get_close_matches(missing[0], sorted(map(str, seen)), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TemperError(f"eval_fields={','.join(fields)}: no row of {spec} has a field '{missing[0]}'{hint}; "
+                              f"its fields: {', '.join(sorted(map(str, seen))) or 'none'}")
+    return [row_text(row, fields) for row in rows]

@@ -247,3 +247,61 @@ def render_svg(runs: list[Run], metrics: list[str], *, title: str = "", columns:
         out += _panel(metric, lines, x0, y0, (min(steps), max(steps)), y_zero)
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def render_bars_svg(title: str, labels: list[str], bars: dict[str, list[float]], *, x_label: str = "",
+                    y_label: str = "documents") -> str:
+    """A histogram or bar chart as SVG: one group per label, one coloured bar per series in it, a legend
+    of the series. Each bar is a `<rect class="bar" data-series="..." data-label="..." data-value="...">`,
+    so a test (or a script) can read the counts back."""
+    if not labels or not bars:
+        raise ValueError("render_bars_svg needs at least one label and one series")
+    for name, values in bars.items():
+        if len(values) != len(labels):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(labels)} labels")
+    group_w = max(24.0, min(64.0, 800 / len(labels)))
+    width = MARGIN_L + MARGIN_R + group_w * len(labels)
+    legend_h = LEGEND_ROW * len(bars) + 4
+    top, height = 28 + legend_h, PANEL_H - MARGIN_T - MARGIN_B
+    total_h = top + height + MARGIN_B + 30
+    yt = nice_ticks(0.0, max([v for values in bars.values() for v in values] + [1.0]), count=5)
+    y_hi = yt[-1]
+
+    def py(y: float) -> float:
+        return top + height - y / y_hi * height
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{total_h:.0f}" '
+           f'viewBox="0 0 {width:.0f} {total_h:.0f}">', f'<rect width="{width:.0f}" height="{total_h:.0f}" fill="white"/>',
+           f'<text x="{width / 2:.1f}" y="20" text-anchor="middle" font-size="15" font-weight="bold" '
+           f'{FONT}>{escape(title)}</text>']
+    for i, name in enumerate(bars):
+        ly = 28 + i * LEGEND_ROW + 12
+        out.append(f'<rect x="14" y="{ly - 10}" width="14" height="12" fill="{COLOURS[i % len(COLOURS)]}"/>')
+        out.append(f'<text class="legend" data-series={quoteattr(name)} x="34" y="{ly}" font-size="12" '
+                   f'{FONT}>{escape(name)}</text>')
+    for t in yt:
+        out.append(f'<line x1="{MARGIN_L - 4}" y1="{py(t):.1f}" x2="{width - MARGIN_R:.1f}" y2="{py(t):.1f}" '
+                   f'stroke="#e4e4e4" stroke-width="1"/>')
+        out.append(f'<text class="ytick" x="{MARGIN_L - 7}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="11" '
+                   f'{FONT}>{tick_label(t, yt)}</text>')
+    bar_w = (group_w - 6) / len(bars)
+    for k, label in enumerate(labels):
+        gx = MARGIN_L + k * group_w + 3
+        for i, (name, values) in enumerate(bars.items()):
+            v = values[k]
+            out.append(f'<rect class="bar" data-series={quoteattr(name)} data-label={quoteattr(label)} '
+                       f'data-value="{v:g}" x="{gx + i * bar_w:.1f}" y="{py(v):.1f}" width="{bar_w:.1f}" '
+                       f'height="{top + height - py(v):.1f}" fill="{COLOURS[i % len(COLOURS)]}">'
+                       f'<title>{escape(name)}, {escape(label)}: {v:g}</title></rect>')
+        out.append(f'<text class="xtick" x="{gx + (group_w - 6) / 2:.1f}" y="{top + height + 14:.1f}" '
+                   f'text-anchor="end" font-size="10" transform="rotate(-35 {gx + (group_w - 6) / 2:.1f} '
+                   f'{top + height + 14:.1f})" {FONT}>{escape(label)}</text>')
+    out.append(f'<rect x="{MARGIN_L}" y="{top:.1f}" width="{width - MARGIN_L - MARGIN_R:.1f}" height="{height:.1f}" '
+               f'fill="none" stroke="#444" stroke-width="1"/>')
+    if x_label:
+        out.append(f'<text x="{(MARGIN_L + width - MARGIN_R) / 2:.1f}" y="{total_h - 6:.1f}" text-anchor="middle" '
+                   f'font-size="11" fill="#444" {FONT}>{escape(x_label)}</text>')
+    out.append(f'<text x="14" y="{top + height / 2:.1f}" text-anchor="middle" font-size="11" fill="#444" '
+               f'transform="rotate(-90 14 {top + height / 2:.1f})" {FONT}>{escape(y_label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

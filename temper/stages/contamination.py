@@ -8,15 +8,14 @@ the training data, with examples.
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from temper.config import opt
-from temper.data.readers import iter_records, iter_texts
+from temper.data.readers import iter_texts
 from temper.errors import TemperError
-from temper.eval.contamination import contamination_report
+from temper.eval.contamination import contamination_report, read_eval_set
 from temper.io import atomic_write_text, claim_output_file
 
 
@@ -33,33 +32,6 @@ class Config:
     def validate(self) -> None:
         if not self.train or not self.eval:
             raise TemperError("train= and eval= are required")
-
-
-def row_text(row: dict, fields: list[str]) -> str:
-    parts = []
-    for key, value in row.items():
-        if fields and key not in fields:
-            continue
-        if isinstance(value, str):
-            parts.append(value)
-        elif isinstance(value, list):
-            parts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
-    return " ".join(parts)
-
-
-def read_eval_set(spec: str, fields: list[str]) -> list[str]:
-    """The texts of one eval= file's rows; a field of `fields` that no row has is an error (a typo would
-    otherwise check nothing and report 0% contamination)."""
-    rows = [r.data for r in iter_records(spec)]
-    if fields:
-        seen = {key for row in rows for key in row}
-        missing = [f for f in fields if f not in seen]
-        if missing:
-            close = difflib.get_close_matches(missing[0], sorted(map(str, seen)), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise TemperError(f"eval_fields={','.join(fields)}: no row of {spec} has a field '{missing[0]}'{hint}; "
-                              f"its fields: {', '.join(sorted(map(str, seen))) or 'none'}")
-    return [row_text(row, fields) for row in rows]
 
 
 def run(cfg: Config) -> dict:
