@@ -406,6 +406,43 @@ def test_tokenize_straight_into_pretraining_shards(tmp_path, tiny_tokenizer):
     assert x.shape == (2, 8) and y.shape == (2, 8)
 
 
+def test_pretrain_trains_on_curated_token_shards_as_they_are(tmp_path, tiny_tokenizer, capsys):
+    """`temper pretrain data=OUT/tokens`: the shards curate wrote, with the tokenizer saved beside
+    them; no text is read and no shard rebuilt. Another tokenizer is refused in one line."""
+    import shutil
+
+    from temper.data.tokenizer import train_tokenizer
+    from temper.lineage import read_lineage
+
+    a, b = _sources(tmp_path)
+    tiny_tokenizer.save(tmp_path / "tok")
+    out = tmp_path / "out"
+    run(f"[{a},{b}]", out, *PLAIN, f"tokenize.tokenizer={tmp_path / 'tok'}", "tokenize.val_fraction=0.2")
+    tokens = out / "tokens"
+    assert (tokens / "tokenizer" / "tokenizer.json").read_text() == (tmp_path / "tok" / "tokenizer.json").read_text()
+    before = {f.name: f.stat().st_mtime_ns for f in tokens.iterdir() if f.is_file()}
+    tiny = ["model=llama-tiny", "seq_len=16", "batch_size=2", "max_steps=3", "peak_flops=1e9", "samples=0",
+            "logging.progress=false", "logging.eval_every=3"]
+    assert main(["pretrain", f"data={tokens}", f"output_dir={tmp_path / 'pre'}", *tiny]) == 0
+    summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["val_tokens"] > 0  # curate's val split is the run's
+    assert read_lineage(tmp_path / "pre")["pretrain_shards"] == str(tokens.resolve())
+    assert not (tmp_path / "pre" / "data").exists() and not (tmp_path / "pre" / "tokenizer").exists()
+    assert {f.name: f.stat().st_mtime_ns for f in tokens.iterdir() if f.is_file()} == before
+    assert (tmp_path / "pre" / "tokenizer.json").read_text() == (tmp_path / "tok" / "tokenizer.json").read_text()
+    capsys.readouterr()
+
+    train_tokenizer(["other words entirely, " * 20], vocab_size=280, min_frequency=1).save(tmp_path / "other")
+    assert main(["pretrain", f"data={tokens}", f"output_dir={tmp_path / 'pre2'}", f"tokenizer={tmp_path / 'other'}",
+                 *tiny]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is not the one given" in err[0], err
+    shutil.rmtree(tokens / "tokenizer")
+    assert main(["pretrain", f"data={tokens}", f"output_dir={tmp_path / 'pre3'}", *tiny]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "without their tokenizer" in err[0] and "tokenizer=DIR" in err[0], err
+
+
 def test_report_histograms_are_svg_images(tmp_path):
     import xml.etree.ElementTree as ET
 

@@ -656,6 +656,7 @@ def _tokenize(cfg, out: Path, shard_paths: list[Path]) -> dict:
     texts = iter_texts([str(p) for p in shard_paths], field=cfg.text_field)
     folder = build_shards(texts, tokenizer, out / "tokens", val_fraction=cfg.tokenize.val_fraction,
                           seed=cfg.mix.seed, shard_tokens=cfg.tokenize.shard_tokens)
+    tokenizer.save(folder / "tokenizer")  # `temper pretrain data=DIR/tokens` reads the shards with it
     splits = read_index(folder)["splits"]
     return {"enabled": True, "dir": "tokens", "tokenizer": cfg.tokenize.tokenizer, "vocab_size": tokenizer.vocab_size,
             **{f"{name}_tokens": split["num_tokens"] for name, split in splits.items()},

@@ -30,7 +30,14 @@ from temper.config import (
     opt,
 )
 from temper.data.readers import MAX_DOCUMENT_MB, expand_paths, iter_texts
-from temper.data.shards import TokenLoader, build_shards, files_fingerprint, fingerprint, read_index
+from temper.data.shards import (
+    INDEX,
+    TokenLoader,
+    build_shards,
+    files_fingerprint,
+    fingerprint,
+    read_index,
+)
 from temper.data.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from temper.data.world import WorldConfig, build_world, fact_probes, write_world
 from temper.errors import TemperError
@@ -111,6 +118,35 @@ def prepare_data(cfg: Config, out: Path) -> tuple[list[str], list[str] | None, s
     return [str(pretrain_dir / "train.jsonl")], [str(pretrain_dir / "val.jsonl")], "text", facts
 
 
+def token_folder(cfg: Config) -> Path | None:
+    """`data=` naming one folder of token shards (`index.json`; `temper curate tokenize.tokenizer=`
+    writes them in output_dir/tokens): the run trains on them as they are, no text read."""
+    if len(cfg.data) != 1 or not (Path(cfg.data[0]) / INDEX).is_file():
+        return None
+    folder = Path(cfg.data[0])
+    if cfg.eval_data:
+        raise TemperError(f"data={folder} is a folder of token shards: its validation split is its own "
+                          "(curate's tokenize.val_fraction); drop eval_data=")
+    return folder
+
+
+def shards_tokenizer(cfg: Config, folder: Path):
+    """The tokenizer the shards in `folder` were written with (folder/tokenizer, or tokenizer=, which
+    must then be the same one); a model directory's own tokenizer must be that one too."""
+    theirs = folder / "tokenizer"
+    named = cfg.tokenizer or (str(theirs) if (theirs / "tokenizer.json").is_file() else None)
+    if named is None:
+        raise TemperError(f"data={folder}: token shards without their tokenizer (no {theirs}/tokenizer.json): give "
+                          "tokenizer=DIR, the one they were written with")
+    tokenizer = Tokenizer.from_dir(named)
+    for other, where in ((theirs, f"data={folder}"), (Path(cfg.model), f"model={cfg.model}")):
+        if str(other) != named and (other / "tokenizer.json").is_file() and \
+                Tokenizer.from_dir(other).backend.to_str() != tokenizer.backend.to_str():
+            raise TemperError(f"{where}: its tokenizer ({other}) is not the one given ({named}); token ids would "
+                              "mean other words: use one tokenizer for the shards and the model")
+    return tokenizer
+
+
 def prepare_tokenizer(cfg: Config, out: Path, train_files: list[str]):
     if cfg.tokenizer:
         return Tokenizer.from_dir(cfg.tokenizer)
@@ -165,6 +201,9 @@ def run(cfg: Config) -> dict:
 
     # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
     def prepare():
+        if (folder := token_folder(cfg)) is not None:  # already tokenised (temper curate): used as they are
+            read_index(folder)
+            return [str(folder)], None, cfg.text_field, None, shards_tokenizer(cfg, folder), folder
         train_files, val_files, text_field, world_facts = prepare_data(cfg, run.out)
         cfg.text_field = text_field
         tokenizer = prepare_tokenizer(cfg, run.out, train_files)
