@@ -42,19 +42,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_grpo_world import cpu_name  # noqa: E402
 from bench_online_dpo import stage  # noqa: E402  one command in-process, its output in OUT/logs
 
 FINAL = re.compile(r"=\s*(-?\d+)\s*$")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_stage(name: str, command: str, out: Path, overrides: list[str], walls: dict) -> dict:
