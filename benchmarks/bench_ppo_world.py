@@ -178,10 +178,10 @@ def onpolicy_pairs(sft: Path, folder: Path, samples: int, temperature: float, ma
         prompts = read_prompts(str(source))
         replies = sample_responses(model, tokenizer, template, prompts, samples, temperature=temperature, top_p=1.0,
                                    max_new_tokens=max_new_tokens, seed=seed + (split == "test"))
-        scores = [[check_reply(r, p.answer)["score"] for r in rs] for p, rs in zip(prompts, replies)]
-        pairs, skipped = best_vs_worst(prompts, replies, scores)
+        checks = [[check_reply(r, p.answer) for r in rs] for p, rs in zip(prompts, replies)]
+        pairs, skipped = best_vs_worst(prompts, replies, [[c["score"] for c in cs] for cs in checks])
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-        correct = [check_reply(r, p.answer)["correct"] for p, rs in zip(prompts, replies) for r in rs]
+        correct = [c["correct"] for cs in checks for c in cs]
         counts[split] = {"prompts": len(prompts), "pairs": len(pairs), "skipped": dict(skipped),
                          "sampled_correct": sum(correct) / len(correct)}
         print(f"on-policy comparisons, {split} ({source.name}): {len(prompts)} prompts x {samples} samples "

@@ -202,7 +202,6 @@ def run(cfg: Config) -> dict:
     # data -> tokenizer -> shards -> model (rank 0 prepares and caches; the other ranks then read)
     def prepare():
         if (folder := token_folder(cfg)) is not None:  # already tokenised (temper curate): used as they are
-            read_index(folder)
             return [str(folder)], None, cfg.text_field, None, shards_tokenizer(cfg, folder), folder
         train_files, val_files, text_field, world_facts = prepare_data(cfg, run.out)
         cfg.text_field = text_field
