@@ -301,6 +301,27 @@ class Outcome:
     c4_edited: bool = False
 
 
+def encode_outcome(done: Outcome | None) -> dict | None:
+    """An outcome as JSON (the signature travels apart, as bytes: `done.signature.tobytes()`)."""
+    if done is None:
+        return None
+    return {"rule": done.rule, "reason": done.reason, "text": done.text,
+            "normalized": None if done.normalized == done.text else done.normalized,
+            "digest": None if done.digest is None else done.digest.hex(),
+            "lines": None if done.lines is None else sorted(done.lines), "c4": done.c4_edited,
+            "sig": done.signature is not None}
+
+
+def decode_outcome(o: dict | None, signature: bytes | None) -> Outcome | None:
+    """The inverse of `encode_outcome`, given the signature's bytes."""
+    if o is None:
+        return None
+    return Outcome(o["rule"], o["reason"], o["text"], o["text"] if o["normalized"] is None else o["normalized"],
+                   None if o["digest"] is None else bytes.fromhex(o["digest"]),
+                   None if signature is None else np.frombuffer(signature, dtype=np.uint64).copy(),
+                   None if o["lines"] is None else set(o["lines"]), o["c4"])
+
+
 _WORK: DocWork | None = None  # a worker process's DocWork
 
 
@@ -343,16 +364,10 @@ class _Recorder:
         self.sigs = open(self.tmp[1], "wb")  # noqa: SIM115
 
     def add(self, source: str, data: dict, raw: Any, done: Outcome | None) -> None:
-        o = None
-        if done is not None:
-            o = {"rule": done.rule, "reason": done.reason, "text": done.text,
-                 "normalized": None if done.normalized == done.text else done.normalized,
-                 "digest": None if done.digest is None else done.digest.hex(),
-                 "lines": None if done.lines is None else sorted(done.lines), "c4": done.c4_edited,
-                 "sig": done.signature is not None}
-            if done.signature is not None:
-                self.sigs.write(done.signature.tobytes())
-        self.rows.write(json.dumps({"s": source, "d": data, "r": raw, "o": o}, ensure_ascii=False) + "\n")
+        if done is not None and done.signature is not None:
+            self.sigs.write(done.signature.tobytes())
+        self.rows.write(json.dumps({"s": source, "d": data, "r": raw, "o": encode_outcome(done)},
+                                   ensure_ascii=False) + "\n")
 
     def finish(self) -> None:
         for f in (self.rows, self.sigs):
@@ -373,13 +388,8 @@ def _replay(folder: Path, key: str, num_hashes: int) -> Iterator[tuple[str, dict
         for line in rows:
             row = json.loads(line)
             o = row["o"]
-            done = None
-            if o is not None:
-                signature = np.frombuffer(sigs.read(8 * num_hashes), dtype=np.uint64).copy() if o["sig"] else None
-                done = Outcome(o["rule"], o["reason"], o["text"], o["text"] if o["normalized"] is None else
-                               o["normalized"], None if o["digest"] is None else bytes.fromhex(o["digest"]),
-                               signature, None if o["lines"] is None else set(o["lines"]), o["c4"])
-            yield row["s"], row["d"], row["r"], done
+            signature = sigs.read(8 * num_hashes) if o is not None and o["sig"] else None
+            yield row["s"], row["d"], row["r"], decode_outcome(o, signature)
 
 
 def _compute(records: Iterator[tuple[str, dict, Any]], work: DocWork, pool, workers: int
@@ -398,14 +408,15 @@ def _compute(records: Iterator[tuple[str, dict, Any]], work: DocWork, pool, work
             yield source, data, raw, next(results) if isinstance(raw, str) else None
 
 
-def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resumed: list[str]
+def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resumed: list[str], engine=None
               ) -> Iterator[tuple[int, str, dict, Any, Outcome | None]]:
     """(data= entry, source, row, raw text, outcome) in input order, file by file. `workers` > 1 computes the outcomes in
     worker processes, a batch at a time (memory stays bounded by the batch, not the corpus). With `resume`,
     each finished input file's outcomes are kept in output_dir/.work, and a file finished by an earlier,
-    failed run with the same settings is read back from there instead of computed again (`resumed`)."""
+    failed run with the same settings is read back from there instead of computed again (`resumed`).
+    `engine` (engine=ray: a ray_engine.RayEngine) computes them on Ray Data instead of the local pool."""
     pool = None
-    if cfg.workers > 1:
+    if cfg.workers > 1 and engine is None:
         import multiprocessing
 
         pool = stack.enter_context(multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
@@ -415,10 +426,15 @@ def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resume
         for leftover in folder.glob("*.tmp-*"):  # a killed run's unfinished file
             leftover.unlink(missing_ok=True)
     for entry, path in ((j, p) for j, spec in enumerate(cfg.data) for p in expand_paths(spec)):
-        records = ((rec.source, rec.data, rec.data.get(cfg.text_field)) for rec in iter_records(
-            path, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb))
+        if engine is not None:
+            computed = engine.outcomes(path)
+        else:
+            records = ((rec.source, rec.data, rec.data.get(cfg.text_field)) for rec in iter_records(
+                path, encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode,
+                max_document_mb=cfg.max_document_mb))
+            computed = _compute(records, work, pool, cfg.workers)
         if not cfg.resume:
-            for item in _compute(records, work, pool, cfg.workers):
+            for item in computed:
                 yield entry, *item
             continue
         key = _work_key(cfg, path)
@@ -429,7 +445,7 @@ def _outcomes(cfg, work: DocWork, stack: contextlib.ExitStack, out: Path, resume
             continue
         recorder = _Recorder(folder, key)
         try:
-            for item in _compute(records, work, pool, cfg.workers):
+            for item in computed:
                 recorder.add(*item)
                 yield entry, *item
         except BaseException:
@@ -496,13 +512,18 @@ def curate(cfg, out: Path) -> dict:
         kept_chars += len(masked)
 
     with contextlib.ExitStack() as stack:
+        engine = None
+        if cfg.engine == "ray":
+            from temper.curate.ray_engine import RayEngine
+
+            engine = stack.enter_context(RayEngine(cfg, work))
         rejects = Rejects(out / "rejected", stack, mask, cfg.text_field)
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
         mix_file = stack.enter_context(open(mix_staging, "w+", encoding="utf-8", newline="\n")) if mixing else None
         stack.callback(lambda: mix_staging.unlink(missing_ok=True))
         try:
-            for entry, source, data, raw, done in _outcomes(cfg, work, stack, out, resumed):
+            for entry, source, data, raw, done in _outcomes(cfg, work, stack, out, resumed, engine):
                 i = len(docs)
                 kind, doc_id, source_id = _label(data)
                 docs.append(_Doc(source, kind, doc_id, source_id, entry))
@@ -553,8 +574,9 @@ def curate(cfg, out: Path) -> dict:
                 dropped: dict[int, int] = {}
                 if hasher is not None:
                     alive = [k for k in range(len(staged_index)) if k not in boiler]
-                    near_report, dropped_alive = _near_duplicates(near, [signatures[k] for k in alive],
-                                                                  [staged_offsets[k] for k in alive], stage_file)
+                    near_report, dropped_alive = _near_duplicates(
+                        near, [signatures[k] for k in alive], [staged_offsets[k] for k in alive], stage_file,
+                        lsh_buckets if engine is None else engine.lsh_buckets)
                     dropped = {alive[k]: alive[rep] for k, rep in dropped_alive.items()}
                     del signatures
                 stage_file.seek(0)
@@ -719,10 +741,26 @@ def _boilerplate(cfg: LineDedupConfig, line_docs: Counter, stage: IO) -> dict[in
     return found
 
 
-def _near_duplicates(cfg: NearDedupConfig, signatures: list[np.ndarray], offsets: list[int], stage: IO
-                     ) -> tuple[dict, dict[int, int]]:
+def lsh_buckets(signatures: np.ndarray, bands: int, rows: int) -> Iterator[np.ndarray]:
+    """The LSH buckets of two or more documents: band by band, buckets in the order of their band's bytes,
+    each bucket's members (indices into `signatures`, shape (n, bands x rows)) ascending."""
+    n = len(signatures)
+    for b in range(bands):
+        band = np.ascontiguousarray(signatures[:, b * rows:(b + 1) * rows]).view(f"V{8 * rows}").ravel()
+        order = np.argsort(band, kind="stable")
+        sorted_band = band[order]
+        starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts, ends, strict=True):
+            if e - s >= 2:
+                yield order[s:e]  # ascending doc order (stable sort)
+
+
+def _near_duplicates(cfg: NearDedupConfig, signatures: list[np.ndarray], offsets: list[int], stage: IO,
+                     buckets=lsh_buckets) -> tuple[dict, dict[int, int]]:
     """LSH over the signatures: {staged index dropped: staged index of its cluster's kept member}, and the
-    report (candidate pairs, clusters, their sizes, pairs refused by the exact-Jaccard check)."""
+    report (candidate pairs, clusters, their sizes, pairs refused by the exact-Jaccard check). `buckets` is
+    `lsh_buckets` or an engine's equal (engine=ray: temper.curate.ray_engine.lsh_buckets)."""
     n = len(signatures)
     uf = UnionFind()
     candidates = refused = 0
@@ -736,24 +774,14 @@ def _near_duplicates(cfg: NearDedupConfig, signatures: list[np.ndarray], offsets
         return shingle_cache[k]
 
     if n:
-        sig = np.stack(signatures)  # (n, num_hashes)
-        for b in range(cfg.bands):
-            band = np.ascontiguousarray(sig[:, b * cfg.rows:(b + 1) * cfg.rows]).view(f"V{8 * cfg.rows}").ravel()
-            order = np.argsort(band, kind="stable")
-            sorted_band = band[order]
-            starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
-            ends = np.r_[starts[1:], n]
-            for s, e in zip(starts, ends, strict=True):
-                if e - s < 2:
-                    continue
-                members = order[s:e]  # ascending doc order (stable sort)
-                for m in members[1:]:
-                    candidates += 1
-                    if cfg.verify and uf.find(int(m)) != uf.find(int(members[0])):
-                        if jaccard(shingles(int(m)), shingles(int(members[0]))) < verify_at:
-                            refused += 1
-                            continue
-                    uf.union(int(members[0]), int(m))
+        for members in buckets(np.stack(signatures), cfg.bands, cfg.rows):
+            for m in members[1:]:
+                candidates += 1
+                if cfg.verify and uf.find(int(m)) != uf.find(int(members[0])):
+                    if jaccard(shingles(int(m)), shingles(int(members[0]))) < verify_at:
+                        refused += 1
+                        continue
+                uf.union(int(members[0]), int(m))
     dropped = {k: uf.find(k) for k in range(n) if uf.find(k) != k}
     sizes = Counter(Counter(dropped.values()).values())
     report = {"candidate_pairs": candidates, "clusters": sum(sizes.values()),

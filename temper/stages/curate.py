@@ -65,7 +65,11 @@ class Config:
     resume: bool = opt(True, "keep each finished input file's per-document results in output_dir/.work until the "
                              "run succeeds; a rerun after a failure reads them back instead of computing them")
     workers: int = opt(1, "processes for the per-document steps (normalise, filters, signatures); the output is "
-                          "the same for any number")
+                          "the same for any number (engine=ray: Ray tasks at once, and a local Ray's CPUs)")
+    engine: str = opt("local", "local: this machine (workers= processes); ray: Ray Data, on a local Ray or the "
+                               "cluster of ray_address (pip install 'temper[ray]'); the output is the same")
+    ray_address: str = opt("", "engine=ray: the Ray cluster to join ('auto', 'ray://HOST:10001'); empty: RAY_ADDRESS "
+                               "if set, else a local Ray started for this run")
     normalize: NormalizeConfig = opt(NormalizeConfig(), "Unicode normal form, whitespace, control characters")
     exact_dedup: bool = opt(True, "drop documents whose normalised text was seen before (xxh3-128)")
     gopher_repetition: GopherRepetitionConfig = opt(GopherRepetitionConfig(), "Gopher repetition rules")
@@ -91,6 +95,10 @@ class Config:
         if self.output_format not in ("jsonl", "parquet"):
             raise TemperError(f"output_format must be jsonl or parquet; got {self.output_format!r}")
         check_range("workers", self.workers, low=1)
+        if self.engine not in ("local", "ray"):
+            raise TemperError(f"engine must be local or ray; got {self.engine!r}")
+        if self.ray_address and self.engine != "ray":
+            raise TemperError("ray_address is used only with engine=ray")
         check_range("max_document_mb", self.max_document_mb, low=1)
         check_range("decontaminate.n", self.decontaminate.n, low=1)
         check_range("line_dedup.min_docs", self.line_dedup.min_docs, low=2)
