@@ -89,13 +89,18 @@ def run_temper(data: Path, out: Path) -> dict:
     from temper.config import load_config
     from temper.stages import curate as stage
 
-    cfg = load_config(stage.Config, None, [f"data={data}", f"output_dir={out}", "overwrite=true", "workers=1",
+    cfg = load_config(stage.Config, None, [f"data={data}", f"output_dir={out}", "overwrite=true",
+                                           f"workers={ARGS.workers}", f"engine={ARGS.engine}",
                                            "normalize.enabled=false", "exact_dedup=false", "line_dedup.enabled=false",
                                            "pii.enabled=false", "resume=false"])
     t0, c0 = time.perf_counter(), cpu_seconds()
     report = stage.run(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"wall_s": wall, "cpu_s": cpu, "kept": report["kept"]["documents"],
+    if ARGS.engine == "ray":  # Ray's workers are not this process's children: their CPU time is not counted
+        cpu = wall * ARGS.workers  # what `workers` cores for the whole run cost (an upper bound)
+    peak = {"main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {"wall_s": wall, "cpu_s": cpu, "kept": report["kept"]["documents"], "peak_rss": peak,
             "removed": {r: v["documents"] for r, v in report["rules"].items() if v["documents"]}}
 
 
@@ -148,8 +153,9 @@ def side(name: str, data: Path, work: Path) -> dict:
     env = dict(os.environ)
     if name == "datatrove" and ARGS.datatrove:
         env["PYTHONPATH"] = os.pathsep.join([ARGS.datatrove, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, "--side", name, "--data", str(data), "--work", str(work)],
-                          env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--side", name, "--data", str(data), "--work", str(work),
+                           "--workers", str(ARGS.workers), "--engine", ARGS.engine], env=env, stdout=subprocess.PIPE,
+                          text=True)
     if proc.returncode:
         raise SystemExit(f"the {name} side failed (exit {proc.returncode}); its log is above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -163,6 +169,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_curate"))
     ap.add_argument("--datatrove", help="folders put first on the datatrove side's PYTHONPATH (os.pathsep-separated)")
     ap.add_argument("--skip-datatrove", action="store_true")
+    ap.add_argument("--workers", type=int, default=1, help="temper's workers= (processes, or Ray tasks with --engine ray)")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local", help="temper's engine=")
     ap.add_argument("--side", choices=("temper", "datatrove"), help=argparse.SUPPRESS)
     ARGS = args = ap.parse_args()
     if args.side:  # a child: run one side, print its result as the last line
@@ -188,10 +196,14 @@ def main() -> None:
     results = {"temper": side("temper", data, args.work)}
     if not args.skip_datatrove:
         results["datatrove"] = side("datatrove", data, args.work)
-    print(f"\n{'':<10} {'wall s':>8} {'CPU s':>8} {'docs/s/core':>12} {'MB/s/core':>10} {'kept':>8}")
+    print(f"\n{'':<10} {'wall s':>8} {'CPU s':>8} {'docs/s/core':>12} {'MB/s/core':>10} {'kept':>8}  peak RSS")
     for name, r in results.items():
+        peak = r.get("peak_rss")
+        rss = f"  main {peak['main_mb']:.0f} MB, largest worker {peak['largest_worker_mb']:.0f} MB" if peak else ""
         print(f"{name:<10} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {docs / r['cpu_s']:>12.0f} {mb / r['cpu_s']:>10.2f} "
-              f"{r['kept']:>8}")
+              f"{r['kept']:>8}{rss}")
+    if args.engine == "ray":
+        print(f"(engine=ray: CPU s is wall x {args.workers} workers; Ray's worker processes are not counted directly)")
     if "datatrove" in results:
         ratio = results["datatrove"]["cpu_s"] / results["temper"]["cpu_s"]
         print(f"temper does the same work in {1 / ratio:.2f}x datatrove's CPU time ({ratio:.2f}x its throughput "

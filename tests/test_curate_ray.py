@@ -75,6 +75,8 @@ def test_ray_engine_writes_the_single_process_corpus(local_ray, world_shards, tm
     assert any(r["source"].rsplit(":", 1)[0] != r["duplicate_of"].rsplit(":", 1)[0] for r in rejected)
     assert on_ray == local
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+    for run_dir in (tmp_path / "local", tmp_path / "ray"):  # no staging file or signature map stays behind
+        assert not [p.name for p in run_dir.iterdir() if ".tmp-" in p.name or p.name.startswith(".staging")]
 
 
 def test_ray_lsh_buckets_equal_numpy_banding(local_ray):

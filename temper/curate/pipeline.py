@@ -8,8 +8,8 @@ The first rule that fires drops the document, which is written to `rejected/RULE
 the rule, its reason (e.g. `gopher_short_doc`) and where the document came from; nothing
 disappears silently. Near-deduplication needs every signature before it can decide, so the
 documents that pass the per-document rules wait in a staging file beside the output (removed
-at the end, or by the next run if this one is killed), and only their 112 x 8-byte signatures
-stay in memory. In each duplicate cluster the document read first is kept.
+at the end, or by the next run if this one is killed), and so do their 112 x 8-byte signatures
+(read back memory-mapped). In each duplicate cluster the document read first is kept.
 
 Sizes are counted in words (whitespace-separated) and characters, not tokenizer tokens.
 """
@@ -466,7 +466,7 @@ def curate(cfg, out: Path) -> dict:
     seen_exact: dict[bytes, int] = {}
     exact_sizes: Counter = Counter()
     docs: list[_Doc] = []
-    signatures: list[np.ndarray] = []
+    signatures = _Signatures(out, near.num_hashes)  # on disk: memory does not grow with them
     staged_offsets: list[int] = []
     staged_index: list[int] = []  # doc index of each staged line
     totals = Counter()
@@ -521,6 +521,7 @@ def curate(cfg, out: Path) -> dict:
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
         mix_file = stack.enter_context(open(mix_staging, "w+", encoding="utf-8", newline="\n")) if mixing else None
+        stack.callback(signatures.close)
         stack.callback(lambda: mix_staging.unlink(missing_ok=True))
         try:
             for entry, source, data, raw, done in _outcomes(cfg, work, stack, out, resumed, engine):
@@ -575,10 +576,10 @@ def curate(cfg, out: Path) -> dict:
                 if hasher is not None:
                     alive = [k for k in range(len(staged_index)) if k not in boiler]
                     near_report, dropped_alive = _near_duplicates(
-                        near, [signatures[k] for k in alive], [staged_offsets[k] for k in alive], stage_file,
+                        near, signatures.array(alive), [staged_offsets[k] for k in alive], stage_file,
                         lsh_buckets if engine is None else engine.lsh_buckets)
                     dropped = {alive[k]: alive[rep] for k, rep in dropped_alive.items()}
-                    del signatures
+                    signatures.close()
                 stage_file.seek(0)
                 for k, line in enumerate(stage_file):
                     i = staged_index[k]
@@ -741,6 +742,47 @@ def _boilerplate(cfg: LineDedupConfig, line_docs: Counter, stage: IO) -> dict[in
     return found
 
 
+class _Signatures:
+    """The staged documents' MinHash signatures in a file beside the output (removed at the end, or by the
+    next run if this one is killed), read back as a memory map: the main process keeps no signature."""
+
+    CHUNK = 1 << 16  # rows copied at a time when boilerplate documents are left out
+
+    def __init__(self, out: Path, num_hashes: int) -> None:
+        self.path = out / f".signatures.bin.tmp-{os.getpid()}"
+        self.num_hashes, self.count, self._file = num_hashes, 0, None
+        self._paths = [self.path]
+
+    def append(self, signature: np.ndarray) -> None:
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(signature.tobytes())
+        self.count += 1
+
+    def array(self, keep: list[int]) -> np.ndarray:
+        """(len(keep), num_hashes) uint64: the signatures of staged documents `keep` (ascending), memory-mapped."""
+        if self._file is not None:
+            self._file.flush()
+        if not keep:
+            return np.zeros((0, self.num_hashes), dtype=np.uint64)
+        every = np.memmap(self.path, dtype=np.uint64, mode="r", shape=(self.count, self.num_hashes))
+        if len(keep) == self.count:
+            return every
+        subset = self.path.with_name(f".signatures-kept.bin.tmp-{os.getpid()}")
+        self._paths.append(subset)
+        keep_arr = np.asarray(keep, dtype=np.int64)
+        with open(subset, "wb") as f:
+            for start in range(0, len(keep_arr), self.CHUNK):
+                f.write(np.ascontiguousarray(every[keep_arr[start:start + self.CHUNK]]).tobytes())
+        return np.memmap(subset, dtype=np.uint64, mode="r", shape=(len(keep_arr), self.num_hashes))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+
+
 def lsh_buckets(signatures: np.ndarray, bands: int, rows: int) -> Iterator[np.ndarray]:
     """The LSH buckets of two or more documents: band by band, buckets in the order of their band's bytes,
     each bucket's members (indices into `signatures`, shape (n, bands x rows)) ascending."""
@@ -756,7 +798,7 @@ def lsh_buckets(signatures: np.ndarray, bands: int, rows: int) -> Iterator[np.nd
                 yield order[s:e]  # ascending doc order (stable sort)
 
 
-def _near_duplicates(cfg: NearDedupConfig, signatures: list[np.ndarray], offsets: list[int], stage: IO,
+def _near_duplicates(cfg: NearDedupConfig, signatures: np.ndarray, offsets: list[int], stage: IO,
                      buckets=lsh_buckets) -> tuple[dict, dict[int, int]]:
     """LSH over the signatures: {staged index dropped: staged index of its cluster's kept member}, and the
     report (candidate pairs, clusters, their sizes, pairs refused by the exact-Jaccard check). `buckets` is
@@ -774,7 +816,7 @@ def _near_duplicates(cfg: NearDedupConfig, signatures: list[np.ndarray], offsets
         return shingle_cache[k]
 
     if n:
-        for members in buckets(np.stack(signatures), cfg.bands, cfg.rows):
+        for members in buckets(signatures, cfg.bands, cfg.rows):
             for m in members[1:]:
                 candidates += 1
                 if cfg.verify and uf.find(int(m)) != uf.find(int(members[0])):

@@ -172,19 +172,31 @@ def _work_batch(batch, *, work_ref, text_field: str):
     return batch.append_column("o", pa.array(outcomes, pa.string())).append_column("sig", pa.array(sigs, pa.binary()))
 
 
+def _fixed_binary(values: np.ndarray):
+    """(n, w) uint64 as an arrow column of n fixed-size binary values of 8 x w bytes (no Python bytes)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(8 * values.shape[1]), len(values),
+                                                [None, pa.py_buffer(values)])
+
+
+def _fixed_binary_values(column, width: int) -> np.ndarray:
+    """The inverse of `_fixed_binary`: (n, width) uint64."""
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8)[arr.offset * 8 * width:(arr.offset + len(arr)) * 8 * width]
+    return raw.view(np.uint64).reshape(len(arr), width)
+
+
 def _band_rows(batch, *, bands: int, rows: int):
     """One row per (document, band): the band's index, its bytes and the document."""
     import pyarrow as pa
 
     idx = batch.column("idx").to_numpy()
-    sig = np.frombuffer(b"".join(batch.column("sig").to_pylist()), dtype=np.uint64).reshape(len(idx), bands * rows)
-    band_ids, keys, docs = [], [], []
-    for b in range(bands):
-        block = np.ascontiguousarray(sig[:, b * rows:(b + 1) * rows])
-        band_ids.append(np.full(len(idx), b, dtype=np.int32))
-        keys.extend(block[k].tobytes() for k in range(len(idx)))
-        docs.append(idx)
-    return pa.table({"band": np.concatenate(band_ids), "key": pa.array(keys, pa.binary()), "idx": np.concatenate(docs)})
+    sig = _fixed_binary_values(batch.column("sig"), bands * rows)
+    return pa.concat_tables([pa.table({"band": np.full(len(idx), b, dtype=np.int32),
+                                       "key": _fixed_binary(sig[:, b * rows:(b + 1) * rows]), "idx": idx})
+                             for b in range(bands)])
 
 
 def _bucket_members(group):
@@ -192,11 +204,12 @@ def _bucket_members(group):
     import pyarrow as pa
 
     idx = np.sort(group.column("idx").to_numpy())
+    key_type = group.schema.field("key").type
     if len(idx) < 2:
-        return pa.table({"band": pa.array([], pa.int32()), "key": pa.array([], pa.binary()),
+        return pa.table({"band": pa.array([], pa.int32()), "key": pa.array([], key_type),
                          "members": pa.array([], pa.list_(pa.int64()))})
     return pa.table({"band": pa.array([group.column("band")[0].as_py()], pa.int32()),
-                     "key": pa.array([group.column("key")[0].as_py()], pa.binary()),
+                     "key": pa.array([group.column("key")[0].as_py()], key_type),
                      "members": pa.array([idx.tolist()], pa.list_(pa.int64()))})
 
 
@@ -210,9 +223,10 @@ def lsh_buckets(signatures: np.ndarray, bands: int, rows: int, *, ray=None, para
     n = len(signatures)
     if not n:
         return
-    table = pa.table({"idx": np.arange(n, dtype=np.int64),
-                      "sig": pa.array([signatures[k].tobytes() for k in range(n)], pa.binary())})
-    ds = ray.data.from_arrow(table).repartition(max(1, parallelism))
+    chunk = max(1, min(-(-n // max(1, parallelism)), 1 << 15))  # blocks of at most 32k rows (28 MiB)
+    ds = ray.data.from_arrow([pa.table({"idx": np.arange(start, min(n, start + chunk), dtype=np.int64),
+                                        "sig": _fixed_binary(signatures[start:start + chunk])})
+                              for start in range(0, n, chunk)])
     ds = ds.map_batches(_band_rows, fn_kwargs={"bands": bands, "rows": rows}, batch_format="pyarrow")
     ds = ds.groupby(["band", "key"]).map_groups(_bucket_members, batch_format="pyarrow")
     found = [(r["band"], r["key"], r["members"]) for r in ds.iter_rows()]
