@@ -134,7 +134,8 @@ def setup(work: Path) -> None:
     newest.write_bytes(newest.read_bytes()[:100])
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
-    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward):
+    for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward,
+                  setup_curate):
         extra(work)
 
 
@@ -817,8 +818,44 @@ REWARD_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def setup_curate(work: Path) -> None:
+    """Raw documents for `temper curate`: a binary file among text, empty and NUL-holding rows, a line of
+    2 MiB, Latin-1 bytes."""
+    prose = ("The river runs past the old mill and the farmers bring their grain to it every week. People in "
+             "the town say the water has shaped their lives for as long as anyone remembers.")
+    raw = work / "raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "good.jsonl").write_text(json.dumps({"text": prose}) + "\n")
+    (raw / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": ""}, {"text": "   \n\t "}, {"text": "bin\u0000ary\u0000"}, {"text": None}, {"body": prose},
+        {"text": prose + " And again."}]))
+    (work / "raw-bin").mkdir(exist_ok=True)
+    (work / "raw-bin" / "notes.txt").write_text(prose + "\n")
+    (work / "raw-bin" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (work / "huge-line.txt").write_text("word " * (420 * 1024) + "\n")  # 2.1 MiB on one line
+
+
+CURATE = ["curate", "gopher_quality.enabled=false", "c4.enabled=false", "fineweb.enabled=false"]
+CURATE_CASES: list[tuple[str, list[str], str]] = [
+    ("empty, blank, NUL-holding and text-less rows among good ones (each rejected with its reason)",
+     [*CURATE, "data=raw", "output_dir=cur-1"], "ok"),
+    ("a binary file among text files", ["curate", "data=raw-bin", "output_dir=cur-2"], "error"),
+    ("the same with encoding_errors=replace (rejected as binary, the text file kept)",
+     [*CURATE, "data=raw-bin", "encoding_errors=replace", "output_dir=cur-9"], "ok"),
+    ("Latin-1 bytes in a .txt file", ["curate", "data=latin1.txt", "output_dir=cur-3"], "error"),
+    ("a 2 MiB line past max_document_mb=1", ["curate", "data=huge-line.txt", "max_document_mb=1",
+                                             "output_dir=cur-4"], "error"),
+    ("bands x rows that is not num_hashes", ["curate", "data=raw", "near_dedup.bands=10", "output_dir=cur-5"],
+     "error"),
+    ("an engine that does not exist", ["curate", "data=raw", "engine=spark", "output_dir=cur-6"], "error"),
+    ("a Ray address without engine=ray", ["curate", "data=raw", "ray_address=auto", "output_dir=cur-7"], "error"),
+    ("mix weights that do not match the sources", ["curate", "data=[raw,latin1.txt]", "mix.weights=[1]",
+                                                   "output_dir=cur-8"], "error"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
-            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES}
+            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -830,6 +867,7 @@ TITLES = {
     "ppo": "PPO: reward models without a scalar head, lengths that do not fit, NaN scores and values",
     "reward": "Reward models (outcome and process): bodies that cannot be one, heads that are missing, margins, "
               "steps and rows that are bad",
+    "curate": "Data curation: binary, empty and undecodable documents, gigantic lines, settings that do not fit",
 }
 
 
