@@ -11,6 +11,7 @@ world size or micro-batch size (`convert_position`).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -25,15 +26,19 @@ class ExampleLoader:
     `arrange(items) -> items`, when given, runs once per epoch on the shuffled examples before they
     are cut into batches of `batch_size` (SFT's packing: examples -> rows of examples); `collate`
     then receives a chunk of its output.
+
+    `seeded_collate=True`: a collate that draws at random (MLM's masks) is called as
+    `collate(chunk, seed)`, with a seed of (seed, epoch, the batch's place in the epoch): the same
+    batch gets the same draws after a resume and on any number of ranks, and another one each epoch.
     """
 
     def __init__(self, examples: Sequence, collate: Callable[[list], Any], *, batch_size: int, seed: int,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
-                 arrange: Callable[[list], list] | None = None) -> None:
+                 arrange: Callable[[list], list] | None = None, seeded_collate: bool = False) -> None:
         if batch_size < 1:
             raise TemperError(f"batch_size must be at least 1, got {batch_size}")
         assert 0 <= rank < world_size, (rank, world_size)
-        self.examples, self.collate, self.arrange = examples, collate, arrange
+        self.examples, self.collate, self.arrange, self.seeded_collate = examples, collate, arrange, seeded_collate
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.epoch, self.position = 0, 0
@@ -63,16 +68,24 @@ class ExampleLoader:
                               f"{self.world_size} ranks x {self.grad_accum} micro-batches: lower batch_size")
         return (total // per_step) * self.grad_accum
 
-    def next_chunk(self) -> list:
-        """The next micro-batch's items, uncollated (moves the position like `next_batch`)."""
+    def _next(self) -> tuple[list, int]:
+        """The next micro-batch's items and the batch's index in the epoch's order."""
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
+        index = self.position * self.world_size + self.rank
+        chunk = self._epoch_batches()[index]
         self.position += 1
-        return chunk
+        return chunk, index
+
+    def next_chunk(self) -> list:
+        """The next micro-batch's items, uncollated (moves the position like `next_batch`)."""
+        return self._next()[0]
 
     def next_batch(self) -> Any:
-        return self.collate(self.next_chunk())
+        chunk, index = self._next()
+        if self.seeded_collate:
+            return self.collate(chunk, batch_seed(self.seed, self.epoch, index))
+        return self.collate(chunk)
 
     def __iter__(self) -> Iterator[Any]:
         """The rest of this epoch (evaluation reads a whole unshuffled epoch this way)."""
@@ -88,4 +101,10 @@ class ExampleLoader:
         self.position = convert_position(state, self.world_size, self.batch_size)
 
 
-__all__ = ["ExampleLoader", "convert_position"]
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the `index`-th batch of an epoch (well mixed: neighbouring batches share nothing)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+__all__ = ["ExampleLoader", "batch_seed", "convert_position"]
