@@ -120,3 +120,21 @@ def test_ranks_together_read_the_single_process_order(n, batch_size, world, accu
     for loader, old in zip(resumed, again):
         loader.load_state_dict(old.state_dict())
     assert [read(resumed[r], 1)[0] for _ in range(k, per_rank) for r in range(world)] == got[k * world:]
+
+
+def test_a_seeded_collate_draws_by_the_batchs_place_not_by_the_process():
+    def seeds(chunk, seed):
+        return seed
+
+    items = list(range(16))
+    one = ExampleLoader(items, seeds, batch_size=2, seed=1, seeded_collate=True)
+    drawn = [one.next_batch() for _ in range(12)]  # 8 batches an epoch, into epoch 1
+    assert len(set(drawn)) == 12  # every batch of every epoch its own seed
+    assert ExampleLoader(items, seeds, batch_size=2, seed=1, seeded_collate=True).next_batch() == drawn[0]
+    assert ExampleLoader(items, seeds, batch_size=2, seed=2, seeded_collate=True).next_batch() != drawn[0]
+    ranks = [ExampleLoader(items, seeds, batch_size=2, seed=1, seeded_collate=True, rank=r, world_size=2)
+             for r in (0, 1)]
+    assert [ranks[r].next_batch() for _ in range(4) for r in (0, 1)] == drawn[:8]
+    resumed = ExampleLoader(items, seeds, batch_size=2, seed=1, seeded_collate=True)
+    resumed.load_state_dict(ranks[0].state_dict())  # 2 ranks x 4 batches of 2: the whole epoch 0 read
+    assert [resumed.next_batch() for _ in range(4)] == drawn[8:12]
