@@ -95,15 +95,17 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from temper.data.chat import check_messages, render, render_kwargs
+from temper.data.loader import ExampleLoader
 from temper.data.readers import iter_records, json_type
 from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, fit_to_context, keep_end
-from temper.data.sft import Batch, SFTLoader, _ends_with_end_marker, _remap, missing_column
+from temper.data.sft import Batch, _ends_with_end_marker, _remap, missing_column
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
 
@@ -848,13 +850,12 @@ def collate_unpaired(examples: list[EncodedUnpaired], pad_id: int, *, kl: bool =
     return UnpairedBatch(**_pad_rows(rows, pad_id, pack_len), labels=labels, num_examples=len(examples), kl=kl)
 
 
-class PreferenceLoader(SFTLoader):
-    """Shuffled (seed, epoch) batches of encoded pairs (or unpaired examples); position is resumable.
+class PreferenceLoader(ExampleLoader):
+    """`ExampleLoader` over encoded pairs (or unpaired examples): only the collate is its own.
 
-    The order, the split over data-parallel ranks (a rank's k-th micro-batch is the epoch's
-    (k x world_size + rank)-th batch, epochs end on whole optimiser steps), `state_dict` and
-    `load_state_dict` (through `convert_position`) are SFTLoader's; only the batch differs
-    (`pack_len`: padding-free batches, see PairBatch).
+    Pairs become `PairBatch`es (`pack_len`: padding-free, see PairBatch), or with
+    `sequences=True` `SequencePairBatch`es for a reward model; unpaired examples become
+    `UnpairedBatch`es, with KTO's mismatched rows when `kl`.
     """
 
     def __init__(self, examples: list[EncodedPair] | list[EncodedUnpaired], *, batch_size: int, pad_id: int,
@@ -862,8 +863,6 @@ class PreferenceLoader(SFTLoader):
                  kl: bool = False, max_len: int = 0, pack_len: int = 0, sequences: bool = False) -> None:
         if not examples:
             raise TemperError("no preference data to load")
-        super().__init__(examples, batch_size=batch_size, seq_len=max_len, pad_id=pad_id, seed=seed, packing=False,
-                         shuffle=shuffle, rank=rank, world_size=world_size, grad_accum=grad_accum)
         self.unpaired = isinstance(examples[0], EncodedUnpaired)
         if kl and not self.unpaired:
             raise TemperError("kl=True builds KTO's mismatched rows: it needs unpaired examples")
@@ -871,18 +870,15 @@ class PreferenceLoader(SFTLoader):
             raise TemperError("kl=True needs max_len: a mismatched row is cut to fit the context")
         if sequences and (self.unpaired or pack_len):
             raise TemperError("sequences=True batches whole pairs for a reward model: paired data, no packing")
-        self.kl, self.pack_len, self.sequences = kl, pack_len, sequences
-
-    def next_batch(self) -> PairBatch | UnpairedBatch | SequencePairBatch:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
-        self.position += 1
+        self.pad_id, self.seq_len, self.kl, self.pack_len, self.sequences = pad_id, max_len, kl, pack_len, sequences
         if self.unpaired:
-            return collate_unpaired(chunk, self.pad_id, kl=self.kl, max_len=self.seq_len, pack_len=self.pack_len)
-        if self.sequences:
-            return collate_sequence_pairs(chunk, self.pad_id)
-        return collate_pairs(chunk, self.pad_id, pack_len=self.pack_len)
+            collate = partial(collate_unpaired, pad_id=pad_id, kl=kl, max_len=max_len, pack_len=pack_len)
+        elif sequences:
+            collate = partial(collate_sequence_pairs, pad_id=pad_id)
+        else:
+            collate = partial(collate_pairs, pad_id=pad_id, pack_len=pack_len)
+        super().__init__(examples, collate, batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank,
+                         world_size=world_size, grad_accum=grad_accum)
 
 
 def load_preferences(spec, tokenizer, template: str | None, *, max_len: int, max_prompt_len: int = 0,

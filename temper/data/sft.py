@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from temper.data.chat import assistant_spans, check_messages, end_of_turn_strings, render_kwargs
+from temper.data.loader import ExampleLoader
 from temper.data.readers import iter_records, json_type
 from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, fit_to_context, keep_end
-from temper.data.shards import convert_position
 from temper.errors import TemperError
 from temper.losses import IGNORE_INDEX
 from temper.masks import build_attention_mask
@@ -358,66 +358,25 @@ def examples_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-class SFTLoader:
-    """Shuffled (seed, epoch) batches of examples, padded or packed; position is resumable.
+class SFTLoader(ExampleLoader):
+    """`ExampleLoader` over SFT examples: padded batches, or packed rows of `seq_len` (`packing`).
 
-    With data-parallel ranks each rank reads its own part of the same epoch: its k-th
-    micro-batch is the epoch's (k x world_size + rank)-th batch, and an epoch ends on a whole
-    optimiser step (see `TokenLoader`), so a step covers the same examples on any world size.
+    Order, rank split and resumable position are ExampleLoader's; packing runs on each epoch's
+    shuffled examples, so a batch is `batch_size` packed rows.
     """
 
     def __init__(self, examples: list[Example], *, batch_size: int, seq_len: int, pad_id: int, seed: int,
                  packing: bool, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  grad_accum: int = 1) -> None:
-        self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
-        self.seed, self.packing, self.shuffle = seed, packing, shuffle
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        self.epoch, self.position = 0, 0
-        self._batches: list[list] | None = None
+        self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
+        super().__init__(examples, self._collate, batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank,
+                         world_size=world_size, grad_accum=grad_accum,
+                         arrange=(lambda items: pack(items, seq_len)) if packing else None)
 
-    def _epoch_batches(self) -> list[list]:
-        if self._batches is None:
-            order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-            items: list = [self.examples[i] for i in order]
-            if self.packing:
-                items = pack(items, self.seq_len)
-            self._batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        return self._batches
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """This rank's micro-batches per epoch (whole steps only when several ranks share it)."""
-        total = len(self._epoch_batches())
-        if self.world_size == 1:
-            return total
-        per_step = self.world_size * self.grad_accum
-        if total < per_step:
-            raise TemperError(f"an epoch holds {total} batches of {self.batch_size}, fewer than one step of "
-                              f"{self.world_size} ranks x {self.grad_accum} micro-batches: lower batch_size")
-        return (total // per_step) * self.grad_accum
-
-    def next_batch(self) -> Batch:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
-        self.position += 1
+    def _collate(self, chunk: list) -> Batch:
         if self.packing:
             return packed_batch(chunk, self.seq_len, self.pad_id)
         return pad_batch(chunk, self.pad_id)
-
-    def __iter__(self) -> Iterator[Batch]:
-        while self.position < self.batches_per_epoch:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._batches = int(state["epoch"]), None
-        self.position = convert_position(state, self.world_size, self.batch_size)
 
 
 def split_held_out(items: list, fraction: float, seed: int, group=None) -> tuple[list, list]:

@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
 from temper.data.chat import check_messages, render, render_kwargs
+from temper.data.loader import ExampleLoader
 from temper.data.preference import _leading_special_ids
 from temper.data.readers import iter_records, json_type
 from temper.data.rows import DEFAULT_MAX_BAD_ROW_FRACTION, BadRow, BadRows, keep_end
-from temper.data.sft import SFTLoader, _remap, missing_column
+from temper.data.sft import _remap, missing_column
 from temper.errors import TemperError
 
 STEP_SEPARATOR = "\n"  # TRL PRMConfig's default step_separator
@@ -230,24 +232,17 @@ def collate_steps(solutions: list[EncodedSolution], pad_id: int) -> StepBatch:
     return StepBatch(input_ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(labels), len(solutions))
 
 
-class StepwiseLoader(SFTLoader):
-    """Shuffled (seed, epoch) batches of solutions; order, rank split and resumable position are
-    SFTLoader's, only the batch differs."""
+class StepwiseLoader(ExampleLoader):
+    """`ExampleLoader` over step-labelled solutions, collated into `StepBatch`es."""
 
     def __init__(self, solutions: list[EncodedSolution], *, batch_size: int, pad_id: int, seed: int,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
                  max_len: int = 0) -> None:
         if not solutions:
             raise TemperError("no step-labelled data to load")
-        super().__init__(solutions, batch_size=batch_size, seq_len=max_len, pad_id=pad_id, seed=seed, packing=False,
+        self.pad_id, self.seq_len = pad_id, max_len
+        super().__init__(solutions, partial(collate_steps, pad_id=pad_id), batch_size=batch_size, seed=seed,
                          shuffle=shuffle, rank=rank, world_size=world_size, grad_accum=grad_accum)
-
-    def next_batch(self) -> StepBatch:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        chunk = self._epoch_batches()[self.position * self.world_size + self.rank]
-        self.position += 1
-        return collate_steps(chunk, self.pad_id)
 
 
 __all__ = ["COLUMNS", "STEP_LABELS", "STEP_SEPARATOR", "EncodedSolution", "StepBatch", "StepEncoder",

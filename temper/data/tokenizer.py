@@ -1,7 +1,11 @@
-"""Byte-level BPE tokenizers through Hugging Face `tokenizers`.
+"""Tokenizers through Hugging Face `tokenizers`: byte-level BPE for decoders, WordPiece for encoders.
 
 `train_tokenizer` learns a byte-level BPE vocabulary (GPT-2 style: every byte is a
-token, so any text encodes, and no automatic BOS/EOS is added). `Tokenizer` wraps any
+token, so any text encodes, and no automatic BOS/EOS is added). `train_wordpiece` learns a
+BERT-style WordPiece vocabulary with [PAD] [UNK] [CLS] [SEP] [MASK] (BERT's normaliser and
+pre-tokeniser, `##` continuations, `[CLS] A [SEP] B [SEP]` as the post-processor that
+transformers applies; temper's own `encode` adds nothing, the encoder data code builds the
+frame). `Tokenizer` wraps any
 `tokenizer.json` plus its `tokenizer_config.json` (special tokens, chat template; the
 template may also be in `chat_template.jinja`, see `temper.data.templates.read_chat_template`) and
 saves both so that `transformers.AutoTokenizer.from_pretrained(dir)` encodes the same.
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from temper.data.templates import CHATML_TEMPLATE, read_chat_template
 from temper.errors import TemperError, TemperFileNotFoundError
@@ -33,6 +37,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Special tokens of a temper-trained tokenizer: BOS/EOS/PAD, ChatML's turn markers and
 # the chat roles (so role names are one token each and cannot be split by BPE).
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, "<|system|>", "<|user|>", "<|assistant|>"]
+# An encoder's special tokens (BERT's names and roles, in the order of their ids).
+WORDPIECE_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                            "mask_token": "[MASK]"}
 TRAIN_PIECE_CHARS = 1 << 17  # a longer text reaches the BPE trainer in pieces of about this many characters
 _CUT_SEARCH = 8192  # how far back from a piece's end a cut before whitespace is looked for
 _BEFORE_SPACE = re.compile(r"\S(?=\s)")
@@ -99,6 +106,32 @@ class Tokenizer:
         """The padding id; falls back to EOS, as most causal LMs do."""
         pad = self.token_id(self.pad_token)
         return pad if pad is not None else self.eos_id
+
+    def special_token(self, role: str) -> str | None:
+        """The token of a role other than BOS/EOS/PAD, from tokenizer_config.json (`cls_token`,
+        `sep_token`, `mask_token`, `unk_token`), or None when the config names none."""
+        value = self.extra_config.get(role)
+        return value.get("content") if isinstance(value, dict) else value
+
+    @property
+    def cls_id(self) -> int | None:
+        return self.token_id(self.special_token("cls_token"))
+
+    @property
+    def sep_id(self) -> int | None:
+        return self.token_id(self.special_token("sep_token"))
+
+    @property
+    def mask_id(self) -> int | None:
+        return self.token_id(self.special_token("mask_token"))
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Every special token's id (the added tokens marked special, and the named roles), sorted."""
+        ids = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        roles = [self.bos_token, self.eos_token, self.pad_token, *map(self.special_token, WORDPIECE_SPECIAL_TOKENS)]
+        ids.update(i for i in map(self.token_id, roles) if i is not None)
+        return sorted(ids)
 
     # -- text
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
@@ -216,6 +249,8 @@ class Tokenizer:
             else:
                 stale.unlink()
         sp = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(self, k)}
+        sp.update({role: token for role in WORDPIECE_SPECIAL_TOKENS if role not in sp
+                   and (token := self.special_token(role))})
         atomic_write_text(out / "special_tokens_map.json", json.dumps(sp, indent=2) + "\n")
 
 
@@ -326,3 +361,41 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int
         chat_template=CHATML_TEMPLATE if {IM_START, IM_END} <= specials else None,
         model_max_length=model_max_length,
     )
+
+
+def train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2, lowercase: bool = True,
+                    model_max_length: int | None = 512, show_progress: bool = False) -> Tokenizer:
+    """Learn a BERT-style WordPiece vocabulary of at most `vocab_size` tokens, the five
+    `WORDPIECE_SPECIAL_TOKENS` first ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4).
+
+    Saved, it is what `transformers.BertTokenizerFast` / `AutoTokenizer` read: BERT's normaliser
+    (lower-casing and accent stripping with `lowercase`) and pre-tokeniser, `##` continuations,
+    and the `[CLS] A [SEP] B [SEP]` post-processor with token types 0 / 1."""
+    specials = list(WORDPIECE_SPECIAL_TOKENS.values())
+    if not len(specials) < vocab_size <= MAX_VOCAB_SIZE:
+        raise TemperError(f"vocab_size must be in [{len(specials) + 1}, {MAX_VOCAB_SIZE:,}] (the {len(specials)} "
+                          f"special tokens and at least one more), got {vocab_size:,}")
+    backend = HFTokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIAL_TOKENS["unk_token"]))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                        continuing_subword_prefix="##", show_progress=show_progress)
+    seen = 0
+
+    def counted() -> Iterable[str]:
+        nonlocal seen
+        for t in texts:
+            seen += 1
+            yield from text_pieces(t)  # cut before whitespace, where BERT's pre-tokeniser splits too
+
+    backend.train_from_iterator(counted(), trainer=trainer)
+    if seen == 0:
+        raise TemperError("no text to train the tokenizer on: the data is empty")
+    cls, sep = WORDPIECE_SPECIAL_TOKENS["cls_token"], WORDPIECE_SPECIAL_TOKENS["sep_token"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))])
+    roles = {role: token for role, token in WORDPIECE_SPECIAL_TOKENS.items() if role != "pad_token"}
+    return Tokenizer(backend, pad_token=WORDPIECE_SPECIAL_TOKENS["pad_token"], model_max_length=model_max_length,
+                     extra_config={"tokenizer_class": "BertTokenizerFast", "do_lower_case": lowercase, **roles})
