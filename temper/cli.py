@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import textwrap
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -96,6 +97,7 @@ def _run_module(name: str, config) -> Any:
     return module.run(config)
 
 
+RANK_ERROR_GRACE_S = 3.0  # seconds a failing rank waits after its error line (see main)
 USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
 
 
@@ -222,8 +224,11 @@ def _main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # TemperError is a ValueError; a full disk or a read-only path is an OSError
         if os.environ.get("TEMPER_DEBUG"):
             raise
-        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"temper {stage}: error{rank}: {error_line(e)}", file=sys.stderr)
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ['RANK']})" if ranks > 1 else ""
+        print(f"temper {stage}: error{rank}: {error_line(e)}", file=sys.stderr, flush=True)
+        if ranks > 1:  # torchrun stops every rank once one exits non-zero: give a slower peer time to say its own
+            time.sleep(RANK_ERROR_GRACE_S)
         return 2
     except KeyboardInterrupt:
         print(f"temper {stage}: interrupted", file=sys.stderr)
