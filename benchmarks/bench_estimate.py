@@ -59,7 +59,7 @@ PLANS: dict[str, dict] = {
 
 def plan_of(name: str):
     """(model shape, Plan) of a benchmark plan."""
-    from temper.models.config import preset
+    from temper.models.registry import preset
     from temper.train.memory import Plan
 
     settings = dict(PLANS[name])

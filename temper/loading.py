@@ -14,6 +14,7 @@ import torch
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.models import DecoderBase, load_model
+from temper.models.generate import check_generates
 from temper.models.hf import check_weights_file
 from temper.peft import load_peft, read_adapter_config
 
@@ -58,6 +59,7 @@ def load_for_inference(path: str | Path, *, device: torch.device | str = "cpu",
                        dtype: str | torch.dtype | None = None):
     """(model in eval mode, its tokenizer) from a model or adapter directory, checked to fit."""
     model = load_model_or_adapter(path, device=device, dtype=dtype).eval()
+    check_generates(model)  # what loads here generates or scores text as a causal LM
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TemperError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -12,7 +12,7 @@ import torch
 from temper.cli import main
 from temper.config import PeftConfig
 from temper.models import build_model, preset
-from temper.models.config import PRESETS
+from temper.models.registry import PRESETS
 from temper.train import memory
 from temper.train.memory import SHAPES, Plan, parameter_counts, training_memory
 

@@ -1,4 +1,4 @@
-"""Decoder model families, presets and Hugging Face model directories.
+"""Model families, presets and Hugging Face model directories.
 
     model = build_model(preset("llama-tiny"))          # random weights
     model = load_model("path/to/hf_dir")               # any supported HF directory
@@ -17,25 +17,29 @@ from pathlib import Path
 import torch
 
 from temper.errors import TemperError
+from temper.models import registry
 from temper.models.common import DecoderBase, KVCache
-from temper.models.config import PRESETS, ModelConfig, preset
+from temper.models.config import ModelConfig
 from temper.models.gpt2 import GPT2
 from temper.models.hf import (
     config_from_hf,
     load_state_dict_from_hf,
     read_hf_config,
     save_hf_weights,
+    tied_names,
     write_generation_config,
     write_hf_config,
 )
 from temper.models.llama import Llama
+from temper.models.registry import PRESETS, FamilyTable, preset
 
 __all__ = [
     "DecoderBase", "KVCache", "ModelConfig", "PRESETS", "preset", "build_model", "load_model",
     "save_model", "resolve_dtype", "init_weights", "Llama", "GPT2",
 ]
 
-FAMILIES: dict[str, type[DecoderBase]] = {"llama": Llama, "gpt2": GPT2}
+# family name -> model class, a view of temper.models.registry (which lists the families)
+FAMILIES: FamilyTable = FamilyTable(lambda f: {f.name: f.model})
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
@@ -54,12 +58,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
     return table[dtype]
 
 
-def init_weights(model: DecoderBase, std: float = 0.02) -> None:
-    """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style init: N(0, 0.02), the linears that write into the residual stream (the
+    family's `residual_outputs`) scaled by 1/sqrt(2 * layers)."""
     residual_std = std / (2 * model.config.num_layers) ** 0.5
+    residual_outputs = registry.family(model.config.family).residual_outputs
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            is_residual_out = name.endswith(("o_proj", "down_proj", "attn.c_proj", "mlp.c_proj"))
+            is_residual_out = bool(residual_outputs) and name.endswith(residual_outputs)
             torch.nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_out else std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -70,8 +76,10 @@ def init_weights(model: DecoderBase, std: float = 0.02) -> None:
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu",
                 dtype: str | torch.dtype | None = None, init: bool = True) -> DecoderBase:
     """A model of `config` with fresh weights (on `device='meta'` nothing is allocated)."""
+    family = registry.family(config.family)
+    family.check(config)
     with torch.device(device):
-        model = FAMILIES[config.family](config)
+        model = family.model(config)
     if init and str(device) != "meta":
         init_weights(model)
     return model.to(resolve_dtype(dtype, device))
@@ -90,19 +98,18 @@ def load_model(spec: str | Path, *, device: torch.device | str = "cpu",
     hf = read_hf_config(spec_path)
     config = config_from_hf(hf, str(spec_path / "config.json"))
     with torch.device("meta"):
-        model = FAMILIES[config.family](config)
+        model = registry.family(config.family).model(config)
     state = load_state_dict_from_hf(spec_path, model, config, device="cpu")
     target = resolve_dtype(dtype, device)
     state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
-    model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+    model.load_state_dict(state, strict=not tied_names(model), assign=True)
     _finish_meta_load(model, device)
     return model
 
 
-def _finish_meta_load(model: DecoderBase, device: torch.device | str) -> None:
+def _finish_meta_load(model: torch.nn.Module, device: torch.device | str) -> None:
     """After `assign=True` loading from meta: re-tie embeddings and rebuild computed buffers."""
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.input_embeddings.weight
+    model.tie_weights()
     rope = getattr(model, "rope", None)
     if rope is not None:
         rope._build(model.config.max_seq_len, torch.device(device))
@@ -126,7 +133,8 @@ def save_model(model: DecoderBase, out_dir: str | Path, *, tokenizer=None,
     config = with_tokenizer_ids(model.config, tokenizer)
     save_hf_weights(model, config, out, max_shard_bytes)
     write_hf_config(config, out)
-    write_generation_config(config, out, eos_ids)
+    if registry.family(config.family).causal_lm:
+        write_generation_config(config, out, eos_ids)
     if tokenizer is not None:
         tokenizer.save(out)
     return out

@@ -256,6 +256,12 @@ class DecoderBase(nn.Module):
                 x = block(x, inputs)
         return x
 
+    def tie_weights(self) -> None:
+        """The output layer shares the token embedding where the config ties them (after a load
+        from the meta device, which leaves two separate parameters)."""
+        if self.config.tie_embeddings and self.lm_head is not None:
+            self.lm_head.weight = self.input_embeddings.weight
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """A cache for `max_len` tokens (plus `extra_cache_slots` for tokens hooks put in front)."""

@@ -1,14 +1,14 @@
-"""The architecture description shared by every decoder family, and the size presets.
+"""The architecture description shared by every model family.
 
-`ModelConfig` is what temper's model files read. It is converted to and from each
-family's Hugging Face `config.json` in `temper/models/hf.py`, so a model directory is
-always a Hugging Face model directory.
+`ModelConfig` is what temper's model files read. Each family converts it to and from its
+Hugging Face `config.json` (`temper/models/<family>/hf.py`), so a model directory is always a
+Hugging Face model directory. The families and their presets are listed in
+`temper/models/registry.py`; this module knows none of them by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from temper.errors import TemperError
 
 # sizes that are positive integers (None: derived from the others, or off)
 POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "max_seq_len", "sliding_window")
+                  "intermediate_size", "max_seq_len", "sliding_window", "embedding_size", "num_labels")
 
 
 def check_shape(values: dict[str, Any], prefix: str = "") -> None:
@@ -25,6 +25,8 @@ def check_shape(values: dict[str, Any], prefix: str = "") -> None:
     for key in POSITIVE_SIZES:
         if values.get(key) is not None:
             check_range(prefix + key, values[key], low=1)
+    if values.get("type_vocab_size") is not None:
+        check_range(prefix + "type_vocab_size", values["type_vocab_size"], low=0)
     for key in ("norm_eps", "rope_theta"):
         if values.get(key) is not None:
             check_range(prefix + key, values[key], low=0.0, low_open=True)
@@ -32,14 +34,14 @@ def check_shape(values: dict[str, Any], prefix: str = "") -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # "llama" (also Mistral, Qwen2) or "gpt2"
+    family: str = "llama"  # a name in temper.models.registry: llama (also Mistral, Qwen2), gpt2, bert
     vocab_size: int = 32000
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int | None = None  # None: same as num_heads (multi-head attention)
     head_dim: int | None = None  # None: hidden_size // num_heads
-    intermediate_size: int | None = None  # None: 4x hidden (gpt2) or ~8/3x rounded (llama)
+    intermediate_size: int | None = None  # None: 4x hidden (a family's presets and config.json give their own)
     max_seq_len: int = 2048
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -53,6 +55,12 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     hf_architecture: str = "LlamaForCausalLM"  # which transformers class the export names
+    # encoders (BERT, ELECTRA): segment embeddings, a narrower embedding projected up, dropout, labels
+    type_vocab_size: int = 0  # token-type (segment) embeddings; 0: none
+    embedding_size: int | None = None  # None: hidden_size (ELECTRA's smaller embeddings have a projection)
+    dropout: float = 0.0  # on the embeddings and each residual branch, in training (families that have it)
+    attention_dropout: float = 0.0  # on the attention probabilities, in training (families that have it)
+    num_labels: int | None = None  # classification heads: classes per sequence or per token
     extra: dict[str, Any] = field(default_factory=dict)  # HF config keys carried through untouched
 
     def __post_init__(self) -> None:
@@ -70,12 +78,9 @@ class ModelConfig:
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
         if self.intermediate_size is None:
-            if self.family == "gpt2":
-                self.intermediate_size = 4 * self.hidden_size
-            else:  # SwiGLU: 2/3 of 4x, rounded up to a multiple of 32
-                self.intermediate_size = 32 * -(-int(8 * self.hidden_size / 3) // 32)
-        if self.family not in ("llama", "gpt2"):
-            raise TemperError(f"unknown model family {self.family!r}; expected llama or gpt2")
+            self.intermediate_size = 4 * self.hidden_size
+        for key in ("dropout", "attention_dropout"):
+            check_range(key, getattr(self, key), low=0.0, high=1.0, high_open=True)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -89,72 +94,3 @@ class ModelConfig:
             return self.replace(**values)
         except TemperError as e:
             raise TemperError(f"{prefix}: {e}") from None
-
-
-def _llama(**kw: Any) -> ModelConfig:
-    return ModelConfig(family="llama", **kw)
-
-
-def _gpt2(**kw: Any) -> ModelConfig:
-    base = dict(
-        family="gpt2",
-        vocab_size=50257,
-        max_seq_len=1024,
-        tie_embeddings=True,
-        qkv_bias=True,
-        mlp_bias=True,
-        attn_out_bias=True,
-        hf_architecture="GPT2LMHeadModel",
-        bos_token_id=50256,
-        eos_token_id=50256,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-# Presets: tiny ones for tests and CPU runs; the real families' shapes so that a config
-# can be built on the meta device and counted (see tests/test_models.py).
-PRESETS: dict[str, ModelConfig] = {
-    # ~0.3M parameters with a 2k vocabulary: tests.
-    "llama-tiny": _llama(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=128, max_seq_len=512, tie_embeddings=True),
-    # ~3M / ~14M parameters: CPU training runs and benchmarks.
-    "llama-3m": _llama(vocab_size=4096, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
-                       intermediate_size=512, max_seq_len=512, tie_embeddings=True),
-    "llama-14m": _llama(vocab_size=8192, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
-                        intermediate_size=1024, max_seq_len=1024, tie_embeddings=True),
-    "gpt2-tiny": _gpt2(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=512,
-                       bos_token_id=None, eos_token_id=None),
-    # The real families' shapes.
-    "gpt2": _gpt2(hidden_size=768, num_layers=12, num_heads=12),
-    "gpt2-medium": _gpt2(hidden_size=1024, num_layers=24, num_heads=16),
-    "llama-3.2-1b": _llama(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
-                           num_kv_heads=8, intermediate_size=8192, max_seq_len=131072,
-                           rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True,
-                           rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                           bos_token_id=128000, eos_token_id=128001),
-    "llama-3-8b": _llama(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
-                         num_kv_heads=8, intermediate_size=14336, max_seq_len=8192,
-                         rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
-    "mistral-7b": _llama(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
-                         num_kv_heads=8, intermediate_size=14336, max_seq_len=32768,
-                         rope_theta=1000000.0, hf_architecture="MistralForCausalLM",
-                         bos_token_id=1, eos_token_id=2),
-    "qwen2-0.5b": _llama(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
-                         num_kv_heads=2, intermediate_size=4864, max_seq_len=32768,
-                         rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
-                         hf_architecture="Qwen2ForCausalLM", eos_token_id=151643),
-}
-
-
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A copy of a named preset, with fields changed."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise TemperError(
-            f"unknown model preset {name!r}{hint}; presets: {', '.join(PRESETS)}; "
-            "or give a model directory"
-        )
-    return PRESETS[name].replace(**overrides)

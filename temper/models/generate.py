@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from temper.config import OnlyWith, check_range
+from temper.errors import TemperError
+from temper.models import registry
 from temper.models.common import DecoderBase, KVCache, build_attention_mask, positions_from_valid
 
 
@@ -118,6 +120,15 @@ def choose_next(logits: torch.Tensor, cfg: SamplingConfig, streams: list[torch.G
 
 
 @torch.no_grad()
+def check_generates(model: torch.nn.Module) -> None:
+    """One line when `model` is of a family that does not generate text (an encoder)."""
+    family = registry.family(model.config.family)
+    if not family.causal_lm:
+        raise TemperError(f"a {family.description} model ({model.config.hf_architecture}) is an encoder: bidirectional "
+                          "attention and no next-token head, so it does not generate or score text; generate, chat, "
+                          "eval and judges take a decoder (a causal LM)")
+
+
 def generate(
     model: DecoderBase,
     prompts: Sequence[Sequence[int]],
@@ -145,6 +156,7 @@ def generate(
     one batch into parts (processes, chunks) gives each part the index of its first row.
     """
     cfg.validate()
+    check_generates(model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if num_return_sequences < 1:
@@ -157,7 +169,8 @@ def generate(
     if total > model.config.max_seq_len:
         message = (f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
                    f"{model.config.max_seq_len} positions")
-        if model.config.family == "gpt2":  # learned positions end there
+        layout = registry.family(model.config.family).layout
+        if layout is not None and layout.positions == "learned":  # learned positions end there
             raise ValueError(message)
         warnings.warn(f"{message}; tokens beyond them are positions it never trained on and degrade",
                       stacklevel=2)

@@ -9,9 +9,7 @@ and temper loads what `transformers` writes. Weights are read only from safetens
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,23 @@ from safetensors import safe_open
 
 from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.io import atomic_write_text, write_safetensors
+from temper.models import registry
 from temper.models.config import ModelConfig
+from temper.models.family import StateDictAdapter
 
 # ----------------------------------------------------------------------------- config.json
 
 
-_LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-SUPPORTED_ARCHITECTURES = [*_LLAMA_LIKE, "GPT2LMHeadModel"]
-_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-
-
+# sizes any family's config.json may hold: each must be a positive integer where present
 _SIZE_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "hidden_size",
               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-              "max_position_embeddings", "sliding_window")
+              "max_position_embeddings", "sliding_window", "embedding_size")
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Read a transformers `config.json` dict into a `ModelConfig`; every size is checked to be a
-    positive integer here, so a bad value is named instead of failing deep inside torch."""
+    """Read a transformers `config.json` dict into a `ModelConfig`, through the family that reads
+    its architecture; every size is checked to be a positive integer here, so a bad value is named
+    instead of failing deep inside torch."""
     if not isinstance(hf, dict):
         raise TemperError(f"{source}: expected a JSON object of settings, got {type(hf).__name__}")
     for key in _SIZE_KEYS:
@@ -48,192 +44,38 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     archs = hf.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
-    arch = archs[0] if archs else _MODEL_TYPE_TO_ARCH.get(hf.get("model_type", ""), "")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    arch = archs[0] if archs else registry.for_model_type(hf.get("model_type", ""))
+    found = registry.for_architecture(arch) if isinstance(arch, str) else None
+    if found is None:
         raise TemperError(
             f"{source}: architecture {arch or hf.get('model_type')!r} is not supported; "
-            f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"expected one of {', '.join(registry.architectures())}"
         )
-
-    def need(key: str) -> Any:
-        if key not in hf:
-            raise TemperError(f"{source}: missing key '{key}' for {arch}")
-        return hf[key]
-
-    ids = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-               pad_token_id=hf.get("pad_token_id"))
-    if arch == "GPT2LMHeadModel":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise TemperError(f"{source}: activation_function {act!r} is not supported (gelu_new)")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
-            raise TemperError(f"{source}: non-default GPT-2 attention scaling is not supported")
-        return _model_config(
-            source, family="gpt2", vocab_size=need("vocab_size"), hidden_size=need("n_embd"),
-            num_layers=need("n_layer"), num_heads=need("n_head"), intermediate_size=hf.get("n_inner"),
-            max_seq_len=need("n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            qkv_bias=True, mlp_bias=True, attn_out_bias=True,
-            tie_embeddings=hf.get("tie_word_embeddings", True), hf_architecture=arch, **ids,
-        )
-
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise TemperError(f"{source}: hidden_act {act!r} is not supported (silu)")
-    rope = dict(hf.get("rope_parameters") or {})
-    if not rope:  # transformers 4.x keeps rope_theta and rope_scaling apart
-        rope = dict(hf.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise TemperError(f"{source}: rope type {kind!r} is not supported (default, linear, llama3)")
-    family = _LLAMA_LIKE[arch]
-    bias = bool(hf.get("attention_bias", False))
-    sliding = None
-    if family == "mistral":
-        sliding = hf.get("sliding_window")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise TemperError(f"{source}: Qwen2 with use_sliding_window=true is not supported")
-    return _model_config(
-        source, family="llama", vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
-        num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), intermediate_size=need("intermediate_size"),
-        max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=rope if kind != "default" else None,
-        qkv_bias=True if family == "qwen2" else bias, attn_out_bias=bias if family != "qwen2" else False,
-        mlp_bias=bool(hf.get("mlp_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=sliding, hf_architecture=arch, **ids,
-    )
-
-
-def _model_config(source: str, **fields: Any) -> ModelConfig:
-    try:
-        return ModelConfig(**fields)
-    except TemperError as e:
-        raise TemperError(f"{source}: {e}") from None
+    return found.config_from_hf(hf, arch, source)
 
 
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:
-    """A transformers `config.json` dict for `c` (readable by transformers 4.4x and 5.x)."""
-    ids = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-    if c.family == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-            "n_embd": c.hidden_size, "n_layer": c.num_layers, "n_head": c.num_heads,
-            "n_inner": c.intermediate_size, "n_positions": c.max_seq_len, "n_ctx": c.max_seq_len,
-            "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32", **ids, **c.extra,
-        }
-    arch = c.hf_architecture if c.hf_architecture in _LLAMA_LIKE else "LlamaForCausalLM"
-    model_type = _LLAMA_LIKE[arch]
-    if model_type == "qwen2" and (not c.qkv_bias or c.attn_out_bias):
-        arch, model_type = "LlamaForCausalLM", "llama"
-    rope = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
-    out: dict[str, Any] = {
-        "architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta, "rope_parameters": rope,
-        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if c.rope_scaling else None,
-        "tie_word_embeddings": c.tie_embeddings, "attention_dropout": 0.0, "torch_dtype": "float32",
-        **ids,
-    }
-    if model_type == "llama":
-        if c.qkv_bias != c.attn_out_bias:
-            raise TemperError("a Llama export needs q/k/v and output biases alike (attention_bias)")
-        out.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-    if model_type == "mistral":
-        out["sliding_window"] = c.sliding_window
-    if model_type == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None)
-    out.update(c.extra)
-    return out
+    """A transformers `config.json` dict for `c`, written by its family."""
+    return registry.family(c.family).config_to_hf(c)
 
 
 # ----------------------------------------------------------------------------- state-dict adapters
 
-
-@dataclass(frozen=True)
-class StateDictAdapter:
-    """Renames between temper's parameter names and a family's HF names, both ways."""
-
-    rules: tuple[tuple[str, str], ...]  # (temper regex with {i}, hf template with {i})
-    transposed: tuple[str, ...] = ()  # temper names (regex) whose HF weight is transposed (Conv1D)
-    ignored_hf: tuple[str, ...] = ()  # HF buffers that carry no weights
-    normalise_hf: Callable[[str], str] = staticmethod(lambda k: k)
-
-    def _convert(self, name: str, to_hf: bool) -> str:
-        for temper_pat, hf_pat in self.rules:
-            src, dst = (temper_pat, hf_pat) if to_hf else (hf_pat, temper_pat)
-            m = re.fullmatch(re.escape(src).replace(r"\{i\}", r"(\d+)").replace(r"\{p\}", r"(\w+)"), name)
-            if m:
-                out = dst
-                for g in m.groups():
-                    out = re.sub(r"\{[ip]\}", g, out, count=1)
-                return out
-        return ""
-
-    def to_hf(self, name: str) -> str:
-        hf = self._convert(name, True)
-        assert hf, f"no HF name for temper parameter {name}"
-        return hf
-
-    def from_hf(self, name: str) -> str:
-        """temper name for an HF tensor name, '' when it is an ignored buffer, None if unknown."""
-        name = self.normalise_hf(name)
-        if any(re.fullmatch(p, name) for p in self.ignored_hf):
-            return ""
-        return self._convert(name, False) or None
-
-    def is_transposed(self, temper_name: str) -> bool:
-        return any(re.fullmatch(p, temper_name) for p in self.transposed)
+# each family's names live in its folder (temper/models/<family>/hf.py); these are views of them
+ADAPTERS: Mapping[str, StateDictAdapter] = registry.FamilyTable(lambda f: {f.name: f.adapter})
+LLAMA_ADAPTER, GPT2_ADAPTER = ADAPTERS["llama"], ADAPTERS["gpt2"]
 
 
-LLAMA_ADAPTER = StateDictAdapter(
-    rules=(
-        ("embed_tokens.weight", "model.embed_tokens.weight"),
-        ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-        ("layers.{i}.attn.{p}.weight", "model.layers.{i}.self_attn.{p}.weight"),
-        ("layers.{i}.attn.{p}.bias", "model.layers.{i}.self_attn.{p}.bias"),
-        ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        ("layers.{i}.mlp.{p}.weight", "model.layers.{i}.mlp.{p}.weight"),
-        ("layers.{i}.mlp.{p}.bias", "model.layers.{i}.mlp.{p}.bias"),
-        ("norm.weight", "model.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-    ),
-    ignored_hf=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"),
-)
-
-
-def _gpt2_normalise(name: str) -> str:
-    # the original OpenAI checkpoints have no `transformer.` prefix
-    return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-
-
-GPT2_ADAPTER = StateDictAdapter(
-    rules=(
-        ("wte.weight", "transformer.wte.weight"),
-        ("wpe.weight", "transformer.wpe.weight"),
-        ("h.{i}.{p}.weight", "transformer.h.{i}.{p}.weight"),
-        ("h.{i}.{p}.bias", "transformer.h.{i}.{p}.bias"),
-        ("h.{i}.attn.{p}.weight", "transformer.h.{i}.attn.{p}.weight"),
-        ("h.{i}.attn.{p}.bias", "transformer.h.{i}.attn.{p}.bias"),
-        ("h.{i}.mlp.{p}.weight", "transformer.h.{i}.mlp.{p}.weight"),
-        ("h.{i}.mlp.{p}.bias", "transformer.h.{i}.mlp.{p}.bias"),
-        ("ln_f.weight", "transformer.ln_f.weight"),
-        ("ln_f.bias", "transformer.ln_f.bias"),
-        ("lm_head.weight", "lm_head.weight"),
-    ),
-    transposed=(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",),
-    ignored_hf=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",),
-    normalise_hf=_gpt2_normalise,
-)
-
-ADAPTERS = {"llama": LLAMA_ADAPTER, "gpt2": GPT2_ADAPTER}
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names that are another name's tensor (a tied output layer): stored once, under
+    the first name (the embedding), in HF files and in temper's."""
+    seen: set[int] = set()
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.add(id(tensor))
+    return tied
 
 
 # ----------------------------------------------------------------------------- safetensors I/O
@@ -326,10 +168,9 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
     `extra`: HF tensors outside the decoder (a sequence-classification head's `score.weight`),
     returned under their own names and checked against these shapes."""
     model_dir = Path(model_dir)
-    adapter = ADAPTERS[config.family]
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight", None)
+    adapter = registry.family(config.family).adapter_for(config)
+    tied = tied_names(model)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     extra = extra or {}
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
@@ -348,7 +189,7 @@ def load_state_dict_from_hf(model_dir: str | Path, model: torch.nn.Module, confi
                     continue
                 if name is None:
                     raise TemperError(f"{path}: unexpected tensor '{hf_name}' for a {config.hf_architecture}")
-                if name == "lm_head.weight" and config.tie_embeddings:
+                if name in tied:
                     continue  # tied: the embedding is the output layer
                 tensor = f.get_tensor(hf_name)
                 check_weight(path, hf_name, tensor)
@@ -402,10 +243,11 @@ def save_hf_weights(model: torch.nn.Module, config: ModelConfig, out_dir: Path,
                     max_shard_bytes: int | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write weights in HF names (tied output layer omitted), as one file or shards + index;
     `extra`: tensors outside the decoder, under their HF names (a classification head)."""
-    adapter = ADAPTERS[config.family]
+    adapter = registry.family(config.family).adapter_for(config)
+    tied = tied_names(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_embeddings:
+        if name in tied:
             continue
         t = tensor.detach()
         if adapter.is_transposed(name):

@@ -30,9 +30,9 @@ from torch import nn
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.models import (
-    FAMILIES,
     _finish_meta_load,
     init_weights,
+    registry,
     resolve_dtype,
     with_tokenizer_ids,
 )
@@ -49,14 +49,10 @@ from temper.models.hf import (
     weight_files,
 )
 
-# the sequence-classification class of each causal-LM architecture temper reads
-REWARD_ARCHITECTURES = {
-    "LlamaForSequenceClassification": "LlamaForCausalLM",
-    "MistralForSequenceClassification": "MistralForCausalLM",
-    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
-    "GPT2ForSequenceClassification": "GPT2LMHeadModel",
-}
-_CAUSAL_TO_REWARD = {causal: reward for reward, causal in REWARD_ARCHITECTURES.items()}
+# the sequence-classification class of each causal-LM architecture temper reads (each family's
+# `reward_architectures`, through the registry) and the other way round
+REWARD_ARCHITECTURES = registry.FamilyTable(lambda f: f.reward_architectures)
+_CAUSAL_TO_REWARD = registry.FamilyTable(lambda f: {causal: reward for reward, causal in f.reward_architectures.items()})
 HEAD = "score.weight"
 
 
@@ -191,7 +187,7 @@ def build_reward_model(config: ModelConfig, *, device: torch.device | str = "cpu
                        dtype: str | torch.dtype | None = None, init: bool = True) -> RewardModel:
     """A reward model of `config` with fresh weights (the head N(0, 0.02), as transformers inits it)."""
     with torch.device(device):
-        model = RewardModel(FAMILIES[config.family](config.replace(tie_embeddings=False)))
+        model = RewardModel(registry.family(config.family).model(config.replace(tie_embeddings=False)))
     if init and str(device) != "meta":
         init_weights(model.body)
         nn.init.normal_(model.score.weight, std=0.02)
@@ -219,7 +215,7 @@ def load_reward_model(model_dir: str | Path, *, device: torch.device | str = "cp
     """A sequence-classification directory (one label, safetensors) as a RewardModel in eval mode."""
     config = read_reward_config(model_dir)
     with torch.device("meta"):
-        model = RewardModel(FAMILIES[config.family](config))
+        model = RewardModel(registry.family(config.family).model(config))
     state = load_state_dict_from_hf(model_dir, model.body, config, device="cpu",
                                     extra={HEAD: (1, config.hidden_size)})
     target = resolve_dtype(dtype, device)

@@ -29,7 +29,8 @@ from torch import nn
 from temper.config import PeftConfig
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import atomic_write_bytes, atomic_write_text
-from temper.models.hf import ADAPTERS, open_weights
+from temper.models import registry
+from temper.models.hf import open_weights
 from temper.peft.lora import inject_lora, linear_modules, lora_modules
 
 __all__ = ["save_adapter", "load_adapter"]
@@ -114,9 +115,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base
 
 def _family_adapter(model: nn.Module):
     family = getattr(getattr(model, "config", None), "family", None)
-    if family not in ADAPTERS:
-        raise TemperError(f"PEFT adapters need a temper model of a known family ({', '.join(ADAPTERS)})")
-    return ADAPTERS[family]
+    if family not in {f.name for f in registry.families()}:
+        raise TemperError(f"PEFT adapters need a temper model of a known family ({registry.names()})")
+    return registry.family(family).adapter_for(model.config)
 
 
 def _read_config(adapter_dir: Path) -> dict:

@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from temper.config import check_range, opt
 from temper.errors import TemperError, error_line
-from temper.models import _finish_meta_load, build_model
+from temper.models import _finish_meta_load, build_model, registry
 from temper.train import engine
 from temper.train.pipeline import PipelineRunner
 
@@ -277,6 +277,10 @@ def wrap_model(model: torch.nn.Module, par: Parallel, *, precision: str, activat
     if activation_checkpointing:
         engine.apply_activation_checkpointing(model)
     if par.pp > 1:
+        family = registry.family(model.config.family)
+        if not family.causal_lm:
+            raise TemperError(f"parallel.pp: pipeline stages cut decoders; a {family.description} model is an "
+                              "encoder (use parallel.pp=1)")
         if compile or precision == "fp16":
             raise TemperError("parallel.pp runs without compile, in fp32 or bf16")
         par.pipeline = PipelineRunner(model, n_microbatches=pipeline_microbatches, pp_group=par.mesh["pp"],

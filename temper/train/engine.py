@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from temper.errors import TemperError
+from temper.models import registry
 
 # ----------------------------------------------------------------------------- precision
 
@@ -256,11 +257,11 @@ def nonfinite_parameters(model: Modules) -> list[str]:
 def apply_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute each transformer block's activations in the backward pass (memory for compute).
 
-    Sets the model's `activation_checkpointing` flag, which its blocks loop honours; nothing
-    is wrapped or patched, so parameter names and checkpoints stay unchanged. Returns the
-    number of blocks.
+    Sets the model's `activation_checkpointing` flag, which its blocks loop honours (every
+    family's model has the flag and its `blocks`, decoder or encoder); nothing is wrapped or
+    patched, so parameter names and checkpoints stay unchanged. Returns the number of blocks.
     """
-    assert hasattr(model, "activation_checkpointing"), f"{type(model).__name__} is not a temper decoder"
+    assert hasattr(model, "activation_checkpointing"), f"{type(model).__name__} is not a temper model"
     model.activation_checkpointing = True
     return len(model.blocks)
 
@@ -276,7 +277,8 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token, PaLM's count (Chowdhery et al. 2022, appendix B):
-    6 x (weights of the matrix multiplies) + 12 x layers x heads x head_dim x seq_len.
+    6 x (weights of the matrix multiplies) + the attention term of the model's family
+    (`Family.attention_flops`: 12 x layers x heads x head_dim x seq_len for every family so far).
 
     The matmul weights are every linear layer's, each once (a tied output layer once; a 4-bit
     linear by its shape); embedding and learned-position lookups, norms and biases are not
@@ -284,8 +286,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     own: its base counts once, and its LoRA A and B matrices count as the two small matmuls
     they are. Frozen weights count 6 like trained ones (PaLM's convention: MFU compares runs
     by model size, though a frozen weight's backward skips its weight gradient). The second
-    term is attention's two (T x T) products, forward and backward, not halved for the causal
-    mask (as PaLM and nanoGPT count).
+    term is attention's two (T x T) products, forward and backward, not halved for a causal
+    mask (as PaLM and nanoGPT count), so a bidirectional encoder's count is the same.
     """
     seen: set[int] = set()
     matmul_weights = 0
@@ -298,7 +300,7 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
                 hasattr(inner, "in_features") for inner in module.modules() if inner is not module):
             matmul_weights += module.in_features * module.out_features  # quantised: weights are buffers
     c = model.config
-    return 6 * matmul_weights + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+    return 6 * matmul_weights + registry.family(c.family).attention_flops(c, seq_len)
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5,

@@ -47,8 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temper.errors import TemperError
-from temper.models.config import PRESETS, ModelConfig
+from temper.models import registry
+from temper.models.config import ModelConfig
+from temper.models.family import BlockLayout
 from temper.models.hf import config_from_hf, read_hf_config
+from temper.models.registry import PRESETS
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -87,16 +90,17 @@ SHAPES: dict[str, ModelConfig] = {
 # ----------------------------------------------------------------------------- the model's shape
 
 
+def layout(c: ModelConfig) -> BlockLayout:
+    """The block layout of `c`'s family (temper.models.family.BlockLayout): what this planner reads."""
+    found = registry.family(c.family)
+    if found.layout is None:
+        raise TemperError(f"the memory planner has no block layout for the {c.family} family ({found.description})")
+    return found.layout
+
+
 def block_linears(c: ModelConfig) -> list[tuple[str, int, int, bool]]:
     """(name within a block, in_features, out_features, has bias) of every linear of one block."""
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    h, inter = c.hidden_size, c.intermediate_size
-    if c.family == "gpt2":
-        return [("attn.c_attn", h, q + 2 * kv, c.qkv_bias), ("attn.c_proj", q, h, c.attn_out_bias),
-                ("mlp.c_fc", h, inter, c.mlp_bias), ("mlp.c_proj", inter, h, c.mlp_bias)]
-    return [("attn.q_proj", h, q, c.qkv_bias), ("attn.k_proj", h, kv, c.qkv_bias), ("attn.v_proj", h, kv, c.qkv_bias),
-            ("attn.o_proj", q, h, c.attn_out_bias), ("mlp.gate_proj", h, inter, c.mlp_bias),
-            ("mlp.up_proj", h, inter, c.mlp_bias), ("mlp.down_proj", inter, h, c.mlp_bias)]
+    return layout(c).block_linears(c)
 
 
 @dataclass
@@ -118,18 +122,21 @@ def parameter_counts(c: ModelConfig) -> ParameterCounts:
     linears = block_linears(c)
     weights = sum(i * o for _, i, o, _ in linears)
     biases = sum(o for _, _, o, b in linears if b)
-    norm = 2 * c.hidden_size if c.family == "gpt2" else c.hidden_size  # LayerNorm has a bias
+    shape = layout(c)
+    norm = 2 * c.hidden_size if shape.norm_bias else c.hidden_size  # LayerNorm has a bias
     vocab = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)
-    positions = c.max_seq_len * c.hidden_size if c.family == "gpt2" else 0
+    positions = c.max_seq_len * c.hidden_size if shape.positions == "learned" else 0
+    norms = shape.norms_per_block
     return ParameterCounts(linear_weights=c.num_layers * weights, linear_biases=c.num_layers * biases,
-                           embeddings=vocab, replicated=(2 * c.num_layers + 1) * norm + positions,
+                           embeddings=vocab,
+                           replicated=(norms * c.num_layers + 1) * norm + positions + shape.extra_parameters(c),
                            largest_linear=max(i * o for _, i, o, _ in linears),
-                           per_block=weights + biases + 2 * norm)
+                           per_block=weights + biases + norms * norm)
 
 
 def buffer_elements(c: ModelConfig) -> int:
     """Elements of the buffers temper keeps: the rotary cos and sin tables (max_seq_len x head_dim)."""
-    return 0 if c.family == "gpt2" else 2 * c.max_seq_len * c.head_dim
+    return 2 * c.max_seq_len * c.head_dim if layout(c).positions == "rotary" else 0
 
 
 def lora_targets(c: ModelConfig, targets: list[str]) -> list[tuple[str, int, int, bool]]:
@@ -329,13 +336,13 @@ def layer_activation_bytes(c: ModelConfig, dt: int, trainable: list[str] | None,
     (fp32 adapters, as temper makes them); `input_grad`: whether the block's input requires a
     gradient (not so for the first block when the embeddings are frozen).
 
-    Llama (RMSNorm in fp32, SwiGLU), per token:
+    The family's BlockLayout says which: with RMSNorm (fp32 inside) and a SwiGLU MLP (Llama), per token:
       each norm: its input upcast to fp32 (4h) and 1/rms (4), the normalised x (dt h) when its
         scale is trained, its output (dt h) when a trained linear reads it;
       attention: rotated q and k, v, the output (dt (2q + 2kv)), logsumexp (4 per head);
       MLP: gate, silu(gate), up, their product (dt 4I);
       so with full fine-tuning 2(4 + 2dt)h + dt(2q + 2kv + 4I) + 4 heads + 8 (h=q: dt(6h + 2kv + 4I) + 8h).
-    GPT-2, per token: each LayerNorm its input, mean and rstd (dt (h + 2)) and its output (dt h)
+    With LayerNorm and a GELU MLP (GPT-2), per token: each LayerNorm its input, mean and rstd (dt (h + 2)) and its output (dt h)
       when a trained linear reads it; c_attn's q, k, v and the attention output (dt (2q + 2kv)),
       logsumexp; c_fc's output (GELU's input) and GELU's output (dt 2I).
     A frozen linear keeps nothing for its weight; its LoRA adapter keeps its input in fp32 (one
@@ -356,27 +363,27 @@ def layer_activation_bytes(c: ModelConfig, dt: int, trainable: list[str] | None,
         return 4 * dim if dt == 4 else n * 4 * dim
 
     adapters = 4 * lora_r * len(wrapped)  # each adapter's A output, kept by B
-    if c.family == "gpt2":
-        norm = dt * (h + 2)  # input, mean, rstd
-        b = (norm if input_grad else 0) + site(h, ["attn.c_attn"])
-        attn_grad = input_grad or "attn.c_attn" in wrapped
-        b += dt * (2 * q + 2 * kv) + 4 * heads if attn_grad else 0
-        b += site(q, ["attn.c_proj"], kept=attn_grad)
-        mlp_grad = attn_grad or "attn.c_proj" in wrapped
-        b += norm if mlp_grad else 0
-        b += site(h, ["mlp.c_fc"])
-        b += dt * inter if mlp_grad or "mlp.c_fc" in wrapped else 0  # GELU's input
-        return b + site(inter, ["mlp.c_proj"]) + adapters
-    norm_in, scaled = 4 * h + 4, dt * h if full else 0
-    b = (norm_in + scaled if input_grad else 0) + site(h, ["attn.q_proj", "attn.k_proj", "attn.v_proj"])
-    attn_grad = input_grad or bool(wrapped & {"attn.q_proj", "attn.k_proj", "attn.v_proj"})
+    shape = layout(c)
+    norm = norm_saved_bytes(shape, dt, h, full)
+    attention_in, mlp_in = set(shape.attention_in), set(shape.mlp_in)
+    b = (norm if input_grad else 0) + site(h, list(shape.attention_in))
+    attn_grad = input_grad or bool(wrapped & attention_in)
     b += dt * (2 * q + 2 * kv) + 4 * heads if attn_grad else 0
-    b += site(q, ["attn.o_proj"], kept=attn_grad)
-    mlp_grad = attn_grad or "attn.o_proj" in wrapped
-    b += norm_in + scaled if mlp_grad else 0
-    b += site(h, ["mlp.gate_proj", "mlp.up_proj"])
-    b += 3 * dt * inter if mlp_grad or bool(wrapped & {"mlp.gate_proj", "mlp.up_proj"}) else 0
-    return b + site(inter, ["mlp.down_proj"]) + adapters
+    b += site(q, [shape.attention_out], kept=attn_grad)
+    mlp_grad = attn_grad or shape.attention_out in wrapped
+    b += norm if mlp_grad else 0
+    b += site(h, list(shape.mlp_in))
+    kept = 3 if shape.gated_mlp else 1  # SwiGLU: gate, silu(gate), up; GELU: its input
+    b += kept * dt * inter if mlp_grad or bool(wrapped & mlp_in) else 0
+    return b + site(inter, [shape.mlp_out]) + adapters
+
+
+def norm_saved_bytes(shape: BlockLayout, dt: int, h: int, full: bool) -> int:
+    """Per token, what one norm saves: LayerNorm its input, mean and rstd (dt (h + 2)); RMSNorm
+    its input upcast to fp32 and 1/rms (4h + 4), and the normalised x when its scale trains."""
+    if shape.norm == "layer":
+        return dt * (h + 2)
+    return 4 * h + 4 + (dt * h if full else 0)
 
 
 def selective_layer_bytes(c: ModelConfig, dt: int) -> int:
@@ -392,10 +399,12 @@ def outside_layers_bytes(c: ModelConfig, dt: int, full: bool, seq_len: int, batc
     trains), the rotary tables (or learned positions' ids), the final norm's saved tensors."""
     tokens = seq_len * batch
     ids = 8 * tokens if full else 0
-    if c.family == "gpt2":
-        return ids + (8 * seq_len if full else 0) + dt * (c.hidden_size + 2) * tokens
-    rotary = 2 * seq_len * c.head_dim * dt  # cos, sin (1, 1, T, head_dim), shared by every block
-    return ids + rotary + (4 * c.hidden_size + 4 + (dt * c.hidden_size if full else 0)) * tokens
+    shape = layout(c)
+    if shape.positions == "learned":
+        positions = 8 * seq_len if full else 0  # the position ids the embedding's backward reads
+    else:
+        positions = 2 * seq_len * c.head_dim * dt  # cos, sin (1, 1, T, head_dim), shared by every block
+    return ids + positions + norm_saved_bytes(shape, dt, c.hidden_size, full) * tokens
 
 
 @dataclass
@@ -534,7 +543,7 @@ def training_memory(c: ModelConfig, plan: Plan) -> Breakdown:
                                              f"logits' gradient, {tokens} x {vocab} x 12 B"))
     # the MLP's backward: the gradients of its two (GPT-2: one) intermediate tensors beside the block's
     # activations, and the down projection's weight gradient
-    widths = 1 if c.family == "gpt2" else 2
+    widths = 2 if layout(c).gated_mlp else 1
     work = dt * widths * c.intermediate_size // tp * tokens
     work += 0 if adapters else grad_bytes * c.intermediate_size * c.hidden_size // tp // shard_g
     backward.append((work, "one block's activation gradients"))
@@ -603,7 +612,7 @@ def inference_memory(c: ModelConfig, plan: Plan) -> Breakdown:
     q, kv, h = c.num_heads * c.head_dim // tp, kv_heads_per_device(c, tp) * c.head_dim, c.hidden_size
     # prefill, one layer at a time: the block's input, the residual, the normed x and SwiGLU's three
     # (B, T, I) tensors (GELU's two); or q, k, v and the rotary products
-    mlp = (3 * h + (2 if c.family == "gpt2" else 3) * c.intermediate_size // tp) * dt * tokens
+    mlp = (3 * h + (3 if layout(c).gated_mlp else 2) * c.intermediate_size // tp) * dt * tokens
     attention = (2 * h + 5 * q + 2 * kv) * dt * tokens
     prefill = max(mlp, attention)
     # when a sequence ends, the cache's keys (then values) are copied for the rows that remain

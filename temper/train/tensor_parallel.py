@@ -1,4 +1,5 @@
-"""Tensor parallelism of the Llama blocks with DTensor, applied from outside the model.
+"""Tensor parallelism of a family's blocks with DTensor, applied from outside the model (the
+family's `tensor_parallel` plan names the modules; the llama family has one).
 
 Megatron-LM's layout (Shoeybi et al. 2019), as torchtitan lays it out: in each block,
 q/k/v and gate/up are split column-wise (each rank holds a slice of the attention heads
@@ -47,15 +48,23 @@ from torch.distributed.tensor.parallel import (
 )
 
 from temper.errors import TemperError
+from temper.models import registry
 from temper.models.common import DecoderBase
 from temper.models.config import ModelConfig
+from temper.models.family import TensorParallelPlan
 
 __all__ = ["check_tensor_parallel", "apply_tensor_parallel"]
 
-# One block's plan, by the Llama family's module names.
-_COLUMN_WISE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-_ROW_WISE = ("attn.o_proj", "mlp.down_proj")
-_REPLICATED = ("attn_norm", "mlp_norm")
+
+def block_plan(config: ModelConfig, tp: int) -> TensorParallelPlan:
+    """The family's plan for one block, or one line saying which families have one and why this has not."""
+    plan = registry.family(config.family).tensor_parallel
+    if isinstance(plan, TensorParallelPlan):
+        return plan
+    able = [f for f in registry.families() if isinstance(f.tensor_parallel, TensorParallelPlan)]
+    which = " and the ".join(f"{f.name} family ({f.description})" for f in able) or "no family yet"
+    raise TemperError(f"parallel.tp={tp}: tensor parallelism supports the {which}, not {config.family} ({plan}); "
+                      "use parallel.tp=1")
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
@@ -64,11 +73,7 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         raise TemperError(f"parallel.tp is {tp!r}: expected a positive integer (1: no tensor parallelism)")
     if tp == 1:
         return
-    if config.family != "llama":
-        raise TemperError(
-            f"parallel.tp={tp}: tensor parallelism supports the llama family (Llama, Mistral, Qwen2), "
-            f"not {config.family} (its fused c_attn projection is not split); use parallel.tp=1"
-        )
+    block_plan(config, tp)
     allowed = math.gcd(config.num_heads, config.num_kv_heads, config.intermediate_size)
     choices = ", ".join(str(d) for d in range(1, allowed + 1) if allowed % d == 0)
     for count, what in ((config.num_heads, "attention heads"), (config.num_kv_heads, "key/value heads"),
@@ -78,14 +83,14 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
                               f"divides {count} (this model allows tp = {choices})")
 
 
-def _check_full_weight_model(model: DecoderBase, tp: int) -> None:
+def _check_full_weight_model(model: DecoderBase, tp: int, plan: TensorParallelPlan) -> None:
     """Only the base model's own layers are split or replicated: refuse LoRA, 4-bit layers,
     adapters and prefix/prompt encoders, which would be left as plain tensors on every rank."""
     covered = {id(p) for m in (model.input_embeddings, model.final_norm, model.lm_head) for p in m.parameters()}
     for i, block in enumerate(model.blocks):
-        for name in (*_COLUMN_WISE, *_ROW_WISE, *_REPLICATED):
+        for name in (*plan.column_wise, *plan.row_wise, *plan.replicated):
             layer = block.get_submodule(name)
-            if name not in _REPLICATED and type(layer) is not nn.Linear:
+            if name not in plan.replicated and type(layer) is not nn.Linear:
                 raise TemperError(
                     f"parallel.tp={tp}: layer {i}'s {name} is a {type(layer).__name__}, not a plain linear layer; "
                     "tensor parallelism splits full-weight models only (no LoRA, no 4-bit)"
@@ -118,9 +123,9 @@ class _Replicated(ParallelStyle):
 
 
 def apply_tensor_parallel(model: DecoderBase, tp_mesh: DeviceMesh) -> None:
-    """Split every block of a temper Llama-family decoder over the ranks of `tp_mesh`, in place.
+    """Split every block of a temper decoder over the ranks of `tp_mesh`, in place, by its family's plan.
 
-    Column-wise q/k/v/gate/up, row-wise o/down; the embedding, the norms and lm_head stay
+    Llama: column-wise q/k/v/gate/up, row-wise o/down; the embedding, the norms and lm_head stay
     replicated (Replicate() DTensor parameters, plain-tensor activations). Shards and replicas
     are cut from the weights of the mesh's first rank (broadcast); every rank of `tp_mesh`
     must then feed the same batch. Call it before `fully_shard` and before building the
@@ -129,10 +134,11 @@ def apply_tensor_parallel(model: DecoderBase, tp_mesh: DeviceMesh) -> None:
     """
     assert tp_mesh.ndim == 1, "apply_tensor_parallel takes the one-dimensional tensor-parallel mesh (mesh['tp'])"
     check_tensor_parallel(model.config, tp_mesh.size())
-    _check_full_weight_model(model, tp_mesh.size())
-    plan: dict[str, ParallelStyle] = {name: ColwiseParallel() for name in _COLUMN_WISE}
-    plan.update({name: RowwiseParallel() for name in _ROW_WISE})
-    plan.update({name: _Replicated() for name in _REPLICATED})
+    layout = block_plan(model.config, tp_mesh.size())
+    _check_full_weight_model(model, tp_mesh.size(), layout)
+    plan: dict[str, ParallelStyle] = {name: ColwiseParallel() for name in layout.column_wise}
+    plan.update({name: RowwiseParallel() for name in layout.row_wise})
+    plan.update({name: _Replicated() for name in layout.replicated})
     for block in model.blocks:
         parallelize_module(block, tp_mesh, plan)
 

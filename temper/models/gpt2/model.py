@@ -57,7 +57,6 @@ class Block(nn.Module):
 class GPT2(DecoderBase):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        assert config.family == "gpt2"
         self.config = c = config
         self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
         self.wpe = nn.Embedding(c.max_seq_len, c.hidden_size)

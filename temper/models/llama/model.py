@@ -75,7 +75,6 @@ class Block(nn.Module):
 class Llama(DecoderBase):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        assert config.family == "llama"
         self.config = c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
