@@ -41,6 +41,7 @@ from temper.curate.minhash import (
     shingle_hashes,
     threshold,
 )
+from temper.curate.outcome import Outcome, decode_outcome, encode_outcome
 from temper.curate.text import mask_pii, normalize
 from temper.data.readers import expand_paths, iter_records, json_type
 from temper.errors import TemperError
@@ -289,39 +290,6 @@ class DocWork:
         return Outcome(None, None, text, normalized, digest, signature, lines, edited)
 
 
-@dataclass
-class Outcome:
-    rule: str | None  # the rule that drops the document (None: it passed every per-document rule)
-    reason: str | None
-    text: str  # what is written: the cleaned text, or what a rejected row shows
-    normalized: str  # the text after normalisation (an exact duplicate's rejected row shows it)
-    digest: bytes | None = None
-    signature: np.ndarray | None = None
-    lines: set[int] | None = None
-    c4_edited: bool = False
-
-
-def encode_outcome(done: Outcome | None) -> dict | None:
-    """An outcome as JSON (the signature travels apart, as bytes: `done.signature.tobytes()`)."""
-    if done is None:
-        return None
-    return {"rule": done.rule, "reason": done.reason, "text": done.text,
-            "normalized": None if done.normalized == done.text else done.normalized,
-            "digest": None if done.digest is None else done.digest.hex(),
-            "lines": None if done.lines is None else sorted(done.lines), "c4": done.c4_edited,
-            "sig": done.signature is not None}
-
-
-def decode_outcome(o: dict | None, signature: bytes | None) -> Outcome | None:
-    """The inverse of `encode_outcome`, given the signature's bytes."""
-    if o is None:
-        return None
-    return Outcome(o["rule"], o["reason"], o["text"], o["text"] if o["normalized"] is None else o["normalized"],
-                   None if o["digest"] is None else bytes.fromhex(o["digest"]),
-                   None if signature is None else np.frombuffer(signature, dtype=np.uint64).copy(),
-                   None if o["lines"] is None else set(o["lines"]), o["c4"])
-
-
 _WORK: DocWork | None = None  # a worker process's DocWork
 
 
@@ -516,7 +484,7 @@ def curate(cfg, out: Path) -> dict:
         if cfg.engine == "ray":
             from temper.curate.ray_engine import RayEngine
 
-            engine = stack.enter_context(RayEngine(cfg, work))
+            engine = stack.enter_context(RayEngine(cfg, work, batch=WORKER_BATCH))
         rejects = Rejects(out / "rejected", stack, mask, cfg.text_field)
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
