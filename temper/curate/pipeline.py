@@ -535,7 +535,8 @@ def curate(cfg, out: Path) -> dict:
                     line_docs.update(done.lines)
                 staged_offsets.append(stage_file.tell())
                 staged_index.append(i)
-                stage_file.write(json.dumps({"data": data, "text": text}, ensure_ascii=False) + "\n")
+                stage_file.write(json.dumps({"data": {**data, cfg.text_field: None}, "text": text},  # the text once
+                                            ensure_ascii=False) + "\n")
             near_report = None
             if stage:
                 stage_file.flush()
