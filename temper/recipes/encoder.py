@@ -81,11 +81,6 @@ OBJECTIVES = ("mlm", "nsp", "sop", "mlm+nsp", "mlm+sop", "electra", "contrastive
 ARCHITECTURE = {"mlm": "BertForMaskedLM", "nsp": "BertForPreTraining", "sop": "BertForPreTraining",
                 "mlm+nsp": "BertForPreTraining", "mlm+sop": "BertForPreTraining", "electra": "ElectraForPreTraining",
                 "contrastive": "BertModel"}
-# the heads a model directory may bring for each objective (the encoder's weights are what matter)
-HEADS_ACCEPTED = {"mlm": ("mlm", "pretraining"), "nsp": ("pretraining",), "sop": ("pretraining",),
-                  "mlm+nsp": ("pretraining",), "mlm+sop": ("pretraining",), "electra": ("discriminator",)}
-
-
 @dataclass
 class Config(recipe.TrainingConfig, command="pretrain",
              defaults=dict(model="bert-tiny", output_dir="runs/encoder", seq_len=128, batch_size=32, max_steps=300,
@@ -184,18 +179,21 @@ def simcse_pairs(examples: list[ContrastivePair], tokenizer, vocab, seq_len: int
 
 
 def build_encoder(cfg: Config, tokenizer: Tokenizer, vocab: EncoderVocab, device) -> torch.nn.Module:
-    """The encoder with the objective's head: from a directory (its head must suit the objective),
-    or a preset with random weights and the tokenizer's vocabulary."""
+    """The encoder with the objective's head: from a directory (another head is replaced by the
+    objective's, new, as transformers starts one head from another's checkpoint; the encoder's
+    weights and a head both have carry over), or a preset with random weights and the tokenizer's
+    vocabulary."""
     architecture = ARCHITECTURE[cfg.objective]
     if Path(cfg.model).is_dir():
         model = load_model(cfg.model, device=device, dtype=torch.float32)
         if model.config.family != "bert":
             raise TemperError(f"model={cfg.model} is a {model.config.family} model: objective={cfg.objective} trains "
                               "a bert-family encoder")
-        accepted = HEADS_ACCEPTED.get(cfg.objective)
-        if accepted is not None and model.head not in accepted:
-            raise TemperError(f"model={cfg.model} is a {model.config.hf_architecture}: objective={cfg.objective} "
-                              f"continues a {architecture}")
+        if model.config.hf_architecture != architecture:
+            source, model = model, build_model(with_head(model.config, architecture), device=device,
+                                               dtype=torch.float32)
+            missing, _ = model.load_state_dict(source.state_dict(), strict=False)
+            assert all(not k.startswith(("embeddings.", "layers.")) for k in missing), missing
     else:
         config = preset(cfg.model, vocab_size=tokenizer.vocab_size, pad_token_id=vocab.pad_id,
                         max_seq_len=max(preset(cfg.model).max_seq_len, cfg.seq_len)).with_overrides(cfg.model_config)
