@@ -126,10 +126,10 @@ def test_bad_input_errors_are_one_line(tmp_path, capsys, tiny_model_dir):
     broken.write_text('{"prompt": "ok"}\n{"prompt": \n')
     assert "broken.jsonl:2: not valid JSON" in _one_line_error(
         capsys, "generate", f"model={tiny_model_dir}", f"prompts_file={broken}")
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    assert "architecture 'BertModel' is not supported" in _one_line_error(
-        capsys, "generate", f"model={tmp_path / 'bert'}", "prompt=x")
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
+    assert "architecture 'T5ForConditionalGeneration' is not supported" in _one_line_error(
+        capsys, "generate", f"model={tmp_path / 't5'}", "prompt=x")
     assert "give exactly one of" in _one_line_error(capsys, "generate", f"model={tiny_model_dir}")
     assert "top_p must be in (0, 1]" in _one_line_error(
         capsys, "generate", f"model={tiny_model_dir}", "prompt=x", "top_p=0")

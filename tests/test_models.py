@@ -119,8 +119,9 @@ def test_unknown_preset_suggests():
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
-    with pytest.raises(TemperError, match=r"config.json: architecture 'BertForMaskedLM' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"],
+                                                      "model_type": "t5"}))
+    with pytest.raises(TemperError, match=r"config.json: architecture 'T5ForConditionalGeneration' is not supported"):
         load_model(tmp_path)
 
 

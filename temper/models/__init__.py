@@ -71,6 +71,10 @@ def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, torch.nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+    with torch.no_grad():  # an embedding's padding row starts at zero, as transformers inits it (after a tied
+        for module in model.modules():  # output layer's draw, which shares the matrix)
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu",

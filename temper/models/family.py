@@ -181,6 +181,12 @@ class Family:
             raise TemperError(f"the {self.name} family's model has no dropout: dropout and attention_dropout must "
                               f"be 0 (got {config.dropout:g} and {config.attention_dropout:g})")
 
+    def require_causal_lm(self, config: ModelConfig, what: str) -> None:
+        """One line when `what` (a recipe's model) is an encoder where a causal LM is trained."""
+        if not self.causal_lm:
+            raise TemperError(f"{what} is a {self.description} encoder ({config.hf_architecture}: bidirectional "
+                              "attention, no next-token head); this recipe trains causal language models")
+
     @property
     def model_types(self) -> dict[str, str]:
         """config.json `model_type` -> the first architecture of that type (a config.json without

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from temper.errors import TemperError
+from temper.models.bert import FAMILY as BERT
 from temper.models.config import ModelConfig
 from temper.models.family import Family
 from temper.models.gpt2 import FAMILY as GPT2
 from temper.models.llama import FAMILY as LLAMA
 
-BUILTIN: tuple[Family, ...] = (LLAMA, GPT2)
+BUILTIN: tuple[Family, ...] = (LLAMA, GPT2, BERT)
 
 _FAMILIES: dict[str, Family] = {}
 

@@ -46,7 +46,7 @@ def _hf_module(adapter, name: str) -> str:
 def _tied_pair(model: nn.Module) -> tuple[str, str] | None:
     """(output layer, input embedding) names when they share one weight."""
     emb = model.input_embeddings
-    if getattr(model.lm_head, "weight", None) is not emb.weight:  # a 4-bit or LoRA head has none
+    if getattr(getattr(model, "lm_head", None), "weight", None) is not emb.weight:  # 4-bit, LoRA: none; encoders
         return None
     return "lm_head", next(name for name, m in model.named_children() if m is emb)
 
@@ -96,7 +96,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig, *, base
     else:
         targets = "(?:" + "|".join(re.escape(h) for h in hf_names) + ")"
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r,
+        # PEFT wraps a CAUSAL_LM adapter's model for generation; an encoder's is the plain PeftModel
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if registry.family(model.config.family).causal_lm else None,
+        "r": cfg.r,
         "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora,
         "use_dora": dora.pop(), "modules_to_save": saved_leaves or None, "bias": "none",

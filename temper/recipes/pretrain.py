@@ -44,7 +44,7 @@ from temper.errors import TemperError
 from temper.eval.perplexity import evaluate_batches
 from temper.io import atomic_write_text
 from temper.losses import causal_lm_loss
-from temper.models import build_model, load_model, preset
+from temper.models import build_model, load_model, preset, registry
 from temper.models.config import ModelConfig
 from temper.models.generate import SamplingConfig, generate_text
 from temper.runtime import seed_everything
@@ -97,6 +97,9 @@ class Config(recipe.TrainingConfig, command="pretrain",
         if self.model_config and not Path(self.model).is_dir():
             preset(self.model).with_overrides(self.model_config)  # the changed shape, checked now: keys, types, sizes
             self.model_config = check_keys(self.model_config, ModelConfig, "model_config")  # as typed values
+        if self.model in registry.PRESETS and not Path(self.model).is_dir():  # before any data is prepared
+            shape = registry.PRESETS[self.model]
+            registry.family(shape.family).require_causal_lm(shape, f"model={self.model}")
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
@@ -188,6 +191,7 @@ def prepare_model(cfg: Config, tokenizer, device, dtype):
         config = preset(cfg.model, vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                         pad_token_id=tokenizer.pad_id).with_overrides(cfg.model_config)
         model = build_model(config, device=device, dtype=dtype)
+    registry.family(model.config.family).require_causal_lm(model.config, f"model={cfg.model}")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TemperError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} embeddings")
     recipe.check_positions(cfg.seq_len, model.config, f"model={cfg.model}",

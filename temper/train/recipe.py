@@ -51,7 +51,7 @@ from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.eval.hacking import WatchConfig
 from temper.lineage import read_lineage, write_lineage
-from temper.models import load_model, save_model
+from temper.models import load_model, registry, save_model
 from temper.models.hf import config_from_hf, read_hf_config
 from temper.models.reward import REWARD_ARCHITECTURES
 from temper.peft import apply_peft, save_peft
@@ -339,6 +339,7 @@ def load_policy(cfg: TrainingConfig, run: Run, path: str | None = None) -> Polic
     """The model to train (fp32 master weights), its tokenizer and its lineage."""
     path = path or cfg.model
     model = load_model(path, device=run.device, dtype=torch.float32)
+    registry.family(model.config.family).require_causal_lm(model.config, f"model={path}")
     return Policy(model, Tokenizer.from_dir(path), read_lineage(path))
 
 
