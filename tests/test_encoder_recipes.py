@@ -57,12 +57,25 @@ def test_mlm_loss_falls_and_transformers_reads_the_directory(mlm_dir):
     torch.testing.assert_close(actual[real], expected[real], rtol=0, atol=tol)
 
 
-def test_objective_picks_the_recipe_and_its_config(capsys):
+def test_objective_picks_the_recipe_and_its_config(capsys, tmp_path):
+    from temper.cli import Commands
+
+    yaml_file = tmp_path / "encoder.yaml"
+    yaml_file.write_text("objective: sop\nmax_steps: 7\n")
+    assert main(["pretrain", "--config", str(yaml_file), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "objective: sop" in printed and "mlm_probability" in printed and "max_steps: 7" in printed
+    assert type(Commands().config("pretrain", {"objective": "contrastive"})).__module__ == "temper.recipes.encoder"
+    assert type(Commands().config("pretrain", ["objective=clm"])).__module__ == "temper.recipes.pretrain"
     assert main(["pretrain", "objective=electra", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "disc_weight: 50.0" in printed and "model: bert-tiny" in printed
     assert main(["pretrain", "--print-config"]) == 0
     assert "objective: clm" in capsys.readouterr().out
+    assert main(["pretrain", "objective=mlm", "--help"]) == 0
+    assert "mlm_probability" in capsys.readouterr().out
+    assert main(["pretrain", "--help"]) == 0
+    assert "mlm_probability" not in capsys.readouterr().out
     assert main(["pretrain", "objective=mlmx"]) == 2
     assert "objective=mlmx is not one of clm, mlm" in capsys.readouterr().err
 
