@@ -12,7 +12,7 @@ result and a summary table:
    only, measured on every person's held-out split (a template no fine-tuning row uses), the same
    fine-tuning budget for both; `tokens` (tag people and towns) likewise.
 2. **ELECTRA vs MLM** per pretraining compute: each pretraining run keeps 3 checkpoints; each is
-   fine-tuned as in 1; pretraining FLOPs = training FLOPs per token (`engine.flops_per_token`,
+   fine-tuned as in 1 (both tasks, the mean over the seeds); pretraining FLOPs = training FLOPs per token (`engine.flops_per_token`,
    PaLM's 6N + attention; ELECTRA: the generator's plus the discriminator's) x the tokens seen so
    far (the run's padded tokens x the share of its steps).
 3. **NSP vs SOP** (sentence task alone, `objective=nsp|sop`): accuracy on held-out pairs (the
@@ -198,13 +198,15 @@ def run(args) -> None:
     summaries = {name: json.loads((root / name / "summary.json").read_text()) for name in ("mlm", "electra")}
     per_token = {"mlm": flops_per_token(load_model(mlm), 64),
                  "electra": flops_per_token(load_model(electra), 64) + flops_per_token(load_model(electra / "generator"), 64)}
-    train, test = tasks["classify"]
     for name, module in (("mlm", "model"), ("electra", "discriminator")):
         for step, directory in checkpoint_dirs(root / name, module, root / "ckpt"):
             flops = per_token[name] * summaries[name]["train_tokens"] * step / summaries[name]["steps"]
-            results.append(report(experiment="electra vs mlm", objective=name, step=step, pretrain_flops=flops,
-                                  accuracy=finetune(root, f"{name}{step}", str(directory), "classify", train, test,
-                                                    args)))
+            for task, (train, test) in tasks.items():
+                accuracies = [finetune(root, f"{name}{step}", str(directory), task, train, test, args, seed)
+                              for seed in range(args.seeds)]
+                results.append(report(experiment="electra vs mlm", objective=name, task=task, step=step,
+                                      pretrain_flops=flops, accuracy=sum(accuracies) / len(accuracies),
+                                      accuracies=accuracies))
 
     # 3. NSP vs SOP
     sets = sentence_eval_sets(world, tokenizer, 64)
