@@ -42,6 +42,7 @@ from temper.data.encoder import (
     EncoderCollate,
     EncoderVocab,
     collate_contrastive,
+    frame,
     read_contrastive,
     read_documents,
     read_texts,
@@ -164,9 +165,8 @@ def read_examples(cfg: Config, files: list[str], tokenizer, vocab: EncoderVocab,
                           task=cfg.objective.split("+")[-1], max_len=cfg.seq_len, seed=seed)
 
 
-def simcse_pairs(examples: list[ContrastivePair], tokenizer, vocab, seq_len: int, rows: list[dict]) -> list:
+def paraphrase_examples(tokenizer, vocab: EncoderVocab, seq_len: int, rows: list[dict]) -> list[ContrastivePair]:
     """Contrastive pairs of in-memory {"anchor", "positive"} rows (the world's paraphrases)."""
-    from temper.data.encoder import frame
 
     def framed(text: str) -> list[int]:
         enc = tokenizer.backend.encode(text, add_special_tokens=False)
@@ -259,7 +259,7 @@ def run(cfg: Config) -> dict:
         examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
     paraphrases = None
     if objective == "contrastive" and facts is not None:  # the world: recall@1 on held-out paraphrases
-        paraphrases = simcse_pairs([], tokenizer, vocab, cfg.seq_len, paraphrase_pairs(facts, "test"))
+        paraphrases = paraphrase_examples(tokenizer, vocab, cfg.seq_len, paraphrase_pairs(facts, "test"))
     run.say(f"{objective}: {len(examples)} training and {len(held_out)} held-out examples")
 
     with_mlm = objective in ("mlm", "mlm+nsp", "mlm+sop", "electra")
