@@ -85,19 +85,19 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime + ch.ru_utime + ch.ru_stime
 
 
-def run_temper(data: Path, out: Path) -> dict:
+def run_temper(data: Path, out: Path, workers: int = 1, engine: str = "local") -> dict:
     from temper.config import load_config
     from temper.stages import curate as stage
 
     cfg = load_config(stage.Config, None, [f"data={data}", f"output_dir={out}", "overwrite=true",
-                                           f"workers={ARGS.workers}", f"engine={ARGS.engine}",
+                                           f"workers={workers}", f"engine={engine}",
                                            "normalize.enabled=false", "exact_dedup=false", "line_dedup.enabled=false",
                                            "pii.enabled=false", "resume=false"])
     t0, c0 = time.perf_counter(), cpu_seconds()
     report = stage.run(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    if ARGS.engine == "ray":  # Ray's workers are not this process's children: their CPU time is not counted
-        cpu = wall * ARGS.workers  # what `workers` cores for the whole run cost (an upper bound)
+    if engine == "ray":  # Ray's workers are not this process's children: their CPU time is not counted
+        cpu = wall * workers  # what `workers` cores for the whole run cost (an upper bound)
     peak = {"main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     return {"wall_s": wall, "cpu_s": cpu, "kept": report["kept"]["documents"], "peak_rss": peak,
@@ -174,8 +174,10 @@ def main() -> None:
     ap.add_argument("--side", choices=("temper", "datatrove"), help=argparse.SUPPRESS)
     ARGS = args = ap.parse_args()
     if args.side:  # a child: run one side, print its result as the last line
-        run = run_temper if args.side == "temper" else run_datatrove
-        result = run(args.data, args.work / args.side)
+        if args.side == "temper":
+            result = run_temper(args.data, args.work / args.side, args.workers, args.engine)
+        else:
+            result = run_datatrove(args.data, args.work / args.side)
         sys.stdout.flush()
         print("\n" + json.dumps(result))
         return

@@ -504,3 +504,23 @@ def test_bench_curate_generates_planted_copies_that_temper_removes(tmp_path):
     assert "Paragraph 3, number 39." in (tmp_path / "corpus.jsonl").read_text()  # punctuation joined back
     result = bench.run_temper(tmp_path / "corpus.jsonl", tmp_path / "out")
     assert result["removed"].get("near_dedup", 0) > 0 and result["cpu_s"] > 0  # copies whose source passed the filters
+
+
+def test_signature_rows_read_from_disk_equal_the_array(tmp_path, monkeypatch):
+    """The staged signatures live in a file; the banding reads columns and row ranges of it (with the
+    boilerplate documents left out) in chunks: the same values as slicing the array in memory."""
+    from temper.curate.pipeline import SignatureRows, lsh_buckets
+
+    monkeypatch.setattr(SignatureRows, "CHUNK", 7)  # several chunks, and chunks holding no kept row
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 1 << 63, size=(50, 12), dtype=np.uint64)
+    sig[30] = sig[3]
+    path = tmp_path / "sig.bin"
+    path.write_bytes(sig.tobytes())
+    keep = np.array([0, 1, 3, 4, 5, 20, 21, 30, 31, 49])
+    for rows, expected in ((SignatureRows(path, 50, 12), sig), (SignatureRows(path, 50, 12, keep), sig[keep])):
+        assert len(rows) == len(expected)
+        for key in (np.s_[:, 4:8], np.s_[:, 0:12], np.s_[2:9], np.s_[0:0], np.s_[len(expected) - 1:]):
+            np.testing.assert_array_equal(rows[key], expected[key])
+        assert [m.tolist() for m in lsh_buckets(rows, 3, 4)] == [m.tolist() for m in lsh_buckets(expected, 3, 4)]
+    assert [m.tolist() for m in lsh_buckets(SignatureRows(path, 50, 12, keep), 3, 4)] == [[2, 7]] * 3

@@ -9,19 +9,20 @@ the rule, its reason (e.g. `gopher_short_doc`) and where the document came from;
 disappears silently. Near-deduplication needs every signature before it can decide, so the
 documents that pass the per-document rules wait in a staging file beside the output (removed
 at the end, or by the next run if this one is killed), and so do their 112 x 8-byte signatures
-(read back memory-mapped). In each duplicate cluster the document read first is kept.
+(read back in chunks). In each duplicate cluster the document read first is kept.
 
 Sizes are counted in words (whitespace-separated) and characters, not tokenizer tokens.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -41,6 +42,7 @@ from temper.curate.minhash import (
     shingle_hashes,
     threshold,
 )
+from temper.curate.outcome import Outcome, decode_outcome, encode_outcome
 from temper.curate.text import mask_pii, normalize
 from temper.data.readers import expand_paths, iter_records, json_type
 from temper.errors import TemperError
@@ -224,7 +226,7 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Doc:
     """What pass 1 remembers of a document (the text itself stays on disk)."""
     source: str
@@ -287,39 +289,6 @@ class DocWork:
         lines = None if not self.lines else {xxhash.xxh3_64_intdigest(line.encode("utf-8"))
                                               for line in text.split("\n") if line.strip()}
         return Outcome(None, None, text, normalized, digest, signature, lines, edited)
-
-
-@dataclass
-class Outcome:
-    rule: str | None  # the rule that drops the document (None: it passed every per-document rule)
-    reason: str | None
-    text: str  # what is written: the cleaned text, or what a rejected row shows
-    normalized: str  # the text after normalisation (an exact duplicate's rejected row shows it)
-    digest: bytes | None = None
-    signature: np.ndarray | None = None
-    lines: set[int] | None = None
-    c4_edited: bool = False
-
-
-def encode_outcome(done: Outcome | None) -> dict | None:
-    """An outcome as JSON (the signature travels apart, as bytes: `done.signature.tobytes()`)."""
-    if done is None:
-        return None
-    return {"rule": done.rule, "reason": done.reason, "text": done.text,
-            "normalized": None if done.normalized == done.text else done.normalized,
-            "digest": None if done.digest is None else done.digest.hex(),
-            "lines": None if done.lines is None else sorted(done.lines), "c4": done.c4_edited,
-            "sig": done.signature is not None}
-
-
-def decode_outcome(o: dict | None, signature: bytes | None) -> Outcome | None:
-    """The inverse of `encode_outcome`, given the signature's bytes."""
-    if o is None:
-        return None
-    return Outcome(o["rule"], o["reason"], o["text"], o["text"] if o["normalized"] is None else o["normalized"],
-                   None if o["digest"] is None else bytes.fromhex(o["digest"]),
-                   None if signature is None else np.frombuffer(signature, dtype=np.uint64).copy(),
-                   None if o["lines"] is None else set(o["lines"]), o["c4"])
 
 
 _WORK: DocWork | None = None  # a worker process's DocWork
@@ -467,8 +436,8 @@ def curate(cfg, out: Path) -> dict:
     exact_sizes: Counter = Counter()
     docs: list[_Doc] = []
     signatures = _Signatures(out, near.num_hashes)  # on disk: memory does not grow with them
-    staged_offsets: list[int] = []
-    staged_index: list[int] = []  # doc index of each staged line
+    staged_offsets = array.array("q")  # each staged document's offset in the staging file
+    staged_index = array.array("q")  # its document index
     totals = Counter()
     pii_docs: list[int] = []
     pii_counts: Counter = Counter()
@@ -516,7 +485,7 @@ def curate(cfg, out: Path) -> dict:
         if cfg.engine == "ray":
             from temper.curate.ray_engine import RayEngine
 
-            engine = stack.enter_context(RayEngine(cfg, work))
+            engine = stack.enter_context(RayEngine(cfg, work, batch=WORKER_BATCH))
         rejects = Rejects(out / "rejected", stack, mask, cfg.text_field)
         stage_file = stack.enter_context(open(staging, "w+", encoding="utf-8", newline="\n")) if stage else None
         stack.callback(lambda: staging.unlink(missing_ok=True))
@@ -576,7 +545,7 @@ def curate(cfg, out: Path) -> dict:
                 if hasher is not None:
                     alive = [k for k in range(len(staged_index)) if k not in boiler]
                     near_report, dropped_alive = _near_duplicates(
-                        near, signatures.array(alive), [staged_offsets[k] for k in alive], stage_file,
+                        near, signatures.array(alive), array.array("q", (staged_offsets[k] for k in alive)), stage_file,
                         lsh_buckets if engine is None else engine.lsh_buckets)
                     dropped = {alive[k]: alive[rep] for k, rep in dropped_alive.items()}
                     signatures.close()
@@ -744,14 +713,11 @@ def _boilerplate(cfg: LineDedupConfig, line_docs: Counter, stage: IO) -> dict[in
 
 class _Signatures:
     """The staged documents' MinHash signatures in a file beside the output (removed at the end, or by the
-    next run if this one is killed), read back as a memory map: the main process keeps no signature."""
-
-    CHUNK = 1 << 16  # rows copied at a time when boilerplate documents are left out
+    next run if this one is killed): the main process keeps no signature."""
 
     def __init__(self, out: Path, num_hashes: int) -> None:
         self.path = out / f".signatures.bin.tmp-{os.getpid()}"
         self.num_hashes, self.count, self._file = num_hashes, 0, None
-        self._paths = [self.path]
 
     def append(self, signature: np.ndarray) -> None:
         if self._file is None:
@@ -759,28 +725,53 @@ class _Signatures:
         self._file.write(signature.tobytes())
         self.count += 1
 
-    def array(self, keep: list[int]) -> np.ndarray:
-        """(len(keep), num_hashes) uint64: the signatures of staged documents `keep` (ascending), memory-mapped."""
+    def array(self, keep: list[int]) -> SignatureRows:
+        """The signatures of staged documents `keep` (ascending), as (len(keep), num_hashes) rows read on use."""
         if self._file is not None:
             self._file.flush()
-        if not keep:
-            return np.zeros((0, self.num_hashes), dtype=np.uint64)
-        every = np.memmap(self.path, dtype=np.uint64, mode="r", shape=(self.count, self.num_hashes))
-        if len(keep) == self.count:
-            return every
-        subset = self.path.with_name(f".signatures-kept.bin.tmp-{os.getpid()}")
-        self._paths.append(subset)
-        keep_arr = np.asarray(keep, dtype=np.int64)
-        with open(subset, "wb") as f:
-            for start in range(0, len(keep_arr), self.CHUNK):
-                f.write(np.ascontiguousarray(every[keep_arr[start:start + self.CHUNK]]).tobytes())
-        return np.memmap(subset, dtype=np.uint64, mode="r", shape=(len(keep_arr), self.num_hashes))
+        return SignatureRows(self.path, self.count, self.num_hashes,
+                             None if len(keep) == self.count else np.asarray(keep, dtype=np.int64))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        for path in self._paths:
-            path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+class SignatureRows:
+    """(n, num_hashes) uint64 signatures in a file (row `keep[k]` of it is row k; all rows without `keep`),
+    indexed like an array for what the banding needs (`rows[:, lo:hi]`, `rows[start:stop]`, `len(rows)`).
+    Each access reads the file in chunks and returns only what was asked: neither the signatures nor a
+    memory map of them stay in the process (a mapped page read counts in its resident memory)."""
+
+    CHUNK = 1 << 15  # rows read at a time (28 MiB of 112-hash signatures)
+
+    def __init__(self, path: Path, count: int, num_hashes: int, keep: np.ndarray | None = None) -> None:
+        self.path, self.count, self.num_hashes, self.keep = path, count, num_hashes, keep
+
+    def __len__(self) -> int:
+        return self.count if self.keep is None else len(self.keep)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        assert isinstance(rows, slice) and isinstance(cols, slice), "rows[start:stop] or rows[:, lo:hi]"
+        start, stop, step = rows.indices(len(self))
+        assert step == 1
+        wanted = np.arange(start, stop) if self.keep is None else self.keep[start:stop]  # file rows, ascending
+        width = len(range(*cols.indices(self.num_hashes)))
+        if not len(wanted):
+            return np.zeros((0, width), dtype=np.uint64)
+        parts = []
+        with open(self.path, "rb") as f:
+            for first in range(int(wanted[0]), int(wanted[-1]) + 1, self.CHUNK):
+                last = min(first + self.CHUNK, int(wanted[-1]) + 1)
+                lo, hi = np.searchsorted(wanted, [first, last])
+                if lo == hi:
+                    continue
+                f.seek(first * 8 * self.num_hashes)
+                block = np.fromfile(f, dtype=np.uint64, count=(last - first) * self.num_hashes)
+                parts.append(block.reshape(last - first, self.num_hashes)[wanted[lo:hi] - first, cols])
+        return np.concatenate(parts)
 
 
 def lsh_buckets(signatures: np.ndarray, bands: int, rows: int) -> Iterator[np.ndarray]:
@@ -798,7 +789,7 @@ def lsh_buckets(signatures: np.ndarray, bands: int, rows: int) -> Iterator[np.nd
                 yield order[s:e]  # ascending doc order (stable sort)
 
 
-def _near_duplicates(cfg: NearDedupConfig, signatures: np.ndarray, offsets: list[int], stage: IO,
+def _near_duplicates(cfg: NearDedupConfig, signatures: np.ndarray | SignatureRows, offsets: Sequence[int], stage: IO,
                      buckets=lsh_buckets) -> tuple[dict, dict[int, int]]:
     """LSH over the signatures: {staged index dropped: staged index of its cluster's kept member}, and the
     report (candidate pairs, clusters, their sizes, pairs refused by the exact-Jaccard check). `buckets` is

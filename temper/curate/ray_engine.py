@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from temper.curate.outcome import decode_outcome, encode_outcome
 from temper.errors import TemperError
 
 __all__ = ["RayEngine", "lsh_buckets", "import_ray"]
@@ -66,8 +67,8 @@ class RayEngine:
     """A Ray session for one curate run: joins `address` (or RAY_ADDRESS), or starts a local Ray with
     `workers` CPUs and stops it at the end."""
 
-    def __init__(self, cfg, work) -> None:
-        self.cfg, self.work = cfg, work
+    def __init__(self, cfg, work, *, batch: int) -> None:
+        self.cfg, self.work, self.batch = cfg, work, batch
         self.ray = import_ray()
         self._started = False
 
@@ -104,14 +105,12 @@ class RayEngine:
 
     def outcomes(self, path: Path) -> Iterator[tuple[str, dict, Any, Any]]:
         """(source, row, raw text, Outcome or None) of every record of `path`, in input order."""
-        from temper.curate.pipeline import WORKER_BATCH, decode_outcome
-
         cfg = self.cfg
         read = dict(encoding_errors=cfg.encoding_errors, text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb,
                     text_field=cfg.text_field)
         ds = self.ray.data.from_items([{"path": str(path)}]).flat_map(_read_rows, fn_kwargs=read)
         ds = ds.map_batches(_work_batch, fn_kwargs={"work_ref": self.work_ref, "text_field": cfg.text_field},
-                            batch_size=WORKER_BATCH, batch_format="pyarrow",
+                            batch_size=self.batch, batch_format="pyarrow",
                             compute=self.ray.data.TaskPoolStrategy(size=cfg.workers))
         try:
             for row in ds.iter_rows():
@@ -153,8 +152,6 @@ _WORK_CACHE: dict = {}
 def _work_batch(batch, *, work_ref, text_field: str):
     """DocWork over a batch of rows: the outcome as JSON and the signature's bytes (b'' for none)."""
     import pyarrow as pa
-
-    from temper.curate.pipeline import encode_outcome
 
     key = work_ref.hex()
     if key not in _WORK_CACHE:
