@@ -49,12 +49,17 @@ from temper.train.engine import flops_per_token
 COMMON = ["seq_len=64", "logging.progress=false", "logging.eval_at_start=false"]
 
 
+REUSE = False  # --reuse: a pretraining run whose summary.json exists is read, not run again
+
+
 def temper(*args: str) -> dict:
     started = time.time()
+    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    if REUSE and args[0] == "pretrain" and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
     code = main(list(args))
     if code != 0:
         raise SystemExit(f"temper {' '.join(args)} failed ({code})")
-    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
     summary = json.loads((out / "summary.json").read_text())
     print(f"# {args[0]} {out.name}: {time.time() - started:.0f} s", file=sys.stderr)
     return summary
@@ -186,8 +191,8 @@ def run(args) -> None:
         print(f"# {task}: {len(train_rows)} fine-tuning rows, {len(understanding_rows(facts, task, 'test'))} "
               "held-out", file=sys.stderr)
 
-    # 1. pretrained vs random init, the same fine-tuning budget (2 seeds)
-    for task, (train, test) in tasks.items():
+    # 1. pretrained vs random init, the same fine-tuning budget (--seeds seeds)
+    for task, (train, test) in tasks.items() if 1 in args.experiments else ():
         for seed in range(args.seeds):
             results.append(report(experiment="pretrained vs random", task=task, seed=seed, init="random",
                                   accuracy=finetune(root, "random", "bert-tiny", task, train, test, args, seed, tok)))
@@ -198,12 +203,12 @@ def run(args) -> None:
     summaries = {name: json.loads((root / name / "summary.json").read_text()) for name in ("mlm", "electra")}
     per_token = {"mlm": flops_per_token(load_model(mlm), 64),
                  "electra": flops_per_token(load_model(electra), 64) + flops_per_token(load_model(electra / "generator"), 64)}
-    for name, module in (("mlm", "model"), ("electra", "discriminator")):
+    for name, module in (("mlm", "model"), ("electra", "discriminator")) if 2 in args.experiments else ():
         for step, directory in checkpoint_dirs(root / name, module, root / "ckpt"):
             flops = per_token[name] * summaries[name]["train_tokens"] * step / summaries[name]["steps"]
             for task, (train, test) in tasks.items():
                 accuracies = [finetune(root, f"{name}{step}", str(directory), task, train, test, args, seed)
-                              for seed in range(args.seeds)]
+                              for seed in range(args.electra_seeds)]
                 results.append(report(experiment="electra vs mlm", objective=name, task=task, step=step,
                                       pretrain_flops=flops, accuracy=sum(accuracies) / len(accuracies),
                                       accuracies=accuracies))
@@ -211,7 +216,7 @@ def run(args) -> None:
     # 3. NSP vs SOP
     sets = sentence_eval_sets(world, tokenizer, 64)
     pad = EncoderVocab.from_tokenizer(tokenizer).pad_id
-    for objective in ("nsp", "sop"):
+    for objective in ("nsp", "sop") if 3 in args.experiments else ():
         out = root / objective
         temper("pretrain", f"objective={objective}", f"output_dir={out}", f"tokenizer={tok}",
                *[p for p in pre if not p.startswith(("checkpoint", "max_steps"))], f"max_steps={args.sentence_steps}")
@@ -220,6 +225,9 @@ def run(args) -> None:
                                   accuracy=sentence_accuracy(out, pairs, pad)))
 
     # 4. SimCSE recall@1 on held-out paraphrases
+    if 4 not in args.experiments:
+        write_rows(root / "results.jsonl", results)
+        return
     test_pairs = paraphrase_pairs(facts, "test")
     fresh = load_model("bert-tiny")  # the preset's vocabulary is larger than the tokenizer's: ids stay in range
     results.append(report(experiment="simcse", encoder="untrained", pairs=len(test_pairs),
@@ -248,8 +256,13 @@ if __name__ == "__main__":
     parser.add_argument("--finetune-people", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--electra-seeds", type=int, default=1, help="fine-tuning seeds per checkpoint")
+    parser.add_argument("--experiments", type=lambda v: {int(x) for x in v.split(",")}, default={1, 2, 3, 4},
+                        help="which of the four to run, e.g. 3 or 1,2")
+    parser.add_argument("--reuse", action="store_true", help="read finished pretraining runs in --out again")
     parser.add_argument("--smoke", action="store_true", help="tiny step counts: checks the script runs")
     args = parser.parse_args()
+    REUSE = args.reuse
     if args.smoke:
         args.pretrain_steps, args.sentence_steps, args.contrastive_steps, args.finetune_steps, args.seeds = \
             6, 4, 4, 4, 1
