@@ -247,6 +247,10 @@ def test_bad_inputs_are_one_line_naming_file_and_row(tmp_path, mlm_dir, tiny_tok
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(tok_dir) in err and "[MASK]" in err
 
+    assert main(["pretrain", "objective=mlm", "model=llama-tiny", f"data={short}", f"tokenizer={mlm_dir}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model=llama-tiny is a Llama" in err and "without BertForMaskedLM" in err
+
     tags = tmp_path / "tags.jsonl"
     tags.write_text('{"tokens": ["a", "b"], "tags": ["O", "O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n')
     assert main(["finetune-encoder", "task=tokens", f"model={mlm_dir}", f"data={tags}", *args]) == 2

@@ -71,7 +71,7 @@ from temper.losses.encoder import (
     sentence_pair_loss,
     sentence_pair_metrics,
 )
-from temper.models import build_model, load_model, preset
+from temper.models import build_model, load_model, preset, registry
 from temper.models.bert import with_head
 from temper.models.config import ModelConfig
 from temper.train import recipe
@@ -121,6 +121,10 @@ class Config(recipe.TrainingConfig, command="pretrain",
         check_vocab_size("vocab_size", self.vocab_size)
         if self.seq_len < 5:
             raise TemperError(f"seq_len must be at least 5 ([CLS] A [SEP] B [SEP]), got {self.seq_len}")
+        if self.model in registry.PRESETS and not Path(self.model).is_dir():  # before any data is read
+            shape = registry.PRESETS[self.model]
+            registry.family(shape.family).require_architecture(shape, ARCHITECTURE[self.objective],
+                                                               f"model={self.model}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -186,9 +190,7 @@ def build_encoder(cfg: Config, tokenizer: Tokenizer, vocab: EncoderVocab, device
     architecture = ARCHITECTURE[cfg.objective]
     if Path(cfg.model).is_dir():
         model = load_model(cfg.model, device=device, dtype=torch.float32)
-        if model.config.family != "bert":
-            raise TemperError(f"model={cfg.model} is a {model.config.family} model: objective={cfg.objective} trains "
-                              "a bert-family encoder")
+        registry.family(model.config.family).require_architecture(model.config, architecture, f"model={cfg.model}")
         if model.config.hf_architecture != architecture:
             source, model = model, build_model(with_head(model.config, architecture), device=device,
                                                dtype=torch.float32)
@@ -197,9 +199,7 @@ def build_encoder(cfg: Config, tokenizer: Tokenizer, vocab: EncoderVocab, device
     else:
         config = preset(cfg.model, vocab_size=tokenizer.vocab_size, pad_token_id=vocab.pad_id,
                         max_seq_len=max(preset(cfg.model).max_seq_len, cfg.seq_len)).with_overrides(cfg.model_config)
-        if config.family != "bert":
-            raise TemperError(f"model={cfg.model} is a {config.family} preset: objective={cfg.objective} trains a "
-                              "bert-family encoder (bert-tiny, electra-tiny, bert-base, electra-small)")
+        registry.family(config.family).require_architecture(config, architecture, f"model={cfg.model}")
         model = build_model(with_head(config, architecture), device=device, dtype=torch.float32)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TemperError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -40,7 +40,7 @@ from temper.errors import TemperError
 from temper.io import atomic_write_text
 from temper.lineage import read_lineage
 from temper.losses import IGNORE_INDEX
-from temper.models import build_model, load_model, preset
+from temper.models import build_model, load_model, preset, registry
 from temper.models.bert import with_head
 from temper.train import recipe
 from temper.train.distributed import unwrap
@@ -70,6 +70,9 @@ class Config(recipe.TrainingConfig, command="finetune-encoder",
         super().validate()
         check_vocab_size("vocab_size", self.vocab_size)
         check_range("seq_len", self.seq_len, low=3)
+        if self.model in registry.PRESETS and not Path(self.model).is_dir():  # before any data is read
+            shape = registry.PRESETS[self.model]
+            registry.family(shape.family).require_architecture(shape, ARCHITECTURES[self.task], f"model={self.model}")
 
 
 def data_files(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
@@ -99,9 +102,7 @@ def load_encoder(cfg: Config, num_labels: int, label_names: list[str], tokenizer
     extra = {"id2label": id2label, "label2id": {name: i for i, name in enumerate(label_names)}}
     if Path(cfg.model).is_dir():
         source = load_model(cfg.model, device=device, dtype=torch.float32)
-        if source.config.family != "bert":
-            raise TemperError(f"model={cfg.model} is a {source.config.family} model: temper finetune-encoder "
-                              "fine-tunes a bert-family encoder")
+        registry.family(source.config.family).require_architecture(source.config, arch, f"model={cfg.model}")
         config = with_head(source.config, arch, num_labels)
         model = build_model(config.replace(extra={**config.extra, **extra}), device=device, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
@@ -111,9 +112,7 @@ def load_encoder(cfg: Config, num_labels: int, label_names: list[str], tokenizer
     else:
         config = preset(cfg.model, vocab_size=tokenizer.vocab_size, pad_token_id=vocab.pad_id,
                         max_seq_len=max(preset(cfg.model).max_seq_len, cfg.seq_len)).with_overrides(cfg.model_config)
-        if config.family != "bert":
-            raise TemperError(f"model={cfg.model} is a {config.family} preset: temper finetune-encoder fine-tunes a "
-                              "bert-family encoder (bert-tiny, bert-base, ...)")
+        registry.family(config.family).require_architecture(config, arch, f"model={cfg.model}")
         config = with_head(config, arch, num_labels)
         model = build_model(config.replace(extra={**config.extra, **extra}), device=device, dtype=torch.float32)
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -28,7 +28,7 @@ from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.io import atomic_writer, claim_output_file
 from temper.losses.encoder import cls_pool, mean_pool
-from temper.models import load_model
+from temper.models import load_model, registry
 from temper.runtime import resolve_device
 
 
@@ -115,9 +115,10 @@ def run(cfg: Config) -> dict:
         raise TemperError(f"model={cfg.model}: not a model directory (no config.json)")
     device = resolve_device(cfg.device)
     model = load_model(model_dir, device=device, dtype=torch.float32)
-    if model.config.family != "bert":
-        raise TemperError(f"model={cfg.model} is a {model.config.family} model: temper embed reads a bert-family "
-                          "encoder")
+    family = registry.family(model.config.family)
+    if family.causal_lm:
+        raise TemperError(f"model={cfg.model} is a {family.description} decoder ({model.config.hf_architecture}): "
+                          "temper embed reads an encoder (temper pretrain objective=contrastive writes one)")
     tokenizer = Tokenizer.from_dir(model_dir)
     pooling = cfg.pooling if cfg.pooling != "auto" else (directory_pooling(model_dir) or "mean")
     seq_len = cfg.seq_len
