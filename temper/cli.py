@@ -26,11 +26,25 @@ from temper.errors import TemperError, error_line
 
 
 @dataclass(frozen=True)
+class Variants:
+    """A command whose module depends on one key's value (`temper pretrain objective=mlm` runs the
+    encoder recipe): `modules` maps values to modules; any other value (the default) runs the
+    command's own module. Each module stays a leaf; the CLI alone chooses."""
+
+    key: str
+    default: str  # the value the command's own module runs
+    modules: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Command:
     module: str
     kind: Literal["train", "tool", "workflow"]  # train: a recipe on the shared loop; workflow: runs other commands
     description: str
+    variants: Variants | None = None
 
+
+ENCODER_OBJECTIVES = ("mlm", "nsp", "sop", "mlm+nsp", "mlm+sop", "electra", "contrastive")
 
 COMMANDS: dict[str, Command] = {
     "world": Command("temper.stages.world", "tool", "write the built-in synthetic world (corpus, instructions, "
@@ -38,13 +52,17 @@ COMMANDS: dict[str, Command] = {
     "curate": Command("temper.stages.curate", "tool", "clean raw text: normalise, exact + MinHash dedup, Gopher/C4/"
                                                       "FineWeb filters, PII masking, decontamination; a report"),
     "tokenizer": Command("temper.stages.tokenizer", "tool", "train a byte-level BPE tokenizer on text or JSONL files"),
-    "pretrain": Command("temper.recipes.pretrain", "train", "pretrain a decoder with the causal LM objective "
-                                                            "(default: the built-in world)"),
+    "pretrain": Command("temper.recipes.pretrain", "train", "pretrain a decoder (causal LM) or, with objective=mlm|"
+                                                            "nsp|sop|mlm+nsp|mlm+sop|electra|contrastive, an encoder",
+                        Variants("objective", "clm", dict.fromkeys(ENCODER_OBJECTIVES, "temper.recipes.encoder"))),
     "sft": Command("temper.recipes.sft", "train", "supervised fine-tuning / instruction tuning with chat templates"),
     "dpo": Command("temper.recipes.dpo", "train", "preference optimisation: DPO, IPO, SimPO, ORPO, KTO and kin, on "
                                                   "preference pairs"),
     "grpo": Command("temper.recipes.grpo", "train", "GRPO: G sampled completions per prompt, scored by reward "
                                                     "functions, a clipped group-relative objective (TRL's)"),
+    "finetune-encoder": Command("temper.recipes.finetune_encoder", "train", "fine-tune an encoder for sequence "
+                                                                          "(task=classify) or token (task=tokens) "
+                                                                          "classification"),
     "reward": Command("temper.recipes.reward", "train", "reward model: a scalar head on an SFT model, trained on "
                                                         "preference pairs (Bradley-Terry)"),
     "ppo": Command("temper.recipes.ppo", "train", "PPO with a KL penalty: policy and value model against a reward "
@@ -63,6 +81,8 @@ COMMANDS: dict[str, Command] = {
                                                           "JSONL file)"),
     "chat": Command("temper.stages.chat", "tool", "chat with a model directory in the terminal, using its chat "
                                                   "template"),
+    "embed": Command("temper.stages.embed", "tool", "sentence embeddings of texts from an encoder directory "
+                                                    "(JSONL or .npy), for retrieval"),
     "estimate": Command("temper.stages.estimate", "tool", "plan memory and compute: per-device training/inference "
                                                           "memory breakdown, Chinchilla tokens, FLOPs and time"),
     "plot": Command("temper.stages.plot", "tool", "plot logged metrics over steps (one or more runs) as a "
@@ -83,15 +103,17 @@ class Commands:
         """`name`'s config from a mapping of its keys, or from `key=value` strings as typed; `source`
         names where the settings came from in an error (default: the command)."""
         if isinstance(settings, list):
-            return load_config(_stage_module(name).Config, None, settings)
-        return from_dict(_stage_module(name).Config, settings, source=source or f"temper {name}")
+            return load_config(_stage_module(name, peek_variant(name, None, settings)).Config, None, settings)
+        variants = COMMANDS[name].variants
+        variant = settings.get(variants.key) if variants is not None else None
+        return from_dict(_stage_module(name, variant).Config, settings, source=source or f"temper {name}")
 
     def run(self, name: str, config) -> Any:
-        return _run_module(name, config)
+        return _run_module(name, config, getattr(config, "objective", None))
 
 
-def _run_module(name: str, config) -> Any:
-    module = _stage_module(name)
+def _run_module(name: str, config, variant: str | None = None) -> Any:
+    module = _stage_module(name, variant)
     if COMMANDS[name].kind == "workflow":
         return module.run(config, Commands())
     return module.run(config)
@@ -101,8 +123,37 @@ RANK_ERROR_GRACE_S = 3.0  # seconds a failing rank waits after its error line (s
 USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
 
 
-def _stage_module(name: str):
-    return importlib.import_module(COMMANDS[name].module)
+def _stage_module(name: str, variant: str | None = None):
+    command = COMMANDS[name]
+    module = command.variants.modules.get(variant, command.module) if command.variants else command.module
+    return importlib.import_module(module)
+
+
+def peek_variant(name: str, config_path: str | None, overrides: list[str]) -> str | None:
+    """The value of the command's variant key (say pretrain's `objective`), from the overrides or
+    else the --config YAML, before any config is built: it chooses the module whose Config reads them."""
+    variants = COMMANDS[name].variants
+    if variants is None:
+        return None
+    value = None
+    for item in overrides:
+        key, _, given = item.partition("=")
+        if key.strip() == variants.key:
+            value = given.strip()
+    if value is None and config_path is not None and os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return None  # load_config reads it again and names the problem
+        if isinstance(data, dict) and isinstance(data.get(variants.key), str):
+            value = data[variants.key]
+    if value is not None and value != variants.default and value not in variants.modules:
+        choices = [variants.default, *variants.modules]
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise TemperError(f"{variants.key}={value} is not one of {', '.join(choices)}{hint}")
+    return value
 
 
 def print_main_help() -> None:
@@ -116,8 +167,8 @@ def print_main_help() -> None:
     print("\nSet TEMPER_DEBUG=1 to see a traceback with an error.")
 
 
-def print_stage_help(name: str) -> None:
-    module = _stage_module(name)
+def print_stage_help(name: str, variant: str | None = None) -> None:
+    module = _stage_module(name, variant)
     print(f"usage: temper {name} [--config FILE.yaml|NAME] [--print-config] [key=value ...]\n")
     doc = (module.__doc__ or COMMANDS[name].description).strip()
     print(textwrap.fill(" ".join(doc.split("\n\n")[0].split()), 88) + "\n")  # the first paragraph
@@ -209,15 +260,17 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _, overrides, flags = parse_args(argv[1:])
+        path = config_file(flags["config"]) if flags["config"] is not None else None
+        variant = peek_variant(stage, path, overrides)
         if flags["help"]:
-            print_stage_help(stage)
+            print_stage_help(stage, variant)
             return 0
-        module = _stage_module(stage)
-        config = load_config(module.Config, config_file(flags["config"]), overrides)
+        module = _stage_module(stage, variant)
+        config = load_config(module.Config, path, overrides)
         if flags["print_config"]:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0
-        _run_module(stage, config)
+        _run_module(stage, config, variant)
         return 0
     except BrokenPipeError:  # the reader left (`| head`): main() ends quietly
         raise

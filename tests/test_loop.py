@@ -284,6 +284,9 @@ def recipe_runs(tmp_path, tiny_model_dir, tiny_tokenizer):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "answer": str(i + 1)}) + "\n"
                                for i in range(8)))
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"text": f"the number {i} is {'even' if i % 2 == 0 else 'odd'}",
+                                            "label": i % 2}) + "\n" for i in range(24)))
     torch.manual_seed(0)
     reward_model = save_reward_model(build_reward_model(preset("llama-tiny", vocab_size=tiny_tokenizer.vocab_size)),
                                      tmp_path / "rm", tokenizer=tiny_tokenizer)
@@ -299,6 +302,8 @@ def recipe_runs(tmp_path, tiny_model_dir, tiny_tokenizer):
         "ppo": [f"model={tiny_model_dir}", f"reward_model={reward_model}", f"prompts={prompts}",
                 f"eval_prompts={prompts}", "eval_limit=2", "eval_reward=world", "batch_size=4",
                 "max_completion_length=4", "num_ppo_epochs=1"],
+        "finetune-encoder": ["model=bert-tiny", f"data={labelled}", "batch_size=4", "seq_len=32", "vocab_size=300",
+                             "eval_fraction=0.2"],
     }
 
 

@@ -413,7 +413,117 @@ def collate_contrastive(chunk: list[ContrastivePair], pad_id: int) -> Contrastiv
                             duplicate_mask([p.anchor_ids for p in chunk], [p.positive_ids for p in chunk]), len(chunk))
 
 
+# ----------------------------------------------------------------------------- labelled examples (fine-tuning)
+
+CLASSIFY_TASKS = ("classify", "tokens")
+
+
+@dataclass
+class LabelledExample:
+    """`[CLS] text [SEP]` and its label: a class id (sequence classification) or one id per token,
+    -100 on [CLS]/[SEP] and on every word piece but a word's first (token classification, as
+    transformers' token-classification examples align word labels)."""
+
+    ids: list[int]
+    label: int | list[int]
+    source: str
+
+
+def _label_id(value, names: dict[str, int] | None, record, column: str) -> tuple[str, int | None]:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TemperError(f"{record.source}: column '{column}' holds {json_type(value)} (expected a label: a string "
+                          "or an integer)")
+    key = str(value)
+    if names is None:
+        return key, None
+    if key not in names:
+        raise TemperError(f"{record.source}: label {key!r} in column '{column}' is not among the training labels "
+                          f"({', '.join(names)})")
+    return key, names[key]
+
+
+def read_labelled(spec, tokenizer, vocab: EncoderVocab, *, task: str, max_len: int,
+                  label_names: Sequence[str] | None = None, text_column: str = "text", label_column: str = "label",
+                  tokens_column: str = "tokens", tags_column: str = "tags") -> tuple[list[LabelledExample], list[str]]:
+    """(examples, label names) of `classify` rows (`text`, `label`) or `tokens` rows (`tokens`: a list of
+    words, `tags`: a label per word). Without `label_names` they are the labels found, sorted (ids in
+    that order); with them (the training set's), a label outside them is an error naming the row."""
+    if task not in CLASSIFY_TASKS:
+        raise TemperError(f"task must be one of {', '.join(CLASSIFY_TASKS)}, got {task!r}")
+    records = list(iter_records(spec, text_mode="line"))
+    if not records:
+        raise TemperError(f"{spec}: no rows")
+    raw = []
+    for rec in records:
+        if task == "classify":
+            text = _text(rec, text_column, f"sequence classification reads '{text_column}' and '{label_column}'")
+            if label_column not in rec.data:
+                raise TemperError(f"{rec.source}: column '{label_column}' is missing (sequence classification reads "
+                                  f"'{text_column}' and '{label_column}')")
+            raw.append((rec, text, [_label_id(rec.data[label_column], None, rec, label_column)[0]]))
+        else:
+            words, tags = rec.data.get(tokens_column), rec.data.get(tags_column)
+            for value, column in ((words, tokens_column), (tags, tags_column)):
+                if not isinstance(value, list) or not value:
+                    raise TemperError(f"{rec.source}: column '{column}' is {json_type(value) if value is not None else 'missing'} "
+                                      f"(token classification reads '{tokens_column}' and '{tags_column}': lists of "
+                                      "the same length)")
+            if len(words) != len(tags):
+                raise TemperError(f"{rec.source}: '{tokens_column}' has {len(words)} words but '{tags_column}' "
+                                  f"{len(tags)} tags")
+            if not all(isinstance(w, str) for w in words):
+                raise TemperError(f"{rec.source}: column '{tokens_column}' must be a list of strings")
+            raw.append((rec, words, [_label_id(t, None, rec, tags_column)[0] for t in tags]))
+    names = list(label_names) if label_names is not None else sorted({k for _, _, keys in raw for k in keys})
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for rec, content, keys in raw:
+        column = label_column if task == "classify" else tags_column
+        ids_of = [_label_id(k, index, rec, column)[1] for k in keys]
+        if task == "classify":
+            example = frame(vocab, _pieces(tokenizer, content), max_len=max_len, source=rec.source)
+            out.append(LabelledExample(example.ids, ids_of[0], rec.source))
+            continue
+        enc = tokenizer.backend.encode(content, is_pretokenized=True, add_special_tokens=False)
+        word_ids = [-1 if w is None else w for w in enc.word_ids]
+        example = frame(vocab, (list(enc.ids), word_ids), max_len=max_len, source=rec.source)
+        labels, previous = [], None
+        for w in example.word_ids:  # the first piece of each word carries its tag
+            labels.append(ids_of[w] if w >= 0 and w != previous else IGNORE_INDEX)
+            previous = w if w >= 0 else previous
+        if all(x == IGNORE_INDEX for x in labels):
+            raise TemperError(f"{rec.source}: no word of '{tokens_column}' is left after tokenizing (cut at "
+                              f"max_len={max_len}, or only unknown characters)")
+        out.append(LabelledExample(example.ids, labels, rec.source))
+    return out, names
+
+
+@dataclass
+class LabelledBatch:
+    """`input_ids`, `attention_mask` (B, T); `labels` (B,) or (B, T) with -100 where none."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> LabelledBatch:
+        return LabelledBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate_labelled(chunk: list[LabelledExample], pad_id: int) -> LabelledBatch:
+    padded = pad_examples([EncoderExample(e.ids, [0] * len(e.ids), [-1] * len(e.ids), e.source) for e in chunk],
+                          pad_id)
+    if isinstance(chunk[0].label, int):
+        labels = torch.tensor([e.label for e in chunk], dtype=torch.long)
+    else:
+        labels = torch.full(padded["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
+        for r, e in enumerate(chunk):
+            labels[r, :len(e.label)] = torch.tensor(e.label)
+    return LabelledBatch(padded["input_ids"], padded["attention_mask"], labels)
+
+
 __all__ = [
+    "CLASSIFY_TASKS", "LabelledBatch", "LabelledExample", "collate_labelled", "read_labelled",
     "ContrastiveBatch", "ContrastivePair", "EncoderBatch", "EncoderCollate", "EncoderExample", "EncoderVocab",
     "IS_NEXT", "NOT_NEXT", "SENTENCE_TASKS", "collate_contrastive", "duplicate_mask", "frame", "mask_tokens",
     "pad_examples", "read_contrastive", "read_documents", "read_texts", "sentence_pairs", "split_segments",

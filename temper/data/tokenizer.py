@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -399,3 +399,17 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int
     roles = {role: token for role, token in WORDPIECE_SPECIAL_TOKENS.items() if role != "pad_token"}
     return Tokenizer(backend, pad_token=WORDPIECE_SPECIAL_TOKENS["pad_token"], model_max_length=model_max_length,
                      extra_config={"tokenizer_class": "BertTokenizerFast", "do_lower_case": lowercase, **roles})
+
+
+def cached_tokenizer(directory: str | Path, key: str, train: Callable[[], Tokenizer]) -> Tokenizer:
+    """The tokenizer saved in `directory` when it was trained for the same `key` (a fingerprint of
+    the data and settings), else `train()`'s, saved there with the key. A resumed run then gets
+    the very tokenizer it started with (WordPiece training is not reproducible bit for bit)."""
+    directory = Path(directory)
+    stamp = directory / "fingerprint.txt"
+    if stamp.is_file() and stamp.read_text() == key:
+        return Tokenizer.from_dir(directory)
+    tokenizer = train()
+    tokenizer.save(directory)
+    atomic_write_text(stamp, key)
+    return tokenizer

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -658,3 +659,92 @@ def fact_probes(facts: dict, keys: tuple[str, ...] = tuple(PROBE_TEMPLATES)) -> 
             prefix = template[:template.index("{" + key + "}")].rstrip()
             probes.append({"prompt": prefix.format(name=person["name"]), "answer": str(person[key]), "fact": key})
     return probes
+
+
+def prepare_world(settings: dict, seed: int, world_dir: str | Path) -> Path:
+    """The world of `settings` (WorldConfig keys; `seed` unless they name one) written to `world_dir`,
+    rewritten only when its config changed (unchanged files keep caches built on them valid)."""
+    cfg = WorldConfig(**{"seed": seed, **settings})
+    cfg.validate()
+    world_dir = Path(world_dir)
+    stamp = world_dir / "world_config.json"
+    wanted = json.dumps(asdict(cfg), sort_keys=True)
+    if not (stamp.is_file() and stamp.read_text() == wanted):
+        write_world(build_world(cfg), world_dir)
+        _write_atomic(stamp, wanted)
+    return world_dir
+
+
+# ----------------------------------------------------------------------------- understanding tasks
+# What an encoder is fine-tuned and measured on. Each fact is a sentence in one of its STATEMENTS
+# templates; the held-out split uses each fact's LAST template, which no training row uses, so
+# a model is measured on wordings it was not fine-tuned on (the pretraining corpus uses them all).
+
+UNDERSTANDING_KEYS = ("job", "town", "pet", "colour", "age", "friend")
+UNDERSTANDING_TASKS = ("classify", "tokens")
+TAGS = ("O", "B-PER", "I-PER", "B-LOC")  # people (the person, a friend) and towns
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def _templates(key: str, split: str) -> tuple[str, ...]:
+    if split not in ("train", "test"):
+        raise TemperError(f"split must be train or test, got {split!r}")
+    templates = STATEMENTS[key]
+    return templates[:-1] if split == "train" else templates[-1:]
+
+
+def _tagged_words(template: str, fields: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The sentence as words (word characters, or one punctuation mark) and each word's BIO tag."""
+    words, tags = [], []
+    for piece in re.split(r"(\{\w+\})", template):
+        field_name = piece[1:-1] if piece.startswith("{") and piece.endswith("}") else None
+        piece_words = _WORD.findall(fields[field_name] if field_name else piece)
+        kind = {"name": "PER", "friend": "PER", "town": "LOC"}.get(field_name or "")
+        words += piece_words
+        tags += [("B-" if i == 0 else "I-") + kind if kind else "O" for i in range(len(piece_words))]
+    return words, tags
+
+
+def understanding_rows(facts: dict, task: str, split: str) -> list[dict]:
+    """The built-in understanding task, as rows `temper finetune-encoder` reads:
+
+    - `classify`: {"text": a fact sentence, "label": which fact it states (job, town, pet, colour,
+      age, friend)}, one row per person, fact and template;
+    - `tokens`: {"tokens": the sentence's words, "tags": O / B-PER / I-PER / B-LOC per word} (names
+      of people and towns; the tokenizer lower-cases, so capitals do not give them away).
+
+    `facts` is facts.json's content; train rows use every template of a fact but the last, test
+    rows only the last."""
+    if task not in UNDERSTANDING_TASKS:
+        raise TemperError(f"task must be one of {', '.join(UNDERSTANDING_TASKS)}, got {task!r}")
+    rows = []
+    for person in facts["people"]:
+        fields = {k: str(v) for k, v in person.items()}
+        for key in UNDERSTANDING_KEYS:
+            for template in _templates(key, split):
+                if task == "classify":
+                    rows.append({"text": template.format(**fields), "label": key})
+                else:
+                    words, tags = _tagged_words(template, fields)
+                    rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def paraphrase_pairs(facts: dict, split: str) -> list[dict]:
+    """{"anchor", "positive"}: one fact about one person in two templates (a paraphrase). Train pairs
+    use two of a fact's templates but the last; test pairs pair the last template with the first,
+    so a test anchor's wording is one no training pair has."""
+    rows = []
+    for person in facts["people"]:
+        fields = {k: str(v) for k, v in person.items()}
+        for key in UNDERSTANDING_KEYS:
+            templates = STATEMENTS[key]
+            if split == "test":
+                rows.append({"anchor": templates[-1].format(**fields), "positive": templates[0].format(**fields),
+                             "fact": key})
+                continue
+            _templates(key, split)
+            usable = templates[:-1]
+            for a, b in zip(usable, usable[1:]):
+                rows.append({"anchor": a.format(**fields), "positive": b.format(**fields), "fact": key})
+    return rows

@@ -181,6 +181,14 @@ class Family:
             raise TemperError(f"the {self.name} family's model has no dropout: dropout and attention_dropout must "
                               f"be 0 (got {config.dropout:g} and {config.attention_dropout:g})")
 
+    def require_architecture(self, config: ModelConfig, architecture: str, what: str) -> None:
+        """One line when `what` (a recipe's model) is of a family without `architecture` (an encoder
+        recipe given a decoder)."""
+        if architecture not in self.architectures:
+            raise TemperError(f"{what} is a {self.description} model ({config.hf_architecture}), a family without "
+                              f"{architecture}: this command trains encoders (an encoder preset such as bert-tiny, "
+                              "or an encoder directory)")
+
     def require_causal_lm(self, config: ModelConfig, what: str) -> None:
         """One line when `what` (a recipe's model) is an encoder where a causal LM is trained."""
         if not self.causal_lm:

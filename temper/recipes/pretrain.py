@@ -60,6 +60,8 @@ class Config(recipe.TrainingConfig, command="pretrain",
                            logging=dict(every=20, eval_every=200))):
     resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "samples", "sample_prompts",
                                    "sample_tokens", "loss_chunk")
+    objective: Literal["clm"] = opt("clm", "clm: a decoder's next-token loss (this recipe); mlm, nsp, sop, mlm+nsp, "
+                                           "mlm+sop, electra, contrastive: an encoder (temper.recipes.encoder)")
     model_config: dict = opt({}, "override preset fields, e.g. model_config.num_layers=6")
     text_field: str = opt("text", "the JSONL/parquet field that holds the text")
     text_mode: Literal["paragraph", "line", "file"] = opt("paragraph", "how .txt files split into documents")
