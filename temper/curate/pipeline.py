@@ -745,7 +745,7 @@ class SignatureRows:
     Each access reads the file in chunks and returns only what was asked: neither the signatures nor a
     memory map of them stay in the process (a mapped page read counts in its resident memory)."""
 
-    CHUNK = 1 << 15  # rows read at a time (28 MiB of 112-hash signatures)
+    CHUNK = 1 << 12  # rows read at a time (3.5 MiB of 112-hash signatures)
 
     def __init__(self, path: Path, count: int, num_hashes: int, keep: np.ndarray | None = None) -> None:
         self.path, self.count, self.num_hashes, self.keep = path, count, num_hashes, keep
