@@ -288,10 +288,15 @@ class DecoderBase(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (tied embeddings count once)."""
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return count_parameters(self, trainable_only)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """A module's unique parameters (a tensor shared by two modules, e.g. tied embeddings, counts once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from temper.errors import TemperError
+from temper.models.common import count_parameters
 from temper.models.config import ModelConfig
 
 # HF architecture -> its head
@@ -299,10 +300,4 @@ class Bert(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (a tied decoder counts once)."""
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return count_parameters(self, trainable_only)
