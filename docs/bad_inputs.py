@@ -135,7 +135,7 @@ def setup(work: Path) -> None:
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
     for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward,
-                  setup_curate):
+                  setup_curate, setup_export):
         extra(work)
 
 
@@ -854,8 +854,46 @@ CURATE_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def setup_export(work: Path) -> None:
+    """A GPT-2 model (no GGUF export), a Llama of width 48 (rows not whole Q4_0 blocks), `base` without its
+    tokenizer."""
+    from temper.data.tokenizer import Tokenizer
+    from temper.models import build_model, preset, save_model
+
+    tokenizer = Tokenizer.from_dir(work / "base")
+    save_model(build_model(preset("gpt2-tiny", vocab_size=tokenizer.vocab_size)), work / "gpt2-model",
+               tokenizer=tokenizer)
+    save_model(build_model(preset("llama-tiny", vocab_size=tokenizer.vocab_size, hidden_size=48)), work / "narrow",
+               tokenizer=tokenizer)
+    shutil.copytree(work / "base", work / "no-tokenizer", ignore=shutil.ignore_patterns("checkpoints"))
+    (work / "no-tokenizer" / "tokenizer.json").unlink()
+
+
+EXPORT_CASES: list[tuple[str, list[str], str] | tuple[str, list[str], str, list[str]]] = [
+    ("an export format that does not exist", ["export", "model=base", "format=onnx", "output_dir=ex-1"], "error"),
+    ("GGUF of a GPT-2 model (no GGUF export for its family)", ["export", "model=gpt2-model", "output_dir=ex-2"],
+     "error"),
+    ("GGUF of an adapter directory (merge it first)", ["export", "model=lora", "output_dir=ex-3"], "error"),
+    ("Q4_0 on rows of 48 values (not whole blocks of 32)", ["export", "model=narrow", "tensor_type=q4_0",
+                                                            "output_dir=ex-4"], "error"),
+    ("the same in F16 (no blocks)", ["export", "model=narrow", "tensor_type=f16", "output_dir=ex-5"], "ok"),
+    ("a GGUF type with format=safetensors", ["export", "model=lora", "format=safetensors", "tensor_type=q8_0",
+                                             "output_dir=ex-6"], "error"),
+    ("format=safetensors of a model directory (already one)", ["export", "model=base", "format=safetensors",
+                                                               "output_dir=ex-7"], "error"),
+    ("GGUF of a model without tokenizer.json", ["export", "model=no-tokenizer", "output_dir=ex-8"], "error"),
+    ("GGUF into a model directory", ["export", "model=base", "output_dir=other-base"], "error", ["other-base"]),
+    ("GGUF into its own model directory", ["export", "model=base", "output_dir=base"], "error", ["base"]),
+    ("an export of the same type again", ["export", "model=narrow", "tensor_type=f16", "output_dir=ex-5"], "error",
+     ["ex-5"]),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
-            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES}
+            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES, "export": EXPORT_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -868,6 +906,7 @@ TITLES = {
     "reward": "Reward models (outcome and process): bodies that cannot be one, heads that are missing, margins, "
               "steps and rows that are bad",
     "curate": "Data curation: binary, empty and undecodable documents, gigantic lines, settings that do not fit",
+    "export": "Export: formats, families and tensors GGUF cannot take, adapters, outputs that are not the export's",
 }
 
 
