@@ -94,7 +94,7 @@ def main() -> None:
                 gap = float((torch.from_numpy(llm.scores[: logits.shape[0]].copy()) - logits).abs().max())
                 same = sum(a == b for a, b in zip(theirs, ours))
                 row += [f"{speed:.0f}", f"{gap:.2e}", f"{same}/{args.new_tokens}"]
-                del llm
+                llm.close()
             print("| " + " | ".join(row) + " |")
 
 

@@ -88,7 +88,7 @@ def test_gguf_f32_holds_every_weight_key_and_token(which, request, tmp_path, cha
               "llama.embedding_length": c.hidden_size, "llama.block_count": c.num_layers,
               "llama.feed_forward_length": c.intermediate_size, "llama.attention.head_count": c.num_heads,
               "llama.attention.head_count_kv": c.num_kv_heads, "llama.rope.dimension_count": c.head_dim,
-              "llama.vocab_size": c.vocab_size, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+              "llama.vocab_size": c.vocab_size, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
               "tokenizer.ggml.bos_token_id": chat_tokenizer.bos_id,
               "tokenizer.ggml.eos_token_id": chat_tokenizer.eos_id,
               "tokenizer.ggml.padding_token_id": chat_tokenizer.pad_id,
@@ -330,6 +330,7 @@ def test_llama_cpp_runs_the_exported_file_as_temper_does(gqa_dir, tmp_path, chat
         sequence = torch.tensor([prompt + theirs])
         logits = model(sequence)[0]
     cpp = torch.from_numpy(llm.scores[: sequence.shape[1]].copy())
+    llm.close()
     tol = reorder_tol(float(logits.abs().max()), *decoder_lengths(c, sequence.shape[1]))
     gap = float((cpp - logits).abs().max())
     assert gap <= tol, f"llama.cpp's logits differ by {gap:.3g} > {tol:.3g}"

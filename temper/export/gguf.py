@@ -15,7 +15,7 @@ rows, so Q8_0 and Q4_0 need a row length that is a multiple of 32: another is re
 line naming the tensor.
 
 Tokenizer: temper's byte-level BPE (GPT-2's pre-tokeniser) is llama.cpp's `gpt2` model with
-the `gpt2` pre-tokeniser: the tokens as the vocabulary spells them, the merges, a type per
+the `gpt-2` pre-tokeniser: the tokens as the vocabulary spells them, the merges, a type per
 token (special added tokens CONTROL, other added tokens USER_DEFINED, ids past the tokenizer's
 vocabulary `[PADn]` UNUSED, as convert_hf_to_gguf.py pads), BOS/EOS/PAD and an end-of-turn id,
 no BOS added (temper's `encode` adds none), and the chat template. Any other tokenizer is
@@ -120,7 +120,7 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, source: str, *, chat_tem
                     end_of_turn_id: int | None) -> None:
     vocab = gguf_vocabulary(tokenizer, vocab_size, source)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
     writer.add_token_merges(vocab["merges"])
