@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FP32_EPS, SAMPLE_TEXT, decoder_lengths, reorder_tol
@@ -241,6 +242,32 @@ def test_gguf_quantised_tensors_dequantise_within_the_block_bound(tensor_type, u
             assert t.data.nbytes == want.numel() // 32 * 18, t.name  # fp16 scale + 16 bytes of 4-bit values
         assert torch.all(errors.abs() <= bound), f"{t.name}: {float((errors.abs() / bound).max()):.3g} x the bound"
         assert float(errors.abs().max()) > 0, t.name  # it really was quantised
+
+
+def test_the_read_back_check_finds_a_wrong_key_a_wrong_tensor_and_a_missing_one(gqa_dir, tmp_path):
+    """What write_gguf checks before the rename: a file that differs from what was written in one
+    key's value, one tensor's bytes, or a tensor too few is refused with the difference named."""
+    from temper.errors import TemperError
+    from temper.export.gguf import check_gguf_file
+
+    path = _export(gqa_dir, tmp_path / "out", "q8_0")
+    reader = gguf.GGUFReader(str(path))
+    packed = {t.name: (t.tensor_type.name.lower(), np.array(t.data), tuple(int(d) for d in reversed(t.shape)))
+              for t in reader.tensors}
+    heads = gguf.GGUFValue(4, gguf.GGUFValueType.UINT32)
+    check_gguf_file(path, {"llama.attention.head_count": heads}, packed, gguf, shown=path)  # as written: fine
+    with pytest.raises(TemperError, match="key llama.attention.head_count reads '4', written '5'"):
+        check_gguf_file(path, {"llama.attention.head_count": gguf.GGUFValue(5, gguf.GGUFValueType.UINT32)}, packed,
+                        gguf, shown=path)
+    changed = dict(packed)
+    kind, data, shape = changed["blk.1.attn_k.weight"]
+    data = data.copy()
+    data.reshape(-1)[7] ^= 1
+    changed["blk.1.attn_k.weight"] = (kind, data, shape)
+    with pytest.raises(TemperError, match="blk.1.attn_k.weight's bytes differ"):
+        check_gguf_file(path, {}, changed, gguf, shown=path)
+    with pytest.raises(TemperError, match=r"tensors \['extra.weight'\] differ"):
+        check_gguf_file(path, {}, {**packed, "extra.weight": packed["output_norm.weight"]}, gguf, shown=path)
 
 
 def test_export_bad_input_is_one_line(tmp_path, tiny_model_dir, capsys, chat_tokenizer):

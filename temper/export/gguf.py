@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +137,6 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, source: str, *, chat_tem
 # ----------------------------------------------------------------------------- the file
 
 
-def gguf_tensors(model, gguf_export) -> Iterator[tuple[str, torch.Tensor]]:
-    """The family's (GGUF name, tensor) pairs of `model`'s weights."""
-    state = {name: p for name, p in model.state_dict().items()}
-    yield from gguf_export.tensors(state, model.config)
-
-
 def write_gguf(model, tokenizer, path: str | Path, *, tensor_type: str = "f32", name: str = "",
                chat_template: str | None = None, end_of_turn_id: int | None = None, source: str = "model") -> dict:
     """Write `model` (a temper decoder of a family with GGUF support) and `tokenizer` as one GGUF
@@ -156,7 +149,7 @@ def write_gguf(model, tokenizer, path: str | Path, *, tensor_type: str = "f32", 
     export = family_gguf(config, source)
     arch = export.architecture(config)
     packed: dict[str, tuple[str, np.ndarray, tuple[int, ...]]] = {}
-    for gguf_name, tensor in gguf_tensors(model, export):  # every refusal before a byte is written
+    for gguf_name, tensor in export.tensors(model.state_dict(), config):  # every refusal before a write
         kind = tensor_type_for(gguf_name, tensor, tensor_type)
         packed[gguf_name] = (kind, pack(tensor, kind, gguf), tuple(tensor.shape))
     path = Path(path)
