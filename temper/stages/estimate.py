@@ -264,6 +264,7 @@ def render(report: dict) -> str:
         ac = {"none": "no activation checkpointing", "full": "activation checkpointing",
               "selective": "selective activation checkpointing"}[p["activation_checkpointing"]]
         loss = "fused cross-entropy" if p["cross_entropy"] == "fused" else "unfused cross-entropy"
+        loss = f"an MLM loss at {memory.MLM_SHARE:.0%} of the tokens" if encoder else loss
         loss += ", packed (explicit attention mask)" if p["packing"] else ""
         lines.append(f"plan   training, {method}, {p['dtype']} weights{mixed}, {p['optimizer']}; {devices}; "
                      f"micro-batch {p['micro_batch']} x {p['seq_len']} tokens"
