@@ -321,8 +321,7 @@ def test_gradients_are_reduced_once_per_step_and_fsdp_shards_each_block():
 
 ELECTRA_WORLD = ["world.num_people=6", "world.num_towns=3", "world.docs_per_person=4", "world.docs_per_town=2",
                  "world.num_arithmetic_docs=8", "world.num_dialogue_docs=8"]
-ELECTRA = ["objective=electra", "seq_len=48", "batch_size=4", "vocab_size=400", "max_steps=3", "eval_batches=2",
-           "model_config.dropout=0", "model_config.attention_dropout=0",  # dropout draws differ per rank
+ELECTRA = ["objective=electra", "seq_len=48", "batch_size=4", "vocab_size=400", "max_steps=2", "eval_batches=1",
            "logging.progress=false", "logging.eval_at_start=false", "logging.every=1", "schedule.name=constant",
            "schedule.warmup_steps=0", f"optim.eps={ADAMW_EPS}", *ELECTRA_WORLD]
 ELECTRA_CONFIG = preset("electra-tiny", vocab_size=400)  # the generator is narrower: its chains are shorter
@@ -345,13 +344,14 @@ def electra_runs(tmp_path_factory):
 def test_electra_with_shared_embeddings_trains_like_one_process(electra_runs, strategy):
     """The two models are one wrapped module: the losses (L_gen, L_disc, their sum) and both
     models' weights are the one-process run's, and the generator's embeddings are still the
-    discriminator's (the same values after the steps)."""
+    discriminator's (the same values after the steps). With BERT's dropout on: each micro-batch
+    draws its masks from its own seed, so the ranks drop as the one process does."""
     single, multi = electra_runs / "single", electra_runs / strategy
     step = decoder_lengths(ELECTRA_CONFIG, 48, tokens=ELECTRA_TOKENS)
     forward = decoder_lengths(ELECTRA_CONFIG, 48)
     for key in ("loss", "gen_loss", "disc_loss"):
         assert_same_losses(multi, single, step=step, forward=forward, tokens=ELECTRA_TOKENS, key=key)
-    assert len(losses(multi)) == 3
+    assert len(losses(multi)) == 2
     rows = [r for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
     drift = adamw_drift([r["lr"] for r in rows], [r["grad_norm"] for r in rows], step)
     for sub in ("model.safetensors", "generator/model.safetensors"):

@@ -379,16 +379,17 @@ def read_contrastive(spec, tokenizer, vocab: EncoderVocab, *, max_len: int, supe
 class ContrastiveBatch:
     """B pairs as 2B right-padded rows, the B anchors then the B positives: `input_ids` and
     `attention_mask` (2B, T); `duplicate_mask` (B, B) True where pair j must not be a negative
-    of anchor i (they share a text; never on the diagonal)."""
+    of anchor i (they share a text; never on the diagonal); `seed` the batch's (as `EncoderBatch.seed`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     duplicate_mask: torch.Tensor
     num_pairs: int
+    seed: int = 0
 
     def to(self, device) -> ContrastiveBatch:
         return ContrastiveBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                                self.duplicate_mask.to(device), self.num_pairs)
+                                self.duplicate_mask.to(device), self.num_pairs, self.seed)
 
 
 def duplicate_mask(anchors: Sequence[Sequence[int]], positives: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -404,7 +405,7 @@ def duplicate_mask(anchors: Sequence[Sequence[int]], positives: Sequence[Sequenc
     return mask
 
 
-def collate_contrastive(chunk: list[ContrastivePair], pad_id: int) -> ContrastiveBatch:
+def collate_contrastive(chunk: list[ContrastivePair], pad_id: int, seed: int = 0) -> ContrastiveBatch:
     rows = [p.anchor_ids for p in chunk] + [p.positive_ids for p in chunk]
     T = max(map(len, rows))
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -413,7 +414,8 @@ def collate_contrastive(chunk: list[ContrastivePair], pad_id: int) -> Contrastiv
         input_ids[r, :len(ids)] = torch.tensor(ids)
         attention_mask[r, :len(ids)] = 1
     return ContrastiveBatch(input_ids, attention_mask,
-                            duplicate_mask([p.anchor_ids for p in chunk], [p.positive_ids for p in chunk]), len(chunk))
+                            duplicate_mask([p.anchor_ids for p in chunk], [p.positive_ids for p in chunk]), len(chunk),
+                            seed)
 
 
 # ----------------------------------------------------------------------------- labelled examples (fine-tuning)

@@ -267,16 +267,15 @@ def run(cfg: Config) -> dict:
 
     with_mlm = objective in ("mlm", "mlm+nsp", "mlm+sop", "electra")
     if objective == "contrastive":
-        collate = lambda chunk: collate_contrastive(chunk, vocab.pad_id)  # noqa: E731
+        collate = lambda chunk, seed: collate_contrastive(chunk, vocab.pad_id, seed)  # noqa: E731
     else:  # ELECTRA's generator sees 85% [MASK], 15% kept of the selected (the paper's code)
         collate = EncoderCollate(vocab, mlm_probability=cfg.mlm_probability if with_mlm else 0.0,
                                  whole_word=cfg.whole_word_mask, mask_fraction=0.85 if objective == "electra" else 0.8,
                                  random_fraction=0.0 if objective == "electra" else 0.1)
-    seeded = objective != "contrastive"
     loader = ExampleLoader(examples, collate, batch_size=cfg.batch_size, seed=cfg.seed, rank=run.par.dp_rank,
-                           world_size=run.par.dp, grad_accum=run.grad_accum, seeded_collate=seeded)
+                           world_size=run.par.dp, grad_accum=run.grad_accum, seeded_collate=True)
     eval_loader = ExampleLoader(held_out, collate, batch_size=cfg.batch_size, seed=cfg.seed + 1, shuffle=False,
-                                seeded_collate=seeded) if held_out else None
+                                seeded_collate=True) if held_out else None
 
     # the model(s)
     discriminator = build_encoder(cfg, tokenizer, vocab, run.device)
@@ -306,10 +305,17 @@ def run(cfg: Config) -> dict:
         counted = {"mlm": int((batch.labels != IGNORE_INDEX).sum())} if with_mlm else {}
         return {**counted, **({"sentence": len(batch.sentence_labels)} if objective != "mlm" else {})}
 
+    def dropout_from(batch) -> None:
+        """Draw this micro-batch's dropout masks from its own seed: one process and any number of
+        ranks drop alike (ranks seeded alike at the start would otherwise draw the same masks as
+        each other), and a resume too."""
+        torch.manual_seed(batch_seed(batch.seed, 0, 2))
+
     def encoder_losses(batch) -> tuple[dict, dict]:
         """mlm, nsp, sop, mlm+nsp, mlm+sop: one forward through the head (MLM logits at the selected
         positions and the [CLS] sentence logits)."""
         batch = batch.to(run.device)
+        dropout_from(batch)
         selected = batch.labels != IGNORE_INDEX if with_mlm else torch.zeros_like(batch.attention_mask,
                                                                                  dtype=torch.bool)
         out = model(batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids,
@@ -328,6 +334,7 @@ def run(cfg: Config) -> dict:
         """L_gen and L_disc of one micro-batch: the replacements drawn from the batch's own seed (the
         same on any number of ranks, and after a resume)."""
         batch = batch.to(run.device)
+        dropout_from(batch)
         selected = batch.labels != IGNORE_INDEX
         gen = model("generator", batch.input_ids, attention_mask=batch.attention_mask,
                     token_type_ids=batch.token_type_ids, selected=selected)
@@ -347,6 +354,7 @@ def run(cfg: Config) -> dict:
 
     def contrastive_losses(batch) -> tuple[dict, dict]:
         batch = batch.to(run.device)
+        dropout_from(batch)  # SimCSE: the anchor's and the positive's masks differ (one draw over 2B rows)
         z = embed(batch.input_ids, batch.attention_mask)  # (2B, H): anchors, then positives
         anchors, positives = z[:batch.num_pairs], z[batch.num_pairs:]
         return ({"contrastive": info_nce_loss(anchors, positives, temperature=cfg.temperature,
