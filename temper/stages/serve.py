@@ -46,7 +46,7 @@ class Config:
     max_concurrent: int = opt(64, "requests in flight (waiting or generating); more are answered 429")
     max_tokens: int = opt(512, "the most new tokens a request may ask for per choice")
     max_prompt_tokens: int = opt(0, "the longest prompt in tokens (0: the model's context less one)")
-    max_n: int = opt(8, "the most choices (n) per request")
+    max_n: int = opt(8, "the most choices (n) per request (at most max_batch: a request's choices decode together)")
     max_body_bytes: int = opt(1 << 20, "the largest request body in bytes")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16")
@@ -59,8 +59,6 @@ class Config:
         for key in ("max_batch", "max_concurrent", "max_tokens", "max_n", "max_body_bytes"):
             check_range(key, getattr(self, key), low=1)
         check_range("max_prompt_tokens", self.max_prompt_tokens, low=0)
-        if self.max_n > self.max_batch:
-            raise TemperError(f"max_n={self.max_n} exceeds max_batch={self.max_batch}: n choices decode together")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise TemperError(f"log_level={self.log_level!r}: expected critical, error, warning, info or debug")
         check_utf8("api_key=", self.api_key)
@@ -148,7 +146,7 @@ def build(cfg: Config):
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch,
                     use_adapter=adapter_switch(model, list(adapters))).start()
     limits = Limits(max_body_bytes=cfg.max_body_bytes, max_prompt_tokens=cfg.max_prompt_tokens,
-                    max_tokens=cfg.max_tokens, max_n=cfg.max_n, max_concurrent=cfg.max_concurrent)
+                    max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.max_batch), max_concurrent=cfg.max_concurrent)
     served = ServedModel(engine, tokenizer, base_name, list(adapters), template, model.config.max_seq_len,
                          cfg.api_key, limits)
     return build_app(served), engine
