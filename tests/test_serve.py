@@ -452,3 +452,33 @@ def test_fuzz_hostile_requests_never_take_the_server_down(served):
     alone = generate(served.model, [tok.encode(PROMPT)], SamplingConfig(max_new_tokens=8))[0]
     assert out.choices[0].text == tok.decode(alone)
     assert time.monotonic() - start < 30
+
+
+def test_llama3_eot_id_ends_a_chat_reply():
+    """Llama 3's <|eot_id|> (not the tokenizer's EOS) ends a reply at once; the app in-process."""
+    from starlette.testclient import TestClient
+
+    from temper.data.templates import BUILTIN_TEMPLATES
+    from temper.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+    from temper.serve.api import ServedModel, build_app
+
+    extra = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|begin_of_text|>"]
+    tok = train_tokenizer(["Alice lives in Paris. Bob lives in Rome."] * 20, vocab_size=300,
+                          special_tokens=[*SPECIAL_TOKENS, *extra])
+    eot = tok.token_id("<|eot_id|>")
+    assert eot is not None and eot != tok.eos_id
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=tok.vocab_size)).eval()
+    engine = Engine(model, tok).start()
+    app = build_app(ServedModel(engine, tok, "m", template=BUILTIN_TEMPLATES["llama3"], max_seq_len=512))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
+    try:
+        with TestClient(app) as client:
+            ended = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(eot): 100}}).json()
+            other = tok.encode("Paris")[0]
+            ran = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(other): 100}}).json()
+    finally:
+        engine.stop()
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["choices"][0]["message"]["content"] == ""
+    assert ended["usage"]["completion_tokens"] == 1
+    assert ran["choices"][0]["finish_reason"] == "length" and ran["usage"]["completion_tokens"] == 12

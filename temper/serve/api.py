@@ -407,7 +407,10 @@ def build_app(served: ServedModel) -> Starlette:
                                       eos_token_ids=tuple(ends), stop=tuple(stops), seed=p.seed)
 
             def emit(event: Event, i: int = i) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (i, event))
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, event))
+                except RuntimeError:  # the event loop has closed (shutting down): nobody is listening
+                    pass
 
             request = EngineRequest(prompt, sampling, emit, n=p.n, adapter=p.adapter, logit_bias=p.logit_bias,
                                     first_row=i * p.n)
@@ -434,7 +437,7 @@ def build_app(served: ServedModel) -> Starlette:
                 r.cancel()
 
     def usage(p: Params, completion_tokens: int) -> dict:
-        prompt_tokens = sum(len(x) for x in p.prompts) * p.n
+        prompt_tokens = sum(len(x) for x in p.prompts)  # once per prompt, whatever n (as OpenAI counts)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 

@@ -211,7 +211,7 @@ class Engine:
         self._incoming.put(request)
 
     def running(self) -> int:
-        return sum(len(b) for b in self._batches.values())
+        return sum(len(b) for b in list(self._batches.values()))  # a copy: the engine thread changes the dict
 
     # ------------------------------------------------------------------ the engine thread
 
