@@ -127,8 +127,11 @@ def build(cfg: Config):
     if (base_dir / "adapter_config.json").is_file() and not (base_dir / "config.json").is_file():
         raise TemperError(f"model={base_dir} is an adapter: pass its base as model= and the adapter as "
                           f"adapters=NAME={base_dir}")
-    model, tokenizer = load_for_inference(base_dir, device=device, dtype=cfg.dtype)
     adapters = parse_adapters(cfg.adapters)
+    base_name = cfg.name or base_dir.resolve().name
+    if base_name in adapters:
+        raise TemperError(f"adapters= name {base_name!r} is the base's name; pick another (or name=)")
+    model, tokenizer = load_for_inference(base_dir, device=device, dtype=cfg.dtype)
     load_adapters(model, base_dir, adapters)
     model.eval()
     template = None
@@ -140,9 +143,6 @@ def build(cfg: Config):
             raise
         print(f"note: /v1/chat/completions is off ({e})", file=sys.stderr)
         template = None
-    base_name = cfg.name or base_dir.resolve().name
-    if base_name in adapters:
-        raise TemperError(f"adapters= name {base_name!r} is the base's name; pick another (or name=)")
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch,
                     use_adapter=adapter_switch(model, list(adapters))).start()
     limits = Limits(max_body_bytes=cfg.max_body_bytes, max_prompt_tokens=cfg.max_prompt_tokens,
