@@ -301,8 +301,9 @@ def test_chat_stops_on_the_end_of_turn_token(served):
 
 
 def test_adapters_by_name_equal_the_adapter_alone_in_a_mixed_batch(served):
-    """Base and adapter requests at once (both adapters' batches running): each answer is what that
-    model gives alone (the adapter loaded by itself through load_for_inference), greedy and seeded."""
+    """Base and adapter requests sent together (so their batches overlap in the engine's steps): each
+    answer is what that model gives alone (the adapter loaded by itself through load_for_inference),
+    greedy and seeded."""
     from temper.loading import load_for_inference
 
     tuned, tok = load_for_inference(served.adapter)

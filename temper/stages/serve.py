@@ -19,6 +19,7 @@ Needs the `serve` extra: pip install 'temper[serve]'. See docs/serving.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ class Config:
     adapters: list[str] = opt([], "LoRA/DoRA adapters served on the base, as NAME=DIR (comma-separated)")
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     port: int = opt(8000, "port to listen on")
-    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 requests")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: the "
+                                    "TEMPER_API_KEY environment variable, which other users cannot read in ps)")
     template: str | None = opt(None, "chat template: chatml, llama3, plain, a .jinja file, or the model's (default)")
     max_batch: int = opt(16, "the most sequences decoded together (continuous batching); 1: one at a time")
     max_concurrent: int = opt(64, "requests in flight (waiting or generating); more are answered 429")
@@ -147,8 +149,9 @@ def build(cfg: Config):
                     use_adapter=adapter_switch(model, list(adapters))).start()
     limits = Limits(max_body_bytes=cfg.max_body_bytes, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.max_batch), max_concurrent=cfg.max_concurrent)
+    api_key = cfg.api_key or os.environ.get("TEMPER_API_KEY") or None
     served = ServedModel(engine, tokenizer, base_name, list(adapters), template, model.config.max_seq_len,
-                         cfg.api_key, limits)
+                         api_key, limits)
     return build_app(served), engine
 
 
@@ -159,8 +162,9 @@ def run(cfg: Config) -> None:
         raise TemperError("temper serve needs uvicorn and starlette: pip install 'temper[serve]'") from None
     app, engine = build(cfg)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: serving on {cfg.host}, reachable from other machines"
-              f"{'' if cfg.api_key else ' without an api_key'}", file=sys.stderr)
+        keyed = cfg.api_key or os.environ.get("TEMPER_API_KEY")
+        print(f"note: serving on {cfg.host}, reachable from other machines{'' if keyed else ' without an api_key'}",
+              file=sys.stderr)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_keep_alive=5)
     finally:
