@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per measurement (at least the clients)")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--repeats", type=int, default=2, help="measure each row this many times, keep the fastest")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server and the peer")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the peers")
     ap.add_argument("--no-peer", action="store_true")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
