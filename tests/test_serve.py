@@ -121,6 +121,42 @@ def test_many_requests_batched_equal_one_at_a_time_greedy_and_seeded():
     assert max(engine.steps) <= 5 and max(engine.steps) > 1
 
 
+def test_a_cancelled_request_leaves_and_a_failing_one_does_not_stop_the_engine():
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    engine = Engine(model, LetterTokenizer(), max_batch=4).start()
+    events: queue.Queue = queue.Queue()
+    try:
+        long = Request([1, 2, 3], SamplingConfig(max_new_tokens=400), lambda e: events.put((0, e)))
+
+        def cancel_at_third(e):
+            events.put((0, e))
+            if events.qsize() >= 3:
+                long.cancel()
+
+        long.emit = cancel_at_third
+        engine.submit(long)
+        deadline = time.monotonic() + 20
+        while engine.running() or not long.cancelled.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert len(engine.steps) < 10  # left at once, not after 400 tokens
+        assert all(e.finish_reason is None for _, e in list(events.queue))
+        broken = Request([1, 99], SamplingConfig(max_new_tokens=3), lambda e: events.put((1, e)))  # 99 >= vocab
+        engine.submit(broken)
+        while True:
+            i, e = events.get(timeout=20)
+            if i == 1:
+                break
+        assert e.error and engine.alive
+        fine = Request([1, 2], SamplingConfig(max_new_tokens=3), lambda e: events.put((0, e)))
+        engine.submit(fine)
+        done = wait_all(engine, [fine], events)
+        assert done[0][0].tokens == generate(model, [[1, 2]], SamplingConfig(max_new_tokens=3))[0]
+    finally:
+        engine.stop()
+
+
 def test_kv_cache_stack_right_aligns_and_skips():
     from temper.models.common import KVCache
 
