@@ -32,6 +32,19 @@ def generate(*args, **kwargs):
         return _generate(*args, **kwargs)
 
 
+def context_sensitive_model(vocab_size: int = 64, seed: int = 0):
+    """llama-tiny with weights of unit scale (not the small init), so that attention is sharp and every
+    earlier token moves the next-token logits: a padding slot seen, a position off by one or a key
+    out of place changes the tokens (with the small init, such bugs hide behind near-uniform attention)."""
+    torch.manual_seed(seed)
+    model = build_model(preset("llama-tiny", vocab_size=vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 2.0 / p.shape[1] ** 0.5)
+    return model
+
+
 class LetterTokenizer:
     """Every id decodes to one letter: the engine's text handling without a real vocabulary."""
 
@@ -47,8 +60,7 @@ def test_a_request_joins_the_running_batch_and_rows_equal_one_at_a_time():
     prompt) arrive while A decodes: they join A's forward passes (no extra passes: A's 59 decode passes
     are all there are, 4 rows at the widest), leave before A ends, and every row's tokens are those
     `generate` gives the request alone (its cache padded on the left in the batch, not alone)."""
-    torch.manual_seed(0)
-    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    model = context_sensitive_model()
     engine = Engine(model, LetterTokenizer(), max_batch=8).start()
     events: queue.Queue = queue.Queue()
     a_cfg = SamplingConfig(max_new_tokens=60)
@@ -95,8 +107,7 @@ def test_a_request_joins_the_running_batch_and_rows_equal_one_at_a_time():
 def test_many_requests_batched_equal_one_at_a_time_greedy_and_seeded():
     """A burst of requests of different lengths and settings, over a batch cap that makes some wait,
     rows leaving and joining all along: each equals `generate` on its own; max_batch is respected."""
-    torch.manual_seed(1)
-    model = build_model(preset("llama-tiny", vocab_size=64)).eval()
+    model = context_sensitive_model(seed=1)
     engine = Engine(model, LetterTokenizer(), max_batch=5).start()
     events: queue.Queue = queue.Queue()
     g = torch.Generator().manual_seed(3)
