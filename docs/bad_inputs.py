@@ -942,9 +942,21 @@ ENCODER_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+SERVE_CASES: list[tuple[str, list[str], str]] = [
+    ("an adapters= entry without a name", ["serve", "model=base", "adapters=lora"], "error"),
+    ("an adapter directory that does not exist", ["serve", "model=base", "adapters=tuned=no-such-dir"], "error"),
+    ("the same adapter name twice", ["serve", "model=base", "adapters=[a=lora,a=lora]"], "error"),
+    ("an adapter named as the base", ["serve", "model=base", "name=tuned", "adapters=tuned=lora"], "error"),
+    ("an adapter directory as model=", ["serve", "model=lora"], "error"),
+    ("a port out of range", ["serve", "model=base", "port=70000"], "error"),
+    ("no room for a single row", ["serve", "model=base", "max_batch=0"], "error"),
+    ("a chat template file that does not exist", ["serve", "model=base", "template=nope.jinja"], "error"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
             "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES,
-            "export": EXPORT_CASES, "encoder": ENCODER_CASES}
+            "export": EXPORT_CASES, "encoder": ENCODER_CASES, "serve": SERVE_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -960,6 +972,8 @@ TITLES = {
     "export": "Export: formats, families and tensors GGUF cannot take, adapters, outputs that are not the export's",
     "encoder": "Encoders (pretrain objective=mlm|nsp|sop|electra|contrastive, finetune-encoder, embed): pairs "
                "missing a sentence, texts too short to mask, tokenizers without [MASK], rows without labels",
+    "serve": "Serving: adapters, names, ports and templates refused before the server starts (request-level "
+             "errors are 4xx JSON, tested by tests/test_serve.py's fuzz)",
 }
 
 

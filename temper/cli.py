@@ -81,6 +81,8 @@ COMMANDS: dict[str, Command] = {
                                                           "q8_0/q4_0), or safetensors with an adapter merged"),
     "generate": Command("temper.stages.generate", "tool", "generate text from a model directory (one prompt or a "
                                                           "JSONL file)"),
+    "serve": Command("temper.stages.serve", "tool", "serve a model (and LoRA adapters by name) over an OpenAI-"
+                                                    "compatible HTTP API with continuous batching"),
     "chat": Command("temper.stages.chat", "tool", "chat with a model directory in the terminal, using its chat "
                                                   "template"),
     "embed": Command("temper.stages.embed", "tool", "sentence embeddings of texts from an encoder directory "

@@ -188,7 +188,7 @@ CONFIGS.update({label: importlib.import_module(module).Config for label, module 
 MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "reward": [], "reward score": ["model=m", "data=x.jsonl"],
            "grpo": [], "ppo": [], "online-dpo": [], "eval": ["model=m", "tasks=t"],
            "eval contamination": ["train=a.txt", "eval=b.jsonl"], "merge": ["adapter=a"],
-           "generate": ["model=m", "prompt=x"], "chat": ["model=m"], "estimate": ["model=7b"], "world": [],
+           "generate": ["model=m", "prompt=x"], "chat": ["model=m"], "serve": ["model=m"], "estimate": ["model=7b"], "world": [],
            "tokenizer": ["data=x.txt"], "plot": ["runs=[r]"], "curate": ["data=x.jsonl"], "finetune-encoder": [],
            "embed": ["model=m", "data=x.jsonl", "output=o.npy"], "pretrain objective=mlm": ["objective=mlm"],
            "export": ["model=m"]}

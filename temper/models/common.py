@@ -115,6 +115,35 @@ class KVCache:
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
 
+    @classmethod
+    def stack(cls, caches: Sequence[KVCache], max_len: int, skip: Sequence[int] | None = None) -> KVCache:
+        """The rows of `caches`, in order, in one new cache of `max_len` slots, right-aligned: each
+        cache's filled slots end at the new `length` (the longest of them), and a shorter one gets
+        empty slots in front, which the caller masks as left padding. `skip[i]` leading slots of
+        cache i are dropped first (slots that are padding in every one of its rows).
+
+        Continuous batching joins a prefilled request to a running batch this way: the rows keep
+        their keys, and positions and the padding mask (the caller's) say which slots are real."""
+        skip = list(skip) if skip is not None else [0] * len(caches)
+        assert caches and len(skip) == len(caches), "one skip per cache"
+        filled = [c.length - s for c, s in zip(caches, skip)]
+        length = max(filled)
+        if length > max_len:
+            raise ValueError(f"KV cache of {max_len} positions cannot hold {length}")
+        first = caches[0].keys[0]
+        B = sum(c.keys[0].shape[0] for c in caches)
+        out = cls(len(caches[0].keys), B, first.shape[1], max_len, first.shape[3], dtype=first.dtype,
+                  device=first.device)
+        for layer in range(len(out.keys)):
+            row = 0
+            for c, s, n in zip(caches, skip, filled):
+                rows = c.keys[layer].shape[0]
+                out.keys[layer][row:row + rows, :, length - n:length] = c.keys[layer][:, :, s:c.length]
+                out.values[layer][row:row + rows, :, length - n:length] = c.values[layer][:, :, s:c.length]
+                row += rows
+        out.length = length
+        return out
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            causal: bool, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
