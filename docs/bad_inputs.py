@@ -135,7 +135,7 @@ def setup(work: Path) -> None:
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
     for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward,
-                  setup_curate):
+                  setup_curate, setup_export, setup_encoder):
         extra(work)
 
 
@@ -854,8 +854,97 @@ CURATE_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def setup_export(work: Path) -> None:
+    """A GPT-2 model (no GGUF export), a Llama of width 48 (rows not whole Q4_0 blocks), `base` without its
+    tokenizer."""
+    from temper.data.tokenizer import Tokenizer
+    from temper.models import build_model, preset, save_model
+
+    tokenizer = Tokenizer.from_dir(work / "base")
+    save_model(build_model(preset("gpt2-tiny", vocab_size=tokenizer.vocab_size)), work / "gpt2-model",
+               tokenizer=tokenizer)
+    save_model(build_model(preset("llama-tiny", vocab_size=tokenizer.vocab_size, hidden_size=48)), work / "narrow",
+               tokenizer=tokenizer)
+    shutil.copytree(work / "base", work / "no-tokenizer", ignore=shutil.ignore_patterns("checkpoints"))
+    (work / "no-tokenizer" / "tokenizer.json").unlink()
+
+
+EXPORT_CASES: list[tuple[str, list[str], str] | tuple[str, list[str], str, list[str]]] = [
+    ("an export format that does not exist", ["export", "model=base", "format=onnx", "output_dir=ex-1"], "error"),
+    ("GGUF of a GPT-2 model (no GGUF export for its family)", ["export", "model=gpt2-model", "output_dir=ex-2"],
+     "error"),
+    ("GGUF of an adapter directory (merge it first)", ["export", "model=lora", "output_dir=ex-3"], "error"),
+    ("Q4_0 on rows of 48 values (not whole blocks of 32)", ["export", "model=narrow", "tensor_type=q4_0",
+                                                            "output_dir=ex-4"], "error"),
+    ("the same in F16 (no blocks)", ["export", "model=narrow", "tensor_type=f16", "output_dir=ex-5"], "ok"),
+    ("a GGUF type with format=safetensors", ["export", "model=lora", "format=safetensors", "tensor_type=q8_0",
+                                             "output_dir=ex-6"], "error"),
+    ("format=safetensors of a model directory (already one)", ["export", "model=base", "format=safetensors",
+                                                               "output_dir=ex-7"], "error"),
+    ("GGUF of a model without tokenizer.json", ["export", "model=no-tokenizer", "output_dir=ex-8"], "error"),
+    ("GGUF into a model directory", ["export", "model=base", "output_dir=other-base"], "error", ["other-base"]),
+    ("GGUF into its own model directory", ["export", "model=base", "output_dir=base"], "error", ["base"]),
+    ("an export of the same type again", ["export", "model=narrow", "tensor_type=f16", "output_dir=ex-5"], "error",
+     ["ex-5"]),
+]
+
+
+def setup_encoder(work: Path) -> None:
+    """For the encoder objectives: `wp`, a WordPiece tokenizer (with [CLS], [SEP], [MASK], [PAD]);
+    supervised pairs missing a `positive`; texts too short to mask; a document of one sentence;
+    token-classification rows without tags or with fewer tags than words; classification rows
+    without a label."""
+    from temper.data.tokenizer import train_wordpiece
+
+    prose = ["The river runs past the old mill. Farmers bring their grain to it every week.",
+             "People in the town say the water has shaped their lives. Nobody remembers a dry year."] * 20
+    train_wordpiece(prose, vocab_size=200, model_max_length=64).save(work / "wp")
+    (work / "pairs-missing.jsonl").write_text(
+        json.dumps({"anchor": "The river runs.", "positive": "A river flows."}) + "\n"
+        + json.dumps({"anchor": "The mill is old."}) + "\n")
+    (work / "too-short.jsonl").write_text(json.dumps({"text": "the river runs past the mill"}) + "\n"
+                                          + json.dumps({"text": "[CLS] [SEP]"}) + "\n")
+    (work / "one-sentence.jsonl").write_text(json.dumps({"text": "The river runs past the mill."}) + "\n")
+    (work / "tags-missing.jsonl").write_text(json.dumps({"tokens": ["the", "river"], "tags": ["O", "B-LOC"]}) + "\n"
+                                             + json.dumps({"tokens": ["the", "mill"]}) + "\n")
+    (work / "tags-short.jsonl").write_text(json.dumps({"tokens": ["the", "river"], "tags": ["O", "B-LOC"]}) + "\n"
+                                           + json.dumps({"tokens": ["the", "old", "mill"], "tags": ["O"]}) + "\n")
+    (work / "labels-missing.jsonl").write_text(json.dumps({"text": "the river runs", "label": "water"}) + "\n"
+                                               + json.dumps({"text": "the mill is old"}) + "\n")
+
+
+ENCODER = ["seq_len=32", "batch_size=4", "max_steps=1", "tokenizer=wp", "logging.progress=false"]
+ENCODER_CASES: list[tuple[str, list[str], str]] = [
+    ("sentence-pair data with a row missing its second sentence (positive)",
+     ["pretrain", "objective=contrastive", "data=pairs-missing.jsonl", *ENCODER, "output_dir=enc-1"], "error"),
+    ("texts too short to mask anything", ["pretrain", "objective=mlm", "data=too-short.jsonl", *ENCODER,
+                                          "output_dir=enc-2"], "error"),
+    ("a tokenizer without [MASK] (a decoder's BPE)",
+     ["pretrain", "objective=mlm", "data=too-short.jsonl", "tokenizer=base", "seq_len=32", "max_steps=1",
+      "output_dir=enc-3"], "error"),
+    ("NSP on documents of one sentence (no pair to make)",
+     ["pretrain", "objective=nsp", "data=one-sentence.jsonl", *ENCODER, "output_dir=enc-4"], "error"),
+    ("an objective that does not exist", ["pretrain", "objective=mlmx"], "error"),
+    ("an ELECTRA setting with objective=mlm", ["pretrain", "objective=mlm", "disc_weight=10"], "error"),
+    ("a decoder model for MLM", ["pretrain", "objective=mlm", "model=llama-tiny", "data=too-short.jsonl",
+                                 *ENCODER, "output_dir=enc-5"], "error"),
+    ("seq_len too short for [CLS] A [SEP] B [SEP]", ["pretrain", "objective=nsp", "seq_len=4"], "error"),
+    ("task=tokens data without its tags", ["finetune-encoder", "task=tokens", "model=bert-tiny",
+                                            "data=tags-missing.jsonl", *ENCODER, "output_dir=enc-6"], "error"),
+    ("task=tokens with fewer tags than words", ["finetune-encoder", "task=tokens", "model=bert-tiny",
+                                                "data=tags-short.jsonl", *ENCODER, "output_dir=enc-7"], "error"),
+    ("task=classify data without a label", ["finetune-encoder", "task=classify", "model=bert-tiny",
+                                            "data=labels-missing.jsonl", *ENCODER, "output_dir=enc-8"], "error"),
+    ("embeddings of a decoder", ["embed", "model=base", "data=corpus.txt", "output=z.npy"], "error"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
-            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES}
+            "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES,
+            "export": EXPORT_CASES, "encoder": ENCODER_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -868,6 +957,9 @@ TITLES = {
     "reward": "Reward models (outcome and process): bodies that cannot be one, heads that are missing, margins, "
               "steps and rows that are bad",
     "curate": "Data curation: binary, empty and undecodable documents, gigantic lines, settings that do not fit",
+    "export": "Export: formats, families and tensors GGUF cannot take, adapters, outputs that are not the export's",
+    "encoder": "Encoders (pretrain objective=mlm|nsp|sop|electra|contrastive, finetune-encoder, embed): pairs "
+               "missing a sentence, texts too short to mask, tokenizers without [MASK], rows without labels",
 }
 
 

@@ -130,9 +130,21 @@ keeps only its input (`dt h` per token) and one block is recomputed in the backw
 `activation_checkpointing=selective` counts torchtitan's per-op policy (the output of every
 other matmul and the attention's output are kept, the rest recomputed).
 
+An encoder (BERT: post-LayerNorm, GELU, learned positions and token types) is counted by the
+same layout, plus what a decoder does not have: the dropout mask of each residual branch (two
+per block, `2 h` elements per token, and one after the embeddings), SDPA's additive copy of the
+(B, 1, 1, T) padding mask in every block (`dt` per token), the token-type ids, and instead of the
+fused loss an MLM head at 15% of the tokens (the gathered hidden states, the transform's GELU
+and LayerNorm, the decoder's input: `dt (4h + 2)`, and fp32 log-probabilities, `4 V`, per
+selected token). CUDA's fused dropout keeps a bool mask (1 byte an element), which the planner
+counts; the CPU keeps a noise tensor of the compute dtype instead, which the test passes.
+Attention dropout keeps only its RNG state in the fused (memory-efficient) kernel; the CPU's
+math fallback keeps seq x seq matrices, so the test measures with it off.
+
 These counts are exact for temper's models: tests/test_estimate.py sums the distinct storages
 that `torch.autograd.graph.saved_tensors_hooks` sees in a forward pass and the loss, for Llama
-and GPT-2, fp32 and bf16, full fine-tuning, LoRA and QLoRA, and packing, and compares.
+and GPT-2, fp32 and bf16, full fine-tuning, LoRA and QLoRA, and packing, and for BERT with its
+MLM loss, dropout and a padding mask (fp32 and bf16), and compares.
 """
 
 CHECKED = """
@@ -199,6 +211,13 @@ EXAMPLES = [
     ("## Inference and the KV cache", [
         ("Llama 3.1 8B serving 8 sequences of 8192 tokens: 128 KiB of KV cache per token (8 KV heads).",
          "temper estimate model=llama3.1-8b inference=true batch=8 context=8192"),
+    ]),
+    ("## Encoders (BERT): one forward pass, no KV cache", [
+        ("BERT-base pretraining with MLM (the planner counts the MLM head at 15% of the tokens, and the "
+         "dropout masks BERT trains with).", "temper estimate model=bert-base micro_batch=32 seq_len=512"),
+        ("Inference of an encoder is one forward pass over every position at once: nothing is cached between "
+         "tokens, so there is no KV cache; the peak is the weights and one forward pass's working set.",
+         "temper estimate model=bert-base inference=true batch=32 context=512"),
     ]),
     ("## A published run: torchtitan's Llama 3.1 8B on 8 H100s", [
         ("torchtitan's settings (see below for the source and the comparison): FSDP over 8 GPUs, local batch "

@@ -77,6 +77,8 @@ COMMANDS: dict[str, Command] = {
                                                                   "pairs) with a reward model; write JSONL"),
     "merge": Command("temper.stages.merge", "tool", "fold a LoRA/DoRA adapter into its base model (zero inference "
                                                     "overhead)"),
+    "export": Command("temper.stages.export", "workflow", "export a model: one GGUF file for llama.cpp (f32/f16/"
+                                                          "q8_0/q4_0), or safetensors with an adapter merged"),
     "generate": Command("temper.stages.generate", "tool", "generate text from a model directory (one prompt or a "
                                                           "JSONL file)"),
     "chat": Command("temper.stages.chat", "tool", "chat with a model directory in the terminal, using its chat "

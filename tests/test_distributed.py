@@ -315,3 +315,50 @@ def test_gradients_are_reduced_once_per_step_and_fsdp_shards_each_block():
         assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.blocks)
     finally:
         par.close()
+
+
+# ----------------------------------------------------------------------------- ELECTRA (an encoder pair)
+
+ELECTRA_WORLD = ["world.num_people=6", "world.num_towns=3", "world.docs_per_person=4", "world.docs_per_town=2",
+                 "world.num_arithmetic_docs=8", "world.num_dialogue_docs=8"]
+ELECTRA = ["objective=electra", "seq_len=48", "batch_size=4", "vocab_size=400", "max_steps=2", "eval_batches=1",
+           "logging.progress=false", "logging.eval_at_start=false", "logging.every=1", "schedule.name=constant",
+           "schedule.warmup_steps=0", f"optim.eps={ADAMW_EPS}", *ELECTRA_WORLD]
+ELECTRA_CONFIG = preset("electra-tiny", vocab_size=400)  # the generator is narrower: its chains are shorter
+ELECTRA_TOKENS = 8 * 48
+
+
+@pytest.fixture(scope="module")
+def electra_runs(tmp_path_factory):
+    """ELECTRA (generator and discriminator sharing their embeddings): one process with grad_accum=2,
+    and 2 processes x 1 micro-batch under DDP and FSDP, on one tokenizer (the first run's)."""
+    root = tmp_path_factory.mktemp("electra")
+    check(temper("pretrain", *ELECTRA, "grad_accum=2", f"output_dir={root / 'single'}"))
+    for strategy in ("ddp", "fsdp"):
+        check(temper("pretrain", *ELECTRA, f"tokenizer={root / 'single'}", f"strategy={strategy}",
+                     f"output_dir={root / strategy}", ranks=2))
+    return root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_electra_with_shared_embeddings_trains_like_one_process(electra_runs, strategy):
+    """The two models are one wrapped module: the losses (L_gen, L_disc, their sum) and both
+    models' weights are the one-process run's, and the generator's embeddings are still the
+    discriminator's (the same values after the steps). With BERT's dropout on: each micro-batch
+    draws its masks from its own seed, so the ranks drop as the one process does."""
+    single, multi = electra_runs / "single", electra_runs / strategy
+    step = decoder_lengths(ELECTRA_CONFIG, 48, tokens=ELECTRA_TOKENS)
+    forward = decoder_lengths(ELECTRA_CONFIG, 48)
+    for key in ("loss", "gen_loss", "disc_loss"):
+        assert_same_losses(multi, single, step=step, forward=forward, tokens=ELECTRA_TOKENS, key=key)
+    assert len(losses(multi)) == 2
+    rows = [r for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
+    drift = adamw_drift([r["lr"] for r in rows], [r["grad_norm"] for r in rows], step)
+    for sub in ("model.safetensors", "generator/model.safetensors"):
+        assert_weights_close(load_file(multi / sub), load_file(single / sub), drift, len(rows))
+    disc, gen = load_file(multi / "model.safetensors"), load_file(multi / "generator" / "model.safetensors")
+    assert any(k.startswith("electra.embeddings.") for k in gen)
+    for k in gen:
+        if k.startswith("electra.embeddings."):
+            torch.testing.assert_close(gen[k], disc[k], rtol=0, atol=0, msg=k)
+    assert json.loads((multi / "summary.json").read_text())["parallel"] == f"2 processes, {strategy} (dp=2)"

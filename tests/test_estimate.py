@@ -192,6 +192,74 @@ def test_activations_are_what_autograd_saves(name, dtype, method, targets):
     assert acts.kept == pytest.approx(measured, rel=0.01)
 
 
+@pytest.mark.parametrize("dtype, dropout", [("fp32", 0.1), ("bf16", 0.1), ("fp32", 0.0)])
+def test_bert_activations_are_what_autograd_saves(dtype, dropout):
+    """A post-LayerNorm encoder (BERT) with its MLM loss at 15% of the tokens, a padding mask and
+    token types, as the encoder recipe trains it: every saved tensor counted. Hidden dropout keeps
+    its mask (on the CPU a noise tensor of the compute dtype, so `dropout_mask=dt`; CUDA keeps
+    bool masks); attention dropout stays off here: the CPU's SDPA falls back to the math kernel
+    with it, keeping seq x seq matrices that the fused GPU kernel does not."""
+    import math
+
+    from temper.losses.encoder import masked_lm_loss
+    from temper.models.bert import with_head
+
+    torch.manual_seed(0)
+    shape = with_head(preset("bert-tiny", vocab_size=500, num_layers=3, dropout=dropout, attention_dropout=0.0),
+                      "BertForMaskedLM")
+    model = build_model(shape, dtype="fp32").train()
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    batch, seq = 2, 48
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, shape.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 40:] = 0
+    types = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
+    selected = torch.zeros(batch * seq, dtype=torch.bool)
+    selected[torch.randperm(batch * seq, generator=g)[:math.ceil(memory.MLM_SHARE * batch * seq)]] = True
+    selected = selected.view(batch, seq)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, attention_mask=mask, token_type_ids=types, selected=selected)
+        masked_lm_loss(out.logits, ids[selected])
+    dt = memory.DTYPE_BYTES[dtype]
+    acts = memory.activation_bytes(shape, Plan(dtype=dtype, micro_batch=batch, seq_len=seq), dropout_mask=dt)
+    assert acts.again == 0
+    assert acts.kept == pytest.approx(sum(seen.values()), rel=0.01)
+    if dropout:  # the masks are a real share: the formula without them would miss
+        without = memory.activation_bytes(shape.replace(dropout=0.0), Plan(dtype=dtype, micro_batch=batch,
+                                                                            seq_len=seq), dropout_mask=dt)
+        assert without.kept < 0.9 * sum(seen.values())
+
+
+def test_an_encoder_plans_one_forward_pass_not_a_kv_cache(capsys):
+    """`temper estimate` of a BERT: inference=true is weights + one forward pass's working set
+    (no KV cache line, no KV bytes); a decoder keeps its KV cache."""
+    plan = Plan(inference=True, batch=8, context=512)
+    bert = memory.inference_memory(preset("bert-base"), plan)
+    assert bert.kv_cache == 0 and bert.peak == bert.weights + bert.temporaries
+    assert memory.inference_memory(preset("llama-14m"), Plan(inference=True, batch=8, context=512)).kv_cache > 0
+    assert main(["estimate", "model=bert-base", "inference=true", "batch=8", "context=512"]) == 0
+    printed = capsys.readouterr().out
+    assert "KV" not in printed.replace("no KV cache", "") and "one forward pass" in printed
+    assert main(["estimate", "model=bert-base", "seq_len=512", "micro_batch=8"]) == 0
+    printed = capsys.readouterr().out
+    assert "KV" not in printed.replace("no KV cache", "") and "MLM cross-entropy" in printed
+    assert main(["estimate", "model=bert-base", "inference=true", "format=json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["encoder"] and "kv_cache_per_token" not in report
+    assert main(["estimate", "model=llama-14m", "inference=true"]) == 0
+    assert "KV cache" in capsys.readouterr().out
+
+
 def test_activation_checkpointing_keeps_block_inputs_and_one_block():
     shape = preset("llama-14m")
     plain = memory.activation_bytes(shape, Plan(dtype="fp32", micro_batch=4, seq_len=256))

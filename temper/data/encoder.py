@@ -277,7 +277,9 @@ def sentence_pairs(documents: Iterable[tuple[str, list[str]]], tokenizer, vocab:
 class EncoderBatch:
     """B right-padded sequences: `input_ids`, `attention_mask` (1 real, 0 pad), `token_type_ids`
     (B, T); `labels` (B, T) the MLM targets (-100 where nothing is predicted) or None; `sentence_labels`
-    (B,) NSP/SOP labels or None."""
+    (B,) NSP/SOP labels or None; `seed` the batch's (ExampleLoader's `batch_seed`: the same batch
+    has the same seed on any number of ranks and after a resume; ELECTRA samples its replacements
+    from it)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -285,11 +287,12 @@ class EncoderBatch:
     num_sequences: int
     labels: torch.Tensor | None = None
     sentence_labels: torch.Tensor | None = None
+    seed: int = 0
 
     def to(self, device) -> EncoderBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return EncoderBatch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
-                            self.num_sequences, move(self.labels), move(self.sentence_labels))
+                            self.num_sequences, move(self.labels), move(self.sentence_labels), self.seed)
 
 
 def pad_examples(examples: list[EncoderExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -333,7 +336,7 @@ class EncoderCollate:
         if chunk[0].sentence_label is not None:
             sentence_labels = torch.tensor([e.sentence_label for e in chunk], dtype=torch.long)
         return EncoderBatch(input_ids, padded["attention_mask"], padded["token_type_ids"], len(chunk), labels,
-                            sentence_labels)
+                            sentence_labels, seed)
 
 
 # ----------------------------------------------------------------------------- contrastive pairs
@@ -376,16 +379,17 @@ def read_contrastive(spec, tokenizer, vocab: EncoderVocab, *, max_len: int, supe
 class ContrastiveBatch:
     """B pairs as 2B right-padded rows, the B anchors then the B positives: `input_ids` and
     `attention_mask` (2B, T); `duplicate_mask` (B, B) True where pair j must not be a negative
-    of anchor i (they share a text; never on the diagonal)."""
+    of anchor i (they share a text; never on the diagonal); `seed` the batch's (as `EncoderBatch.seed`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     duplicate_mask: torch.Tensor
     num_pairs: int
+    seed: int = 0
 
     def to(self, device) -> ContrastiveBatch:
         return ContrastiveBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                                self.duplicate_mask.to(device), self.num_pairs)
+                                self.duplicate_mask.to(device), self.num_pairs, self.seed)
 
 
 def duplicate_mask(anchors: Sequence[Sequence[int]], positives: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -401,7 +405,7 @@ def duplicate_mask(anchors: Sequence[Sequence[int]], positives: Sequence[Sequenc
     return mask
 
 
-def collate_contrastive(chunk: list[ContrastivePair], pad_id: int) -> ContrastiveBatch:
+def collate_contrastive(chunk: list[ContrastivePair], pad_id: int, seed: int = 0) -> ContrastiveBatch:
     rows = [p.anchor_ids for p in chunk] + [p.positive_ids for p in chunk]
     T = max(map(len, rows))
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -410,7 +414,8 @@ def collate_contrastive(chunk: list[ContrastivePair], pad_id: int) -> Contrastiv
         input_ids[r, :len(ids)] = torch.tensor(ids)
         attention_mask[r, :len(ids)] = 1
     return ContrastiveBatch(input_ids, attention_mask,
-                            duplicate_mask([p.anchor_ids for p in chunk], [p.positive_ids for p in chunk]), len(chunk))
+                            duplicate_mask([p.anchor_ids for p in chunk], [p.positive_ids for p in chunk]), len(chunk),
+                            seed)
 
 
 # ----------------------------------------------------------------------------- labelled examples (fine-tuning)

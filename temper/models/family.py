@@ -12,7 +12,7 @@ This module sits below the family folders: it imports nothing of theirs, nor the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,18 @@ class TensorParallelPlan:
     replicated: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class GGUFExport:
+    """How a family goes out as GGUF, the file llama.cpp reads (`temper export format=gguf`; the
+    family's `gguf.py`): llama.cpp's architecture name for a config, (GGUF name, tensor) for a
+    state dict (renamed, permuted where llama.cpp's layout differs), and the hyper-parameters
+    written through a `gguf.GGUFWriter` (with `gguf.RopeScalingType` handed in)."""
+
+    architecture: Callable[[ModelConfig], str]
+    tensors: Callable[[dict[str, Any], ModelConfig], Iterator[tuple[str, Any]]]
+    write_hparams: Callable[[Any, ModelConfig, Any], None]
+
+
 def attention_flops(c: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of attention's two (T x T) products, forward and backward:
     12 x layers x heads x head_dim x seq_len (PaLM, appendix B; not halved for a causal mask)."""
@@ -146,7 +158,8 @@ class Family:
     causal_lm: a decoder that generates text (an encoder is refused by generate, chat and the pipeline);
     dropout: the model honours ModelConfig.dropout / attention_dropout (others refuse them);
     attention_flops(config, seq_len): the attention term of the training FLOPs per token;
-    adapters: HF architecture -> its names where they differ from `adapter` (ELECTRA's prefix).
+    adapters: HF architecture -> its names where they differ from `adapter` (ELECTRA's prefix);
+    gguf: how it goes out as GGUF for llama.cpp (None: `temper export format=gguf` refuses it).
     """
 
     name: str
@@ -165,6 +178,7 @@ class Family:
     dropout: bool = False
     attention_flops: Callable[[ModelConfig, int], float] = attention_flops
     adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
+    gguf: GGUFExport | None = None
 
     def __post_init__(self) -> None:
         assert self.architectures, f"family {self.name}: at least one HF architecture"

@@ -10,11 +10,14 @@ Objectives (the losses are temper/losses/encoder.py's; the data temper/data/enco
 
 - `mlm`: 15% of the tokens (mlm_probability) selected, 80/10/10; whole_word_mask=true selects words.
 - `nsp`, `sop`: the sentence-pair task alone on [CLS] (pairs of consecutive segments of a document);
-  `mlm+nsp` (BERT) and `mlm+sop` (ALBERT) add MLM on the same masked pairs. The two losses are two
-  `loop.accumulate` calls, each averaged over its own unit (masked tokens, pairs), summed.
+  `mlm+nsp` (BERT) and `mlm+sop` (ALBERT) add MLM on the same masked pairs: one forward through
+  BertForPreTraining gives both heads' logits; each loss is averaged over its own unit (masked
+  tokens, pairs) in the whole step, and the two are summed (`loop.accumulate_shared`).
 - `electra`: a generator (the discriminator's shape, `generator_width` of its width, its embeddings
   the discriminator's) trained with MLM samples replacements; the discriminator labels every token
-  original/replaced; L = L_gen + disc_weight * L_disc (Clark et al. 2020, 50).
+  original/replaced; L = L_gen + disc_weight * L_disc (Clark et al. 2020, 50), each averaged over
+  its own unit (masked tokens, real tokens). The two models are one `ModuleGroup` (DDP and FSDP
+  hold the shared embeddings once), run one after the other on each micro-batch.
 - `contrastive`: InfoNCE with in-batch negatives, temperature 0.05, pooling mean or cls; rows with
   `anchor` and `positive` are supervised pairs, rows with `text` are SimCSE's (the text twice,
   two dropout masks).
@@ -48,7 +51,7 @@ from temper.data.encoder import (
     read_texts,
     sentence_pairs,
 )
-from temper.data.loader import ExampleLoader
+from temper.data.loader import ExampleLoader, batch_seed
 from temper.data.readers import expand_paths, iter_records
 from temper.data.sft import split_held_out
 from temper.data.shards import files_fingerprint, fingerprint
@@ -264,119 +267,121 @@ def run(cfg: Config) -> dict:
 
     with_mlm = objective in ("mlm", "mlm+nsp", "mlm+sop", "electra")
     if objective == "contrastive":
-        collate = lambda chunk: collate_contrastive(chunk, vocab.pad_id)  # noqa: E731
+        collate = lambda chunk, seed: collate_contrastive(chunk, vocab.pad_id, seed)  # noqa: E731
     else:  # ELECTRA's generator sees 85% [MASK], 15% kept of the selected (the paper's code)
         collate = EncoderCollate(vocab, mlm_probability=cfg.mlm_probability if with_mlm else 0.0,
                                  whole_word=cfg.whole_word_mask, mask_fraction=0.85 if objective == "electra" else 0.8,
                                  random_fraction=0.0 if objective == "electra" else 0.1)
-    seeded = objective != "contrastive"
     loader = ExampleLoader(examples, collate, batch_size=cfg.batch_size, seed=cfg.seed, rank=run.par.dp_rank,
-                           world_size=run.par.dp, grad_accum=run.grad_accum, seeded_collate=seeded)
+                           world_size=run.par.dp, grad_accum=run.grad_accum, seeded_collate=True)
     eval_loader = ExampleLoader(held_out, collate, batch_size=cfg.batch_size, seed=cfg.seed + 1, shuffle=False,
-                                seeded_collate=seeded) if held_out else None
+                                seeded_collate=True) if held_out else None
 
     # the model(s)
     discriminator = build_encoder(cfg, tokenizer, vocab, run.device)
-    modules: torch.nn.Module | dict = discriminator
-    if objective == "electra":
-        modules = {"discriminator": discriminator,
-                   "generator": build_generator(discriminator, cfg.generator_width, run.device)}
+    if objective == "electra":  # one module: the two share their embeddings (one wrapper holds each parameter once)
+        generator = build_generator(discriminator, cfg.generator_width, run.device)
+        trainable = recipe.make_trainable({"discriminator": discriminator, "generator": generator}, cfg, run,
+                                          tokenizer=tokenizer, shared=True)
+    else:
+        trainable = recipe.make_trainable(discriminator, cfg, run, tokenizer=tokenizer)
     lineage = read_lineage(cfg.model) if Path(cfg.model).is_dir() else {}
-    trainable = recipe.make_trainable(modules, cfg, run, tokenizer=tokenizer)
     model = trainable.model
     run.say(f"model: {discriminator.config.hf_architecture}, {discriminator.num_parameters():,} parameters"
-            + (f"; generator {modules['generator'].num_parameters():,} (embeddings shared)"
-               if objective == "electra" else ""))
+            + (f"; generator {generator.num_parameters():,} (embeddings shared)" if objective == "electra" else ""))
 
-    # the losses: (summed loss, count, metric sums) of one micro-batch
-    def encoder_of(name: str = "discriminator"):
-        return model[name] if isinstance(model, dict) else model
+    # the losses: each objective's units (counted from the batch before any forward), and its summed
+    # losses and metric sums from ONE forward per micro-batch (MLM+NSP: BertForPreTraining's two
+    # heads; ELECTRA: the generator, the sampled replacements, the discriminator)
+    weights = {"mlm": {"mlm": 1.0}, "nsp": {"sentence": 1.0}, "sop": {"sentence": 1.0},
+               "mlm+nsp": {"mlm": 1.0, "sentence": 1.0}, "mlm+sop": {"mlm": 1.0, "sentence": 1.0},
+               "electra": {"gen": 1.0, "disc": cfg.disc_weight}, "contrastive": {"contrastive": 1.0}}[objective]
 
-    def mlm_loss(batch):
+    def units(batch) -> dict[str, int]:
+        if objective == "contrastive":
+            return {"contrastive": batch.num_pairs}
+        if objective == "electra":
+            return {"gen": int((batch.labels != IGNORE_INDEX).sum()), "disc": int(batch.attention_mask.sum())}
+        counted = {"mlm": int((batch.labels != IGNORE_INDEX).sum())} if with_mlm else {}
+        return {**counted, **({"sentence": len(batch.sentence_labels)} if objective != "mlm" else {})}
+
+    def dropout_from(batch) -> None:
+        """Draw this micro-batch's dropout masks from its own seed: one process and any number of
+        ranks drop alike (ranks seeded alike at the start would otherwise draw the same masks as
+        each other), and a resume too."""
+        torch.manual_seed(batch_seed(batch.seed, 0, 2))
+
+    def encoder_losses(batch) -> tuple[dict, dict]:
+        """mlm, nsp, sop, mlm+nsp, mlm+sop: one forward through the head (MLM logits at the selected
+        positions and the [CLS] sentence logits)."""
         batch = batch.to(run.device)
-        selected = batch.labels != IGNORE_INDEX
-        out = encoder_of()(batch.input_ids, attention_mask=batch.attention_mask,
-                           token_type_ids=batch.token_type_ids, selected=selected)
-        targets = batch.labels[selected]
-        return masked_lm_loss(out.logits, targets, reduction="sum"), int(selected.sum()), \
-            masked_lm_metrics(out.logits, targets)
-
-    def sentence_loss(batch):
-        batch = batch.to(run.device)
-        out = encoder_of()(batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids,
-                           selected=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
-        labels = batch.sentence_labels
-        return sentence_pair_loss(out.sentence_logits, labels, reduction="sum"), len(labels), \
-            sentence_pair_metrics(out.sentence_logits, labels)
-
-    replaced: list = []  # ELECTRA: the discriminator's inputs of this step's micro-batches, in order
-
-    def make_generator_loss(step: int):
-        def generator_loss(batch):
-            batch = batch.to(run.device)
-            selected = batch.labels != IGNORE_INDEX
-            out = encoder_of("generator")(batch.input_ids, attention_mask=batch.attention_mask,
-                                          token_type_ids=batch.token_type_ids, selected=selected)
-            sampler = torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + len(replaced))
-            inputs, labels = replaced_token_inputs(batch.input_ids, batch.labels, out.logits, generator=sampler)
-            replaced.append((inputs, labels))
+        dropout_from(batch)
+        selected = batch.labels != IGNORE_INDEX if with_mlm else torch.zeros_like(batch.attention_mask,
+                                                                                 dtype=torch.bool)
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids,
+                    selected=selected)
+        losses, metrics = {}, {}
+        if with_mlm:
             targets = batch.labels[selected]
-            return masked_lm_loss(out.logits, targets, reduction="sum"), int(selected.sum()), \
-                {"gen_" + k: v for k, v in masked_lm_metrics(out.logits, targets).items()}
-        return generator_loss
+            losses["mlm"] = masked_lm_loss(out.logits, targets, reduction="sum")
+            metrics.update(masked_lm_metrics(out.logits, targets))
+        if objective != "mlm":
+            losses["sentence"] = sentence_pair_loss(out.sentence_logits, batch.sentence_labels, reduction="sum")
+            metrics.update(sentence_pair_metrics(out.sentence_logits, batch.sentence_labels))
+        return losses, metrics
 
-    def disc_loss(pair):
-        batch, (inputs, labels) = pair
+    def electra_losses(batch) -> tuple[dict, dict]:
+        """L_gen and L_disc of one micro-batch: the replacements drawn from the batch's own seed (the
+        same on any number of ranks, and after a resume)."""
         batch = batch.to(run.device)
-        out = encoder_of()(inputs, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids)
-        return discriminator_loss(out.logits, labels, batch.attention_mask, reduction="sum"), \
-            int(batch.attention_mask.sum()), discriminator_metrics(out.logits, labels, batch.attention_mask)
+        dropout_from(batch)
+        selected = batch.labels != IGNORE_INDEX
+        gen = model("generator", batch.input_ids, attention_mask=batch.attention_mask,
+                    token_type_ids=batch.token_type_ids, selected=selected)
+        sampler = torch.Generator(device=run.device).manual_seed(batch_seed(batch.seed, 0, 1))
+        inputs, labels = replaced_token_inputs(batch.input_ids, batch.labels, gen.logits, generator=sampler)
+        disc = model("discriminator", inputs, attention_mask=batch.attention_mask,
+                     token_type_ids=batch.token_type_ids)
+        targets = batch.labels[selected]
+        return ({"gen": masked_lm_loss(gen.logits, targets, reduction="sum"),
+                 "disc": discriminator_loss(disc.logits, labels, batch.attention_mask, reduction="sum")},
+                {**{"gen_" + k: v for k, v in masked_lm_metrics(gen.logits, targets).items()},
+                 **discriminator_metrics(disc.logits, labels, batch.attention_mask)})
 
     def embed(input_ids, attention_mask):
-        hidden = encoder_of()(input_ids, attention_mask=attention_mask, with_head=False).hidden
+        hidden = model(input_ids, attention_mask=attention_mask, with_head=False).hidden
         return mean_pool(hidden, attention_mask) if cfg.pooling == "mean" else cls_pool(hidden)
 
-    def contrastive_loss(batch):
+    def contrastive_losses(batch) -> tuple[dict, dict]:
         batch = batch.to(run.device)
+        dropout_from(batch)  # SimCSE: the anchor's and the positive's masks differ (one draw over 2B rows)
         z = embed(batch.input_ids, batch.attention_mask)  # (2B, H): anchors, then positives
         anchors, positives = z[:batch.num_pairs], z[batch.num_pairs:]
-        return info_nce_loss(anchors, positives, temperature=cfg.temperature, duplicate_mask=batch.duplicate_mask,
-                             reduction="sum"), batch.num_pairs, \
-            info_nce_metrics(anchors, positives, duplicate_mask=batch.duplicate_mask)
+        return ({"contrastive": info_nce_loss(anchors, positives, temperature=cfg.temperature,
+                                              duplicate_mask=batch.duplicate_mask, reduction="sum")},
+                info_nce_metrics(anchors, positives, duplicate_mask=batch.duplicate_mask))
 
-    def step_losses(micro: list, step: int) -> tuple[dict, int]:
-        """Every objective of one step (several are several accumulate calls); the row and the tokens."""
-        row: dict = {}
-        if objective == "contrastive":
-            result = loop.accumulate(micro, contrastive_loss)
-            row.update(loss=result["loss"], retrieval_accuracy=result["retrieval_accuracy"] / result["count"])
-            return row, sum(b.input_ids.numel() for b in micro)
+    losses_of = {"electra": electra_losses, "contrastive": contrastive_losses}.get(objective, encoder_losses)
+    accuracies = {"mlm": ("mlm_accuracy", "mlm_accuracy"), "sentence": ("sentence_accuracy", "sentence_accuracy"),
+                  "gen": ("gen_accuracy", "gen_mlm_accuracy"), "disc": ("disc_accuracy", "disc_accuracy"),
+                  "contrastive": ("retrieval_accuracy", "retrieval_accuracy")}  # the row's name, the sum's
+
+    def described(result: dict) -> dict:
+        """The row of a step's (or the held-out set's) sums: each objective's mean loss and accuracy."""
+        row: dict = {"loss": sum(w * result[k] for k, w in weights.items())}
+        for k in weights:
+            if k != "contrastive":
+                row[f"{k}_loss"] = result[k]
+            name, total = accuracies[k]
+            row[name] = result[total] / max(result[f"{k}_count"], 1)
         if objective == "electra":
-            replaced.clear()
-            gen = loop.accumulate(micro, make_generator_loss(step))
-            disc = loop.accumulate(list(zip(micro, replaced)), disc_loss, weight=cfg.disc_weight)
-            row.update(loss=gen["loss"] + cfg.disc_weight * disc["loss"], gen_loss=gen["loss"],
-                       disc_loss=disc["loss"], gen_accuracy=gen["gen_mlm_accuracy"] / gen["count"],
-                       disc_accuracy=disc["disc_accuracy"] / disc["count"],
-                       replaced_share=disc["replaced_tokens"] / disc["count"])
-            return row, sum(b.input_ids.numel() for b in micro)
-        total = 0.0
-        if with_mlm:
-            mlm = loop.accumulate(micro, mlm_loss)
-            row.update(mlm_loss=mlm["loss"], mlm_accuracy=mlm["mlm_accuracy"] / mlm["count"])
-            total += mlm["loss"]
-        if objective != "mlm":
-            sent = loop.accumulate(micro, sentence_loss)
-            row.update(sentence_loss=sent["loss"], sentence_accuracy=sent["sentence_accuracy"] / sent["count"])
-            total += sent["loss"]
-        row["loss"] = total
-        return row, sum(b.input_ids.numel() for b in micro)
+            row["replaced_share"] = result["replaced_tokens"] / max(result["disc_count"], 1)
+        return row
 
     @torch.no_grad()
     def evaluate(step: int) -> dict:
-        plain = {k: unwrap(m) for k, m in model.items()} if isinstance(model, dict) else unwrap(model)
-        for m in (plain.values() if isinstance(plain, dict) else [plain]):
-            m.eval()
+        plain = unwrap(model)
+        plain.eval()
         result: dict = {}
         try:
             if eval_loader is not None:
@@ -386,41 +391,21 @@ def run(cfg: Config) -> dict:
                 limit = batches if cfg.eval_batches == 0 else min(batches, cfg.eval_batches)
                 for _ in range(limit):
                     batch = eval_loader.next_batch()
-                    parts = []
-                    if objective == "contrastive":
-                        parts.append(("", contrastive_loss))
-                    elif objective == "electra":
-                        replaced.clear()
-                        parts += [("gen_", make_generator_loss(-1)),
-                                  ("disc_", lambda b: disc_loss((b, replaced[-1])))]
-                    else:
-                        parts += [("mlm_", mlm_loss)] if with_mlm else []
-                        parts += [("sentence_", sentence_loss)] if objective != "mlm" else []
-                    for prefix, fn in parts:
-                        with loop.autocast():
-                            loss, count, metrics = fn(batch)
-                        sums[prefix + "loss"] = sums.get(prefix + "loss", 0.0) + float(loss)
-                        sums[prefix + "count"] = sums.get(prefix + "count", 0.0) + count
-                        for k, v in metrics.items():
-                            sums[k] = sums.get(k, 0.0) + float(v)
-                for prefix in sorted({k[:-5] for k in sums if k.endswith("count")}):
-                    result[f"eval_{prefix}loss"] = sums[prefix + "loss"] / max(sums[prefix + "count"], 1)
-                for name, unit in (("mlm_accuracy", "mlm_count"), ("gen_mlm_accuracy", "gen_count"),
-                                   ("disc_accuracy", "disc_count"), ("sentence_accuracy", "sentence_count"),
-                                   ("retrieval_accuracy", "count")):
-                    if name in sums:
-                        result[f"eval_{name}"] = sums[name] / max(sums[unit], 1)
+                    with loop.autocast():
+                        losses, metrics = losses_of(batch)
+                    for k, n in units(batch).items():
+                        sums[f"{k}_count"] = sums.get(f"{k}_count", 0.0) + n
+                    for k, v in {**losses, **metrics}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                means = {**sums, **{k: sums[k] / max(sums[f"{k}_count"], 1) for k in weights}}
+                result.update({f"eval_{k}": v for k, v in described(means).items()
+                               if k != "replaced_share" and k != "gen_accuracy"})
                 if objective == "electra":
-                    result["eval_loss"] = result["eval_gen_loss"] + cfg.disc_weight * result["eval_disc_loss"]
-                elif objective in ("mlm+nsp", "mlm+sop"):
-                    result["eval_loss"] = result["eval_mlm_loss"] + result["eval_sentence_loss"]
-                elif "eval_loss" not in result:
-                    result["eval_loss"] = result.get("eval_mlm_loss", result.get("eval_sentence_loss"))
+                    result["eval_gen_mlm_accuracy"] = described(means)["gen_accuracy"]
             if paraphrases:
                 result["paraphrase_recall_at_1"] = paraphrase_recall(paraphrases)
         finally:
-            for m in (plain.values() if isinstance(plain, dict) else [plain]):
-                m.train()
+            plain.train()
         return result
 
     def paraphrase_recall(pairs: list[ContrastivePair]) -> float:
@@ -434,10 +419,10 @@ def run(cfg: Config) -> dict:
                      state={"loader": loader}, evaluate=evaluate, flops_per_token=trainable.flops_per_token,
                      par=run.par, global_batch=run.global_batch,
                      identity={"tokenizer": tokenizer.fingerprint(), "objective": objective})
-    for step in loop:
+    for _ in loop:
         micro = [loader.next_batch() for _ in range(run.grad_accum)]
-        row, tokens = step_losses(micro, step)
-        loop.optimizer_step(row, tokens=tokens)
+        result = loop.accumulate_shared(micro, losses_of, units=units, weights=weights)
+        loop.optimizer_step(described(result), tokens=sum(b.input_ids.numel() for b in micro))
 
     exported = recipe.save_outputs(loop, cfg, "pretrain", tokenizer,
                                    {**lineage, "objective": objective, "world_dir": str(run.out / "world")

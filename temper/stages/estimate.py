@@ -1,5 +1,6 @@
 """Plan memory and compute before a run: what each device holds for training (weights,
-gradients, optimiser states, activations, temporaries) or inference (weights, KV cache), and
+gradients, optimiser states, activations, temporaries) or inference (weights, KV cache; an encoder:
+one forward pass, no KV cache), and
 the Chinchilla-optimal tokens, FLOPs and time of training the model.
 
     temper estimate model=llama-14m                        # a temper preset: full fine-tuning, bf16 mixed precision
@@ -71,7 +72,8 @@ class Config:
     lora_targets: list[str] = opt(["all-linear"], "linears that get adapters: all-linear, or names (q_proj, v_proj, ...)")
     quant_block_size: int = opt(64, "QLoRA: NF4 block size")
     double_quant: bool = opt(True, "QLoRA: quantise the block scales too")
-    inference: bool = opt(False, "plan generation instead: weights + KV cache for batch x context tokens")
+    inference: bool = opt(False, "plan generation instead: weights + KV cache for batch x context tokens (an "
+                                       "encoder: weights + one forward pass, no KV cache)")
     batch: int = opt(1, "inference: sequences generated together")
     context: int = opt(0, "inference: prompt + generated tokens per sequence (0: the model's context)")
     gpu: Literal["h100", "h200", "a100"] = opt("h100", "the GPU for peak FLOP/s and memory: H100 SXM, H200, A100 SXM")
@@ -180,6 +182,9 @@ def estimate(cfg: Config) -> dict:
         "gpu": {"name": cfg.gpu, "memory_gib": GPU_MEMORY_GIB[cfg.gpu],
                 "fits": result.peak <= GPU_MEMORY_GIB[cfg.gpu] * memory.GiB},
     }
+    report["model"]["encoder"] = memory.is_encoder(shape)
+    if plan.inference and report["model"]["encoder"]:
+        return report
     if plan.inference:
         report["kv_cache_per_token"] = memory.kv_cache_bytes(shape, 1, 1, plan.dt, plan.tp)
         report["kv_cache_per_sequence"] = memory.kv_cache_bytes(shape, 1, plan.context, plan.dt, plan.tp)
@@ -243,7 +248,13 @@ def render(report: dict) -> str:
         method = {"full": "full fine-tuning", "lora": f"LoRA r={p['lora_r']}", "qlora": f"QLoRA r={p['lora_r']}"}[
             p["method"]]
     devices = f"dp {p['dp']}, tp {p['tp']}" + (f", ZeRO-{p['zero']}" if p["zero"] else "")
-    if p["inference"]:
+    encoder = m.get("encoder", False)
+    if p["inference"] and encoder:
+        lines.append(f"plan   inference with {method}, {p['dtype']}, batch {p['batch']} x {p['context']} tokens "
+                     f"(one forward pass: an encoder keeps no KV cache); tp {p['tp']}")
+        rows = [("weights", d["weights"]), ("temporaries", d["temporaries"])]
+        keys = ["weights", "temporaries"]
+    elif p["inference"]:
         lines.append(f"plan   inference with {method}, {p['dtype']}, batch {p['batch']} x {p['context']} tokens "
                      f"(KV cache); tp {p['tp']}")
         rows = [("weights", d["weights"]), ("KV cache", d["kv_cache"]), ("temporaries", d["temporaries"])]
@@ -253,6 +264,7 @@ def render(report: dict) -> str:
         ac = {"none": "no activation checkpointing", "full": "activation checkpointing",
               "selective": "selective activation checkpointing"}[p["activation_checkpointing"]]
         loss = "fused cross-entropy" if p["cross_entropy"] == "fused" else "unfused cross-entropy"
+        loss = f"an MLM loss at {memory.MLM_SHARE:.0%} of the tokens" if encoder else loss
         loss += ", packed (explicit attention mask)" if p["packing"] else ""
         lines.append(f"plan   training, {method}, {p['dtype']} weights{mixed}, {p['optimizer']}; {devices}; "
                      f"micro-batch {p['micro_batch']} x {p['seq_len']} tokens"
@@ -273,14 +285,18 @@ def render(report: dict) -> str:
     g = report["gpu"]
     lines.append(f"  {'':<18}{'':>12}   {'fits' if g['fits'] else 'does not fit'} in one {g['name'].upper()} "
                  f"({g['memory_gib']} GiB)")
+    if p["inference"] and encoder:
+        return "\n".join(lines)
     if p["inference"]:
         lines.append(f"\nKV cache: {_size(report['kv_cache_per_token'])} per token, "
                      f"{_size(report['kv_cache_per_sequence'])} per sequence of {p['context']} tokens")
         return "\n".join(lines)
     inf = report["inference_comparison"]
-    lines.append(f"\ninference with the same weights on one device{' per tp rank' if p['tp'] > 1 else ''}, batch "
+    cache = "" if encoder else f"KV cache {_size(inf['kv_cache'])} + "
+    lines.append(f"\ninference{' (one forward pass, no KV cache)' if encoder else ''} with the same weights on one "
+                 f"device{' per tp rank' if p['tp'] > 1 else ''}, batch "
                  f"{inf['batch']} x {inf['context']} tokens: {_size(inf['peak'])} (weights {_size(inf['weights'])} + "
-                 f"KV cache {_size(inf['kv_cache'])} + temporaries {_size(inf['temporaries'])}); training's peak per "
+                 f"{cache}temporaries {_size(inf['temporaries'])}); training's peak per "
                  f"device is {d['peak'] / inf['peak']:.1f}x that")
     c = report["compute"]
     lines.append(f"\ncompute (Chinchilla): N = {_count(c['parameters'])} parameters, D = {c['tokens_per_param']:g} N = "

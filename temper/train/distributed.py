@@ -254,6 +254,46 @@ class Parallel:
             self._own_group = False
 
 
+class ModuleGroup(torch.nn.Module):
+    """Named models trained as ONE module because they share parameters (ELECTRA's generator runs
+    on the discriminator's embedding modules): a data-parallel wrapper must hold each parameter
+    once (two FSDP roots cannot both shard the embeddings; two DDP reducers would both reduce
+    their gradient), and every forward pass must go through that wrapper (DDP's reducer, FSDP's
+    all-gathers), so `group(name, *args, **kwargs)` runs the model `name`. `wrap_model` sees
+    `config` (the first model's: the family's checks) and `blocks` (every model's: FSDP shards
+    each, activation checkpointing covers all); `parts` are the models by name."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]) -> None:
+        super().__init__()
+        assert models, "a ModuleGroup needs at least one model"
+        for name, model in models.items():
+            self.add_module(name, model)
+
+    @property
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return dict(self.named_children())
+
+    @property
+    def config(self):
+        return next(iter(self.children())).config
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return [block for model in self.children() for block in model.blocks]
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return all(model.activation_checkpointing for model in self.children())
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        for model in self.children():
+            model.activation_checkpointing = value
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.parts[name](*args, **kwargs)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The temper model inside a DDP wrapper (FSDP2 and DTensor work in place)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
@@ -333,21 +373,31 @@ def full_state_dict(model: torch.nn.Module, par: Parallel) -> dict[str, torch.Te
     return state if par.is_main else None
 
 
-def export_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module | None:
+def export_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module | dict[str, torch.nn.Module] | None:
     """A plain (unsharded, unwrapped) copy of the trained model on rank 0's device, for saving
-    as a Hugging Face directory and sampling; None on the other ranks. One process: the model."""
+    as a Hugging Face directory and sampling; None on the other ranks. One process: the model.
+    A `ModuleGroup`: a dict of its models, each plain (shared tensors as copies of equal values)."""
+    core = unwrap(model)
+    if isinstance(core, ModuleGroup) and (not par.distributed or par.strategy == "ddp"):
+        return core.parts if par.is_main else None
     if not par.distributed:
         return unwrap(model)
     if par.pipeline is not None:  # each stage sends its part to the first stage of its pipeline
         weights = par.pipeline.gather_state_dict(dst=0)
-        model = par.pipeline.module.decoder  # its config; its other stages' tensors are on meta
+        core = par.pipeline.module.decoder  # its config; its other stages' tensors are on meta
     elif par.strategy == "ddp":  # every rank holds the whole model already
         return unwrap(model) if par.is_main else None
     else:
         weights = full_state_dict(model, par)
     if not par.is_main:
         return None
-    core = unwrap(model)
+    if isinstance(core, ModuleGroup):
+        return {name: _plain_copy(part, {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")},
+                                  par) for name, part in core.parts.items()}
+    return _plain_copy(core, weights, par)
+
+
+def _plain_copy(core: torch.nn.Module, weights: dict[str, torch.Tensor], par: Parallel) -> torch.nn.Module:
     plain = build_model(core.config, device=torch.device("meta"))
     plain.load_state_dict(weights, assign=True, strict=not core.config.tie_embeddings)
     _finish_meta_load(plain, "cpu")

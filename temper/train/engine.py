@@ -164,6 +164,72 @@ def accumulate(
     return {"loss": total[0] / total[1], "count": total[1], **extras}
 
 
+def accumulate_shared(
+    model: Modules,
+    micro_batches: list[Any],
+    loss_fn: Callable[[Any], tuple[dict[str, torch.Tensor], dict]],
+    *,
+    units: Callable[[Any], dict[str, int]],
+    weights: dict[str, float],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    scaler: torch.amp.GradScaler | None = None,
+    par: Any = None,
+) -> dict[str, float]:
+    """Several objectives read off ONE forward per micro-batch (BERT's MLM and NSP logits come
+    out of the same pass): the gradient is that of
+
+        sum_k weights[k] * sum(unit losses of k) / (k's units in the whole accumulated batch, on every rank),
+
+    the same as one `accumulate` call per objective (each over its own unit), at the cost of one
+    forward and one backward per micro-batch instead of one per objective.
+
+    `units(batch)` gives each objective's unit count ({name: int}) from the batch alone, before any
+    forward: the counts of the whole step are summed over micro-batches and all-reduced over the
+    data-parallel ranks first, so each micro-batch's loss is divided by them before its backward.
+    `loss_fn(batch)` returns ({name: summed loss}, metrics). Returns each objective's mean loss
+    under its name and its count under `name + "_count"`, `loss` = the weighted sum of the means,
+    and the metrics summed over micro-batches and ranks."""
+    params = trained_parameters(model)
+    modules = module_list(model)
+    assert micro_batches, "accumulate_shared needs at least one micro-batch"
+    names = sorted(weights)
+    device = par.device if par is not None else params[0].device
+    local = [units(batch) for batch in micro_batches]
+    assert all(set(u) == set(names) for u in local), (names, local)
+    counts = torch.tensor([sum(u[k] for u in local) for k in names], dtype=torch.float64, device=device)
+    counts = (par.all_reduce_sum(counts) if par is not None else all_reduce_sum(counts)).tolist()
+    if any(c == 0 for c in counts):
+        empty = [k for k, c in zip(names, counts) if c == 0]
+        raise TemperError(f"a batch has nothing to learn from: no unit of {', '.join(empty)} in the whole step")
+    averaged_over = par.dp if par is not None and par.distributed else 1  # DDP and FSDP average
+    scale = {k: weights[k] * averaged_over / c for k, c in zip(names, counts)}
+    sums = None
+    extras: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        with contextlib.ExitStack() as sync:
+            if par is not None:
+                for module in modules:
+                    sync.enter_context(par.no_sync(module, last=i == len(micro_batches) - 1))
+            with autocast():
+                losses, metrics = loss_fn(batch)
+            assert set(losses) == set(names), (sorted(losses), names)
+            loss = sum(losses[k] * scale[k] for k in names)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        stacked = torch.stack([losses[k].detach().double() for k in names])
+        sums = stacked if sums is None else sums + stacked
+        for k, v in metrics.items():
+            extras[k] = extras.get(k, 0.0) + float(v)
+    extra_names = sorted(extras)
+    sums = torch.cat([sums, torch.tensor([extras[k] for k in extra_names], dtype=torch.float64, device=sums.device)])
+    total = (par.all_reduce_sum(sums) if par is not None else all_reduce_sum(sums)).tolist()
+    result: dict[str, float] = dict(zip(extra_names, total[len(names):]))
+    for k, loss_sum, count in zip(names, total, counts):
+        result[k] = loss_sum / count
+        result[k + "_count"] = count
+    result["loss"] = sum(weights[k] * result[k] for k in names)
+    return result
+
+
 def optimizer_step(model: Modules, optimizer: torch.optim.Optimizer, *, grad_clip: float,
                    scaler: torch.amp.GradScaler | None = None) -> float:
     """Clip the global gradient norm (over every trained module's parameters together), step and

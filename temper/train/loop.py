@@ -96,7 +96,7 @@ from temper.config import to_dict
 from temper.errors import TemperError
 from temper.train import checkpoint as ckpt
 from temper.train import engine
-from temper.train.distributed import Parallel, ParallelConfig, export_model, unwrap
+from temper.train.distributed import ModuleGroup, Parallel, ParallelConfig, export_model, unwrap
 from temper.train.optim import lr_at, set_lr
 from temper.train.rundir import RunDir
 
@@ -277,6 +277,14 @@ class TrainLoop:
             return {"loss": float(result["loss"]), "count": float(result["count"])}
         return engine.accumulate(self.model, micro_batches, loss_fn, autocast=self.autocast, scaler=self.scaler,
                                  weight=weight, par=self.par)
+
+    def accumulate_shared(self, micro_batches: list, loss_fn: Callable, *, units: Callable,
+                          weights: dict[str, float]) -> dict[str, float]:
+        """`engine.accumulate_shared` (several objectives of one forward per micro-batch) with this
+        run's model(s), precision and gradient scaler; not under pipeline parallelism."""
+        assert self.par.pipeline is None, "accumulate_shared runs whole models, not pipeline stages"
+        return engine.accumulate_shared(self.model, micro_batches, loss_fn, units=units, weights=weights,
+                                        autocast=self.autocast, scaler=self.scaler, par=self.par)
 
     def optimizer_step(self, metrics: dict[str, float], *, tokens: int) -> dict[str, float]:
         """Clip and step; `metrics` (loss and the recipe's extras) and `tokens` (processed this step by
@@ -499,7 +507,7 @@ class TrainLoop:
 
     def export_model(self) -> torch.nn.Module | dict[str, torch.nn.Module] | None:
         """The trained model as one plain module for saving as a model directory (a dict of them
-        for several named modules): the model itself in one process; in several, every rank takes
+        for several named modules, or a `ModuleGroup`): the model itself in one process; in several, every rank takes
         part in gathering the full weights and rank 0 gets a plain copy (the others None). Weights
         holding a NaN or an Inf are refused (`check_weights`), on every rank alike."""
         self.check_weights(f"after step {self.max_steps}")
@@ -518,7 +526,9 @@ def run_identity(cfg: Any, model: torch.nn.Module | dict[str, torch.nn.Module], 
     modules: each one's config under `model` as `NAME.key`."""
     identity: dict[str, Any] = {k: getattr(cfg, k) for k in IDENTITY_KEYS if hasattr(cfg, k)}
     described: dict[str, Any] = {}
-    for prefix, module in ([("", model)] if isinstance(model, torch.nn.Module) else
+    core = unwrap(model) if isinstance(model, torch.nn.Module) else None
+    for prefix, module in ([(f"{name}.", m) for name, m in core.parts.items()] if isinstance(core, ModuleGroup) else
+                           [("", model)] if isinstance(model, torch.nn.Module) else
                            [(f"{name}.", m) for name, m in model.items()]):
         config = getattr(module, "config", None)
         if dataclasses.is_dataclass(config):

@@ -327,8 +327,15 @@ def _count(n: float) -> str:
 # ----------------------------------------------------------------------------- activations
 
 
+# CUDA's fused dropout (native_dropout) keeps a bool mask, 1 byte per element; on the CPU, PyTorch
+# multiplies by a noise tensor of the input's dtype and keeps that (dt bytes): tests pass `dt`.
+DROPOUT_MASK_BYTES = 1
+# the share of the tokens an encoder's MLM head reads (BERT's 15%): its loss sees only those
+MLM_SHARE = 0.15
+
+
 def layer_activation_bytes(c: ModelConfig, dt: int, trainable: list[str] | None, *, input_grad: bool = True,
-                           lora_r: int = 0) -> int:
+                           lora_r: int = 0, dropout_mask: int = DROPOUT_MASK_BYTES) -> int:
     """Bytes one block saves for its backward pass, per token, with every tensor in the compute
     dtype `dt` as temper's models run (SDPA's flash kernel: no seq x seq matrix).
 
@@ -347,6 +354,11 @@ def layer_activation_bytes(c: ModelConfig, dt: int, trainable: list[str] | None,
       logsumexp; c_fc's output (GELU's input) and GELU's output (dt 2I).
     A frozen linear keeps nothing for its weight; its LoRA adapter keeps its input in fp32 (one
     copy per adapter when dt is not fp32, as `LoRALinear` casts per module) and A's output.
+    With `c.dropout` (BERT: post-LayerNorm, a GELU MLP, dropout 0.1): each residual branch's
+    dropout (after the attention's output projection and after the MLP) keeps its mask,
+    `dropout_mask` bytes per element (2 h per token); attention dropout keeps only its RNG state in
+    the fused (memory-efficient) kernel, which runs with a padding mask and dropout, so no
+    seq x seq matrix (the CPU's math fallback does keep one: tests measure with it off).
     """
     full = trainable is None
     wrapped = set() if full else set(trainable)
@@ -375,6 +387,7 @@ def layer_activation_bytes(c: ModelConfig, dt: int, trainable: list[str] | None,
     b += site(h, list(shape.mlp_in))
     kept = 3 if shape.gated_mlp else 1  # SwiGLU: gate, silu(gate), up; GELU: its input
     b += kept * dt * inter if mlp_grad or bool(wrapped & mlp_in) else 0
+    b += 2 * dropout_mask * h if c.dropout and (mlp_grad or bool(wrapped & mlp_in)) else 0
     return b + site(inter, [shape.mlp_out]) + adapters
 
 
@@ -394,9 +407,12 @@ def selective_layer_bytes(c: ModelConfig, dt: int) -> int:
     return dt * (c.hidden_size + q + kv + c.intermediate_size + c.hidden_size + q) + 4 * c.num_heads
 
 
-def outside_layers_bytes(c: ModelConfig, dt: int, full: bool, seq_len: int, batch: int) -> int:
+def outside_layers_bytes(c: ModelConfig, dt: int, full: bool, seq_len: int, batch: int,
+                         dropout_mask: int = DROPOUT_MASK_BYTES) -> int:
     """What the model keeps outside its blocks for one micro-batch: token ids (when the embedding
-    trains), the rotary tables (or learned positions' ids), the final norm's saved tensors."""
+    trains), the rotary tables (or learned positions' ids), the final norm's saved tensors. An
+    encoder (BERT): the token-type ids (B, T) too, and its norm is the embeddings' (post-LN: the
+    last block ends in its own), followed by the embeddings' dropout mask."""
     tokens = seq_len * batch
     ids = 8 * tokens if full else 0
     shape = layout(c)
@@ -404,7 +420,19 @@ def outside_layers_bytes(c: ModelConfig, dt: int, full: bool, seq_len: int, batc
         positions = 8 * seq_len if full else 0  # the position ids the embedding's backward reads
     else:
         positions = 2 * seq_len * c.head_dim * dt  # cos, sin (1, 1, T, head_dim), shared by every block
-    return ids + positions + norm_saved_bytes(shape, dt, c.hidden_size, full) * tokens
+    types = 8 * tokens if full and c.type_vocab_size else 0  # the token-type ids the recipes pass
+    dropout = dropout_mask * (c.embedding_size or c.hidden_size) * tokens if c.dropout else 0
+    return ids + positions + types + dropout + norm_saved_bytes(shape, dt, c.hidden_size, full) * tokens
+
+
+def mlm_head_bytes(c: ModelConfig, dt: int, tokens: int) -> int:
+    """What an encoder's MLM loss keeps: the [selected] mask (1 byte a token), and at the MLM_SHARE
+    of the tokens it reads: the gathered hidden states, the transform's GELU input, its LayerNorm's
+    input, mean and rstd, the decoder's input (dt (4 E + 2)), the fp32 log-probabilities (4 V) and the
+    targets (8); E is the transform's width (ELECTRA's generator: its embedding size)."""
+    n = math.ceil(MLM_SHARE * tokens)
+    e = c.embedding_size or c.hidden_size
+    return tokens + n * (dt * (3 * e + c.hidden_size + 2) + 4 * c.vocab_size + 8)
 
 
 @dataclass
@@ -424,18 +452,25 @@ class Activations:
         return self.first + (self.layers - 1) * self.block + self.outside + self.loss
 
 
-def activation_bytes(c: ModelConfig, plan: Plan) -> Activations:
-    """The activations of one micro-batch on one device, block by block."""
+def activation_bytes(c: ModelConfig, plan: Plan, *, dropout_mask: int = DROPOUT_MASK_BYTES) -> Activations:
+    """The activations of one micro-batch on one device, block by block (`dropout_mask`: bytes per
+    element of a dropout mask, `DROPOUT_MASK_BYTES`)."""
     dt, tokens, tp = plan.dt, plan.tokens, plan.tp
     trainable = None if plan.method == "full" else [n for n, *_ in lora_targets(c, plan.lora_targets)]
     r = 0 if trainable is None else plan.lora_r
     mask = dt * plan.seq_len * tokens if plan.packing else 0  # SDPA's additive copy of a (B, 1, T, T) mask
-    layer = layer_activation_bytes(c, dt, trainable, lora_r=r) * tokens + mask
-    first = layer_activation_bytes(c, dt, trainable, input_grad=trainable is None, lora_r=r) * tokens + mask
-    outside = outside_layers_bytes(c, dt, trainable is None, plan.seq_len, plan.micro_batch)
+    if is_encoder(c):  # SDPA's additive copy of the (B, 1, 1, T) padding mask, per block
+        mask = dt * tokens
+    layer = layer_activation_bytes(c, dt, trainable, lora_r=r, dropout_mask=dropout_mask) * tokens + mask
+    first = layer_activation_bytes(c, dt, trainable, input_grad=trainable is None, lora_r=r,
+                                   dropout_mask=dropout_mask) * tokens + mask
+    outside = outside_layers_bytes(c, dt, trainable is None, plan.seq_len, plan.micro_batch, dropout_mask)
     outside += plan.seq_len * tokens if plan.packing else 0  # the boolean mask itself
-    loss = dt * c.hidden_size * tokens  # fused: the gradient of the hidden states; unfused: the hidden states
-    if plan.cross_entropy == "fused" and trainable is None:
+    if is_encoder(c):  # the MLM head at the selected positions; its decoder's gradient is made in the backward
+        loss = mlm_head_bytes(c, dt, tokens)
+    else:
+        loss = dt * c.hidden_size * tokens  # fused: the gradient of the hidden states; unfused: the hidden states
+    if plan.cross_entropy == "fused" and trainable is None and not is_encoder(c):
         loss += 4 * c.vocab_size * c.hidden_size  # the output layer's fp32 gradient, made in the forward pass
     L = c.num_layers
     if plan.activation_checkpointing == "full":
@@ -529,7 +564,11 @@ def training_memory(c: ModelConfig, plan: Plan) -> Breakdown:
     up = 0 if dt == 4 else 1  # a half-precision matmul result is cast to fp32 beside itself
     forward: list[tuple[int, str]] = []
     backward: list[tuple[int, str]] = []
-    if plan.cross_entropy == "fused":  # measured allocation by allocation in temper/losses/clm.py
+    if is_encoder(c):  # the MLM head's cross-entropy over the selected tokens only (unfused)
+        n = math.ceil(MLM_SHARE * tokens)
+        forward.append((12 * n * vocab, f"MLM cross-entropy at {n} selected tokens ({MLM_SHARE:.0%}): fp32 "
+                                        f"log-probs, their gradient and the logits' gradient, {n} x {vocab} x 12 B"))
+    elif plan.cross_entropy == "fused":  # measured allocation by allocation in temper/losses/clm.py
         chunk = min(plan.loss_chunk, tokens)
         one = (4 + up * dt) * chunk * vocab  # fp32 logits of a chunk, and their gradient in dt
         grad_w = (dt + up * 4) * vocab * c.hidden_size if not adapters else 0
@@ -598,8 +637,16 @@ def kv_cache_bytes(c: ModelConfig, batch: int, context: int, dt: int, tp: int = 
     return 2 * c.num_layers * kv_heads_per_device(c, tp) * c.head_dim * dt * batch * context
 
 
+def is_encoder(c: ModelConfig) -> bool:
+    """A bidirectional encoder (BERT, ELECTRA): no generation, so no KV cache."""
+    return not registry.family(c.family).causal_lm
+
+
 def inference_memory(c: ModelConfig, plan: Plan) -> Breakdown:
-    """Per-device bytes of generation with a KV cache of `batch` sequences of `context` tokens."""
+    """Per-device bytes of generation with a KV cache of `batch` sequences of `context` tokens;
+    for an encoder, of one forward pass over them (`encoder_inference_memory`)."""
+    if is_encoder(c):
+        return encoder_inference_memory(c, plan)
     dt, tp = plan.dt, plan.tp
     out = Breakdown()
     out.weights, how = weight_bytes(c, plan)
@@ -624,6 +671,33 @@ def inference_memory(c: ModelConfig, plan: Plan) -> Breakdown:
                               "copied for the remaining rows") + (" + one dequantised NF4 weight" if dequant else "")
     out.peak = out.weights + out.kv_cache + out.temporaries
     out.how["peak"] = "weights + KV cache + temporaries"
+    return out
+
+
+def encoder_inference_memory(c: ModelConfig, plan: Plan) -> Breakdown:
+    """Per-device bytes of an encoder's inference: ONE forward pass (no gradient) over `batch`
+    sequences of `context` tokens, which every position attends in both directions, so nothing
+    is cached between tokens (no KV cache): the weights, and at the peak one block's working set
+    (its input, q, k, v, the attention's output and its contiguous copy, the residual; or the
+    MLP's input, residual and GELU's two (B, T, I) tensors) beside the head's output, at most
+    logits over the vocabulary at every position (an MLM head; a classifier's are smaller)."""
+    dt, tp = plan.dt, plan.tp
+    out = Breakdown()
+    out.weights, how = weight_bytes(c, plan)
+    out.how["weights"] = how + (f", / tp {tp}" if tp > 1 else "")
+    out.how["kv_cache"] = "none: an encoder runs one forward pass over the whole sequence"
+    tokens = plan.tokens
+    q, kv, h = c.num_heads * c.head_dim // tp, kv_heads_per_device(c, tp) * c.head_dim, c.hidden_size
+    mlp = (3 * h + (3 if layout(c).gated_mlp else 2) * c.intermediate_size // tp) * dt * tokens
+    attention = (2 * h + 3 * q + 2 * kv) * dt * tokens
+    head = (h + c.vocab_size) * dt * tokens  # the MLM transform's output and the logits
+    dequant = (8 + (dt if dt != 4 else 0)) * parameter_counts(c).largest_linear // tp if plan.method == "qlora" else 0
+    out.temporaries = max(mlp, attention, head) + dequant
+    out.how["temporaries"] = (f"one forward pass of {plan.batch} x {plan.context} tokens: "
+                              + ("the head's logits over the vocabulary" if head >= max(mlp, attention)
+                                 else "one block's working set") + (" + one dequantised NF4 weight" if dequant else ""))
+    out.peak = out.weights + out.temporaries
+    out.how["peak"] = "weights + temporaries (no KV cache)"
     return out
 
 

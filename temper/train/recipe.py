@@ -58,6 +58,7 @@ from temper.peft import apply_peft, save_peft
 from temper.runtime import resolve_device, seed_everything
 from temper.train import engine
 from temper.train.distributed import (
+    ModuleGroup,
     Parallel,
     ParallelConfig,
     check_precision,
@@ -355,7 +356,7 @@ class Trainable:
 def make_trainable(model: torch.nn.Module | dict[str, torch.nn.Module], cfg: TrainingConfig, run: Run, *,
                    tokenizer: Tokenizer | None = None, flops_factor: float = 1.0,
                    peft_modules: tuple[str, ...] | dict[str, PeftConfig] | None = None,
-                   **wrap_options: Any) -> Trainable:
+                   shared: bool = False, **wrap_options: Any) -> Trainable:
     """PEFT (when the config has a `peft` section), training mode, FLOPs per token (times
     `flops_factor` for work the recipe adds, e.g. a reference model's forward), the strategy's
     wrapping and the optimiser over what trains.
@@ -364,7 +365,10 @@ def make_trainable(model: torch.nn.Module | dict[str, torch.nn.Module], cfg: Tra
     wrapped on its own, ONE optimiser covers them all (`TrainLoop` takes the same dict), their FLOPs per
     token add up and so do their parameter counts. PEFT (the config's `peft` section) goes to the modules
     named in `peft_modules` (default: every one), or each module named in a dict gets the PEFT config
-    given there (a value model's adapter keeping its head in modules_to_save); the others train in full."""
+    given there (a value model's adapter keeping its head in modules_to_save); the others train in full.
+    `shared=True`: the modules share parameters (ELECTRA's generator and discriminator their
+    embeddings), so they are wrapped together as one `ModuleGroup`, which the returned model is:
+    call it as `model(name, ...)`."""
     if isinstance(model, dict):
         section = getattr(cfg, "peft", None)
         configs = dict(peft_modules) if isinstance(peft_modules, dict) else \
@@ -373,9 +377,13 @@ def make_trainable(model: torch.nn.Module | dict[str, torch.nn.Module], cfg: Tra
         assert not unknown, f"peft_modules names {unknown}, not among {sorted(model)}"
         parts = {name: _prepare(module, run, tokenizer, configs.get(name), name, cfg.seq_len)
                  for name, module in model.items()}
-        wrapped = {name: wrap_model(module, run.par, precision=run.precision,
-                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                    **wrap_options) for name, (module, _, _, _) in parts.items()}
+        options = dict(precision=run.precision, activation_checkpointing=cfg.activation_checkpointing,
+                       compile=cfg.compile, **wrap_options)
+        if shared:
+            wrapped = wrap_model(ModuleGroup({name: module for name, (module, _, _, _) in parts.items()}), run.par,
+                                 **options)
+        else:
+            wrapped = {name: wrap_model(module, run.par, **options) for name, (module, _, _, _) in parts.items()}
         return Trainable(wrapped, build_optimizer(wrapped, cfg.optim),
                          sum(p[1] for p in parts.values()) * flops_factor, sum(p[2] for p in parts.values()),
                          sum(p[3] for p in parts.values()))

@@ -7,6 +7,7 @@ from typing import Any
 
 from temper.models.config import ModelConfig
 from temper.models.family import BlockLayout, Family, TensorParallelPlan
+from temper.models.llama.gguf import GGUF
 from temper.models.llama.hf import (
     ARCHITECTURES,
     LLAMA_ADAPTER,
@@ -67,6 +68,7 @@ FAMILY = Family(
         column_wise=("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
         row_wise=("attn.o_proj", "mlp.down_proj"), replicated=("attn_norm", "mlp_norm")),
     residual_outputs=("o_proj", "down_proj"),
+    gguf=GGUF,
 )
 
 __all__ = ["FAMILY", "LLAMA_ADAPTER", "Llama", "PRESETS"]
