@@ -11,7 +11,7 @@ result and a summary table:
    which fact a sentence states), fine-tuned on the rows of the first `--finetune-people` people
    only, measured on every person's held-out split (a template no fine-tuning row uses), the same
    fine-tuning budget for both; `tokens` (tag people and towns) likewise.
-2. **ELECTRA vs MLM** per pretraining compute: each pretraining run keeps 3 checkpoints; each is
+2. **ELECTRA vs MLM** per pretraining compute: each pretraining run keeps `--checkpoints` checkpoints; each is
    fine-tuned as in 1 (both tasks, the mean over the seeds); pretraining FLOPs = training FLOPs per token (`engine.flops_per_token`,
    PaLM's 6N + attention; ELECTRA: the generator's plus the discriminator's) x the tokens seen so
    far (the run's padded tokens x the share of its steps).
@@ -19,6 +19,8 @@ result and a summary table:
    world's validation documents) whose negatives are (a) a segment of a random document (NSP's
    negatives), (b) a segment of another document on the same topic (the same person, town, or
    kind of document), (c) the same two segments swapped (SOP's negatives).
+5. **[CLS] trained by a sentence task**: `objective=mlm+nsp` pretrained like MLM, then fine-tuned
+   as in 1, to test whether classification from [CLS] fails after MLM because MLM never trains it.
 4. **SimCSE**: recall@1 of held-out paraphrase pairs (one fact in two templates; the anchor's
    template unseen in training pairs) among all of them: an untrained encoder, the MLM encoder
    (mean pooling), unsupervised SimCSE on the world's documents from the MLM encoder, and
@@ -39,7 +41,14 @@ import torch
 from safetensors.torch import load_file
 
 from temper.cli import main
-from temper.data.encoder import EncoderVocab, frame, pad_examples, split_segments
+from temper.data.encoder import (
+    EncoderVocab,
+    collate_labelled,
+    frame,
+    pad_examples,
+    read_labelled,
+    split_segments,
+)
 from temper.data.tokenizer import Tokenizer
 from temper.data.world import paraphrase_pairs, prepare_world, understanding_rows
 from temper.models import load_model, save_model
@@ -93,14 +102,33 @@ def checkpoint_dirs(run: Path, module: str, root: Path) -> list[tuple[int, Path]
 
 
 def finetune(root: Path, name: str, model: str, task: str, data: Path, eval_data: Path, args, seed: int = 0,
-             tokenizer: str | None = None) -> float:
+             tokenizer: str | None = None, shape: list[str] = ()) -> float:
     settings = [f"task={task}", f"model={model}", f"data={data}", f"eval_data={eval_data}",
                 f"output_dir={root / 'ft' / f'{name}-{task}-{seed}'}", f"max_steps={args.finetune_steps}",
                 "batch_size=16", f"seed={seed}", "optim.lr=1e-3", f"logging.every={args.finetune_steps}",
                 f"logging.eval_every={args.finetune_steps}", "overwrite=true", *COMMON]
     if tokenizer:
         settings.append(f"tokenizer={tokenizer}")
+    settings += shape  # a preset's random weights in the pretrained models' shape
     return temper("finetune-encoder", *settings)["eval_accuracy"]
+
+
+@torch.no_grad()
+def confusion(model_dir: Path, test: Path) -> dict[str, dict[str, int]]:
+    """{true label: {predicted label: held-out sentences}} of a fine-tuned classifier."""
+    model = load_model(model_dir).eval()
+    tokenizer = Tokenizer.from_dir(model_dir)
+    names = [model.config.extra["id2label"][str(i)] for i in range(len(model.config.extra["id2label"]))]
+    vocab = EncoderVocab.from_tokenizer(tokenizer)
+    examples, _ = read_labelled([str(test)], tokenizer, vocab, task="classify", max_len=64, label_names=names)
+    table: dict[str, dict[str, int]] = {}
+    for i in range(0, len(examples), 64):
+        batch = collate_labelled(examples[i:i + 64], vocab.pad_id)
+        predicted = model(batch.input_ids, attention_mask=batch.attention_mask).logits.argmax(-1)
+        for truth, guess in zip(batch.labels.tolist(), predicted.tolist()):
+            row = table.setdefault(names[truth], {})
+            row[names[guess]] = row.get(names[guess], 0) + 1
+    return table
 
 
 # ----------------------------------------------------------------------------- NSP vs SOP
@@ -165,7 +193,8 @@ def run(args) -> None:
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     S = args.pretrain_steps
-    pre = [*COMMON, "batch_size=32", f"max_steps={S}", f"checkpoint.every={S // 3}", "checkpoint.keep_last=0",
+    shape = [f"model_config.{kv}" for kv in args.model_config]
+    pre = [*COMMON, *shape, "batch_size=32", f"max_steps={S}", f"checkpoint.every={S // args.checkpoints}", "checkpoint.keep_last=0",
            f"logging.every={max(1, S // 10)}", f"logging.eval_every={S}", "overwrite=true"]
     world = prepare_world({}, 0, root / "world")
     facts = json.loads((world / "facts.json").read_text())
@@ -195,9 +224,14 @@ def run(args) -> None:
     for task, (train, test) in tasks.items() if 1 in args.experiments else ():
         for seed in range(args.seeds):
             results.append(report(experiment="pretrained vs random", task=task, seed=seed, init="random",
-                                  accuracy=finetune(root, "random", "bert-tiny", task, train, test, args, seed, tok)))
+                                  accuracy=finetune(root, "random", "bert-tiny", task, train, test, args, seed, tok,
+                                                    shape)))
             results.append(report(experiment="pretrained vs random", task=task, seed=seed, init="mlm",
                                   accuracy=finetune(root, "mlm", str(mlm), task, train, test, args, seed)))
+        if task == "classify":  # which fact each held-out template was taken for (seed 0)
+            for init in ("random", "mlm"):
+                results.append(report(experiment="classify confusion", init=init, seed=0,
+                                      confusion=confusion(root / "ft" / f"{init}-classify-0", test)))
 
     # 2. ELECTRA vs MLM per pretraining FLOPs (classify)
     summaries = {name: json.loads((root / name / "summary.json").read_text()) for name in ("mlm", "electra")}
@@ -224,6 +258,16 @@ def run(args) -> None:
             results.append(report(experiment="nsp vs sop", objective=objective, negatives=kind, pairs=len(pairs),
                                   accuracy=sentence_accuracy(out, pairs, pad)))
 
+    # 5. [CLS] trained by NSP: mlm+nsp pretraining, then fine-tuning as in 1
+    if 5 in args.experiments:
+        both = root / "mlm+nsp"
+        temper("pretrain", "objective=mlm+nsp", f"output_dir={both}", f"tokenizer={tok}",
+               *[p for p in pre if not p.startswith("checkpoint")])
+        for task, (train, test) in tasks.items():
+            for seed in range(args.seeds):
+                results.append(report(experiment="cls trained by nsp", task=task, seed=seed, init="mlm+nsp",
+                                      accuracy=finetune(root, "mlm+nsp", str(both), task, train, test, args, seed)))
+
     # 4. SimCSE recall@1 on held-out paraphrases
     if 4 not in args.experiments:
         write_rows(root / "results.jsonl", results)
@@ -239,7 +283,7 @@ def run(args) -> None:
                          ("supervised paraphrase pairs, from mlm", [f"data={paraphrases}", "eval_fraction=0.1"])):
         out = root / ("simcse" if not extra else "supervised")
         temper("pretrain", "objective=contrastive", f"model={mlm}", f"output_dir={out}",
-               *[p for p in pre if not p.startswith(("checkpoint", "max_steps"))], f"max_steps={args.contrastive_steps}",
+               *[p for p in pre if not p.startswith(("checkpoint", "max_steps", "model_config"))], f"max_steps={args.contrastive_steps}",
                "optim.lr=3e-4", *extra)
         results.append(report(experiment="simcse", encoder=label, pairs=len(test_pairs),
                               recall_at_1=recall_at_1(out, tokenizer, test_pairs)))
@@ -257,8 +301,11 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--electra-seeds", type=int, default=1, help="fine-tuning seeds per checkpoint")
-    parser.add_argument("--experiments", type=lambda v: {int(x) for x in v.split(",")}, default={1, 2, 3, 4},
-                        help="which of the four to run, e.g. 3 or 1,2")
+    parser.add_argument("--model-config", nargs="*", default=[],
+                        help="bert-tiny overrides for every model, e.g. hidden_size=128 num_layers=4")
+    parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints per pretraining run (experiment 2)")
+    parser.add_argument("--experiments", type=lambda v: {int(x) for x in v.split(",")}, default={1, 2, 3, 4, 5},
+                        help="which of the five to run, e.g. 3 or 1,2")
     parser.add_argument("--reuse", action="store_true", help="read finished pretraining runs in --out again")
     parser.add_argument("--smoke", action="store_true", help="tiny step counts: checks the script runs")
     args = parser.parse_args()

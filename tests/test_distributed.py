@@ -362,3 +362,24 @@ def test_electra_with_shared_embeddings_trains_like_one_process(electra_runs, st
         if k.startswith("electra.embeddings."):
             torch.testing.assert_close(gen[k], disc[k], rtol=0, atol=0, msg=k)
     assert json.loads((multi / "summary.json").read_text())["parallel"] == f"2 processes, {strategy} (dp=2)"
+
+
+FINETUNE = ["task=classify", "model=bert-tiny", "seq_len=48", "batch_size=4", "max_steps=2", "logging.progress=false",
+            "logging.eval_at_start=false", "logging.every=1", "logging.eval_every=0", "schedule.name=constant",
+            "schedule.warmup_steps=0", f"optim.eps={ADAMW_EPS}", *ELECTRA_WORLD]
+
+
+def test_finetune_encoder_on_two_ranks_trains_like_one_process(electra_runs):
+    """`temper finetune-encoder` (bert-tiny, dropout 0.1) under DDP: each micro-batch draws its
+    dropout masks from its own seed, so 2 ranks x 1 micro-batch give the losses and weights of one
+    process with grad_accum=2 (ranks seeded alike would drop alike and differ from it)."""
+    root = electra_runs / "finetune"
+    tokenizer = f"tokenizer={electra_runs / 'single'}"
+    check(temper("finetune-encoder", *FINETUNE, tokenizer, "grad_accum=2", f"output_dir={root / 'single'}"))
+    check(temper("finetune-encoder", *FINETUNE, tokenizer, "strategy=ddp", f"output_dir={root / 'ddp'}", ranks=2))
+    config = preset("bert-tiny", vocab_size=400)
+    assert config.dropout > 0
+    step, forward = decoder_lengths(config, 48, tokens=ELECTRA_TOKENS), decoder_lengths(config, 48)
+    assert_same_losses(root / "ddp", root / "single", step=step, forward=forward, tokens=ELECTRA_TOKENS)
+    assert len(losses(root / "ddp")) == 2
+    assert_same_weights(root / "ddp", root / "single", step=step)

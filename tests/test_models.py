@@ -184,3 +184,21 @@ def test_a_missing_model_directory_says_not_found_first(tmp_path):
         load_model("nowhere")
     with pytest.raises(TemperError, match=r"model directory not found: llama-tiyn .*did you mean the preset 'llama-tiny'"):
         load_model("llama-tiyn")
+
+
+def test_preset_overrides_keep_derived_head_dim_and_kv_heads_in_step():
+    """model_config.hidden_size / num_heads on a preset: head_dim (and num_kv_heads without GQA)
+    follow, as they would for a config written out in full; explicit values and GQA stay."""
+    from temper.models import preset
+    from temper.models.bert.hf import config_to_hf
+
+    bert = preset("bert-tiny")
+    wide = bert.with_overrides({"hidden_size": 128, "num_heads": 4, "intermediate_size": 512})
+    assert (wide.head_dim, wide.num_kv_heads) == (32, 4)
+    assert config_to_hf(wide)["hidden_size"] == 128  # exports (the old head_dim made this fail)
+    more_heads = bert.with_overrides({"num_heads": 8})
+    assert (more_heads.head_dim, more_heads.num_kv_heads) == (8, 8)
+    assert bert.with_overrides({"hidden_size": 128, "head_dim": 16}).head_dim == 16
+    gqa = preset("llama-tiny")
+    assert gqa.num_kv_heads < gqa.num_heads
+    assert gqa.with_overrides({"num_heads": gqa.num_heads * 2}).num_kv_heads == gqa.num_kv_heads

@@ -510,12 +510,14 @@ class LabelledBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    seed: int = 0  # the batch's (ExampleLoader's `batch_seed`): its dropout masks on any number of ranks
 
     def to(self, device) -> LabelledBatch:
-        return LabelledBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return LabelledBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                             self.seed)
 
 
-def collate_labelled(chunk: list[LabelledExample], pad_id: int) -> LabelledBatch:
+def collate_labelled(chunk: list[LabelledExample], pad_id: int, seed: int = 0) -> LabelledBatch:
     padded = pad_examples([EncoderExample(e.ids, [0] * len(e.ids), [-1] * len(e.ids), e.source) for e in chunk],
                           pad_id)
     if isinstance(chunk[0].label, int):
@@ -524,7 +526,7 @@ def collate_labelled(chunk: list[LabelledExample], pad_id: int) -> LabelledBatch
         labels = torch.full(padded["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
         for r, e in enumerate(chunk):
             labels[r, :len(e.label)] = torch.tensor(e.label)
-    return LabelledBatch(padded["input_ids"], padded["attention_mask"], labels)
+    return LabelledBatch(padded["input_ids"], padded["attention_mask"], labels, seed)
 
 
 __all__ = [

@@ -90,6 +90,13 @@ class ModelConfig:
         mistake one line naming `prefix.KEY`."""
         values = check_keys(given, ModelConfig, prefix)
         check_shape(values, prefix + ".")
+        # head_dim and num_kv_heads that follow from hidden_size / num_heads here follow them when
+        # those are overridden (model_config.hidden_size=128 on a preset keeps hidden / heads)
+        if ("hidden_size" in values or "num_heads" in values) and "head_dim" not in values \
+                and self.num_heads * self.head_dim == self.hidden_size:
+            values = {"head_dim": None, **values}
+        if "num_heads" in values and "num_kv_heads" not in values and self.num_kv_heads == self.num_heads:
+            values = {"num_kv_heads": None, **values}
         try:
             return self.replace(**values)
         except TemperError as e:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from temper.config import OnlyWith, check_keys, check_range, opt
 from temper.data.encoder import EncoderVocab, collate_labelled, read_labelled
-from temper.data.loader import ExampleLoader
+from temper.data.loader import ExampleLoader, batch_seed
 from temper.data.readers import expand_paths, iter_records
 from temper.data.sft import split_held_out
 from temper.data.shards import files_fingerprint, fingerprint
@@ -146,9 +146,9 @@ def run(cfg: Config) -> dict:
     run.say(f"finetune-encoder task={cfg.task}: {len(examples)} training and {len(held_out)} held-out examples, "
             f"{len(names)} labels ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})")
 
-    collate = lambda chunk: collate_labelled(chunk, vocab.pad_id)  # noqa: E731
+    collate = lambda chunk, seed=0: collate_labelled(chunk, vocab.pad_id, seed)  # noqa: E731
     loader = ExampleLoader(examples, collate, batch_size=cfg.batch_size, seed=cfg.seed, rank=run.par.dp_rank,
-                           world_size=run.par.dp, grad_accum=run.grad_accum)
+                           world_size=run.par.dp, grad_accum=run.grad_accum, seeded_collate=True)
     model = load_encoder(cfg, len(names), names, tokenizer, vocab, run.device)
     lineage = read_lineage(cfg.model) if Path(cfg.model).is_dir() else {}
     trainable = recipe.make_trainable(model, cfg, run, tokenizer=tokenizer)
@@ -156,6 +156,8 @@ def run(cfg: Config) -> dict:
 
     def loss_fn(batch):  # (summed cross-entropy over sequences or labelled words, their number, correct ones)
         batch = batch.to(run.device)
+        if unwrap(model).training:  # dropout drawn from the batch's seed: ranks drop as one process does
+            torch.manual_seed(batch_seed(batch.seed, 0, 2))
         logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits.float()
         labelled = batch.labels != IGNORE_INDEX
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
