@@ -77,6 +77,8 @@ COMMANDS: dict[str, Command] = {
                                                                   "pairs) with a reward model; write JSONL"),
     "merge": Command("temper.stages.merge", "tool", "fold a LoRA/DoRA adapter into its base model (zero inference "
                                                     "overhead)"),
+    "quantize": Command("temper.stages.quantize", "tool", "quantise a model's weights (int8, int4, GPTQ, NF4) into "
+                                                          "a directory generate, eval and serve load"),
     "generate": Command("temper.stages.generate", "tool", "generate text from a model directory (one prompt or a "
                                                           "JSONL file)"),
     "chat": Command("temper.stages.chat", "tool", "chat with a model directory in the terminal, using its chat "
