@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 
 from temper.errors import TemperError
-from temper.quant.weight_only import INT4_MAX, check_group_size, int4_params, quantize_int4, quantize_to_grid
+from temper.quant.weight_only import (
+    INT4_MAX,
+    check_group_size,
+    int4_params,
+    quantize_int4,
+    quantize_to_grid,
+)
 
 MAX_DAMP = 100.0  # percdamp is raised tenfold up to this before giving up
 

@@ -171,7 +171,7 @@ def _gptq_blocks(model: nn.Module, spec: QuantSpec, calibration: Sequence[Tensor
     for i, block in enumerate(model.blocks):
         linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         stats = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears}
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in linears]
+        handles = [m.register_forward_pre_hook(lambda mod, args, acc=stats[n]: acc.add(args[0])) for n, m in linears]
         try:
             for x, attention in inputs:
                 block(x, attention)
