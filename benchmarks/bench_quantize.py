@@ -101,14 +101,61 @@ def measure(path: str, dtype: str, heldout: str, gen_tokens: int, window: int) -
         prompt = [ids[:32]]
         cfg = SamplingConfig(max_new_tokens=gen_tokens, temperature=0.0)
         generate(model, prompt, SamplingConfig(max_new_tokens=4, temperature=0.0))  # warm-up
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            new = generate(model, prompt, cfg)
-            best = min(best, time.perf_counter() - t0)
-    return {"ppl": math.exp(nll / count), "tokens": count, "tokens_per_second": len(new[0]) / best,
+
+        def speed() -> float:
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                new = generate(model, prompt, cfg)
+                best = min(best, time.perf_counter() - t0)
+            return len(new[0]) / best
+
+        tokens_per_second = speed()
+        switchable = [m for m in model.modules() if hasattr(m, "use_fast_kernel")]
+        for m in switchable:
+            m.use_fast_kernel = False
+        reference_speed = speed() if switchable else float("nan")
+    return {"ppl": math.exp(nll / count), "tokens": count, "tokens_per_second": tokens_per_second,
+            "reference_tokens_per_second": reference_speed,
             "tensor_mb": tensor_mb, "load_rss_mb": loaded,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def best_ms(module, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def kernels(repeats: int = 50) -> None:
+    """The matmul alone: aten's weight-only CPU kernels against dequantise-then-F.linear."""
+    from temper.quant import weight_only
+    from temper.quant.weight_only import Int4Linear, Int8Linear
+
+    weight_only.FAST_MAX_ROWS = 1 << 20  # the fast kernels at every row count, to measure where they lose
+
+    torch.manual_seed(0)
+    print("| layer (out x in) | tokens | fp32 F.linear (ms) | int8 reference / fast (ms) | int4 g128 reference / fast (ms) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for out_f, in_f in ((768, 256), (2048, 2048)):
+        linear = torch.nn.Linear(in_f, out_f, bias=False)
+        layers = {"int8": Int8Linear.from_linear(linear), "int4": Int4Linear.from_linear(linear, 128)}
+        for tokens in (1, 16, 128):
+            x = torch.randn(tokens, in_f)
+            cells = [f"{best_ms(linear, x, repeats):.3f}"]
+            with torch.no_grad():
+                for layer in layers.values():
+                    layer.use_fast_kernel = False
+                    ref = best_ms(layer, x, repeats)
+                    layer.use_fast_kernel = True
+                    fast = best_ms(layer, x, repeats)
+                    cells.append(f"{ref:.3f} / {fast:.3f}")
+            print(f"| {out_f} x {in_f} | {tokens} | " + " | ".join(cells) + " |")
 
 
 def disk_mb(path: Path) -> float:
@@ -123,10 +170,15 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--kernels", action="store_true", help="only the matmul micro-benchmark")
     ap.add_argument("--measure", nargs=3, metavar=("PATH", "DTYPE", "HELDOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure, args.gen_tokens, args.window)))
+        return
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if args.kernels:
+        kernels()
         return
     if not TEXT.exists():
         sys.exit(f"{TEXT} is absent: this benchmark needs ../shared/data")
@@ -152,11 +204,11 @@ def main() -> None:
           f"{os.environ.get('BENCH_THREADS', '2')}")
     print("| variant | weights on disk (MB) | tensors in memory (MB) | RSS growth at load (MB) | greedy tokens/s | "
           "held-out ppl | ppl delta vs fp32 | quantise time (s) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, r in rows.items():
         delta = f"{r['ppl'] - base['ppl']:+.3f}" if base else "-"
         print(f"| {variant} | {r['disk_mb']:.2f} | {r['tensor_mb']:.2f} | {r['load_rss_mb']:.1f} | "
-              f"{r['tokens_per_second']:.1f} | {r['ppl']:.3f} | {delta} | {r['quantize_s']:.1f} |")
+              f"{r['tokens_per_second']:.1f} | {r['reference_tokens_per_second']:.1f} | {r['ppl']:.3f} | {delta} | {r['quantize_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -92,17 +92,21 @@ def test_fast_cpu_kernel_equals_the_reference_dequantise_path(kind):
         module = Int4Linear.from_linear(linear, group_size=128)
         if kind == "int4-perm":
             module = Int4Linear(module.qweight, module.scales, module.zeros, 128, linear.bias, torch.randperm(256))
-    x = torch.randn(3, 5, 256)
+    x = torch.randn(1, 1, 256)  # one row: the decode step the fast kernels serve
     try:
         fast = module(x)
     except (RuntimeError, NotImplementedError) as e:  # a torch build without the CPU kernel
         pytest.skip(f"no weight-only CPU kernel here: {e}")
+    assert kind == "int8" or module._kernel_weight is not None  # the int4 kernel's weight was built: it ran
     module.use_fast_kernel = False
     reference = module(x)
     w = module.dequantize()
     assert torch.allclose(reference, F.linear(x, w, linear.bias), rtol=0, atol=matmul_tol(x, w))
     assert torch.allclose(fast, reference, rtol=0, atol=matmul_tol(x, w))
     assert not torch.allclose(module(x[..., torch.randperm(256)]), reference, atol=1e-3)  # the order matters
+    module.use_fast_kernel = True
+    many = torch.randn(3, 5, 256)  # several rows: the reference path, same numbers
+    assert torch.allclose(module(many), F.linear(many, w, linear.bias), rtol=0, atol=matmul_tol(many, w))
 
 
 # ----------------------------------------------------------------------------- GPTQ

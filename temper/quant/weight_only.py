@@ -16,10 +16,11 @@ zero-point per row and group, as GPTQ / AWQ store them):
 range is off by at most s / 2). Two 4-bit codes share a byte, the even column in the low nibble.
 
 `Int8Linear` and `Int4Linear` hold only the codes and scales as buffers and compute
-y = x W_hat^T + b, dequantising on the fly. On CPU with fp32 activations they call PyTorch's
-own weight-only kernels instead (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`),
-which read the codes directly: `use_fast_kernel=False` forces the reference path, which the tests
-compare it with. A GPTQ layer with activation order stores its columns in the order GPTQ
+y = x W_hat^T + b, dequantising on the fly. On CPU with fp32 activations and one row (a decode
+step) they call PyTorch's own weight-only kernels instead (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`), which read the codes directly; for more rows those kernels
+were measured far slower than dequantise + F.linear (docs/quantization.md), so the reference
+path runs. `use_fast_kernel=False` forces the reference path, which the tests compare with. A GPTQ layer with activation order stores its columns in the order GPTQ
 quantised them, so groups stay contiguous, plus `perm`: the layer computes x[..., perm] W_perm^T.
 """
 
@@ -34,6 +35,9 @@ from temper.errors import TemperError
 INT4_MAX = 15
 INT8_MAX = 127
 FAST_INT4_GROUPS = (32, 64, 128, 256)  # what aten's CPU int4 kernel accepts
+# aten's weight-only CPU kernels beat dequantise + F.linear for one row (a decode step) and lose
+# by 10-100x from ~16 rows up (prefill), measured with benchmarks/bench_quantize.py --kernels
+FAST_MAX_ROWS = 1
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,7 +144,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.use_fast_kernel and x.device.type == "cpu" and x.dtype == torch.float32:
+        if (self.use_fast_kernel and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.numel() <= FAST_MAX_ROWS * self.in_features):
             flat, lead = _flat(x)
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
             y = y.view(*lead, self.out_features)
@@ -195,7 +200,7 @@ class Int4Linear(nn.Module):
 
     def _fast_applies(self, x: Tensor) -> bool:
         return (self.use_fast_kernel and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.group_size in FAST_INT4_GROUPS and self.in_features % 2 == 0)
+                and x.numel() <= FAST_MAX_ROWS * self.in_features and self.group_size in FAST_INT4_GROUPS)
 
     def kernel_weight(self) -> tuple[Tensor, Tensor]:
         """(aten's packed int4 weight, its (in/G, out, 2) scale-and-zero tensor), built once.
