@@ -140,7 +140,8 @@ def kernels(repeats: int = 50) -> None:
     weight_only.FAST_MAX_ROWS = 1 << 20  # the fast kernels at every row count, to measure where they lose
 
     torch.manual_seed(0)
-    print("| layer (out x in) | tokens | fp32 F.linear (ms) | int8 reference / fast (ms) | int4 g128 reference / fast (ms) |")
+    print("| layer (out x in) | tokens | fp32 F.linear (ms) | int8 reference / fast (ms) | "
+          "int4 g128 reference / fast (ms) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for out_f, in_f in ((768, 256), (2048, 2048)):
         linear = torch.nn.Linear(in_f, out_f, bias=False)
@@ -158,6 +159,42 @@ def kernels(repeats: int = 50) -> None:
             print(f"| {out_f} x {in_f} | {tokens} | " + " | ".join(cells) + " |")
 
 
+def peer_gptq(model: Path, cache: Path, act_order: bool, window: int) -> dict:
+    """GPTQModel's GPTQ (4 bits, group 128) on the same model and the same calibration windows as
+    temper's, then its own quantised model's perplexity on the same held-out windows (its torch
+    CPU kernel); run in the interpreter that has gptqmodel (--peer-python)."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from temper.data.tokenizer import Tokenizer
+    from temper.stages.quantize import calibration_windows
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    tokenizer = Tokenizer.from_dir(model)
+    windows = calibration_windows([(cache / "train.txt").read_text(encoding="utf-8")], tokenizer, 128, 256, 0)
+    calibration = [{"input_ids": w[0].tolist(), "attention_mask": [1] * w.shape[1]} for w in windows]
+    t0 = time.perf_counter()
+    qmodel = GPTQModel.load(str(model), QuantizeConfig(bits=4, group_size=128, desc_act=act_order), device="cpu")
+    qmodel.quantize(calibration, batch_size=1, calibration_sort=None)
+    seconds = time.perf_counter() - t0
+    out = cache / f"peer-gptq{'-actorder' if act_order else ''}"
+    qmodel.save(str(out))
+    del qmodel
+    loaded = GPTQModel.load(str(out), device="cpu")
+    ids = tokenizer.encode((cache / "heldout.txt").read_text(encoding="utf-8"))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start:start + window + 1]])
+            if chunk.shape[1] < 2:
+                break
+            logits = loaded.model(input_ids=chunk[:, :-1]).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    import gptqmodel
+    return {"ppl": math.exp(nll / count), "tokens": count, "quantize_s": seconds, "disk_mb": disk_mb(out),
+            "version": gptqmodel.__version__}
+
+
 def disk_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
 
@@ -171,8 +208,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--kernels", action="store_true", help="only the matmul micro-benchmark")
+    ap.add_argument("--peer-python", help="an interpreter with gptqmodel installed: add GPTQModel's GPTQ rows")
+    ap.add_argument("--peer-run", nargs=2, metavar=("MODEL", "ACT_ORDER"), help=argparse.SUPPRESS)
     ap.add_argument("--measure", nargs=3, metavar=("PATH", "DTYPE", "HELDOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peer_run:
+        result = peer_gptq(Path(args.peer_run[0]), Path(args.cache), args.peer_run[1] == "1", args.window)
+        print(json.dumps(result))
+        return
     if args.measure:
         print(json.dumps(measure(*args.measure, args.gen_tokens, args.window)))
         return
@@ -198,6 +241,15 @@ def main() -> None:
         r["quantize_s"] = seconds
         rows[variant] = r
         print(f"{variant}: {r}", file=sys.stderr)
+    peers = {}
+    for act_order in ("0", "1") if args.peer_python else ():
+        proc = subprocess.run([args.peer_python, __file__, "--peer-run", str(model), act_order, "--cache", str(cache),
+                               "--window", str(args.window)], capture_output=True, text=True, env=os.environ)
+        if proc.returncode:
+            print(f"peer GPTQ failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        peers["GPTQModel " + ("act order" if act_order == "1" else "g128")] = json.loads(
+            proc.stdout.strip().splitlines()[-1])
     base = rows.get("fp32")
     print(f"model: {model} ({json.loads((model / 'config.json').read_text())['hidden_size']} wide), held-out "
           f"tokens {next(iter(rows.values()))['tokens']}, torch {torch.__version__}, threads "
@@ -208,7 +260,12 @@ def main() -> None:
     for variant, r in rows.items():
         delta = f"{r['ppl'] - base['ppl']:+.3f}" if base else "-"
         print(f"| {variant} | {r['disk_mb']:.2f} | {r['tensor_mb']:.2f} | {r['load_rss_mb']:.1f} | "
-              f"{r['tokens_per_second']:.1f} | {r['reference_tokens_per_second']:.1f} | {r['ppl']:.3f} | {delta} | {r['quantize_s']:.1f} |")
+              f"{r['tokens_per_second']:.1f} | {r['reference_tokens_per_second']:.1f} | {r['ppl']:.3f} | {delta} | "
+              f"{r['quantize_s']:.1f} |")
+    for name, r in peers.items():
+        delta = f"{r['ppl'] - base['ppl']:+.3f}" if base else "-"
+        print(f"| {name} ({r['version']}) | {r['disk_mb']:.2f} | - | - | - | - | {r['ppl']:.3f} | {delta} | "
+              f"{r['quantize_s']:.1f} |")
 
 
 if __name__ == "__main__":
