@@ -98,7 +98,7 @@ def calibration_texts(cfg: Config) -> tuple[list[str], str]:
 
 
 def calibration_windows(texts: list[str], tokenizer: Tokenizer, nsamples: int, seq_len: int,
-                        seed: int) -> list[torch.Tensor]:
+                        seed: int, source: str = "the calibration text") -> list[torch.Tensor]:
     """`nsamples` random windows (1, seq_len) of the texts' tokens joined with EOS (fewer tokens: one window)."""
     stream: list[int] = []
     for text in texts:
@@ -106,7 +106,8 @@ def calibration_windows(texts: list[str], tokenizer: Tokenizer, nsamples: int, s
         if len(stream) > 64 * nsamples * seq_len:  # plenty to draw from
             break
     if len(stream) < 2:
-        raise TemperError("the calibration text holds fewer than 2 tokens")
+        raise TemperError(f"calibration={source}: the text holds {len(stream)} tokens; GPTQ needs at least 2 "
+                          "(give a file with text in it)")
     if len(stream) <= seq_len:
         return [torch.tensor([stream])]
     rng = random.Random(seed)
@@ -130,7 +131,8 @@ def run(cfg: Config) -> None:
             raise TemperError(f"{src}: no tokenizer.json; GPTQ tokenises its calibration text with the model's")
         texts, source = calibration_texts(cfg)
         seq_len = min(cfg.seq_len, model.config.max_seq_len)
-        calibration = [w.to(device) for w in calibration_windows(texts, tokenizer, cfg.nsamples, seq_len, cfg.seed)]
+        calibration = [w.to(device) for w in calibration_windows(texts, tokenizer, cfg.nsamples, seq_len, cfg.seed,
+                                                                      source)]
         print(f"calibration: {len(calibration)} windows of {calibration[0].shape[1]} tokens from {source}",
               file=sys.stderr)
     with owned_output_dir(out, command="quantize", inputs={"model": src}, overwrite=cfg.overwrite, writes_model=True):
