@@ -190,7 +190,8 @@ MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "reward": [], "reward 
            "eval contamination": ["train=a.txt", "eval=b.jsonl"], "merge": ["adapter=a"],
            "generate": ["model=m", "prompt=x"], "chat": ["model=m"], "estimate": ["model=7b"], "world": [],
            "tokenizer": ["data=x.txt"], "plot": ["runs=[r]"], "curate": ["data=x.jsonl"], "finetune-encoder": [],
-           "embed": ["model=m", "data=x.jsonl", "output=o.npy"], "pretrain objective=mlm": ["objective=mlm"]}
+           "embed": ["model=m", "data=x.jsonl", "output=o.npy"], "pretrain objective=mlm": ["objective=mlm"],
+           "quantize": ["model=m"]}
 
 
 def test_every_command_has_its_minimal_keys():

@@ -121,7 +121,9 @@ def run(cfg: Config) -> None:
         raise TemperFileNotFoundError(f"model= directory not found: {src}")
     out = Path(cfg.output_dir).expanduser()
     device = resolve_device(cfg.device)
-    model = load_model(src, device=device if cfg.method == "gptq" else "cpu").eval()
+    # fp32 on every device: GPTQ's calibration forward and Hessians want it; the layers that stay in full
+    # precision (embeddings, norms, output layer) are stored in fp32 too
+    model = load_model(src, device=device if cfg.method == "gptq" else "cpu", dtype=torch.float32).eval()
     tokenizer = Tokenizer.from_dir(src) if (src / "tokenizer.json").is_file() else None
     spec = QuantSpec(method=cfg.method, group_size=cfg.group_size, act_order=cfg.act_order, percdamp=cfg.percdamp,
                      block_size=cfg.block_size, nf4_block_size=cfg.nf4_block_size, double_quant=cfg.double_quant)
