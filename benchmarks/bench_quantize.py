@@ -255,7 +255,7 @@ def main() -> None:
           f"tokens {next(iter(rows.values()))['tokens']}, torch {torch.__version__}, threads "
           f"{os.environ.get('BENCH_THREADS', '2')}")
     print("| variant | weights on disk (MB) | tensors in memory (MB) | RSS growth at load (MB) | greedy tokens/s | "
-          "held-out ppl | ppl delta vs fp32 | quantise time (s) |")
+          "tokens/s, fast kernels off | held-out ppl | ppl delta vs fp32 | quantise time (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, r in rows.items():
         delta = f"{r['ppl'] - base['ppl']:+.3f}" if base else "-"
