@@ -132,7 +132,7 @@ def best_ms(module, x: torch.Tensor, repeats: int) -> float:
     return min(times) * 1e3
 
 
-def kernels(repeats: int = 50) -> None:
+def kernels(repeats: int = 20) -> None:
     """The matmul alone: aten's weight-only CPU kernels against dequantise-then-F.linear."""
     from temper.quant import weight_only
     from temper.quant.weight_only import Int4Linear, Int8Linear
@@ -143,10 +143,10 @@ def kernels(repeats: int = 50) -> None:
     print("| layer (out x in) | tokens | fp32 F.linear (ms) | int8 reference / fast (ms) | "
           "int4 g128 reference / fast (ms) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for out_f, in_f in ((768, 256), (2048, 2048)):
+    for out_f, in_f in ((768, 256), (4096, 4096)):
         linear = torch.nn.Linear(in_f, out_f, bias=False)
         layers = {"int8": Int8Linear.from_linear(linear), "int4": Int4Linear.from_linear(linear, 128)}
-        for tokens in (1, 16, 128):
+        for tokens in (1, 128):
             x = torch.randn(tokens, in_f)
             cells = [f"{best_ms(linear, x, repeats):.3f}"]
             with torch.no_grad():
@@ -254,7 +254,7 @@ def main() -> None:
     print(f"model: {model} ({json.loads((model / 'config.json').read_text())['hidden_size']} wide), held-out "
           f"tokens {next(iter(rows.values()))['tokens']}, torch {torch.__version__}, threads "
           f"{os.environ.get('BENCH_THREADS', '2')}")
-    print("| variant | weights on disk (MB) | tensors in memory (MB) | RSS growth at load (MB) | greedy tokens/s | "
+    print("| variant | weights on disk (MiB) | tensors in memory (MiB) | RSS growth at load (MiB) | greedy tokens/s | "
           "tokens/s, fast kernels off | held-out ppl | ppl delta vs fp32 | quantise time (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, r in rows.items():
