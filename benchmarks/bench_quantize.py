@@ -173,13 +173,15 @@ def peer_gptq(model: Path, cache: Path, act_order: bool, window: int) -> dict:
     windows = calibration_windows([(cache / "train.txt").read_text(encoding="utf-8")], tokenizer, 128, 256, 0)
     calibration = [{"input_ids": w[0].tolist(), "attention_mask": [1] * w.shape[1]} for w in windows]
     t0 = time.perf_counter()
-    qmodel = GPTQModel.load(str(model), QuantizeConfig(bits=4, group_size=128, desc_act=act_order), device="cpu")
+    # asymmetric with zero-points and fp32 like temper's (GPTQModel's defaults: symmetric, bf16 on CPU)
+    config = QuantizeConfig(bits=4, group_size=128, desc_act=act_order, sym=False)
+    qmodel = GPTQModel.load(str(model), config, device="cpu", dtype=torch.float32)
     qmodel.quantize(calibration, batch_size=1, calibration_sort=None)
     seconds = time.perf_counter() - t0
     out = cache / f"peer-gptq{'-actorder' if act_order else ''}"
     qmodel.save(str(out))
     del qmodel
-    loaded = GPTQModel.load(str(out), device="cpu")
+    loaded = GPTQModel.load(str(out), device="cpu", dtype=torch.float32)
     ids = tokenizer.encode((cache / "heldout.txt").read_text(encoding="utf-8"))
     nll, count = 0.0, 0
     with torch.no_grad():
