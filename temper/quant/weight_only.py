@@ -19,7 +19,7 @@ range is off by at most s / 2). Two 4-bit codes share a byte, the even column in
 y = x W_hat^T + b, dequantising on the fly. On CPU with fp32 activations and one row (a decode
 step) they call PyTorch's own weight-only kernels instead (`aten._weight_int8pack_mm`,
 `aten._weight_int4pack_mm_for_cpu`), which read the codes directly; for more rows those kernels
-were measured far slower than dequantise + F.linear (docs/quantization.md), so the reference
+were measured 13-38x slower than dequantise + F.linear (BENCHMARKS.md), so the reference
 path runs. `use_fast_kernel=False` forces the reference path, which the tests compare with. A GPTQ layer with activation order stores its columns in the order GPTQ
 quantised them, so groups stay contiguous, plus `perm`: the layer computes x[..., perm] W_perm^T.
 """
@@ -35,8 +35,8 @@ from temper.errors import TemperError
 INT4_MAX = 15
 INT8_MAX = 127
 FAST_INT4_GROUPS = (32, 64, 128, 256)  # what aten's CPU int4 kernel accepts
-# aten's weight-only CPU kernels beat dequantise + F.linear for one row (a decode step) and lose
-# by 10-100x from ~16 rows up (prefill), measured with benchmarks/bench_quantize.py --kernels
+# aten's weight-only CPU kernels beat dequantise + F.linear 5-7x for one row (a decode step) of a
+# 4096 x 4096 layer and lose 13-38x at 128 rows (prefill): benchmarks/bench_quantize.py --kernels
 FAST_MAX_ROWS = 1
 
 
