@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from temper.config import check_range, opt
-from temper.data.readers import iter_texts
+from temper.data.readers import expand_paths, iter_texts
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import owned_output_dir
@@ -92,7 +92,8 @@ class Config:
 def calibration_texts(cfg: Config) -> tuple[list[str], str]:
     """(texts, where they came from)."""
     if cfg.calibration:
-        return list(iter_texts(cfg.calibration, field=cfg.calibration_field)), ", ".join(cfg.calibration)
+        files = expand_paths(cfg.calibration, what="calibration")  # a missing file is named as calibration's
+        return list(iter_texts(files, field=cfg.calibration_field)), ", ".join(cfg.calibration)
     from temper.data.world import WorldConfig, build_world
     return [row["text"] for row in build_world(WorldConfig()).splits["pretrain/train"]], "the built-in world corpus"
 
