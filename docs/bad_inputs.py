@@ -135,7 +135,7 @@ def setup(work: Path) -> None:
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
     for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward,
-                  setup_curate, setup_export, setup_encoder):
+                  setup_curate, setup_export, setup_encoder, setup_quantize):
         extra(work)
 
 
@@ -954,9 +954,53 @@ SERVE_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def setup_quantize(work: Path) -> None:
+    """An INT4 (GPTQ, act order) directory of `base`, and copies of it with a tensor missing, of the wrong
+    dtype, and zero-points out of range."""
+    done = temper(["quantize", "model=base", "method=gptq", "act_order=true", "group_size=32", "nsamples=2",
+                   "seq_len=16", "calibration=corpus.txt", "output_dir=q-gptq"], work)
+    assert done.returncode == 0, done.stderr
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    edits = {"q-missing": lambda t: t.pop("model.layers.1.mlp.down_proj.scales"),
+             "q-dtype": lambda t: t.update({"model.layers.0.self_attn.q_proj.qweight":
+                                            t["model.layers.0.self_attn.q_proj.qweight"].to(torch.int32)}),
+             "q-zeros": lambda t: t["model.layers.0.mlp.up_proj.zeros"].fill_(200)}
+    for name, edit in edits.items():
+        shutil.copytree(work / "q-gptq", work / name)
+        (work / name / ".temper.lock").unlink(missing_ok=True)
+        weights = load_file(work / name / "model.safetensors")
+        edit(weights)
+        save_file(weights, str(work / name / "model.safetensors"), metadata={"format": "pt"})
+
+
+QUANTIZE_CASES: list[tuple[str, list[str], str]] = [
+    ("an unknown method", ["quantize", "model=base", "method=int3", "output_dir=q-1"], "error"),
+    ("a group size that does not divide a layer's in_features",
+     ["quantize", "model=base", "method=int4", "group_size=48", "output_dir=q-2"], "error"),
+    ("an odd group size", ["quantize", "model=base", "method=int4", "group_size=33", "output_dir=q-3"], "error"),
+    ("a model directory that does not exist", ["quantize", "model=nowhere", "output_dir=q-4"], "error"),
+    ("calibration text that does not exist",
+     ["quantize", "model=base", "method=gptq", "calibration=missing.txt", "output_dir=q-5"], "error"),
+    ("calibration text with no text", ["quantize", "model=base", "method=gptq", "calibration=empty.txt",
+                                       "output_dir=q-6"], "error"),
+    ("quantising into the model's own directory", ["quantize", "model=base", "method=int8", "output_dir=base"],
+     "error"),
+    ("a quantised directory with a tensor missing", ["generate", "model=q-missing", "prompt=The river"], "error"),
+    ("a quantised directory with codes of the wrong dtype", ["generate", "model=q-dtype", "prompt=The river"],
+     "error"),
+    ("a quantised directory with zero-points out of range", ["generate", "model=q-zeros", "prompt=The river"],
+     "error"),
+    ("training on a quantised directory", ["sft", "model=q-gptq", "data=chats.jsonl", "output_dir=q-7"], "error"),
+    ("quantising a quantised directory", ["quantize", "model=q-gptq", "method=int8", "output_dir=q-8"], "error"),
+    ("generating from a GPTQ directory", ["generate", "model=q-gptq", "prompt=The river", "max_new_tokens=4"], "ok"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
             "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES,
-            "export": EXPORT_CASES, "encoder": ENCODER_CASES, "serve": SERVE_CASES}
+            "export": EXPORT_CASES, "encoder": ENCODER_CASES, "serve": SERVE_CASES, "quantize": QUANTIZE_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -974,6 +1018,7 @@ TITLES = {
                "missing a sentence, texts too short to mask, tokenizers without [MASK], rows without labels",
     "serve": "Serving: adapters, names, ports and templates refused before the server starts (request-level "
              "errors are 4xx JSON, tested by tests/test_serve.py's fuzz)",
+    "quantize": "Quantisation: methods, group sizes and calibration that do not fit, damaged quantised directories",
 }
 
 

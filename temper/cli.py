@@ -79,6 +79,8 @@ COMMANDS: dict[str, Command] = {
                                                     "overhead)"),
     "export": Command("temper.stages.export", "workflow", "export a model: one GGUF file for llama.cpp (f32/f16/"
                                                           "q8_0/q4_0), or safetensors with an adapter merged"),
+    "quantize": Command("temper.stages.quantize", "tool", "quantise a model's weights (int8, int4, GPTQ, NF4) into "
+                                                          "a directory generate, eval and serve load"),
     "generate": Command("temper.stages.generate", "tool", "generate text from a model directory (one prompt or a "
                                                           "JSONL file)"),
     "serve": Command("temper.stages.serve", "tool", "serve a model (and LoRA adapters by name) over an OpenAI-"

@@ -15,8 +15,9 @@ from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.models import DecoderBase, load_model
 from temper.models.generate import check_generates
-from temper.models.hf import check_weights_file
+from temper.models.hf import check_weights_file, read_hf_config
 from temper.peft import load_peft, read_adapter_config
+from temper.quant.checkpoint import is_quantized, load_quantized
 
 
 def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu",
@@ -33,13 +34,24 @@ def load_model_or_adapter(path: str | Path, *, device: torch.device | str = "cpu
         weights = path / "adapter_model.safetensors"
         if weights.is_file():
             check_weights_file(weights)
+        if _quantized_dir(Path(base)):
+            raise TemperError(f"{path}: the adapter's base {base} is a quantised model directory; put the adapter "
+                              "on the full-precision base (or merge it there first, then quantise)")
         model = load_model(base, device=device, dtype=dtype)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(path)
         load_peft(model, path, tokenizer=tokenizer)
         return model.to(device)
+    if _quantized_dir(path):  # written by `temper quantize`: quantised linears built in at load
+        return load_quantized(path, device=device, dtype=dtype)
     return load_model(path, device=device, dtype=dtype)
+
+
+def _quantized_dir(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    return is_quantized(read_hf_config(path))
 
 
 def check_lora_config(adapter_dir: str | Path, conf: dict) -> None:

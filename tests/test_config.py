@@ -191,7 +191,8 @@ MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "reward": [], "reward 
            "generate": ["model=m", "prompt=x"], "chat": ["model=m"], "serve": ["model=m"], "estimate": ["model=7b"], "world": [],
            "tokenizer": ["data=x.txt"], "plot": ["runs=[r]"], "curate": ["data=x.jsonl"], "finetune-encoder": [],
            "embed": ["model=m", "data=x.jsonl", "output=o.npy"], "pretrain objective=mlm": ["objective=mlm"],
-           "export": ["model=m"]}
+           "export": ["model=m"],
+           "quantize": ["model=m"]}
 
 
 def test_every_command_has_its_minimal_keys():

@@ -100,6 +100,10 @@ def load_model(spec: str | Path, *, device: torch.device | str = "cpu",
         also = f"did you mean the preset '{close[0]}'?" if close else f"presets: {', '.join(PRESETS)}"
         raise TemperError(f"model directory not found: {spec} (nor is it a preset name; {also})")
     hf = read_hf_config(spec_path)
+    if hf.get("quantization_config") is not None:  # temper.loading reads these (temper.quant.checkpoint)
+        raise TemperError(f"{spec_path}: config.json has a quantization_config: a quantised model, which only "
+                          "generate, chat, eval and serve load (one written by temper quantize); training, "
+                          "merging and export need the full-precision model")
     config = config_from_hf(hf, str(spec_path / "config.json"))
     with torch.device("meta"):
         model = registry.family(config.family).model(config)
