@@ -373,3 +373,31 @@ def test_llama3_eot_id_ends_a_chat_reply():
     assert ended["choices"][0]["finish_reason"] == "stop" and ended["choices"][0]["message"]["content"] == ""
     assert ended["usage"]["completion_tokens"] == 1
     assert ran["choices"][0]["finish_reason"] == "length" and ran["usage"]["completion_tokens"] == 12
+
+
+def test_a_quantised_directory_serves_what_it_generates(tiny_model_dir, tmp_path):
+    """`temper serve` on a `temper quantize` directory (GPTQ int4, act order) loads its quantised
+    layers and serves the greedy completion the quantised model's own `generate` gives."""
+    from starlette.testclient import TestClient
+
+    from temper.cli import main
+    from temper.loading import load_for_inference
+    from temper.stages.serve import Config, build
+
+    out = tmp_path / "int4"
+    assert main(["quantize", f"model={tiny_model_dir}", "method=gptq", "act_order=true", "group_size=32",
+                 "nsamples=2", "seq_len=16", f"output_dir={out}"]) == 0
+    quantised, tok = load_for_inference(out)
+    assert any("Linear" in type(m).__name__ and type(m).__module__.startswith("temper.quant")
+               for m in quantised.modules())
+    cfg = Config(model=str(out), name="q", max_batch=4, max_tokens=16)
+    cfg.validate()
+    app, engine = build(cfg)
+    try:
+        with TestClient(app) as client:
+            got = client.post("/v1/completions", json={"model": "q", "prompt": PROMPT, "max_tokens": 10,
+                                                       "temperature": 0, "ignore_eos": True}).json()
+    finally:
+        engine.stop()
+    alone = generate(quantised, [tok.encode(PROMPT)], SamplingConfig(max_new_tokens=10))[0]
+    assert got["choices"][0]["text"] == tok.decode(alone)
