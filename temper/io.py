@@ -243,6 +243,40 @@ def refuse_foreign_model(out: Path, command: str, *, overwrite: bool, writes_mod
                           "overwrite=true to replace it")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to the disk (a rename is durable only then)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms cannot open a directory; nothing more to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if Path(path).is_dir():  # e.g. EINVAL for directories on some file systems
+            return
+        raise e
+    finally:
+        os.close(fd)
+
+
+def publish_model_files(tmp: Path, out: Path) -> None:
+    """Move a model written into `tmp` (inside `out`) into `out`: every file synced first, `config.json`
+    removed (from here until the end `out` is visibly no model), weight shards of an earlier model
+    that the new one does not have dropped, then the files moved in with `config.json` last (it is
+    what makes a directory a model)."""
+    new = sorted(p.name for p in tmp.iterdir())
+    for name in new:
+        fsync_path(tmp / name)
+    (out / "config.json").unlink(missing_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        if stale.name not in new:
+            stale.unlink(missing_ok=True)
+    for name in [n for n in new if n != "config.json"] + ["config.json"]:
+        os.replace(tmp / name, out / name)
+    fsync_path(out)
+
+
 def remove_partial_writes(out: Path) -> list[str]:
     """What a killed writer left in `out`: `.NAME.tmp-PID` files of `atomic_path`, `NAME.tmp-PID`
     directories of shard building and `.tmpXXXXXX` files of safetensors' own writer. Only called

@@ -34,7 +34,7 @@ from temper.config import opt
 from temper.data.chat import stop_settings
 from temper.data.tokenizer import Tokenizer, tokenizer_difference
 from temper.errors import TemperError, TemperFileNotFoundError, TemperWriteError
-from temper.io import owned_output_dir
+from temper.io import owned_output_dir, publish_model_files
 from temper.lineage import read_lineage, write_lineage
 from temper.loading import check_lora_config
 from temper.models import load_model, save_model
@@ -42,7 +42,6 @@ from temper.models.hf import check_weights_file
 from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
 from temper.peft.lora import merge_lora
 from temper.quant.nf4 import dequantize_model
-from temper.train.checkpoint import fsync_path
 
 
 @dataclass
@@ -166,15 +165,6 @@ def write_model_atomically(model, out: Path, tokenizer, lineage: dict) -> None:
         except TemperWriteError as e:  # name the output, not the temporary folder
             raise TemperWriteError(f"{out}: could not write the merged model ({e.strerror}); what was there is "
                                    "unchanged", e.errno, e.strerror) from None
-        new = sorted(p.name for p in tmp.iterdir())
-        for name in new:
-            fsync_path(tmp / name)
-        (out / "config.json").unlink(missing_ok=True)  # from here until the end `out` is visibly no model
-        for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-            if stale.name not in new:
-                stale.unlink(missing_ok=True)
-        for name in [n for n in new if n != "config.json"] + ["config.json"]:
-            os.replace(tmp / name, out / name)
-        fsync_path(out)
+        publish_model_files(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,13 +36,12 @@ from temper.config import check_range, opt
 from temper.data.readers import expand_paths, iter_texts
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
-from temper.io import owned_output_dir
+from temper.io import owned_output_dir, publish_model_files
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model
 from temper.quant.checkpoint import save_quantized
 from temper.quant.model import METHODS, QuantSpec, quantize_decoder
 from temper.runtime import resolve_device
-from temper.train.checkpoint import fsync_path
 
 
 @dataclass
@@ -159,15 +158,6 @@ def _write(model, spec: QuantSpec, src: Path, out: Path, tokenizer: Tokenizer | 
         write_lineage(tmp, lineage)
         if (src / "generation_config.json").is_file():  # the source's stop ids (a chat model's end of turn)
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
-        new = sorted(p.name for p in tmp.iterdir())
-        for name in new:
-            fsync_path(tmp / name)
-        (out / "config.json").unlink(missing_ok=True)
-        for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-            if stale.name not in new:
-                stale.unlink(missing_ok=True)
-        for name in [n for n in new if n != "config.json"] + ["config.json"]:
-            os.replace(tmp / name, out / name)
-        fsync_path(out)
+        publish_model_files(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from temper.errors import TemperError
-from temper.io import write_safetensors
+from temper.io import fsync_path, write_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -57,23 +57,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         by_storage[key] = name
         unique[name] = t.detach().contiguous().cpu()
     write_safetensors(unique, path, metadata={"aliases": json.dumps(aliases)})
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a directory's entries, to the disk (a rename is durable only then)."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some platforms cannot open a directory; nothing more to do there
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if Path(path).is_dir():  # e.g. EINVAL for directories on some file systems
-            return
-        raise e
-    finally:
-        os.close(fd)
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
