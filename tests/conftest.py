@@ -225,3 +225,18 @@ def eos_only_sampler(eos: int):
                        torch.full((n, 1), eos), torch.ones(n, 1, dtype=torch.bool), torch.ones(n, dtype=torch.bool), k)
 
     return sample
+
+
+def context_sensitive_model(vocab_size: int = 64, seed: int = 0):
+    """llama-tiny with weights of unit scale (not the small init), so that attention is sharp and every
+    earlier token moves the next-token logits: a padding slot seen, a position off by one or a key
+    out of place changes the tokens (with the small init, such bugs hide behind near-uniform attention)."""
+    from temper.models import build_model, preset
+
+    torch.manual_seed(seed)
+    model = build_model(preset("llama-tiny", vocab_size=vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 2.0 / p.shape[1] ** 0.5)
+    return model
