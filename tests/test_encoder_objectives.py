@@ -279,7 +279,7 @@ def test_nsp_negatives_come_from_another_document(wordpiece):
                 assert b not in encoded  # sentences are unique to their document here
                 assert any(b in {tuple(tok.encode(s)) for s in other} for _, other in docs)
             k += 1
-    with pytest.raises(TemperError, match="at least 2"):
+    with pytest.raises(TemperError, match=r"^docs\.txt: NSP .* at least 2 documents with text, got 1"):
         sentence_pairs(docs[:1], tok, vocab, task="nsp", max_len=64, seed=0)
     with pytest.raises(TemperError, match="two segments"):
         sentence_pairs([("x:1", ["One sentence."])], tok, vocab, task="sop", max_len=64, seed=0)

@@ -245,11 +245,14 @@ def sentence_pairs(documents: Iterable[tuple[str, list[str]]], tokenizer, vocab:
     document contributes its pairs (A, B) = (segment i, segment i + 1). Seeded with `seed`."""
     if task not in SENTENCE_TASKS:
         raise TemperError(f"task must be one of {', '.join(SENTENCE_TASKS)}, got {task!r}")
+    documents = list(documents)
     docs = [(source, [p for p in (_pieces(tokenizer, s) for s in segments) if p[0]])
             for source, segments in documents]
     docs = [(source, segments) for source, segments in docs if segments]
     if task == "nsp" and len(docs) < 2:
-        raise TemperError(f"NSP draws its negatives from other documents: it needs at least 2, got {len(docs)}")
+        files = sorted({source.rsplit(":", 1)[0] for source, _ in documents}) or ["the data"]
+        raise TemperError(f"{', '.join(files)}: NSP draws its negatives from other documents: it needs at least "
+                          f"2 documents with text, got {len(docs)}")
     rng = random.Random(seed)
     out = []
     for d, (source, segments) in enumerate(docs):
