@@ -2,7 +2,7 @@
 nothing it depends on changed. A workflow: every stage runs through the command runner the CLI
 hands it (`temper.cli.Commands`); nothing here imports a recipe or a command.
 
-    temper run                                         # the shipped lifecycle-tiny.yaml
+    temper run                                         # the shipped pipelines/lifecycle-tiny.yaml
     temper run my.yaml sft.max_steps=50                # a stage's key, as on its own command line
     temper run my.yaml --from sft                      # rerun sft and every stage after it
     temper run my.yaml --only eval                     # run eval alone (its inputs must exist)
@@ -70,7 +70,7 @@ HASH_LIMIT = 1 << 20  # files up to this size are hashed by content; larger ones
 @dataclass
 class Config:
     pipeline: str = opt("lifecycle-tiny", "the pipeline YAML file, or the name of a shipped one "
-                                          "(temper/configs)")
+                                          "(temper/configs/pipelines)")
     from_stage: str = opt("", "rerun this stage and every one after it (--from STAGE)")
     only: str = opt("", "run this stage alone (--only STAGE); the stages it refers to must have run")
     force: bool = opt(False, "rerun every stage (--force)")
@@ -101,9 +101,10 @@ def pipeline_file(spec: str) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
-    shipped = shipped_path(spec)
+    shipped = shipped_path(spec, "pipelines")
     if shipped is None:
-        raise TemperError(f"pipeline file not found: {spec} (shipped: {', '.join(shipped_names())})")
+        raise TemperError(f"pipeline file not found: {spec} (shipped pipelines: "
+                          f"{', '.join(shipped_names('pipelines'))})")
     return Path(shipped)
 
 

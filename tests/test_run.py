@@ -1,0 +1,122 @@
+"""`temper run`: the shipped tiny lifecycle end to end, reruns that skip what did not change,
+--from / --only / --force, a stage resumed after an interruption, and pipelines refused before
+anything runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from temper.cli import main
+from temper.configs import shipped_path
+
+STAGES = ["world", "tokenizer", "pretrain", "sft", "eval"]
+
+
+def statuses(root: Path) -> dict[str, str]:
+    return {row["stage"]: row["status"] for row in json.loads((root / "run.json").read_text())["stages"]}
+
+
+def record(root: Path, stage: str) -> dict:
+    return json.loads((root / ".run" / f"{stage}.json").read_text())
+
+
+def test_lifecycle_tiny_runs_then_skips_then_reruns_from_a_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs" / "lifecycle-tiny"
+    assert main(["run"]) == 0  # the shipped pipelines/lifecycle-tiny.yaml
+    assert statuses(root) == dict.fromkeys(STAGES, "ran")
+    assert (root / "pretrain" / "model.safetensors").is_file() and (root / "sft" / "model.safetensors").is_file()
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert results["models"] == ["runs/lifecycle-tiny/pretrain", "runs/lifecycle-tiny/sft"]  # ${pretrain}, ${sft}
+    sft_record = record(root, "sft")
+    assert sft_record["state"] == "done" and sft_record["config"]["model"] == "runs/lifecycle-tiny/pretrain"
+    assert sft_record["inputs"]["stages"] == {"world": record(root, "world")["run_id"],
+                                              "pretrain": record(root, "pretrain")["run_id"]}
+    weights = root / "pretrain" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    assert main(["run"]) == 0  # nothing changed: every stage skipped, nothing rewritten
+    assert statuses(root) == dict.fromkeys(STAGES, "skipped")
+    assert weights.stat().st_mtime_ns == stamp
+
+    assert main(["run", "--from", "sft"]) == 0
+    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
+                              "sft": "ran", "eval": "ran"}
+    assert record(root, "sft")["run_id"] != sft_record["run_id"]
+    assert weights.stat().st_mtime_ns == stamp
+
+    assert main(["run", "--only", "eval"]) == 0
+    assert statuses(root)["eval"] == "ran" and statuses(root)["sft"] == "not run (--only)"
+
+    # a stage's key changed on the command line: that stage and the one reading it run again
+    assert main(["run", "sft.max_steps=6"]) == 0
+    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
+                              "sft": "ran", "eval": "ran"}
+    assert json.loads((root / "sft" / "summary.json").read_text())["steps"] == 6
+
+    # an interrupted stage (its record still says running) resumes from its checkpoint
+    rec = record(root, "sft")
+    rec["state"] = "running"
+    (root / ".run" / "sft.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert main(["run", "sft.max_steps=6"]) == 0
+    err = capsys.readouterr().err
+    assert "sft (sft): resuming from its checkpoint" in err and "resumed from" in err
+    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
+                              "sft": "ran", "eval": "ran"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+WORLD = "  world:\n    command: world\n    num_people: 4\n"
+
+
+@pytest.mark.parametrize("body, expected", [
+    (WORLD + "  tok:\n    command: tokenizer\n    data: ['${wrld}/pretrain/train.jsonl']\n",
+     ":7: stage 'tok' refers to '${wrld}', which is no stage of this pipeline (did you mean '${world}'?)"),
+    (WORLD + "  a:\n    command: tokenizer\n    data: ['${b}/x']\n  b:\n    command: tokenizer\n    data: ['${a}/x']\n",
+     ":7: stage 'a' refers to 'b', a later stage"),
+    (WORLD + "  a:\n    command: tokenizer\n    data: ['${a}/x']\n", ":7: stage 'a' refers to itself (a cycle)"),
+    (WORLD + "  tok:\n    command: tokenizer\n    vocab_size: 512\n    min_frequncy: 2\n",
+     ":8: stage 'tok': unknown key 'min_frequncy' (did you mean 'min_frequency'?)"),
+    (WORLD + "  pre:\n    command: pretrain\n    max_steps: many\n",
+     ":7: stage 'pre': key 'max_steps' expects an integer, got 'many'"),
+    (WORLD + "  tok:\n    command: tokeniser\n", ":6: stage 'tok': unknown command 'tokeniser' (did you mean "
+                                                 "'tokenizer'?)"),
+    (WORLD + "  tok:\n    data: [x]\n", ":5: stage 'tok': no 'command:'"),
+    (WORLD + "  tok:\n    command: tokenizer\n    overwrite: true\n", ":7: stage 'tok': 'overwrite' is set by "
+                                                                       "temper run"),
+])
+def test_bad_pipelines_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, body, expected):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + body)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("temper run: error: ") and len(err.splitlines()) == 1, err
+    assert f"{path}{expected}" in err, err
+    assert not (tmp_path / "runs").exists()  # nothing ran, not even the world stage before the bad one
+
+
+def test_bad_flags_and_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + WORLD)
+    assert main(["run", str(path), "--from", "wrold"]) == 2
+    assert "--from wrold: no such stage" in capsys.readouterr().err
+    assert main(["run", str(path), "wrold.num_people=3"]) == 2
+    assert "no stage 'wrold'" in capsys.readouterr().err
+    assert main(["run", str(path), "world.num_peple=3"]) == 2
+    assert "unknown key 'num_peple'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "pipeline file not found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_pipeline_is_valid():
+    path = shipped_path("lifecycle-tiny", "pipelines")
+    assert path is not None
+    assert main(["run", str(path), "--print-config"]) == 0
