@@ -227,7 +227,7 @@ def print_stage_help(name: str, variant: str | None = None) -> None:
     for key, typ, default, help_text in rows:
         head = f"  {key.ljust(key_w)}  {typ.ljust(type_w)}  "
         body = f"{help_text} [default: {default}]"
-        wrapped = textwrap.wrap(body, max(40, term - len(head))) or [""]
+        wrapped = textwrap.wrap(body, max(40, term - len(head)), break_on_hyphens=False) or [""]
         print(head + wrapped[0])
         for line in wrapped[1:]:
             print(" " * len(head) + line)
