@@ -86,6 +86,8 @@ WORLD = "  world:\n    command: world\n    num_people: 4\n"
      ":8: stage 'tok': unknown key 'min_frequncy' (did you mean 'min_frequency'?)"),
     (WORLD + "  pre:\n    command: pretrain\n    max_steps: many\n",
      ":7: stage 'pre': key 'max_steps' expects an integer, got 'many'"),
+    (WORLD + "  pre:\n    command: pretrain\n    max_steps: 3\n    seq_len: -1\n",
+     ":8: stage 'pre': seq_len must be at least 1, got -1"),  # a config's own check: no source of its own
     (WORLD + "  tok:\n    command: tokeniser\n", ":6: stage 'tok': unknown command 'tokeniser' (did you mean "
                                                  "'tokenizer'?)"),
     (WORLD + "  tok:\n    data: [x]\n", ":5: stage 'tok': no 'command:'"),
@@ -100,6 +102,28 @@ def test_bad_pipelines_are_refused_before_anything_runs(tmp_path, monkeypatch, c
     assert err.startswith("temper run: error: ") and len(err.splitlines()) == 1, err
     assert f"{path}{expected}" in err, err
     assert not (tmp_path / "runs").exists()  # nothing ran, not even the world stage before the bad one
+
+
+def test_a_failing_stage_is_named_and_a_rerun_keeps_the_stages_that_finished(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs" / "p"
+    path = write(tmp_path, "stages:\n" + WORLD + "  tok:\n    command: tokenizer\n    data: [missing.txt]\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("temper run: error: stage 'tok' (tokenizer): ") and "missing.txt" in err, err
+    assert record(root, "world")["state"] == "done" and record(root, "tok")["state"] == "running"
+    world_id = record(root, "world")["run_id"]
+    (tmp_path / "missing.txt").write_text("the river runs past the mill\n" * 50)
+    assert main(["run", str(path), "tok.vocab_size=300", "tok.min_frequency=1"]) == 0
+    assert statuses(root) == {"world": "skipped", "tok": "ran"}
+    assert record(root, "world")["run_id"] == world_id
+    stamp = record(root, "tok")["inputs"]["files"]
+    assert list(stamp) == ["missing.txt"] and stamp["missing.txt"].startswith("sha256:")
+    assert main(["run", str(path), "tok.vocab_size=300", "tok.min_frequency=1"]) == 0
+    assert statuses(root) == {"world": "skipped", "tok": "skipped"}
+    (tmp_path / "missing.txt").write_text("another river runs past another mill\n" * 50)  # an input changed
+    assert main(["run", str(path), "tok.vocab_size=300", "tok.min_frequency=1"]) == 0
+    assert statuses(root) == {"world": "skipped", "tok": "ran"}
 
 
 def test_bad_flags_and_overrides(tmp_path, monkeypatch, capsys):

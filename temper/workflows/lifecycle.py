@@ -240,13 +240,19 @@ def _line_of(stage: Stage, ref: str, settings: dict) -> int:
 
 
 def _with_key_line(message: str, path: Path, stage: Stage) -> str:
-    """A config error names the stage's line; where it names a key of the stage, that key's line."""
-    m = re.search(r"key '([\w.-]+)'", message)
-    if m:
-        top = m.group(1).split(".")[0]
-        if top in stage.key_lines:
-            return message.replace(f"{path}:{stage.line}:", f"{path}:{stage.key_lines[top]}:", 1)
-    return message
+    """A config error as one line naming the YAML file, the line and the stage: the line of the key
+    the message names (the first one, by position) where it names one of the stage's keys, else the
+    stage's own line. Errors from a config's own checks (`seq_len must be at least 1`) carry no
+    source; they get it here."""
+    source = f"{path}:{stage.line}: stage '{stage.name}'"
+    body = message.removeprefix(source + ": ") if message.startswith(source) else message
+    hits = []
+    for key, line in stage.key_lines.items():
+        m = re.search(rf"(?:^|[\s'`(]){re.escape(key)}(?=[\s'`.=:)]|$)", body)
+        if m and key != "command":
+            hits.append((m.start(), line))
+    line = min(hits)[1] if hits else stage.line
+    return f"{path}:{line}: stage '{stage.name}': {body}"
 
 
 # ----------------------------------------------------------------------------- records and fingerprints
@@ -373,7 +379,7 @@ def run(cfg: Config, commands) -> dict:
         began = time.perf_counter()
         try:
             commands.run(stage.command, config)
-        except TemperError as e:
+        except (ValueError, OSError) as e:  # a TemperError, a full disk, a path that cannot be written
             raise TemperError(f"stage '{stage.name}' ({stage.command}): {error_line(e)}") from None
         seconds = time.perf_counter() - began
         write_record(out_root, stage, {"state": "done", "stage": stage.name, "command": stage.command,
