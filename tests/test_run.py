@@ -90,6 +90,8 @@ WORLD = "  world:\n    command: world\n    num_people: 4\n"
      ":8: stage 'pre': seq_len must be at least 1, got -1"),  # a config's own check: no source of its own
     (WORLD + "  tok:\n    command: tokeniser\n", ":6: stage 'tok': unknown command 'tokeniser' (did you mean "
                                                  "'tokenizer'?)"),
+    (WORLD + "  w2:\n    command: world\n    output_dir: runs/p/world\n",
+     ":7: stage 'w2': output_dir runs/p/world is stage 'world's output too"),
     (WORLD + "  tok:\n    data: [x]\n", ":5: stage 'tok': no 'command:'"),
     (WORLD + "  tok:\n    command: tokenizer\n    overwrite: true\n", ":7: stage 'tok': 'overwrite' is set by "
                                                                        "temper run"),

@@ -62,7 +62,6 @@ from temper.errors import TemperError, error_line
 from temper.io import atomic_write_text
 
 REFERENCE = re.compile(r"\$(\$?)\{([^}]*)\}")
-RUNNER_KEYS = ("output_dir", "resume", "overwrite")  # keys the runner sets (output_dir only by default)
 NOT_STAGES = ("run", "serve", "chat")  # interactive, or this very workflow
 HASH_LIMIT = 1 << 20  # files up to this size are hashed by content; larger ones by size and mtime
 
@@ -229,6 +228,12 @@ def plan(path: Path, name: str, stages: list[Stage], out_root: Path, overrides: 
         except TemperError as e:
             raise TemperError(_with_key_line(str(e), path, stage)) from None
         stage.output_dir = str(stage.config.output_dir)
+        same = next((s for s in stages[:index] if os.path.abspath(s.output_dir) == os.path.abspath(stage.output_dir)),
+                    None)
+        if same is not None:
+            line = stage.key_lines.get("output_dir", stage.line)
+            raise TemperError(f"{path}:{line}: stage '{stage.name}': output_dir {stage.output_dir} is stage "
+                              f"'{same.name}'s output too: give each stage its own")
         outputs[stage.name] = stage.output_dir
 
 
@@ -361,7 +366,8 @@ def run(cfg: Config, commands) -> dict:
             results.append({"stage": stage.name, "status": "skipped"})
             continue
         settings = {}
-        interrupted = record.get("state") == "running" and record.get("fingerprint") == print_
+        # an interrupted stage continues; one rerun on request (--force, --from, --only) starts afresh
+        interrupted = record.get("state") == "running" and record.get("fingerprint") == print_ and not forced
         if interrupted and hasattr(stage.config, "resume") and _has_checkpoint(stage.output_dir):
             settings["resume"] = "auto"
             how = "resuming from its checkpoint"
