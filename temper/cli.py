@@ -129,8 +129,8 @@ class Commands:
 
 
 def run_argv(argv: list[str]) -> list[str]:
-    """`temper run [PIPELINE.yaml] [--from S] [--only S] [--force] [STAGE.key=value ...]` as the
-    workflow's own keys: pipeline=, from_stage=, only=, force=true, stages.STAGE.key=value."""
+    """`temper run [PIPELINE.yaml] [--from S] [--only S] [--force] [--check] [STAGE.key=value ...]` as
+    the workflow's own keys: pipeline=, from_stage=, only=, force=true, check=true, stages.STAGE.key=value."""
     own = {f.name for f in dataclasses.fields(_stage_module("run").Config)}
     out: list[str] = []
     i = 0
@@ -145,8 +145,8 @@ def run_argv(argv: list[str]) -> list[str]:
             else:
                 raise ValueError(f"{flag} needs a stage name")
             out.append(f"{'from_stage' if flag == '--from' else 'only'}={value}")
-        elif arg == "--force":
-            out.append("force=true")
+        elif arg in ("--force", "--check"):
+            out.append(f"{arg[2:]}=true")
         elif "=" in arg and not arg.startswith("-"):
             key = arg.split("=", 1)[0].strip()
             out.append(arg if key.split(".")[0] in own else f"stages.{arg}")
@@ -167,7 +167,7 @@ def _run_module(name: str, config, variant: str | None = None) -> Any:
 
 RANK_ERROR_GRACE_S = 3.0  # seconds a failing rank waits after its error line (see main)
 USAGE = ("usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)\n"
-         "       temper run [PIPELINE.yaml] [STAGE.key=value ...] [--from STAGE] [--only STAGE] [--force]")
+         "       temper run [PIPELINE.yaml] [STAGE.key=value ...] [--from STAGE] [--only STAGE] [--force] [--check]")
 
 
 def _stage_module(name: str, variant: str | None = None):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from temper.cli import main
 from temper.configs import shipped_path
@@ -142,7 +143,14 @@ def test_bad_flags_and_overrides(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_shipped_pipeline_is_valid():
-    path = shipped_path("lifecycle-tiny", "pipelines")
-    assert path is not None
-    assert main(["run", str(path), "--print-config"]) == 0
+def test_shipped_pipelines_are_valid(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for path in sorted(shipped_path("lifecycle-tiny", "pipelines").parent.glob("*.yaml")):
+        assert main(["run", str(path), "--check"]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert len(out.splitlines()) == len(yaml.safe_load(path.read_text())["stages"])  # one line per stage
+    assert main(["run", "--check"]) == 0  # the default: lifecycle-tiny
+    assert "eval: temper eval -> runs/lifecycle-tiny/eval <- pretrain, sft, world" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # --check runs nothing
+    assert main(["run", "--check", "sft.max_step=3"]) == 2  # ...but checks every stage with its overrides
+    assert "stage 'sft': unknown key 'max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err

@@ -7,6 +7,7 @@ hands it (`temper.cli.Commands`); nothing here imports a recipe or a command.
     temper run my.yaml --from sft                      # rerun sft and every stage after it
     temper run my.yaml --only eval                     # run eval alone (its inputs must exist)
     temper run my.yaml --force                         # rerun every stage
+    temper run my.yaml --check                         # check every stage's config, print the plan, run nothing
 
 The pipeline YAML:
 
@@ -75,6 +76,7 @@ class Config:
     force: bool = opt(False, "rerun every stage (--force)")
     output_dir: str = opt("", "where the stages' outputs go (default: runs/<pipeline name>)")
     stages: dict = opt({}, "per-stage overrides, typed as STAGE.key=value on the command line")
+    check: bool = opt(False, "check the pipeline (every stage's config) and print its stages; run nothing (--check)")
 
     def validate(self) -> None:
         if self.from_stage and self.only:
@@ -337,6 +339,11 @@ def run(cfg: Config, commands) -> dict:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise TemperError(f"{flag} {value}: no such stage in {path}{hint}; stages: {', '.join(names)}")
     plan(path, name, stages, out_root, cfg.stages, commands)
+    if cfg.check:
+        for stage in stages:
+            reads = f" <- {', '.join(stage.refs)}" if stage.refs else ""
+            print(f"{stage.name}: temper {stage.command} -> {stage.output_dir}{reads}")
+        return {"pipeline": str(path), "output_dir": str(out_root), "stages": [s.name for s in stages]}
     start = names.index(cfg.from_stage) if cfg.from_stage else 0
     by_name = {s.name: s for s in stages}
     outputs = [s.output_dir for s in stages]
