@@ -3,6 +3,11 @@
 anything runs."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,7 @@ import yaml
 from temper.cli import main
 from temper.configs import shipped_path
 
+ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["world", "tokenizer", "pretrain", "sft", "eval"]
 
 
@@ -154,3 +160,49 @@ def test_shipped_pipelines_are_valid(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()  # --check runs nothing
     assert main(["run", "--check", "sft.max_step=3"]) == 2  # ...but checks every stage with its overrides
     assert "stage 'sft': unknown key 'max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """SIGKILL a real `temper run` once pretrain has written a checkpoint; the rerun skips the
+    finished stages and continues pretrain from that checkpoint to its last step."""
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + WORLD + """  tok:
+    command: tokenizer
+    data: ["${world}/pretrain/train.jsonl"]
+    vocab_size: 300
+  pre:
+    command: pretrain
+    data: ["${world}/pretrain/train.jsonl"]
+    tokenizer: ${tok}
+    model: llama-tiny
+    model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
+    seq_len: 32
+    batch_size: 4
+    max_steps: 400
+    samples: 0
+    checkpoint: {every: 5}
+    logging: {every: 5, eval_every: 0, progress: false}
+""")
+    root = tmp_path / "runs" / "p"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "temper", "run", str(path)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = root / "pre" / "checkpoints"
+    deadline = time.monotonic() + 120
+    try:
+        while not (checkpoints.is_dir() and any(checkpoints.glob("step_*"))):
+            assert proc.poll() is None, "temper run ended before pretrain wrote a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert record(root, "pre")["state"] == "running" and record(root, "tok")["state"] == "done"
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "pre (pretrain): resuming from its checkpoint" in err and "resumed from" in err, err
+    assert statuses(root) == {"world": "skipped", "tok": "skipped", "pre": "ran"}
+    assert json.loads((root / "pre" / "summary.json").read_text())["steps"] == 400
