@@ -135,7 +135,7 @@ def setup(work: Path) -> None:
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
     for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward,
-                  setup_curate, setup_export, setup_encoder, setup_quantize):
+                  setup_curate, setup_export, setup_encoder, setup_quantize, setup_run):
         extra(work)
 
 
@@ -998,9 +998,41 @@ QUANTIZE_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def setup_run(work: Path) -> None:
+    """Pipelines for `temper run`, each with one mistake its name says (`pipe-*.yaml`)."""
+    world = "stages:\n  world:\n    command: world\n    num_people: 4\n"
+    pipes = {
+        "pipe-unknown-ref": world + "  tok:\n    command: tokenizer\n    data: ['${wrld}/pretrain/train.jsonl']\n",
+        "pipe-cycle": world + "  a:\n    command: tokenizer\n    data: ['${b}/x']\n  b:\n    command: tokenizer\n"
+                              "    data: ['${a}/x']\n",
+        "pipe-bad-key": world + "  tok:\n    command: tokenizer\n    vocab_size: 512\n    min_frequncy: 2\n",
+        "pipe-bad-value": world + "  pre:\n    command: pretrain\n    max_steps: many\n",
+        "pipe-unknown-command": world + "  tok:\n    command: tokeniser\n",
+        "pipe-no-command": world + "  tok:\n    data: [x]\n",
+        "pipe-not-stages": "stage:\n  world:\n    command: world\n",
+    }
+    for name, text in pipes.items():
+        (work / f"{name}.yaml").write_text(text)
+
+
+RUN_CASES: list[tuple[str, list[str], str]] = [
+    ("a reference to a stage that does not exist", ["run", "pipe-unknown-ref.yaml"], "error"),
+    ("two stages that read each other (a cycle)", ["run", "pipe-cycle.yaml"], "error"),
+    ("a misspelt key in a stage", ["run", "pipe-bad-key.yaml"], "error"),
+    ("a value of the wrong type in a stage", ["run", "pipe-bad-value.yaml"], "error"),
+    ("a command that does not exist", ["run", "pipe-unknown-command.yaml"], "error"),
+    ("a stage without its command", ["run", "pipe-no-command.yaml"], "error"),
+    ("a top-level key that is not stages:", ["run", "pipe-not-stages.yaml"], "error"),
+    ("--from a stage that does not exist", ["run", "pipe-bad-key.yaml", "--from", "tk"], "error"),
+    ("an override of a stage that does not exist", ["run", "pipe-bad-key.yaml", "wrold.num_people=3"], "error"),
+    ("a pipeline file that does not exist", ["run", "nope.yaml"], "error"),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
             "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES,
-            "export": EXPORT_CASES, "encoder": ENCODER_CASES, "serve": SERVE_CASES, "quantize": QUANTIZE_CASES}
+            "export": EXPORT_CASES, "encoder": ENCODER_CASES, "serve": SERVE_CASES, "quantize": QUANTIZE_CASES,
+            "run": RUN_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -1019,6 +1051,8 @@ TITLES = {
     "serve": "Serving: adapters, names, ports and templates refused before the server starts (request-level "
              "errors are 4xx JSON, tested by tests/test_serve.py's fuzz)",
     "quantize": "Quantisation: methods, group sizes and calibration that do not fit, damaged quantised directories",
+    "run": "Pipelines (temper run): references to stages that do not exist or come later, stage config errors "
+           "(named with the YAML line and the stage), commands that do not exist; refused before any stage runs",
 }
 
 

@@ -6,6 +6,7 @@ imported only when used, so `temper --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
@@ -67,6 +68,9 @@ COMMANDS: dict[str, Command] = {
                                                         "preference pairs (Bradley-Terry)"),
     "ppo": Command("temper.recipes.ppo", "train", "PPO with a KL penalty: policy and value model against a reward "
                                                   "model, a frozen reference (TRL's PPOTrainer)"),
+    "run": Command("temper.workflows.lifecycle", "workflow", "run a pipeline of commands from one YAML (world -> "
+                                                             "tokenizer -> pretrain -> sft -> eval ...), skipping "
+                                                             "stages whose config and inputs did not change"),
     "online-dpo": Command("temper.workflows.online_dpo", "workflow", "iterative DPO: the policy samples, a judge "
                                                                      "(or AI feedback) pairs, DPO trains; repeat"),
     "eval": Command("temper.stages.eval", "tool", "evaluate models on tasks, perplexity, judges and contamination; "
@@ -117,6 +121,42 @@ class Commands:
     def run(self, name: str, config) -> Any:
         return _run_module(name, config, getattr(config, "objective", None))
 
+    def names(self) -> list[str]:
+        return list(COMMANDS)
+
+    def has_output_dir(self, name: str) -> bool:
+        return any(f.name == "output_dir" for f in dataclasses.fields(_stage_module(name).Config))
+
+
+def run_argv(argv: list[str]) -> list[str]:
+    """`temper run [PIPELINE.yaml] [--from S] [--only S] [--force] [--check] [STAGE.key=value ...]` as
+    the workflow's own keys: pipeline=, from_stage=, only=, force=true, check=true, stages.STAGE.key=value."""
+    own = {f.name for f in dataclasses.fields(_stage_module("run").Config)}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag = next((f for f in ("--from", "--only") if arg == f or arg.startswith(f + "=")), None)
+        if flag is not None:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise ValueError(f"{flag} needs a stage name")
+            out.append(f"{'from_stage' if flag == '--from' else 'only'}={value}")
+        elif arg in ("--force", "--check"):
+            out.append(f"{arg[2:]}=true")
+        elif "=" in arg and not arg.startswith("-"):
+            key = arg.split("=", 1)[0].strip()
+            out.append(arg if key.split(".")[0] in own else f"stages.{arg}")
+        elif not arg.startswith("-") and "=" not in arg and not any(o.startswith("pipeline=") for o in out):
+            out.append(f"pipeline={arg}")
+        else:
+            out.append(arg)  # --help, --print-config, --config; anything else is refused by parse_args
+        i += 1
+    return out
+
 
 def _run_module(name: str, config, variant: str | None = None) -> Any:
     module = _stage_module(name, variant)
@@ -126,7 +166,8 @@ def _run_module(name: str, config, variant: str | None = None) -> Any:
 
 
 RANK_ERROR_GRACE_S = 3.0  # seconds a failing rank waits after its error line (see main)
-USAGE = "usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)"
+USAGE = ("usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)\n"
+         "       temper run [PIPELINE.yaml] [STAGE.key=value ...] [--from STAGE] [--only STAGE] [--force] [--check]")
 
 
 def _stage_module(name: str, variant: str | None = None):
@@ -186,7 +227,7 @@ def print_stage_help(name: str, variant: str | None = None) -> None:
     for key, typ, default, help_text in rows:
         head = f"  {key.ljust(key_w)}  {typ.ljust(type_w)}  "
         body = f"{help_text} [default: {default}]"
-        wrapped = textwrap.wrap(body, max(40, term - len(head))) or [""]
+        wrapped = textwrap.wrap(body, max(40, term - len(head)), break_on_hyphens=False) or [""]
         print(head + wrapped[0])
         for line in wrapped[1:]:
             print(" " * len(head) + line)
@@ -265,7 +306,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"temper: error: unknown stage '{stage}'{hint}; stages: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        _, overrides, flags = parse_args(argv[1:])
+        _, overrides, flags = parse_args(run_argv(argv[1:]) if stage == "run" else argv[1:])
         path = config_file(flags["config"]) if flags["config"] is not None else None
         variant = peek_variant(stage, path, overrides)
         if flags["help"]:

@@ -1,4 +1,5 @@
-"""The YAMLs shipped inside the package: stage configs (`STAGE[-variant].yaml`) and eval tasks (`tasks/`).
+"""The YAMLs shipped inside the package: stage configs (`STAGE[-variant].yaml`), eval tasks (`tasks/`)
+and `temper run` pipelines (`pipelines/`).
 
 They are package data, so a wheel install has them too. `temper STAGE --config NAME` takes
 the name of a shipped config (e.g. `pretrain-shakespeare`) as well as a file; `temper eval
@@ -14,7 +15,7 @@ __all__ = ["shipped_dir", "shipped_names", "shipped_path"]
 
 
 def shipped_dir(kind: str = "") -> Path:
-    """The folder of the installed package that holds the shipped YAMLs ("" configs, "tasks" tasks)."""
+    """The folder of the installed package that holds the shipped YAMLs ("" configs, "tasks" tasks, "pipelines" pipelines)."""
     return Path(str(files(__name__))) / kind
 
 

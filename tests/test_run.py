@@ -1,0 +1,208 @@
+"""`temper run`: the shipped tiny lifecycle end to end, reruns that skip what did not change,
+--from / --only / --force, a stage resumed after an interruption, and pipelines refused before
+anything runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from temper.cli import main
+from temper.configs import shipped_path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["world", "tokenizer", "pretrain", "sft", "eval"]
+
+
+def statuses(root: Path) -> dict[str, str]:
+    return {row["stage"]: row["status"] for row in json.loads((root / "run.json").read_text())["stages"]}
+
+
+def record(root: Path, stage: str) -> dict:
+    return json.loads((root / ".run" / f"{stage}.json").read_text())
+
+
+def test_lifecycle_tiny_runs_then_skips_then_reruns_from_a_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs" / "lifecycle-tiny"
+    assert main(["run"]) == 0  # the shipped pipelines/lifecycle-tiny.yaml
+    assert statuses(root) == dict.fromkeys(STAGES, "ran")
+    assert (root / "pretrain" / "model.safetensors").is_file() and (root / "sft" / "model.safetensors").is_file()
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert results["models"] == ["runs/lifecycle-tiny/pretrain", "runs/lifecycle-tiny/sft"]  # ${pretrain}, ${sft}
+    sft_record = record(root, "sft")
+    assert sft_record["state"] == "done" and sft_record["config"]["model"] == "runs/lifecycle-tiny/pretrain"
+    assert sft_record["inputs"]["stages"] == {"world": record(root, "world")["run_id"],
+                                              "pretrain": record(root, "pretrain")["run_id"]}
+    weights = root / "pretrain" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    assert main(["run"]) == 0  # nothing changed: every stage skipped, nothing rewritten
+    assert statuses(root) == dict.fromkeys(STAGES, "skipped")
+    assert weights.stat().st_mtime_ns == stamp
+
+    assert main(["run", "--from", "sft"]) == 0
+    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
+                              "sft": "ran", "eval": "ran"}
+    assert record(root, "sft")["run_id"] != sft_record["run_id"]
+    assert weights.stat().st_mtime_ns == stamp
+
+    assert main(["run", "--only", "eval"]) == 0
+    assert statuses(root)["eval"] == "ran" and statuses(root)["sft"] == "not run (--only)"
+
+    # a stage's key changed on the command line: that stage and the one reading it run again
+    assert main(["run", "sft.max_steps=6"]) == 0
+    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
+                              "sft": "ran", "eval": "ran"}
+    assert json.loads((root / "sft" / "summary.json").read_text())["steps"] == 6
+
+    # an interrupted stage (its record still says running) resumes from its checkpoint
+    rec = record(root, "sft")
+    rec["state"] = "running"
+    (root / ".run" / "sft.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert main(["run", "sft.max_steps=6"]) == 0
+    err = capsys.readouterr().err
+    assert "sft (sft): resuming from its checkpoint" in err and "resumed from" in err
+    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
+                              "sft": "ran", "eval": "ran"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+WORLD = "  world:\n    command: world\n    num_people: 4\n"
+
+
+@pytest.mark.parametrize("body, expected", [
+    (WORLD + "  tok:\n    command: tokenizer\n    data: ['${wrld}/pretrain/train.jsonl']\n",
+     ":7: stage 'tok' refers to '${wrld}', which is no stage of this pipeline (did you mean '${world}'?)"),
+    (WORLD + "  a:\n    command: tokenizer\n    data: ['${b}/x']\n  b:\n    command: tokenizer\n    data: ['${a}/x']\n",
+     ":7: stage 'a' refers to 'b', a later stage"),
+    (WORLD + "  a:\n    command: tokenizer\n    data: ['${a}/x']\n", ":7: stage 'a' refers to itself (a cycle)"),
+    (WORLD + "  tok:\n    command: tokenizer\n    vocab_size: 512\n    min_frequncy: 2\n",
+     ":8: stage 'tok': unknown key 'min_frequncy' (did you mean 'min_frequency'?)"),
+    (WORLD + "  pre:\n    command: pretrain\n    max_steps: many\n",
+     ":7: stage 'pre': key 'max_steps' expects an integer, got 'many'"),
+    (WORLD + "  pre:\n    command: pretrain\n    max_steps: 3\n    seq_len: -1\n",
+     ":8: stage 'pre': seq_len must be at least 1, got -1"),  # a config's own check: no source of its own
+    (WORLD + "  tok:\n    command: tokeniser\n", ":6: stage 'tok': unknown command 'tokeniser' (did you mean "
+                                                 "'tokenizer'?)"),
+    (WORLD + "  w2:\n    command: world\n    output_dir: runs/p/world\n",
+     ":7: stage 'w2': output_dir runs/p/world is stage 'world's output too"),
+    (WORLD + "  tok:\n    data: [x]\n", ":5: stage 'tok': no 'command:'"),
+    (WORLD + "  tok:\n    command: tokenizer\n    overwrite: true\n", ":7: stage 'tok': 'overwrite' is set by "
+                                                                       "temper run"),
+])
+def test_bad_pipelines_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, body, expected):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + body)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("temper run: error: ") and len(err.splitlines()) == 1, err
+    assert f"{path}{expected}" in err, err
+    assert not (tmp_path / "runs").exists()  # nothing ran, not even the world stage before the bad one
+
+
+def test_a_failing_stage_is_named_and_a_rerun_keeps_the_stages_that_finished(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs" / "p"
+    path = write(tmp_path, "stages:\n" + WORLD + "  tok:\n    command: tokenizer\n    data: [missing.txt]\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("temper run: error: stage 'tok' (tokenizer): ") and "missing.txt" in err, err
+    assert record(root, "world")["state"] == "done" and record(root, "tok")["state"] == "running"
+    world_id = record(root, "world")["run_id"]
+    (tmp_path / "missing.txt").write_text("the river runs past the mill\n" * 50)
+    assert main(["run", str(path), "tok.vocab_size=300", "tok.min_frequency=1"]) == 0
+    assert statuses(root) == {"world": "skipped", "tok": "ran"}
+    assert record(root, "world")["run_id"] == world_id
+    stamp = record(root, "tok")["inputs"]["files"]
+    assert list(stamp) == ["missing.txt"] and stamp["missing.txt"].startswith("sha256:")
+    assert main(["run", str(path), "tok.vocab_size=300", "tok.min_frequency=1"]) == 0
+    assert statuses(root) == {"world": "skipped", "tok": "skipped"}
+    (tmp_path / "missing.txt").write_text("another river runs past another mill\n" * 50)  # an input changed
+    assert main(["run", str(path), "tok.vocab_size=300", "tok.min_frequency=1"]) == 0
+    assert statuses(root) == {"world": "skipped", "tok": "ran"}
+
+
+def test_bad_flags_and_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + WORLD)
+    assert main(["run", str(path), "--from", "wrold"]) == 2
+    assert "--from wrold: no such stage" in capsys.readouterr().err
+    assert main(["run", str(path), "wrold.num_people=3"]) == 2
+    assert "no stage 'wrold'" in capsys.readouterr().err
+    assert main(["run", str(path), "world.num_peple=3"]) == 2
+    assert "unknown key 'num_peple'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "pipeline file not found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_pipelines_are_valid(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for path in sorted(shipped_path("lifecycle-tiny", "pipelines").parent.glob("*.yaml")):
+        assert main(["run", str(path), "--check"]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert len(out.splitlines()) == len(yaml.safe_load(path.read_text())["stages"])  # one line per stage
+    assert main(["run", "--check"]) == 0  # the default: lifecycle-tiny
+    assert "eval: temper eval -> runs/lifecycle-tiny/eval <- pretrain, sft, world" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # --check runs nothing
+    assert main(["run", "--check", "sft.max_step=3"]) == 2  # ...but checks every stage with its overrides
+    assert "stage 'sft': unknown key 'max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """SIGKILL a real `temper run` once pretrain has written a checkpoint; the rerun skips the
+    finished stages and continues pretrain from that checkpoint to its last step."""
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + WORLD + """  tok:
+    command: tokenizer
+    data: ["${world}/pretrain/train.jsonl"]
+    vocab_size: 300
+  pre:
+    command: pretrain
+    data: ["${world}/pretrain/train.jsonl"]
+    tokenizer: ${tok}
+    model: llama-tiny
+    model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
+    seq_len: 32
+    batch_size: 4
+    max_steps: 400
+    samples: 0
+    checkpoint: {every: 5}
+    logging: {every: 5, eval_every: 0, progress: false}
+""")
+    root = tmp_path / "runs" / "p"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "temper", "run", str(path)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = root / "pre" / "checkpoints"
+    deadline = time.monotonic() + 120
+    try:
+        while not (checkpoints.is_dir() and any(checkpoints.glob("step_*"))):
+            assert proc.poll() is None, "temper run ended before pretrain wrote a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert record(root, "pre")["state"] == "running" and record(root, "tok")["state"] == "done"
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "pre (pretrain): resuming from its checkpoint" in err and "resumed from" in err, err
+    assert statuses(root) == {"world": "skipped", "tok": "skipped", "pre": "ran"}
+    assert json.loads((root / "pre" / "summary.json").read_text())["steps"] == 400
