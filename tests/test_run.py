@@ -102,6 +102,7 @@ WORLD = "  world:\n    command: world\n    num_people: 4\n"
     (WORLD + "  tok:\n    data: [x]\n", ":5: stage 'tok': no 'command:'"),
     (WORLD + "  tok:\n    command: tokenizer\n    overwrite: true\n", ":7: stage 'tok': 'overwrite' is set by "
                                                                        "temper run"),
+    (WORLD + WORLD, ":5: key 'world' appears twice in one mapping (the first would be lost)"),
 ])
 def test_bad_pipelines_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, body, expected):
     monkeypatch.chdir(tmp_path)

@@ -122,6 +122,13 @@ def read_temper_peft(adapter_dir: str | Path) -> PeftConfig | None:
     return from_dict(PeftConfig, json.loads(path.read_text()), source=str(path), check_modes=False)  # temper wrote it
 
 
+def adapter_method(adapter_dir: str | Path, adapter_config: dict[str, Any]) -> str:
+    """The PEFT method of an adapter directory: the one temper trained with, else lora or dora from
+    its adapter_config.json (a PEFT-written adapter)."""
+    trained = read_temper_peft(adapter_dir)
+    return trained.method if trained else ("dora" if adapter_config.get("use_dora") else "lora")
+
+
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():

@@ -39,7 +39,7 @@ from temper.lineage import read_lineage, write_lineage
 from temper.loading import check_lora_config
 from temper.models import load_model, save_model
 from temper.models.hf import check_weights_file
-from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
+from temper.peft import LORA_FAMILY, adapter_method, load_peft, read_adapter_config
 from temper.peft.lora import merge_lora
 from temper.quant.nf4 import dequantize_model
 
@@ -63,8 +63,7 @@ def run(cfg: Config) -> None:
         raise TemperFileNotFoundError(f"adapter= directory not found: {adapter}")
     adapter_cfg = read_adapter_config(adapter)
     check_lora_config(adapter, adapter_cfg)
-    trained = read_temper_peft(adapter)
-    method = trained.method if trained else ("dora" if adapter_cfg.get("use_dora") else "lora")
+    method = adapter_method(adapter, adapter_cfg)
     if method not in LORA_FAMILY:
         raise TemperError(f"{adapter}: a {method} adapter adds layers or tokens and cannot be merged into weights")
     recorded = adapter_cfg.get("base_model_name_or_path") or ""

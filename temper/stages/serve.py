@@ -29,7 +29,7 @@ from temper.data.chat import chat_template_for, render, render_kwargs
 from temper.data.tokenizer import tokenizer_difference
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.loading import check_lora_config, load_for_inference
-from temper.peft import LORA_FAMILY, load_peft, read_adapter_config, read_temper_peft
+from temper.peft import LORA_FAMILY, adapter_method, load_peft, read_adapter_config
 from temper.peft.lora import disable_adapters, set_adapter
 from temper.runtime import resolve_device
 
@@ -89,8 +89,7 @@ def load_adapters(model, base_dir: Path, adapters: dict[str, Path]) -> None:
             raise TemperFileNotFoundError(f"adapters= {name}: directory not found: {path}")
         conf = read_adapter_config(path)
         check_lora_config(path, conf)
-        trained = read_temper_peft(path)
-        method = trained.method if trained else ("dora" if conf.get("use_dora") else "lora")
+        method = adapter_method(path, conf)
         if method not in LORA_FAMILY or method == "qlora":
             raise TemperError(f"{path}: a {method} adapter cannot share a base with others here (serve takes LoRA "
                               "and DoRA adapters); merge it (temper merge) and serve the merged model")

@@ -57,7 +57,7 @@ from typing import Any
 import yaml
 
 from temper import __version__
-from temper.config import opt, to_dict
+from temper.config import load_yaml, opt, to_dict
 from temper.configs import shipped_names, shipped_path
 from temper.errors import TemperError, error_line
 from temper.io import atomic_write_text
@@ -111,16 +111,8 @@ def pipeline_file(spec: str) -> Path:
 
 def read_pipeline(path: Path) -> tuple[str | None, list[Stage]]:
     """The pipeline's name and stages, with the YAML line of each stage and key."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError as e:
-        raise TemperError(f"{path}: not UTF-8 at byte offset {e.start}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise TemperError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data = load_yaml(path)  # the file, UTF-8, YAML, duplicate keys and a top-level mapping, as every config's
+    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)  # the lines of its keys
     if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
         raise TemperError(f"{path}: expected a mapping with 'stages:' at the top level")
     unknown = [k for k in data if k not in ("name", "stages")]
