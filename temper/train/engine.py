@@ -100,6 +100,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+@contextlib.contextmanager
+def _gradient_sync(par, modules, *, last: bool):
+    """Every module's `par.no_sync` for one micro-batch: gradients reduced on the last only."""
+    with contextlib.ExitStack() as sync:
+        for module in modules if par is not None else ():
+            sync.enter_context(par.no_sync(module, last=last))
+        yield
+
+
 def accumulate(
     model: Modules,
     micro_batches: list[Any],
@@ -137,10 +146,7 @@ def accumulate(
     totals = None  # (summed loss, count), kept on the loss's device: read back once, not per micro-batch
     extras: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
-        with contextlib.ExitStack() as sync:
-            if par is not None:
-                for module in modules:
-                    sync.enter_context(par.no_sync(module, last=i == len(micro_batches) - 1))
+        with _gradient_sync(par, modules, last=i == len(micro_batches) - 1):
             with autocast():
                 loss_sum, count, *rest = loss_fn(batch)
             (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
@@ -206,10 +212,7 @@ def accumulate_shared(
     sums = None
     extras: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
-        with contextlib.ExitStack() as sync:
-            if par is not None:
-                for module in modules:
-                    sync.enter_context(par.no_sync(module, last=i == len(micro_batches) - 1))
+        with _gradient_sync(par, modules, last=i == len(micro_batches) - 1):
             with autocast():
                 losses, metrics = loss_fn(batch)
             assert set(losses) == set(names), (sorted(losses), names)
