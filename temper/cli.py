@@ -124,8 +124,11 @@ class Commands:
     def names(self) -> list[str]:
         return list(COMMANDS)
 
+    def has_key(self, name: str, key: str) -> bool:
+        return any(f.name == key for f in dataclasses.fields(_stage_module(name).Config))
+
     def has_output_dir(self, name: str) -> bool:
-        return any(f.name == "output_dir" for f in dataclasses.fields(_stage_module(name).Config))
+        return self.has_key(name, "output_dir")
 
 
 def run_argv(argv: list[str]) -> list[str]:

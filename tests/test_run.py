@@ -207,3 +207,17 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
     assert "pre (pretrain): resuming from its checkpoint" in err and "resumed from" in err, err
     assert statuses(root) == {"world": "skipped", "tok": "skipped", "pre": "ran"}
     assert json.loads((root / "pre" / "summary.json").read_text())["steps"] == 400
+
+
+def test_seed_sets_every_stage_seed_but_the_worlds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("stages:\n  world:\n    command: world\n    num_people: 4\n    num_towns: 2\n"
+                        "  pre:\n    command: pretrain\n    data: ['${world}/pretrain/train.jsonl']\n"
+                        "    seed: 7\n    max_steps: 1\n", encoding="utf-8")
+    assert main(["run", str(pipeline), "seed=3", "--check"]) == 0
+    assert main(["run", str(pipeline), "seed=3", "pre.model=llama-tiny", "pre.seq_len=32", "pre.batch_size=2",
+                 "pre.samples=0"]) == 0
+    root = tmp_path / "runs" / "p"
+    assert record(root, "world")["config"]["seed"] == 0  # the same world
+    assert record(root, "pre")["config"]["seed"] == 3  # the run's seed over the file's 7

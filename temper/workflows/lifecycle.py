@@ -77,6 +77,8 @@ class Config:
     output_dir: str = opt("", "where the stages' outputs go (default: runs/<pipeline name>)")
     stages: dict = opt({}, "per-stage overrides, typed as STAGE.key=value on the command line")
     check: bool = opt(False, "check the pipeline (every stage's config) and print its stages; run nothing (--check)")
+    seed: int | None = opt(None, "set seed= of every stage that has one, except world (the same world, other "
+                                 "training draws: for the spread of a pipeline's numbers over seeds)")
 
     def validate(self) -> None:
         if self.from_stage and self.only:
@@ -330,7 +332,12 @@ def run(cfg: Config, commands) -> dict:
             close = difflib.get_close_matches(value, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise TemperError(f"{flag} {value}: no such stage in {path}{hint}; stages: {', '.join(names)}")
-    plan(path, name, stages, out_root, cfg.stages, commands)
+    overrides = dict(cfg.stages)
+    if cfg.seed is not None:
+        for stage in stages:
+            if stage.command != "world" and commands.has_key(stage.command, "seed"):
+                overrides[stage.name] = _merge({"seed": cfg.seed}, overrides.get(stage.name) or {})
+    plan(path, name, stages, out_root, overrides, commands)
     if cfg.check:
         for stage in stages:
             reads = f" <- {', '.join(stage.refs)}" if stage.refs else ""
