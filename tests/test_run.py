@@ -221,3 +221,51 @@ def test_seed_sets_every_stage_seed_but_the_worlds(tmp_path, monkeypatch):
     root = tmp_path / "runs" / "p"
     assert record(root, "world")["config"]["seed"] == 0  # the same world
     assert record(root, "pre")["config"]["seed"] == 3  # the run's seed over the file's 7
+
+
+def test_a_full_disk_mid_stage_is_one_line_and_the_rerun_resumes_there(tmp_path, monkeypatch, capsys):
+    """The disk fills while pretrain writes its second checkpoint: one error line naming the stage
+    and the checkpoint that stays valid; the rerun skips the finished stages and resumes pretrain."""
+    import errno
+
+    from temper.train import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "stages:\n" + WORLD + """  tok:
+    command: tokenizer
+    data: ["${world}/pretrain/train.jsonl"]
+    vocab_size: 300
+  pre:
+    command: pretrain
+    data: ["${world}/pretrain/train.jsonl"]
+    tokenizer: ${tok}
+    model: llama-tiny
+    model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
+    seq_len: 32
+    batch_size: 4
+    max_steps: 15
+    samples: 0
+    checkpoint: {every: 5}
+    logging: {every: 5, eval_every: 0, progress: false}
+""")
+    root = tmp_path / "runs" / "p"
+    real, calls = checkpoint.save_tensors, []
+
+    def full_disk(tensors, target):
+        calls.append(target)
+        if "step_00000010" in str(target):  # the second checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, target)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", full_disk)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("temper run: error: stage 'pre' (pretrain): ") and os.strerror(errno.ENOSPC) in err, err
+    assert "step_00000005 stays valid" in err and "pre.log" in err, err
+    assert record(root, "pre")["state"] == "running" and statuses(root)["pre"] == "failed"
+    monkeypatch.setattr(checkpoint, "save_tensors", real)  # space freed
+    assert main(["run", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "pre (pretrain): resuming from its checkpoint" in err and "resumed from" in err and "at step 5" in err
+    assert statuses(root) == {"world": "skipped", "tok": "skipped", "pre": "ran"}
+    assert json.loads((root / "pre" / "summary.json").read_text())["steps"] == 15

@@ -44,12 +44,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,7 +358,7 @@ def run(cfg: Config, commands) -> dict:
         if cfg.only and stage.name != cfg.only:
             if record.get("state") == "done":
                 run_ids[stage.name] = record["run_id"]
-            results.append({"stage": stage.name, "status": "not run (--only)"})
+            results.append(_row(stage, "not run (--only)"))
             continue
         if missing:  # --only a stage whose inputs never ran
             raise TemperError(f"stage '{stage.name}' (--only) refers to '{missing[0]}', which has not run yet: run "
@@ -368,8 +370,9 @@ def run(cfg: Config, commands) -> dict:
         if (not forced and record.get("state") == "done" and record.get("fingerprint") == print_
                 and Path(stage.output_dir).is_dir()):
             run_ids[stage.name] = record["run_id"]
-            print(f"temper run: {stage.name} ({stage.command}): unchanged, skipped", file=sys.stderr)
-            results.append({"stage": stage.name, "status": "skipped"})
+            print(f"temper run [{index + 1}/{len(stages)}] {stage.name} ({stage.command}): unchanged, skipped",
+                  file=sys.stderr)
+            results.append(_row(stage, "skipped", record.get("seconds")))
             continue
         settings = {}
         # an interrupted stage continues; one rerun on request (--force, --from, --only) starts afresh
@@ -387,26 +390,123 @@ def run(cfg: Config, commands) -> dict:
         write_record(out_root, stage, {"state": "running", "stage": stage.name, "command": stage.command,
                                        "fingerprint": print_, "run_id": run_id, "config": resolved,
                                        "inputs": inputs, "temper_version": __version__})
-        print(f"temper run: {stage.name} ({stage.command}): {how}", file=sys.stderr)
+        print(f"temper run [{index + 1}/{len(stages)}] {stage.name} ({stage.command}): {how} -> {stage.output_dir}",
+              file=sys.stderr, flush=True)
+        log = record_path(out_root, stage).with_suffix(".log")
         began = time.perf_counter()
-        try:
-            commands.run(stage.command, config)
-        except (ValueError, OSError) as e:  # a TemperError, a full disk, a path that cannot be written
-            raise TemperError(f"stage '{stage.name}' ({stage.command}): {error_line(e)}") from None
+        with StageOutput(log, stage.name) as output:
+            try:
+                commands.run(stage.command, config)
+            except (ValueError, OSError) as e:  # a TemperError, a full disk, a path that cannot be written
+                failed = f"stage '{stage.name}' ({stage.command}): {error_line(e)}"
+            else:
+                failed = ""
         seconds = time.perf_counter() - began
+        if failed:
+            write_record(out_root, stage, {"state": "running", "stage": stage.name, "command": stage.command,
+                                           "fingerprint": print_, "run_id": run_id, "config": resolved,
+                                           "inputs": inputs, "temper_version": __version__,
+                                           "warnings": output.warnings, "error": failed})
+            results.append(_row(stage, "failed", round(seconds, 3)))
+            _write_summary(out_root, path, results)
+            raise TemperError(f"{failed} (its output: {log})")
         write_record(out_root, stage, {"state": "done", "stage": stage.name, "command": stage.command,
                                        "fingerprint": print_, "run_id": run_id, "config": resolved,
                                        "inputs": inputs, "temper_version": __version__,
-                                       "seconds": round(seconds, 3)})
+                                       "seconds": round(seconds, 3), "warnings": output.warnings})
+        print(f"temper run [{index + 1}/{len(stages)}] {stage.name}: done in {_duration(seconds)}", file=sys.stderr,
+              flush=True)
         run_ids[stage.name] = run_id
-        results.append({"stage": stage.name, "status": "ran", "seconds": round(seconds, 3)})
-    summary = {"pipeline": str(path), "output_dir": str(out_root), "stages": results}
-    atomic_write_text(out_root / "run.json", json.dumps(summary, indent=2) + "\n")
+        results.append(_row(stage, "ran", round(seconds, 3)))
+    summary = _write_summary(out_root, path, results)
     width = max(map(len, names))
     for row in results:
         took = f"  {row['seconds']:.1f} s" if "seconds" in row else ""
         print(f"  {row['stage'].ljust(width)}  {row['status']}{took}", file=sys.stderr)
     return summary
+
+
+def _write_summary(out_root: Path, path: Path, results: list[dict]) -> dict:
+    summary = {"pipeline": str(path), "output_dir": str(out_root), "stages": results}
+    atomic_write_text(out_root / "run.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _row(stage: Stage, status: str, seconds: float | None = None) -> dict:
+    row = {"stage": stage.name, "command": stage.command, "output_dir": stage.output_dir, "status": status}
+    if seconds is not None:
+        row["seconds" if status in ("ran", "failed") else "seconds_when_run"] = seconds
+    return row
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+class _Tee(io.TextIOBase):
+    """The terminal's stream, with every finished line also written to the stage's log (a progress
+    bar's redraws, lines ending in \r, are kept from the log: only what a line says last)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.pending = stream, log, ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.log.write(line.rsplit("\r", 1)[-1] + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+class StageOutput:
+    """While a stage runs: what it prints on stdout (its JSON summary, tables, file lists) goes to
+    `.run/<stage>.log` only; what it prints on stderr (progress bars, step lines, notes) shows on
+    the terminal as it comes and goes to the log too; its warnings are shown, and kept in
+    `warnings` for the stage's record and the report."""
+
+    def __init__(self, log: Path, stage: str):
+        self.path, self.stage, self.warnings = log, stage, []
+
+    def __enter__(self) -> StageOutput:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.file, _Tee(sys.stderr, self.file)
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if text not in self.warnings:
+                self.warnings.append(text)
+            print(f"warning: {self.stage}: {text}", file=sys.stderr)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.catcher.__exit__(*exc)
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = self.saved
+        self.file.close()
 
 
 def _has_checkpoint(output_dir: str) -> bool:
