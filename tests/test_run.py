@@ -81,6 +81,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 WORLD = "  world:\n    command: world\n    num_people: 4\n"
+SMALL_WORLD = WORLD + "    num_towns: 2\n    docs_per_person: 8\n    num_arithmetic_docs: 40\n    num_dialogue_docs: 40\n"
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -168,7 +169,7 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
     """SIGKILL a real `temper run` once pretrain has written a checkpoint; the rerun skips the
     finished stages and continues pretrain from that checkpoint to its last step."""
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, "stages:\n" + WORLD + """  tok:
+    path = write(tmp_path, "stages:\n" + SMALL_WORLD + """  tok:
     command: tokenizer
     data: ["${world}/pretrain/train.jsonl"]
     vocab_size: 300
@@ -180,9 +181,9 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
     model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
     seq_len: 32
     batch_size: 4
-    max_steps: 400
+    max_steps: 100
     samples: 0
-    checkpoint: {every: 5}
+    checkpoint: {every: 20}
     logging: {every: 5, eval_every: 0, progress: false}
 """)
     root = tmp_path / "runs" / "p"
@@ -206,7 +207,7 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "pre (pretrain): resuming from its checkpoint" in err and "resumed from" in err, err
     assert statuses(root) == {"world": "skipped", "tok": "skipped", "pre": "ran"}
-    assert json.loads((root / "pre" / "summary.json").read_text())["steps"] == 400
+    assert json.loads((root / "pre" / "summary.json").read_text())["steps"] == 100
 
 
 def test_seed_sets_every_stage_seed_but_the_worlds(tmp_path, monkeypatch):
@@ -231,7 +232,7 @@ def test_a_full_disk_mid_stage_is_one_line_and_the_rerun_resumes_there(tmp_path,
     from temper.train import checkpoint
 
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, "stages:\n" + WORLD + """  tok:
+    path = write(tmp_path, "stages:\n" + SMALL_WORLD + """  tok:
     command: tokenizer
     data: ["${world}/pretrain/train.jsonl"]
     vocab_size: 300
