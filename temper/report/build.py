@@ -37,7 +37,7 @@ FORGETTING_RISE = 0.05  # general_ppl above `before` by more than this share: a 
 SAMPLE_PROMPTS = 4  # prompts per task in "sample generations"
 # a stage's key metric, by command: the first of these its summary or its log has
 KEY_METRICS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("eval_loss", "loss"),
+    "pretrain": ("val_loss", "eval_loss", "loss"),
     "sft": ("answer_accuracy", "exact_match", "eval_loss", "loss"),
     "dpo": ("eval_rewards/accuracies", "rewards/accuracies", "eval_loss", "loss"),
     "grpo": ("eval_pass_rate", "reward"),
@@ -296,7 +296,7 @@ def plots(views: list[StageView], results: dict | None, names: dict[str, str]) -
     for v in views:
         if v.log is None:
             continue
-        loss = [Series(k, series(v.log, k), markers=k.startswith("eval")) for k in ("loss", "eval_loss")]
+        loss = [Series(k, series(v.log, k), markers=k != "loss") for k in ("loss", "eval_loss", "val_loss")]
         if any(s.points for s in loss):
             charts.append((f"{v.name}-loss", line_chart([s for s in loss if s.points], title=f"{v.name}: loss",
                                                         y_label="loss")))
