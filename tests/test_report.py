@@ -303,7 +303,7 @@ def test_report_of_a_real_run(run_dir):
     assert "http://" not in text and "https://" not in text and "<script" not in text  # nothing fetched, no JS
     assert "<section id=warnings" not in text  # nothing warned in this run
     funnel = curation_funnel(curate)
-    assert funnel[0] == ("input", curate["input"]["documents"]) and funnel[-1][1] == curate["kept"]["documents"]
+    assert funnel[0] == ("read", curate["input"]["documents"]) and funnel[-1][1] == curate["kept"]["documents"]
 
 
 def test_report_shows_warnings_answers_and_new_metrics(run_dir, tmp_path):

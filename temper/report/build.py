@@ -149,7 +149,7 @@ def esc(v: Any) -> str:
 
 
 def _size(n: int | float) -> str:
-    return f"{n / 1e6:.3g} MB" if n >= 1e5 else f"{n / 1e3:.3g} kB"
+    return f"{n / 1e6:.3g} MB"
 
 
 def _weights_bytes(directory: Path) -> int:
@@ -290,26 +290,27 @@ def question_tables(results: dict, names: dict[str, str]) -> list[tuple[str, lis
 # ----------------------------------------------------------------------------- plots
 
 
-def plots(views: list[StageView], results: dict | None, names: dict[str, str]) -> list[tuple[str, Chart]]:
-    """(file stem, chart) for every plot the run's data supports."""
+def plots(views: list[StageView], results: dict | None, names: dict[str, str]) -> list[tuple[str, str, Chart]]:
+    """(group, file stem, chart) for every plot the run's data supports; a group is a stage's name or
+    "checkpoints"."""
     charts = []
     for v in views:
         if v.log is None:
             continue
         loss = [Series(k, series(v.log, k), markers=k != "loss") for k in ("loss", "eval_loss", "val_loss")]
         if any(s.points for s in loss):
-            charts.append((f"{v.name}-loss", line_chart([s for s in loss if s.points], title=f"{v.name}: loss",
+            charts.append((v.name, f"{v.name}-loss", line_chart([s for s in loss if s.points], title=f"{v.name}: loss",
                                                         y_label="loss")))
         lr = series(v.log, "lr")
         if lr:
-            charts.append((f"{v.name}-lr", line_chart([Series("lr", lr)], title=f"{v.name}: learning rate",
+            charts.append((v.name, f"{v.name}-lr", line_chart([Series("lr", lr)], title=f"{v.name}: learning rate",
                                                       y_label="learning rate")))
         for title, label, keys in EXTRA_PLOTS:
             found = [Series(k, series(v.log, k), markers=k.startswith("eval")) for k in keys]
             found = [s for s in found if s.points]
             if found:
                 stem = f"{v.name}-{title.replace(' ', '-')}"
-                charts.append((stem, line_chart(found, title=f"{v.name}: {title}", y_label=label)))
+                charts.append((v.name, stem, line_chart(found, title=f"{v.name}: {title}", y_label=label)))
     for v in views:
         if v.command != "curate" or v.output_dir is None:
             continue
@@ -317,8 +318,8 @@ def plots(views: list[StageView], results: dict | None, names: dict[str, str]) -
         funnel = curation_funnel(rep)
         if funnel:
             labels, values = zip(*funnel)
-            charts.append((f"{v.name}-funnel", bar_chart(labels, values, title=f"{v.name}: documents kept after "
-                                                         "each rule", x_label="documents")))
+            charts.append((v.name, f"{v.name}-funnel", bar_chart(labels, values, title=f"{v.name}: the curation funnel",
+                                                         x_label="documents kept after each rule")))
     if results:
         points = []
         for m, name in names.items():
@@ -327,20 +328,20 @@ def plots(views: list[StageView], results: dict | None, names: dict[str, str]) -
             if _number(size) and _number(ppl):
                 points.append((name, size / 1e6, ppl))
         if points:
-            charts.append(("perplexity-vs-size", scatter_chart(points, title="held-out perplexity vs size",
+            charts.append(("checkpoints", "perplexity-vs-size", scatter_chart(points, title="held-out perplexity vs size",
                                                                x_label="weights on disk (MB)",
                                                                y_label="perplexity")))
     return charts
 
 
 def curation_funnel(report: dict) -> list[tuple[str, int]]:
-    """[("input", N), (rule, documents left after it), ...] over the rules that removed or could remove
+    """[("read", N), (rule, documents left after it), ...] over the rules that removed or could remove
     documents, in the order curate applies them."""
     total = _dig(report, "input", "documents")
     rules = report.get("rules") if isinstance(report.get("rules"), dict) else None
     if not _number(total) or rules is None:
         return []
-    funnel, left = [("input", int(total))], int(total)
+    funnel, left = [("read", int(total))], int(total)
     for rule, info in rules.items():
         if isinstance(info, dict) and (info.get("enabled") or info.get("documents")):
             left -= int(info.get("documents") or 0)
@@ -360,7 +361,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}t
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .warnings{background:#fff4e5;border:1px solid #f0a040;padding:.6em 1em;border-radius:4px}
 .right{background:#e8f6e8}.wrong{background:#fbe9e9}.mark{font-weight:bold}
-.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0}.plots img{border:1px solid #ddd}
+table.questions td:first-child{min-width:18em}.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0}.plots img{border:1px solid #ddd}
 pre{white-space:pre-wrap;margin:0;font-size:13px}
 """
 
@@ -411,11 +412,11 @@ def build_report(run_dir: str | Path) -> Path:
 
     images = run_dir / IMAGES_DIR
     images.mkdir(exist_ok=True)
-    figures = []
-    for stem, chart in plots(views, results, names):
+    figures: dict[str, list[tuple[str, bytes]]] = {}  # group -> (stem, PNG)
+    for group, stem, chart in plots(views, results, names):
         data = chart.png()
         atomic_write_bytes(images / f"{stem}.png", data)
-        figures.append((stem, data))
+        figures.setdefault(group, []).append((stem, data))
 
     pipeline = Path(str(run.get("pipeline", run_dir.name))).stem
     finished = _dt.datetime.fromtimestamp(run_file.stat().st_mtime, _dt.timezone.utc)
@@ -454,9 +455,12 @@ def build_report(run_dir: str | Path) -> Path:
                              "</table>")
             parts.append("</section>")
     if figures:
-        imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" '
-                       f'alt="{esc(stem)}" title="{esc(stem)}"></figure>' for stem, d in figures)
-        parts.append(f"<section id=plots><h2>Plots</h2><div class=plots>{imgs}</div></section>")
+        parts.append("<section id=plots><h2>Plots</h2>")
+        for group, pngs in figures.items():
+            imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" '
+                           f'alt="{esc(stem)}" title="{esc(stem)}.png"></figure>' for stem, d in pngs)
+            parts.append(f"<h3>{esc(group)}</h3><div class=plots>{imgs}</div>")
+        parts.append("</section>")
     if names:
         samples = _samples(results, names)
         if samples:

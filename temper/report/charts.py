@@ -21,7 +21,7 @@ GRID: Colour = (225, 225, 225)
 AXIS: Colour = (90, 90, 90)
 TEXT_SCALE = 2  # font pixels are 2x2: 12 px per character, legible at 100% zoom
 SMALL = 1
-LEFT, RIGHT, TOP, BOTTOM = 78, 24, 60, 52
+LEFT, RIGHT, TOP, BOTTOM = 96, 24, 60, 52
 
 
 @dataclass
@@ -70,10 +70,9 @@ def _frame(canvas: Canvas, title: str, x_label: str, y_label: str) -> tuple[floa
     if title:
         canvas.text(w / 2, 8, title, BLACK, TEXT_SCALE, anchor="centre")
     if x_label:
-        canvas.text((LEFT + w - RIGHT) / 2, h - 20, x_label, AXIS, SMALL + 1 if len(x_label) < 40 else SMALL,
-                    anchor="centre")
+        canvas.text((LEFT + w - RIGHT) / 2, h - 22, x_label, AXIS, TEXT_SCALE, anchor="centre")
     if y_label:
-        canvas.text(4, (TOP + h - BOTTOM) / 2, y_label, AXIS, SMALL, anchor="centre", vertical=True)
+        canvas.text(6, (TOP + h - BOTTOM) / 2, y_label, AXIS, TEXT_SCALE, anchor="centre", vertical=True)
     return LEFT, TOP, w - RIGHT, h - BOTTOM
 
 
@@ -163,7 +162,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str = ""
     if title:
         canvas.text(width / 2, 8, title, BLACK, TEXT_SCALE, anchor="centre")
     if x_label:
-        canvas.text((left + right) / 2, height - 20, x_label, AXIS, SMALL + 1, anchor="centre")
+        canvas.text((left + right) / 2, height - 22, x_label, AXIS, TEXT_SCALE, anchor="centre")
     finite = [float(v) for v in values if _finite(v)]
     ticks = nice_ticks(0.0, max(finite + [0.0]) or 1.0, count=5)
     x_px = _linear(0.0, ticks[-1], left, right)
@@ -197,12 +196,17 @@ def scatter_chart(points: Sequence[tuple[str, float, float]], *, title: str = ""
     y_px = _linear(y_ticks[0], y_ticks[-1], bottom - 10, top + 10)
     _axes(canvas, box, x_ticks, y_ticks, x_px, y_px)
     colours = {}
+    placed: list[tuple[float, float, float, float]] = []  # the labels' boxes so far
     for i, (name, x, y) in enumerate(keep):
         colour = PALETTE[i % len(PALETTE)]
         colours[name] = colour
         px, py = x_px(x), y_px(y)
         canvas.marker(px, py, colour, 10)
-        w = Canvas.text_size(name, SMALL)[0]
+        w, h = Canvas.text_size(name, SMALL)
         lx = px + 8 if px + 8 + w < width - 2 else px - 8 - w  # the label where it fits
-        canvas.text(lx, py - 12, name, colour, SMALL)
+        ly = py - 12
+        while any(lx < b[2] and b[0] < lx + w and ly < b[3] and b[1] < ly + h for b in placed):
+            ly += h + 1  # points at (nearly) the same place: their labels stacked, not overprinted
+        placed.append((lx, ly, lx + w, ly + h))
+        canvas.text(lx, ly, name, colour, SMALL)
     return Chart(canvas, x_px, y_px, colours, x_ticks, y_ticks)
