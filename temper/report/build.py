@@ -35,6 +35,8 @@ REPORT_FILE = "report.html"
 IMAGES_DIR = "report"
 FORGETTING_RISE = 0.05  # general_ppl above `before` by more than this share: a forgetting warning
 SAMPLE_PROMPTS = 4  # prompts per task in "sample generations"
+QUESTIONS_SHOWN = 25  # questions per task in "held-out questions" (the totals count them all)
+ANSWER_CHARS = 80  # an answer longer than this is cut in the questions table (samples show it whole)
 # a stage's key metric, by command: the first of these its summary or its log has
 KEY_METRICS: dict[str, tuple[str, ...]] = {
     "pretrain": ("val_loss", "eval_loss", "loss"),
@@ -244,7 +246,11 @@ def checkpoint_table(results: dict, names: dict[str, str]) -> tuple[list[str], l
         order = [k for k in TASK_METRICS if k in seen] + sorted(set(seen) - set(TASK_METRICS))
         for key in order:
             add(f"{task}: {TASK_METRICS.get(key, key)}", lambda s, t=task, k=key: _dig(s, t, k))
+    reference = results.get("reference")
+    reference = names.get(reference, Path(reference).name) if isinstance(reference, str) and reference else ""
     for key, label in TASK_EXTRAS.items():
+        if key == "kl_to_reference" and reference:
+            label = f"KL to {reference}"
         for task in tasks:
             add(f"{label} ({task})", lambda s, t=task, k=key: _dig(s, t, k))
     add("parameters", lambda s: _dig(s, "model", "parameters"))
@@ -361,8 +367,9 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}t
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .warnings{background:#fff4e5;border:1px solid #f0a040;padding:.6em 1em;border-radius:4px}
 .right{background:#e8f6e8}.wrong{background:#fbe9e9}.mark{font-weight:bold}
-table.questions td:first-child{min-width:18em}.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0}.plots img{border:1px solid #ddd}
-pre{white-space:pre-wrap;margin:0;font-size:13px}
+table.questions,table.samples{table-layout:fixed;width:100%}
+table.questions th:first-child,table.samples th:first-child{width:24%}td{overflow-wrap:anywhere}.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0}.plots img{border:1px solid #ddd}
+pre{white-space:pre-wrap;margin:0;font-size:13px}.wide{overflow-x:auto}
 """
 
 
@@ -436,23 +443,25 @@ def build_report(run_dir: str | Path) -> Path:
                  + "</section>")
     if names:
         header, rows = checkpoint_table(results, names)
-        parts.append("<section id=checkpoints><h2>Checkpoints</h2>"
-                     + _table(header, rows, "checkpoints") + "</section>")
+        parts.append("<section id=checkpoints><h2>Checkpoints</h2><div class=wide>"
+                     + _table(header, rows, "checkpoints") + "</div></section>")
         tables = question_tables(results, names)
         if tables:
             parts.append("<section id=questions><h2>Held-out questions</h2>")
             for task, contexts, answers in tables:
                 head = "".join(f"<th>{esc(n)}</th>" for n in names.values())
                 body = []
-                for context, outs in zip(contexts, answers):
+                for context, outs in zip(contexts[:QUESTIONS_SHOWN], answers):
                     ref = next((o.get("reference") for o in outs if o.get("reference") is not None), "")
                     cells = "".join(_answer_cell(o) for o in outs)
                     body.append(f"<tr><td>{esc(context)}<br><small>expected: {esc(ref)}</small></td>{cells}</tr>")
                 totals = "".join(f"<td class=num>{sum(bool(a[j].get('correct')) for a in answers)} / "
                                  f"{len(answers)}</td>" for j in range(len(names)))
-                parts.append(f"<h3>{esc(task)}</h3><table class=questions><thead><tr><th>question</th>{head}</tr>"
-                             f"</thead><tbody>{''.join(body)}<tr class=total><th>right</th>{totals}</tr></tbody>"
-                             "</table>")
+                shown = (f"<p class=meta>the first {QUESTIONS_SHOWN} of {len(answers)} questions; the last row "
+                         "counts them all</p>") if len(answers) > QUESTIONS_SHOWN else ""
+                parts.append(f"<h3>{esc(task)}</h3>{shown}<div class=wide><table class=questions><thead><tr>"
+                             f"<th>question</th>{head}</tr></thead><tbody>{''.join(body)}<tr class=total><th>right</th>"
+                             f"{totals}</tr></tbody></table></div>")
             parts.append("</section>")
     if figures:
         parts.append("<section id=plots><h2>Plots</h2>")
@@ -474,11 +483,15 @@ def build_report(run_dir: str | Path) -> Path:
 
 def _answer_cell(output: dict) -> str:
     if "correct" not in output:
-        return f"<td>{esc(output.get('prediction', '-'))}</td>"
+        return f"<td>{esc(_cut(str(output.get('prediction', '-'))))}</td>"
     right = bool(output["correct"])
     mark = "&#10003;" if right else "&#10007;"
     return (f'<td class="{"right" if right else "wrong"}"><span class=mark>{mark}</span> '
-            f"{esc(output.get('prediction', ''))}</td>")
+            f"{esc(_cut(str(output.get('prediction', ''))))}</td>")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS - 1] + "\u2026"
 
 
 def _samples(results: dict, names: dict[str, str]) -> str:
@@ -496,6 +509,6 @@ def _samples(results: dict, names: dict[str, str]) -> str:
             cells = "".join(f"<td><pre>{esc((o[i] if isinstance(o[i], dict) else {}).get('prediction', ''))}</pre></td>"
                             for o in outs.values())
             rows.append(f"<tr><td><pre>{esc(first.get('context', ''))}</pre></td>{cells}</tr>")
-        out.append(f"<h3>{esc(task)}</h3><table class=samples><thead><tr><th>prompt</th>{head}</tr></thead>"
-                   f"<tbody>{''.join(rows)}</tbody></table>")
+        out.append(f"<h3>{esc(task)}</h3><div class=wide><table class=samples><thead><tr><th>prompt</th>{head}</tr>"
+                   f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
     return "".join(out)
