@@ -21,7 +21,7 @@ import pytest
 from temper.cli import main
 from temper.errors import TemperError
 from temper.report import build_report, font
-from temper.report.build import curation_funnel, fmt
+from temper.report.build import checkpoint_names, curation_funnel, fmt, plots, read_stages
 from temper.report.charts import BOTTOM, PALETTE, TOP, Series, bar_chart, line_chart, scatter_chart
 from temper.report.png import Canvas, decode_png
 
@@ -302,6 +302,13 @@ def test_report_of_a_real_run(run_dir):
     text = path.read_text()
     assert "http://" not in text and "https://" not in text and "<script" not in text  # nothing fetched, no JS
     assert "<section id=warnings" not in text  # nothing warned in this run
+    # each plot carries the series its stage logged: evaluation points beside the training curve
+    views = read_stages(run_dir, run, [])
+    charts = {stem: chart for _, stem, chart in plots(views, results, checkpoint_names(results, views))}
+    assert list(charts["pretrain-loss"].colours) == ["loss", "val_loss"]
+    assert list(charts["dpo-loss"].colours) == ["loss", "eval_loss"]
+    assert list(charts["dpo-reward-margins"].colours) == ["rewards/margins", "eval_rewards/margins"]
+    assert charts["dpo-preference-accuracy"].y_ticks[0] <= min(accs) and charts["dpo-preference-accuracy"].y_ticks[-1] >= max(accs)
     funnel = curation_funnel(curate)
     assert funnel[0] == ("read", curate["input"]["documents"]) and funnel[-1][1] == curate["kept"]["documents"]
 
