@@ -395,3 +395,19 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     cells = found["cells"]
     assert len(cells) == 3 * len(Tables(page).tables["checkpoints"][0]) and all(c for c in cells)
     assert cells[0] == "pretrain" and not math.isnan(float(cells[1]))
+
+
+def test_report_of_a_partial_run(run_dir, tmp_path):
+    """A run stopped in its eval stage: the report of what finished, no checkpoint table, the stop warned."""
+    copy = copy_run(run_dir, tmp_path)
+    shutil.rmtree(copy / "eval")
+    (copy / ".run" / "eval.json").unlink()
+    run = json.loads((copy / "run.json").read_text())
+    run["stages"][-1] = {"stage": "eval", "status": "running"}
+    (copy / "run.json").write_text(json.dumps(run))
+    text = build_report(copy).read_text()
+    page = Tables(text)
+    assert "checkpoints" not in page.tables and "<section id=questions" not in text
+    assert page.tables["stages"][-1] == ["eval", "-", "running", "-", "-"]
+    assert "<b>eval</b>: status: running" in text
+    assert (copy / "report" / "dpo-loss.png").is_file()

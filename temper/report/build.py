@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,9 @@ def build_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.html and run_dir/report/*.png from what the run left; the HTML's path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if run_dir.exists():
+            raise TemperError(f"run_dir={run_dir} is not a directory: expected the output directory of a "
+                              "`temper run`")
         raise TemperFileNotFoundError(f"run_dir= directory not found: {run_dir}")
     run_file = run_dir / "run.json"
     run = _json(run_file)
@@ -417,7 +421,10 @@ def build_report(run_dir: str | Path) -> Path:
     names = checkpoint_names(results, views) if results else {}
     names = {m: n for m, n in names.items() if isinstance(results["per_model"].get(m), dict)}
 
-    images = run_dir / IMAGES_DIR
+    images, out = run_dir / IMAGES_DIR, run_dir / REPORT_FILE
+    for path, kind in ((images, "a directory (the report's PNGs)"), (out, "a file (the report)")):
+        if os.path.lexists(path) and (path.is_dir() != (path is images) or path.is_symlink()):
+            raise TemperError(f"{path}: expected {kind} there; move it away and rebuild")
     images.mkdir(exist_ok=True)
     figures: dict[str, list[tuple[str, bytes]]] = {}  # group -> (stem, PNG)
     for group, stem, chart in plots(views, results, names):
@@ -432,9 +439,11 @@ def build_report(run_dir: str | Path) -> Path:
              f"<h1>temper run: {esc(pipeline)}</h1>",
              f"<p class=meta>pipeline {esc(run.get('pipeline', ''))} &middot; outputs {esc(run.get('output_dir', run_dir))}"
              f" &middot; run finished {finished:%Y-%m-%d %H:%M} UTC &middot; CPU: {esc(_cpu())}</p>"]
-    warnings = find_warnings(views, results, notes)
-    if warnings:
-        items = "".join(f"<li><b>{esc(stage)}</b>: {esc(msg)}</li>" for stage, msg in warnings)
+    for note in notes:  # what could not be read: said here too, not only in the page
+        warnings.warn(note, stacklevel=2)
+    found = find_warnings(views, results, notes)
+    if found:
+        items = "".join(f"<li><b>{esc(stage)}</b>: {esc(msg)}</li>" for stage, msg in found)
         parts.append(f'<section id=warnings class=warnings><h2>Warnings</h2><ul>{items}</ul></section>')
     rows = [[v.name, v.command or "-", v.status or "-", f"{v.seconds:.1f}" if v.seconds is not None else "-",
              key_metric(v, run_dir) or "-"] for v in views]
@@ -476,7 +485,6 @@ def build_report(run_dir: str | Path) -> Path:
             parts.append(f"<section id=samples><h2>Sample generations</h2>{samples}</section>")
     parts.append(f"<p class=meta>built {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
                  "<code>temper report</code></p></body></html>")
-    out = run_dir / REPORT_FILE
     atomic_write_text(out, "\n".join(parts) + "\n")
     return out
 
