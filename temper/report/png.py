@@ -38,7 +38,7 @@ class Canvas:
         self.width, self.height = int(width), int(height)
         s = SUPERSAMPLE
         self.fine = np.empty((self.height * s, self.width * s, 3), dtype=np.uint8)
-        self.fine[:] = np.asarray(background, dtype=np.uint8)
+        self.fine[...] = np.asarray(background, dtype=np.uint8)
 
     # ------------------------------------------------------------------ shapes
 
@@ -138,10 +138,14 @@ class Canvas:
     # ------------------------------------------------------------------ output
 
     def pixels(self) -> np.ndarray:
-        """The (height, width, 3) uint8 image: each pixel the mean of its fine samples, rounded."""
+        """The (height, width, 3) uint8 image: each pixel the mean of its fine samples, rounded half up
+        (integer sums: a pixel wholly covered by one colour keeps it exactly)."""
         s = SUPERSAMPLE
-        blocks = self.fine.reshape(self.height, s, self.width, s, 3).astype(np.float32)
-        return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
+        total = np.zeros((self.height, self.width, 3), dtype=np.uint16)  # at most 255 * s * s
+        for dy in range(s):
+            for dx in range(s):
+                total += self.fine[dy::s, dx::s]
+        return ((total + (s * s) // 2) // (s * s)).astype(np.uint8)
 
     def png(self) -> bytes:
         return encode_png(self.pixels())
