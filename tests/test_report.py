@@ -322,6 +322,9 @@ def test_report_shows_warnings_answers_and_new_metrics(run_dir, tmp_path):
     summary["before"] = {**summary.get("before", {}), "general_ppl": 10.0}
     summary["general_ppl"] = 20.0
     (copy / "dpo" / "summary.json").write_text(json.dumps(summary))
+    with open(copy / "dpo" / "metrics.jsonl", "a") as log:  # the rows GRPO/PPO's watch marks
+        log.write(json.dumps({"step": 98, "reward": 1.0, "hacking": ""}) + "\n")
+        log.write(json.dumps({"step": 99, "reward": 1.0, "hacking": "length,reward_vs_heldout"}) + "\n")
     # eval's results.json as the extended eval writes it: correctness, model info, perplexity, contamination
     results_path = copy / "eval" / "results.json"
     results = json.loads(results_path.read_text())
@@ -342,6 +345,7 @@ def test_report_shows_warnings_answers_and_new_metrics(run_dir, tmp_path):
     assert "&lt;b&gt;lr&lt;/b&gt; too high &amp; loss rose" in warnings  # escaped, not markup
     assert "forgetting: perplexity of general text rose from 10 to 20" in warnings
     assert "contamination: 3 of 10 rows of world_qa" in warnings
+    assert "reward hacking (length, reward_vs_heldout) flagged at 1 logged row(s), first at step 99" in warnings
     table = page.tables["checkpoints"]
     header = table[0]
     for col, values in (("held-out perplexity", ["50", "49", "48"]), ("bits per byte", ["2.5", "2.4", "2.3"]),

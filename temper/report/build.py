@@ -162,14 +162,19 @@ def _weights_bytes(directory: Path) -> int:
 # ----------------------------------------------------------------------------- what the run did
 
 
-def key_metric(view: StageView, run_dir: Path) -> str:
+def _config(view: StageView) -> dict:
+    config = view.record.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def key_metric(view: StageView) -> str:
     """The stage's key metric as 'name: before -> after' ('' when it has none)."""
     if view.command == "curate" and view.output_dir is not None:
         rep = _json(view.output_dir / "report.json", []) or {}
         if isinstance(rep.get("input"), dict) and isinstance(rep.get("kept"), dict):
             return f"documents: {fmt(rep['input'].get('documents'))} -> {fmt(rep['kept'].get('documents'))}"
     if view.command == "quantize" and view.output_dir is not None:
-        source = view.record.get("config", {}).get("model")
+        source = _config(view).get("model")
         after = _weights_bytes(view.output_dir)
         if isinstance(source, str) and Path(source).is_dir() and after:
             return f"weights: {_size(_weights_bytes(Path(source)))} -> {_size(after)}"
@@ -188,7 +193,8 @@ def find_warnings(views: list[StageView], results: dict | None, notes: list[str]
     """(stage, message) for every warning: the records', forgetting, reward hacking, contamination."""
     found = []
     for v in views:
-        for w in v.record.get("warnings") or []:
+        said = v.record.get("warnings") or []
+        for w in said if isinstance(said, list) else [said]:
             found.append((v.name, str(w)))
         before = v.summary.get("before") if isinstance(v.summary.get("before"), dict) else {}
         was, now = before.get("general_ppl"), v.summary.get("general_ppl")
@@ -219,7 +225,7 @@ def checkpoint_names(results: dict, views: list[StageView]) -> dict[str, str]:
     for v in views:
         if v.output_dir is not None:
             by_dir[os.path.realpath(v.output_dir)] = v.name
-        recorded = v.record.get("config", {}).get("output_dir")
+        recorded = _config(v).get("output_dir")
         if isinstance(recorded, str):
             by_dir.setdefault(os.path.realpath(recorded), v.name)
     names = {}
@@ -446,7 +452,7 @@ def build_report(run_dir: str | Path) -> Path:
         items = "".join(f"<li><b>{esc(stage)}</b>: {esc(msg)}</li>" for stage, msg in found)
         parts.append(f'<section id=warnings class=warnings><h2>Warnings</h2><ul>{items}</ul></section>')
     rows = [[v.name, v.command or "-", v.status or "-", f"{v.seconds:.1f}" if v.seconds is not None else "-",
-             key_metric(v, run_dir) or "-"] for v in views]
+             key_metric(v) or "-"] for v in views]
     parts.append("<section id=stages><h2>Stages</h2>"
                  + _table(["stage", "command", "status", "seconds", "key metric: before -> after"], rows, "stages")
                  + "</section>")
