@@ -178,10 +178,10 @@ stages:
     model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
     seq_len: 64
     batch_size: 8
-    max_steps: 20
+    max_steps: 12
     samples: 0
     optim: {lr: 3.0e-3}
-    logging: {every: 5, eval_every: 10}
+    logging: {every: 3, eval_every: 6}
   sft:
     command: sft
     model: ${pretrain}
@@ -189,10 +189,10 @@ stages:
     eval_data: ["${world}/sft/test.jsonl"]
     seq_len: 96
     batch_size: 8
-    max_steps: 6
+    max_steps: 4
     eval_samples: 2
     eval_max_new_tokens: 8
-    logging: {every: 2, eval_every: 6}
+    logging: {every: 2, eval_every: 4}
   dpo:
     command: dpo
     model: ${sft}
@@ -200,8 +200,9 @@ stages:
     eval_data: ["${world}/preference/test.jsonl"]
     seq_len: 96
     batch_size: 4
-    max_steps: 4
-    logging: {every: 1, eval_every: 2}
+    max_steps: 3
+    eval_pairs: 4
+    logging: {every: 1, eval_every: 3}
   eval:
     command: eval
     models: ["${pretrain}", "${sft}", "${dpo}"]
