@@ -135,7 +135,7 @@ def setup(work: Path) -> None:
     (work / "damaged" / ".temper.lock").unlink(missing_ok=True)
     del torch
     for extra in (setup_writes, setup_divergence, setup_settings, setup_inputs, setup_grpo, setup_ppo, setup_reward,
-                  setup_curate, setup_export, setup_encoder, setup_quantize, setup_run):
+                  setup_curate, setup_export, setup_encoder, setup_quantize, setup_run, setup_report):
         extra(work)
 
 
@@ -1029,10 +1029,61 @@ RUN_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def setup_report(work: Path) -> None:
+    """Run directories for `temper report` (`rep-*`), each damaged as its name says; `rep-partial` is a run
+    whose second stage never finished (no record, no output) and whose first stage's files are damaged."""
+    def run_dir(name: str, run: str | None, records: dict[str, str] | None = None) -> Path:
+        folder = work / name
+        (folder / ".run").mkdir(parents=True)
+        if run is not None:
+            (folder / "run.json").write_text(run)
+        for stage, text in (records or {}).items():
+            (folder / ".run" / f"{stage}.json").write_text(text)
+        return folder
+
+    good = json.dumps({"pipeline": "p.yaml", "output_dir": "runs/p", "stages": [{"stage": "pretrain", "status": "ran",
+                                                                                  "seconds": 1.0}]})
+    run_dir("rep-no-run-json", None)
+    run_dir("rep-run-json-not-json", "{\"stages\": [")
+    run_dir("rep-stages-not-a-list", json.dumps({"stages": {"pretrain": "ran"}}))
+    run_dir("rep-stage-without-name", json.dumps({"stages": [{"status": "ran"}]}))
+    partial = run_dir("rep-partial", json.dumps({"pipeline": "p.yaml", "stages": [
+        {"stage": "pretrain", "status": "ran", "seconds": 1.0}, {"stage": "eval", "status": "running"}]}),
+        {"pretrain": json.dumps({"command": "pretrain", "config": {"output_dir": "elsewhere/pretrain"}})})
+    (partial / "pretrain").mkdir()
+    (partial / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    (partial / "pretrain" / "summary.json").write_text("{")
+    run_dir("rep-record-damaged", good, {"pretrain": "\x00\x01 not json"})
+    blocked = run_dir("rep-report-dir-is-a-file", good)
+    (blocked / "report").write_text("a file where the PNGs go\n")
+    blocked = run_dir("rep-report-html-is-a-dir", good)
+    (blocked / "report.html").mkdir()
+    (work / "rep-a-file").write_text("not a directory\n")
+
+
+REPORT_CASES: list[tuple[str, list[str], str]] = [
+    ("no run_dir=", ["report"], "error"),
+    ("a run_dir that does not exist", ["report", "run_dir=nope"], "error"),
+    ("a run_dir that is a file", ["report", "run_dir=rep-a-file"], "error"),
+    ("a directory that is no run (no run.json)", ["report", "run_dir=rep-no-run-json"], "error"),
+    ("run.json cut short", ["report", "run_dir=rep-run-json-not-json"], "error"),
+    ("run.json whose stages are not a list", ["report", "run_dir=rep-stages-not-a-list"], "error"),
+    ("a stage in run.json without its name", ["report", "run_dir=rep-stage-without-name"], "error"),
+    ("a partial run: a stage never finished, a summary cut short, a metrics line not JSON (noted in the report's "
+     "warnings)", ["report", "run_dir=rep-partial"], "ok"),
+    ("a stage's record that is not JSON (noted in the report's warnings)", ["report", "run_dir=rep-record-damaged"],
+     "ok"),
+    ("a file where the report's PNG folder goes", ["report", "run_dir=rep-report-dir-is-a-file"], "error",
+     ["rep-report-dir-is-a-file/report"]),
+    ("a directory where report.html goes", ["report", "run_dir=rep-report-html-is-a-dir"], "error",
+     ["rep-report-html-is-a-dir/report.html"]),
+]
+
+
 SECTIONS = {"first-round": FIRST_ROUND, "writes": WRITES, "divergence": DIVERGENCE, "settings": SETTINGS,
             "inputs": INPUTS, "grpo": GRPO, "ppo": PPO, "reward": REWARD_CASES, "curate": CURATE_CASES,
             "export": EXPORT_CASES, "encoder": ENCODER_CASES, "serve": SERVE_CASES, "quantize": QUANTIZE_CASES,
-            "run": RUN_CASES}
+            "run": RUN_CASES, "report": REPORT_CASES}
 TITLES = {
     "first-round": "Data files, settings and models: the first round",
     "writes": "Every write claims its target: never a device, an input, or a model the command did not make "
@@ -1053,6 +1104,8 @@ TITLES = {
     "quantize": "Quantisation: methods, group sizes and calibration that do not fit, damaged quantised directories",
     "run": "Pipelines (temper run): references to stages that do not exist or come later, stage config errors "
            "(named with the YAML line and the stage), commands that do not exist; refused before any stage runs",
+    "report": "Run reports (temper report): directories that are no run, damaged run.json; a partial or damaged "
+              "run still gets the report of what it left, the damage listed among its warnings",
 }
 
 

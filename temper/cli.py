@@ -97,6 +97,8 @@ COMMANDS: dict[str, Command] = {
                                                           "memory breakdown, Chinchilla tokens, FLOPs and time"),
     "plot": Command("temper.stages.plot", "tool", "plot logged metrics over steps (one or more runs) as a "
                                                   "self-contained SVG"),
+    "report": Command("temper.stages.report", "tool", "(re)build a `temper run`'s report: one self-contained "
+                                                      "HTML page (tables, plots, answers) and its PNGs"),
 }
 
 

@@ -192,7 +192,7 @@ MINIMAL = {"pretrain": [], "sft": ["model=m"], "dpo": [], "reward": [], "reward 
            "tokenizer": ["data=x.txt"], "plot": ["runs=[r]"], "curate": ["data=x.jsonl"], "finetune-encoder": [],
            "embed": ["model=m", "data=x.jsonl", "output=o.npy"], "pretrain objective=mlm": ["objective=mlm"],
            "export": ["model=m"],
-           "quantize": ["model=m"], "run": []}
+           "quantize": ["model=m"], "run": [], "report": ["run_dir=r"]}
 
 
 def test_every_command_has_its_minimal_keys():
