@@ -40,7 +40,7 @@ QUESTIONS_SHOWN = 25  # questions per task in "held-out questions" (the totals c
 ANSWER_CHARS = 80  # an answer longer than this is cut in the questions table (samples show it whole)
 # a stage's key metric, by command: the first of these its summary or its log has
 KEY_METRICS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("val_loss", "eval_loss", "loss"),
+    "pretrain": ("val_ppl", "val_loss", "eval_loss", "loss"),
     "sft": ("answer_accuracy", "exact_match", "eval_loss", "loss"),
     "dpo": ("eval_rewards/accuracies", "rewards/accuracies", "eval_loss", "loss"),
     "grpo": ("eval_pass_rate", "reward"),
@@ -184,8 +184,10 @@ def key_metric(view: StageView) -> str:
         logged = [r[key] for r in rows if _number(r.get(key))]
         before = before_summary.get(key) if _number(before_summary.get(key)) else (logged[0] if logged else None)
         after = view.summary.get(key) if _number(view.summary.get(key)) else (logged[-1] if logged else None)
-        if after is not None:
+        if after is not None and (len(logged) > 1 or key in before_summary):
             return f"{key}: {fmt(before)} -> {fmt(after)}"
+        if after is not None:  # measured once (a pretraining run's final evaluation): no before
+            return f"{key}: {fmt(after)}"
     return ""
 
 
@@ -401,8 +403,20 @@ def _numeric(cell: str) -> bool:
     return cell[:1].isdigit() or cell[:1] == "-" and cell[1:2].isdigit()
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write run_dir/report.html and run_dir/report/*.png from what the run left; the HTML's path."""
+@dataclass
+class RunView:
+    """What a run left, read once: for the HTML page and the terminal summary."""
+
+    run_dir: Path
+    run: dict
+    run_file: Path
+    views: list[StageView]
+    results: dict | None  # the (last) eval stage's results.json
+    names: dict[str, str]  # evaluated model directory -> checkpoint name
+    notes: list[str]  # files that could not be read
+
+
+def read_run_dir(run_dir: str | Path) -> RunView:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         if run_dir.exists():
@@ -426,7 +440,14 @@ def build_report(run_dir: str | Path) -> Path:
                 results = found
     names = checkpoint_names(results, views) if results else {}
     names = {m: n for m, n in names.items() if isinstance(results["per_model"].get(m), dict)}
+    return RunView(run_dir, run, run_file, views, results, names, notes)
 
+
+def build_report(run_dir: str | Path, read: RunView | None = None) -> Path:
+    """Write run_dir/report.html and run_dir/report/*.png from what the run left; the HTML's path."""
+    read = read or read_run_dir(run_dir)
+    run_dir, run, run_file, views, results, names, notes = (read.run_dir, read.run, read.run_file, read.views,
+                                                            read.results, read.names, read.notes)
     images, out = run_dir / IMAGES_DIR, run_dir / REPORT_FILE
     for path, kind in ((images, "a directory (the report's PNGs)"), (out, "a file (the report)")):
         if os.path.lexists(path) and (path.is_dir() != (path is images) or path.is_symlink()):

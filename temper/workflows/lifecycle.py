@@ -63,6 +63,8 @@ from temper.config import load_yaml, opt, to_dict
 from temper.configs import shipped_names, shipped_path
 from temper.errors import TemperError, error_line
 from temper.io import atomic_write_text
+from temper.report.build import build_report, read_run_dir
+from temper.report.terminal import duration, summary_text
 
 REFERENCE = re.compile(r"\$(\$?)\{([^}]*)\}")
 NOT_STAGES = ("run", "serve", "chat")  # interactive, or this very workflow
@@ -409,21 +411,32 @@ def run(cfg: Config, commands) -> dict:
                                            "warnings": output.warnings, "error": failed})
             results.append(_row(stage, "failed", round(seconds, 3)))
             _write_summary(out_root, path, results)
+            finish(out_root)  # the report of what finished
             raise TemperError(f"{failed} (its output: {log})")
         write_record(out_root, stage, {"state": "done", "stage": stage.name, "command": stage.command,
                                        "fingerprint": print_, "run_id": run_id, "config": resolved,
                                        "inputs": inputs, "temper_version": __version__,
                                        "seconds": round(seconds, 3), "warnings": output.warnings})
-        print(f"temper run [{index + 1}/{len(stages)}] {stage.name}: done in {_duration(seconds)}", file=sys.stderr,
+        print(f"temper run [{index + 1}/{len(stages)}] {stage.name}: done in {duration(seconds)}", file=sys.stderr,
               flush=True)
         run_ids[stage.name] = run_id
         results.append(_row(stage, "ran", round(seconds, 3)))
     summary = _write_summary(out_root, path, results)
-    width = max(map(len, names))
-    for row in results:
-        took = f"  {row['seconds']:.1f} s" if "seconds" in row else ""
-        print(f"  {row['stage'].ljust(width)}  {row['status']}{took}", file=sys.stderr)
+    print(finish(out_root), flush=True)
     return summary
+
+
+def finish(out_root: Path) -> str:
+    """The report of what the run left (report.html, its PNGs) and the terminal's summary of it;
+    a report that cannot be built is a warning, never the run's failure."""
+    try:
+        read = read_run_dir(out_root)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what could not be read is in the summary's warnings already
+            build_report(out_root, read)
+        return summary_text(read)
+    except (ValueError, OSError) as e:
+        return f"warning: the report of {out_root} could not be built: {error_line(e)}"
 
 
 def _write_summary(out_root: Path, path: Path, results: list[dict]) -> dict:
@@ -437,13 +450,6 @@ def _row(stage: Stage, status: str, seconds: float | None = None) -> dict:
     if seconds is not None:
         row["seconds" if status in ("ran", "failed") else "seconds_when_run"] = seconds
     return row
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
 
 
 class _Tee(io.TextIOBase):
