@@ -55,7 +55,7 @@ def kl_float64(model, reference, tokenizer, prompts, replies) -> float:
             lq = F.log_softmax(reference(ids)[0].double(), -1)
         for j in range(len(ans)):  # position len(ctx) - 1 + j predicts reply token j
             pos = len(ctx) - 1 + j
-            total += sum(float(lp[pos, v].exp() * (lp[pos, v] - lq[pos, v])) for v in range(lp.shape[-1]))
+            total += float((lp[pos].exp() * (lp[pos] - lq[pos])).sum())
             count += 1
     return total / count
 
