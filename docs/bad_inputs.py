@@ -1010,9 +1010,17 @@ def setup_run(work: Path) -> None:
         "pipe-unknown-command": world + "  tok:\n    command: tokeniser\n",
         "pipe-no-command": world + "  tok:\n    data: [x]\n",
         "pipe-not-stages": "stage:\n  world:\n    command: world\n",
+        "pipe-eval-key": world + "  eval:\n    command: eval\n    model: base\n    tasks: [world_chat_qa]\n"
+                                 "    reward_modle: rm\n",
     }
     for name, text in pipes.items():
         (work / f"{name}.yaml").write_text(text)
+    pair = {"prompt": "What is 1 plus 1?", "chosen": "2", "rejected": "3"}
+    (work / "pairs-no-chosen.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": None}) + "\n")
+    (work / "pref-task.yaml").write_text("name: pref\ntype: preference\ndata: pairs-no-chosen.jsonl\n"
+                                         "prompt: 'Question: {prompt}\\nAnswer:'\n")
+    (work / "pref-chat-task.yaml").write_text("name: pref\ntype: preference\ndata: pairs-no-chosen.jsonl\n"
+                                              "prompt: '{prompt}'\nchat: sometimes\n")
 
 
 RUN_CASES: list[tuple[str, list[str], str]] = [
@@ -1026,6 +1034,17 @@ RUN_CASES: list[tuple[str, list[str], str]] = [
     ("--from a stage that does not exist", ["run", "pipe-bad-key.yaml", "--from", "tk"], "error"),
     ("an override of a stage that does not exist", ["run", "pipe-bad-key.yaml", "wrold.num_people=3"], "error"),
     ("a pipeline file that does not exist", ["run", "nope.yaml"], "error"),
+    ("a misspelt eval key in a pipeline stage (reward_modle)", ["run", "pipe-eval-key.yaml"], "error"),
+    ("eval's reward_model= naming a causal LM, not a reward model",
+     ["eval", "model=base", "tasks=qa-task.yaml", "reward_model=base", "output_dir=run-e1"], "error"),
+    ("eval's reference= that does not exist",
+     ["eval", "model=base", "tasks=qa-task.yaml", "reference=no-such-sft", "output_dir=run-e2"], "error"),
+    ("eval's reference= with no generation task to compare replies on",
+     ["eval", "model=base", "tasks=pref-task.yaml", "reference=base", "output_dir=run-e3"], "error"),
+    ("a preference row whose chosen reply is null", ["eval", "model=base", "tasks=pref-task.yaml",
+                                                     "output_dir=run-e4"], "error"),
+    ("a task's chat: neither true, false nor auto", ["eval", "model=base", "tasks=pref-chat-task.yaml",
+                                                     "output_dir=run-e5"], "error"),
 ]
 
 
@@ -1103,7 +1122,8 @@ TITLES = {
              "errors are 4xx JSON, tested by tests/test_serve.py's fuzz)",
     "quantize": "Quantisation: methods, group sizes and calibration that do not fit, damaged quantised directories",
     "run": "Pipelines (temper run): references to stages that do not exist or come later, stage config errors "
-           "(named with the YAML line and the stage), commands that do not exist; refused before any stage runs",
+           "(named with the YAML line and the stage), commands that do not exist; refused before any stage runs; "
+           "the eval stage's checkpoint-table keys (reward_model=, reference=, preference tasks, chat: auto)",
     "report": "Run reports (temper report): directories that are no run, damaged run.json; a partial or damaged "
               "run still gets the report of what it left, the damage listed among its warnings",
 }

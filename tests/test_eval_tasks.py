@@ -238,7 +238,7 @@ def test_generation_task_and_metrics(tmp_path, model, tiny_tokenizer, monkeypatc
     task = task_from_dict(spec, base_dir=tmp_path)
     replies = {"capital?": "I think the answer is Paris.", "sum?": "the answer is 8 or 7"}
     monkeypatch.setattr(tasks_module, "generate_text",
-                        lambda m, t, prompts, cfg, batch_size=16: [replies[p] for p in prompts])
+                        lambda m, t, prompts, cfg, batch_size=16, new_token_counts=None: [replies[p] for p in prompts])
     out = run_task(model, tiny_tokenizer, task)
     assert out["exact_match"] == 0.5 and out["answer_accuracy"] == 0.5 and out["examples"] == 2
 

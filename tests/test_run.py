@@ -17,7 +17,9 @@ from temper.cli import main
 from temper.configs import shipped_path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["world", "tokenizer", "pretrain", "sft", "eval"]
+STAGES = ["world", "curate", "tokenizer", "pretrain", "sft", "sft_merged", "reward", "dpo", "grpo", "int8", "int4",
+          "eval"]
+CHECKPOINTS = ["pretrain", "sft_merged", "dpo", "grpo", "int8", "int4"]  # what the eval stage compares
 
 
 def statuses(root: Path) -> dict[str, str]:
@@ -28,50 +30,82 @@ def record(root: Path, stage: str) -> dict:
     return json.loads((root / ".run" / f"{stage}.json").read_text())
 
 
+def after(stage: str, status: str = "ran") -> dict[str, str]:
+    """Every stage before `stage` skipped, `stage` and the ones after it `status`."""
+    i = STAGES.index(stage)
+    return {**dict.fromkeys(STAGES[:i], "skipped"), **dict.fromkeys(STAGES[i:], status)}
+
+
+def check_checkpoint_table(root: Path) -> None:
+    """The eval stage's results hold every checkpoint with the metrics the report's table shows."""
+    results = json.loads((root / "eval" / "results.json").read_text())
+    models = [f"runs/lifecycle-tiny/{c}" for c in CHECKPOINTS]
+    assert results["models"] == models and results["reward_model"] == "runs/lifecycle-tiny/reward"
+    per = results["per_model"]
+    for m in models:
+        assert per[m]["perplexity"]["bits_per_byte"] > 0 and per[m]["world_preference"]["acc"] >= 0
+        for task in ("world_instruct", "world_chat_qa"):
+            rep = per[m][task]
+            assert rep["tokens_per_second"] > 0 and isinstance(rep["reward_model_score"], float)
+            assert all(isinstance(o["correct"], bool) for o in rep["outputs"])
+            assert "kl_to_reference" in rep
+    base, sft, grpo, int8, int4 = (per[f"runs/lifecycle-tiny/{c}"] for c in ("pretrain", "sft_merged", "grpo", "int8",
+                                                                               "int4"))
+    assert base["world_instruct"]["chat"] is False and sft["world_instruct"]["chat"] is True  # chat: auto
+    assert sft["world_chat_qa"]["kl_to_reference"] in (0.0, None)  # the reference itself (None: every reply empty)
+    assert [base["model"]["stage"], sft["model"]["stage"], int8["model"]["quantized"], int4["model"]["quantized"]] == \
+        ["pretrain", "merge", "int8", "int4"]
+    assert int8["model"]["parameters"] == int4["model"]["parameters"] == grpo["model"]["parameters"]
+    assert int4["model"]["size_bytes"] < int8["model"]["size_bytes"] < grpo["model"]["size_bytes"]
+
+
 def test_lifecycle_tiny_runs_then_skips_then_reruns_from_a_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "runs" / "lifecycle-tiny"
-    assert main(["run"]) == 0  # the shipped pipelines/lifecycle-tiny.yaml
+    assert main(["run", "lifecycle-tiny"]) == 0  # the shipped pipelines/lifecycle-tiny.yaml
     assert statuses(root) == dict.fromkeys(STAGES, "ran")
-    assert (root / "pretrain" / "model.safetensors").is_file() and (root / "sft" / "model.safetensors").is_file()
-    results = json.loads((root / "eval" / "results.json").read_text())
-    assert results["models"] == ["runs/lifecycle-tiny/pretrain", "runs/lifecycle-tiny/sft"]  # ${pretrain}, ${sft}
-    sft_record = record(root, "sft")
-    assert sft_record["state"] == "done" and sft_record["config"]["model"] == "runs/lifecycle-tiny/pretrain"
-    assert sft_record["inputs"]["stages"] == {"world": record(root, "world")["run_id"],
-                                              "pretrain": record(root, "pretrain")["run_id"]}
-    weights = root / "pretrain" / "model.safetensors"
+    funnel = json.loads((root / "curate" / "report.json").read_text())
+    assert funnel["kept"]["documents"] + funnel["removed"]["documents"] == funnel["input"]["documents"]
+    assert funnel["removed"]["documents"] > 0  # the planted noise (duplicates, spam) removed
+    assert (root / "sft" / "adapter_config.json").is_file() and not (root / "sft" / "model.safetensors").exists()
+    for stage in ("pretrain", "sft_merged", "reward", "dpo", "grpo"):
+        assert (root / stage / "model.safetensors").is_file(), stage
+    check_checkpoint_table(root)
+    dpo_record = record(root, "dpo")
+    assert dpo_record["state"] == "done" and dpo_record["config"]["model"] == "runs/lifecycle-tiny/sft_merged"
+    assert dpo_record["inputs"]["stages"] == {"world": record(root, "world")["run_id"],
+                                              "sft_merged": record(root, "sft_merged")["run_id"]}
+    weights = root / "grpo" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
 
-    assert main(["run"]) == 0  # nothing changed: every stage skipped, nothing rewritten
+    assert main(["run", "lifecycle-tiny"]) == 0  # nothing changed: every stage skipped, nothing rewritten
     assert statuses(root) == dict.fromkeys(STAGES, "skipped")
     assert weights.stat().st_mtime_ns == stamp
 
-    assert main(["run", "--from", "sft"]) == 0
-    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
-                              "sft": "ran", "eval": "ran"}
-    assert record(root, "sft")["run_id"] != sft_record["run_id"]
+    int8_record = record(root, "int8")
+    assert main(["run", "lifecycle-tiny", "--from", "int8"]) == 0
+    assert statuses(root) == after("int8")
+    assert record(root, "int8")["run_id"] != int8_record["run_id"]
     assert weights.stat().st_mtime_ns == stamp
 
-    assert main(["run", "--only", "eval"]) == 0
-    assert statuses(root)["eval"] == "ran" and statuses(root)["sft"] == "not run (--only)"
+    assert main(["run", "lifecycle-tiny", "--only", "eval"]) == 0
+    assert statuses(root)["eval"] == "ran" and statuses(root)["grpo"] == "not run (--only)"
 
     # a stage's key changed on the command line: that stage and the one reading it run again
-    assert main(["run", "sft.max_steps=6"]) == 0
-    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
-                              "sft": "ran", "eval": "ran"}
-    assert json.loads((root / "sft" / "summary.json").read_text())["steps"] == 6
+    assert main(["run", "lifecycle-tiny", "int4.group_size=16"]) == 0
+    assert statuses(root) == {**after("int8", "skipped"), "int4": "ran", "eval": "ran"}
+    assert json.loads((root / "int4" / "config.json").read_text())["quantization_config"]["group_size"] == 16
 
     # an interrupted stage (its record still says running) resumes from its checkpoint
-    rec = record(root, "sft")
+    rec = record(root, "grpo")
     rec["state"] = "running"
-    (root / ".run" / "sft.json").write_text(json.dumps(rec))
+    (root / ".run" / "grpo.json").write_text(json.dumps(rec))
     capsys.readouterr()
-    assert main(["run", "sft.max_steps=6"]) == 0
+    assert main(["run", "lifecycle-tiny", "int4.group_size=16"]) == 0
     err = capsys.readouterr().err
-    assert "sft (sft): resuming from its checkpoint" in err and "resumed from" in err
-    assert statuses(root) == {"world": "skipped", "tokenizer": "skipped", "pretrain": "skipped",
-                              "sft": "ran", "eval": "ran"}
+    assert "grpo (grpo): resuming from its checkpoint" in err and "resumed from" in err
+    assert statuses(root) == after("grpo")
+    check_checkpoint_table(root)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -157,8 +191,9 @@ def test_shipped_pipelines_are_valid(tmp_path, monkeypatch, capsys):
         assert main(["run", str(path), "--check"]) == 0, capsys.readouterr().err
         out = capsys.readouterr().out
         assert len(out.splitlines()) == len(yaml.safe_load(path.read_text())["stages"])  # one line per stage
-    assert main(["run", "--check"]) == 0  # the default: lifecycle-tiny
-    assert "eval: temper eval -> runs/lifecycle-tiny/eval <- pretrain, sft, world" in capsys.readouterr().out
+    assert main(["run", "lifecycle-tiny", "--check"]) == 0
+    assert ("eval: temper eval -> runs/lifecycle-tiny/eval <- pretrain, sft_merged, dpo, grpo, int8, int4, reward, "
+            "world") in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()  # --check runs nothing
     assert main(["run", "--check", "sft.max_step=3"]) == 2  # ...but checks every stage with its overrides
     assert "stage 'sft': unknown key 'max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err

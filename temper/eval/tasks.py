@@ -2,17 +2,27 @@
 
 ```yaml
 name: world_facts_mc
-type: multiple_choice            # or: generation
+type: multiple_choice            # or: generation, preference
 data: "{world}/eval/facts_mc.jsonl"  # relative to the YAML file, absolute, or under {world}
 prompt: "Question: {question}\\nAnswer:"   # Python format fields of the row
 choices: choices                 # row field with the list of choices (multiple_choice)
 gold: gold                       # row field with the gold index (multiple_choice)
-target: answer                   # row field with the reference (generation)
+target: answer                   # row field with the reference (generation), or a format string over the row
+chosen: chosen                   # preference: the row fields of the preferred and the dispreferred reply
+rejected: rejected
+chat: false                      # true: the prompt as a user message through the model's chat template;
+                                 # auto: so when the model's lineage says it was instruction-tuned
+chat_prompt: null                # the user message in chat form (default: prompt)
 metrics: [acc, acc_norm]         # generation: exact_match, answer_accuracy, f1, bleu, chrf, rouge
 few_shot: 0                      # examples from few_shot_data, or the first rows of data (not scored)
 answer_pattern: null             # generation: regex extracting the answer (group 1 if any)
 generation: {max_new_tokens: 32, stop: ["\\n"]}
 ```
+
+A preference task scores pairs: a pair counts as right when the model gives the chosen reply
+a higher log-probability after the prompt than the rejected one (`acc`, summed; `acc_norm`,
+divided by the reply's characters), through the multiple-choice scorer with two choices (the
+rejected one listed first, so an exact tie counts as wrong).
 
 Every mistake is a `TemperError` naming the task (and the row): a missing or unknown key,
 a row without a field, a gold index out of range, an empty data file.
@@ -37,10 +47,11 @@ from temper.data.readers import iter_records
 from temper.errors import TemperError, TemperFileNotFoundError, require_file
 from temper.eval import metrics
 from temper.eval.generation import contains_answer, normalize
+from temper.eval.kl import reply_kl
 from temper.eval.multiple_choice import evaluate_multiple_choice
 from temper.models.generate import SamplingConfig, generate_text
 
-MC_METRICS = ("acc", "acc_norm")
+MC_METRICS = ("acc", "acc_norm")  # multiple_choice and preference
 GEN_METRICS = ("exact_match", "answer_accuracy", "f1", "bleu", "chrf", "rouge")
 REQUIRED = ("name", "type", "data", "prompt")
 
@@ -54,12 +65,15 @@ class TaskGeneration:
 @dataclass
 class TaskConfig:
     name: str = opt(help="task name (in metrics and errors)")
-    type: Literal["multiple_choice", "generation"] = opt(help="how the task is scored")
+    type: Literal["multiple_choice", "generation", "preference"] = opt(help="how the task is scored")
     data: str = opt(help="JSONL/JSON/parquet rows: relative to the YAML file, absolute, or '{world}/...'")
     prompt: str = opt(help="Python format string over the row's fields (e.g. {question}, {messages[0][content]})")
     choices: str = opt("choices", "multiple_choice: the row field holding the list of choices")
     gold: str = opt("gold", "multiple_choice: the row field with the gold choice's index")
-    target: str = opt("answer", "generation: the row field with the reference answer")
+    target: str = opt("answer", "generation: the row field with the reference answer, or a format string over "
+                                "the row's fields ({messages[1][content]})")
+    chosen: str = opt("chosen", "preference: the row field with the preferred reply (a string or assistant messages)")
+    rejected: str = opt("rejected", "preference: the row field with the dispreferred reply")
     answer_template: str = opt(" {answer}", "how a choice / few-shot answer follows the prompt")
     metrics: list[str] = opt([], "metrics to report (empty: acc, acc_norm / exact_match, answer_accuracy)")
     few_shot: int = opt(0, "few-shot examples put before every prompt")
@@ -67,14 +81,18 @@ class TaskConfig:
     few_shot_separator: str = opt("\n\n", "between the few-shot examples and before the prompt")
     answer_pattern: str | None = opt(None, "generation: regex that extracts the answer (group 1 if present)")
     limit: int | None = opt(None, "score at most this many rows")
-    chat: bool = opt(False, "generation: send the prompt as a user message through the model's chat template")
+    chat: bool | Literal["auto"] = opt(False, "generation, preference: send the prompt as a user message through the "
+                                              "model's chat template; auto: when the model's lineage says it was "
+                                              "instruction-tuned (else the plain prompt)")
+    chat_prompt: str | None = opt(None, "the user message when the chat template is used (default: prompt)")
     generation: TaskGeneration = opt(TaskGeneration(), "generation settings")
     base_dir: str | None = field(default=None, init=False, repr=False)  # the YAML's folder
 
     def validate(self) -> None:
-        allowed = MC_METRICS if self.type == "multiple_choice" else GEN_METRICS
+        scored = self.type in ("multiple_choice", "preference")  # by log-likelihood
+        allowed = MC_METRICS if scored else GEN_METRICS
         if not self.metrics:
-            self.metrics = list(MC_METRICS if self.type == "multiple_choice" else ("exact_match", "answer_accuracy"))
+            self.metrics = list(MC_METRICS if scored else ("exact_match", "answer_accuracy"))
         for m in self.metrics:
             if m not in allowed:
                 raise TemperError(f"task {self.name}: metric {m!r} is not available for {self.type} "
@@ -83,12 +101,16 @@ class TaskConfig:
             raise TemperError(f"task {self.name}: few_shot must be >= 0, got {self.few_shot}")
         if self.limit is not None and self.limit < 1:
             raise TemperError(f"task {self.name}: limit must be >= 1, got {self.limit}")
-        for key in ("prompt", "answer_template", "few_shot_separator"):
+        if self.type == "preference" and self.few_shot:
+            raise TemperError(f"task {self.name}: few_shot is not available for preference tasks")
+        for key in ("prompt", "chat_prompt", "answer_template", "few_shot_separator"):
+            if getattr(self, key) is None:
+                continue
             fields = _format_fields(self.name, key, getattr(self, key))
             if any(f == "" or f.isdigit() for f in fields):
                 raise TemperError(f"task {self.name}: {key} has a positional field ({{}} or {{0}}); name the row's "
                                   "field, e.g. {question} (write {{ and }} for literal braces)")
-            if key != "prompt" and not fields <= ({"answer"} if key == "answer_template" else set()):
+            if key not in ("prompt", "chat_prompt") and not fields <= ({"answer"} if key == "answer_template" else set()):
                 allowed = "{answer}" if key == "answer_template" else "no fields"
                 raise TemperError(f"task {self.name}: {key} uses {', '.join('{' + f + '}' for f in sorted(fields))}; "
                                   f"it takes {allowed} (write {{{{ and }}}} for literal braces)")
@@ -175,15 +197,37 @@ class TaskRow:
     gold: int | None = None
     target: str | None = None
     row: dict = field(default_factory=dict)
+    message: str = ""  # the user message when the chat template is used (the task's chat_prompt, else context)
+
+
+def _format_row(where: str, key: str, template: str, row: dict) -> str:
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        keys = ", ".join(row) or "none"
+        raise TemperError(f"{where}: the {key} needs field {e.args[0]!r}, which the row lacks (keys: {keys})") from None
+
+
+def _reply_text(where: str, row: dict, key: str, what: str) -> str:
+    """A preference row's reply: a string, or assistant messages (their contents joined)."""
+    if key not in row:
+        raise TemperError(f"{where}: missing field '{key}' (the {what} reply)")
+    value = row[key]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in value):
+        return "".join(m["content"] for m in value)
+    if isinstance(value, str) and value:
+        return value
+    raise TemperError(f"{where}: field '{key}' must be a non-empty string or a list of messages with 'content'")
 
 
 def _prepare(task: TaskConfig, index: int, row: dict) -> TaskRow:
     where = f"task {task.name} row {index}"
-    try:
-        context = task.prompt.format(**row)
-    except (KeyError, IndexError, AttributeError, TypeError) as e:
-        keys = ", ".join(row) or "none"
-        raise TemperError(f"{where}: the prompt needs field {e.args[0]!r}, which the row lacks (keys: {keys})") from None
+    context = _format_row(where, "prompt", task.prompt, row)
+    message = _format_row(where, "chat_prompt", task.chat_prompt, row) if task.chat_prompt is not None else context
+    if task.type == "preference":  # the rejected reply first: an exact tie counts as wrong
+        choices = [_reply_text(where, row, task.rejected, "rejected"), _reply_text(where, row, task.chosen, "chosen")]
+        return TaskRow(index, context, choices=choices, gold=1, row=row, message=message)
     if task.type == "multiple_choice":
         if task.choices not in row:
             raise TemperError(f"{where}: missing field '{task.choices}' (the choices)")
@@ -197,10 +241,14 @@ def _prepare(task: TaskConfig, index: int, row: dict) -> TaskRow:
             raise TemperError(f"{where}: gold index must be an integer, got {gold!r}")
         if not 0 <= gold < len(choices):
             raise TemperError(f"{where}: gold index {gold} is out of range for {len(choices)} choices")
-        return TaskRow(index, context, choices=[str(c) for c in choices], gold=gold, row=row)
-    if task.target not in row or row[task.target] is None:
+        return TaskRow(index, context, choices=[str(c) for c in choices], gold=gold, row=row, message=message)
+    if "{" in task.target:  # a format string over the row (a reply inside its messages)
+        target = _format_row(where, "target", task.target, row)
+    elif task.target not in row or row[task.target] is None:
         raise TemperError(f"{where}: missing field '{task.target}' (the reference)")
-    return TaskRow(index, context, target=str(row[task.target]), row=row)
+    else:
+        target = str(row[task.target])
+    return TaskRow(index, context, target=target, row=row, message=message)
 
 
 def _read_rows(task: TaskConfig, path: Path, world_dir: str | Path | None = None) -> Iterator[TaskRow]:
@@ -214,7 +262,7 @@ def _read_rows(task: TaskConfig, path: Path, world_dir: str | Path | None = None
 
 
 def _answer_text(task: TaskConfig, r: TaskRow) -> str:
-    return r.choices[r.gold] if task.type == "multiple_choice" else r.target
+    return r.choices[r.gold] if task.type in ("multiple_choice", "preference") else r.target
 
 
 def few_shot_prefix(task: TaskConfig, rows: list[TaskRow]) -> str:
@@ -282,50 +330,79 @@ def _external_metrics(task: TaskConfig, name: str, predictions: list[str], refer
     return {name: float(value)}
 
 
+def uses_chat(task: TaskConfig, instruction_tuned: bool) -> bool:
+    """Whether `task`'s prompts go through the model's chat template: `chat: true`, or `chat: auto` and a
+    model whose lineage says it was instruction-tuned."""
+    return task.chat is True or (task.chat == "auto" and instruction_tuned)
+
+
+def _chat_prompt(task: TaskConfig, tokenizer, message: str) -> str:
+    if not tokenizer.chat_template:
+        raise TemperError(f"task {task.name}: chat=true but the model has no chat template")
+    return render(tokenizer.chat_template, [{"role": "user", "content": message}], add_generation_prompt=True,
+                  bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+
+
 def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None = None,
-             batch_size: int = 16, use_cache: bool = True) -> dict:
-    """Score `task`; returns its metrics plus examples and examples_per_second."""
+             batch_size: int = 16, use_cache: bool = True, instruction_tuned: bool = False,
+             reference=None) -> dict:
+    """Score `task`; returns its metrics plus examples and examples_per_second.
+
+    `instruction_tuned`: the model was chat-tuned (its lineage says so), which `chat: auto` follows.
+    A generation task also returns `tokens_per_second` (new tokens generated, stop strings' overshoot
+    and EOS included, over the wall seconds of generation), `outputs` (each with `correct`: the row
+    met the task's answer_accuracy, else its exact_match) and, given a `reference` model (same
+    tokenizer), `kl_to_reference`: temper.eval.kl.reply_kl over the greedy replies."""
+    chat = uses_chat(task, instruction_tuned)
     prefix = task_few_shot(task, world_dir=world_dir)
     rows = list(iter_task_rows(task, world_dir=world_dir))
-    if task.type == "multiple_choice":
-        items = [{"context": r.context, "gold": r.gold,
-                  "choices": [task.answer_template.format(answer=c) for c in r.choices],
-                  "answers": [str(c) for c in r.choices]} for r in rows]  # acc_norm counts the bare answer
-        result = evaluate_multiple_choice(model, tokenizer, items, few_shot_prefix=prefix, use_cache=use_cache)
+    if task.type in ("multiple_choice", "preference"):
+        if chat:  # the replies follow the template's generation prompt as they are
+            items = [{"context": _chat_prompt(task, tokenizer, prefix + r.message), "gold": r.gold,
+                      "choices": list(r.choices), "answers": list(r.choices)} for r in rows]
+        else:
+            items = [{"context": prefix + r.context, "gold": r.gold,
+                      "choices": [task.answer_template.format(answer=c) for c in r.choices],
+                      "answers": [str(c) for c in r.choices]} for r in rows]  # acc_norm counts the bare answer
+        result = evaluate_multiple_choice(model, tokenizer, items, use_cache=use_cache)
         out = {m: result[m] for m in task.metrics}
-        out.update(examples=result["examples"], examples_per_second=result["examples_per_second"])
+        out.update(examples=result["examples"], examples_per_second=result["examples_per_second"], chat=chat)
         return out
 
     cfg = SamplingConfig(max_new_tokens=task.generation.max_new_tokens, stop=tuple(task.generation.stop))
     was_training = model.training
     model.eval()
+    new_tokens: list[int] = []
     start = time.perf_counter()
     try:
-        prompts = [prefix + r.context for r in rows]
-        if task.chat:  # an instruction-tuned model reads its own template (a mismatch looks like a broken model)
-            if not tokenizer.chat_template:
-                raise TemperError(f"task {task.name}: chat=true but the model has no chat template")
-            prompts = [render(tokenizer.chat_template, [{"role": "user", "content": p}], add_generation_prompt=True,
-                              bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
-                       for p in prompts]
+        if chat:  # an instruction-tuned model reads its own template (a mismatch looks like a broken model)
+            prompts = [_chat_prompt(task, tokenizer, prefix + r.message) for r in rows]
             cfg = SamplingConfig(**{**cfg.__dict__, "stop": tuple(cfg.stop) + tuple(end_of_turn_strings(tokenizer.chat_template))})
-        replies = generate_text(model, tokenizer, prompts, cfg, batch_size=batch_size)
+        else:
+            prompts = [prefix + r.context for r in rows]
+        replies = generate_text(model, tokenizer, prompts, cfg, batch_size=batch_size, new_token_counts=new_tokens)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     predictions = [extract_answer(task, t) for t in replies]
     references = [r.target for r in rows]
     out: dict = {}
+    em = [normalize(p) == normalize(t) for p, t in zip(predictions, references)]
+    contains = [contains_answer(p, t) for p, t in zip(predictions, references)]
     for m in task.metrics:
         if m == "exact_match":
-            out[m] = sum(normalize(p) == normalize(t) for p, t in zip(predictions, references)) / len(rows)
+            out[m] = sum(em) / len(rows)
         elif m == "answer_accuracy":
-            out[m] = sum(contains_answer(p, t) for p, t in zip(predictions, references)) / len(rows)
+            out[m] = sum(contains) / len(rows)
         else:
             out.update(_external_metrics(task, m, predictions, references))
-    out.update(examples=len(rows), examples_per_second=len(rows) / seconds if seconds > 0 else float("inf"))
-    out["outputs"] = [{"context": r.context, "prediction": p, "reference": t}
-                      for r, p, t in zip(rows, predictions, references)]  # for judges and inspection
+    correct = contains if "answer_accuracy" in task.metrics else em
+    out.update(examples=len(rows), examples_per_second=len(rows) / seconds if seconds > 0 else float("inf"),
+               tokens_per_second=sum(new_tokens) / seconds if seconds > 0 else float("inf"), chat=chat)
+    if reference is not None:
+        out["kl_to_reference"] = reply_kl(model, reference, tokenizer, prompts, replies)
+    out["outputs"] = [{"context": r.message if chat else r.context, "prediction": p, "reference": t, "correct": c}
+                      for r, p, t, c in zip(rows, predictions, references, correct)]  # for judges and inspection
     return out
 
 
@@ -383,5 +460,5 @@ def build_world_mc(world_dir: str | Path, *, seed: int = 0, num_choices: int = 4
     return out
 
 
-__all__ = ["TaskConfig", "TaskRow", "load_task", "task_from_dict", "iter_task_rows", "run_task",
+__all__ = ["TaskConfig", "TaskRow", "load_task", "task_from_dict", "iter_task_rows", "run_task", "uses_chat",
            "build_world_mc", "world_mc_rows", "extract_answer", "few_shot_prefix"]

@@ -247,7 +247,7 @@ def generate(
 def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, *,
                   batch_size: int = 8, use_cache: bool = True,
                   on_text: Callable[[int, str], None] | None = None, num_return_sequences: int = 1,
-                  first_prompt: int = 0) -> list[str]:
+                  first_prompt: int = 0, new_token_counts: list[int] | None = None) -> list[str]:
     """Completions of `prompts` (prompt not included), cut at the first stop string or EOS.
 
     `on_text(prompt_index, text)` receives the completion piece by piece as it is generated.
@@ -255,6 +255,8 @@ def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: Sa
     prefilled once; `batch_size` counts prompts). Seeded, completion r of the call draws from
     stream (seed, first_prompt * G + r) whatever the batch size: a caller that feeds one list in
     parts gives each part the index of its first prompt, and no two completions share a stream.
+    `new_token_counts`, when given, gets each completion's number of generated tokens appended (EOS
+    and tokens past a stop string included: the work done, for a tokens-per-second figure).
     """
     if on_text is not None and num_return_sequences != 1:
         raise ValueError("on_text streams one completion per prompt: num_return_sequences must be 1")
@@ -263,12 +265,13 @@ def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: Sa
     results: list[str] = []
     for start in range(0, len(prompts), batch_size):
         results.extend(_generate_text_batch(model, tokenizer, prompts[start:start + batch_size], start,
-                                            cfg, use_cache, on_text, num_return_sequences, first_prompt))
+                                            cfg, use_cache, on_text, num_return_sequences, first_prompt,
+                                            new_token_counts))
     return results
 
 
 def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_text,
-                         num_return_sequences=1, first_prompt=0) -> list[str]:
+                         num_return_sequences=1, first_prompt=0, new_token_counts=None) -> list[str]:
     eos = set(cfg.eos_token_ids)
     stops = [s for s in cfg.stop if s]
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -303,6 +306,8 @@ def _generate_text_batch(model, tokenizer, prompts, offset, cfg, use_cache, on_t
                           num_return_sequences=num_return_sequences,
                           first_row=(first_prompt + offset) * num_return_sequences)
     texts = []
+    if new_token_counts is not None:
+        new_token_counts.extend(len(tokens) for tokens in new_tokens)
     for row, tokens in enumerate(new_tokens):
         if tokens and tokens[-1] in eos:
             tokens = tokens[:-1]

@@ -6,13 +6,25 @@
     temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=rule:world  # any scoring judge of temper.rewards.judges
     temper eval models=[runs/sft,runs/dpo] tasks=world_chat_qa judge=reward:runs/rm  # a reward model
     temper eval contamination train=corpus.jsonl eval=test.jsonl                  # n-gram overlap
+    temper eval models=[runs/pretrain,runs/sft,runs/dpo] tasks=world_instruct,world_preference,world_chat_qa \
+        reward_model=runs/reward reference=runs/sft data=val.jsonl                # a lifecycle's checkpoint table
 
 Tasks are YAML files, or the names of the ones shipped in the package (temper/configs/tasks:
-world_facts_mc, world_qa, world_chat_qa). `data=` adds rolling-window perplexity (token, word,
+world_facts_mc, world_qa, world_chat_qa, world_instruct, world_preference). `data=` adds rolling-window perplexity (token, word,
 bits per byte) on text, every token scored, as lm-evaluation-harness's loglikelihood_rolling
 (see temper.eval.sliding); `text_mode=file` scores each .txt file as one text (wikitext's usual
 protocol).
 `contamination=` checks every task's rows against training data (13-grams).
+
+Every model's entry also holds `model`: its weights' bytes on disk (every *.safetensors in its
+directory), its parameter count (a quantised linear counts its logical in x out weights), its
+quantisation and the stage that wrote it (temper.json). A task with `chat: auto` uses the chat
+template for a model whose lineage records a chat-tuned template (`chat_template_trained`) and the
+plain prompt for the others, so a base model and its SFT descendant are both asked in the form
+they can answer. `reward_model=DIR` (a `temper reward` model) adds each generation task's
+`reward_model_score`: the mean score of the model's replies, through the same judge as
+`judge=reward:DIR`. `reference=DIR` adds `kl_to_reference`: the mean per-token KL(model ||
+reference) over the model's greedy reply tokens (temper.eval.kl).
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
+
+import torch
 
 from temper.config import OnlyWith, opt
 from temper.data.prompts import Prompt
@@ -60,6 +74,10 @@ class Config:
                                   "reward:MODEL_DIR")
     judge_timeout: float = opt(DEFAULT_TIMEOUT, "seconds one call of a callable: judge may take; a call still "
                                                 "running then stops the command, naming the sample (0: no limit)")
+    reward_model: str | None = opt(None, "a reward model directory (temper reward): each generation task's "
+                                         "reward_model_score, the mean score of the model's replies")
+    reference: str | None = opt(None, "a reference model directory (e.g. the SFT model): each generation task's "
+                                      "kl_to_reference, the mean per-token KL(model || reference) on its replies")
     contamination: list[str] = opt([], "training data whose 13-gram overlap with each task is reported")
     ngram: int = opt(13, "n-gram length for the contamination check")
     output_dir: str = opt("runs/eval", "where results.json and results.md are written")
@@ -90,6 +108,17 @@ def run(cfg: Config) -> dict:
     texts = read_eval_texts(cfg) if cfg.data else []
     if cfg.judge:
         check_judge(cfg, model_dirs, tasks)
+    if cfg.reward_model:
+        try:
+            check_reward_model_dir(cfg.reward_model)
+        except TemperError as e:
+            raise TemperError(f"reward_model={cfg.reward_model}: {str(e).removeprefix(f'{cfg.reward_model}: ')} "
+                              "(reward_model= takes a `temper reward` model directory)") from None
+    if cfg.reference:
+        check_model_dir(cfg.reference, "reference=")
+    if (cfg.reward_model or cfg.reference) and not any(t.type == "generation" for t in tasks):
+        key = "reward_model=" if cfg.reward_model else "reference="
+        raise TemperError(f"{key} scores generated replies, but no task in tasks= is a generation task")
     if cfg.world and not Path(cfg.world).expanduser().is_dir():
         raise TemperFileNotFoundError(f"world= directory not found: {cfg.world}")
     for model_dir in model_dirs:  # every task's rows are found (and a {world} resolved) for every model
@@ -106,19 +135,26 @@ def run(cfg: Config) -> dict:
 
 
 def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[str], device) -> dict:
-    results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {}}
+    results: dict = {"models": model_dirs, "tasks": [t.name for t in tasks], "per_model": {},
+                     "reward_model": cfg.reward_model, "reference": cfg.reference}
+    reference = load_for_inference(cfg.reference, device=device, dtype=cfg.dtype)[0] if cfg.reference else None
     for model_dir in model_dirs:
         model, tokenizer = load_for_inference(model_dir, device=device, dtype=cfg.dtype)
-        world = cfg.world or read_lineage(model_dir).get("world_dir")
-        scores: dict = {}
+        lineage = read_lineage(model_dir)
+        world = cfg.world or lineage.get("world_dir")
+        scores: dict = {"model": model_facts(model_dir, model, lineage)}
         for task in tasks:
             print(f"{model_dir}: {task.name} ...", file=sys.stderr)
-            scores[task.name] = run_task(model, tokenizer, task, world_dir=world)
+            scores[task.name] = run_task(model, tokenizer, task, world_dir=world, reference=reference,
+                                         instruction_tuned=bool(lineage.get("chat_template_trained")))
         if texts:
             scores["perplexity"] = sliding_window_perplexity(model, tokenizer, texts, window=cfg.window,
                                                              stride=cfg.stride, device=device)
         results["per_model"][model_dir] = scores
         del model
+    del reference
+    if cfg.reward_model:
+        add_reward_model_scores(cfg, model_dirs, tasks, results, device)
     if cfg.judge:
         results["judge"] = judge_models(cfg, model_dirs, tasks, results, device)
     if cfg.contamination:
@@ -137,6 +173,40 @@ def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[
         task, why = failed[0]
         raise TemperError(f"{task}: {why}; no win rate written (the models' scores are in {out / 'results.md'})")
     return results
+
+
+def model_facts(model_dir: str, model, lineage: dict) -> dict:
+    """What the checkpoint table shows beside the scores: bytes of weights on disk (every *.safetensors in
+    the directory: an adapter directory counts its adapter), parameters (a quantised linear's logical
+    out x in weights, not its packed storage), quantisation and the stage that wrote it (temper.json)."""
+    size = sum(f.stat().st_size for f in Path(model_dir).expanduser().glob("*.safetensors"))
+    parameters = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) and hasattr(module, "in_features") \
+                and hasattr(module, "out_features"):  # packed quantised weights live in buffers
+            parameters += module.in_features * module.out_features
+    return {"size_bytes": size, "parameters": parameters, "quantized": lineage.get("quantization"),
+            "stage": lineage.get("stage")}
+
+
+def add_reward_model_scores(cfg: Config, model_dirs: list[str], tasks, results: dict, device) -> None:
+    """Each generation task's `reward_model_score`: the reward model's mean score of the model's replies
+    (the prompt as the user message, through `judge=reward:DIR`'s judge, the RM's own chat template)."""
+    judge = make_judge(f"reward:{cfg.reward_model}", device=device, timeout=cfg.judge_timeout)
+    try:
+        for task in (t for t in tasks if t.type == "generation"):
+            for model_dir in model_dirs:
+                report = results["per_model"][model_dir][task.name]
+                prompts = [Prompt.from_text(o["context"], source=f"{task.name} row {i + 1}")
+                           for i, o in enumerate(report["outputs"])]
+                scores = judge.rank(prompts, [[o["prediction"]] for o in report["outputs"]])
+                values = [s[0] for s in scores if s[0] is not None]
+                for o, s in zip(report["outputs"], scores):
+                    o["reward_model_score"] = s[0]
+                report["reward_model_score"] = sum(values) / len(values) if values else None
+    finally:
+        judge.close()
 
 
 def read_eval_texts(cfg: Config) -> list[str]:
@@ -264,7 +334,8 @@ def results_table(results: dict) -> str:
     head = "| model | " + " | ".join(f"{t}: {m}" for t, m in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for model, scores in results["per_model"].items():
-        cells = [f"{scores.get(t, {}).get(m, float('nan')):.4g}" for t, m in columns]
+        values = [scores.get(t, {}).get(m, float("nan")) for t, m in columns]
+        cells = ["-" if v is None else f"{v:.4g}" for v in values]  # None: nothing to average (no reply token)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     for task, rep in (results.get("judge") or {}).items():
         if rep.get("win_rate_1") is None:
