@@ -29,13 +29,16 @@ def figures(run: Path) -> dict[str, float]:
     out["curate/removed_documents"] = funnel["removed"]["documents"]
     out["curate/input_documents"] = funnel["input"]["documents"]
     out["reward/eval_accuracy"] = json.loads((run / "reward" / "summary.json").read_text())["eval_accuracy"]
+    sft = json.loads((run / "sft" / "summary.json").read_text())
+    out["sft/own_eval_answer_accuracy_before"] = sft["before"]["answer_accuracy"]
+    out["sft/own_eval_answer_accuracy"] = sft["answer_accuracy"]
     results = json.loads((run / "eval" / "results.json").read_text())
     for name in CHECKPOINTS:
         model = next(m for m in results["per_model"] if Path(m).name == name)
         scores = results["per_model"][model]
         row = {"perplexity": scores["perplexity"]["token_perplexity"],
                "bits_per_byte": scores["perplexity"]["bits_per_byte"],
-               "instruction_em": scores["world_instruct"]["exact_match"],
+               "instruction_acc": scores["world_instruct"]["answer_accuracy"],
                "preference_acc": scores["world_preference"]["acc"],
                "preference_acc_norm": scores["world_preference"]["acc_norm"],
                "pass_rate": scores["world_chat_qa"]["answer_accuracy"],

@@ -273,3 +273,45 @@ def test_shipped_world_tasks_end_to_end(name, world_dir, model, tiny_tokenizer):
     assert out["examples"] > 0
     for m in task.metrics:
         assert math.isfinite(out[m]) and 0.0 <= out[m] <= 1.0, (m, out)
+
+
+def test_a_conversation_task_asks_its_last_turn_with_every_turn_before_it(tmp_path, model, tiny_tokenizer, monkeypatch):
+    """conversation=messages: through the chat template the model reads the system prompt and the
+    earlier turns, then answers the last assistant turn; the plain form asks the last user turn."""
+    import temper.eval.tasks as tasks_module
+    from temper.data.chat import render
+
+    if not tiny_tokenizer.chat_template:
+        pytest.skip("the tiny tokenizer has no chat template")
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 2."},
+             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 and 4?"}]
+    rows = [{"messages": [*turns, {"role": "assistant", "content": "3 plus 4 is 7."}], "answer": "7"},
+            {"messages": [{"role": "user", "content": "Spell 'cat' backwards."},
+                          {"role": "assistant", "content": "tac"}], "answer": "tac"}]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    spec = {"name": "conv", "type": "generation", "data": "c.jsonl", "conversation": "messages",
+            "prompt": "Question: {question}\nAnswer:", "chat_prompt": "{question}", "target": "answer",
+            "metrics": ["answer_accuracy"]}
+    seen: list[str] = []
+
+    def fake(m, t, prompts, cfg, batch_size=16, new_token_counts=None):
+        seen.extend(prompts)
+        return ["It is 7.", "cat"]
+
+    monkeypatch.setattr(tasks_module, "generate_text", fake)
+    out = run_task(model, tiny_tokenizer, task_from_dict({**spec, "chat": True}, base_dir=tmp_path))
+    template = dict(bos_token=tiny_tokenizer.bos_token or "", eos_token=tiny_tokenizer.eos_token or "")
+    assert seen == [render(tiny_tokenizer.chat_template, turns, add_generation_prompt=True, **template),
+                    render(tiny_tokenizer.chat_template, rows[1]["messages"][:1], add_generation_prompt=True,
+                           **template)]
+    assert [o["correct"] for o in out["outputs"]] == [True, False] and out["answer_accuracy"] == 0.5
+    assert rows[0]["messages"][3]["content"] == "And 3 and 4?"  # the row's own turns are left as they were
+    seen.clear()
+    run_task(model, tiny_tokenizer, task_from_dict(spec, base_dir=tmp_path))
+    assert seen == ["Question: And 3 and 4?\nAnswer:", "Question: Spell 'cat' backwards.\nAnswer:"]
+
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "answer": "x"}])
+    with pytest.raises(TemperError, match=r"row 1: field 'messages' needs a user turn followed by an assistant turn"):
+        run_task(model, tiny_tokenizer, task_from_dict(spec, base_dir=tmp_path))
+    with pytest.raises(TemperError, match="conversation= is for generation tasks without few_shot"):
+        task_from_dict({**spec, "few_shot": 1}, base_dir=tmp_path)

@@ -64,6 +64,13 @@ def test_lifecycle_tiny_runs_then_skips_then_reruns_from_a_stage(tmp_path, monke
     root = tmp_path / "runs" / "lifecycle-tiny"
     assert main(["run", "lifecycle-tiny"]) == 0  # the shipped pipelines/lifecycle-tiny.yaml
     assert statuses(root) == dict.fromkeys(STAGES, "ran")
+    # stdout: the summary only (each stage's own prints went to its log); the report beside it
+    out = capsys.readouterr().out
+    assert "Stages:" in out and "Checkpoints (eval):" in out and "Held-out questions, world_chat_qa" in out
+    assert out.rstrip().endswith("report: runs/lifecycle-tiny/report.html") and (root / "report.html").is_file()
+    assert '"steps"' not in out and '"steps"' in (root / ".run" / "pretrain.log").read_text()
+    for name in ("pretrain", "sft_merged", "dpo", "grpo", "int8", "int4"):  # a column per checkpoint
+        assert name in out.split("Checkpoints (eval):")[1].splitlines()[1]
     funnel = json.loads((root / "curate" / "report.json").read_text())
     assert funnel["kept"]["documents"] + funnel["removed"]["documents"] == funnel["input"]["documents"]
     assert funnel["removed"]["documents"] > 0  # the planted noise (duplicates, spam) removed

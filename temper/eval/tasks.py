@@ -85,6 +85,10 @@ class TaskConfig:
                                               "model's chat template; auto: when the model's lineage says it was "
                                               "instruction-tuned (else the plain prompt)")
     chat_prompt: str | None = opt(None, "the user message when the chat template is used (default: prompt)")
+    conversation: str | None = opt(None, "generation: the row field holding a conversation (messages); the model "
+                                         "answers its last assistant turn: through the chat template it reads every "
+                                         "turn before it (system turns too), and prompt / target may use {question} "
+                                         "(the last user turn) and {reply} (that assistant turn)")
     generation: TaskGeneration = opt(TaskGeneration(), "generation settings")
     base_dir: str | None = field(default=None, init=False, repr=False)  # the YAML's folder
 
@@ -101,6 +105,8 @@ class TaskConfig:
             raise TemperError(f"task {self.name}: few_shot must be >= 0, got {self.few_shot}")
         if self.limit is not None and self.limit < 1:
             raise TemperError(f"task {self.name}: limit must be >= 1, got {self.limit}")
+        if self.conversation is not None and (self.type != "generation" or self.few_shot):
+            raise TemperError(f"task {self.name}: conversation= is for generation tasks without few_shot")
         if self.type == "preference" and self.few_shot:
             raise TemperError(f"task {self.name}: few_shot is not available for preference tasks")
         for key in ("prompt", "chat_prompt", "answer_template", "few_shot_separator"):
@@ -198,6 +204,7 @@ class TaskRow:
     target: str | None = None
     row: dict = field(default_factory=dict)
     message: str = ""  # the user message when the chat template is used (the task's chat_prompt, else context)
+    turns: list[dict] | None = None  # conversation tasks: the turns before the one answered (message is the last)
 
 
 def _format_row(where: str, key: str, template: str, row: dict) -> str:
@@ -221,8 +228,26 @@ def _reply_text(where: str, row: dict, key: str, what: str) -> str:
     raise TemperError(f"{where}: field '{key}' must be a non-empty string or a list of messages with 'content'")
 
 
+def _conversation(where: str, row: dict, key: str) -> tuple[list[dict], dict]:
+    """The turns before a conversation's last assistant turn, and the row's fields with {question}
+    (the last user turn) and {reply} (that assistant turn)."""
+    messages = row.get(key)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):
+        raise TemperError(f"{where}: field '{key}' must be a list of messages with 'role' and 'content'")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    users = [m for m in messages[:last or 0] if m["role"] == "user"]
+    if last is None or not users:
+        raise TemperError(f"{where}: field '{key}' needs a user turn followed by an assistant turn")
+    turns = [dict(m) for m in messages[:last]]
+    return turns, {**row, "question": users[-1]["content"], "reply": messages[last]["content"]}
+
+
 def _prepare(task: TaskConfig, index: int, row: dict) -> TaskRow:
     where = f"task {task.name} row {index}"
+    turns = None
+    if task.conversation is not None:
+        turns, row = _conversation(where, row, task.conversation)
     context = _format_row(where, "prompt", task.prompt, row)
     message = _format_row(where, "chat_prompt", task.chat_prompt, row) if task.chat_prompt is not None else context
     if task.type == "preference":  # the rejected reply first: an exact tie counts as wrong
@@ -248,7 +273,10 @@ def _prepare(task: TaskConfig, index: int, row: dict) -> TaskRow:
         raise TemperError(f"{where}: missing field '{task.target}' (the reference)")
     else:
         target = str(row[task.target])
-    return TaskRow(index, context, target=target, row=row, message=message)
+    if turns is not None:  # the chat template reads the whole conversation; the last user turn is the message
+        last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        turns[last_user]["content"] = message
+    return TaskRow(index, context, target=target, row=row, message=message, turns=turns)
 
 
 def _read_rows(task: TaskConfig, path: Path, world_dir: str | Path | None = None) -> Iterator[TaskRow]:
@@ -336,10 +364,11 @@ def uses_chat(task: TaskConfig, instruction_tuned: bool) -> bool:
     return task.chat is True or (task.chat == "auto" and instruction_tuned)
 
 
-def _chat_prompt(task: TaskConfig, tokenizer, message: str) -> str:
+def _chat_prompt(task: TaskConfig, tokenizer, message: str, turns: list[dict] | None = None) -> str:
+    """The chat template's prompt: the one user `message`, or a conversation task's `turns`."""
     if not tokenizer.chat_template:
         raise TemperError(f"task {task.name}: chat=true but the model has no chat template")
-    return render(tokenizer.chat_template, [{"role": "user", "content": message}], add_generation_prompt=True,
+    return render(tokenizer.chat_template, turns or [{"role": "user", "content": message}], add_generation_prompt=True,
                   bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
 
 
@@ -376,7 +405,7 @@ def run_task(model, tokenizer, task: TaskConfig, *, world_dir: str | Path | None
     start = time.perf_counter()
     try:
         if chat:  # an instruction-tuned model reads its own template (a mismatch looks like a broken model)
-            prompts = [_chat_prompt(task, tokenizer, prefix + r.message) for r in rows]
+            prompts = [_chat_prompt(task, tokenizer, prefix + r.message, r.turns) for r in rows]
             cfg = SamplingConfig(**{**cfg.__dict__, "stop": tuple(cfg.stop) + tuple(end_of_turn_strings(tokenizer.chat_template))})
         else:
             prompts = [prefix + r.context for r in rows]

@@ -2,7 +2,8 @@
 nothing it depends on changed. A workflow: every stage runs through the command runner the CLI
 hands it (`temper.cli.Commands`); nothing here imports a recipe or a command.
 
-    temper run                                         # the shipped pipelines/lifecycle-tiny.yaml
+    temper run                                         # the shipped pipelines/lifecycle.yaml (~6 min on 2 cores)
+    temper run lifecycle-tiny                          # the same stages at tiny sizes (seconds)
     temper run my.yaml sft.max_steps=50                # a stage's key, as on its own command line
     temper run my.yaml --from sft                      # rerun sft and every stage after it
     temper run my.yaml --only eval                     # run eval alone (its inputs must exist)
@@ -73,7 +74,7 @@ HASH_LIMIT = 1 << 20  # files up to this size are hashed by content; larger ones
 
 @dataclass
 class Config:
-    pipeline: str = opt("lifecycle-tiny", "the pipeline YAML file, or the name of a shipped one "
+    pipeline: str = opt("lifecycle", "the pipeline YAML file, or the name of a shipped one "
                                           "(temper/configs/pipelines)")
     from_stage: str = opt("", "rerun this stage and every one after it (--from STAGE)")
     only: str = opt("", "run this stage alone (--only STAGE); the stages it refers to must have run")
