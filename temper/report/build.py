@@ -373,7 +373,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;m
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .meta{color:#666}table{border-collapse:collapse;margin:.6em 0;font-size:14px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap;overflow-wrap:normal}
 .warnings{background:#fff4e5;border:1px solid #f0a040;padding:.6em 1em;border-radius:4px}.warnings h2{margin-top:.2em}
 .right{background:#e8f6e8}.wrong{background:#fbe9e9}.mark{font-weight:bold}
 table.questions,table.samples{table-layout:fixed;width:100%}
