@@ -290,7 +290,7 @@ def test_report_of_a_real_run(run_dir):
     header = table[0]
     for row, model in zip(table[1:], results["models"]):
         scores = results["per_model"][model]["world_qa"]
-        for metric, label in (("exact_match", "exact match"), ("answer_accuracy", "pass rate")):
+        for metric, label in (("exact_match", "exact match"), ("answer_accuracy", "answer accuracy")):
             assert row[header.index(f"world_qa: {label}")] == fmt(scores[metric])
     # every plot written and embedded, byte for byte
     files = sorted((run_dir / "report").glob("*.png"))

@@ -57,7 +57,7 @@ EXTRA_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 POST_TRAINING = ("sft", "dpo", "grpo", "ppo", "online-dpo", "reward")
 # results.json task metrics, in column order, with their names in the table
-TASK_METRICS: dict[str, str] = {"exact_match": "exact match", "answer_accuracy": "pass rate",
+TASK_METRICS: dict[str, str] = {"exact_match": "exact match", "answer_accuracy": "answer accuracy",
                                 "acc": "accuracy", "acc_norm": "accuracy (length-normalised)"}
 NOT_METRICS = ("examples", "examples_per_second", "outputs", "tokens_per_second", "reward_model_score",
                "kl_to_reference")
