@@ -206,28 +206,33 @@ def test_shipped_pipelines_are_valid(tmp_path, monkeypatch, capsys):
     assert "stage 'sft': unknown key 'max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err
 
 
+def pretraining_pipeline(tmp_path: Path, max_steps: int, every: int) -> Path:
+    """world -> tok -> pre: a tiny pretraining run with a checkpoint every `every` steps."""
+    return write(tmp_path, "stages:\n" + SMALL_WORLD + f"""  tok:
+    command: tokenizer
+    data: ["${{world}}/pretrain/train.jsonl"]
+    vocab_size: 300
+  pre:
+    command: pretrain
+    data: ["${{world}}/pretrain/train.jsonl"]
+    tokenizer: ${{tok}}
+    model: llama-tiny
+    model_config: {{hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}}
+    seq_len: 32
+    batch_size: 4
+    max_steps: {max_steps}
+    samples: 0
+    checkpoint: {{every: {every}}}
+    logging: {{every: 5, eval_every: 0, progress: false}}
+""")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_a_stage_killed_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """SIGKILL a real `temper run` once pretrain has written a checkpoint; the rerun skips the
     finished stages and continues pretrain from that checkpoint to its last step."""
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, "stages:\n" + SMALL_WORLD + """  tok:
-    command: tokenizer
-    data: ["${world}/pretrain/train.jsonl"]
-    vocab_size: 300
-  pre:
-    command: pretrain
-    data: ["${world}/pretrain/train.jsonl"]
-    tokenizer: ${tok}
-    model: llama-tiny
-    model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
-    seq_len: 32
-    batch_size: 4
-    max_steps: 100
-    samples: 0
-    checkpoint: {every: 20}
-    logging: {every: 5, eval_every: 0, progress: false}
-""")
+    path = pretraining_pipeline(tmp_path, max_steps=100, every=20)
     root = tmp_path / "runs" / "p"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "temper", "run", str(path)], env=env, cwd=tmp_path,
@@ -274,23 +279,7 @@ def test_a_full_disk_mid_stage_is_one_line_and_the_rerun_resumes_there(tmp_path,
     from temper.train import checkpoint
 
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, "stages:\n" + SMALL_WORLD + """  tok:
-    command: tokenizer
-    data: ["${world}/pretrain/train.jsonl"]
-    vocab_size: 300
-  pre:
-    command: pretrain
-    data: ["${world}/pretrain/train.jsonl"]
-    tokenizer: ${tok}
-    model: llama-tiny
-    model_config: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
-    seq_len: 32
-    batch_size: 4
-    max_steps: 15
-    samples: 0
-    checkpoint: {every: 5}
-    logging: {every: 5, eval_every: 0, progress: false}
-""")
+    path = pretraining_pipeline(tmp_path, max_steps=15, every=5)
     root = tmp_path / "runs" / "p"
     real, calls = checkpoint.save_tensors, []
 
