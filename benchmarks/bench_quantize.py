@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from temper.io import weights_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "valid.txt"
 VARIANTS = ("fp32", "bf16", "int8", "int4", "gptq", "gptq-actorder", "nf4")
@@ -77,6 +79,21 @@ def quantize(cache: Path, model: Path, variant: str) -> tuple[Path, float]:
     return out, seconds
 
 
+def heldout_nll(forward, ids: list[int], window: int) -> tuple[float, int]:
+    """Summed NLL and token count of `ids` in disjoint windows of `window` predictions;
+    `forward(input_ids) -> logits` (temper's model, or the peer's)."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start:start + window + 1]])
+            if chunk.shape[1] < 2:
+                break
+            logits = forward(chunk[:, :-1]).float()
+            nll += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return nll, count
+
+
 def measure(path: str, dtype: str, heldout: str, gen_tokens: int, window: int) -> dict:
     """One variant in this process: load, memory, perplexity, generation speed."""
     from temper.loading import load_for_inference
@@ -89,15 +106,8 @@ def measure(path: str, dtype: str, heldout: str, gen_tokens: int, window: int) -
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     tensor_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
     ids = tokenizer.encode(Path(heldout).read_text(encoding="utf-8"))
-    nll, count = 0.0, 0
+    nll, count = heldout_nll(model, ids, window)
     with torch.no_grad():
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start:start + window + 1]])
-            if chunk.shape[1] < 2:
-                break
-            logits = model(chunk[:, :-1]).float()
-            nll += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
         prompt = [ids[:32]]
         cfg = SamplingConfig(max_new_tokens=gen_tokens, temperature=0.0)
         generate(model, prompt, SamplingConfig(max_new_tokens=4, temperature=0.0))  # warm-up
@@ -183,22 +193,14 @@ def peer_gptq(model: Path, cache: Path, act_order: bool, window: int) -> dict:
     del qmodel
     loaded = GPTQModel.load(str(out), device="cpu", dtype=torch.float32)
     ids = tokenizer.encode((cache / "heldout.txt").read_text(encoding="utf-8"))
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start:start + window + 1]])
-            if chunk.shape[1] < 2:
-                break
-            logits = loaded.model(input_ids=chunk[:, :-1]).logits.float()
-            nll += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
+    nll, count = heldout_nll(lambda x: loaded.model(input_ids=x).logits, ids, window)
     import gptqmodel
     return {"ppl": math.exp(nll / count), "tokens": count, "quantize_s": seconds, "disk_mb": disk_mb(out),
             "version": gptqmodel.__version__}
 
 
 def disk_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
+    return weights_bytes(path) / 2**20
 
 
 def main() -> None:

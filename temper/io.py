@@ -243,6 +243,12 @@ def refuse_foreign_model(out: Path, command: str, *, overwrite: bool, writes_mod
                           "overwrite=true to replace it")
 
 
+def weights_bytes(directory: str | Path) -> int:
+    """Bytes of a model directory's weights on disk: every *.safetensors file in it (an adapter
+    directory: its adapter; a quantised one: its packed weights)."""
+    return sum(p.stat().st_size for p in Path(directory).expanduser().glob("*.safetensors") if p.is_file())
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file, or a directory's entries, to the disk (a rename is durable only then)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)

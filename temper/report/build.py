@@ -29,7 +29,7 @@ from typing import Any
 
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.eval.plot import Run, read_run, series
-from temper.io import atomic_write_bytes, atomic_write_text
+from temper.io import atomic_write_bytes, atomic_write_text, weights_bytes
 from temper.report.charts import Chart, Series, bar_chart, line_chart, scatter_chart
 
 REPORT_FILE = "report.html"
@@ -155,10 +155,6 @@ def _size(n: int | float) -> str:
     return f"{n / 1e6:.3g} MB"
 
 
-def _weights_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.glob("*.safetensors") if p.is_file())
-
-
 # ----------------------------------------------------------------------------- what the run did
 
 
@@ -175,9 +171,9 @@ def key_metric(view: StageView) -> str:
             return f"documents: {fmt(rep['input'].get('documents'))} -> {fmt(rep['kept'].get('documents'))}"
     if view.command == "quantize" and view.output_dir is not None:
         source = _config(view).get("model")
-        after = _weights_bytes(view.output_dir)
+        after = weights_bytes(view.output_dir)
         if isinstance(source, str) and Path(source).is_dir() and after:
-            return f"weights: {_size(_weights_bytes(Path(source)))} -> {_size(after)}"
+            return f"weights: {_size(weights_bytes(Path(source)))} -> {_size(after)}"
     rows = view.log.rows if view.log else []
     before_summary = view.summary.get("before") if isinstance(view.summary.get("before"), dict) else {}
     for key in KEY_METRICS.get(view.command, ("eval_loss", "loss")):

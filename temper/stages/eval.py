@@ -46,7 +46,7 @@ from temper.eval.contamination import contamination_report
 from temper.eval.judge import pairwise, rule_pairwise, summarize
 from temper.eval.sliding import sliding_window_perplexity
 from temper.eval.tasks import iter_task_rows, load_task, resolve_data, resolve_task, run_task
-from temper.io import atomic_write_text, owned_output_dir
+from temper.io import atomic_write_text, owned_output_dir, weights_bytes
 from temper.lineage import read_lineage
 from temper.loading import load_for_inference
 from temper.models.hf import config_from_hf, read_hf_config, weight_files
@@ -179,7 +179,7 @@ def model_facts(model_dir: str, model, lineage: dict) -> dict:
     """What the checkpoint table shows beside the scores: bytes of weights on disk (every *.safetensors in
     the directory: an adapter directory counts its adapter), parameters (a quantised linear's logical
     out x in weights, not its packed storage), quantisation and the stage that wrote it (temper.json)."""
-    size = sum(f.stat().st_size for f in Path(model_dir).expanduser().glob("*.safetensors"))
+    size = weights_bytes(model_dir)
     parameters = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         weight = getattr(module, "weight", None)

@@ -375,7 +375,7 @@ def run(cfg: Config, commands) -> dict:
             run_ids[stage.name] = record["run_id"]
             print(f"temper run [{index + 1}/{len(stages)}] {stage.name} ({stage.command}): unchanged, skipped",
                   file=sys.stderr)
-            results.append(_row(stage, "skipped", record.get("seconds")))
+            results.append(_row(stage, "skipped"))  # the seconds it took when it ran are in its record
             continue
         settings = {}
         # an interrupted stage continues; one rerun on request (--force, --from, --only) starts afresh
@@ -390,9 +390,9 @@ def run(cfg: Config, commands) -> dict:
             how = "running"
         config = dataclasses.replace(stage.config, **settings) if settings else stage.config
         run_id = uuid.uuid4().hex
-        write_record(out_root, stage, {"state": "running", "stage": stage.name, "command": stage.command,
-                                       "fingerprint": print_, "run_id": run_id, "config": resolved,
-                                       "inputs": inputs, "temper_version": __version__})
+        base = {"stage": stage.name, "command": stage.command, "fingerprint": print_, "run_id": run_id,
+                "config": resolved, "inputs": inputs, "temper_version": __version__}
+        write_record(out_root, stage, {"state": "running", **base})
         print(f"temper run [{index + 1}/{len(stages)}] {stage.name} ({stage.command}): {how} -> {stage.output_dir}",
               file=sys.stderr, flush=True)
         log = record_path(out_root, stage).with_suffix(".log")
@@ -406,18 +406,13 @@ def run(cfg: Config, commands) -> dict:
                 failed = ""
         seconds = time.perf_counter() - began
         if failed:
-            write_record(out_root, stage, {"state": "running", "stage": stage.name, "command": stage.command,
-                                           "fingerprint": print_, "run_id": run_id, "config": resolved,
-                                           "inputs": inputs, "temper_version": __version__,
-                                           "warnings": output.warnings, "error": failed})
+            write_record(out_root, stage, {"state": "running", **base, "warnings": output.warnings, "error": failed})
             results.append(_row(stage, "failed", round(seconds, 3)))
             _write_summary(out_root, path, results)
             finish(out_root)  # the report of what finished
             raise TemperError(f"{failed} (its output: {log})")
-        write_record(out_root, stage, {"state": "done", "stage": stage.name, "command": stage.command,
-                                       "fingerprint": print_, "run_id": run_id, "config": resolved,
-                                       "inputs": inputs, "temper_version": __version__,
-                                       "seconds": round(seconds, 3), "warnings": output.warnings})
+        write_record(out_root, stage, {"state": "done", **base, "seconds": round(seconds, 3),
+                                       "warnings": output.warnings})
         print(f"temper run [{index + 1}/{len(stages)}] {stage.name}: done in {duration(seconds)}", file=sys.stderr,
               flush=True)
         run_ids[stage.name] = run_id
@@ -449,7 +444,7 @@ def _write_summary(out_root: Path, path: Path, results: list[dict]) -> dict:
 def _row(stage: Stage, status: str, seconds: float | None = None) -> dict:
     row = {"stage": stage.name, "command": stage.command, "output_dir": stage.output_dir, "status": status}
     if seconds is not None:
-        row["seconds" if status in ("ran", "failed") else "seconds_when_run"] = seconds
+        row["seconds"] = seconds
     return row
 
 
