@@ -1,8 +1,11 @@
 """Training throughput and peak memory: temper vs transformers' LlamaForCausalLM, same shape.
 
     python benchmarks/bench_pretrain.py [--preset llama-14m --batch 8 --seq-len 256 --steps 8]
+                                        [--precision fp32|bf16] [--compile]
 
-One command: it measures the dense fp32 matmul peak of this machine, then runs each side
+One command: it measures the dense matmul peak of this machine in the precision benchmarked
+(`--precision bf16`: torch.autocast bf16 with fp32 master weights on BOTH sides, what temper's
+`precision=bf16` does), then runs each side
 in its own subprocess (so peak memory is that side's alone), alternating the sides for --rounds rounds and
 keeping each side's best, on the same shape, batch,
 sequence length and optimiser (AdamW; temper: fused kernels and the chunked output-layer
@@ -13,6 +16,7 @@ prints tokens/s, MFU and peak RSS for both with the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -34,6 +38,9 @@ def side(args) -> dict:
     params = temper_model.num_parameters()
     data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, args.batch, args.seq_len + 1))
 
+    # bf16: the forward under autocast (the backward follows its dtypes), fp32 master weights
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" \
+        else contextlib.nullcontext
     if args.only == "temper":
         from temper.config import OptimConfig
         from temper.losses import causal_lm_loss
@@ -45,7 +52,8 @@ def side(args) -> dict:
         opt = build_optimizer(model, OptimConfig(lr=1e-4, fused=True))
 
         def step(batch):
-            loss_sum, n = causal_lm_loss(model, batch[:, :-1], batch[:, 1:])
+            with autocast():
+                loss_sum, n = causal_lm_loss(model, batch[:, :-1], batch[:, 1:])
             (loss_sum / n).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
@@ -62,7 +70,8 @@ def side(args) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(batch):
-            out = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone())
+            with autocast():
+                out = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone())
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -90,6 +99,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile temper's model")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast with fp32 master weights, both sides")
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side; the best is kept")
     ap.add_argument("--only", choices=["temper", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -99,12 +110,13 @@ def main() -> None:
 
     from temper.train.engine import measure_matmul_peak
 
-    peak = measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=3.0, size=1024, trials=15)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = measure_matmul_peak(torch.device("cpu"), dtype, seconds=3.0, size=1024, trials=15)
     results: dict[str, dict] = {}
     for _ in range(args.rounds):  # alternate the sides; keep each side's best round
         for name in ("temper", "transformers"):
             cmd = [sys.executable, __file__, "--only", name, "--preset", args.preset, "--batch", str(args.batch),
-                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
             if args.compile:
                 cmd.append("--compile")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -116,9 +128,9 @@ def main() -> None:
     t, h = results["temper"], results["transformers"]
     import transformers
 
-    print(f"shape: {args.preset} ({t['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq_len}, fp32, "
+    print(f"shape: {args.preset} ({t['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq_len}, {args.precision}, "
           f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    print(f"measured {args.precision} matmul peak: {peak / 1e9:.1f} GFLOP/s")
     for name, r in results.items():
         mfu = r["tokens_per_second"] * r["flops_per_token"] / peak
         print(f"{name:13s} {r['tokens_per_second']:9.0f} tokens/s   MFU {mfu:6.1%}   peak RSS {r['peak_rss_mb']:7.0f} MB")

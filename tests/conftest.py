@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# precision=auto measures the CPU (bf16 where its bf16 matmuls are faster): the suite pins fp32, here
+# and in every command it starts, so its results do not depend on the CPU; test_precision_auto.py
+# tests the measurement itself
+os.environ["TEMPER_AUTO_PRECISION"] = "fp32"
 
 
 def shared_file(*parts: str) -> Path:

@@ -1,7 +1,7 @@
 """The numerics every training recipe shares.
 
-- `precision_context`: fp32 (the right default on CPU), bf16 autocast, fp16 autocast with a
-  gradient scaler.
+- `choose_precision` / `precision_context`: fp32, bf16 autocast, fp16 autocast with a gradient
+  scaler; `auto` is bf16 on a GPU, and on a CPU whichever its matmuls are measured faster in.
 - `accumulate`: micro-batches whose summed loss is normalised by the number of target
   tokens in the *whole* accumulated batch (all micro-batches, all ranks), so gradient
   accumulation gives the same gradient as one big batch even when micro-batches hold
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import resource
 import sys
 import time
@@ -40,16 +41,55 @@ from temper.models import registry
 # ----------------------------------------------------------------------------- precision
 
 
+# auto picks bf16 on a CPU only where its bf16 matmuls beat fp32 by this much: AVX2 CPUs emulate
+# bf16 (about 4x SLOWER than fp32), CPUs with AVX512_BF16 or AMX-BF16 run it 3-5x faster
+CPU_BF16_MIN_SPEEDUP = 1.5
+AUTO_PRECISION_ENV = "TEMPER_AUTO_PRECISION"  # fp32 or bf16: what `auto` means on a CPU, unmeasured
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses (`auto` resolved: see `choose_precision`)."""
+    return choose_precision(precision, device)[0]
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(precision, why). `auto`: bf16 on a GPU that has it; on a CPU, bf16 autocast (fp32 master
+    weights) where a measured bf16 matmul is at least CPU_BF16_MIN_SPEEDUP x faster than fp32,
+    else fp32; the environment variable TEMPER_AUTO_PRECISION=fp32|bf16 skips the measurement
+    (the test suite pins fp32 with it, so its results do not depend on the CPU)."""
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return "bf16", "the GPU supports bf16"
+            return "fp32", "the GPU has no bf16"
+        if device.type != "cpu":
+            return "fp32", f"auto is fp32 on {device.type}"
+        forced = os.environ.get(AUTO_PRECISION_ENV, "")
+        if forced:
+            if forced not in ("fp32", "bf16"):
+                raise TemperError(f"{AUTO_PRECISION_ENV}={forced!r}: expected fp32 or bf16 (or unset, to measure)")
+            return forced, f"{AUTO_PRECISION_ENV}={forced}"
+        speedup = cpu_bf16_speedup()
+        if speedup >= CPU_BF16_MIN_SPEEDUP:
+            return "bf16", (f"bf16 autocast: this CPU's bf16 matmuls measured {speedup:.1f}x as fast as fp32 "
+                            f"(precision=fp32 to keep fp32)")
+        return "fp32", (f"fp32: this CPU's bf16 matmuls measured {speedup:.2f}x fp32's speed "
+                        f"(bf16 needs >= {CPU_BF16_MIN_SPEEDUP}x)")
     if precision not in ("fp32", "bf16", "fp16"):
         raise TemperError(f"precision must be auto, fp32, bf16 or fp16; got {precision!r}")
     if precision == "fp16" and device.type == "cpu":
         raise TemperError("precision=fp16 needs a GPU; use fp32 (or bf16) on CPU")
-    return precision
+    return precision, "asked for"
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """bf16 matmul FLOP/s over fp32's on this CPU, measured once per process (about 0.3 s) on a
+    512x512 matmul, the size class of the small models' projections."""
+    cpu = torch.device("cpu")
+    fp32 = measure_matmul_peak(cpu, torch.float32, seconds=0.12, size=512, trials=3)
+    bf16 = measure_matmul_peak(cpu, torch.bfloat16, seconds=0.12, size=512, trials=3)
+    return bf16 / fp32
 
 
 def precision_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

@@ -88,7 +88,8 @@ SHARED_HELP: dict[str, str] = {
     "resume": "'' starts fresh; 'auto' continues from the newest valid checkpoint; or a checkpoint path",
     "overwrite": "start over in an output_dir that holds an earlier run (its checkpoints and metrics go)",
     "device": "auto, cpu, cuda, cuda:N or mps",
-    "precision": "fp32 on CPU and bf16 on GPU by default",
+    "precision": "auto: bf16 on a GPU; on a CPU, bf16 autocast where its bf16 matmuls measure >= 1.5x fp32's "
+                 "(AVX512_BF16, AMX), else fp32 (TEMPER_AUTO_PRECISION=fp32|bf16 skips the measurement)",
     "compile": "torch.compile the model",
     "activation_checkpointing": "recompute block activations in backward to save memory",
     "strategy": "none (one process), ddp, fsdp, or auto: ddp under torchrun (fsdp with parallel.tp alone), else none",
@@ -305,9 +306,14 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
                 continue  # a reward model (PPO's reward_model=): scored sequences are checked where it reads them
             check_positions(cfg.seq_len, config_from_hf(hf, f"{value}/config.json"), f"{key}={value}")
     device = resolve_device(cfg.device)
-    precision = engine.resolve_precision(cfg.precision, device)
+    if cfg.precision != "auto":  # a wrong one is refused before any process group forms
+        engine.resolve_precision(cfg.precision, device)
     par = Parallel(cfg.strategy, cfg.parallel, device)
+    # auto may measure the CPU: rank 0 decides for every rank
+    precision, why = par.agree(engine.choose_precision, cfg.precision, device)
     check_precision(par, precision)
+    if cfg.precision == "auto" and par.is_main:
+        print(f"precision auto -> {precision}: {why}", file=sys.stderr)
     run_dir = RunDir(cfg.output_dir)
     try:
         out = Path(par.agree(lambda: str(run_dir.claim(
