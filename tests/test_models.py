@@ -89,7 +89,7 @@ def test_real_presets_count_on_meta_device(name):
     assert model.num_parameters() == REAL_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2-0.5b", "gpt2"])
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2-0.5b", "gpt2", "llama-125m"])
 def test_preset_counts_equal_transformers_on_meta(name):
     from temper.models.hf import config_to_hf
 

@@ -23,7 +23,7 @@ def _llama(**kw: Any) -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # ~0.3M parameters with a 2k vocabulary: tests.
+    # ~0.2M parameters with a 2k vocabulary: tests.
     "llama-tiny": _llama(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          intermediate_size=128, max_seq_len=512, tie_embeddings=True),
     # ~3M / ~14M parameters: CPU training runs and benchmarks.
@@ -31,6 +31,9 @@ PRESETS: dict[str, ModelConfig] = {
                        intermediate_size=512, max_seq_len=512, tie_embeddings=True),
     "llama-14m": _llama(vocab_size=8192, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
                         intermediate_size=1024, max_seq_len=1024, tie_embeddings=True),
+    # ~125M parameters (GPT-2-small class, untied 32k vocabulary): the GPU throughput benchmark.
+    "llama-125m": _llama(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                         intermediate_size=2048, max_seq_len=2048),
     # The real models' shapes, so that a config can be built on the meta device and counted.
     "llama-3.2-1b": _llama(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
                            num_kv_heads=8, intermediate_size=8192, max_seq_len=131072,
