@@ -61,9 +61,14 @@ def check_checkpoint_table(root: Path) -> None:
 
 def test_lifecycle_tiny_runs_then_skips_then_reruns_from_a_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    # the lifecycle as a CPU with fast bf16 (AVX512_BF16, AMX) runs it: precision=auto -> bf16 autocast in
+    # every training stage (each command's fp32 path has tests of its own; the suite pins fp32 elsewhere)
+    monkeypatch.setenv("TEMPER_AUTO_PRECISION", "bf16")
     root = tmp_path / "runs" / "lifecycle-tiny"
     assert main(["run", "lifecycle-tiny"]) == 0  # the shipped pipelines/lifecycle-tiny.yaml
     assert statuses(root) == dict.fromkeys(STAGES, "ran")
+    for stage in ("pretrain", "sft", "reward", "dpo", "grpo"):
+        assert "precision auto -> bf16" in (root / ".run" / f"{stage}.log").read_text(), stage
     # stdout: the summary only (each stage's own prints went to its log); the report beside it
     out = capsys.readouterr().out
     assert "Stages:" in out and "Checkpoints (eval):" in out and "Held-out questions, world_chat_qa" in out
