@@ -28,9 +28,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        if dtype != torch.float32:  # (a cast call where there is nothing to cast costs a dispatch per norm)
+            x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -57,7 +58,12 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None =
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions 0..max_len-1, in the rotate-half layout of HF Llama."""
+    """cos/sin tables for positions 0..max_len-1, in the rotate-half layout of HF Llama.
+
+    The sin table holds the rotate-half signs folded in (its first half negated), so that
+    `apply_rotary` rotates with one `roll` instead of two slices, a negation and a `cat`: the
+    products are the same floats, since negating is exact.
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
@@ -69,21 +75,32 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
+        half = self.head_dim // 2
+        sin = emb.sin()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin of shape (B, 1, T, head_dim)."""
-        if positions.max() >= self.cos.shape[0]:  # rebuild beyond the table, as HF does
+    def forward(self, positions: torch.Tensor, first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, signed sin of shape (B, 1, T, head_dim).
+
+        `first`: the positions are first..first+T-1 in every row (the forward's default ones),
+        so the tables are sliced, not gathered, and their bound is known without reading the
+        positions back from the device; the slices are (1, 1, T, head_dim)."""
+        if first is not None:
+            end = first + positions.shape[-1]
+            if end > self.cos.shape[0]:  # rebuild beyond the table, as HF does
+                self._build(end, self.cos.device)
+            return self.cos[None, None, first:end], self.sin[None, None, first:end]
+        if positions.max() >= self.cos.shape[0]:
             self._build(int(positions.max()) + 1, self.cos.device)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) by the position angles, in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate (B, nh, T, hs) by the position angles (`RotaryEmbedding`'s cos and signed sin), in
+    x's dtype: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x) * signed sin."""
+    y = x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+    return y if y.dtype == x.dtype else y.to(x.dtype)  # no cast call where there is nothing to cast
 
 
 class KVCache:
@@ -243,9 +260,11 @@ class DecoderBase(nn.Module):
         """The norm between the last block and the output layer."""
         raise NotImplementedError
 
-    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor
+    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor, first: int | None = None
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(x with learned positions added, or x; rotary (cos, sin) for the attention, or None)."""
+        """(x with learned positions added, or x; rotary (cos, sin) for the attention, or None).
+        `first`, when given, says the positions are first..first+T-1 in every row (known on the
+        host: no read-back of the positions is needed to check their range)."""
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
@@ -259,12 +278,14 @@ class DecoderBase(nn.Module):
             raise TemperError(f"prefix_kv has {len(prefix_kv)} layers, the model {len(self.blocks)}")
         x = self.input_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = x.shape[1]
+        default_positions = positions is None  # past..past+T-1 in every row
         positions, mask, causal = self._attention_inputs(T, x.device, positions, mask, cache)
-        x, rope = self._position_inputs(x, positions)
+        first = (cache.length if cache is not None else 0) if default_positions else None
+        x, rope = self._position_inputs(x, positions, first)
         x = self.run_blocks(x, AttentionInputs(mask, causal, cache, rope, prefix_kv))
         if cache is not None:
             cache.length += T
-        if last_only:  # generation needs the next-token logits of the last position alone
+        if last_only and T > 1:  # generation needs the next-token logits of the last position alone
             x = x[:, -1:]
         x = self.final_norm(x)
         if return_hidden:

@@ -205,43 +205,66 @@ def generate(
     streams = row_streams(cfg.seed, range(first_row, first_row + B), device) \
         if cfg.seed is not None and cfg.temperature > 0 else None
 
+    # The chosen tokens stay in `ids` on the device; they are read back (`flush`) only where the
+    # host needs them: every step for `on_token` / `should_stop`, the step a row ends on EOS (one
+    # boolean read per step tells), when rows leave, and at the end. Greedy decoding without EOS
+    # or callbacks reads nothing back until the end.
+    per_token = on_token is not None or should_stop is not None
+    flushed = prompt_len  # ids[:, :flushed] of the active rows are in `outputs` already
+
+    def flush(end: int) -> list[int]:
+        """Copy the active rows' ids[flushed:end] to `outputs` (calling on_token); their indices."""
+        active = rows.tolist()
+        for r, new in zip(active, ids[:, flushed:end].tolist()):
+            for t in new:
+                outputs[r].append(t)
+                if on_token is not None:
+                    on_token(r, t)
+        return active
+
     for step in range(cfg.max_new_tokens):
         S = prompt_len + step  # tokens so far
         next_tokens = choose_next(process_logits(logits, cfg, seen), cfg, streams)  # (B_active,)
         ids[:, S] = next_tokens
         if seen is not None:
             seen.scatter_(1, next_tokens[:, None], True)
-        finished = torch.isin(next_tokens, eos) if eos.numel() else torch.zeros_like(next_tokens, dtype=torch.bool)
-        tokens = next_tokens.tolist()
-        done = finished.tolist()
-        for i, (r, t) in enumerate(zip(rows.tolist(), tokens)):
-            outputs[r].append(t)
-            if on_token is not None:
-                on_token(r, t)
-            if not done[i] and should_stop is not None and should_stop(r, outputs[r]):
-                done[i] = True
-        if step == cfg.max_new_tokens - 1 or all(done):
-            break
-        if any(done):  # finished rows leave the batch
-            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
-            rows, ids, key_valid, next_position = rows[keep], ids[keep], key_valid[keep], next_position[keep]
-            if streams is not None:
-                streams = [streams[i] for i in keep.tolist()]
-            if seen is not None:
-                seen = seen[keep]
-            if cache is not None:
-                cache.select(keep)
+        last = step == cfg.max_new_tokens - 1
+        finished = torch.isin(next_tokens, eos) if eos.numel() else None
+        if per_token or last or (finished is not None and bool(finished.any())):
+            active = flush(S + 1)
+            flushed = S + 1
+            done = finished.tolist() if finished is not None else [False] * len(active)
+            if should_stop is not None:
+                for i, r in enumerate(active):
+                    if not done[i] and should_stop(r, outputs[r]):
+                        done[i] = True
+            if last or all(done):
+                break
+            if any(done):  # finished rows leave the batch
+                keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
+                rows, ids, key_valid, next_position = rows[keep], ids[keep], key_valid[keep], next_position[keep]
+                if streams is not None:
+                    streams = [streams[i] for i in keep.tolist()]
+                if seen is not None:
+                    seen = seen[keep]
+                if cache is not None:
+                    cache.select(keep)
         if cache is not None:
             step_ids = ids[:, S:S + 1]
             positions = next_position if padded else None
             next_position = next_position + 1
             mask = key_valid[:, None, None, :S + 1] if padded else None
-            logits = model(step_ids, positions=positions, mask=mask, cache=cache)[:, -1].float()
+            logits = _as_float(model(step_ids, positions=positions, mask=mask, cache=cache)[:, -1])
         else:
             positions = positions_from_valid(key_valid[:, :S + 1]) if padded else None
             mask = build_attention_mask(key_valid, S + 1, S + 1) if padded else None
             logits = model(ids[:, :S + 1], positions=positions, mask=mask, last_only=True)[:, -1].float()
     return outputs
+
+
+def _as_float(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (no cast call where they are fp32 already: one dispatch less per token)."""
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 def generate_text(model: DecoderBase, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, *,

@@ -78,9 +78,8 @@ class GPT2(DecoderBase):
     def final_norm(self) -> nn.Module:
         return self.ln_f
 
-    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor):
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the model's {self.config.max_seq_len} learned positions"
-            )
+    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor, first: int | None = None):
+        last = first + positions.shape[-1] - 1 if first is not None else int(positions.max())
+        if last >= self.config.max_seq_len:
+            raise ValueError(f"position {last} is beyond the model's {self.config.max_seq_len} learned positions")
         return x + self.wpe(positions), None  # (B, T, C)

@@ -35,11 +35,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
         # -1, not self.num_heads: under tensor parallelism each rank holds a slice of the heads
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hs)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         cos, sin = a.rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q and k rotate together: one set of elementwise calls instead of two (the same floats)
+        nh = q.shape[2]
+        q, k = apply_rotary(torch.cat((q, k), 2).transpose(1, 2), cos, sin).split((nh, k.shape[2]), 1)
         if a.cache is not None:
             k, v = a.cache.update(self.layer, k, v)  # (B, nkv, S, hs); a prefix is never cached
         y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer))  # (B, nh, T, hs)
@@ -96,6 +98,8 @@ class Llama(DecoderBase):
     def final_norm(self) -> nn.Module:
         return self.norm
 
-    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor):
-        cos, sin = self.rope(positions)  # positions enter through the attention only
-        return x, (cos.to(x.dtype), sin.to(x.dtype))
+    def _position_inputs(self, x: torch.Tensor, positions: torch.Tensor, first: int | None = None):
+        cos, sin = self.rope(positions, first)  # positions enter through the attention only
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x, (cos, sin)
