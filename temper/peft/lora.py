@@ -127,7 +127,7 @@ class LoRALinear(nn.Module):
         x = x.to(A.weight.dtype)
         xd = drop(x)
         if name not in self.lora_magnitude:
-            return (result + B(A(xd)) * s).to(result.dtype)
+            return _add_low_rank(result, xd, A.weight, B.weight, s)
         # DoRA, as PEFT's DoraLinearLayer: the norm is a constant of the graph
         w = base_weight(self.base).to(x.dtype)
         norm = torch.linalg.norm(w + s * (B.weight @ A.weight).detach(), dim=1).to(w.dtype).detach()
@@ -142,6 +142,15 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.rank[n]}{', dora' if n in self.lora_magnitude else ''})" for n in self.lora_A)
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ads}], active={self.active}"
+
+
+def _add_low_rank(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """result + s * (x A^T) B^T, in result's dtype: the rank-r product first, then one addmm that
+    applies s (its alpha) and adds the base output in the same call: no (..., out) temporaries for
+    the scale or the sum, forward or backward (the scale lands on the (.., r) and (r, out) gradients)."""
+    h = F.linear(x, A)  # (..., r)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+    return out.view(result.shape).to(result.dtype)
 
 
 # ----------------------------------------------------------------------------- finding modules
