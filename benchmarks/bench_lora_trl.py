@@ -1,6 +1,20 @@
 """LoRA SFT speed: temper vs transformers + peft + trl (SFTTrainer), both sides doing the same work.
 
     python benchmarks/bench_lora_trl.py --model runs/pretrain [--steps 40 --batch 16 --rounds 2]
+    python benchmarks/bench_lora_trl.py --model runs/pretrain --precision bf16
+    python benchmarks/bench_lora_trl.py --model runs/pretrain --packing   # each side at its best
+
+`--packing`: each side packs the way it recommends, over ONE epoch of the same examples.
+temper `packing=true`: the shuffled examples go greedily into rows of `seq_len` tokens
+(positions restart and attention stays inside each example; only a row's tail is padding).
+TRL `packing=True` with its default `packing_strategy="bfd"` (best-fit decreasing), which
+turns on padding-free: a batch's packed rows become one flat sequence with position ids
+that restart per example (no attention mask; transformers derives a block-diagonal mask
+from the position ids for SDPA, so no example sees another; flash attention is not
+needed for correctness, and this CPU has none). Both sides: `--batch` packed rows of 512
+per step, one epoch (each side's own number of steps), the same completion-only tokens
+trained (counted from each side's packed rows; TRL masks every example's first label,
+a prompt token here). Reported: examples/s and trained tokens/s.
 
 `--model` is a `temper pretrain` output (a Hugging Face directory, so transformers loads
 it as is). Data: every row of the built-in world's `sft/train.jsonl` (single-turn
@@ -16,9 +30,11 @@ every one that changes the work or the maths is set; the script prints them):
     conversational completion). Both sides count the trained tokens; the script stops if
     the counts differ.
   - no gradient checkpointing on either (TRL's SFTConfig turns it ON by default);
-    padding to the longest row of the batch, no packing, no padding-free; max length 512
-    (temper `seq_len`, TRL `max_length`); fp32 (TRL defaults to bf16 where the machine
-    has it); batch 16, 1 micro-batch per step, the same number of steps.
+    padding to the longest row of the batch, no packing, no padding-free (unless
+    `--packing`); max length 512 (temper `seq_len`, TRL `max_length`); `--precision` fp32
+    (TRL defaults to bf16 where the machine has it) or bf16 (autocast with fp32 master
+    weights on both: temper `precision=bf16`, TRL `bf16=True`); batch 16, 1 micro-batch
+    per step, the same number of steps.
   - LoRA r=8, alpha 16, dropout 0 on every linear layer but lm_head (trainable parameter
     counts printed; the script stops if they differ).
   - AdamW lr 2e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0, fused kernel, gradient
@@ -53,17 +69,19 @@ def rows(model: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def trl_settings(steps: int, batch: int) -> dict:
-    """SFTConfig arguments that make TRL do temper's work (see the module docstring)."""
+def trl_settings(steps: int, batch: int, precision: str = "fp32", packing: bool = False) -> dict:
+    """SFTConfig arguments that make TRL do temper's work (see the module docstring). Packing: TRL's
+    recommended `packing=True` (strategy "bfd", which implies padding-free), over one epoch."""
     import transformers
 
     # transformers >= 5.2x renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing
     names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return dict(
-        max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        **{checkpointing: False}, bf16=False, fp16=False, use_cpu=True,
-        max_length=MAX_LEN, packing=False, padding_free=False, completion_only_loss=True,
+        max_steps=-1 if packing else steps, num_train_epochs=1, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, **{checkpointing: False}, bf16=precision == "bf16", fp16=False, use_cpu=True,
+        max_length=MAX_LEN, completion_only_loss=True,
+        **(dict(packing=True, packing_strategy="bfd") if packing else dict(packing=False, padding_free=False)),
         assistant_only_loss=False, learning_rate=LR, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": MIN_LR_RATIO}, warmup_steps=WARMUP, optim="adamw_torch_fused",
         adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=0.0, max_grad_norm=CLIP,
@@ -72,7 +90,8 @@ def trl_settings(steps: int, batch: int) -> dict:
     )
 
 
-def trl_trainer(model_dir: str | Path, data_rows: list[dict], out: str, steps: int, batch: int):
+def trl_trainer(model_dir: str | Path, data_rows: list[dict], out: str, steps: int, batch: int,
+                precision: str = "fp32", packing: bool = False):
     """TRL's SFTTrainer over `data_rows`, as prompt-completion so only the last reply is trained."""
     import datasets
     import torch
@@ -86,7 +105,8 @@ def trl_trainer(model_dir: str | Path, data_rows: list[dict], out: str, steps: i
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=SFTConfig(output_dir=out, **trl_settings(steps, batch)), train_dataset=data,
+    args = SFTConfig(output_dir=out, **trl_settings(steps, batch, precision, packing))
+    return SFTTrainer(model=model, args=args, train_dataset=data,
                       processing_class=tokenizer, peft_config=lora)
 
 
@@ -106,15 +126,36 @@ def run_trl(args) -> dict:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        trainer = trl_trainer(args.model, rows(args.model), out, args.steps, args.batch)
-        trained_tokens = sum(sum(t != -100 for t in labels[1:]) for labels in trainer.train_dataset["labels"])
+        trainer = trl_trainer(args.model, rows(args.model), out, args.steps, args.batch, args.precision, args.packing)
+        data = trainer.train_dataset
+        if args.packing:  # a packed row holds several examples; each one's first label is never predicted
+            trained_tokens = sum(_trained_in_packed_row(labels, lengths)
+                                 for labels, lengths in zip(data["labels"], data["seq_lengths"]))
+        else:
+            trained_tokens = sum(sum(t != -100 for t in labels[1:]) for labels in data["labels"])
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         result = trainer.train()
-    settings = {k: v for k, v in trl_settings(args.steps, args.batch).items()
+    settings = {k: v for k, v in trl_settings(args.steps, args.batch, args.precision, args.packing).items()
                 if k not in ("max_steps", "per_device_train_batch_size")}
     return {"seconds": result.metrics["train_runtime"], "trained_tokens": trained_tokens, "trainable": trainable,
+            "steps": result.global_step, "examples": len(rows(args.model)),
             "settings": settings, "versions": f"transformers {transformers.__version__}, "
             f"peft {__import__('peft').__version__}, trl {__import__('trl').__version__}"}
+
+
+def _trained_in_packed_row(labels: list[int], lengths: list[int]) -> int:
+    at, n = 0, 0
+    for length in lengths:
+        n += sum(t != -100 for t in labels[at + 1:at + length])
+        at += length
+    return n
+
+
+def temper_epoch_steps(examples, batch: int) -> int:
+    """Steps of one epoch of temper's packed loader (seed 0), as sft.run builds it."""
+    from temper.data.sft import SFTLoader
+
+    return SFTLoader(examples, batch_size=batch, seq_len=MAX_LEN, pad_id=0, seed=0, packing=True).batches_per_epoch
 
 
 def run_temper(args) -> dict:
@@ -122,7 +163,8 @@ def run_temper(args) -> dict:
     from temper.recipes import sft
 
     settings = [
-        f"seq_len={MAX_LEN}", "loss_on=completion", "packing=false", "precision=fp32", "grad_accum=1",
+        f"seq_len={MAX_LEN}", "loss_on=completion", f"packing={str(args.packing).lower()}",
+        f"precision={args.precision}", "grad_accum=1",
         "peft.method=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
         "peft.target_modules=all-linear", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]",
         f"optim.eps={EPS}", "optim.weight_decay=0.0", f"optim.grad_clip={CLIP}", "optim.fused=true",
@@ -131,13 +173,15 @@ def run_temper(args) -> dict:
         "logging.eval_every=0", "logging.progress=false", "seed=0",
     ]
     examples = temper_examples(args.model, rows(args.model))  # to count the trained tokens
+    steps = temper_epoch_steps(examples, args.batch) if args.packing else args.steps
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(sft.Config, None, [f"model={args.model}", f"output_dir={out}", f"max_steps={args.steps}",
+        cfg = load_config(sft.Config, None, [f"model={args.model}", f"output_dir={out}", f"max_steps={steps}",
                                              f"batch_size={args.batch}", f"data={Path(args.model) / 'world' / 'sft' / 'train.jsonl'}",
                                              f"eval_data={Path(args.model) / 'world' / 'sft' / 'test.jsonl'}", *settings])
         summary = sft.run(cfg)
     return {"seconds": summary["train_seconds"], "trained_tokens": sum(e.num_targets for e in examples),
-            "trainable": summary["trainable_parameters"], "settings": settings}
+            "trainable": summary["trainable_parameters"], "settings": settings, "steps": steps,
+            "examples": len(examples)}
 
 
 def main() -> None:
@@ -146,6 +190,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--packing", action="store_true", help="each side packs as it recommends; one epoch")
     ap.add_argument("--only", choices=["temper", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -157,8 +203,9 @@ def main() -> None:
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for side in ("temper", "trl"):
-            proc = subprocess.run([sys.executable, __file__, "--only", side, "--model", args.model,
-                                   "--steps", str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--only", side, "--model", args.model, "--steps",
+                                   str(args.steps), "--batch", str(args.batch), "--precision", args.precision,
+                                   *(["--packing"] if args.packing else [])], capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
@@ -170,12 +217,18 @@ def main() -> None:
     for key, what in (("trained_tokens", "trained tokens per epoch"), ("trainable", "trainable parameters")):
         if best["temper"][key] != best["trl"][key]:
             sys.exit(f"not the same work: {what} temper {best['temper'][key]} vs trl {best['trl'][key]}")
-    n = args.steps * args.batch
-    print(f"LoRA r=8 all-linear SFT, {args.model}, {args.steps} steps x batch {args.batch}, fp32 CPU, no gradient "
-          f"checkpointing, completion-only loss ({best['temper']['trained_tokens']} trained tokens per epoch, "
-          f"{best['temper']['trainable']:,} trainable parameters on both); {best['trl']['versions']}")
+    tokens = best["temper"]["trained_tokens"]
+    layout = (f"packed, one epoch ({best['temper']['examples']} examples; temper {best['temper']['steps']} steps, "
+              f"trl {best['trl']['steps']} steps of {args.batch} rows of {MAX_LEN})") if args.packing else \
+        f"{args.steps} steps x batch {args.batch}, padded to the longest"
+    print(f"LoRA r=8 all-linear SFT, {args.model}, {layout}, {args.precision} CPU, no gradient checkpointing, "
+          f"completion-only loss ({tokens} trained tokens per epoch, {best['temper']['trainable']:,} trainable "
+          f"parameters on both); {best['trl']['versions']}")
     for side in ("temper", "trl"):
-        print(f"{side:7s} {best[side]['seconds']:7.2f} s  {n / best[side]['seconds']:7.1f} examples/s")
+        r = best[side]
+        n = r["examples"] if args.packing else args.steps * args.batch
+        print(f"{side:7s} {r['seconds']:7.2f} s  {n / r['seconds']:7.1f} examples/s"
+              + (f"  {tokens / r['seconds']:8.1f} trained tokens/s" if args.packing else ""))
     print(f"ratio temper/trl: {best['trl']['seconds'] / best['temper']['seconds']:.2f}x")
 
 

@@ -64,6 +64,31 @@ def test_bench_lora_trl_peers_train_the_same_tokens(tmp_path, tiny_model_dir):
         assert labels[1:] == example.targets  # trained at the same positions (TRL shifts inside the model)
 
 
+def test_bench_lora_trl_packed_peers_train_the_same_tokens(tmp_path, tiny_model_dir):
+    """--packing: TRL's packed rows (bfd, padding-free) hold temper's examples, each whole, with the
+    same trained positions; the count the script compares is the sum of temper's targets."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    bench = _load("bench_lora_trl")
+    data_rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i % 3}?"},
+                               {"role": "assistant", "content": f"{i} plus {i % 3} is {i + i % 3}." * (i % 2 + 1)}]}
+                 for i in range(6)]
+    trainer = bench.trl_trainer(tiny_model_dir, data_rows, str(tmp_path), steps=1, batch=2, packing=True)
+    assert trainer.args.packing and trainer.args.packing_strategy == "bfd" and trainer.padding_free
+    ours = bench.temper_examples(tiny_model_dir, data_rows)
+    data = trainer.train_dataset
+    segments = []
+    for ids, labels, lengths in zip(data["input_ids"], data["labels"], data["seq_lengths"]):
+        at = 0
+        for n in lengths:
+            segments.append((ids[at:at + n], labels[at + 1:at + n]))  # TRL never predicts a segment's first label
+            at += n
+    assert sorted(segments) == sorted(([*e.inputs, e.targets[-1]], e.targets) for e in ours)
+    counted = sum(bench._trained_in_packed_row(labels, lengths)
+                  for labels, lengths in zip(data["labels"], data["seq_lengths"]))
+    assert counted == sum(e.num_targets for e in ours)
+
+
 def test_bench_dpo_trl_peers_see_the_same_tokens(tmp_path, tiny_model_dir, monkeypatch):
     """TRL's tokenised pairs and collated batches must be temper's, token for token, in temper's order,
     and TRL must not recompute activations, cast to bf16 or precompute the reference."""

@@ -81,6 +81,32 @@ def test_lora_math_and_scaling():
     assert m.scaling["rs"] == pytest.approx(8.0 / math.sqrt(4))
 
 
+def test_lora_gradients_match_the_formula():
+    """The low-rank path (x A^T first, the scale and the base output folded into one addmm) has the
+    gradients of base(x) + s x A^T B^T for x, A and B; the frozen base weight gets none. Under bf16
+    autocast the output is bf16 and within bf16 rounding of the same formula."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).requires_grad_(False)
+    m = LoRALinear(base)
+    m.add_adapter("default", 4, 6.0)
+    m.active = "default"
+    with torch.no_grad():
+        m.lora_B["default"].weight.normal_()
+    A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 12)
+    got = torch.autograd.grad((m(x) * g).sum(), (x, A, B))
+    want = torch.autograd.grad(((base(x) + 1.5 * (x @ A.T @ B.T)) * g).sum(), (x, A, B))
+    for a, b in zip(got, want):  # sums over in 16, out 12, rank 4 and the 15 tokens
+        assert_reorder_close(a, b, (16, 12, 4, 15))
+    assert base.weight.grad is None
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out, ref = m(x), base(x) + 1.5 * (x @ A.T @ B.T)
+    assert out.dtype == torch.bfloat16
+    # each bf16 rounding (inputs, products, the sum) is up to 2^-8 relative; a handful of them
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=8 * 2 ** -8 * float(ref.abs().max()))
+
+
 def test_dora_math_by_hand():
     torch.manual_seed(0)
     base = nn.Linear(16, 12)

@@ -104,13 +104,19 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, target_i) over non-ignored targets, without full logits.
 
-    hidden (..., C), weight (V, C), targets (...). Returns a scalar fp32 sum. Under
+    hidden (..., C), weight (V, C), targets (...). Returns a scalar fp32 sum. Rows whose
+    target is ignored (a prompt under completion-only loss, padding) are left out before
+    any matmul; their gradient is zero. Under
     `torch.no_grad()` or when neither input requires grad, only the loss is computed
     (one matmul per chunk); otherwise the gradients of the inputs that require grad. A
     replicated DTensor weight (tensor parallelism) is used through its local copy.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
     weight = replicated_local(weight)
+    kept = targets != ignore_index
+    if not bool(kept.all()):  # only rows with a target meet the output layer: no matmul for a prompt or padding
+        rows = kept.nonzero().squeeze(1)
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         return _ce_chunks(hidden, weight, targets, chunk_size, ignore_index, False, False)[0]
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
