@@ -368,7 +368,11 @@ def decode_step(args):
     model = (build_peer(args) if args.peer else build_temper(args)).eval()
     prompt = torch.randint(3, model.config.vocab_size, (args.batch, filled), generator=torch.Generator().manual_seed(1))
     if args.peer:
+        import warnings
+
         from transformers import DynamicCache
+
+        warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated")
 
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), autocast(args.precision):
@@ -376,7 +380,7 @@ def decode_step(args):
         next_ids = [logits.float().argmax(-1)]
 
         def step():
-            cache.crop(filled)
+            cache.crop(-(cache.get_seq_length() - filled))  # negative: drop that many of the last tokens
             with torch.no_grad(), autocast(args.precision):
                 out = model(input_ids=next_ids[0][:, None], past_key_values=cache, use_cache=True)
                 next_ids[0] = out.logits[:, -1].float().argmax(-1)
@@ -462,7 +466,8 @@ def markdown(r: dict) -> str:
     lines.append(f"| **step (ops + overhead)** | **{wall:.2f}** | 100% |{extra}")
     lines.append("")
     mm_share = r["families_ms"]["matmul"] / wall
-    lines.append(f"step wall time without the profiler {r['wall_ms']:.2f} ms, tokens/s {r['tokens_per_s']:,.0f}; "
+    lines.append(f"step wall time without the profiler {r['wall_ms']:.2f} ms (that - op time = "
+                 f"{r['wall_minus_ops_ms']:.2f} ms), tokens/s {r['tokens_per_s']:,.0f}; "
                  f"measured {r['precision']} matmul peak "
                  f"{r['matmul_peak_gflops']:.1f} GFLOP/s; matmuls take {mm_share:.1%} of the step and run at "
                  f"{r['matmul_gflops']:.1f} GFLOP/s = {r['matmul_gflops'] / r['matmul_peak_gflops']:.1%} of the peak"
