@@ -50,10 +50,14 @@ function or the rotary table module -> RoPE; views/allocations -> other; in a no
 MLP -> activations (SiLU * up); in the loss range -> cross-entropy (its exp, log-sum-exp, softmax
 gradient; its matmuls are matmuls, its casts copies); anything else (embedding lookup and its
 backward, argmax, AccumulateGrad's adds, ...) -> other.
-Python/framework overhead = the step's wall time without the profiler - the summed op self
-times: Python, module calls, hooks of the autograd engine, the allocator between ops. The
-profiler's own per-op cost inflates op self times slightly (so this is a lower bound); on a
-decode step of a few ms, compare "op time (profiled)" to the wall time to see it.
+Python/framework overhead = a step's duration - its summed op self times, both from the same
+step run --profile-steps more times under a plain profiler (no stack tracing, no hooks; the
+shortest kept): Python, module calls, the autograd engine between nodes, the allocator. Taken
+within one step, a shared machine's load hits it and the op time alike; the other way (the wall
+time of an unprofiled step - the op time of a profiled one) mixes two moments and goes negative
+under load, so it is printed beside it only. The profiler's own per-op cost counts here (a few µs
+per op): on a decode step of a few ms it is a visible part of the overhead row.
+The table's 100% is op time + that overhead; the unprofiled wall time gives tokens/s.
 Matmul efficiency: the FLOPs the profiler counts on the matmul ops (with_flops: mm/addmm/bmm)
 over the matmul family's time, against `temper.train.engine.measure_matmul_peak` of the same
 precision (a 1024^2 matmul); MFU (pretrain) is `flops_per_token` x tokens/s over that peak.
