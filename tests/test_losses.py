@@ -102,6 +102,40 @@ def test_fused_cross_entropy_under_no_grad_is_the_loss_alone():
     assert_reorder_close(got, expected.detach(), LOSS)
 
 
+class _CastCounter(TorchDispatchMode):
+    """Counts dtype casts (aten._to_copy) and the dtypes every matmul ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts, self.matmul_dtypes = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts += 1
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.matmul_dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_cross_entropy_under_autocast_casts_once_not_per_chunk_and_matmul():
+    """bf16 autocast, fp32 hidden states (the final norm's output): the matmuls run in bf16 as autocast
+    would run them, with the same numbers, but hidden and weight are cast once, not at every matmul of
+    every chunk (three matmuls a chunk: 2 casts each, before)."""
+    hidden, weight, targets = _inputs()
+    chunks = -(-B * T // 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy((hidden @ weight.t()).float().reshape(-1, V), targets.reshape(-1),
+                                   reduction="sum", ignore_index=IGNORE_INDEX)
+        counter = _CastCounter()
+        with counter:
+            got = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    assert counter.matmul_dtypes == {torch.bfloat16}
+    # hidden and weight once; per chunk: fp32 logits, bf16 grad of the logits, the fp32 weight-gradient add
+    assert counter.casts <= 2 + 3 * chunks
+    # the same bf16 matmul inputs as autocast's: the loss within fp32 reordering of the sums
+    assert_reorder_close(got, expected.detach(), LOSS)
+
+
 @pytest.mark.parametrize("hidden_grad,weight_grad,grad_mode,matmuls", [
     (True, True, True, 3),    # logits, grad_hidden, grad_weight
     (True, False, True, 2),   # frozen output layer (PEFT): no weight gradient

@@ -25,11 +25,23 @@ def _ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     Only the gradients asked for are built: evaluation asks for none (one matmul per chunk,
     no (V, C) buffer), a frozen output layer for grad_hidden only.
     """
-    # hidden (N, C) in the compute dtype, weight (V, C), targets (N,)
-    w = weight.to(hidden.dtype)
+    # hidden (N, C), weight (V, C), targets (N,). The matmuls run in the compute dtype: autocast's
+    # where it is on (hidden arrives in fp32 from the final norm), cast here once rather than by
+    # autocast at every matmul of every chunk (the same roundings, so the same numbers)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _ce_chunk_loop(hidden, hidden.to(dtype), weight.to(dtype), targets, chunk_size, ignore_index,
+                              want_grad_hidden, want_grad_weight)
+
+
+def _ce_chunk_loop(hidden_in: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int, ignore_index: int, want_grad_hidden: bool, want_grad_weight: bool):
+    """`_ce_chunks`' loop, hidden and w already in the compute dtype (hidden_in: as given, the
+    dtype of its gradient)."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+    grad_hidden = torch.empty_like(hidden_in) if want_grad_hidden else None
+    grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad_weight else None
     need_grad_logits = want_grad_hidden or want_grad_weight
     has_ignored = bool((targets == ignore_index).any())  # one check per call, not per chunk
     for start in range(0, hidden.shape[0], chunk_size):
