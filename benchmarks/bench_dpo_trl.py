@@ -82,8 +82,8 @@ LR, BETAS, EPS, WEIGHT_DECAY, CLIP, BETA = 5e-6, (0.9, 0.999), 1e-8, 0.0, 1.0, 0
 LORA = dict(r=8, alpha=16, dropout=0.0)
 # the largest per-step loss gap between the two sides (and between temper packed and padded, a tenth of it)
 # before the script says they do not compute the same thing: fp32 sides agree to ~1e-6; under bf16 autocast
-# each side rounds its matmuls to 8 bits of mantissa in its own order, and the log-ratios the loss reads sum
-# ~100 such per-token log-probs, so the sides drift apart by ~1e-3 (a loss near ln 2 = 0.69)
+# each side rounds its matmuls to 8 bits of mantissa (2**-8 relative) in its own order, and the log-ratios
+# the loss reads (times beta) sum ~100 such per-token log-probs: a loose guard, a wrong side is off by far more
 LOSS_GAP = {"fp32": 1e-3, "bf16": 2e-2}
 # mode -> (LoRA?, temper's reference=)
 MODES = {"copy": (False, "copy"), "precomputed": (False, "precomputed"), "lora-adapter": (True, "adapter"),
