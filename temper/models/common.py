@@ -259,7 +259,7 @@ class DecoderBase(nn.Module):
                 last_only: bool = False, hidden_at: torch.Tensor | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise TemperError("the model takes input_ids or inputs_embeds: exactly one of them")
-        assert hidden_at is None or (return_hidden and not last_only), "hidden_at: hidden states, every position"
+        assert hidden_at is None or (return_hidden and not last_only), "hidden_at needs return_hidden=True and last_only=False"
         if prefix_kv is not None and len(prefix_kv) != len(self.blocks):
             raise TemperError(f"prefix_kv has {len(prefix_kv)} layers, the model {len(self.blocks)}")
         x = self.input_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
