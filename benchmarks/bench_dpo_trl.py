@@ -1,6 +1,7 @@
 """DPO step time and peak memory: temper vs TRL's DPOTrainer, both sides doing the same work.
 
     python benchmarks/bench_dpo_trl.py [--steps 10 --warmup 2 --batch 4 --rounds 2 --modes copy,precomputed,...]
+                                       [--padded] [--precision fp32|bf16]
 
 Setup (built here, no hub): the built-in world (`temper.data.world`, seed 0); a byte-level
 BPE trained on its pretraining text (ChatML template; the corpus yields ~2.4k tokens); temper's
@@ -18,7 +19,9 @@ prints both sides' settings):
     chosen, rejected ids) and every collated batch trains the same targets from the same
     inputs (checked again, token for token, by `tests/test_benchmarks.py`).
   - no activation (gradient) checkpointing on either: TRL's configs turn it ON by default.
-  - fp32 (TRL defaults to bf16 where the machine has it); max length 257 tokens = temper's
+  - fp32 (TRL defaults to bf16 where the machine has it), or with `--precision bf16` bf16 autocast
+    over fp32 weights on both (temper `precision=bf16`, TRL `bf16=True`: accelerate's autocast);
+    max length 257 tokens = temper's
     seq_len 256 positions (nothing is cut); no pad-to-multiple.
   - batch 4 pairs (8 rows, chosen and rejected in one forward on both), 1 micro-batch per
     step; sigmoid loss, beta 0.1; AdamW lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 0,
@@ -77,6 +80,11 @@ from pathlib import Path
 SEQ_LEN = 256  # temper: input positions; a sequence holds at most SEQ_LEN + 1 tokens
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP, BETA = 5e-6, (0.9, 0.999), 1e-8, 0.0, 1.0, 0.1
 LORA = dict(r=8, alpha=16, dropout=0.0)
+# the largest per-step loss gap between the two sides (and between temper packed and padded, a tenth of it)
+# before the script says they do not compute the same thing: fp32 sides agree to ~1e-6; under bf16 autocast
+# each side rounds its matmuls to 8 bits of mantissa (2**-8 relative) in its own order, and the log-ratios
+# the loss reads (times beta) sum ~100 such per-token log-probs: a loose guard, a wrong side is off by far more
+LOSS_GAP = {"fp32": 1e-3, "bf16": 2e-2}
 # mode -> (LoRA?, temper's reference=)
 MODES = {"copy": (False, "copy"), "precomputed": (False, "precomputed"), "lora-adapter": (True, "adapter"),
          "lora-copy": (True, "copy")}
@@ -118,10 +126,10 @@ def prepare(workdir: Path, n_pairs: int) -> tuple[Path, Path]:
     return model_dir, pairs
 
 
-def temper_settings(mode: str, padded: bool = False) -> list[str]:
+def temper_settings(mode: str, padded: bool = False, precision: str = "fp32") -> list[str]:
     lora, reference = MODES[mode]
     settings = [f"padding_free={str(not padded).lower()}",
-        f"seq_len={SEQ_LEN}", "loss_type=[sigmoid]", f"beta={BETA}", f"reference={reference}", "precision=fp32",
+        f"seq_len={SEQ_LEN}", "loss_type=[sigmoid]", f"beta={BETA}", f"reference={reference}", f"precision={precision}",
         "grad_accum=1", "eval_fraction=0", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]",
         f"optim.eps={EPS}", f"optim.weight_decay={WEIGHT_DECAY}", f"optim.grad_clip={CLIP}", "optim.fused=true",
         "schedule.name=constant", "schedule.warmup_steps=0", "activation_checkpointing=false",
@@ -134,12 +142,14 @@ def temper_settings(mode: str, padded: bool = False) -> list[str]:
     return settings
 
 
-def temper_config(model_dir, pairs_path, out, mode: str, steps: int, batch: int, padded: bool = False):
+def temper_config(model_dir, pairs_path, out, mode: str, steps: int, batch: int, padded: bool = False,
+                  precision: str = "fp32"):
     from temper.config import load_config
     from temper.recipes import dpo
 
     return load_config(dpo.Config, None, [f"model={model_dir}", f"data={pairs_path}", f"output_dir={out}",
-                                          f"max_steps={steps}", f"batch_size={batch}", *temper_settings(mode, padded)])
+                                          f"max_steps={steps}", f"batch_size={batch}",
+                                          *temper_settings(mode, padded, precision)])
 
 
 def temper_pairs(cfg):
@@ -164,7 +174,7 @@ def temper_order(cfg) -> list[int]:
     return [int(p.source.rsplit(":", 1)[1]) - 1 for batch in loader._epoch_batches() for p in batch]
 
 
-def trl_settings(mode: str, steps: int, batch: int) -> dict:
+def trl_settings(mode: str, steps: int, batch: int, precision: str = "fp32") -> dict:
     """DPOConfig arguments that make TRL do temper's work (see the module docstring)."""
     import transformers
 
@@ -173,7 +183,7 @@ def trl_settings(mode: str, steps: int, batch: int) -> dict:
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return dict(
         max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        **{checkpointing: False}, bf16=False, fp16=False, use_cpu=True,
+        **{checkpointing: False}, bf16=precision == "bf16", fp16=False, use_cpu=True,
         max_length=SEQ_LEN + 1, truncation_mode="keep_start", padding_free=False, pad_to_multiple_of=None,
         precompute_ref_log_probs=MODES[mode][1] == "precomputed", loss_type=["sigmoid"], beta=BETA,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
@@ -183,7 +193,8 @@ def trl_settings(mode: str, steps: int, batch: int) -> dict:
     )
 
 
-def trl_trainer(model_dir, rows: list[dict], out: str, mode: str, steps: int, batch: int, callbacks=()):
+def trl_trainer(model_dir, rows: list[dict], out: str, mode: str, steps: int, batch: int, callbacks=(),
+                precision: str = "fp32"):
     """TRL's DPOTrainer over `rows` (in the order given: it reads them sequentially)."""
     import datasets
     import torch
@@ -204,7 +215,7 @@ def trl_trainer(model_dir, rows: list[dict], out: str, mode: str, steps: int, ba
     data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return DPOTrainer(model=load(), ref_model=load() if reference == "copy" else None,
-                      args=DPOConfig(output_dir=out, **trl_settings(mode, steps, batch)), train_dataset=data,
+                      args=DPOConfig(output_dir=out, **trl_settings(mode, steps, batch, precision)), train_dataset=data,
                       processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
 
 
@@ -371,10 +382,10 @@ def run_temper(args) -> dict:
     TrainLoop.__iter__ = metered_steps
     with tempfile.TemporaryDirectory() as out:
         cfg = temper_config(args.model, args.pairs, Path(out) / "run", args.mode, args.warmup + args.steps, args.batch,
-                            padded=args.padded)
+                            padded=args.padded, precision=args.precision)
         summary = dpo.run(cfg)
     return {**meter.result(args.warmup, base), "trainable": summary["trainable_parameters"],
-            "threads": torch.get_num_threads(), "settings": temper_settings(args.mode, args.padded)}
+            "threads": torch.get_num_threads(), "settings": temper_settings(args.mode, args.padded, args.precision)}
 
 
 def run_trl(args) -> dict:
@@ -401,10 +412,10 @@ def run_trl(args) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
         trainer = trl_trainer(args.model, [rows[i] for i in order], out, args.mode, args.warmup + args.steps,
-                              args.batch, callbacks=[Meter()])
+                              args.batch, callbacks=[Meter()], precision=args.precision)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
-    settings = {k: v for k, v in trl_settings(args.mode, args.steps, args.batch).items()
+    settings = {k: v for k, v in trl_settings(args.mode, args.steps, args.batch, args.precision).items()
                 if k not in ("max_steps", "per_device_train_batch_size")}
     return {**meter.result(args.warmup, base), "trainable": trainable, "threads": torch.get_num_threads(),
             "settings": settings, "versions": f"transformers {transformers.__version__}, peft "
@@ -428,6 +439,8 @@ def main() -> None:
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
     ap.add_argument("--order", help=argparse.SUPPRESS)
     ap.add_argument("--no-sampling", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast over fp32 weights on both sides (temper precision=bf16, TRL bf16=True)")
     ap.add_argument("--padded", action="store_true",
                     help="also time temper with padding_free=false (TRL's batch layout)")
     args = ap.parse_args()
@@ -463,7 +476,8 @@ def main() -> None:
         def run(side: str, mode: str, sampling: bool) -> dict:
             cmd = [sys.executable, __file__, "--only", side, "--mode", mode, "--model", str(model_dir), "--pairs",
                    str(pairs_path), "--order", json.dumps(order), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch), *([] if sampling else ["--no-sampling"])]
+                   str(args.warmup), "--batch", str(args.batch), "--precision", args.precision,
+                   *([] if sampling else ["--no-sampling"])]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
@@ -495,12 +509,12 @@ def main() -> None:
         t, h = results[(mode, "temper")], results[(mode, "trl")]
         if args.padded:
             q = results[(mode, "temper-padded")]
-            if max(abs(a - b) for a, b in zip(t["losses"], q["losses"])) > 1e-4:
+            if max(abs(a - b) for a, b in zip(t["losses"], q["losses"])) > LOSS_GAP[args.precision] / 10:
                 sys.exit(f"padding-free changed the maths ({mode}): {t['losses']} vs {q['losses']}")
         if t["trainable"] != h["trainable"]:
             sys.exit(f"not the same work ({mode}): trainable parameters temper {t['trainable']} vs trl {h['trainable']}")
         gap = max(abs(a - b) for a, b in zip(t["losses"], h["losses"]))
-        if len(t["losses"]) != len(h["losses"]) or gap > 1e-3:
+        if len(t["losses"]) != len(h["losses"]) or gap > LOSS_GAP[args.precision]:
             sys.exit(f"not the same maths ({mode}): losses temper {t['losses']} vs trl {h['losses']}")
         results[(mode, "gap")] = gap
 
@@ -508,7 +522,8 @@ def main() -> None:
     print(f"temper settings: {' '.join(t['settings'])}")
     print(f"trl settings:    {json.dumps(h['settings'])}")
     print(f"\nllama-14m (12.6M parameters) DPO, the world's first {same['pairs']} preference pairs (ChatML), batch "
-          f"{args.batch} pairs, {args.warmup} warm-up + {args.steps} timed steps, fp32 CPU ({t['threads']} threads), "
+          f"{args.batch} pairs, {args.warmup} warm-up + {args.steps} timed steps, {args.precision} CPU ({t['threads']} "
+          f"threads), "
           f"no activation checkpointing, best of {args.rounds} rounds; {h['versions']}")
     print("\n| reference | trainable | temper step, median (mean) | TRL step, median (mean) | speed ratio | "
           "largest per-step loss gap |")

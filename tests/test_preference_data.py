@@ -635,6 +635,51 @@ def test_packed_batch_layout():
 
 
 @pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_completion_logprobs_run_the_last_block_on_completion_tokens_only(tiny_tokenizer, family, pack):
+    """completion_logprobs runs the last block's output projection and MLP, the final norm and the
+    output layer on the completion tokens alone (`hidden_at`), padded or packed: the same log-probs,
+    logit sums and gradients as every position through the whole model followed by the full
+    (tokens x vocab) log-softmax gathered at the targets, the way it was done before."""
+    from temper.losses.clm import output_weight
+    from temper.losses.logprobs import completion_logprobs
+    from temper.models import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset(family, vocab_size=tiny_tokenizer.vocab_size))
+    rows = [{"prompt": [user(f"Question {i}?" + " more" * (2 * i))], "chosen": [assistant(f"Answer {i}." * (1 + i))],
+             "rejected": [assistant("No" + " no" * (5 - i))]} for i in range(4)]
+    encoded, _ = encode_pairs(read_preferences_rows(rows)[0], tiny_tokenizer, CHATML, max_len=128)
+    batch = collate_pairs(encoded, tiny_tokenizer.pad_id, pack_len=40 if pack else 0)
+    scored, index = batch.targets != IGNORE_INDEX, batch.sequence_index()
+    weights = torch.linspace(0.5, 1.5, 2 * len(encoded))  # a different weight per sequence
+
+    rows_seen = []
+    hook = model.blocks[-1].mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:-1].numel()))
+    logps, counts, logits = completion_logprobs(model, batch, with_logits=True)
+    hook.remove()
+    (logps * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert rows_seen == [int(scored.sum())] and rows_seen[0] < batch.inputs.numel() / 2  # the completions only
+
+    model.zero_grad()
+    hidden = model(batch.inputs, return_hidden=True, positions=batch.positions, mask=batch.attention_mask())
+    z = hidden @ output_weight(model).t()  # (rows, T, V)
+    token = z.log_softmax(-1).gather(-1, batch.targets.clamp(min=0)[..., None]).squeeze(-1)
+    old = token.new_zeros(len(weights)).index_add(0, index[scored], token[scored])
+    old_logits = z.detach().mean(-1).new_zeros(len(weights)).index_add(0, index[scored], z.detach().mean(-1)[scored])
+    (old * weights).sum().backward()
+
+    T = batch.inputs.shape[1]
+    per_sequence = decoder_lengths(model, T) + (T,)  # a forward pass, then a sum over a sequence's tokens
+    assert_reorder_close(logps.detach(), old.detach(), per_sequence)
+    assert_reorder_close(logits, old_logits, per_sequence)
+    assert counts.tolist() == batch.completion_tokens.tolist()
+    for (name, _), new, before in zip(model.named_parameters(), grads, [p.grad for p in model.parameters()]):
+        assert_reorder_close(new, before, decoder_lengths(model, T, tokens=batch.inputs.numel()), msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
 def test_packed_logprobs_and_gradients_equal_padded(tiny_tokenizer, family):
     """pair_logps on a padding-free batch gives the padded batch's log-probs, logit sums and
     gradients (rotary and learned positions both restart per sequence); KTO's rows too."""

@@ -199,20 +199,22 @@ def completion_logprobs(model, batch, *, with_logits: bool = False
     `attention_mask()`, `sequence_index()` (the sequence of every position) and
     `completion_tokens` (S,): a preference batch (`temper.data.preference.PairBatch`: chosen
     rows, then rejected ones) or any batch of completions (rollouts). The output layer scores the
-    completion tokens only: prompts and padding go through the blocks but cost no
-    (tokens x vocab) work, forward or backward. The mean logit (TRL's `logits/chosen`) is
-    h @ mean(W) per token: no (tokens x vocab) tensor either."""
-    hidden = model(batch.inputs, return_hidden=True, positions=batch.positions,
-                   mask=batch.attention_mask())  # (rows, T, C)
+    completion tokens only, and the last block's work after its attention (output
+    projection, MLP) and the final norm run on them alone (`hidden_at`): prompts and padding
+    go through the blocks but cost no (tokens x vocab) work, forward or backward. The mean
+    logit (TRL's `logits/chosen`) is h @ mean(W) per token: no (tokens x vocab) tensor either."""
+    scored = batch.targets != IGNORE_INDEX  # (rows, T)
+    hidden = model(batch.inputs, return_hidden=True, positions=batch.positions, mask=batch.attention_mask(),
+                   hidden_at=scored)  # (N, C): the completion tokens' positions
     weight = output_weight(model)
-    index, S = batch.sequence_index(), batch.completion_tokens.shape[0]
-    logps, counts = sequence_logprobs(hidden, weight, batch.targets, sequence_index=index, num_sequences=S)
+    index, S = batch.sequence_index()[scored], batch.completion_tokens.shape[0]  # (N,)
+    logp = token_logprobs(hidden, weight, batch.targets[scored])  # (N,)
+    logps, counts = logp.new_zeros(S).index_add(0, index, logp), torch.bincount(index, minlength=S)
     logits_sum = None
     if with_logits:
-        scored = batch.targets != IGNORE_INDEX
         mean_row = replicated_local(weight).detach().float().mean(0)  # (C,)
-        per_token = hidden.detach()[scored].float() @ mean_row  # (N,)
-        logits_sum = per_token.new_zeros(S).index_add(0, index[scored], per_token)
+        per_token = hidden.detach().float() @ mean_row  # (N,)
+        logits_sum = per_token.new_zeros(S).index_add(0, index, per_token)
     return logps, counts, logits_sum
 
 

@@ -220,15 +220,19 @@ class DecoderBase(nn.Module):
     """The forward pass every family shares, and the hooks features use instead of patches.
 
     forward(input_ids (B,T) | inputs_embeds (B,T,C), prefix_kv, positions (B,T) | None,
-            mask (B|1,1,T,S) bool | None, cache KVCache | None, return_hidden, last_only)
+            mask (B|1,1,T,S) bool | None, cache KVCache | None, return_hidden, last_only, hidden_at)
         -> logits (B,T,V), or the final hidden states (B,T,C) with return_hidden=True;
-    with last_only=True, only the last position (T=1). With a cache, the T new tokens
+    with last_only=True, only the last position (T=1); with hidden_at, a bool (B,T), the final
+    hidden states of those positions alone, (N,C) in x[hidden_at]'s order: the last block's
+    position-wise work after its attention (output projection, MLP) and the final norm run on
+    them only (log-probs of completion tokens need no other). With a cache, the T new tokens
     follow the `cache.length` tokens already in it.
 
     A family defines its modules under its own (HF-like) names, which the converters and
     checkpoints depend on, and exposes them as `input_embeddings`, `blocks` and `final_norm`;
     `_position_inputs` says what positions do (rotary tables, or learned embeddings added to
-    x); each block is called as block(x (B,T,C), AttentionInputs) -> (B,T,C).
+    x); each block is called as block(x (B,T,C), AttentionInputs) -> (B,T,C), the last one for
+    `hidden_at` as block(x, AttentionInputs, select (B,T) bool) -> (N,C), the selected positions only.
 
     Hooks for features applied from outside (PEFT, alignment), so no forward is replaced:
     - `inputs_embeds`: input vectors instead of ids (a soft prompt in front, say);
@@ -271,9 +275,10 @@ class DecoderBase(nn.Module):
                 prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden_at: torch.Tensor | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise TemperError("the model takes input_ids or inputs_embeds: exactly one of them")
+        assert hidden_at is None or (return_hidden and not last_only), "hidden_at needs return_hidden=True and last_only=False"
         if prefix_kv is not None and len(prefix_kv) != len(self.blocks):
             raise TemperError(f"prefix_kv has {len(prefix_kv)} layers, the model {len(self.blocks)}")
         x = self.input_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -282,7 +287,7 @@ class DecoderBase(nn.Module):
         positions, mask, causal = self._attention_inputs(T, x.device, positions, mask, cache)
         first = (cache.length if cache is not None else 0) if default_positions else None
         x, rope = self._position_inputs(x, positions, first)
-        x = self.run_blocks(x, AttentionInputs(mask, causal, cache, rope, prefix_kv))
+        x = self.run_blocks(x, AttentionInputs(mask, causal, cache, rope, prefix_kv), select=hidden_at)
         if cache is not None:
             cache.length += T
         if last_only and T > 1:  # generation needs the next-token logits of the last position alone
@@ -295,15 +300,18 @@ class DecoderBase(nn.Module):
         return self.lm_head(x)  # (B, T, V)
 
     def run_blocks(self, x: torch.Tensor, inputs: AttentionInputs, start: int = 0,
-                   stop: int | None = None) -> torch.Tensor:
+                   stop: int | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks [start, stop) on x (B, T, C) -> (B, T, C): the forward's block loop, which a
-        pipeline stage runs on its own slice of the blocks (honours `activation_checkpointing`)."""
+        pipeline stage runs on its own slice of the blocks (honours `activation_checkpointing`).
+        With `select` (B, T) bool, the last block returns the selected positions only, (N, C)."""
         checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in itertools.islice(self.blocks, start, stop):  # no ModuleList built per call
+        stop = len(self.blocks) if stop is None else stop
+        for i, block in enumerate(itertools.islice(self.blocks, start, stop), start):  # no ModuleList built per call
+            args = (x, inputs) if select is None or i < stop - 1 else (x, inputs, select)
             if checkpointed:  # keep only the block's input; recompute the rest in the backward pass
-                x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, inputs)
+                x = block(*args)
         return x
 
     def tie_weights(self) -> None:

@@ -19,7 +19,7 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(c.hidden_size, 3 * c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.c_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: AttentionInputs, select: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.num_heads * self.head_dim, dim=2)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -27,8 +27,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         if a.cache is not None:
             k, v = a.cache.update(self.layer, k, v)  # (B, nh, S, hs); a prefix is never cached
-        y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer))
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer)).transpose(1, 2).reshape(B, T, -1)
+        return self.c_proj(y if select is None else y[select])  # (B, T, C), or (N, C) at the selected positions
 
 
 class MLP(nn.Module):
@@ -49,8 +49,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), a)
+    def forward(self, x: torch.Tensor, a: AttentionInputs, select: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn(self.ln_1(x), a, select)
+        x = (x if select is None else x[select]) + h
         return x + self.mlp(self.ln_2(x))
 
 

@@ -32,7 +32,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: AttentionInputs, select: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # -1, not self.num_heads: under tensor parallelism each rank holds a slice of the heads
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hs)
@@ -44,8 +44,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(torch.cat((q, k), 2).transpose(1, 2), cos, sin).split((nh, k.shape[2]), 1)
         if a.cache is not None:
             k, v = a.cache.update(self.layer, k, v)  # (B, nkv, S, hs); a prefix is never cached
-        y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer))  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = attend(q, k, v, a.mask, a.causal, a.prefix(self.layer)).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if select is None else y[select])  # (B, T, C), or (N, C) at the selected positions
 
 
 class MLP(nn.Module):
@@ -69,8 +69,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), a)
+    def forward(self, x: torch.Tensor, a: AttentionInputs, select: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), a, select)
+        x = (x if select is None else x[select]) + h
         return x + self.mlp(self.mlp_norm(x))
 
 
