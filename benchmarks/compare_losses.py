@@ -2,6 +2,11 @@
 each revision, every training stage's first 20 steps compared.
 
     python benchmarks/compare_losses.py --base 0635f7e [--head WORKTREE] [--steps 20] [--precision fp32]
+    python benchmarks/compare_losses.py --bf16-vs-fp32 [--head WORKTREE]
+
+`--bf16-vs-fp32` runs the same code twice instead, in fp32 and in bf16 autocast (what `auto` picks
+on a CPU with fast bf16), and checks that bf16's losses track fp32's within 0.05 absolute per step
+(the tolerance of tests/test_pretrain.py's bf16 test).
 
 Runs `temper run lifecycle-tiny` (world -> curate -> tokenizer -> pretrain -> SFT (LoRA) -> merge ->
 reward -> DPO -> GRPO -> quantise -> eval) once with the code of `--base` (checked out into a
@@ -49,12 +54,17 @@ def losses(run_dir: Path, stage: str) -> dict[int, tuple[float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", required=True, help="the revision to compare against (a commit, tag or branch)")
+    ap.add_argument("--base", help="the revision to compare against (a commit, tag or branch)")
+    ap.add_argument("--bf16-vs-fp32", action="store_true", help="compare bf16 with fp32 on --head instead")
     ap.add_argument("--head", default=str(ROOT), help="a checkout of the new code (default: this one)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--rtol", type=float, default=1e-5)
     args = ap.parse_args()
+    if args.bf16_vs_fp32:
+        return precisions(args)
+    if not args.base:
+        ap.error("--base REV (or --bf16-vs-fp32)")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), args.base], check=True)
@@ -81,6 +91,24 @@ def main() -> None:
     verdict = "identical" if worst == 0 else f"within {worst:.2g} relative"
     print(f"losses {verdict} (limit {args.rtol:g})")
     sys.exit(0 if worst <= args.rtol else 1)
+
+
+def precisions(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("fp32", "bf16"):
+            run_lifecycle(Path(args.head), Path(tmp) / precision, args.steps, precision)
+        print(f"lifecycle-tiny, first {args.steps} steps of each training stage, bf16 autocast vs fp32: {args.head}")
+        print(f"{'stage':10s} {'steps':>5s} {'max |dloss|':>12s}  loss fp32 -> bf16, first and last step")
+        worst = 0.0
+        for stage in STAGES:
+            fp32, bf16 = losses(Path(tmp) / "fp32", stage), losses(Path(tmp) / "bf16", stage)
+            steps = sorted(set(fp32) & set(bf16))
+            diff = max(abs(fp32[s][0] - bf16[s][0]) for s in steps)
+            worst = max(worst, diff)
+            print(f"{stage:10s} {len(steps):5d} {diff:12.3g}  {fp32[steps[0]][0]:.4f} / {bf16[steps[0]][0]:.4f}, "
+                  f"{fp32[steps[-1]][0]:.4f} / {bf16[steps[-1]][0]:.4f}")
+    print(f"bf16 tracks fp32 within {worst:.3g} absolute (limit 0.05)")
+    sys.exit(0 if worst <= 0.05 else 1)
 
 
 if __name__ == "__main__":
