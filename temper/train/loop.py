@@ -190,6 +190,10 @@ class TrainLoop:
         self.metrics = self.run_dir.metrics(resume_step=self.start_step if resume_from else None,
                                             tensorboard=cfg.logging.tensorboard)
         self.par.barrier()
+        if getattr(cfg, "precision", None) == "auto" and self.main:  # after every check of the inputs: an
+            # error stays the one line on stderr; rank 0's measurement is cached, so this is what it chose
+            print(f"precision auto -> {precision}: {engine.choose_precision('auto', self.par.device)[1]}",
+                  file=sys.stderr)
 
         # a log file gets plain lines; ranks other than 0 print nothing
         self.interactive = cfg.logging.progress and sys.stderr.isatty() and self.main

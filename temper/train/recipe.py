@@ -309,11 +309,9 @@ def start(cfg: TrainingConfig, *, inputs: tuple[str, ...] = ("model",)) -> Run:
     if cfg.precision != "auto":  # a wrong one is refused before any process group forms
         engine.resolve_precision(cfg.precision, device)
     par = Parallel(cfg.strategy, cfg.parallel, device)
-    # auto may measure the CPU: rank 0 decides for every rank
-    precision, why = par.agree(engine.choose_precision, cfg.precision, device)
+    # auto may measure the CPU: rank 0 decides for every rank (TrainLoop says what and why once training starts)
+    precision = par.agree(engine.resolve_precision, cfg.precision, device)
     check_precision(par, precision)
-    if cfg.precision == "auto" and par.is_main:
-        print(f"precision auto -> {precision}: {why}", file=sys.stderr)
     run_dir = RunDir(cfg.output_dir)
     try:
         out = Path(par.agree(lambda: str(run_dir.claim(
