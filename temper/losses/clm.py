@@ -31,39 +31,36 @@ def _ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(device_type, enabled=False):
-        return _ce_chunk_loop(hidden, hidden.to(dtype), weight.to(dtype), targets, chunk_size, ignore_index,
+        return _ce_chunk_loop(hidden, hidden.to(dtype), weight.to(dtype), targets, chunk_size,
                               want_grad_hidden, want_grad_weight)
 
 
 def _ce_chunk_loop(hidden_in: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int, ignore_index: int, want_grad_hidden: bool, want_grad_weight: bool):
+                   chunk_size: int, want_grad_hidden: bool, want_grad_weight: bool):
     """`_ce_chunks`' loop, hidden and w already in the compute dtype (hidden_in: as given, the
-    dtype of its gradient)."""
+    dtype of its gradient). Every target is a real one: `fused_linear_cross_entropy` left the
+    ignored rows out before calling."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden_in) if want_grad_hidden else None
     grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad_weight else None
     need_grad_logits = want_grad_hidden or want_grad_weight
-    has_ignored = bool((targets == ignore_index).any())  # one check per call, not per chunk
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start:start + chunk_size]
         t = targets[start:start + chunk_size]
-        valid = t != ignore_index
-        safe_t = t.clamp(min=0)[:, None]
+        t = t[:, None]
         logits = (h @ w.t()).float()  # (n, V): one chunk of fp32 logits at a time
         # CE = log(sum exp(z - max)) + max - z_target, with a single exp pass done in place
-        target_logit = logits.gather(1, safe_t).squeeze(1)
+        target_logit = logits.gather(1, t).squeeze(1)
         row_max = logits.amax(-1, keepdim=True)
         exp = logits.sub_(row_max).exp_()
         row_sum = exp.sum(-1, keepdim=True)
         row_loss = row_sum.log().squeeze(1) + row_max.squeeze(1) - target_logit
-        total += row_loss.masked_fill(~valid, 0.0).sum() if has_ignored else row_loss.sum()
+        total += row_loss.sum()
         if not need_grad_logits:
             continue
-        # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+        # d(sum CE)/d logits = softmax - onehot
         grad_logits = exp.div_(row_sum)
-        grad_logits.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0)[:, None])
-        if has_ignored:
-            grad_logits.masked_fill_(~valid[:, None], 0.0)
+        grad_logits.scatter_add_(1, t, torch.full_like(target_logit, -1.0)[:, None])
         grad_logits = grad_logits.to(hidden.dtype)  # (n, V)
         if want_grad_hidden:
             grad_hidden[start:start + chunk_size] = grad_logits @ w
