@@ -24,6 +24,7 @@ from temper import __version__
 from temper.config import check_given_once, config_help, from_dict, load_config, to_dict
 from temper.configs import shipped_names, shipped_path
 from temper.errors import TemperError, error_line
+from temper.report.summary import show
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def training_commands() -> list[str]:
 
 class Commands:
     """What a workflow runs other commands with, in this process: a command's config from a mapping
-    of its keys (checked as on the command line), and its run."""
+    of its keys (checked as on the command line), its run, and its summary."""
 
     def config(self, name: str, settings: dict[str, Any] | list[str], *, source: str | None = None):
         """`name`'s config from a mapping of its keys, or from `key=value` strings as typed; `source`
@@ -122,6 +123,11 @@ class Commands:
 
     def run(self, name: str, config) -> Any:
         return _run_module(name, config, getattr(config, "objective", None))
+
+    def show(self, name: str, config, result: Any) -> None:
+        """`name`'s readable summary of `result` on stdout, as the command itself ends."""
+        module = _stage_module(name, getattr(config, "objective", None))
+        show(name, config, result, as_json=False, lines=getattr(module, "summary_lines", None))
 
     def names(self) -> list[str]:
         return list(COMMANDS)
@@ -172,7 +178,8 @@ def _run_module(name: str, config, variant: str | None = None) -> Any:
 
 RANK_ERROR_GRACE_S = 3.0  # seconds a failing rank waits after its error line (see main)
 USAGE = ("usage: temper STAGE [--config FILE.yaml|NAME] [key=value ...]   (temper STAGE --help for its options)\n"
-         "       temper run [PIPELINE.yaml] [STAGE.key=value ...] [--from STAGE] [--only STAGE] [--force] [--check]")
+         "       temper run [PIPELINE.yaml] [STAGE.key=value ...] [--from STAGE] [--only STAGE] [--force] [--check]\n"
+         "A command ends with a few lines that say what it did; --json prints its whole result as JSON instead.")
 
 
 def _stage_module(name: str, variant: str | None = None):
@@ -221,7 +228,7 @@ def print_main_help() -> None:
 
 def print_stage_help(name: str, variant: str | None = None) -> None:
     module = _stage_module(name, variant)
-    print(f"usage: temper {name} [--config FILE.yaml|NAME] [--print-config] [key=value ...]\n")
+    print(f"usage: temper {name} [--config FILE.yaml|NAME] [--print-config] [--json] [key=value ...]\n")
     doc = (module.__doc__ or COMMANDS[name].description).strip()
     print(textwrap.fill(" ".join(doc.split("\n\n")[0].split()), 88) + "\n")  # the first paragraph
     rows = config_help(module.Config)
@@ -239,7 +246,7 @@ def print_stage_help(name: str, variant: str | None = None) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
-    flags = {"help": False, "config": None, "print_config": False}
+    flags = {"help": False, "config": None, "print_config": False, "json": False}
     overrides: list[str] = []
     i = 0
     while i < len(argv):
@@ -248,6 +255,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
             flags["help"] = True
         elif arg == "--print-config":
             flags["print_config"] = True
+        elif arg == "--json":
+            flags["json"] = True
         elif arg in ("--config", "-c") or arg.startswith("--config="):
             if arg.startswith("--config="):
                 value = arg.split("=", 1)[1]
@@ -322,7 +331,9 @@ def _main(argv: list[str] | None = None) -> int:
         if flags["print_config"]:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0
-        _run_module(stage, config, variant)
+        result = _run_module(stage, config, variant)
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per rank
+            show(stage, config, result, as_json=flags["json"], lines=getattr(module, "summary_lines", None))
         return 0
     except BrokenPipeError:  # the reader left (`| head`): main() ends quietly
         raise

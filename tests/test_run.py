@@ -73,7 +73,7 @@ def test_lifecycle_tiny_runs_then_skips_then_reruns_from_a_stage(tmp_path, monke
     out = capsys.readouterr().out
     assert "Stages:" in out and "Checkpoints (eval):" in out and "Held-out questions, world_chat_qa" in out
     assert out.rstrip().endswith("report: runs/lifecycle-tiny/report.html") and (root / "report.html").is_file()
-    assert '"steps"' not in out and '"steps"' in (root / ".run" / "pretrain.log").read_text()
+    assert "val ppl" not in out and "val ppl" in (root / ".run" / "pretrain.log").read_text()  # pretrain's summary
     for name in ("pretrain", "sft_merged", "dpo", "grpo", "int8", "int4"):  # a column per checkpoint
         assert name in out.split("Checkpoints (eval):")[1].splitlines()[1]
     funnel = json.loads((root / "curate" / "report.json").read_text())

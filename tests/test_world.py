@@ -381,7 +381,7 @@ def test_cli_writes_every_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert "sft/train: 2000 rows" in printed
+    assert "sft 2,000 train / 200 test" in printed  # the rows of each split, in the summary
     assert len(json.loads((out / "facts.json").read_text())["people"]) == 10
     assert main(["world", f"output_dir={out}", "num_people=2"]) == 2
     assert "num_people" in capsys.readouterr().err

@@ -17,16 +17,10 @@ from temper.report.build import (
     key_metric,
     question_tables,
 )
+from temper.report.summary import duration
 
 QUESTIONS = 8  # questions per task shown in the terminal (the report has more; the totals count all)
 ANSWER = 28  # characters of an answer shown
-
-
-def duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
 
 
 def _grid(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:

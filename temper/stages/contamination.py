@@ -45,12 +45,15 @@ def run(cfg: Config) -> dict:
         return report_overlap(cfg, target)
 
 
+def summary_lines(cfg: Config, report: dict) -> list[str]:
+    lines = [f"{name}: {rep['contaminated']:,}/{rep['checked']:,} rows share a {cfg.n}-gram with the training data "
+             f"({rep['fraction']:.1%}); {rep['skipped_short']:,} rows too short to check" for name, rep in report.items()]
+    return lines + ([f"  -> {cfg.output}"] if cfg.output else [])
+
+
 def report_overlap(cfg: Config, output: Path | None) -> dict:
     eval_sets = {str(p): read_eval_set(p, cfg.eval_fields) for p in cfg.eval}
     report = contamination_report(iter_texts(cfg.train, field=cfg.text_field), eval_sets, n=cfg.n)
-    for name, rep in report.items():
-        print(f"{name}: {rep['contaminated']}/{rep['checked']} rows share a {cfg.n}-gram with the training data "
-              f"({rep['fraction']:.1%}); {rep['skipped_short']} rows too short to check")
     if output is not None:
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return report

@@ -129,8 +129,6 @@ def run(cfg: Config) -> dict:
                           earlier=earlier_curation) as out:
         if cfg.overwrite:
             _remove_earlier(out)
-        if cfg.near_dedup.enabled:
-            print(describe_near_dedup(cfg.near_dedup))
         try:
             report = curate(cfg, out)
         except BaseException:
@@ -142,9 +140,14 @@ def run(cfg: Config) -> dict:
         text = summary(report)
         atomic_write_text(out / "summary.txt", text + "\n")
         atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(text)
-    print(f"report -> {out / 'report.json'}")
     return report
+
+
+def summary_lines(cfg: Config, report: dict) -> list[str]:
+    out = Path(cfg.output_dir)
+    near = [f"  {describe_near_dedup(cfg.near_dedup)}"] if cfg.near_dedup.enabled else []
+    return ["curate: " + summary(report), *near, f"  report -> {out / 'report.json'} (dropped documents with their rule: "
+                                          f"{out / 'rejected'}/)", f"  next: temper pretrain data={out / 'data'}"]
 
 
 def _remove_earlier(out: Path) -> None:

@@ -141,5 +141,9 @@ def run(cfg: Config) -> dict:
                     fh.write(json.dumps({"text": text, "embedding": [float(x) for x in vector]}) + "\n")
     summary = {"texts": len(texts), "dimension": int(vectors.shape[1]), "pooling": pooling, "seq_len": seq_len,
                "output": str(cfg.output)}
-    print(json.dumps(summary))
     return summary
+
+
+def summary_lines(cfg: Config, summary: dict) -> list[str]:
+    return [f"embed: {summary['texts']:,} texts -> {summary['output']} ({summary['dimension']} dimensions, "
+            f"{summary['pooling']} pooling, up to {summary['seq_len']} tokens each)"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -338,10 +337,9 @@ def measured_mfu(run_dir: str) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    report = estimate(cfg)
-    if cfg.format == "json":
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(render(report))
-    return report
+    return estimate(cfg)
+
+
+def summary_lines(cfg: Config, report: dict) -> list[str]:
+    """The plan as tables (format=json: the JSON, as --json prints it)."""
+    return [json.dumps(report, indent=2)] if cfg.format == "json" else [render(report)]

@@ -167,7 +167,6 @@ def _evaluate(cfg: Config, out: Path, model_dirs: list[str], tasks, texts: list[
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     table = results_table(results)
     atomic_write_text(out / "results.md", table + "\n")
-    print(table)
     failed = [(task, rep["failed"]) for task, rep in (results.get("judge") or {}).items() if rep.get("failed")]
     if failed:  # the models' scores are kept; the command still fails, as no comparison was made
         task, why = failed[0]
@@ -321,6 +320,11 @@ def scored_pairwise(spec: str, task: str, questions, references, answers_1, answ
                       failed=f"judge {judge.name} failed on every answer of {len(scores)} questions "
                              f"({', '.join(f'{n} {r}' for r, n in sorted(judge.stats.bad.items()))}; first: {firsts})")
     return report
+
+
+def summary_lines(cfg: Config, results: dict) -> list[str]:
+    out = Path(cfg.output_dir)
+    return [results_table(results), f"  -> {out / 'results.md'}, {out / 'results.json'} (in full)"]
 
 
 def results_table(results: dict) -> str:

@@ -56,8 +56,8 @@ class Config:
             raise TemperError("model= is required: a model directory (gguf) or an adapter directory (safetensors)")
 
 
-def run(cfg: Config, commands) -> Path:
-    """Write the export; returns the GGUF file, or the merged model's directory."""
+def run(cfg: Config, commands) -> dict:
+    """Write the export; returns what was written (the GGUF file, or the merged model's directory)."""
     model_dir = Path(cfg.model).expanduser()
     if not model_dir.is_dir():
         raise TemperFileNotFoundError(f"model= directory not found: {model_dir}")
@@ -66,7 +66,16 @@ def run(cfg: Config, commands) -> Path:
     return export_gguf(cfg, model_dir)
 
 
-def merged_safetensors(cfg: Config, adapter: Path, commands) -> Path:
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    if result["format"] == "safetensors":
+        return [f"export: {result['adapter']} merged into {result['model']} as safetensors -> {result['output_dir']} "
+                "(transformers loads it)"]
+    return [f"export: {result['model']} -> {result['path']} (llama.cpp architecture {result['architecture']}, "
+            f"{result['tensors']} tensors, {result['tensor_type']}, {result['bytes'] / 2**20:.1f} MiB; read back and "
+            "checked)", f"  next: llama-cli -m {result['path']} (llama.cpp)"]
+
+
+def merged_safetensors(cfg: Config, adapter: Path, commands) -> dict:
     """`temper merge` of the adapter directory `adapter`: the same command, the same output."""
     if not (adapter / "adapter_config.json").is_file():
         raise TemperError(f"{adapter}: a model directory, already in HF safetensors (transformers loads it as it "
@@ -74,11 +83,11 @@ def merged_safetensors(cfg: Config, adapter: Path, commands) -> Path:
     settings = {"adapter": str(adapter), "output_dir": cfg.output_dir, "overwrite": cfg.overwrite}
     if cfg.base:
         settings["model"] = cfg.base
-    commands.run("merge", commands.config("merge", settings, source="temper export"))
-    return Path(cfg.output_dir).expanduser()
+    merged = commands.run("merge", commands.config("merge", settings, source="temper export"))
+    return {"format": "safetensors", **merged}
 
 
-def export_gguf(cfg: Config, model_dir: Path) -> Path:
+def export_gguf(cfg: Config, model_dir: Path) -> dict:
     source = str(model_dir)
     config = config_from_hf(read_hf_config(model_dir), str(model_dir / "config.json"))  # an adapter: merge first
     family_gguf(config, source)  # a family without GGUF support, before anything is loaded
@@ -104,7 +113,5 @@ def export_gguf(cfg: Config, model_dir: Path) -> Path:
                                  chat_template=template, end_of_turn_id=end_of_turn, source=source)
         for w in caught:
             print(f"note: {w.message}", file=sys.stderr)
-    print(f"exported {model_dir} -> {path} (llama.cpp architecture {summary['architecture']}, "
-          f"{len(summary['tensors'])} tensors, {cfg.tensor_type}, {summary['bytes'] / 2**20:.1f} MiB; read back "
-          "and checked)")
-    return path
+    return {"format": "gguf", "model": str(model_dir), "path": str(path), "architecture": summary["architecture"],
+            "tensors": len(summary["tensors"]), "tensor_type": cfg.tensor_type, "bytes": summary["bytes"]}

@@ -126,7 +126,7 @@ def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
     return messages
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> dict | None:
     if not (cfg.output_file and cfg.prompts_file):
         return generate(cfg, None)
     # claimed before any work: never a device, an input, a model's file, nor another writer's
@@ -135,8 +135,9 @@ def run(cfg: Config) -> None:
         return generate(cfg, target)
 
 
-def generate(cfg: Config, output: Path | None) -> None:
-    """Generate for `cfg`; a prompts file's results go to `output` (claimed), else to stdout."""
+def generate(cfg: Config, output: Path | None) -> dict | None:
+    """Generate for `cfg`; a prompts file's results go to `output` (claimed), else to stdout. Returns
+    what was written to a file; None when the text went to stdout (it is the command's output)."""
     prompts = [Prompt(cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts_file,
                                                                                field_name=cfg.prompt_field)
     use_chat = cfg.chat or any(isinstance(p.prompt, list) for p in prompts)
@@ -174,7 +175,7 @@ def generate(cfg: Config, output: Path | None) -> None:
             sys.stdout.write("\n")
         else:
             print(generate_text(model, tokenizer, texts, sampling)[0])
-        return
+        return None
 
     # a file appears whole when every prompt is done, or not at all (an old one stays as it was)
     try:
@@ -198,6 +199,16 @@ def generate(cfg: Config, output: Path | None) -> None:
     finally:
         if ranker is not None:
             ranker.close()
+    if output is None:
+        return None
+    return {"prompts": len(prompts), "output": str(output), "best_of": cfg.best_of,
+            "max_new_tokens": cfg.max_new_tokens}
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    best = f", the best of {result['best_of']} by {cfg.rank_by}" if result["best_of"] > 1 else ""
+    return [f"generate: {result['prompts']:,} completions (up to {result['max_new_tokens']} tokens each{best}) -> "
+            f"{result['output']}"]
 
 
 def best_of_n(model, tokenizer, prompts: list[Prompt], texts: list[str], sampling: SamplingConfig, n: int,

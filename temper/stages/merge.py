@@ -57,7 +57,7 @@ class Config:
             raise TemperError("adapter= is required: the adapter directory to merge")
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> dict:
     adapter = Path(cfg.adapter).expanduser()
     if not adapter.is_dir():
         raise TemperFileNotFoundError(f"adapter= directory not found: {adapter}")
@@ -100,7 +100,13 @@ def run(cfg: Config) -> None:
         lineage = read_lineage(adapter) or read_lineage(base)
         write_model_atomically(merged, out, tokenizer, {**lineage, "stage": "merge", "parent": str(adapter),
                                                         "base": str(base), "peft": "none"})
-    print(f"merged {adapter} into {base} -> {out}")
+    return {"adapter": str(adapter), "model": str(base), "method": method, "output_dir": str(out)}
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    out = result["output_dir"]
+    return [f"merge: the {result['method']} adapter {result['adapter']} folded into {result['model']} -> {out}",
+            f"  next: temper eval model={out} (or temper quantize model={out}, temper serve model={out})"]
 
 
 def check_same_base(adapter: Path, recorded: str, base: Path) -> None:

@@ -63,6 +63,9 @@ def run(cfg: Config) -> dict:
     inputs = {f"runs[{i}]": str(r.path) for i, r in enumerate(runs)}
     with claim_output_file(cfg.output, key="output", inputs=inputs, overwrite=cfg.overwrite) as target:
         atomic_write_text(target, svg)
-    print(f"wrote {cfg.output}: {len(cfg.metrics)} panel(s) ({', '.join(cfg.metrics)}) x {len(runs)} run(s) "
-          f"({', '.join(r.name for r in runs)})")
     return {"output": str(Path(cfg.output)), "metrics": list(cfg.metrics), "runs": [r.name for r in runs]}
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    return [f"plot: {len(result['metrics'])} panel(s) ({', '.join(result['metrics'])}) x {len(result['runs'])} run(s) "
+            f"({', '.join(result['runs'])}) -> {result['output']}"]

@@ -36,7 +36,7 @@ from temper.config import check_range, opt
 from temper.data.readers import expand_paths, iter_texts
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
-from temper.io import owned_output_dir, publish_model_files
+from temper.io import owned_output_dir, publish_model_files, weights_bytes
 from temper.lineage import read_lineage, write_lineage
 from temper.models import load_model
 from temper.quant.checkpoint import save_quantized
@@ -115,7 +115,7 @@ def calibration_windows(texts: list[str], tokenizer: Tokenizer, nsamples: int, s
     return [torch.tensor([stream[s:s + seq_len]]) for s in starts]
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> dict:
     src = Path(cfg.model).expanduser()
     if not src.is_dir():
         raise TemperFileNotFoundError(f"model= directory not found: {src}")
@@ -143,7 +143,16 @@ def run(cfg: Config) -> None:
         if source:
             lineage["calibration"] = source
         _write(model.cpu(), spec, src, out, tokenizer, lineage)
-    print(f"quantised {src} ({spec.method}, {len(spec.modules)} linear layers) -> {out}")
+    return {"model": str(src), "method": spec.method, "layers": len(spec.modules), "output_dir": str(out),
+            "bytes_before": weights_bytes(src), "bytes_after": weights_bytes(out)}
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    out = result["output_dir"]
+    size = (f": weights {result['bytes_before'] / 1e6:.3g} MB -> {result['bytes_after'] / 1e6:.3g} MB"
+            if result["bytes_before"] and result["bytes_after"] else "")
+    return [f"quantize: {result['model']} ({result['method']}, {result['layers']} linear layers){size} -> {out}",
+            f"  next: temper eval model={out} (or temper generate model={out} prompt=...)"]
 
 
 def _write(model, spec: QuantSpec, src: Path, out: Path, tokenizer: Tokenizer | None, lineage: dict) -> None:

@@ -28,6 +28,8 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    path = build_report(cfg.run_dir)
-    print(path)
-    return {"report": str(path)}
+    return {"report": str(build_report(cfg.run_dir))}
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    return [f"report: {result['report']} (one self-contained page; open it in a browser)"]

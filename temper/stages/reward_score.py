@@ -41,6 +41,7 @@ from temper.errors import TemperError
 from temper.io import atomic_writer, claim_output_file
 from temper.losses.reward import pearson_correlation
 from temper.models.reward import check_reward_model_dir, load_reward_model
+from temper.report.summary import number, share
 from temper.runtime import resolve_device
 
 
@@ -77,7 +78,7 @@ class Config:
         check_columns(self.columns)
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config) -> dict | None:
     if not Path(cfg.model).is_dir():
         raise TemperError(f"model={cfg.model}: no such reward model directory")
     check_reward_model_dir(cfg.model)  # a causal LM, several labels or no score.weight: one line, before any work
@@ -180,6 +181,19 @@ def score(cfg: Config, output: Path | None) -> dict:
                                "length_correlation": pearson_correlation(values, torch.tensor(lengths))}
     if pairs:
         summary.update(pairs=pairs, accuracy=right / pairs)
-    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-    print(f"reward score: {shown}" + (f" -> {output}" if output is not None else ""), file=sys.stderr)
+    if output is None:  # the rows were the stdout: the summary goes to stderr, and the CLI adds nothing
+        print("\n".join(summary_lines(cfg, summary)), file=sys.stderr)
+        return None
     return summary
+
+
+def summary_lines(cfg: Config, summary: dict) -> list[str]:
+    skipped = sum(summary["skipped_rows"].values())
+    head = (f"reward score: {summary['rows_scored']:,} of {summary['rows_read']:,} rows scored"
+            + (f" ({skipped:,} skipped: {', '.join(f'{k} {v}' for k, v in summary['skipped_rows'].items())})"
+               if skipped else "") + (f" -> {cfg.output}" if cfg.output else ""))
+    lines = [head, f"  reward min {number(summary['reward_min'])} · mean {number(summary['reward_mean'])} · max "
+                   f"{number(summary['reward_max'])} · correlation with length {number(summary['length_correlation'])}"]
+    if "accuracy" in summary:
+        lines.append(f"  pairs ranked right: {share(summary['accuracy'])} of {summary['pairs']:,}")
+    return lines

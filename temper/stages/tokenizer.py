@@ -49,14 +49,20 @@ def earlier_tokenizer(out: Path) -> list[str]:
     return [name for name in TOKENIZER_FILES if (out / name).exists()]
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> dict:
     # claimed before training: never a model's directory, an input's, or another run's
     with owned_output_dir(cfg.output_dir, command="tokenizer", inputs={"data": cfg.data}, overwrite=cfg.overwrite,
                           earlier=earlier_tokenizer) as out:
-        train(cfg, out)
+        return train(cfg, out)
 
 
-def train(cfg: Config, out: Path) -> None:
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    out = result["output_dir"]
+    return [f"tokenizer: {result['vocab_size']:,} tokens (byte-level BPE) -> {out}",
+            f"  next: temper pretrain tokenizer={out} data=..."]
+
+
+def train(cfg: Config, out: Path) -> dict:
     texts = iter_texts(cfg.data, field=cfg.text_field, encoding_errors=cfg.encoding_errors,
                        text_mode=cfg.text_mode, max_document_mb=cfg.max_document_mb)
     if cfg.max_documents > 0:
@@ -64,4 +70,4 @@ def train(cfg: Config, out: Path) -> None:
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                 model_max_length=cfg.model_max_length)
     tokenizer.save(out)
-    print(f"tokenizer: {tokenizer.vocab_size} tokens -> {out}")
+    return {"vocab_size": tokenizer.vocab_size, "output_dir": str(out)}

@@ -56,15 +56,23 @@ def earlier_world(out: Path) -> list[str]:
     return [name for name in ("facts.json", "README.md", "pretrain", "sft", "preference", "rl", "prm") if (out / name).exists()]
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> dict:
     # claimed first: never a model's directory, nor another run's; an earlier world only with overwrite=true
     with owned_output_dir(cfg.output_dir, command="world", overwrite=cfg.overwrite, earlier=earlier_world) as out:
         world = build_world(cfg.world_config())
         paths = write_world(world, out)
-    for name, path in paths.items():
-        if name in world.splits:
-            print(f"{name}: {len(world.splits[name])} rows -> {path}")
-        elif name == "facts":
-            print(f"facts: {len(world.people)} people, {len(world.towns)} towns -> {path}")
-        else:
-            print(f"readme -> {path}")
+    files = {name: {"path": str(path), **({"rows": len(world.splits[name])} if name in world.splits else {})}
+             for name, path in paths.items()}
+    return {"output_dir": str(out), "people": len(world.people), "towns": len(world.towns), "files": files}
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    out, files = result["output_dir"], result["files"]
+    splits: dict[str, list[str]] = {}
+    for name, file in files.items():
+        if "rows" in file:
+            kind, _, split = name.partition("/")
+            splits.setdefault(kind, []).append(f"{file['rows']:,} {split}")
+    return [f"world: {result['people']} people, {result['towns']} towns -> {out} (what each file holds: {out}/README.md)",
+            "  rows: " + " · ".join(f"{kind} {' / '.join(parts)}" for kind, parts in splits.items()),
+            f"  next: temper pretrain data={out}/pretrain/train.jsonl eval_data={out}/pretrain/val.jsonl"]

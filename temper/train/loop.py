@@ -497,14 +497,14 @@ class TrainLoop:
         return result
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write `summary.json` (the shared summary, then the recipe's own keys) and print it."""
+        """Write `summary.json` (the shared summary, then the recipe's own keys) and return it (the
+        CLI prints it: a few readable lines, or with --json this dict; `temper.report.summary`)."""
         summary = {**self.summary(), **summary}
         if self.par.distributed:
             summary["parallel"] = self.par.describe()
         if self.main:
             self.metrics.close()
             self.run_dir.finish(summary)
-            print(json.dumps(summary, indent=2, ensure_ascii=False))
         self.par.barrier()
         self.par.close()
         return summary

@@ -344,10 +344,10 @@ def run(cfg: Config, commands) -> dict:
                 overrides[stage.name] = _merge({"seed": cfg.seed}, overrides.get(stage.name) or {})
     plan(path, name, stages, out_root, overrides, commands)
     if cfg.check:
-        for stage in stages:
-            reads = f" <- {', '.join(stage.refs)}" if stage.refs else ""
-            print(f"{stage.name}: temper {stage.command} -> {stage.output_dir}{reads}")
-        return {"pipeline": str(path), "output_dir": str(out_root), "stages": [s.name for s in stages]}
+        plan_lines = [f"{stage.name}: temper {stage.command} -> {stage.output_dir}"
+                      + (f" <- {', '.join(stage.refs)}" if stage.refs else "") for stage in stages]
+        return {"pipeline": str(path), "output_dir": str(out_root), "stages": [s.name for s in stages],
+                "plan": plan_lines}
     start = names.index(cfg.from_stage) if cfg.from_stage else 0
     by_name = {s.name: s for s in stages}
     outputs = [s.output_dir for s in stages]
@@ -399,7 +399,7 @@ def run(cfg: Config, commands) -> dict:
         began = time.perf_counter()
         with StageOutput(log, stage.name) as output:
             try:
-                commands.run(stage.command, config)
+                commands.show(stage.command, config, commands.run(stage.command, config))  # into the log
             except (ValueError, OSError) as e:  # a TemperError, a full disk, a path that cannot be written
                 failed = f"stage '{stage.name}' ({stage.command}): {error_line(e)}"
             else:
@@ -418,21 +418,32 @@ def run(cfg: Config, commands) -> dict:
         run_ids[stage.name] = run_id
         results.append(_row(stage, "ran", round(seconds, 3)))
     summary = _write_summary(out_root, path, results)
-    print(finish(out_root), flush=True)
+    finish(out_root)
     return summary
 
 
-def finish(out_root: Path) -> str:
-    """The report of what the run left (report.html, its PNGs) and the terminal's summary of it;
-    a report that cannot be built is a warning, never the run's failure."""
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    """`--check`: the plan; a run: the stages, every checkpoint against every metric, the held-out
+    questions (`temper.report.terminal`, read from the same files as the HTML report)."""
+    if "plan" in result:
+        return result["plan"]
+    out_root = Path(result["output_dir"])
+    try:
+        return [summary_text(read_run_dir(out_root))]
+    except (ValueError, OSError) as e:
+        return [f"warning: the summary of {out_root} could not be read: {error_line(e)}"]
+
+
+def finish(out_root: Path) -> None:
+    """Build the report of what the run left (report.html, its PNGs); one that cannot be built is a
+    warning, never the run's failure."""
     try:
         read = read_run_dir(out_root)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # what could not be read is in the summary's warnings already
             build_report(out_root, read)
-        return summary_text(read)
     except (ValueError, OSError) as e:
-        return f"warning: the report of {out_root} could not be built: {error_line(e)}"
+        print(f"warning: the report of {out_root} could not be built: {error_line(e)}", file=sys.stderr)
 
 
 def _write_summary(out_root: Path, path: Path, results: list[dict]) -> dict:

@@ -380,8 +380,13 @@ def run(cfg: Config, commands) -> dict:
         result = {"rounds": reports, "final_model": policy, "judge": cfg.judge,
                   "monitor_judge": cfg.monitor_judge or (cfg.judge if judge is not None else None)}
         run_dir.write_summary(result)
-        print(round_table(reports), file=sys.stderr)
         return result
+
+
+def summary_lines(cfg: Config, result: dict) -> list[str]:
+    final = result["final_model"]
+    return [f"online-dpo: {len(result['rounds'])} round(s), judged by {result['judge']} -> {final}",
+            round_table(result["rounds"]), f"  next: temper eval model={final}"]
 
 
 def _dpo_report(summary: dict) -> dict:
