@@ -319,7 +319,9 @@ def test_simple_evaluate_hf_and_temper_give_the_same_numbers(tiny_model_dir, tin
     # Tolerance: both sides compute the same fp32 log-probs (transformers' kernels, batches of 4,
     # vs temper's, batches of 3: another summation order). A request's total goes through the
     # decoder's chain of reductions with at most `size` keys, then a sum over its target tokens:
-    # `reorder_tol` (conftest) of that chain, ~2e-5 relative, 10^2-10^3 below a one-token slip.
+    # `reorder_tol` (conftest) of that chain, ~2e-5 relative (5e-4 on a total of -27); a token
+    # scored differently moves a total by a whole log-prob, nats here (5.5 when the context's
+    # trailing space was not moved onto the continuation).
     chain = decoder_lengths(load_model(tiny_model_dir), size)
 
     def tol(value: float, n_targets: int) -> float:
