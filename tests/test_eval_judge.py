@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import approx_reordered, decoder_lengths
+from conftest import ROOT, approx_reordered, decoder_lengths, reorder_tol
 
 from temper.eval import judge as judge_mod
 from temper.eval.contamination import build_index, contamination_report, ngrams, words
@@ -237,35 +240,153 @@ def test_generate_until_stops(temper_lm):
     assert out[1] == free
 
 
-def test_lm_eval_simple_evaluate(tiny_model_dir, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
+def _fresh_python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` (argv: `args`) in a new interpreter: what lm-eval's registry holds depends on
+    what the process imported first. One thread: the tiny models gain nothing from more."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **env})
 
-    data = tmp_path / "data.jsonl"
-    rows = [{"question": "Alice lives in", "choices": ["Paris", "Rome"], "label": 0},
-            {"question": "Bob lives in", "choices": ["Paris", "Rome"], "label": 1},
-            {"question": "The sum of 3 and 4 is", "choices": ["7", "15"], "label": 0}]
+
+# One script, the adapter imported before lm-eval has looked up any model, then lm-eval's own
+# `simple_evaluate` by registry name with `hf` and with `temper`, offline (a fresh interpreter: the
+# registry's state, and HF_*_OFFLINE, are read once per process). It writes what it found as JSON.
+SIMPLE_EVALUATE_BOTH = """
+import json, sys
+import temper.eval.lm_eval_adapter  # noqa: F401
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+model_dir, task_dir, out = sys.argv[1:4]
+found = {}
+for name, extra in (("hf", "dtype=float32,batch_size=4"), ("temper", "batch_size=3")):
+    res = lm_eval.simple_evaluate(
+        model=name, model_args=f"pretrained={model_dir},max_length=16,{extra}", device="cpu",
+        tasks=["tiny_rolling", "tiny_mc"], bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=task_dir, include_defaults=False))
+    samples = {task: [s["resps"] for s in sorted(rows, key=lambda s: s["doc_id"])]
+               for task, rows in res["samples"].items()}
+    found[name] = {"results": res["results"], "samples": samples}
+with open(out, "w") as f:
+    json.dump(found, f)
+"""
+
+ROLLING_TEXTS = ["Alice lives in Paris. Alice has a cat named Tom. Bob lives in Rome; his dog is Rex.",
+                 "The sum of 3 and 4 is 7. The sum of 10 and 5 is 15. Twelve minus two is ten.",
+                 "Hello, world! Ünïcödé and émojis 😀 must survive. Tabs\tand  spaces too.",
+                 "Hello, world!"]
+MC_ROWS = [{"question": "Alice lives in", "choices": ["Paris", "Rome", "Tom"], "label": 0},
+           {"question": "Bob lives in ", "choices": ["Paris", "Rome"], "label": 1},  # its space moves
+           {"question": "The sum of 3 and 4 is", "choices": ["7", "15", "ten"], "label": 0},
+           {"question": "", "choices": ["Hello, world!", "Tabs and spaces"], "label": 0},  # BOS/EOS alone
+           {"question": "Alice has a cat named", "choices": ["Tom", "Rex"], "label": 0}]
+
+
+def _local_task(task_dir, data_dir, name: str, rows: list[dict], body: str) -> None:
+    data = data_dir / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    (task_dir / "temper_tiny.yaml").write_text(
-        "task: temper_tiny\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        "doc_to_text: '{{question}}'\n"
-        "doc_to_choice: '{{choices}}'\n"
-        "doc_to_target: label\n"
-        "target_delimiter: ' '\n"
-        "metric_list:\n  - metric: acc\n"
-    )
-    lm = TemperLM(pretrained=str(tiny_model_dir), batch_size=4)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["temper_tiny"],
-                                      task_manager=TaskManager(include_path=str(task_dir)))
-    from lm_eval.api.registry import get_model
+    (task_dir / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"test_split: test\n{body}")
 
-    assert get_model("temper") is TemperLM
-    acc = results["results"]["temper_tiny"]["acc,none"]
-    print(f"\nlm-eval temper_tiny acc: {acc}")
-    assert 0.0 <= acc <= 1.0
+
+def test_simple_evaluate_hf_and_temper_give_the_same_numbers(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """lm-eval's `hf` (transformers) and `temper` on one model directory, both by registry name in
+    one script: the same per-request log-likelihoods, word/byte perplexity, bits per byte, acc and
+    acc_norm. Windows of 16 tokens, so the rolling task needs several and a partial last one."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.task import ConfigurableTask
+
+    from temper.models import load_model
+
+    task_dir, size = tmp_path / "tasks", 16
+    task_dir.mkdir()
+    _local_task(task_dir, tmp_path, "tiny_rolling", [{"text": t} for t in ROLLING_TEXTS],
+                "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+                "  - metric: bits_per_byte\n")
+    _local_task(task_dir, tmp_path, "tiny_mc", MC_ROWS,
+                "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+                "doc_to_target: label\ntarget_delimiter: ' '\n"
+                "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    out = tmp_path / "found.json"
+    run = _fresh_python(SIMPLE_EVALUATE_BOTH, str(tiny_model_dir), str(task_dir), str(out),
+                        HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(out.read_text())
+    hf, ours = found["hf"], found["temper"]
+
+    # Tolerance: both sides compute the same fp32 log-probs (transformers' kernels, batches of 4,
+    # vs temper's, batches of 3: another summation order). A request's total goes through the
+    # decoder's chain of reductions with at most `size` keys, then a sum over its target tokens:
+    # `reorder_tol` (conftest) of that chain, ~2e-5 relative (5e-4 on a total of -27); a token
+    # scored differently moves a total by a whole log-prob, nats here (5.5 when the context's
+    # trailing space was not moved onto the continuation).
+    chain = decoder_lengths(load_model(tiny_model_dir), size)
+
+    def tol(value: float, n_targets: int) -> float:
+        return reorder_tol(abs(value), *chain, n_targets)
+
+    # rolling log-likelihood: every document's total, then the three aggregates
+    n_tokens = [len(tiny_tokenizer.encode(t)) for t in ROLLING_TEXTS]
+    assert max(n_tokens) > 3 * size and min(n_tokens) < size  # several windows, and one window
+    lls_hf = [r[0][0] for r in hf["samples"]["tiny_rolling"]]
+    lls_ours = [r[0][0] for r in ours["samples"]["tiny_rolling"]]
+    tols = [tol(ll, n) for ll, n in zip(lls_hf, n_tokens)]
+    assert len(lls_ours) == len(lls_hf) == len(ROLLING_TEXTS)
+    for got, expected, t in zip(lls_ours, lls_hf, tols):
+        assert got == pytest.approx(expected, rel=0, abs=t)
+    # word_perplexity = exp(-LL / words), byte_perplexity = exp(-LL / bytes), bits_per_byte =
+    # -LL / (bytes ln 2) over the task's totals: an error of at most T in LL moves them by at
+    # most a factor expm1(T / words), expm1(T / bytes), and T / (bytes ln 2) in absolute terms.
+    total, T = sum(lls_hf), sum(tols)
+    words = sum(ConfigurableTask.count_words(t) for t in ROLLING_TEXTS)
+    n_bytes = sum(ConfigurableTask.count_bytes(t) for t in ROLLING_TEXTS)
+    r_hf, r_ours = hf["results"]["tiny_rolling"], ours["results"]["tiny_rolling"]
+    # (the derivation's words and bytes are the ones lm-eval divided by)
+    assert r_hf["bits_per_byte,none"] == pytest.approx(-total / (n_bytes * math.log(2)), rel=1e-12)
+    assert r_hf["word_perplexity,none"] == pytest.approx(math.exp(-total / words), rel=1e-12)
+    metric_tol = {"word_perplexity,none": dict(rel=math.expm1(T / words)),
+                  "byte_perplexity,none": dict(rel=math.expm1(T / n_bytes)),
+                  "bits_per_byte,none": dict(abs=T / (n_bytes * math.log(2)))}
+    for key, bound in metric_tol.items():
+        assert r_ours[key] == pytest.approx(r_hf[key], **bound), key
+
+    # multiple choice: every choice's log-likelihood, then acc and acc_norm exactly; the best
+    # choice of each question beats the others (raw and per character) by more than both sides'
+    # tolerances, so no argmax can flip within them and equal accuracies are what correct code gives
+    mc_hf, mc_ours = hf["samples"]["tiny_mc"], ours["samples"]["tiny_mc"]
+    assert len(mc_ours) == len(mc_hf) == len(MC_ROWS)
+    for row, choices_hf, choices_ours in zip(MC_ROWS, mc_hf, mc_ours):
+        lls = [c[0][0] for c in choices_hf]
+        t = [tol(ll, size) for ll in lls]  # a continuation has at most `size` targets
+        assert [c[0][0] for c in choices_ours] == pytest.approx(lls, rel=0, abs=max(t))
+        for scores, margin in ((lls, t), ([ll / len(c) for ll, c in zip(lls, row["choices"])],
+                                          [x / len(c) for x, c in zip(t, row["choices"])])):
+            best = max(range(len(scores)), key=scores.__getitem__)
+            assert all(scores[best] - s > margin[best] + margin[i]
+                       for i, s in enumerate(scores) if i != best), (row, scores)
+    r_hf, r_ours = hf["results"]["tiny_mc"], ours["results"]["tiny_mc"]
+    assert (r_ours["acc,none"], r_ours["acc_norm,none"]) == (r_hf["acc,none"], r_hf["acc_norm,none"])
+    rolled_hf, rolled_ours = hf["results"]["tiny_rolling"], ours["results"]["tiny_rolling"]
+    print(f"\nlm-eval hf | temper: bits/byte {rolled_hf['bits_per_byte,none']:.9f} | "
+          f"{rolled_ours['bits_per_byte,none']:.9f}, acc {r_hf['acc,none']} | {r_ours['acc,none']}, "
+          f"acc_norm {r_hf['acc_norm,none']} | {r_ours['acc_norm,none']}")
+
+
+ADAPTER = "import temper.eval.lm_eval_adapter as adapter\n"
+LOOKUP = "from lm_eval.api.registry import get_model\nhf, temper = get_model('hf'), get_model('temper')\n"
+BUILTIN_FIRST = "from lm_eval.api.registry import get_model\nget_model('dummy')\n"
+
+
+@pytest.mark.parametrize("order", ["adapter first", "lm-eval first"])
+def test_lm_eval_builtin_models_and_temper_resolve_whatever_the_import_order(order):
+    """lm-eval fills its model registry with its own models on the first lookup of an EMPTY
+    registry; registering "temper" into it before that must not keep `hf` and the rest out."""
+    pytest.importorskip("lm_eval")
+    code = ADAPTER + LOOKUP if order == "adapter first" else BUILTIN_FIRST + ADAPTER + LOOKUP
+    run = _fresh_python(code + (  # HFLM imported only now, after the lookups
+        "from lm_eval.models.huggingface import HFLM\n"
+        "assert hf is HFLM and temper is adapter.TemperLM, (hf, temper)\n"
+        "print('ok')\n"))
+    assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stderr[-3000:]

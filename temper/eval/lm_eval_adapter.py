@@ -7,7 +7,8 @@
     results = lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
 Importing this module registers the adapter under the name "temper" when lm_eval is
-installed (`lm_eval.simple_evaluate(model="temper", model_args="pretrained=DIR")`). Without
+installed (`lm_eval.simple_evaluate(model="temper", model_args="pretrained=DIR")`), next to
+lm-eval's own models ("hf", ...), whatever was imported first (see the end). Without
 lm_eval the class has the same three methods on a plain base class, so it can be used and
 tested directly with objects that carry lm-eval's `.args`.
 
@@ -197,6 +198,16 @@ class TemperLM(_Base):
 
 
 if HAVE_LM_EVAL:
+    # lm-eval (0.4.13 here) fills its model registry with its own models ("hf", "vllm", ...) lazily:
+    # `get_model` imports `lm_eval.models`, whose import registers them, only when the registry is
+    # EMPTY. Registering "temper" into an untouched registry would make it non-empty, and `hf` & co.
+    # would never arrive. So take lm-eval's own step first: import `lm_eval.models`, then register.
+    # In 0.4.13 that import only records "module:Class" strings (no backend is imported); in older
+    # 0.4.x, whose registry is a plain dict with no lazy fill, it imports the backends eagerly,
+    # which `lm_eval.evaluator` does at its top anyway. No lm-eval internals are touched; the
+    # alternative of registering "temper" lazily would still leave the registry non-empty.
+    import lm_eval.models  # noqa: F401
+
     try:
         _register_model("temper")(TemperLM)
     except (AssertionError, ValueError):  # pragma: no cover - already registered (module reloaded)
