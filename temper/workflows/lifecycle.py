@@ -490,7 +490,7 @@ class _Tee(io.TextIOBase):
 
 
 class StageOutput:
-    """While a stage runs: what it prints on stdout (its JSON summary, tables, file lists) goes to
+    """While a stage runs: what it prints on stdout (its summary lines, tables, file lists) goes to
     `.run/<stage>.log` only; what it prints on stderr (progress bars, step lines, notes) shows on
     the terminal as it comes and goes to the log too; its warnings are shown, and kept in
     `warnings` for the stage's record and the report."""
