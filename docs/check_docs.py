@@ -54,7 +54,7 @@ def doc_files() -> list[Path]:
 # ----------------------------------------------------------------------------- what the code says
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def command_keys(name: str, variant: str | None = None) -> dict[str, tuple[str, str]]:
     """{key: (type, default)} of `temper NAME [variant] --help`."""
     from temper.cli import help_rows
@@ -62,7 +62,7 @@ def command_keys(name: str, variant: str | None = None) -> dict[str, tuple[str, 
     return {key: (typ, default) for key, typ, default, _ in help_rows(name, variant)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_defaults() -> dict[str, set[str]]:
     """{key: the defaults it has in the commands (and variants) that have it}."""
     from temper.cli import COMMANDS
@@ -76,7 +76,7 @@ def all_defaults() -> dict[str, set[str]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline_stages() -> dict[str, str]:
     """{stage name: its command} over the shipped pipelines."""
     import yaml
@@ -91,7 +91,7 @@ def pipeline_stages() -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shipped(kind: str) -> tuple[str, ...]:
     from temper.configs import shipped_names
 
@@ -104,7 +104,7 @@ def _preset_vocab(name: str) -> int:
     return registry.preset(name).vocab_size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_counts(name: str) -> dict[int, int]:
     """{vocabulary size: parameters} of the models a doc may mean by preset `name` (the module docstring)."""
     import torch
@@ -112,19 +112,22 @@ def preset_counts(name: str) -> dict[int, int]:
     from temper.models import build_model, registry
     from temper.recipes.pretrain import Config as Pretrain
 
-    base = registry.preset(name)
-    vocabs = {base.vocab_size}
-    if base.family in ("llama", "gpt2"):  # decoders temper pretrain builds from a preset and its tokenizer
-        trained = Pretrain().vocab_size
-        vocabs |= {v for v in range(64, trained + 1, 64) if v >= 0.9 * trained}
-    counts = {}  # vocabulary size -> parameters
-    for vocab in sorted(vocabs):
+    def count(vocab: int) -> int:
         with torch.device("meta"):
-            counts[vocab] = build_model(registry.preset(name, vocab_size=vocab), device="meta").num_parameters()
+            return build_model(registry.preset(name, vocab_size=vocab), device="meta").num_parameters()
+
+    own = registry.preset(name).vocab_size
+    counts = {own: count(own)}  # vocabulary size -> parameters
+    if registry.preset(name).family in ("llama", "gpt2"):  # decoders temper pretrain builds with its tokenizer
+        trained = Pretrain().vocab_size
+        per_token = count(own + 64) - counts[own]  # the count is linear in the vocabulary (64 rows at a time)
+        for vocab in range(64, trained + 1, 64):
+            if vocab >= 0.9 * trained:
+                counts[vocab] = counts[own] + (vocab - own) // 64 * per_token
     return counts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_names() -> tuple[str, ...]:
     from temper.models import registry
 
@@ -368,10 +371,8 @@ def check_versions(texts: dict[str, str]) -> list[str]:
     problems = []
     for lib, found in mentions.items():
         # the project's version: the one most mentions agree with (the most precise spelling of it)
-        def support(v: str) -> tuple[int, int]:
-            return sum(_agrees(v, w) for _, _, w in found), v.count(".")
-
-        current = max((v for _, _, v in found), key=support)
+        versions = [v for _, _, v in found]
+        current = max(versions, key=lambda v, vs=versions: (sum(_agrees(v, w) for w in vs), v.count(".")))
         for name, line, version in found:
             if not _agrees(version, current):
                 problems.append(f"{name}:{line}: {lib} {version}, elsewhere {lib} {current}: say which is older "
