@@ -226,19 +226,30 @@ def print_main_help() -> None:
     print("\nSet TEMPER_DEBUG=1 to see a traceback with an error.")
 
 
+def help_rows(name: str, variant: str | None = None) -> list[tuple[str, str, str, str]]:
+    """`config_help` rows of the config a run of `name` starts from (the variant's module, the variant
+    key set as given): each default is the value `--print-config` resolves (tests/test_cli.py)."""
+    module = _stage_module(name, variant)
+    variants = COMMANDS[name].variants
+    if variant is None or variants is None:
+        return config_help(module.Config)
+    return config_help(module.Config, values=dataclasses.replace(module.Config(), **{variants.key: variant}))
+
+
 def print_stage_help(name: str, variant: str | None = None) -> None:
     module = _stage_module(name, variant)
     print(f"usage: temper {name} [--config FILE.yaml|NAME] [--print-config] [--json] [key=value ...]\n")
     doc = (module.__doc__ or COMMANDS[name].description).strip()
     print(textwrap.fill(" ".join(doc.split("\n\n")[0].split()), 88) + "\n")  # the first paragraph
-    rows = config_help(module.Config)
+    rows = help_rows(name, variant)
+    given = COMMANDS[name].variants.key if variant is not None else None  # its row shows the value typed
     key_w = min(max(len(r[0]) for r in rows), 30)
     type_w = min(max(len(r[1]) for r in rows), 24)
     term = shutil.get_terminal_size((120, 24)).columns
     print("options (key=value; nested keys with dots):")
     for key, typ, default, help_text in rows:
         head = f"  {key.ljust(key_w)}  {typ.ljust(type_w)}  "
-        body = f"{help_text} [default: {default}]"
+        body = f"{help_text} [{'given' if key == given else 'default'}: {default}]"
         wrapped = textwrap.wrap(body, max(40, term - len(head)), break_on_hyphens=False) or [""]
         print(head + wrapped[0])
         for line in wrapped[1:]:

@@ -462,6 +462,32 @@ def test_a_long_prompt_is_cut_to_its_end_not_dropped(tmp_path, tiny_tokenizer):
         in stats.summary()
 
 
+def test_an_hh_rlhf_row_whose_prompt_outruns_the_context_trains_even_when_strict(tmp_path, tiny_tokenizer):
+    """The README's `temper dpo data=harmless-base-test.jsonl.gz` once stopped at the file's row 4 (a
+    529-token prompt at seq_len=512, then a `prompt_too_long` bad row, and bad rows stopped the run):
+    an HH-RLHF-style implicit-prompt row (chosen/rejected dialogues only) whose prompt alone is longer
+    than the context keeps its end, down to half the context, with its `Assistant:` marker, and its
+    answers whole; counted, not a bad row even with skip_bad_rows=false."""
+    tok = tiny_tokenizer
+    history = "".join(f"\n\nHuman: tell me about item {i}\n\nAssistant: item {i} is fine" for i in range(12))
+    row = {"chosen": history + "\n\nHuman: and the last?\n\nAssistant: I can help.",
+           "rejected": history + "\n\nHuman: and the last?\n\nAssistant: No."}
+    f = write_jsonl(tmp_path / "hh.jsonl", [row])
+    pairs, _ = read_preferences(f, skip_bad_rows=False)
+    assert only(pairs).prompt.endswith("\n\nHuman: and the last?\n\nAssistant:")
+    prompt_ids = tok.encode(only(pairs).prompt)
+    max_len = 32
+    assert len(prompt_ids) > 2 * max_len  # the prompt alone outruns the context
+    enc, stats = encode_pairs(pairs, tok, None, max_len=max_len, skip_bad_rows=False)
+    enc = only(enc)
+    longest = max(len(enc.chosen_ids), len(enc.rejected_ids))
+    assert enc.chosen_ids == tok.encode(row["chosen"])[len(prompt_ids):] + [tok.eos_id]  # answers whole
+    assert enc.prompt_ids == prompt_ids[-(max_len + 1 - longest):]  # the prompt's end, leading into the answers
+    assert len(enc.prompt_ids) >= max_len // 2 and len(enc.prompt_ids) + longest <= max_len + 1
+    assert tok.decode(enc.prompt_ids).endswith("Assistant:")
+    assert (stats.truncated, stats.prompt_truncated, stats.answer_truncated) == (1, 1, 0) and not stats.skipped
+
+
 @pytest.mark.parametrize("label", ["yes", 1, None])
 def test_a_kto_label_must_be_a_boolean(tmp_path, tiny_tokenizer, label):
     f = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Q", "completion": " A", "label": True},

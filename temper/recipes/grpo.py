@@ -45,6 +45,7 @@ from typing import ClassVar, Literal
 import torch
 
 from temper.config import OnlyWith, check_range, opt
+from temper.data.readers import RECORD_SUFFIXES
 from temper.errors import TemperError
 from temper.eval.hacking import RewardHackingWatch
 from temper.losses.grpo import (
@@ -84,7 +85,7 @@ class Config(recipe.TrainingConfig, command="grpo", capabilities=recipe.Capabili
                            peft={}, template=None, watch={})):
     resume_may_change: ClassVar = (*recipe.TrainingConfig.resume_may_change, "eval_prompts", "eval_limit",
                                    "eval_reward", "judge_timeout", "max_empty_rollouts", "watch")
-    prompts: list[str] = opt([], "prompt rows (JSONL/JSON/parquet; default: the built-in world's rl/train.jsonl)")
+    prompts: list[str] = opt([], f"prompt rows ({'/'.join(RECORD_SUFFIXES)}; default: the built-in world's rl/train.jsonl)")
     prompt_field: str = opt("auto", "the prompt column (auto: prompt, else question, else messages)")
     rewards: list[str] = opt([], "reward functions: world, gsm8k, format, length[:C], MODULE:FUNCTION, judge:JUDGE "
                                  "(default: world for the built-in world's prompts)")

@@ -63,6 +63,7 @@ from typing import ClassVar
 import torch
 
 from temper.config import OnlyWith, check_range, opt
+from temper.data.readers import RECORD_SUFFIXES
 from temper.data.tokenizer import Tokenizer, tokenizer_difference
 from temper.errors import TemperError
 from temper.eval.hacking import RewardHackingWatch, repetition_rate
@@ -126,7 +127,7 @@ class Config(recipe.TrainingConfig, command="ppo", capabilities=recipe.Capabilit
     rewards: list[str] = opt([], "reward functions added to the reward model's score (world, gsm8k, format, "
                                  "length[:C], MODULE:FUNCTION, judge:JUDGE)")
     reward_weights: list[float] = opt([], "one weight per reward, the reward model's first (default: 1 each)")
-    prompts: list[str] = opt([], "prompt rows (JSONL/JSON/parquet; default: the built-in world's rl/train.jsonl)")
+    prompts: list[str] = opt([], f"prompt rows ({'/'.join(RECORD_SUFFIXES)}; default: the built-in world's rl/train.jsonl)")
     prompt_field: str = opt("auto", "the prompt column (auto: prompt, else question, else messages)")
     judge_timeout: float = opt(DEFAULT_TIMEOUT, "seconds one call of a reward function or judge may take (0: no limit)")
     temperature: float = opt(0.7, "sampling temperature (also divides the logits of the log-probs, as TRL)")

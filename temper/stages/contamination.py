@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from temper.config import opt
-from temper.data.readers import iter_texts
+from temper.data.readers import SUPPORTED_SUFFIXES, iter_texts
 from temper.errors import TemperError
 from temper.eval.contamination import contamination_report, read_eval_set
 from temper.io import atomic_write_text, claim_output_file
@@ -21,7 +21,7 @@ from temper.io import atomic_write_text, claim_output_file
 
 @dataclass
 class Config:
-    train: list[str] = opt([], "training data (.txt/.jsonl/.parquet files, dirs, globs)")
+    train: list[str] = opt([], f"training data ({'/'.join(SUPPORTED_SUFFIXES)} files, dirs, globs)")
     eval: list[str] = opt([], "evaluation files, each reported separately")
     text_field: str = opt("text", "the field of training rows that holds the text")
     eval_fields: list[str] = opt([], "fields of eval rows to check (default: every string field, and message contents)")

@@ -44,7 +44,7 @@ from temper.curate.pipeline import (
     write_plots,
 )
 from temper.curate.text import NormalizeConfig, PiiConfig
-from temper.data.readers import MAX_DOCUMENT_MB
+from temper.data.readers import MAX_DOCUMENT_MB, SUPPORTED_SUFFIXES
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import atomic_write_text, owned_output_dir
 
@@ -53,7 +53,7 @@ OUTPUTS = ("report.json", "summary.txt", "data", "rejected", "tokens", "plots")
 
 @dataclass
 class Config:
-    data: list[str] = opt([], "raw documents: .txt/.md/.jsonl/.jsonl.gz/.json/.parquet files, directories, globs")
+    data: list[str] = opt([], f"raw documents: {'/'.join(SUPPORTED_SUFFIXES)} files, directories, globs")
     output_dir: str = opt("runs/curated", "where data/, rejected/, report.json and summary.txt are written")
     overwrite: bool = opt(False, "replace a curation written earlier in output_dir")
     text_field: str = opt("text", "the field of JSONL/parquet rows that holds the document")

@@ -9,8 +9,8 @@
     temper eval models=[runs/pretrain,runs/sft,runs/dpo] tasks=world_instruct,world_preference,world_chat_qa \
         reward_model=runs/reward reference=runs/sft data=val.jsonl                # a lifecycle's checkpoint table
 
-Tasks are YAML files, or the names of the ones shipped in the package (temper/configs/tasks:
-world_facts_mc, world_qa, world_chat_qa, world_instruct, world_preference). `data=` adds rolling-window perplexity (token, word,
+Tasks are YAML files, or the names of the ones shipped in the package (temper/configs/tasks;
+`temper eval --help` lists them). `data=` adds rolling-window perplexity (token, word,
 bits per byte) on text, every token scored, as lm-evaluation-harness's loglikelihood_rolling
 (see temper.eval.sliding); `text_mode=file` scores each .txt file as one text (wikitext's usual
 protocol).
@@ -38,8 +38,9 @@ from typing import ClassVar, Literal
 import torch
 
 from temper.config import OnlyWith, opt
+from temper.configs import shipped_names
 from temper.data.prompts import Prompt
-from temper.data.readers import expand_paths, iter_texts
+from temper.data.readers import SUPPORTED_SUFFIXES, expand_paths, iter_texts
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.eval.contamination import contamination_report
@@ -60,8 +61,8 @@ from temper.runtime import resolve_device
 class Config:
     model: str = opt("", "the model directory to evaluate")
     models: list[str] = opt([], "several model directories, compared side by side")
-    tasks: list[str] = opt([], "task YAML files, or shipped task names (world_facts_mc, world_qa)")
-    data: list[str] = opt([], "text for sliding-window perplexity (.txt/.jsonl files, dirs, globs)")
+    tasks: list[str] = opt([], f"task YAML files, or shipped task names ({', '.join(shipped_names('tasks'))})")
+    data: list[str] = opt([], f"text for sliding-window perplexity ({'/'.join(SUPPORTED_SUFFIXES)} files, dirs, globs)")
     text_field: str = opt("text", "the JSONL field that holds the text for perplexity")
     text_mode: Literal["paragraph", "line", "file"] = opt(
         "paragraph", "how .txt files in data= split into texts (each scored with its own context): "

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from temper.config import check_range, opt
-from temper.data.readers import expand_paths, iter_texts
+from temper.data.readers import SUPPORTED_SUFFIXES, expand_paths, iter_texts
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError, TemperFileNotFoundError
 from temper.io import owned_output_dir, publish_model_files, weights_bytes
@@ -54,7 +54,7 @@ class Config:
     percdamp: float = opt(0.01, "gptq: dampening added to the Hessian diagonal, as a fraction of its mean "
                                 "(raised tenfold and retried where the Cholesky fails)")
     block_size: int = opt(128, "gptq: columns per lazy-update block")
-    calibration: list[str] = opt([], "gptq: calibration text files (.txt, .jsonl, .parquet); default: the "
+    calibration: list[str] = opt([], f"gptq: calibration text files ({', '.join(SUPPORTED_SUFFIXES)}); default: the "
                                      "built-in world's pretraining corpus")
     calibration_field: str = opt("text", "the field of calibration JSON rows that holds the text")
     nsamples: int = opt(128, "gptq: calibration windows")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from temper.config import check_range, opt
-from temper.data.readers import MAX_DOCUMENT_MB, iter_texts
+from temper.data.readers import MAX_DOCUMENT_MB, SUPPORTED_SUFFIXES, iter_texts
 from temper.data.tokenizer import check_vocab_size, train_tokenizer
 from temper.errors import TemperError
 from temper.io import owned_output_dir
@@ -22,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class Config:
-    data: list[str] = opt([], "input files, directories or globs (.txt, .jsonl, .json, .parquet)")
+    data: list[str] = opt([], f"input files, directories or globs ({', '.join(SUPPORTED_SUFFIXES)})")
     output_dir: str = opt("runs/tokenizer", "where tokenizer.json and tokenizer_config.json are written")
     vocab_size: int = opt(8192, "vocabulary size, special tokens included")
     min_frequency: int = opt(2, "a pair must occur this often to be merged")

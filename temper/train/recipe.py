@@ -47,6 +47,7 @@ from temper.config import (
     field_default,
     opt,
 )
+from temper.data.readers import SUPPORTED_SUFFIXES, TEXT_SUFFIXES
 from temper.data.tokenizer import Tokenizer
 from temper.errors import TemperError
 from temper.eval.hacking import WatchConfig
@@ -72,8 +73,9 @@ from temper.train.rundir import RunDir
 SHARED_HELP: dict[str, str] = {
     "model": "the model to train: a model directory (temper or Hugging Face format), or a preset name where the "
              "recipe starts from random weights",
-    "data": "training data: files, globs or directories (empty: the built-in world's split for this method, "
-            "recorded with the model)",
+    "data": f"training data: {'/'.join(SUPPORTED_SUFFIXES)} files (rows of the recipe's formats; "
+            f"{'/'.join(TEXT_SUFFIXES)} give `text` rows), globs or directories (empty: the built-in world's split "
+            "for this method, recorded with the model)",
     "eval_data": "held-out data (empty: the built-in world's test split, or eval_fraction of data)",
     "eval_fraction": "share of data held out for evaluation when eval_data is empty",
     "output_dir": "where the model directory, metrics and checkpoints go",
