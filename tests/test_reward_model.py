@@ -269,7 +269,7 @@ def test_reward_score_writes_the_training_scores(trained, tmp_path, capsys, tiny
     data = write_rows(tmp_path / "rows.jsonl", rows)
     scored = tmp_path / "scored.jsonl"
     assert main(["reward", "score", f"model={out}", f"data={data}", f"output={scored}", "seq_len=64"]) == 0
-    summary_line = capsys.readouterr().err.strip().splitlines()[-1]
+    summary = capsys.readouterr().out  # with output=, the summary is the stdout
     written = [json.loads(line) for line in scored.read_text().splitlines()]
     assert [{k: v for k, v in w.items() if not k.endswith("score")} for w in written] == rows
     # the scores are the model's rewards of the sequences training built (the same encoder, the same cut)
@@ -284,7 +284,7 @@ def test_reward_score_writes_the_training_scores(trained, tmp_path, capsys, tiny
             assert_reorder_close(torch.tensor([w["chosen_score"], w["rejected_score"], single["score"]]),
                                  torch.cat([chosen, rejected, chosen]), lengths)
     right = sum(w["chosen_score"] > w["rejected_score"] for w in written[4:])
-    assert f"pairs=4, accuracy={right / 4:.4g}" in summary_line and "rows_scored=8" in summary_line
+    assert f"pairs ranked right: {100 * right / 4:.1f}% of 4" in summary and "8 of 8 rows scored" in summary
 
 
 # ----------------------------------------------------------------------------- bad input

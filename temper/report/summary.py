@@ -174,6 +174,8 @@ def training_lines(command: str, config: Any, result: dict) -> list[str]:
             head += f" in {duration(seconds)}"
     if _measured(result.get("tokens_per_second")):
         head += f" · {round(result['tokens_per_second']):,} tok/s"
+    if result.get("parallel"):
+        head += f" · {result['parallel']}"
     lines = [head, *("  " + h for h in headline(kind, result))]
     if result.get("skipped_steps"):
         lines.append(f"  {result['skipped_steps']} steps skipped (a non-finite loss or gradient)")
