@@ -89,8 +89,8 @@ parallelism, every activation.
 
 The ZeRO paper's accounting of mixed-precision Adam (Rajbhandari et al. 2020, section 3.1) is
 2 (bf16 weights) + 2 (bf16 gradients) + 12 (fp32 master weights 4, m 4, v 4) = 16 bytes per
-parameter; that is what `mixed_precision=true` (the default for full fine-tuning in bf16)
-counts. PyTorch autocast and FSDP2 arrive at the same 16 another way: fp32 weights (4), fp32
+parameter; that is what `mixed_precision=true` counts (what the default, null, means for full
+fine-tuning in bf16). PyTorch autocast and FSDP2 arrive at the same 16 another way: fp32 weights (4), fp32
 gradients (4), m and v (8), with bf16 copies of the weights made for the compute.
 
 | plan | weights | gradients | optimiser states | model states |

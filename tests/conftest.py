@@ -19,6 +19,23 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ["TEMPER_AUTO_PRECISION"] = "fp32"
 
 
+SLOW_TESTS = os.environ.get("TEMPER_SLOW_TESTS") == "1"  # opt-in: the multi-process tests marked slow
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process test (tens of seconds) whose property a faster "
+                                       "test also checks; runs with TEMPER_SLOW_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if SLOW_TESTS:
+        return
+    skip = pytest.mark.skip(reason="opt-in: TEMPER_SLOW_TESTS=1 runs it (keeps the suite under 10 minutes)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_file(*parts: str) -> Path:
     """A file of ../shared/data, or skip the test where it is absent (a user's fresh clone)."""
     path = SHARED_DATA.joinpath(*parts)

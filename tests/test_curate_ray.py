@@ -109,6 +109,7 @@ def test_engine_and_ray_address_are_checked():
         load_config(stage.Config, None, ["data=x.jsonl", "ray_address=auto"])
 
 
+@pytest.mark.slow  # two Ray start-ups; a bad row's one line with Ray: test_ray_engine_bad_input_is_one_line
 def test_cli_engine_ray_starts_its_own_ray_fails_in_one_line_and_resumes(tmp_path):
     """`temper curate engine=ray` as a user runs it (a local Ray started and stopped by the run): a bad
     row in the third file fails the run with one line; the rerun reads the two finished files back."""

@@ -105,7 +105,8 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs, s
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
-                                    ["parallel.pp=2", "parallel.tp=2"]])
+                                    # 4 processes; a 2x2 mesh also in test_tensor_parallel (fsdp x tp)
+                                    pytest.param(["parallel.pp=2", "parallel.tp=2"], marks=pytest.mark.slow)])
 def test_tensor_and_pipeline_parallel_pretraining_equal_one_process(runs, layout):
     """TP=2 (each block's matmuls split over 2 ranks), a 2-stage 1F1B pipeline over 2
     micro-batches, and both at once on 4 processes train the same 4 steps as one process,
@@ -169,7 +170,7 @@ def test_the_exported_model_is_the_trained_one(runs):
         assert_reorder_close(exported(ids), load_model(single)(ids), STEP * 4 + decoder_lengths(CONFIG, 16))
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resume_across_world_sizes_continues_the_loss_curve(runs, first, then):
     """Steps 1-2 on `first` processes, steps 3-4 resumed on `then`: the same 4 losses and final
     weights as the uninterrupted run (global_batch_size keeps the global batch fixed)."""
@@ -225,21 +226,21 @@ def test_sft_with_unequal_token_counts_per_rank_and_replay(tmp_path, tiny_model_
     assert_same_weights(tmp_path / "two", tmp_path / "one", step=step)
 
 
-def test_mistakes_end_every_rank_with_one_line(runs, tmp_path):
+@pytest.mark.parametrize("extra,message", [
+    (["parallel.tp=3"], "2 processes cannot form a mesh of parallel.tp=3 x parallel.pp=1"),
+    pytest.param(["global_batch_size=6"], "global_batch_size=6 is not a multiple of batch_size x data-parallel ranks "
+                                          "= 2 x 2", marks=pytest.mark.slow),
+    pytest.param(["strategy=none"], "strategy=none runs one process, but torchrun started 2", marks=pytest.mark.slow),
+    (["parallel.tp=2", "model_config.hidden_size=48", "model_config.num_heads=3", "model_config.num_kv_heads=3",
+      "model_config.head_dim=16"], "parallel.tp=2 does not divide the model's 3 attention heads"),
+])
+def test_mistakes_end_every_rank_with_one_line(runs, tmp_path, extra, message):
     common = [*runs["common"], "max_steps=1"]
-    cases = [
-        (["parallel.tp=3"], "2 processes cannot form a mesh of parallel.tp=3 x parallel.pp=1"),
-        (["global_batch_size=6"], "global_batch_size=6 is not a multiple of batch_size x data-parallel ranks = 2 x 2"),
-        (["strategy=none"], "strategy=none runs one process, but torchrun started 2"),
-        (["parallel.tp=2", "model_config.hidden_size=48", "model_config.num_heads=3", "model_config.num_kv_heads=3",
-          "model_config.head_dim=16"], "parallel.tp=2 does not divide the model's 3 attention heads"),
-    ]
-    for extra, message in cases:
-        result = temper("pretrain", *common, *extra, f"output_dir={tmp_path / 'bad'}", ranks=2, timeout=120)
-        assert result.returncode != 0
-        for rank in (0, 1):
-            assert f"temper pretrain: error (rank {rank}): {message}" in result.stderr, result.stderr[-2000:]
-        assert not re.search(r'File ".*/temper/', result.stderr)  # no rank crashed (torchrun adds its own report)
+    result = temper("pretrain", *common, *extra, f"output_dir={tmp_path / 'bad'}", ranks=2, timeout=120)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"temper pretrain: error (rank {rank}): {message}" in result.stderr, result.stderr[-2000:]
+    assert not re.search(r'File ".*/temper/', result.stderr)  # no rank crashed (torchrun adds its own report)
 
 
 def test_a_refusal_on_rank_0_reaches_every_rank(runs, tmp_path):
