@@ -56,7 +56,7 @@ def outputs(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.jsonl"))}
 
 
-@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("verify", [False, pytest.param(True, marks=pytest.mark.slow)])  # verify: also in test_curate
 def test_ray_engine_writes_the_single_process_corpus(local_ray, world_shards, tmp_path, monkeypatch, verify):
     monkeypatch.setattr(pipeline, "WORKER_BATCH", 16)  # several Ray batches per shard
     extra = ["near_dedup.verify=true"] if verify else []

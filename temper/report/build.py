@@ -31,6 +31,7 @@ from temper.errors import TemperError, TemperFileNotFoundError
 from temper.eval.plot import Run, read_run, series
 from temper.io import atomic_write_bytes, atomic_write_text, weights_bytes
 from temper.report.charts import Chart, Series, bar_chart, line_chart, scatter_chart
+from temper.report.summary import number
 
 REPORT_FILE = "report.html"
 IMAGES_DIR = "report"
@@ -135,16 +136,11 @@ def read_stages(run_dir: Path, run: dict, notes: list[str]) -> list[StageView]:
 
 
 def fmt(v: Any) -> str:
-    """A metric as the tables print it: 4 significant digits (integers whole); '-' for none."""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
-    return "-" if v is None else str(v)
+    """A metric as the tables print it: 4 significant digits (integers whole, from 10,000 up with
+    separators); '-' for none. The terminal's one-line summaries use `summary.number` (3 digits)."""
+    if isinstance(v, float) and math.isfinite(v) and abs(v) < 1e4:
+        return f"{v:.4g}"
+    return number(v)
 
 
 def esc(v: Any) -> str:
