@@ -190,21 +190,15 @@ def training_lines(command: str, config: Any, result: dict) -> list[str]:
 
 
 def show(command: str, config: Any, result: Any, *, as_json: bool,
-         lines: Callable[[Any, Any], list[str]] | None = None, stream=None) -> None:
-    """Print the end of `command`: `result` as JSON (`as_json`), else `lines(config, result)` (a
-    command's own `summary_lines`), else the training summary, else the result's scalars."""
-    stream = stream or sys.stdout
+         lines: Callable[[Any, Any], list[str]] | None = None) -> None:
+    """Print the end of `command` on stdout: `result` as JSON (`as_json`), else `lines(config,
+    result)` (a command's own `summary_lines`), else the training summary (every command has one
+    of the two: tests/test_summary.py)."""
     if result is None:  # the command's product was its stdout
         return
     if as_json:
-        stream.write(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
+        sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
         return
-    if lines is not None:
-        text = lines(config, result)
-    elif isinstance(result, dict) and "steps" in result and "train_seconds" in result:
-        text = training_lines(command, config, result)
-    else:
-        text = [f"{command}: " + " · ".join(f"{k} {number(v)}" for k, v in (result or {}).items()
-                                           if isinstance(v, (int, float, str)))]
-    stream.write("\n".join(text) + "\n")
-    stream.flush()
+    text = lines(config, result) if lines is not None else training_lines(command, config, result)
+    sys.stdout.write("\n".join(text) + "\n")
+    sys.stdout.flush()
